@@ -1,0 +1,45 @@
+# Single entry point. Every target that needs Python creates the venv first, so
+# `make test` and `make serve` work alone on a fresh clone.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU build from the local disk by default; e.g. TORCH_SPEC="torch==2.13.0" for another index.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test test-fast lint data train
+.DEFAULT_GOAL := help
+
+help:
+	@echo "make serve   - export (if needed) and serve the default models on 127.0.0.1:50051"
+	@echo "make test    - the whole test suite (what CI runs)"
+	@echo "make lint    - ruff + mypy"
+	@echo "make data    - build the Bible corpus, splits and tokenizers under data/"
+	@echo "make train   - train the default models into models/"
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[train,dev]'
+	touch $@
+
+setup: $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not e2e"
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m mypy transformer export service loadtest
+
+data: setup
+	$(PY) -m transformer.data build --out data
+
+train: setup
+	$(PY) -m transformer.train translator --data data --out models/translator
+	$(PY) -m transformer.train lm --data data --out models/lm
