@@ -1,0 +1,161 @@
+"""Domain types shared by transport, scheduler and engine; none of them knows gRPC.
+
+The servicer converts protobuf to these types and back; the scheduler queues and batches
+`SequenceRequest`s; the engine decodes them. Errors are `ServiceError` subclasses, each
+mapped to one gRPC status code in one place (service/errors.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class Task(StrEnum):
+    TRANSLATION = "translation"
+    GENERATION = "generation"
+
+
+class FinishReason(StrEnum):
+    EOS = "eos"
+    LENGTH = "length"
+    STOP = "stop"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class DecodingParams:
+    """Validated decoding options for one sequence (defaults already applied)."""
+
+    max_new_tokens: int = 128
+    beam_size: int = 1
+    n_best: int = 1
+    length_penalty: float = 1.0
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    return_scores: bool = False
+    return_alignment: bool = False
+
+    @property
+    def sampling(self) -> bool:
+        return self.temperature > 0.0
+
+
+@dataclass(frozen=True)
+class SequenceRequest:
+    """One text to translate or one prompt to continue."""
+
+    task: Task
+    text: str
+    params: DecodingParams
+    model: str = ""  # empty: the default model for the task
+    version: int | None = None  # None: latest loaded
+    request_id: str = ""
+    # time.monotonic() by which the answer must be ready; None: no deadline.
+    deadline: float | None = None
+
+
+@dataclass
+class HypothesisResult:
+    text: str
+    token_ids: list[int]
+    tokens: list[str]  # pieces, aligned with alignment rows
+    score: float
+    normalized_score: float
+    finish_reason: FinishReason
+    alignment: list[list[float]] | None = None  # [len(tokens), len(source_tokens)]
+
+
+@dataclass
+class SequenceResult:
+    model: str
+    version: int
+    hypotheses: list[HypothesisResult]  # n_best, best first
+    input_tokens: int
+    source_tokens: list[str] = field(default_factory=list)
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(len(h.token_ids) for h in self.hypotheses)
+
+
+@dataclass
+class TokenEvent:
+    """Streamed increment: new token ids and the text they complete (may be empty)."""
+
+    token_ids: list[int]
+    text: str
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """One loaded model version as Models.ListModels/DescribeModel report it."""
+
+    name: str
+    version: int
+    task: Task
+    source_language: str
+    target_language: str
+    dtype: str  # variant served: fp32, fp16 or int8
+    provider: str  # onnxruntime execution provider
+    max_input_tokens: int  # the model's limits (the transport applies the settings' too)
+    max_new_tokens: int
+    versions: tuple[int, ...]  # every loaded version of this name
+    ready: bool
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ReloadSummary:
+    """What a reload changed: `name:version` strings; failed maps a folder to the reason."""
+
+    loaded: list[str]
+    retired: list[str]
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+class ServiceError(Exception):
+    """Base of the errors a caller can be told about; message names the cause and limit."""
+
+
+class InvalidArgument(ServiceError):
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+class ModelNotFound(ServiceError):
+    pass
+
+
+class QueueFull(ServiceError):
+    pass
+
+
+class DeadlineUnmeetable(ServiceError):
+    """Refused at admission: the estimated queue wait exceeds the time left."""
+
+
+class DeadlineExceeded(ServiceError):
+    pass
+
+
+class Cancelled(ServiceError):
+    pass
+
+
+class Unavailable(ServiceError):
+    """Not ready yet or draining for shutdown."""
+
+
+class Unauthenticated(ServiceError):
+    pass
+
+
+def finite(value: float) -> bool:
+    return not (math.isnan(value) or math.isinf(value))

@@ -1,0 +1,233 @@
+"""Score a trained checkpoint on the held-out test split and write its model card.
+
+`python -m transformer.evaluate translator` → test BLEU/chrF (sacrebleu, with signatures)
+and sample translations; `python -m transformer.evaluate lm` → test perplexity and sample
+continuations. Both write `models/<name>/README.md` and `models/<name>/eval.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import sacrebleu
+import sentencepiece as spm
+import torch
+import typer
+from tqdm import tqdm
+
+from transformer.checkpoint import load_checkpoint, tokenizer_path
+from transformer.data import load_lines, load_pairs
+from transformer.decoding import DecodingOptions, generate, translate
+from transformer.model import DecoderOnly, EncoderDecoder, count_parameters
+
+app = typer.Typer(add_completion=False, help=__doc__)
+
+
+def _training(checkpoint: Path) -> dict[str, Any]:
+    path = checkpoint / "training.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def translate_texts(
+    model: EncoderDecoder,
+    sp: spm.SentencePieceProcessor,
+    texts: list[str],
+    options: DecodingOptions,
+    batch_size: int = 48,
+) -> list[str]:
+    """Translate texts in length-sorted batches (less padding), returned in input order."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out: dict[int, str] = {}
+    limit = model.config.max_positions
+    for start in tqdm(range(0, len(order), batch_size), desc="translate", unit="batch"):
+        idx = order[start : start + batch_size]
+        sources = [[*sp.encode(texts[i]), model.config.eos_id][:limit] for i in idx]
+        for i, nbest in zip(idx, translate(model, sources, options), strict=True):
+            out[i] = sp.decode(nbest[0].tokens)
+    return [out[i] for i in range(len(texts))]
+
+
+def _card_header(name: str, checkpoint: Path, model: torch.nn.Module) -> list[str]:
+    training = _training(checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text())
+    settings = training.get("settings", {})
+    return [
+        f"# {name}",
+        "",
+        "Trained from scratch by this repository's own code (`make data && make train`).",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| parameters | {count_parameters(model):,} |",
+        f"| architecture | {config['arch']}, d_model {config['d_model']}, {config['n_heads']} "
+        f"heads, {config['n_encoder_layers']}+{config['n_decoder_layers']} layers, ffn "
+        f"{config['d_ff']}, {'pre' if config['norm_first'] else 'post'}-LN, "
+        f"{config['positional']} positions, {config['activation']} |",
+        f"| vocabulary | {config['vocab_size']} SentencePiece unigram pieces |",
+        f"| training steps | {training.get('steps', '?')} (best dev loss at step "
+        f"{training.get('best_step', '?')}, epochs completed "
+        f"{training.get('epochs_completed', '?')}) |",
+        f"| batch | ≤ {settings.get('max_tokens', '?')} tokens, lr {settings.get('lr', '?')}, "
+        f"warm-up {settings.get('warmup', '?')} |",
+        f"| hardware | {training.get('hardware', '?')} ({training.get('device', '?')}) |",
+        f"| wall time | {training.get('wall_time_s', 0) / 60:.1f} min |",
+        f"| torch | {training.get('torch', torch.__version__)} |",
+        "| weights | `checkpoint/model.safetensors` (fp16), `checkpoint/config.json`, "
+        "`checkpoint/tokenizer.model` |",
+        "",
+    ]
+
+
+DATA_SPLIT = (
+    "Data: public-domain Bibles from Debian's `sword-text-kjv`, `sword-text-web` and "
+    "`sword-text-sparv` packages, read with `pysword` (`transformer/data.py`). The split is "
+    "by a hash of the verse reference, so every version of a test verse is held out "
+    "(see `data/stats.json` after `make data`)."
+)
+
+
+@app.command("translator")
+def evaluate_translator(
+    checkpoint: Path = Path("models/en-es/checkpoint"),
+    data: Path = Path("data"),
+    beam_size: Annotated[int, typer.Option(help="1 = greedy.")] = 1,
+    limit: Annotated[int, typer.Option(help="Score only the first N verses (0 = all).")] = 0,
+    samples: int = 5,
+) -> None:
+    """Test BLEU and chrF of the translator; writes the model card."""
+    model = load_checkpoint(checkpoint)
+    assert isinstance(model, EncoderDecoder)
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path(checkpoint)))
+    pairs = load_pairs(data / "pairs.test.tsv")
+    if limit:
+        pairs = pairs[:limit]
+    options = DecodingOptions(max_new_tokens=256, beam_size=beam_size)
+    start = time.monotonic()
+    hyps = translate_texts(model, sp, [p.en for p in pairs], options)
+    seconds = time.monotonic() - start
+    refs = [p.es for p in pairs]
+    bleu = sacrebleu.metrics.BLEU()
+    chrf = sacrebleu.metrics.CHRF()
+    bleu_score = bleu.corpus_score(hyps, [refs])
+    chrf_score = chrf.corpus_score(hyps, [refs])
+    result = {
+        "verses": len(pairs),
+        "decoding": "greedy" if beam_size == 1 else f"beam {beam_size}",
+        "bleu": round(bleu_score.score, 2),
+        "chrf": round(chrf_score.score, 2),
+        "bleu_signature": str(bleu.get_signature()),
+        "chrf_signature": str(chrf.get_signature()),
+        "decode_seconds": round(seconds, 1),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+    }
+    name_dir = checkpoint.parent
+    (name_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = _card_header(f"{name_dir.name}: English → Spanish translator", checkpoint, model)
+    lines += [
+        DATA_SPLIT,
+        "Pairs: English (KJV, and WEB where its verses align) → Spanish Reina-Valera 1909.",
+        "",
+        "## Test scores",
+        "",
+        f"On {len(pairs)} held-out test verses (KJV source, RV1909 reference), "
+        f"{result['decoding']} decoding, PyTorch fp32 on the CPU:",
+        "",
+        "| metric | score | sacrebleu signature |",
+        "|---|---|---|",
+        f"| BLEU | {result['bleu']} | `{result['bleu_signature']}` |",
+        f"| chrF | {result['chrf']} | `{result['chrf_signature']}` |",
+        "",
+        "Reproduce: `python -m transformer.evaluate translator"
+        + (f" --beam-size {beam_size}" if beam_size != 1 else "")
+        + "`.",
+        "",
+        "## Samples (test verses)",
+        "",
+    ]
+    for pair, hyp in list(zip(pairs, hyps, strict=True))[:samples]:
+        lines += [
+            f"- **{pair.ref}** — {pair.en}",
+            f"  - reference: {pair.es}",
+            f"  - model: {hyp}",
+        ]
+    lines += [
+        "",
+        "## Limits",
+        "",
+        "Bible-domain only: archaic register, verse-length inputs (longer inputs are refused "
+        "by the service, never truncated). Small model trained briefly on 2 CPU cores.",
+        "",
+    ]
+    (name_dir / "README.md").write_text("\n".join(lines))
+    typer.echo(json.dumps(result, indent=2))
+
+
+@app.command("lm")
+def evaluate_lm(
+    checkpoint: Path = Path("models/en-lm/checkpoint"),
+    data: Path = Path("data"),
+    samples: int = 4,
+    seed: int = 0,
+) -> None:
+    """Test perplexity of the language model (per token, per verse); writes the model card."""
+    model = load_checkpoint(checkpoint)
+    assert isinstance(model, DecoderOnly)
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path(checkpoint)))
+    cfg = model.config
+    lines_text = load_lines(data / "lm.test.txt")
+    total_nll, total_tokens = 0.0, 0
+    with torch.inference_mode():
+        for text in tqdm(lines_text, desc="perplexity", unit="verse"):
+            ids = torch.tensor([[cfg.bos_id, *sp.encode(text), cfg.eos_id]])
+            ids = ids[:, : cfg.max_positions]
+            logits = model(ids[:, :-1])
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.size(-1)),  # [T, V]
+                ids[:, 1:].reshape(-1),  # [T]
+                reduction="sum",
+            )
+            total_nll += float(nll)
+            total_tokens += ids.size(1) - 1
+    ppl = math.exp(total_nll / total_tokens)
+    prompts = [" ".join(t.split()[:4]) for t in lines_text[:samples]]
+    options = DecodingOptions(max_new_tokens=40, temperature=0.8, top_p=0.9, seed=seed)
+    continuations = []
+    for prompt in prompts:
+        out = generate(model, [[cfg.bos_id, *sp.encode(prompt)]], options)
+        continuations.append(sp.decode(out[0][0].tokens))
+    result = {
+        "verses": len(lines_text),
+        "tokens": total_tokens,
+        "perplexity": round(ppl, 2),
+        "sampling": "temperature 0.8, top_p 0.9, seed 0, 40 new tokens",
+    }
+    name_dir = checkpoint.parent
+    (name_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    card = _card_header(f"{name_dir.name}: English language model", checkpoint, model)
+    card += [
+        DATA_SPLIT,
+        "Text: World English Bible verses (the LM corpus of `make data`).",
+        "",
+        "## Test perplexity",
+        "",
+        f"{result['perplexity']} per SentencePiece token over {len(lines_text)} held-out test "
+        f"verses ({total_tokens} tokens incl. end-of-verse), PyTorch fp32. Reproduce: "
+        "`python -m transformer.evaluate lm`.",
+        "",
+        f"## Samples ({result['sampling']})",
+        "",
+    ]
+    for prompt, cont in zip(prompts, continuations, strict=True):
+        card.append(f"- *{prompt}* → {cont}")
+    card += ["", "## Limits", "", "Bible-domain English only; small and briefly trained.", ""]
+    (name_dir / "README.md").write_text("\n".join(card))
+    typer.echo(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    app()
