@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast lint data train
+.PHONY: help setup test test-fast lint data train evaluate proto export parity gpu-check serve
 .DEFAULT_GOAL := help
 
 help:
@@ -41,5 +41,30 @@ data: setup
 	$(PY) -m transformer.data build --out data
 
 train: setup
-	$(PY) -m transformer.train translator --data data --out models/translator
-	$(PY) -m transformer.train lm --data data --out models/lm
+	$(PY) -m transformer.train translator --data data --out models/en-es/checkpoint
+	$(PY) -m transformer.train lm --data data --out models/en-lm/checkpoint
+	$(MAKE) evaluate
+
+# Test scores and model cards (models/<name>/README.md).
+evaluate: setup
+	$(PY) -m transformer.evaluate translator --data data
+	$(PY) -m transformer.evaluate lm --data data
+
+proto: setup
+	$(PY) -m service.gen
+
+# ONNX model repository models/<name>/<version>/ from models/<name>/checkpoint/ (skips if up to date).
+export: setup
+	$(PY) -m export --repository models
+
+# ONNX vs PyTorch on the held-out test verses (needs `make data`): docs/parity.md.
+parity: export
+	$(PY) -m export.parity --repository models --data data --out docs/parity.md
+
+# On a CUDA machine with onnxruntime-gpu: fp16 + IOBinding parity and timings.
+gpu-check:
+	$(PY) -m export.gpu_check --version-dir models/en-es/1 --data data --out docs/gpu_check.md
+
+SERVE_ARGS ?=
+serve: export
+	$(PY) -m service --model-repository models $(SERVE_ARGS)

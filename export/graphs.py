@@ -1,0 +1,260 @@
+"""nn.Module wrappers whose forward is exactly one graph of the export contract.
+
+They reuse the model's own modules (embeddings, projections, norms, feed-forward) and only
+re-express the decoder step around a fixed-capacity cache:
+
+* The cache is one [L, B, H, C, Dh] tensor per keys/values. Each self-attention attends
+  over the past cache and this step's new keys side by side (scores concatenated, one
+  softmax), so the cache is never concatenated or copied per layer; the new keys and
+  values of all layers are written into the cache once at the end (ScatterElements at
+  positions[b] + t), so present has past's shape.
+* Masks come from `positions`: query t of row b sees cache slots c < positions[b] and new
+  tokens t' <= t. Slots at or beyond positions[b] hold stale values and are never seen.
+* Queries are scaled before Q K^T (not after, as the model does) so fp16 scores do not
+  overflow; in fp32 the difference is rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+
+from export.manifest import graph_io
+from transformer.config import TransformerConfig
+from transformer.model import (
+    Decoder,
+    DecoderLayer,
+    DecoderOnly,
+    Embeddings,
+    EncoderDecoder,
+    Model,
+    MultiHeadAttention,
+)
+
+
+def _merge_heads(x: Tensor) -> Tensor:
+    """[B, H, T, Dh] -> [B, T, H * Dh]."""
+    return x.transpose(1, 2).flatten(2)
+
+
+def _attend(
+    attn: MultiHeadAttention, q: Tensor, k: Tensor, v: Tensor, mask: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Masked softmax attention of q [B,H,T,Dh] over k, v [B,H,S,Dh]; returns out, weights."""
+    scores = torch.matmul(q * (1.0 / math.sqrt(attn.head_dim)), k.transpose(-2, -1))
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=-1)
+    return torch.matmul(weights, v), weights
+
+
+def _decoder_step(
+    embed: Embeddings,
+    decoder: Decoder,
+    generator: nn.Module,
+    input_ids: Tensor,
+    positions: Tensor,
+    past_k: Tensor,
+    past_v: Tensor,
+    cross_k: Tensor | None = None,
+    cross_v: Tensor | None = None,
+    src_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """One decoder call of T new tokens per row after `positions` cached ones."""
+    steps = torch.arange(input_ids.shape[1], device=input_ids.device)  # [T]
+    absolute = positions[:, None] + steps[None, :]  # [B, T]
+    x = embed(input_ids, absolute)  # [B, T, D]
+    slots = torch.arange(past_k.shape[3], device=input_ids.device)  # [C]
+    past_mask = (slots[None, None, :] < positions[:, None, None])[:, None]  # [B, 1, 1, C]
+    past_mask = past_mask.expand(-1, -1, steps.shape[0], -1)  # [B, 1, T, C]
+    causal = (steps[None, :] <= steps[:, None])[None, None]  # [1, 1, T, T]
+    causal = causal.expand(input_ids.shape[0], -1, -1, -1)  # [B, 1, T, T]
+    self_mask = torch.cat([past_mask, causal], dim=-1)  # [B, 1, T, C + T]
+    capacity = past_k.shape[3]
+    cross_mask = None if src_mask is None else src_mask[:, None, None, :]  # [B, 1, 1, S]
+    new_k: list[Tensor] = []
+    new_v: list[Tensor] = []
+    alignment: Tensor | None = None
+    for i, module in enumerate(decoder.layers):
+        layer = cast(DecoderLayer, module)
+        sa = layer.self_attn
+        h = layer.residual_1.inputs(x)
+        q = sa.split_heads(sa.w_q(h))  # [B, H, T, Dh]
+        k, v = sa.project_kv(h)  # [B, H, T, Dh]
+        new_k.append(k)
+        new_v.append(v)
+        q = q * (1.0 / math.sqrt(sa.head_dim))
+        scores = torch.cat(
+            [torch.matmul(q, past_k[i].transpose(-2, -1)), torch.matmul(q, k.transpose(-2, -1))],
+            dim=-1,
+        )  # [B, H, T, C + T]
+        scores = scores.masked_fill(~self_mask, torch.finfo(scores.dtype).min)
+        weights = torch.softmax(scores, dim=-1)
+        out = torch.matmul(weights[..., :capacity], past_v[i]) + torch.matmul(
+            weights[..., capacity:], v
+        )  # [B, H, T, Dh]
+        x = layer.residual_1.add(x, sa.w_o(_merge_heads(out)))
+        if layer.cross_attn is not None and layer.residual_2 is not None:
+            if cross_k is None or cross_v is None or cross_mask is None:
+                raise ValueError("a translator decoder step needs cross_k, cross_v, src_mask")
+            ca = layer.cross_attn
+            q = ca.split_heads(ca.w_q(layer.residual_2.inputs(x)))
+            out, cross_weights = _attend(ca, q, cross_k[i], cross_v[i], cross_mask)
+            x = layer.residual_2.add(x, ca.w_o(_merge_heads(out)))
+            alignment = cross_weights.mean(dim=1)  # [B, T, S], last layer wins
+        x = layer.residual_3.add(x, layer.feed_forward(layer.residual_3.inputs(x)))
+    if decoder.norm is not None:
+        x = decoder.norm(x)
+    logits = generator(x)  # [B, T, V]
+    k_all = torch.stack(new_k)  # [L, B, H, T, Dh]
+    v_all = torch.stack(new_v)
+    index = absolute[None, :, None, :, None].expand_as(k_all)  # [L, B, H, T, Dh]
+    present_k = past_k.scatter(3, index, k_all)
+    present_v = past_v.scatter(3, index, v_all)
+    return logits, present_k, present_v, alignment
+
+
+class TranslatorEncoder(nn.Module):
+    """encoder.onnx: (src_ids, src_mask) -> cross_k, cross_v [L, B, H, S, Dh]."""
+
+    def __init__(self, model: EncoderDecoder) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, src_ids: Tensor, src_mask: Tensor) -> tuple[Tensor, Tensor]:
+        memory, _ = self.model.encode(src_ids, src_mask)
+        kv = self.model.cross_kv(memory)
+        return torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv])
+
+
+class TranslatorDecoderStep(nn.Module):
+    """Translator decoder.onnx: one step over a [L, B, H, C, Dh] cache."""
+
+    def __init__(self, model: EncoderDecoder) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        positions: Tensor,
+        past_k: Tensor,
+        past_v: Tensor,
+        cross_k: Tensor,
+        cross_v: Tensor,
+        src_mask: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        m = self.model
+        logits, present_k, present_v, alignment = _decoder_step(
+            m.tgt_embed, m.decoder, m.generator, input_ids, positions, past_k, past_v,
+            cross_k, cross_v, src_mask,
+        )  # fmt: skip
+        assert alignment is not None
+        return logits, present_k, present_v, alignment
+
+
+class LanguageModelStep(nn.Module):
+    """Language-model decoder.onnx: T >= 1 tokens per row (T > 1 prefills a prompt)."""
+
+    def __init__(self, model: DecoderOnly) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, input_ids: Tensor, positions: Tensor, past_k: Tensor, past_v: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        m = self.model
+        logits, present_k, present_v, _ = _decoder_step(
+            m.embed, m.decoder, m.generator, input_ids, positions, past_k, past_v
+        )
+        return logits, present_k, present_v
+
+
+def task_of(config: TransformerConfig) -> str:
+    return "translation" if config.arch == "encoder-decoder" else "generation"
+
+
+def graph_modules(model: Model) -> dict[str, nn.Module]:
+    """The contract's graphs of `model`, by graph name, in eval mode."""
+    model.eval()
+    if isinstance(model, EncoderDecoder):
+        return {"encoder": TranslatorEncoder(model), "decoder": TranslatorDecoderStep(model)}
+    return {"decoder": LanguageModelStep(model)}
+
+
+# Example sizes for tracing: all different and > 1, so no axis is specialised to a
+# constant or unified with another one.
+_B, _S, _T, _C = 3, 7, 5, 11
+
+
+def example_inputs(
+    config: TransformerConfig, graph: str, dtype: torch.dtype = torch.float32
+) -> dict[str, Tensor]:
+    """Inputs for tracing `graph`, by contract name, with valid ids and positions."""
+    gen = torch.Generator().manual_seed(0)
+    low = max(config.eos_id, config.bos_id, config.pad_id) + 1
+    ids = torch.randint(min(low, config.vocab_size - 1), config.vocab_size, (_B, _S), generator=gen)
+    cache = (config.n_decoder_layers, _B, config.n_heads, _C, config.head_dim)
+    cross = (config.n_decoder_layers, _B, config.n_heads, _S, config.head_dim)
+    src_mask = torch.arange(_S)[None, :] < torch.tensor([_S, _S - 2, 1])[:, None]
+    if graph == "encoder":
+        return {"src_ids": ids, "src_mask": src_mask}
+    inputs = {
+        "input_ids": ids[:, :_T].clone(),
+        "positions": torch.tensor([0, 2, _C - _T]),
+        "past_k": torch.randn(cache, generator=gen).to(dtype),
+        "past_v": torch.randn(cache, generator=gen).to(dtype),
+    }
+    if config.arch == "encoder-decoder":
+        inputs["cross_k"] = torch.randn(cross, generator=gen).to(dtype)
+        inputs["cross_v"] = torch.randn(cross, generator=gen).to(dtype)
+        inputs["src_mask"] = src_mask
+    return inputs
+
+
+def io_names(config: TransformerConfig, graph: str) -> tuple[list[str], list[str]]:
+    inputs, outputs = graph_io(
+        task_of(config), graph, "fp32", config.n_decoder_layers, config.n_heads,
+        config.head_dim, config.vocab_size,
+    )  # fmt: skip
+    return [s.name for s in inputs], [s.name for s in outputs]
+
+
+def dynamic_axes(config: TransformerConfig, graph: str) -> dict[str, dict[int, str]]:
+    """Named dynamic axes of every input and output (the TorchScript exporter's form)."""
+    inputs, outputs = graph_io(
+        task_of(config), graph, "fp32", config.n_decoder_layers, config.n_heads,
+        config.head_dim, config.vocab_size,
+    )  # fmt: skip
+    return {
+        s.name: {axis: dim for axis, dim in enumerate(s.shape) if isinstance(dim, str)}
+        for s in [*inputs, *outputs]
+    }
+
+
+def dynamic_shapes(config: TransformerConfig, graph: str) -> dict[str, Any]:
+    """The same axes as torch.export Dims (the dynamo exporter's form), inputs only."""
+    dims = {name: torch.export.Dim(name, min=1) for name in ("B", "S", "T", "C")}
+    inputs, _ = graph_io(
+        task_of(config), graph, "fp32", config.n_decoder_layers, config.n_heads,
+        config.head_dim, config.vocab_size,
+    )  # fmt: skip
+    return {
+        s.name: {axis: dims[dim] for axis, dim in enumerate(s.shape) if isinstance(dim, str)}
+        for s in inputs
+    }
+
+
+__all__ = [
+    "LanguageModelStep",
+    "TranslatorDecoderStep",
+    "TranslatorEncoder",
+    "dynamic_axes",
+    "dynamic_shapes",
+    "example_inputs",
+    "graph_modules",
+    "io_names",
+    "task_of",
+]

@@ -1,0 +1,552 @@
+"""Checkpoint -> model repository version: ONNX graphs per variant, tokenizer, manifest.
+
+Pipeline per graph (export/README.md is the contract):
+
+* fp32: torch.onnx.export of the export.graphs wrapper, then onnxruntime's offline
+  optimizations (ORT_ENABLE_EXTENDED on the CPU provider: LayerNorm/Gelu/MatMul fusions;
+  every fused op it emits also has a CUDA kernel).
+* int8: onnxruntime.quantization.quantize_dynamic of the fp32 export (int8 weights,
+  activations quantized per call), then the same offline optimizations (which fuse
+  DynamicQuantizeMatMul for the CPU).
+* fp16: exported from a half-precision copy of the model, so the graph's float inputs and
+  outputs (cache included) are float16 and no Cast sits at the cache; offline optimization
+  at ORT_ENABLE_BASIC only (EP-independent), as the GPU session does its own fusions.
+
+The I/O of every file is checked against export.manifest.graph_io, the metadata
+(config, tokenizer_sha256, variant, graph, export_version) is written, and the manifest
+records every file's sha256. A version is built in a hidden temporary folder and moved
+into place when complete, so a half-written version never looks like one.
+
+Languages come from, in order: explicit arguments (CLI options), an `export.json` in the
+checkpoint folder or in the model folder above it ({"source_language": "en",
+"target_language": "es", "limits": {"max_input_tokens": 256}}), or the model name
+(`en-es` -> en to es for a translator; `en-lm` -> en for a language model).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import onnx
+import onnxruntime as ort
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from export.graphs import (
+    dynamic_axes,
+    dynamic_shapes,
+    example_inputs,
+    graph_modules,
+    io_names,
+    task_of,
+)
+from export.manifest import (
+    MANIFEST,
+    VARIANTS,
+    CacheShape,
+    GraphFile,
+    Limits,
+    Manifest,
+    ManifestError,
+    SpecialIds,
+    TensorSpec,
+    TokenizerFile,
+    VariantFiles,
+    file_sha256,
+    graph_io,
+    load_manifest,
+)
+from transformer.checkpoint import CONFIG, TOKENIZER, WEIGHTS, load_checkpoint
+from transformer.config import TransformerConfig
+from transformer.model import Model
+
+EXPORT_VERSION = "1"
+OPSET = 18
+EXPORT_SETTINGS = "export.json"
+Exporter = Literal["dynamo", "torchscript"]
+DEFAULT_EXPORTER: Exporter = "dynamo"
+
+_ONNX_DTYPES: dict[int, str] = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.INT64: "int64",
+    onnx.TensorProto.BOOL: "bool",
+}
+
+
+class ExportError(RuntimeError):
+    """An export that cannot be done or produced a graph that breaks the contract."""
+
+
+class ExportSettings(BaseModel):
+    """export.json: what the checkpoint does not say about itself."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source_language: str | None = None
+    target_language: str | None = None
+    # Tighter request limits than the model's positions allow (None: the model's).
+    limits: dict[str, int] = Field(default_factory=dict)
+
+
+# --- one graph ------------------------------------------------------------------------------
+
+
+def _export_graph(
+    module: torch.nn.Module,
+    config: TransformerConfig,
+    graph: str,
+    path: Path,
+    variant: str,
+    exporter: Exporter,
+) -> None:
+    """torch.onnx.export of one wrapper with the contract's names and dynamic axes, then
+    shape inference (onnxruntime's fusions need intermediate shapes) and an I/O check."""
+    module.eval()
+    dtype = torch.float16 if variant == "fp16" else torch.float32
+    inputs = example_inputs(config, graph, dtype)
+    input_names, output_names = io_names(config, graph)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            torch.onnx.export(
+                module,
+                tuple(inputs.values()),
+                str(path),
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_shapes=dynamic_shapes(config, graph),
+                opset_version=OPSET,
+                dynamo=True,
+                external_data=False,
+                verbose=False,
+            )
+        else:
+            torch.onnx.export(
+                module,
+                tuple(inputs.values()),
+                str(path),
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes=dynamic_axes(config, graph),
+                opset_version=OPSET,
+                dynamo=False,
+            )
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)), data_prop=True)
+    conform_io(model, graph_io(
+        task_of(config), graph, variant, config.n_decoder_layers, config.n_heads,
+        config.head_dim, config.vocab_size,
+    ))  # fmt: skip
+    onnx.save(model, str(path))
+
+
+def _value_spec(value: onnx.ValueInfoProto) -> tuple[str, str, list[int | str]]:
+    tensor = value.type.tensor_type
+    dtype = _ONNX_DTYPES.get(tensor.elem_type, f"onnx:{tensor.elem_type}")
+    shape: list[int | str] = [d.dim_param or d.dim_value for d in tensor.shape.dim]
+    return value.name, dtype, shape
+
+
+def conform_io(model: onnx.ModelProto, expected: tuple[list[TensorSpec], list[TensorSpec]]) -> None:
+    """Check names, order and dtypes against the contract and write its shape names.
+
+    Exporters name dynamic axes as they like (or not at all); the contract's names are set
+    on the graph's inputs and outputs so every tool shows the same B, S, T, C.
+    """
+    for kind, values, specs in (
+        ("inputs", model.graph.input, expected[0]),
+        ("outputs", model.graph.output, expected[1]),
+    ):
+        got = [_value_spec(v) for v in values]
+        want = [(s.name, s.dtype, s.shape) for s in specs]
+        if [g[:2] for g in got] != [w[:2] for w in want]:
+            raise ExportError(
+                f"graph {kind} {[g[:2] for g in got]} != contract {[w[:2] for w in want]}"
+            )
+        for value, (name, _, shape), spec in zip(values, got, specs, strict=True):
+            if len(shape) != len(spec.shape):
+                raise ExportError(f"{name}: rank {len(shape)} != contract {spec.shape}")
+            for dim, (have, want_dim) in enumerate(zip(shape, spec.shape, strict=True)):
+                proto = value.type.tensor_type.shape.dim[dim]
+                if isinstance(want_dim, int):
+                    if isinstance(have, int) and have not in (0, want_dim):
+                        raise ExportError(f"{name}: axis {dim} is {have}, contract says {want_dim}")
+                    proto.dim_value = want_dim
+                else:
+                    if isinstance(have, int) and have != 0:
+                        raise ExportError(f"{name}: axis {dim} fixed to {have}, must be dynamic")
+                    proto.dim_param = want_dim
+
+
+def _ort_optimize(src: Path, dst: Path, level: ort.GraphOptimizationLevel) -> None:
+    """onnxruntime's offline graph optimization on the CPU provider."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level
+    options.optimized_model_filepath = str(dst)
+    options.log_severity_level = 3
+    options.intra_op_num_threads = 1
+    ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
+
+
+def _quantize_int8(src: Path, dst: Path) -> None:
+    """Dynamic quantization: int8 weights of MatMul (and the embedding Gather), float I/O."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # silence its advice to run shape pre-processing
+    try:
+        quantize_dynamic(
+            src, dst, weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True}
+        )
+    finally:
+        root.setLevel(level)
+
+
+def _finish(
+    path: Path,
+    expected: tuple[list[TensorSpec], list[TensorSpec]],
+    metadata: dict[str, str],
+) -> None:
+    """Conform the I/O, set metadata, check the model, save it in place."""
+    model = onnx.load(str(path))
+    conform_io(model, expected)
+    del model.metadata_props[:]
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    model.producer_name = "transformer-serving export"
+    model.producer_version = EXPORT_VERSION
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 17:
+        raise ExportError(f"{path}: opset {opset} < 17")
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+# --- one checkpoint -------------------------------------------------------------------------
+
+
+def read_settings(checkpoint_dir: Path) -> ExportSettings:
+    """export.json from the checkpoint folder, else from the model folder above it."""
+    for folder in (checkpoint_dir, checkpoint_dir.parent):
+        path = folder / EXPORT_SETTINGS
+        if path.is_file():
+            try:
+                return ExportSettings.model_validate_json(path.read_text())
+            except ValueError as error:
+                raise ExportError(f"{path}: {error}") from error
+    return ExportSettings()
+
+
+def _languages(
+    task: str, name: str, settings: ExportSettings, source: str | None, target: str | None
+) -> tuple[str, str]:
+    source = source or settings.source_language
+    target = target or settings.target_language
+    parts = name.split("-")
+    if source is None and len(parts) == 2 and re.fullmatch(r"[a-z]{2,3}", parts[0]):
+        source = parts[0]
+    if task == "generation":
+        target = target or source
+    elif target is None and len(parts) == 2 and re.fullmatch(r"[a-z]{2,3}", parts[1]):
+        target = parts[1]
+    if source is None or target is None:
+        raise ExportError(
+            f"cannot tell the languages of model {name!r}: name it <src>-<tgt> (translation) "
+            f"or <lang>-lm (generation), write {EXPORT_SETTINGS} beside the checkpoint, or "
+            "pass --source-language/--target-language"
+        )
+    return source, target
+
+
+def _limits(config: TransformerConfig, settings: ExportSettings) -> Limits:
+    base = {
+        "max_input_tokens": config.max_positions,
+        "max_positions": config.max_positions,
+        "max_new_tokens": config.max_positions,
+    }
+    for key, value in settings.limits.items():
+        if key not in base or key == "max_positions":
+            raise ExportError(f"{EXPORT_SETTINGS}: unknown or fixed limit {key!r}")
+        if not 0 < value <= base[key]:
+            raise ExportError(f"{EXPORT_SETTINGS}: {key}={value} must be in [1, {base[key]}]")
+        base[key] = value
+    return Limits(**base)
+
+
+def fingerprint(
+    checkpoint_dir: Path, variants: Sequence[str], exporter: Exporter, optimize: bool
+) -> dict[str, str]:
+    """What a version is built from: when it changes, the version is out of date."""
+    ckpt = Path(checkpoint_dir)
+    result = {
+        name: file_sha256(ckpt / name)
+        for name in (CONFIG, WEIGHTS, TOKENIZER)
+        if (ckpt / name).is_file()
+    }
+    for folder in (ckpt, ckpt.parent):
+        if (folder / EXPORT_SETTINGS).is_file():
+            result[EXPORT_SETTINGS] = file_sha256(folder / EXPORT_SETTINGS)
+            break
+    result["export_version"] = EXPORT_VERSION
+    result["variants"] = ",".join(sorted(variants))
+    result["exporter"] = exporter
+    result["optimize"] = str(optimize)
+    return result
+
+
+def is_up_to_date(version_dir: Path, expected_source: dict[str, str]) -> bool:
+    """A version folder that loads cleanly and was built from exactly these inputs."""
+    if not (version_dir / MANIFEST).is_file():
+        return False
+    try:
+        manifest = load_manifest(version_dir)
+    except ManifestError:
+        return False
+    return manifest.source == expected_source
+
+
+def _tools(exporter: Exporter) -> dict[str, str]:
+    import onnxscript
+
+    return {
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": ort.__version__,
+        "onnxscript": onnxscript.__version__,
+        "exporter": f"torch.onnx {exporter}",
+    }
+
+
+def _half_copy(model: Model) -> Model:
+    import copy
+
+    return copy.deepcopy(model).half().eval()
+
+
+def export_checkpoint(
+    checkpoint_dir: str | Path,
+    out_dir: str | Path,
+    variants: Iterable[str] = VARIANTS,
+    *,
+    name: str | None = None,
+    version: int | None = None,
+    source_language: str | None = None,
+    target_language: str | None = None,
+    exporter: Exporter = DEFAULT_EXPORTER,
+    optimize: bool = True,
+) -> Manifest:
+    """Export a checkpoint folder into the version folder `out_dir` and return its manifest.
+
+    name and version default to out_dir's parent name and out_dir's name (models/<name>/
+    <version>/; version 1 if not numeric). out_dir is replaced as a whole. exporter
+    "torchscript" is ~20x faster for tiny test models; "dynamo" gives cleaner graphs.
+    """
+    ckpt = Path(checkpoint_dir)
+    out = Path(out_dir)
+    chosen = list(dict.fromkeys(variants))
+    unknown = [v for v in chosen if v not in VARIANTS]
+    if unknown or not chosen:
+        raise ExportError(f"variants must be a non-empty subset of {VARIANTS}, got {chosen}")
+    if exporter not in ("dynamo", "torchscript"):
+        raise ExportError(f"exporter must be 'dynamo' or 'torchscript', got {exporter!r}")
+    name = name or out.resolve().parent.name
+    if version is None:
+        version = int(out.name) if out.name.isdigit() else 1
+    for required in (CONFIG, WEIGHTS, TOKENIZER):
+        if not (ckpt / required).is_file():
+            raise ExportError(f"checkpoint {ckpt} has no {required}")
+    threads = torch.get_num_threads()
+    # Tracing computes little; on a busy machine more threads only spin (10x slower).
+    torch.set_num_threads(1)
+    try:
+        return _export_checkpoint(
+            ckpt, out, chosen, name, version, source_language, target_language, exporter,
+            optimize,
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _export_checkpoint(
+    ckpt: Path,
+    out: Path,
+    chosen: list[str],
+    name: str,
+    version: int,
+    source_language: str | None,
+    target_language: str | None,
+    exporter: Exporter,
+    optimize: bool,
+) -> Manifest:
+    model = load_checkpoint(ckpt)
+    config = model.config
+    task = task_of(config)
+    settings = read_settings(ckpt)
+    source, target = _languages(task, name, settings, source_language, target_language)
+    limits = _limits(config, settings)
+    tokenizer_sha = file_sha256(ckpt / TOKENIZER)
+    source_fp = fingerprint(ckpt, chosen, exporter, optimize)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    work.chmod(0o755)  # mkdtemp makes it private; the server may run as another user
+    try:
+        raw = work / ".raw"
+        raw.mkdir()
+        for variant in chosen:
+            (work / variant).mkdir()
+        files: dict[str, dict[str, GraphFile]] = {v: {} for v in chosen}
+        half = graph_modules(_half_copy(model)) if "fp16" in chosen else {}
+        for graph, module in graph_modules(model).items():
+            fp32_raw = raw / f"{graph}.fp32.onnx"
+            if {"fp32", "int8"} & set(chosen):
+                _export_graph(module, config, graph, fp32_raw, "fp32", exporter)
+            for variant in chosen:
+                rel = f"{variant}/{graph}.onnx"
+                dst = work / rel
+                level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+                if variant == "fp32":
+                    src = fp32_raw
+                elif variant == "int8":
+                    src = raw / f"{graph}.int8.onnx"
+                    _quantize_int8(fp32_raw, src)
+                else:
+                    src = raw / f"{graph}.fp16.onnx"
+                    _export_graph(half[graph], config, graph, src, "fp16", exporter)
+                    level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+                if optimize:
+                    _ort_optimize(src, dst, level)
+                else:
+                    shutil.copyfile(src, dst)
+                expected = graph_io(
+                    task, graph, variant, config.n_decoder_layers, config.n_heads,
+                    config.head_dim, config.vocab_size,
+                )  # fmt: skip
+                _finish(
+                    dst,
+                    expected,
+                    {
+                        "config": config.to_json(),
+                        "tokenizer_sha256": tokenizer_sha,
+                        "variant": variant,
+                        "graph": graph,
+                        "export_version": EXPORT_VERSION,
+                        "model_name": name,
+                        "model_version": str(version),
+                    },
+                )
+                files[variant][graph] = GraphFile(
+                    path=rel, sha256=file_sha256(dst), inputs=expected[0], outputs=expected[1]
+                )
+        variant_files = {v: VariantFiles(files=f) for v, f in files.items()}  # type: ignore[arg-type]
+        shutil.rmtree(raw)
+        shutil.copyfile(ckpt / TOKENIZER, work / TOKENIZER)
+        manifest = Manifest(
+            name=name,
+            version=version,
+            task=task,  # type: ignore[arg-type]
+            architecture=config.arch,
+            source_language=source,
+            target_language=target,
+            config=config.to_dict(),
+            limits=limits,
+            special_ids=SpecialIds(
+                pad_id=config.pad_id,
+                unk_id=config.unk_id,
+                bos_id=config.bos_id,
+                eos_id=config.eos_id,
+                decoder_start_id=config.decoder_start_id,
+            ),
+            cache=CacheShape(
+                layers=config.n_decoder_layers, heads=config.n_heads, head_dim=config.head_dim
+            ),
+            vocab_size=config.vocab_size,
+            opset=OPSET,
+            variants=variant_files,  # type: ignore[arg-type]
+            tokenizer=TokenizerFile(path=TOKENIZER, sha256=tokenizer_sha),
+            created_at=datetime.now(UTC),
+            export_version=EXPORT_VERSION,
+            tools=_tools(exporter),
+            source=source_fp,
+        )
+        manifest.write(work)
+        load_manifest(work)  # what the server will do: fail here rather than there
+        _replace_dir(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move `new` to `target`, replacing an older folder with two renames."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+        target.rename(old)
+    new.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --- a repository ---------------------------------------------------------------------------
+
+
+def find_checkpoints(repository: Path, names: Sequence[str] = ()) -> dict[str, Path]:
+    """models/<name>/checkpoint/ folders by model name (all, or those named)."""
+    found = {
+        p.parent.name: p for p in sorted(repository.glob("*/checkpoint")) if (p / CONFIG).is_file()
+    }
+    if names:
+        missing = [n for n in names if n not in found]
+        if missing:
+            raise ExportError(
+                f"no checkpoint for {missing} under {repository} "
+                f"(expected {repository}/<name>/checkpoint/{CONFIG}; found {sorted(found)})"
+            )
+        return {n: found[n] for n in names}
+    return found
+
+
+def export_model(
+    checkpoint_dir: Path,
+    version_dir: Path,
+    variants: Sequence[str] = VARIANTS,
+    force: bool = False,
+    **kwargs: Any,
+) -> tuple[Manifest, bool]:
+    """export_checkpoint unless version_dir is already up to date; (manifest, rebuilt)."""
+    exporter = kwargs.get("exporter", DEFAULT_EXPORTER)
+    optimize = kwargs.get("optimize", True)
+    expected = fingerprint(checkpoint_dir, list(dict.fromkeys(variants)), exporter, optimize)
+    if not force and is_up_to_date(version_dir, expected):
+        return load_manifest(version_dir), False
+    return export_checkpoint(checkpoint_dir, version_dir, variants, **kwargs), True
+
+
+__all__ = [
+    "DEFAULT_EXPORTER",
+    "EXPORT_VERSION",
+    "OPSET",
+    "ExportError",
+    "ExportSettings",
+    "conform_io",
+    "export_checkpoint",
+    "export_model",
+    "find_checkpoints",
+    "fingerprint",
+    "is_up_to_date",
+    "read_settings",
+]

@@ -1,0 +1,452 @@
+"""A small Python client for the inference service, and its CLI (`python -m service.client`).
+
+    client = Client("127.0.0.1:50051")
+    client.translate(["In the beginning God created the heaven and the earth."])
+    for chunk in client.generate("The Lord said", stream=True): print(chunk.text, end="")
+
+CLI: `python -m service.client translate "In the beginning..." --beam-size 4 --n-best 2`,
+`generate "The Lord said" --stream`, `models`, `--plot-alignment align.png` (translate:
+the cross-attention as a heatmap). `--target`, `--token` (bearer auth), `--ca` (TLS) and
+`--timeout` work on every command; SERVE_TARGET / SERVE_AUTH_TOKEN are read too.
+"""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import grpc
+import typer
+from google.protobuf import json_format
+
+from service.gen.inference.v1 import inference_pb2 as pb
+from service.gen.inference.v1 import inference_pb2_grpc as pb_grpc
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+class Client:
+    """Synchronous client of Translator, Generator and Models (one channel, reusable).
+
+    token: sent as `authorization: Bearer <token>`. ca: PEM file of the CA (or self-signed
+    certificate) to trust; given (or tls=True), the channel uses TLS. timeout: seconds per
+    call (the gRPC deadline the server decodes within), None for no deadline.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        token: str | None = None,
+        ca: str | Path | None = None,
+        tls: bool = False,
+        timeout: float | None = 60.0,
+        server_name: str | None = None,
+        max_message_bytes: int = 64 << 20,
+    ) -> None:
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            # Several server replicas behind one DNS name: spread calls, not connections.
+            ("grpc.lb_policy_name", "round_robin"),
+        ]
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
+        if ca is not None or tls:
+            root = Path(ca).read_bytes() if ca is not None else None
+            creds = grpc.ssl_channel_credentials(root_certificates=root)
+            self.channel = grpc.secure_channel(target, creds, options=options)
+        else:
+            self.channel = grpc.insecure_channel(target, options=options)
+        self.token = token
+        self.timeout = timeout
+        self.translator = pb_grpc.TranslatorStub(self.channel)
+        self.generator = pb_grpc.GeneratorStub(self.channel)
+        self.models_stub = pb_grpc.ModelsStub(self.channel)
+        self.last_request_id = ""
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _metadata(self, request_id: str | None = None) -> list[tuple[str, str]]:
+        self.last_request_id = request_id or uuid.uuid4().hex
+        metadata = [("x-request-id", self.last_request_id)]
+        if self.token:
+            metadata.append(("authorization", f"Bearer {self.token}"))
+        return metadata
+
+    # --- calls ------------------------------------------------------------------------
+
+    def translate(
+        self,
+        texts: str | Sequence[str],
+        model: str = "",
+        version: int = 0,
+        request_id: str | None = None,
+        **options: Any,
+    ) -> pb.TranslateResponse:
+        """Translate one text or many (one call; the server decodes them concurrently)."""
+        request = pb.TranslateRequest(
+            model=model,
+            version=version,
+            texts=[texts] if isinstance(texts, str) else list(texts),
+            options=decoding_options(**options),
+        )
+        response: pb.TranslateResponse = self.translator.Translate(
+            request, timeout=self.timeout, metadata=self._metadata(request_id)
+        )
+        return response
+
+    def translate_stream(
+        self, text: str, model: str = "", version: int = 0, **options: Any
+    ) -> Iterator[pb.TokenChunk]:
+        request = pb.TranslateStreamRequest(
+            model=model, version=version, text=text, options=decoding_options(**options)
+        )
+        stream: Iterator[pb.TokenChunk] = self.translator.TranslateStream(
+            request, timeout=self.timeout, metadata=self._metadata()
+        )
+        return stream
+
+    def generate(
+        self, prompt: str, model: str = "", version: int = 0, stream: bool = False, **options: Any
+    ) -> pb.GenerateResponse | Iterator[pb.TokenChunk]:
+        """The continuation of `prompt`: one answer, or (stream=True) TokenChunks as decoded."""
+        request = pb.GenerateRequest(
+            model=model, version=version, prompt=prompt, options=decoding_options(**options)
+        )
+        if stream:
+            chunks: Iterator[pb.TokenChunk] = self.generator.Generate(
+                request, timeout=self.timeout, metadata=self._metadata()
+            )
+            return chunks
+        response: pb.GenerateResponse = self.generator.GenerateUnary(
+            request, timeout=self.timeout, metadata=self._metadata()
+        )
+        return response
+
+    def list_models(self) -> list[pb.ModelInfo]:
+        response = self.models_stub.ListModels(
+            pb.ListModelsRequest(), timeout=self.timeout, metadata=self._metadata()
+        )
+        return list(response.models)
+
+    def describe_model(self, name: str, version: int = 0) -> pb.ModelInfo:
+        info: pb.ModelInfo = self.models_stub.DescribeModel(
+            pb.DescribeModelRequest(name=name, version=version),
+            timeout=self.timeout,
+            metadata=self._metadata(),
+        )
+        return info
+
+    def reload(self) -> pb.ReloadResponse:
+        response: pb.ReloadResponse = self.models_stub.Reload(
+            pb.ReloadRequest(), timeout=self.timeout, metadata=self._metadata()
+        )
+        return response
+
+
+def decoding_options(
+    max_new_tokens: int = 0,
+    beam_size: int = 0,
+    n_best: int = 0,
+    length_penalty: float | None = None,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    return_scores: bool = False,
+    return_alignment: bool = False,
+) -> pb.DecodingOptions:
+    """DecodingOptions from keyword arguments (None leaves an optional field unset)."""
+    options = pb.DecodingOptions(
+        max_new_tokens=max_new_tokens,
+        beam_size=beam_size,
+        n_best=n_best,
+        temperature=temperature,
+        top_k=top_k,
+        stop=list(stop),
+        return_scores=return_scores,
+        return_alignment=return_alignment,
+    )
+    if length_penalty is not None:
+        options.length_penalty = length_penalty
+    if top_p is not None:
+        options.top_p = top_p
+    if seed is not None:
+        options.seed = seed
+    return options
+
+
+def plot_alignment(
+    source_tokens: Sequence[str],
+    target_tokens: Sequence[str],
+    weights: Sequence[Sequence[float]],
+    path: str | Path,
+    title: str = "",
+) -> Path:
+    """Draw cross-attention [target × source] as a labelled heatmap PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    rows = [list(r) for r in weights]
+    if not rows or not source_tokens:
+        raise ValueError("no alignment to plot: ask the server with return_alignment")
+    width = max(4.0, 0.45 * len(source_tokens) + 2)
+    height = max(3.0, 0.4 * len(target_tokens) + 1.5)
+    fig, ax = plt.subplots(figsize=(min(width, 40), min(height, 40)))
+    image = ax.imshow(rows, cmap="viridis", aspect="auto", vmin=0.0)
+    ax.set_xticks(range(len(source_tokens)))
+    ax.set_xticklabels(list(source_tokens), rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(target_tokens)))
+    ax.set_yticklabels(list(target_tokens), fontsize=8)
+    ax.set_xlabel("source tokens")
+    ax.set_ylabel("target tokens")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, label="attention")
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+# --- CLI ------------------------------------------------------------------------------------
+
+app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True)
+
+Target = Annotated[str, typer.Option(envvar="SERVE_TARGET", help="host:port of the server.")]
+Token = Annotated[
+    str | None, typer.Option(envvar="SERVE_AUTH_TOKEN", help="Bearer token (if auth is on).")
+]
+Ca = Annotated[Path | None, typer.Option(help="CA/certificate PEM to trust; enables TLS.")]
+Timeout = Annotated[float, typer.Option(help="Deadline in seconds.")]
+Model = Annotated[str, typer.Option(help="Model name (default: the server's for the task).")]
+Version = Annotated[int, typer.Option(help="Model version (0 = latest).")]
+MaxNew = Annotated[int, typer.Option(help="Tokens to generate at most (0 = server default).")]
+Beam = Annotated[int, typer.Option(help="Beam width (0/1 = greedy).")]
+NBest = Annotated[int, typer.Option(help="Hypotheses to return (≤ beam size).")]
+Temperature = Annotated[float, typer.Option(help="> 0 samples.")]
+TopK = Annotated[int, typer.Option(help="Sample among the k most likely (0 = off).")]
+TopP = Annotated[float | None, typer.Option(help="Nucleus mass in (0, 1].")]
+Seed = Annotated[int | None, typer.Option(help="Sampling seed.")]
+LengthPenalty = Annotated[float | None, typer.Option(help="Beam length penalty.")]
+Stop = Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")]
+Scores = Annotated[bool, typer.Option("--scores", help="Print hypothesis scores.")]
+Json = Annotated[bool, typer.Option("--json", help="Print the raw response as JSON.")]
+
+
+def _client(target: str, token: str | None, ca: Path | None, timeout: float) -> Client:
+    return Client(target, token=token, ca=ca, timeout=timeout)
+
+
+def _fail(error: grpc.RpcError) -> None:
+    code = error.code() if hasattr(error, "code") else None
+    details = error.details() if hasattr(error, "details") else str(error)
+    typer.echo(f"error: {code.name if code else 'UNKNOWN'}: {details}", err=True)
+    raise typer.Exit(2)
+
+
+def _print_json(message: Any) -> None:
+    typer.echo(json_format.MessageToJson(message, preserving_proto_field_name=True))
+
+
+@app.command()
+def translate(
+    texts: Annotated[list[str], typer.Argument(help="Text(s) to translate.")],
+    target: Target = DEFAULT_TARGET,
+    token: Token = None,
+    ca: Ca = None,
+    timeout: Timeout = 60.0,
+    model: Model = "",
+    version: Version = 0,
+    max_new_tokens: MaxNew = 0,
+    beam_size: Beam = 0,
+    n_best: NBest = 0,
+    length_penalty: LengthPenalty = None,
+    temperature: Temperature = 0.0,
+    top_k: TopK = 0,
+    top_p: TopP = None,
+    seed: Seed = None,
+    stop: Stop = None,
+    scores: Scores = False,
+    stream: Annotated[bool, typer.Option("--stream", help="Print tokens as decoded.")] = False,
+    plot_alignment_to: Annotated[
+        Path | None,
+        typer.Option("--plot-alignment", help="Write the first text's cross-attention PNG."),
+    ] = None,
+    as_json: Json = False,
+) -> None:
+    """Translate English text(s) to Spanish."""
+    options: dict[str, Any] = dict(
+        max_new_tokens=max_new_tokens,
+        beam_size=beam_size,
+        n_best=n_best,
+        length_penalty=length_penalty,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        stop=stop or (),
+        return_scores=scores,
+        return_alignment=plot_alignment_to is not None,
+    )
+    with _client(target, token, ca, timeout) as client:
+        try:
+            if stream:
+                for text in texts:
+                    for chunk in client.translate_stream(text, model, version, **options):
+                        typer.echo(chunk.text, nl=False)
+                        sys.stdout.flush()
+                    typer.echo()
+                return
+            response = client.translate(texts, model, version, **options)
+        except grpc.RpcError as error:
+            _fail(error)
+            return
+    if as_json:
+        _print_json(response)
+    else:
+        for translation in response.translations:
+            for rank, hyp in enumerate(translation.hypotheses):
+                prefix = f"[{rank}] " if len(translation.hypotheses) > 1 else ""
+                suffix = f"\t{hyp.score:.3f}\t{hyp.normalized_score:.3f}" if scores else ""
+                typer.echo(f"{prefix}{hyp.text}{suffix}")
+    if plot_alignment_to is not None:
+        first = response.translations[0]
+        best = first.hypotheses[0]
+        plot_alignment(
+            list(first.source_tokens),
+            list(best.tokens),
+            [list(row.weights) for row in best.alignment],
+            plot_alignment_to,
+            title=f"{response.model} v{response.version}: {texts[0][:60]}",
+        )
+        typer.echo(f"alignment written to {plot_alignment_to}", err=True)
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="Text to continue.")],
+    target: Target = DEFAULT_TARGET,
+    token: Token = None,
+    ca: Ca = None,
+    timeout: Timeout = 60.0,
+    model: Model = "",
+    version: Version = 0,
+    max_new_tokens: MaxNew = 0,
+    beam_size: Beam = 0,
+    n_best: NBest = 0,
+    length_penalty: LengthPenalty = None,
+    temperature: Temperature = 0.0,
+    top_k: TopK = 0,
+    top_p: TopP = None,
+    seed: Seed = None,
+    stop: Stop = None,
+    scores: Scores = False,
+    stream: Annotated[bool, typer.Option("--stream", help="Print tokens as decoded.")] = False,
+    as_json: Json = False,
+) -> None:
+    """Continue a prompt with the language model."""
+    options: dict[str, Any] = dict(
+        max_new_tokens=max_new_tokens,
+        beam_size=beam_size,
+        n_best=n_best,
+        length_penalty=length_penalty,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        stop=stop or (),
+        return_scores=scores,
+    )
+    with _client(target, token, ca, timeout) as client:
+        try:
+            if stream:
+                for chunk in client.generate(prompt, model, version, stream=True, **options):
+                    assert isinstance(chunk, pb.TokenChunk)
+                    if as_json:
+                        _print_json(chunk)
+                    else:
+                        typer.echo(chunk.text, nl=False)
+                        sys.stdout.flush()
+                if not as_json:
+                    typer.echo()
+                return
+            response = client.generate(prompt, model, version, **options)
+        except grpc.RpcError as error:
+            _fail(error)
+            return
+    assert isinstance(response, pb.GenerateResponse)
+    if as_json:
+        _print_json(response)
+        return
+    for rank, hyp in enumerate(response.hypotheses):
+        prefix = f"[{rank}] " if len(response.hypotheses) > 1 else ""
+        suffix = f"\t{hyp.score:.3f}" if scores else ""
+        typer.echo(f"{prefix}{hyp.text}{suffix}")
+
+
+@app.command()
+def models(
+    target: Target = DEFAULT_TARGET,
+    token: Token = None,
+    ca: Ca = None,
+    timeout: Timeout = 10.0,
+    as_json: Json = False,
+) -> None:
+    """List the loaded models."""
+    with _client(target, token, ca, timeout) as client:
+        try:
+            infos = client.list_models()
+        except grpc.RpcError as error:
+            _fail(error)
+            return
+    for info in infos:
+        if as_json:
+            _print_json(info)
+        else:
+            versions = ",".join(str(v) for v in info.versions)
+            typer.echo(
+                f"{info.name}\tv{info.version}\t{info.task}\t"
+                f"{info.source_language}->{info.target_language}\t{info.dtype}\t"
+                f"{info.provider}\tversions={versions}\tready={info.ready}"
+            )
+
+
+@app.command()
+def reload(
+    target: Target = DEFAULT_TARGET,
+    token: Token = None,
+    ca: Ca = None,
+    timeout: Timeout = 120.0,
+) -> None:
+    """Ask the server to load new model versions from its repository."""
+    with _client(target, token, ca, timeout) as client:
+        try:
+            response = client.reload()
+        except grpc.RpcError as error:
+            _fail(error)
+            return
+    typer.echo(f"loaded: {', '.join(response.loaded) or '-'}")
+    typer.echo(f"retired: {', '.join(response.retired) or '-'}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

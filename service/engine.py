@@ -1,0 +1,1344 @@
+"""The inference engine: onnxruntime sessions of one model version and a batch of rows
+decoded one step at a time, with the reference decoder's rules (transformer/decoding.py)
+re-implemented in numpy so the served outputs equal the PyTorch ones token for token.
+
+Why it is built this way:
+
+* A *row* is one sequence, or one beam of a beam-search request. All rows of a model
+  share one self-attention cache `[L, R, H, C, Dh]` (export/README.md) whose row count R
+  and capacity C are buckets (powers of two), so the decoder sees few distinct shapes
+  (warmed up at load) and a cache grows by copying, never by recomputing. Free slots are
+  simply skipped: removing a row costs nothing; the batch is compacted when it is mostly
+  empty. Beam search reorders cache rows after each step (one gather).
+* Newcomers join between steps (`add`): translator sources are encoded together (their
+  first decoder input is the start token at position 0, like every running row's next
+  token); language-model prompts are prefilled together up to their last token, which is
+  fed by the next common step. So `step()` is always one decoder call with one new token
+  per row, and the decoding rules below see one logits row per sequence or beam.
+* On CUDA (fp16 variant) the caches stay on the device as OrtValues: the decoder runs with
+  IOBinding into a second buffer (double buffering), and row moves run as tiny ONNX graphs
+  on the same device. On CPU they are numpy arrays fed to `session.run`. The device path
+  also runs on CPU (`EngineOptions(io_binding=True)`), which is how it is tested without
+  a GPU.
+* This module is synchronous and knows nothing of asyncio; the scheduler calls it from a
+  worker thread (onnxruntime releases the GIL while it computes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnxruntime as ort
+
+from export.manifest import Manifest
+from service.domain import (
+    DecodingParams,
+    FinishReason,
+    HypothesisResult,
+    InvalidArgument,
+    SequenceRequest,
+    SequenceResult,
+    Task,
+    TokenEvent,
+)
+from service.tokenizer import Tokenizer, find_stop, stable_prefix
+
+log = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+MIN_CACHE = 16  # smallest cache capacity / source / prefill bucket
+_NEG_INF = np.float32(-np.inf)
+
+
+# --- options and provider choice -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How to run a model version (from the server settings).
+
+    provider: "auto" picks CUDA (fp16) when onnxruntime has it, else CPU (`cpu_variant`).
+    intra_op_threads: CPU threads per session (0 = the cores this process may use).
+    max_batch_size: most rows (sequences + beams) in one batch; bounds the row buckets.
+    io_binding: None = on for CUDA only; True runs the device path on CPU (tests).
+    warmup: run every shape bucket once at load, within `warmup_budget_s` seconds.
+    """
+
+    provider: Literal["auto", "cpu", "cuda"] = "auto"
+    cpu_variant: Literal["int8", "fp32"] = "int8"
+    intra_op_threads: int = 0
+    max_batch_size: int = 64
+    io_binding: bool | None = None
+    warmup: bool = True
+    warmup_budget_s: float = 60.0
+    device_id: int = 0
+
+
+def cuda_available() -> bool:
+    return CUDA in ort.get_available_providers()
+
+
+def variant_preference(options: EngineOptions) -> list[str]:
+    """Variants in the order the engine would take them (for hash-checking at load)."""
+    if options.provider == "cuda" or (options.provider == "auto" and cuda_available()):
+        return ["fp16", "fp32"]
+    return [options.cpu_variant, "fp32"] if options.cpu_variant != "fp32" else ["fp32"]
+
+
+def choose_runtime(options: EngineOptions, manifest: Manifest) -> tuple[str, str]:
+    """(execution provider, variant) for this host and model."""
+    if options.provider == "cuda" and not cuda_available():
+        raise RuntimeError(
+            "provider 'cuda' asked for, but onnxruntime has no CUDAExecutionProvider "
+            f"(available: {ort.get_available_providers()}); install onnxruntime-gpu or use 'cpu'"
+        )
+    use_cuda = options.provider == "cuda" or (options.provider == "auto" and cuda_available())
+    provider = CUDA if use_cuda else CPU
+    for variant in variant_preference(options):
+        if variant in manifest.variants:
+            return provider, variant
+    listed = sorted(manifest.variants)
+    if use_cuda or not listed:
+        raise RuntimeError(f"{manifest.name}/{manifest.version}: no usable variant in {listed}")
+    return provider, listed[0]
+
+
+def bucket(n: int, minimum: int, maximum: int) -> int:
+    """Smallest power-of-two multiple of `minimum` >= n, capped at `maximum` (>= n)."""
+    if n > maximum:
+        raise ValueError(f"{n} exceeds the largest bucket {maximum}")
+    b = max(1, minimum)
+    while b < n:
+        b *= 2
+    return min(b, maximum)
+
+
+def buckets(minimum: int, maximum: int) -> list[int]:
+    out, b = [], max(1, minimum)
+    while b < maximum:
+        out.append(b)
+        b *= 2
+    out.append(maximum)
+    return sorted(set(out))
+
+
+def _threads(requested: int) -> int:
+    if requested > 0:
+        return requested
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _session_options(threads: int) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    # Spinning threads burn the cores the asyncio loop and the other model need.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    return so
+
+
+def _providers(provider: str, device_id: int) -> list[Any]:
+    if provider == CUDA:
+        cuda_options = {"device_id": device_id, "arena_extend_strategy": "kSameAsRequested"}
+        return [(CUDA, cuda_options), CPU]
+    return [CPU]
+
+
+# --- numpy decoding helpers ------------------------------------------------------------------
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """float32 log-softmax over the last axis (the reference's scores)."""
+    x = x.astype(np.float32, copy=False)
+    shifted = x - x.max(axis=-1, keepdims=True)
+    out: np.ndarray = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    return out
+
+
+def sample(
+    logits: np.ndarray,
+    temperature: np.ndarray,
+    top_k: np.ndarray,
+    top_p: np.ndarray,
+    u: np.ndarray,
+) -> np.ndarray:
+    """Sampled ids [n] from logits [n, V] with per-row temperature, top-k, top-p and one
+    uniform draw u per row: the reference's inverse-CDF rule, vectorized over rows."""
+    n, vocab = logits.shape
+    scaled = logits.astype(np.float32) / temperature.astype(np.float32)[:, None]
+    # Probability-descending order, ties to the lower id (stable sort of the negation).
+    order = np.argsort(-scaled, axis=-1, kind="stable")
+    ordered = np.take_along_axis(scaled, order, axis=-1)
+    columns = np.arange(vocab)[None, :]
+    k = top_k[:, None]
+    ordered = np.where((k > 0) & (k < vocab) & (columns >= k), _NEG_INF, ordered)
+    shifted = ordered - ordered[:, :1]
+    probs = np.exp(shifted)
+    probs /= probs.sum(axis=-1, keepdims=True)
+    mass_before = np.cumsum(probs, axis=-1) - probs
+    outside = (mass_before >= top_p.astype(np.float32)[:, None]) & (top_p[:, None] < 1.0)
+    outside[:, 0] = False  # the most likely token always stays
+    probs = np.where(outside, np.float32(0.0), probs)
+    cdf = np.cumsum(probs.astype(np.float64), axis=-1)
+    target = u * cdf[:, -1]
+    index = np.minimum((cdf <= target[:, None]).sum(axis=-1), vocab - 1)
+    return order[np.arange(n), index]
+
+
+def top_in_order(scores: np.ndarray, m: int) -> np.ndarray:
+    """Indices of the m best scores, best first, ties to the lower index: what a stable
+    descending sort gives, without sorting the whole row."""
+    m = min(m, scores.size)
+    if m <= 0:
+        return np.zeros(0, dtype=np.int64)
+    part = np.argpartition(-scores, m - 1)[:m]
+    threshold = scores[part].min()
+    greater = np.flatnonzero(scores > threshold)
+    equal = np.flatnonzero(scores == threshold)[: m - greater.size]
+    chosen = np.concatenate([greater, equal])
+    return chosen[np.lexsort((chosen, -scores[chosen]))]
+
+
+# --- device backends --------------------------------------------------------------------------
+
+
+def _helper_graphs(elem_type: int) -> dict[str, bytes]:
+    """Row moves on device tensors [L, R, H, C, Dh] as tiny ONNX graphs."""
+    from onnx import TensorProto, helper
+
+    dims = ["L", "R", "H", "C", "D"]
+    x = helper.make_tensor_value_info("x", elem_type, dims)
+    u = helper.make_tensor_value_info("u", elem_type, ["L", "N", "H", "C", "D"])
+    idx = helper.make_tensor_value_info("idx", TensorProto.INT64, ["K"])
+    y = helper.make_tensor_value_info("y", elem_type, None)
+    n = helper.make_tensor_value_info("n", TensorProto.INT64, [1])
+    pads = helper.make_tensor_value_info("pads", TensorProto.INT64, [10])
+    starts = helper.make_tensor("starts", TensorProto.INT64, [1], [0])
+    axes = helper.make_tensor("axes", TensorProto.INT64, [1], [3])
+
+    def model(name: str, nodes: list[Any], inputs: list[Any], inits: Sequence[Any] = ()) -> bytes:
+        graph = helper.make_graph(nodes, name, inputs, [y], initializer=list(inits))
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        proto.ir_version = 8
+        return bytes(proto.SerializeToString())
+
+    return {
+        "gather": model(
+            "gather", [helper.make_node("Gather", ["x", "idx"], ["y"], axis=1)], [x, idx]
+        ),
+        "gather_concat": model(
+            "gather_concat",
+            [
+                helper.make_node("Concat", ["x", "u"], ["xu"], axis=1),
+                helper.make_node("Gather", ["xu", "idx"], ["y"], axis=1),
+            ],
+            [x, u, idx],
+        ),
+        "pad": model("pad", [helper.make_node("Pad", ["x", "pads"], ["y"])], [x, pads]),
+        "crop": model(
+            "crop",
+            [helper.make_node("Slice", ["x", "starts", "n", "axes"], ["y"])],
+            [x, n],
+            [starts, axes],
+        ),
+    }
+
+
+class _NumpyBackend:
+    """CPU: caches are numpy arrays; moves happen in place."""
+
+    def __init__(
+        self, decoder: ort.InferenceSession, encoder: ort.InferenceSession | None, dtype: type
+    ) -> None:
+        self.decoder_session = decoder
+        self.encoder_session = encoder
+        self.dtype = dtype
+        self.alignment = any(o.name == "cross_attention" for o in decoder.get_outputs())
+
+    def zeros(self, shape: tuple[int, ...]) -> Any:
+        return np.zeros(shape, dtype=self.dtype)
+
+    def decode(
+        self, feeds: dict[str, Any], want_alignment: bool
+    ) -> tuple[np.ndarray, Any, Any, np.ndarray | None]:
+        names = ["logits", "present_k", "present_v"]
+        if want_alignment and self.alignment:
+            names.append("cross_attention")
+        out = self.decoder_session.run(names, feeds)
+        return out[0], out[1], out[2], (out[3] if len(out) > 3 else None)
+
+    def encode(self, src_ids: np.ndarray, src_mask: np.ndarray) -> tuple[Any, Any]:
+        assert self.encoder_session is not None
+        ck, cv = self.encoder_session.run(
+            ["cross_k", "cross_v"], {"src_ids": src_ids, "src_mask": src_mask}
+        )
+        return ck, cv
+
+    def gather(self, x: Any, perm: np.ndarray) -> Any:
+        return np.ascontiguousarray(np.take(x, perm, axis=1))
+
+    def assign(self, x: Any, dst: np.ndarray, u: Any, src: np.ndarray) -> Any:
+        x[:, dst] = u[:, src]
+        return x
+
+    def move(self, x: Any, dst: np.ndarray, src: np.ndarray) -> Any:
+        x[:, dst] = x[:, src]  # the fancy-indexed right side is a copy: no aliasing
+        return x
+
+    def resize(self, x: Any, length: int) -> Any:
+        shape = list(x.shape)
+        if shape[3] == length:
+            return x
+        keep = min(shape[3], length)
+        shape[3] = length
+        out = np.zeros(shape, dtype=x.dtype)
+        out[:, :, :, :keep] = x[:, :, :, :keep]
+        return out
+
+    def host(self, x: Any) -> np.ndarray:
+        return np.asarray(x)
+
+
+class _BoundBackend:
+    """Device path: caches are OrtValues on `device`; the decoder writes present into a
+    spare buffer (double buffering) and row moves run as helper graphs on the device."""
+
+    def __init__(
+        self,
+        decoder: ort.InferenceSession,
+        encoder: ort.InferenceSession | None,
+        dtype: type,
+        provider: str,
+        device_id: int,
+        threads: int,
+    ) -> None:
+        self.decoder_session = decoder
+        self.encoder_session = encoder
+        self.dtype = dtype
+        self.device = "cuda" if provider == CUDA else "cpu"
+        self.device_id = device_id if provider == CUDA else 0
+        self.alignment = any(o.name == "cross_attention" for o in decoder.get_outputs())
+        from onnx import TensorProto
+
+        elem = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT
+        so = _session_options(threads)
+        self.helpers = {
+            name: ort.InferenceSession(blob, so, providers=_providers(provider, device_id))
+            for name, blob in _helper_graphs(elem).items()
+        }
+        self._spare: dict[str, Any] = {}
+
+    def _value(self, array: np.ndarray) -> Any:
+        return ort.OrtValue.ortvalue_from_numpy(array, self.device, self.device_id)
+
+    def zeros(self, shape: tuple[int, ...]) -> Any:
+        return self._value(np.zeros(shape, dtype=self.dtype))
+
+    def _empty(self, shape: list[int]) -> Any:
+        return ort.OrtValue.ortvalue_from_shape_and_type(
+            shape, self.dtype, self.device, self.device_id
+        )
+
+    def _bind_inputs(self, io: Any, feeds: dict[str, Any]) -> None:
+        for name, value in feeds.items():
+            if isinstance(value, np.ndarray):
+                io.bind_cpu_input(name, value)
+            else:
+                io.bind_ortvalue_input(name, value)
+
+    def decode(
+        self, feeds: dict[str, Any], want_alignment: bool
+    ) -> tuple[np.ndarray, Any, Any, np.ndarray | None]:
+        io = self.decoder_session.io_binding()
+        self._bind_inputs(io, feeds)
+        io.bind_output("logits", "cpu")
+        presents = []
+        for name in ("present_k", "present_v"):
+            past = feeds["past_" + name[-1]]
+            spare = self._spare.get(name)
+            if spare is None or spare.shape() != past.shape():
+                spare = self._empty(past.shape())
+            io.bind_ortvalue_output(name, spare)
+            presents.append(spare)
+        if self.alignment:
+            io.bind_output("cross_attention", "cpu")
+        self.decoder_session.run_with_iobinding(io)
+        outputs = io.get_outputs()
+        logits = outputs[0].numpy()
+        align = outputs[3].numpy() if self.alignment and want_alignment else None
+        # The buffers fed as past become the next step's present buffers.
+        self._spare = {"present_k": feeds["past_k"], "present_v": feeds["past_v"]}
+        return logits, presents[0], presents[1], align
+
+    def encode(self, src_ids: np.ndarray, src_mask: np.ndarray) -> tuple[Any, Any]:
+        assert self.encoder_session is not None
+        io = self.encoder_session.io_binding()
+        io.bind_cpu_input("src_ids", src_ids)
+        io.bind_cpu_input("src_mask", src_mask)
+        io.bind_output("cross_k", self.device, self.device_id)
+        io.bind_output("cross_v", self.device, self.device_id)
+        self.encoder_session.run_with_iobinding(io)
+        out = io.get_outputs()
+        return out[0], out[1]
+
+    def _helper(self, name: str, feeds: dict[str, Any]) -> Any:
+        session = self.helpers[name]
+        io = session.io_binding()
+        self._bind_inputs(io, feeds)
+        io.bind_output("y", self.device, self.device_id)
+        session.run_with_iobinding(io)
+        return io.get_outputs()[0]
+
+    def gather(self, x: Any, perm: np.ndarray) -> Any:
+        return self._helper("gather", {"x": x, "idx": perm.astype(np.int64)})
+
+    def assign(self, x: Any, dst: np.ndarray, u: Any, src: np.ndarray) -> Any:
+        perm = np.arange(x.shape()[1], dtype=np.int64)
+        perm[dst] = x.shape()[1] + src
+        return self._helper("gather_concat", {"x": x, "u": u, "idx": perm})
+
+    def move(self, x: Any, dst: np.ndarray, src: np.ndarray) -> Any:
+        perm = np.arange(x.shape()[1], dtype=np.int64)
+        perm[dst] = src
+        return self.gather(x, perm)
+
+    def resize(self, x: Any, length: int) -> Any:
+        current = x.shape()[3]
+        if current == length:
+            return x
+        if length < current:
+            return self._helper("crop", {"x": x, "n": np.array([length], dtype=np.int64)})
+        pads = np.zeros(10, dtype=np.int64)
+        pads[5 + 3] = length - current
+        return self._helper("pad", {"x": x, "pads": pads})
+
+    def host(self, x: Any) -> np.ndarray:
+        return np.asarray(x.numpy())
+
+
+Backend = _NumpyBackend | _BoundBackend
+
+
+# --- the engine -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WarmupReport:
+    shapes: int
+    seconds: float
+    step_seconds: float  # one decoder step at a busy shape: the scheduler's first estimate
+
+
+class Engine:
+    """Sessions, tokenizer and limits of one model version; makes batches."""
+
+    def __init__(
+        self, path: str | Path, manifest: Manifest, options: EngineOptions | None = None
+    ) -> None:
+        self.path = Path(path)
+        self.manifest = manifest
+        self.options = options or EngineOptions()
+        self.name = manifest.name
+        self.version = manifest.version
+        self.task = Task(manifest.task)
+        self.provider, self.variant = choose_runtime(self.options, manifest)
+        self.float_dtype: type = np.float16 if self.variant == "fp16" else np.float32
+        self.layers = manifest.cache.layers
+        self.heads = manifest.cache.heads
+        self.head_dim = manifest.cache.head_dim
+        self.vocab_size = manifest.vocab_size
+        self.max_positions = manifest.limits.max_positions
+        self.max_input_tokens = manifest.limits.max_input_tokens
+        self.max_new_tokens = manifest.limits.max_new_tokens
+        self.max_batch_size = self.options.max_batch_size
+        ids = manifest.special_ids
+        self.pad_id, self.eos_id, self.bos_id = ids.pad_id, ids.eos_id, ids.bos_id
+        self.start_id = ids.decoder_start_id
+        self.tokenizer = Tokenizer(self.path / manifest.tokenizer.path, ids.bos_id, ids.eos_id)
+        self.threads = _threads(self.options.intra_op_threads)
+        so = _session_options(self.threads)
+        providers = _providers(self.provider, self.options.device_id)
+        if self.provider == CUDA and hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()
+
+        def session(graph: str) -> ort.InferenceSession:
+            entry = manifest.graph(self.variant, graph)
+            return ort.InferenceSession(str(self.path / entry.path), so, providers=providers)
+
+        decoder = session("decoder")
+        encoder = session("encoder") if self.task is Task.TRANSLATION else None
+        actual = decoder.get_providers()[0]
+        if actual != self.provider:
+            raise RuntimeError(
+                f"{self.name}/{self.version}: asked for {self.provider}, got {actual}"
+            )
+        bound = (
+            self.options.io_binding
+            if self.options.io_binding is not None
+            else self.provider == CUDA
+        )
+        self.io_binding = bound
+        self.backend: Backend = (
+            _BoundBackend(
+                decoder,
+                encoder,
+                self.float_dtype,
+                self.provider,
+                self.options.device_id,
+                self.threads,
+            )
+            if bound
+            else _NumpyBackend(decoder, encoder, self.float_dtype)
+        )
+        self.warmup_report: WarmupReport | None = None
+        log.info(
+            "engine %s/%s: %s, variant %s, %d threads, io_binding=%s",
+            self.name, self.version, self.provider, self.variant, self.threads, bound,
+        )  # fmt: skip
+
+    # --- facts ---------------------------------------------------------------------------
+
+    @property
+    def config_json(self) -> str:
+        return json.dumps(self.manifest.config, sort_keys=True)
+
+    @property
+    def row_buckets(self) -> list[int]:
+        return buckets(1, bucket(self.max_batch_size, 1, 1 << 30))
+
+    @property
+    def cache_buckets(self) -> list[int]:
+        return buckets(min(MIN_CACHE, self.max_positions), self.max_positions)
+
+    @property
+    def source_buckets(self) -> list[int]:
+        return buckets(min(MIN_CACHE, self.max_input_tokens), self.max_input_tokens)
+
+    # --- requests ------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        """Input ids of a request's text (translator: + EOS; generator: BOS +)."""
+        if self.task is Task.TRANSLATION:
+            return self.tokenizer.encode_source(text)
+        return self.tokenizer.encode_prompt(text)
+
+    def check(
+        self, request: SequenceRequest, input_ids: list[int], max_input_tokens: int | None = None
+    ) -> None:
+        """Refuse what this model cannot decode, naming the field and the limit."""
+        p = request.params
+        limit = (
+            self.max_input_tokens
+            if max_input_tokens is None
+            else min(max_input_tokens, self.max_input_tokens)
+        )
+        if len(input_ids) > limit:
+            raise InvalidArgument(
+                "text", f"{len(input_ids)} tokens exceed max_input_tokens {limit}"
+            )
+        if p.max_new_tokens < 1:
+            raise InvalidArgument("options.max_new_tokens", f"must be >= 1, got {p.max_new_tokens}")
+        if p.max_new_tokens > self.max_new_tokens:
+            raise InvalidArgument(
+                "options.max_new_tokens",
+                f"{p.max_new_tokens} exceeds this model's limit {self.max_new_tokens}",
+            )
+        if (
+            self.task is Task.GENERATION
+            and len(input_ids) + p.max_new_tokens - 1 > self.max_positions
+        ):
+            raise InvalidArgument(
+                "options.max_new_tokens",
+                f"prompt ({len(input_ids)} tokens) + max_new_tokens ({p.max_new_tokens}) - 1 "
+                f"exceeds the model's max_positions {self.max_positions}",
+            )
+        if self.task is Task.TRANSLATION and p.max_new_tokens > self.max_positions:
+            raise InvalidArgument(
+                "options.max_new_tokens",
+                f"{p.max_new_tokens} exceeds the model's max_positions {self.max_positions}",
+            )
+        if p.return_alignment and self.task is not Task.TRANSLATION:
+            raise InvalidArgument(
+                "options.return_alignment", "only translation models have cross-attention"
+            )
+        if p.beam_size < 1 or p.n_best < 1 or p.n_best > p.beam_size:
+            raise InvalidArgument(
+                "options.n_best", f"{p.n_best} must be in [1, beam_size={p.beam_size}]"
+            )
+        if p.beam_size > self.max_batch_size:
+            raise InvalidArgument(
+                "options.beam_size", f"{p.beam_size} exceeds max_batch_size {self.max_batch_size}"
+            )
+        if p.sampling and p.beam_size > 1:
+            raise InvalidArgument(
+                "options.beam_size", "sampling (temperature > 0) needs beam_size 1"
+            )
+
+    def new_batch(self) -> Batch:
+        return Batch(self)
+
+    # --- warm-up -------------------------------------------------------------------------
+
+    def warmup(self) -> WarmupReport:
+        """Run the shape buckets the batch will use once, so no request pays for a first
+        run (allocator growth; on CUDA, kernel choice per shape): on CUDA every combination,
+        on CPU every (rows, capacity) pair plus the source and prefill lengths at the edges.
+        Stops after `warmup_budget_s`. Also times one step for the scheduler's estimates."""
+        start = time.perf_counter()
+        budget = self.options.warmup_budget_s
+        full = self.provider == CUDA
+        rows, caches, sources = self.row_buckets, self.cache_buckets, self.source_buckets
+        translator = self.task is Task.TRANSLATION
+        src_list = sources if translator else [0]
+        # Decoder: every (rows, capacity) pair; on CUDA every source length too (kernels
+        # are chosen per shape there), on CPU the source lengths at the largest batch.
+        shapes = [
+            (r, c, s) for r in rows for c in caches for s in (src_list if full else src_list[:1])
+        ]
+        if not full:
+            shapes += [(rows[-1], caches[-1], s) for s in src_list]
+        count = 0
+        for r, c, s in dict.fromkeys(shapes):
+            if time.perf_counter() - start > budget:
+                log.warning(
+                    "%s/%s: warm-up budget %.0fs spent after %d shapes",
+                    self.name,
+                    self.version,
+                    budget,
+                    count,
+                )
+                break
+            self._run_decoder_zeros(r, c, s, 1)
+            count += 1
+        if translator:
+            enc = (
+                [(n, s) for n in rows for s in sources]
+                if full
+                else [(1, sources[0]), (rows[-1], sources[-1])]
+            )
+            for n, s in enc:
+                if time.perf_counter() - start > budget:
+                    break
+                ids = np.full((n, s), self.pad_id, dtype=np.int64)
+                self.backend.encode(ids, np.ones((n, s), dtype=bool))
+                count += 1
+        else:
+            pre = (
+                [(n, t) for n in rows for t in caches]
+                if full
+                else [(1, t) for t in caches] + [(rows[-1], caches[0])]
+            )
+            for n, t in pre:
+                if time.perf_counter() - start > budget:
+                    break
+                self._run_decoder_zeros(n, t, 0, t)
+                count += 1
+        # A typical shape, timed after its own warm-up run: the scheduler's first estimate.
+        r, c = bucket(min(8, rows[-1]), 1, rows[-1]), min(caches[-1], 64)
+        s = min(src_list[-1], 64) if translator else 0
+        self._run_decoder_zeros(r, c, s, 1)
+        t0 = time.perf_counter()
+        self._run_decoder_zeros(r, c, s, 1)
+        step = time.perf_counter() - t0
+        self.warmup_report = WarmupReport(count, time.perf_counter() - start, step)
+        log.info(
+            "%s/%s warm-up: %d shapes in %.2fs, step %.1f ms",
+            self.name,
+            self.version,
+            count,
+            self.warmup_report.seconds,
+            step * 1e3,
+        )
+        return self.warmup_report
+
+    def _run_decoder_zeros(self, r: int, c: int, s: int, t: int) -> None:
+        b = self.backend
+        feeds: dict[str, Any] = {
+            "input_ids": np.full((r, t), self.pad_id, dtype=np.int64),
+            "positions": np.zeros(r, dtype=np.int64),
+            "past_k": b.zeros((self.layers, r, self.heads, c, self.head_dim)),
+            "past_v": b.zeros((self.layers, r, self.heads, c, self.head_dim)),
+        }
+        if self.task is Task.TRANSLATION:
+            feeds["cross_k"] = b.zeros((self.layers, r, self.heads, s, self.head_dim))
+            feeds["cross_v"] = b.zeros((self.layers, r, self.heads, s, self.head_dim))
+            feeds["src_mask"] = np.ones((r, s), dtype=bool)
+        b.decode(feeds, want_alignment=False)
+
+
+# --- batch ------------------------------------------------------------------------------------
+
+
+@dataclass
+class BatchItem:
+    """A request joining the batch: `key` identifies it in the step outputs."""
+
+    key: Hashable
+    request: SequenceRequest
+    input_ids: list[int]
+    stream: bool = False
+
+
+@dataclass
+class AddOutput:
+    rows: int
+    padding_ratio: float  # padded / total tokens of the encoder or prefill call
+    seconds: float
+
+
+@dataclass
+class StepOutput:
+    """What one step produced. `events` only for streaming requests; `progressed` lists
+    every request that generated a token (for time-to-first-token and inter-token metrics)."""
+
+    events: list[tuple[Hashable, TokenEvent]] = field(default_factory=list)
+    finished: list[tuple[Hashable, SequenceResult]] = field(default_factory=list)
+    progressed: list[Hashable] = field(default_factory=list)
+    rows: int = 0
+    capacity: int = 0
+    padding_ratio: float = 0.0
+    seconds: float = 0.0
+
+
+@dataclass
+class _Hyp:
+    tokens: list[int]
+    score: float
+    normalized: float
+    reason: FinishReason
+    alignment: list[list[float]] | None
+    text: str | None = None  # set when a stop string cut it
+
+
+class _Seq:
+    """One request in the batch: its rows (K beams or 1) and decoding state."""
+
+    def __init__(self, item: BatchItem, slots: list[int]) -> None:
+        self.key = item.key
+        self.request = item.request
+        self.params: DecodingParams = item.request.params
+        self.input_ids = item.input_ids
+        self.stream = item.stream
+        self.slots = slots
+        self.beam = self.params.beam_size > 1
+        k = len(slots)
+        self.tokens: list[list[int]] = [[] for _ in range(k)]
+        self.aligns: list[list[list[float]]] = [[] for _ in range(k)]
+        self.scores = np.array([0.0] + [-np.inf] * (k - 1), dtype=np.float32)
+        self.pool: list[_Hyp] = []
+        self.steps = 0
+        self.stop = tuple(self.params.stop)
+        self.stop_len = max((len(s) for s in self.stop), default=0)
+        self.checked = 0  # text length already searched for stop strings
+        self.emitted_ids = 0
+        self.emitted_text = ""
+        self.rng: np.random.Generator | None = None
+        if self.params.sampling:
+            self.rng = np.random.default_rng(self.params.seed)
+
+
+class Batch:
+    """The running rows of one model version. Not thread-safe: one thread drives it."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.backend = engine.backend
+        e = engine
+        self._cache_shape = (e.layers, e.heads, e.head_dim)
+        self.capacity = 0  # R
+        self.cache_len = 0  # C
+        self.source_len = 0  # S
+        self.past_k: Any = None
+        self.past_v: Any = None
+        self.cross_k: Any = None
+        self.cross_v: Any = None
+        self.src_mask = np.zeros((0, 0), dtype=bool)
+        self.positions = np.zeros(0, dtype=np.int64)
+        self.next_ids = np.zeros(0, dtype=np.int64)
+        self.active = np.zeros(0, dtype=bool)
+        self.src_len = np.zeros(0, dtype=np.int64)
+        self.seqs: dict[Hashable, _Seq] = {}
+
+    # --- facts ---------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def rows(self) -> int:
+        return int(self.active.sum())
+
+    @property
+    def free_rows(self) -> int:
+        return self.engine.max_batch_size - self.rows
+
+    def keys(self) -> list[Hashable]:
+        return list(self.seqs)
+
+    def generated(self, key: Hashable) -> int:
+        """Tokens generated so far by a request (steps run)."""
+        return self.seqs[key].steps
+
+    def remaining(self) -> list[tuple[int, int]]:
+        """(rows, steps left at most) per running request, for queue-wait estimates."""
+        return [(len(s.slots), s.params.max_new_tokens - s.steps) for s in self.seqs.values()]
+
+    # --- layout --------------------------------------------------------------------------
+
+    def _alloc(self, rows: int, cache_len: int, source_len: int) -> None:
+        L, H, D = self._cache_shape
+        b = self.backend
+        self.capacity, self.cache_len = rows, cache_len
+        self.past_k = b.zeros((L, rows, H, cache_len, D))
+        self.past_v = b.zeros((L, rows, H, cache_len, D))
+        if self.engine.task is Task.TRANSLATION:
+            self.source_len = source_len
+            self.cross_k = b.zeros((L, rows, H, source_len, D))
+            self.cross_v = b.zeros((L, rows, H, source_len, D))
+        self.src_mask = np.zeros((rows, source_len), dtype=bool)
+        self.positions = np.zeros(rows, dtype=np.int64)
+        self.next_ids = np.full(rows, self.engine.pad_id, dtype=np.int64)
+        self.active = np.zeros(rows, dtype=bool)
+        self.src_len = np.zeros(rows, dtype=np.int64)
+
+    def _relayout(self, rows: int) -> None:
+        """Move the active rows to the front of a batch of `rows` slots (grow or compact),
+        and shrink the cache and source lengths to what the remaining rows need."""
+        keep = np.flatnonzero(self.active)
+        if keep.size > rows:
+            raise ValueError(f"{keep.size} active rows do not fit {rows}")
+        perm = np.zeros(rows, dtype=np.int64)
+        perm[: keep.size] = keep
+        b = self.backend
+        self.past_k = b.gather(self.past_k, perm)
+        self.past_v = b.gather(self.past_v, perm)
+        if self.cross_k is not None:
+            self.cross_k = b.gather(self.cross_k, perm)
+            self.cross_v = b.gather(self.cross_v, perm)
+        new_slot = {int(old): new for new, old in enumerate(keep)}
+        for seq in self.seqs.values():
+            seq.slots = [new_slot[s] for s in seq.slots]
+        filler = np.arange(rows) >= keep.size
+        self.src_mask = self.src_mask[perm]
+        self.positions = np.where(filler, 0, self.positions[perm])
+        self.next_ids = np.where(filler, self.engine.pad_id, self.next_ids[perm])
+        self.active = ~filler
+        self.src_len = np.where(filler, 0, self.src_len[perm])
+        self.capacity = rows
+        if keep.size:
+            e = self.engine
+            need_c = bucket(
+                int(self.positions[: keep.size].max()) + 1,
+                min(MIN_CACHE, e.max_positions),
+                e.max_positions,
+            )
+            if need_c < self.cache_len:
+                self.past_k = b.resize(self.past_k, need_c)
+                self.past_v = b.resize(self.past_v, need_c)
+                self.cache_len = need_c
+            if self.cross_k is not None:
+                need_s = bucket(
+                    int(self.src_len[: keep.size].max()),
+                    min(MIN_CACHE, e.max_input_tokens),
+                    e.max_input_tokens,
+                )
+                if need_s < self.source_len:
+                    self._resize_source(need_s)
+
+    def _resize_source(self, length: int) -> None:
+        b = self.backend
+        self.cross_k = b.resize(self.cross_k, length)
+        self.cross_v = b.resize(self.cross_v, length)
+        mask = np.zeros((self.capacity, length), dtype=bool)
+        keep = min(length, self.source_len)
+        mask[:, :keep] = self.src_mask[:, :keep]
+        self.src_mask = mask
+        self.source_len = length
+
+    def _grow_cache(self, length: int) -> None:
+        if length > self.cache_len:
+            self.past_k = self.backend.resize(self.past_k, length)
+            self.past_v = self.backend.resize(self.past_v, length)
+            self.cache_len = length
+
+    # --- admission -----------------------------------------------------------------------
+
+    def add(self, items: Sequence[BatchItem]) -> AddOutput:
+        """Admit requests between steps: translator sources are encoded together, prompts
+        prefilled together; each joins the next `step()`."""
+        start = time.perf_counter()
+        e = self.engine
+        if not items:
+            return AddOutput(0, 0.0, 0.0)
+        need = sum(it.request.params.beam_size for it in items)
+        if self.rows + need > e.max_batch_size:
+            raise ValueError(
+                f"{need} rows do not fit: {self.rows} running, max_batch_size {e.max_batch_size}"
+            )
+        for it in items:
+            if it.key in self.seqs:
+                raise ValueError(f"request {it.key!r} is already in the batch")
+        if self.rows == 0:
+            self.seqs.clear()
+            self.capacity = 0  # start afresh: smallest buckets again
+        min_c = min(MIN_CACHE, e.max_positions)
+        min_s = min(MIN_CACHE, e.max_input_tokens)
+        if self.capacity == 0:
+            rows = bucket(need, 1, bucket(e.max_batch_size, 1, 1 << 30))
+            self._alloc(rows, min_c, min_s if e.task is Task.TRANSLATION else 0)
+        elif int((~self.active).sum()) < need:
+            self._relayout(bucket(self.rows + need, 1, bucket(e.max_batch_size, 1, 1 << 30)))
+        free = list(np.flatnonzero(~self.active))
+        seqs: list[_Seq] = []
+        for it in items:
+            k = it.request.params.beam_size
+            slots, free = [int(s) for s in free[:k]], free[k:]
+            seqs.append(_Seq(it, slots))
+        dst = np.array([s for seq in seqs for s in seq.slots], dtype=np.int64)
+        src = np.array([i for i, seq in enumerate(seqs) for _ in seq.slots], dtype=np.int64)
+        if e.task is Task.TRANSLATION:
+            padding = self._encode(seqs, dst, src)
+        else:
+            padding = self._prefill(seqs, dst, src)
+        for seq in seqs:
+            self.seqs[seq.key] = seq
+        self.active[dst] = True
+        return AddOutput(len(dst), padding, time.perf_counter() - start)
+
+    def _encode(self, seqs: list[_Seq], dst: np.ndarray, src: np.ndarray) -> float:
+        e = self.engine
+        lengths = [len(s.input_ids) for s in seqs]
+        n = bucket(len(seqs), 1, bucket(e.max_batch_size, 1, 1 << 30))
+        width = bucket(max(lengths), min(MIN_CACHE, e.max_input_tokens), e.max_input_tokens)
+        ids = np.full((n, width), e.pad_id, dtype=np.int64)
+        mask = np.zeros((n, width), dtype=bool)
+        for i, seq in enumerate(seqs):
+            ids[i, : lengths[i]] = seq.input_ids
+            mask[i, : lengths[i]] = True
+        ck, cv = self.backend.encode(ids, mask)
+        if width > self.source_len:
+            self._resize_source(width)
+        elif width < self.source_len:
+            ck = self.backend.resize(ck, self.source_len)
+            cv = self.backend.resize(cv, self.source_len)
+            mask = np.pad(mask, ((0, 0), (0, self.source_len - width)))
+        self.cross_k = self.backend.assign(self.cross_k, dst, ck, src)
+        self.cross_v = self.backend.assign(self.cross_v, dst, cv, src)
+        self.src_mask[dst] = mask[src]
+        self.src_len[dst] = np.array(lengths)[src]
+        self.positions[dst] = 0
+        self.next_ids[dst] = e.start_id
+        return 1.0 - sum(lengths) / float(n * width)
+
+    def _prefill(self, seqs: list[_Seq], dst: np.ndarray, src: np.ndarray) -> float:
+        """Cache every prompt token but the last, which the next step feeds."""
+        e = self.engine
+        lengths = np.array([len(s.input_ids) for s in seqs], dtype=np.int64)
+        self.positions[dst] = lengths[src] - 1
+        self.next_ids[dst] = [seqs[i].input_ids[-1] for i in src]
+        todo = [i for i, s in enumerate(seqs) if len(s.input_ids) > 1]
+        if not todo:
+            return 0.0
+        min_c = min(MIN_CACHE, e.max_positions)
+        width = bucket(max(len(seqs[i].input_ids) - 1 for i in todo), min_c, e.max_positions)
+        n = bucket(len(todo), 1, bucket(e.max_batch_size, 1, 1 << 30))
+        ids = np.full((n, width), e.pad_id, dtype=np.int64)
+        for row, i in enumerate(todo):
+            prompt = seqs[i].input_ids[:-1]
+            ids[row, : len(prompt)] = prompt
+        L, H, D = self._cache_shape
+        feeds = {
+            "input_ids": ids,
+            "positions": np.zeros(n, dtype=np.int64),
+            "past_k": self.backend.zeros((L, n, H, width, D)),
+            "past_v": self.backend.zeros((L, n, H, width, D)),
+        }
+        _, pk, pv, _ = self.backend.decode(feeds, want_alignment=False)
+        self._grow_cache(width)
+        if width < self.cache_len:
+            pk = self.backend.resize(pk, self.cache_len)
+            pv = self.backend.resize(pv, self.cache_len)
+        row_of = {i: row for row, i in enumerate(todo)}
+        pairs = [
+            (int(d), row_of[int(s)]) for d, s in zip(dst, src, strict=True) if int(s) in row_of
+        ]
+        pd = np.array([d for d, _ in pairs], dtype=np.int64)
+        ps = np.array([s for _, s in pairs], dtype=np.int64)
+        self.past_k = self.backend.assign(self.past_k, pd, pk, ps)
+        self.past_v = self.backend.assign(self.past_v, pd, pv, ps)
+        real = sum(len(seqs[i].input_ids) - 1 for i in todo)
+        return 1.0 - real / float(n * width)
+
+    # --- removal -------------------------------------------------------------------------
+
+    def remove(self, keys: Sequence[Hashable]) -> list[tuple[Hashable, SequenceResult]]:
+        """Drop requests now (cancelled, deadline passed); their rows are free for the next
+        step. Returns what each had generated, finish reason CANCELLED."""
+        out = []
+        for key in keys:
+            seq = self.seqs.get(key)
+            if seq is None:
+                continue
+            best = int(np.argmax(seq.scores)) if seq.beam else 0
+            hyp = _Hyp(
+                seq.tokens[best], float(seq.scores[best]), float(seq.scores[best]),
+                FinishReason.CANCELLED,
+                seq.aligns[best] if seq.params.return_alignment else None,
+            )  # fmt: skip
+            out.append((key, self._result(seq, [hyp])))
+            self._free(seq)
+        return out
+
+    def _free(self, seq: _Seq) -> None:
+        slots = np.array(seq.slots, dtype=np.int64)
+        self.active[slots] = False
+        self.positions[slots] = 0
+        self.next_ids[slots] = self.engine.pad_id
+        self.src_len[slots] = 0
+        self.seqs.pop(seq.key, None)
+
+    # --- one step ------------------------------------------------------------------------
+
+    def step(self) -> StepOutput:
+        """One decoder call for every row, then each request's decoding rule."""
+        start = time.perf_counter()
+        out = StepOutput()
+        if not self.seqs:
+            return out
+        e = self.engine
+        active_rows = self.rows
+        max_rows = bucket(e.max_batch_size, 1, 1 << 30)
+        target = bucket(active_rows, 1, max_rows)
+        if target * 4 <= self.capacity:
+            self._relayout(target)
+        need_c = int(self.positions[self.active].max()) + 1
+        if need_c > self.cache_len:
+            self._grow_cache(bucket(need_c, min(MIN_CACHE, e.max_positions), e.max_positions))
+        want_align = any(s.params.return_alignment for s in self.seqs.values())
+        feeds: dict[str, Any] = {
+            "input_ids": self.next_ids[:, None].copy(),
+            "positions": self.positions.copy(),
+            "past_k": self.past_k,
+            "past_v": self.past_v,
+        }
+        if e.task is Task.TRANSLATION:
+            feeds["cross_k"] = self.cross_k
+            feeds["cross_v"] = self.cross_v
+            feeds["src_mask"] = self.src_mask
+        logits3, self.past_k, self.past_v, align3 = self.backend.decode(feeds, want_align)
+        logits = logits3[:, -1, :].astype(np.float32, copy=False)
+        align = None if align3 is None else align3[:, -1, :].astype(np.float32, copy=False)
+        out.rows, out.capacity = active_rows, self.capacity
+        out.padding_ratio = 1.0 - active_rows / float(self.capacity)
+
+        singles = [s for s in self.seqs.values() if not s.beam]
+        beams = [s for s in self.seqs.values() if s.beam]
+        moves: list[tuple[int, int]] = []
+        finished: list[tuple[_Seq, list[_Hyp]]] = []
+        if singles:
+            self._step_singles(singles, logits, align, out, finished)
+        for seq in beams:
+            hyps = self._step_beam(seq, logits, align, moves)
+            out.progressed.append(seq.key)
+            if hyps is not None:
+                finished.append((seq, hyps))
+        if moves:
+            dst = np.array([d for d, _ in moves], dtype=np.int64)
+            src = np.array([s for _, s in moves], dtype=np.int64)
+            self.past_k = self.backend.move(self.past_k, dst, src)
+            self.past_v = self.backend.move(self.past_v, dst, src)
+        self.positions[self.active] += 1
+        for seq, hyps in finished:
+            result = self._result(seq, hyps)
+            if seq.stream:
+                event = self._final_event(seq, result)
+                if event is not None:
+                    out.events.append((seq.key, event))
+            out.finished.append((seq.key, result))
+            self._free(seq)
+        out.seconds = time.perf_counter() - start
+        return out
+
+    def _step_singles(
+        self,
+        seqs: list[_Seq],
+        logits: np.ndarray,
+        align: np.ndarray | None,
+        out: StepOutput,
+        finished: list[tuple[_Seq, list[_Hyp]]],
+    ) -> None:
+        """Greedy and sampled sequences: one row each, vectorized over rows."""
+        slots = np.array([s.slots[0] for s in seqs], dtype=np.int64)
+        rows = logits[slots]
+        logprobs = log_softmax(rows)
+        chosen = rows.argmax(axis=-1)  # ties to the lowest id, like torch.argmax
+        sampled = [i for i, s in enumerate(seqs) if s.rng is not None]
+        if sampled:
+            idx = np.array(sampled, dtype=np.int64)
+            ps = [seqs[i].params for i in sampled]
+            chosen[idx] = sample(
+                rows[idx],
+                np.array([p.temperature for p in ps], dtype=np.float32),
+                np.array([p.top_k for p in ps], dtype=np.int64),
+                np.array([p.top_p for p in ps], dtype=np.float64),
+                np.array([seqs[i].rng.random() for i in sampled]),  # type: ignore[union-attr]
+            )
+        picked = logprobs[np.arange(len(seqs)), chosen]
+        eos = self.engine.eos_id
+        for i, seq in enumerate(seqs):
+            token = int(chosen[i])
+            seq.tokens[0].append(token)
+            seq.scores[0] = seq.scores[0] + picked[i]  # float32, step by step
+            if seq.params.return_alignment and align is not None:
+                seq.aligns[0].append(align[slots[i], : int(self.src_len[slots[i]])].tolist())
+            seq.steps += 1
+            out.progressed.append(seq.key)
+            tokens = seq.tokens[0]
+            score = float(seq.scores[0])
+            text: str | None = None
+            hyp: _Hyp | None = None
+            aligns = seq.aligns[0] if seq.params.return_alignment else None
+            if token == eos:
+                hyp = _Hyp(
+                    tokens[:-1],
+                    score,
+                    score,
+                    FinishReason.EOS,
+                    None if aligns is None else aligns[:-1],
+                )
+            else:
+                if seq.stop or seq.stream:
+                    text = self.engine.tokenizer.decode(tokens)
+                if seq.stop and text is not None:
+                    at = find_stop(text, seq.stop, max(0, seq.checked - seq.stop_len))
+                    seq.checked = len(text)
+                    if at >= 0:
+                        keep = self._kept(tokens, at)
+                        hyp = _Hyp(
+                            tokens[:keep], score, score, FinishReason.STOP,
+                            None if aligns is None else aligns[:keep], text[:at],
+                        )  # fmt: skip
+                if hyp is None and seq.steps >= seq.params.max_new_tokens:
+                    hyp = _Hyp(
+                        list(tokens),
+                        score,
+                        score,
+                        FinishReason.LENGTH,
+                        None if aligns is None else list(aligns),
+                    )
+            if hyp is not None:
+                finished.append((seq, [hyp]))
+                continue
+            self.next_ids[slots[i]] = token
+            if seq.stream and text is not None:
+                event = self._stream_event(seq, text)
+                if event is not None:
+                    out.events.append((seq.key, event))
+
+    def _kept(self, tokens: list[int], at: int) -> int:
+        """How many leading tokens decode to text ending at or before `at` (the stop)."""
+        keep = len(tokens)
+        while keep > 0 and len(self.engine.tokenizer.decode(tokens[:keep])) > at:
+            keep -= 1
+        return keep
+
+    def _stream_event(self, seq: _Seq, text: str) -> TokenEvent | None:
+        """New streamable text; token ids go out only with their whole text (nothing held
+        back), so the streamed ids never include the tokens of a stop string."""
+        safe = stable_prefix(text, seq.stop)
+        ids: list[int] = []
+        if safe == text:
+            ids = seq.tokens[0][seq.emitted_ids :]
+            seq.emitted_ids = len(seq.tokens[0])
+        delta = ""
+        if len(safe) > len(seq.emitted_text) and safe.startswith(seq.emitted_text):
+            delta = safe[len(seq.emitted_text) :]
+            seq.emitted_text = safe
+        return TokenEvent(ids, delta) if ids or delta else None
+
+    def _final_event(self, seq: _Seq, result: SequenceResult) -> TokenEvent | None:
+        """The rest of the answer, so a stream's pieces add up to the unary answer."""
+        best = result.hypotheses[0]
+        ids = best.token_ids[seq.emitted_ids :]
+        text = ""
+        if best.text.startswith(seq.emitted_text):
+            text = best.text[len(seq.emitted_text) :]
+        else:
+            log.warning("stream of %r diverged from its final text", seq.key)
+        return TokenEvent(ids, text) if ids or text else None
+
+    def _step_beam(
+        self, seq: _Seq, logits: np.ndarray, align: np.ndarray | None, moves: list[tuple[int, int]]
+    ) -> list[_Hyp] | None:
+        """One beam-search step of one request (the reference's walk over the 2K best
+        candidates); returns its n-best when it is done."""
+        p = seq.params
+        k = len(seq.slots)
+        slots = np.array(seq.slots, dtype=np.int64)
+        vocab = logits.shape[-1]
+        candidates = (seq.scores[:, None] + log_softmax(logits[slots])).reshape(-1)  # float32
+        order = top_in_order(candidates, 2 * k)
+        length = seq.steps + 1
+        last = length == p.max_new_tokens
+        want_align = p.return_alignment and align is not None
+        src_len = int(self.src_len[slots[0]])
+        eos = self.engine.eos_id
+        live: list[tuple[int, int, np.float32, list[int], list[list[float]]]] = []
+        for rank, flat in enumerate(order.tolist()):
+            score = candidates[flat]
+            if score == _NEG_INF:
+                break
+            beam, token = divmod(flat, vocab)
+            tokens = [*seq.tokens[beam], token]
+            aligns = seq.aligns[beam]
+            if want_align and align is not None:
+                aligns = [*aligns, align[slots[beam], :src_len].tolist()]
+            hyp = self._beam_finish(seq, tokens, aligns if want_align else None, float(score), eos)
+            if hyp is not None:
+                if rank < k:
+                    seq.pool.append(hyp)
+                continue
+            live.append((beam, token, score, tokens, aligns))
+            if len(live) == k:
+                break
+        seq.steps = length
+        done = False
+        if last:
+            for _, _, score, tokens, aligns in live:
+                seq.pool.append(
+                    _Hyp(tokens, float(score), float(score) / len(tokens) ** p.length_penalty,
+                         FinishReason.LENGTH, aligns if want_align else None)
+                )  # fmt: skip
+            done = True
+        elif not live or len(seq.pool) >= k:
+            done = True
+        elif len(seq.pool) >= p.n_best:
+            ranked = sorted((h.normalized for h in seq.pool), reverse=True)
+            bound = max(self._best_possible(float(s), length, p) for _, _, s, _, _ in live)
+            done = bound <= ranked[p.n_best - 1]
+        if done:
+            return self._n_best(seq)
+        # Fewer than K live candidates (tiny vocabularies): pad with dead beams.
+        live += [(live[0][0], live[0][1], _NEG_INF, live[0][3], live[0][4])] * (k - len(live))
+        for j, (beam, token, _, _, _) in enumerate(live):
+            if beam != j:
+                moves.append((int(slots[j]), int(slots[beam])))
+            self.next_ids[slots[j]] = token
+        seq.tokens = [t for _, _, _, t, _ in live]
+        seq.aligns = [a for _, _, _, _, a in live]
+        seq.scores = np.array([s for _, _, s, _, _ in live], dtype=np.float32)
+        return None
+
+    def _beam_finish(
+        self, seq: _Seq, tokens: list[int], aligns: list[list[float]] | None, score: float, eos: int
+    ) -> _Hyp | None:
+        lp = seq.params.length_penalty
+        normalized = score / len(tokens) ** lp
+        if tokens[-1] == eos:
+            return _Hyp(
+                tokens[:-1],
+                score,
+                normalized,
+                FinishReason.EOS,
+                None if aligns is None else aligns[:-1],
+            )
+        if seq.stop:
+            text = self.engine.tokenizer.decode(tokens)
+            at = find_stop(text, seq.stop)
+            if at >= 0:
+                keep = self._kept(tokens, at)
+                return _Hyp(
+                    tokens[:keep], score, normalized, FinishReason.STOP,
+                    None if aligns is None else aligns[:keep], text[:at],
+                )  # fmt: skip
+        return None
+
+    @staticmethod
+    def _best_possible(score: float, length: int, p: DecodingParams) -> float:
+        lp = p.length_penalty
+        final_length = p.max_new_tokens if lp > 0 else min(length + 1, p.max_new_tokens)
+        return score / final_length**lp
+
+    @staticmethod
+    def _n_best(seq: _Seq) -> list[_Hyp]:
+        best: list[_Hyp] = []
+        for hyp in sorted(seq.pool, key=lambda h: h.normalized, reverse=True):
+            if all(hyp.tokens != other.tokens for other in best):
+                best.append(hyp)
+            if len(best) == seq.params.n_best:
+                break
+        return best
+
+    def _result(self, seq: _Seq, hyps: list[_Hyp]) -> SequenceResult:
+        tok = self.engine.tokenizer
+        out = []
+        for h in hyps:
+            out.append(
+                HypothesisResult(
+                    text=h.text if h.text is not None else tok.decode(h.tokens),
+                    token_ids=list(h.tokens),
+                    tokens=tok.pieces(h.tokens),
+                    score=h.score,
+                    normalized_score=h.normalized,
+                    finish_reason=h.reason,
+                    alignment=h.alignment if seq.params.return_alignment else None,
+                )
+            )
+        return SequenceResult(
+            model=self.engine.name,
+            version=self.engine.version,
+            hypotheses=out,
+            input_tokens=len(seq.input_ids),
+            source_tokens=tok.pieces(seq.input_ids) if seq.params.return_alignment else [],
+        )
+
+
+def decode_all(engine: Engine, requests: Sequence[SequenceRequest]) -> list[SequenceResult]:
+    """Decode requests to completion in one batch (tests, benchmarks, offline use)."""
+    items = []
+    for i, request in enumerate(requests):
+        ids = engine.encode(request.text)
+        engine.check(request, ids)
+        items.append(BatchItem(i, request, ids))
+    batch = engine.new_batch()
+    batch.add(items)
+    results: dict[Hashable, SequenceResult] = {}
+    while len(batch):
+        for key, result in batch.step().finished:
+            results[key] = result
+    return [results[i] for i in range(len(requests))]
+
+
+__all__ = [
+    "AddOutput",
+    "Batch",
+    "BatchItem",
+    "Engine",
+    "EngineOptions",
+    "StepOutput",
+    "WarmupReport",
+    "bucket",
+    "choose_runtime",
+    "cuda_available",
+    "decode_all",
+    "log_softmax",
+    "sample",
+    "top_in_order",
+    "variant_preference",
+]

@@ -1,0 +1,59 @@
+"""The one place where domain errors become gRPC status codes.
+
+Servicers raise or let through `service.domain.ServiceError`s; `status_of` maps them, and
+the transport aborts with the result. Choices worth knowing:
+
+* DeadlineUnmeetable → RESOURCE_EXHAUSTED, not DEADLINE_EXCEEDED: the request was refused
+  at admission because this replica is too busy to answer in the time left. It is load
+  shedding, like QueueFull, and a client (or proxy) may retry it on another replica at
+  once; DEADLINE_EXCEEDED would claim the caller's deadline passed, which it has not.
+* DeadlineExceeded (the deadline passed while decoding) → DEADLINE_EXCEEDED.
+* Cancelled → CANCELLED (the client went away; nobody reads the answer).
+* Unavailable (loading, draining) → UNAVAILABLE, which clients retry.
+* Anything else is a bug: INTERNAL with a generic message (details only in the logs).
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from service.domain import (
+    Cancelled,
+    DeadlineExceeded,
+    DeadlineUnmeetable,
+    InvalidArgument,
+    ModelNotFound,
+    QueueFull,
+    ServiceError,
+    Unauthenticated,
+    Unavailable,
+)
+
+STATUS_OF: dict[type[ServiceError], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DeadlineUnmeetable: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Cancelled: grpc.StatusCode.CANCELLED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+}
+
+INTERNAL_MESSAGE = "internal error; the server log has the details under this request id"
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """Status code and caller-facing message for an exception (INTERNAL if unexpected)."""
+    if isinstance(exc, ServiceError):
+        for cls in type(exc).__mro__:
+            code = STATUS_OF.get(cls)  # type: ignore[arg-type]
+            if code is not None:
+                return code, str(exc) or cls.__name__
+        return grpc.StatusCode.UNKNOWN, str(exc) or type(exc).__name__
+    return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+
+
+def code_name(code: grpc.StatusCode) -> str:
+    """The status name used as the `code` metric label (OK, INVALID_ARGUMENT, ...)."""
+    return str(code.name)

@@ -1,0 +1,141 @@
+"""Prometheus metrics of the inference service: the only place they are declared.
+
+Names, labels and meanings follow the team's metrics spec (prefix `inference_`). Every
+metric lives on one `CollectorRegistry` owned by a `Metrics` object, so tests (and several
+servers in one process) create fresh ones instead of fighting over the global registry.
+Durations are histograms in seconds with buckets from 0.5 ms to ~2 min (doubling), because
+the client defaults (5 ms-10 s) cut off long generations and hide sub-millisecond steps.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# 0.5 ms × 2^k up to ~131 s: fine at the step scale, still resolving long generations.
+DURATION_BUCKETS: tuple[float, ...] = tuple(round(0.0005 * 2**k, 6) for k in range(19))
+# Rows per decode step: powers of two, like the engine's capacity buckets.
+BATCH_SIZE_BUCKETS: tuple[float, ...] = tuple(float(2**k) for k in range(10))  # 1 .. 512
+RATIO_BUCKETS: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+TOKEN_BUCKETS: tuple[float, ...] = tuple(float(2**k) for k in range(14))  # 1 .. 8192
+
+
+class Metrics:
+    """All service metrics on one registry (default: a new, private one)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.request_duration = Histogram(
+            "inference_request_duration_seconds",
+            "Whole RPC duration.",
+            ["method", "model"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.queue_duration = Histogram(
+            "inference_queue_duration_seconds",
+            "From admission to the first step that runs the sequence.",
+            ["model"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.time_to_first_token = Histogram(
+            "inference_time_to_first_token_seconds",
+            "From admission to the first generated token.",
+            ["model"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.inter_token_latency = Histogram(
+            "inference_inter_token_latency_seconds",
+            "Time between two generated tokens of one sequence.",
+            ["model"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.decode_step_duration = Histogram(
+            "inference_decode_step_duration_seconds",
+            "One engine step (admission work included).",
+            ["model"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "inference_batch_size",
+            "Rows (sequences and beams) per decode step.",
+            ["model"],
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.batch_padding_ratio = Histogram(
+            "inference_batch_padding_ratio",
+            "Padded / total tokens of a step.",
+            ["model"],
+            buckets=RATIO_BUCKETS,
+            registry=r,
+        )
+        self.request_input_tokens = Histogram(
+            "inference_request_input_tokens",
+            "Input tokens per sequence.",
+            ["model"],
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.request_output_tokens = Histogram(
+            "inference_request_output_tokens",
+            "Output tokens per sequence.",
+            ["model"],
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.requests = Counter(
+            "inference_requests",  # exposed as inference_requests_total
+            "Finished RPCs by gRPC status name.",
+            ["method", "model", "code"],
+            registry=r,
+        )
+        self.input_tokens = Counter(
+            "inference_input_tokens", "Input tokens admitted.", ["model"], registry=r
+        )
+        self.output_tokens = Counter(
+            "inference_output_tokens", "Output tokens generated.", ["model"], registry=r
+        )
+        self.queue_depth = Gauge(
+            "inference_queue_depth", "Sequences waiting for admission.", ["model"], registry=r
+        )
+        self.running_sequences = Gauge(
+            "inference_running_sequences", "Sequences in the running batch.", ["model"], registry=r
+        )
+        self.free_cache_slots = Gauge(
+            "inference_free_cache_slots",
+            "Rows the running batch can still take (max_batch_size - running rows).",
+            ["model"],
+            registry=r,
+        )
+        self.model_ready = Gauge(
+            "inference_model_ready", "1 when the model version serves.", ["model", "version"],
+            registry=r,
+        )  # fmt: skip
+        self.estimated_queue_wait = Gauge(
+            "inference_estimated_queue_wait_seconds",
+            "Admission estimate of the queue wait of a request arriving now.",
+            ["model"],
+            registry=r,
+        )
+        self.gpu_memory_used = Gauge(
+            "inference_gpu_memory_used_bytes", "GPU memory in use.", ["device"], registry=r
+        )
+
+    def observe_request(self, method: str, model: str, code: str, seconds: float) -> None:
+        """One finished RPC (called by the transport)."""
+        self.request_duration.labels(method=method, model=model).observe(seconds)
+        self.requests.labels(method=method, model=model, code=code).inc()
+
+
+__all__ = [
+    "BATCH_SIZE_BUCKETS",
+    "DURATION_BUCKETS",
+    "RATIO_BUCKETS",
+    "TOKEN_BUCKETS",
+    "Metrics",
+]

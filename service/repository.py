@@ -1,0 +1,341 @@
+"""The model repository: which model versions exist on disk and which are served.
+
+Layout (export/README.md): `<root>/<name>/<version>/manifest.json`; folders whose name is
+not a number (`checkpoint/`) are ignored. Every valid version found is loaded; the highest
+number of a name is its default. `reload()` rescans and loads new versions beside the
+running ones, so a deploy never has a moment without a model. A version that disappears
+from disk (or falls out of `keep_versions`) is *retired*: new requests no longer find it,
+requests already holding it (`acquire`/`release`) finish, and when the last one leaves its
+drain hooks run, so the scheduler can stop its loop and free its sessions.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from export.manifest import Manifest, ManifestError, load_manifest, version_dirs
+from service.domain import ModelNotFound, Task, Unavailable
+
+log = logging.getLogger(__name__)
+
+DrainHook = Callable[["ModelVersion"], None]
+
+
+class ModelVersion:
+    """One loaded version: its manifest, folder and in-flight request count."""
+
+    def __init__(self, name: str, version: int, path: Path, manifest: Manifest) -> None:
+        self.name = name
+        self.version = version
+        self.path = path
+        self.manifest = manifest
+        self.task = Task(manifest.task)
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._retired = False
+        self._hooks: list[DrainHook] = []
+
+    @property
+    def key(self) -> str:
+        """`name:version`, as Reload reports it."""
+        return f"{self.name}:{self.version}"
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def retired(self) -> bool:
+        return self._retired
+
+    @property
+    def drained(self) -> bool:
+        """Retired and no request holds it any more."""
+        return self._retired and self._in_flight == 0
+
+    def acquire(self) -> None:
+        """Hold the version for one request; refused once it is retired."""
+        with self._lock:
+            if self._retired:
+                raise Unavailable(f"model {self.key} was retired by a reload; retry")
+            self._in_flight += 1
+
+    def release(self) -> None:
+        """The request holding the version is done; the last one of a retired one drains it."""
+        with self._lock:
+            if self._in_flight <= 0:
+                raise RuntimeError(f"{self.key}: release() without acquire()")
+            self._in_flight -= 1
+            fire = self._retired and self._in_flight == 0
+        if fire:
+            self._run_hooks()
+
+    def on_drained(self, hook: DrainHook) -> None:
+        """Call `hook(self)` once the version is retired and has no request in flight
+        (at once if that is already so)."""
+        with self._lock:
+            self._hooks.append(hook)
+            fire = self._retired and self._in_flight == 0
+        if fire:
+            self._run_hooks()
+
+    def retire(self) -> None:
+        with self._lock:
+            if self._retired:
+                return
+            self._retired = True
+            fire = self._in_flight == 0
+        if fire:
+            self._run_hooks()
+
+    def _run_hooks(self) -> None:
+        with self._lock:
+            hooks, self._hooks = self._hooks, []
+        for hook in hooks:
+            try:
+                hook(self)
+            except Exception:  # a failing hook must not stop the others
+                log.exception("drain hook of %s failed", self.key)
+
+    def __repr__(self) -> str:
+        state = "retired" if self._retired else "live"
+        return f"ModelVersion({self.key}, {self.task.value}, {state}, in_flight={self._in_flight})"
+
+
+@dataclass
+class ReloadResult:
+    """What one scan changed. `failed` maps a version folder to why it was not loaded."""
+
+    loaded: list[ModelVersion] = field(default_factory=list)
+    retired: list[ModelVersion] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+class ModelRepository:
+    """Scans `root` and resolves (name or task default, version) to a loaded version.
+
+    defaults: the model name served when a request names none, per task (e.g.
+    {TRANSLATION: "en-es"}); a task without one falls back to its only model, or the first
+    by name. keep_versions: how many of the newest versions per name stay loaded (None:
+    every version on disk). variants: the engine's variant preference (e.g. ["int8",
+    "fp32"]); only the first one a folder lists is hash-checked at load (None: all).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        defaults: Mapping[Task, str] | None = None,
+        keep_versions: int | None = None,
+        variants: list[str] | None = None,
+        verify_hashes: bool = True,
+    ) -> None:
+        if keep_versions is not None and keep_versions < 1:
+            raise ValueError(f"keep_versions must be >= 1 or None, got {keep_versions}")
+        self.root = Path(root)
+        self.defaults = dict(defaults or {})
+        self.keep_versions = keep_versions
+        self.variants = variants
+        self.verify_hashes = verify_hashes
+        self._lock = threading.RLock()
+        self._models: dict[str, dict[int, ModelVersion]] = {}
+        # Folders that failed to load, with their mtime, so a rescan does not retry them
+        # until they change (no log spam on every reload).
+        self._failed: dict[Path, float] = {}
+
+    # --- scanning --------------------------------------------------------------------
+
+    def _scan(self) -> dict[str, list[int]]:
+        """Numbered version folders on disk by model name (newest last)."""
+        found: dict[str, list[int]] = {}
+        if not self.root.is_dir():
+            return found
+        for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            versions = version_dirs(model_dir)
+            if versions:
+                found[model_dir.name] = versions
+        return found
+
+    def reload(self) -> ReloadResult:
+        """Load versions new on disk; retire those gone from disk or beyond keep_versions."""
+        result = ReloadResult()
+        found = self._scan()
+        with self._lock:
+            for name, versions in found.items():
+                wanted = versions if self.keep_versions is None else versions[-self.keep_versions :]
+                loaded = self._models.setdefault(name, {})
+                for version in wanted:
+                    if version in loaded:
+                        continue
+                    path = self.root / name / str(version)
+                    entry = self._load(name, version, path, result)
+                    if entry is not None:
+                        loaded[version] = entry
+                        result.loaded.append(entry)
+            for name, loaded in list(self._models.items()):
+                on_disk = set(found.get(name, []))
+                live = sorted(loaded)
+                keep = set(live if self.keep_versions is None else live[-self.keep_versions :])
+                for version in live:
+                    if version not in on_disk or version not in keep:
+                        entry = loaded.pop(version)
+                        result.retired.append(entry)
+                if not loaded:
+                    del self._models[name]
+        for entry in result.retired:
+            entry.retire()
+        for entry in result.loaded:
+            log.info("loaded model %s (%s) from %s", entry.key, entry.task.value, entry.path)
+        for entry in result.retired:
+            log.info("retired model %s (%d in flight)", entry.key, entry.in_flight)
+        return result
+
+    def _load(
+        self, name: str, version: int, path: Path, result: ReloadResult
+    ) -> ModelVersion | None:
+        try:
+            mtime = (path / "manifest.json").stat().st_mtime
+        except OSError:
+            mtime = -1.0
+        if self._failed.get(path) == mtime:
+            return None
+        try:
+            manifest = load_manifest(
+                path, variants=self._variants_of(path), verify_hashes=self.verify_hashes
+            )
+            if manifest.name != name:
+                raise ManifestError(
+                    f"{path}/manifest.json names model {manifest.name!r}, the folder is {name!r}"
+                )
+        except (ManifestError, OSError) as error:
+            self._failed[path] = mtime
+            result.failed[str(path)] = str(error)
+            log.error("cannot load %s: %s", path, error)
+            return None
+        self._failed.pop(path, None)
+        return ModelVersion(name, version, path, manifest)
+
+    def _variants_of(self, path: Path) -> list[str] | None:
+        """The variant the engine will serve: the first of `variants` (a preference order)
+        that the folder lists, so only the files that will run are hash-checked."""
+        if self.variants is None:
+            return None
+        try:
+            listed = Manifest.model_validate_json((path / "manifest.json").read_text()).variants
+        except Exception:  # load_manifest reports the real problem
+            return None
+        chosen = [str(v) for v in self.variants if v in listed]
+        return chosen[:1] or None
+
+    # --- lookup ----------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._models)
+
+    def versions(self, name: str) -> list[int]:
+        with self._lock:
+            return sorted(self._models.get(name, {}))
+
+    def all(self) -> list[ModelVersion]:
+        """Every live version, by name then version."""
+        with self._lock:
+            return [
+                self._models[n][v] for n in sorted(self._models) for v in sorted(self._models[n])
+            ]
+
+    def default_name(self, task: Task) -> str | None:
+        with self._lock:
+            preferred = self.defaults.get(task)
+            if preferred is not None and preferred in self._models:
+                return preferred
+            of_task = [n for n in sorted(self._models) if self._task_of(n) is task]
+            return of_task[0] if of_task else None
+
+    def _task_of(self, name: str) -> Task | None:
+        versions = self._models.get(name)
+        if not versions:
+            return None
+        return versions[max(versions)].task
+
+    def _listing(self, task: Task | None = None) -> str:
+        parts = []
+        for name in sorted(self._models):
+            entry_task = self._task_of(name)
+            if task is not None and entry_task is not task:
+                continue
+            versions = ", ".join(str(v) for v in sorted(self._models[name]))
+            parts.append(f"{name} ({entry_task.value if entry_task else '?'}: versions {versions})")
+        return "; ".join(parts) if parts else "none"
+
+    def get(
+        self,
+        name: str = "",
+        version: int | None = None,
+        task: Task | None = None,
+        usable: Callable[[ModelVersion], bool] | None = None,
+    ) -> ModelVersion:
+        """The version serving (name, version); name "" means the task's default model,
+        version None (or 0) the newest one. `usable` (e.g. "its engine is warm") narrows
+        the choice: the newest usable version is taken, so a version still loading never
+        takes traffic from the one before it. Raises ModelNotFound listing what is loaded,
+        Unavailable when the version exists but is not usable yet."""
+        with self._lock:
+            if not name:
+                if task is None:
+                    raise ModelNotFound("no model named and no task given to pick a default")
+                default = self.default_name(task)
+                if default is None:
+                    raise ModelNotFound(
+                        f"no {task.value} model is loaded; loaded models: {self._listing()}"
+                    )
+                name = default
+            versions = self._models.get(name)
+            if not versions:
+                what = f"{task.value} models" if task is not None else "models"
+                raise ModelNotFound(
+                    f"model {name!r} is not loaded; loaded {what}: {self._listing(task)}"
+                )
+            if version and version not in versions:
+                raise ModelNotFound(
+                    f"model {name!r} has no version {version}; loaded versions: "
+                    f"{', '.join(str(v) for v in sorted(versions))}"
+                )
+            newest = versions[version or max(versions)]
+            if task is not None and newest.task is not task:
+                raise ModelNotFound(
+                    f"model {name!r} is a {newest.task.value} model, not {task.value}; "
+                    f"loaded {task.value} models: {self._listing(task)}"
+                )
+            if usable is None:
+                return newest
+            candidates = (
+                [versions[version]]
+                if version
+                else [versions[v] for v in sorted(versions, reverse=True)]
+            )
+            for entry in candidates:
+                if usable(entry):
+                    return entry
+            raise Unavailable(f"model {newest.key} is loading; retry shortly")
+
+    def discard(self, entry: ModelVersion, reason: str) -> None:
+        """Drop a version that could not be served (its engine failed to load)."""
+        with self._lock:
+            versions = self._models.get(entry.name, {})
+            if versions.get(entry.version) is entry:
+                del versions[entry.version]
+                if not versions:
+                    del self._models[entry.name]
+            try:
+                self._failed[entry.path] = (entry.path / "manifest.json").stat().st_mtime
+            except OSError:
+                self._failed[entry.path] = -1.0
+        log.error("discarded model %s: %s", entry.key, reason)
+        entry.retire()
+
+
+__all__ = ["DrainHook", "ModelRepository", "ModelVersion", "ReloadResult"]

@@ -1,0 +1,752 @@
+"""Iteration-level (continuous) batching: one decoding loop per model version.
+
+Policy (read this before tuning the budgets):
+
+* Budgets, per model version (`SchedulerConfig`), named as vLLM names its own:
+  - `max_batch_size`: rows per decoder step; a beam-search request takes beam_size rows.
+  - `max_batch_tokens`: tokens the running batch may hold in its caches, each request
+    counted at the worst case it can reach: rows × (input tokens + max_new_tokens), so an
+    admitted request can never run out of cache.
+  - `max_queue`: sequences waiting for admission; one more is refused with QueueFull at
+    once (the queue is never unbounded).
+* Admission happens at step boundaries, first come first served: before every step the
+  loop admits waiting requests from the head of the queue while they fit both budgets
+  (no overtaking, so a large request is never starved by small ones). Newcomers are
+  encoded (translator) or prefilled (generator) together and join the running batch in
+  that same step. A sequence that finishes leaves at once; its answer is sent from that
+  step and its rows are free for the next step's admissions.
+* mode="static" is the benchmark baseline: a batch is formed only when none is running
+  and runs to completion before anything else is admitted.
+* Deadlines: admission estimates the queue wait (EWMA of the step time × the steps until
+  enough rows free up, simulated over the running and queued requests with an EWMA of
+  observed output lengths) and refuses with DeadlineUnmeetable when it exceeds the time
+  left. A request whose deadline passes, or whose caller goes away (CancelledError in the
+  awaiting task, or a stream closed early), is removed at the next step boundary and its
+  rows freed; the caller sees DeadlineExceeded (or its own cancellation) at once.
+* stop(grace_s): new requests are refused (Unavailable); queued and running ones may
+  finish within grace_s; the rest are then cancelled (streams get their partial result
+  with finish reason CANCELLED, unary callers Unavailable).
+* Engine calls run in one worker thread per loop, so the asyncio loop stays free and the
+  translator's and the generator's loops step at the same time.
+* Reload loads new versions beside the running ones; a version takes traffic only once
+  its engine is warm, and a retired one finishes its in-flight requests before its loop
+  stops (the repository's refcount and drain hook).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Hashable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Literal
+
+from service.domain import (
+    DeadlineExceeded,
+    DeadlineUnmeetable,
+    InvalidArgument,
+    ModelNotFound,
+    ModelStatus,
+    QueueFull,
+    ReloadSummary,
+    SequenceRequest,
+    SequenceResult,
+    ServiceError,
+    Task,
+    TokenEvent,
+    Unavailable,
+)
+from service.engine import (
+    AddOutput,
+    Batch,
+    BatchItem,
+    Engine,
+    EngineOptions,
+    StepOutput,
+    variant_preference,
+)
+from service.metrics import Metrics
+from service.repository import ModelRepository, ModelVersion
+
+if TYPE_CHECKING:
+    from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["continuous", "static"]
+StreamItem = TokenEvent | SequenceResult
+# The model served when a request names none (the API's defaults).
+DEFAULT_MODELS: dict[Task, str] = {Task.TRANSLATION: "en-es", Task.GENERATION: "en-lm"}
+UNKNOWN_MODEL_LABEL = "unknown"
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Budgets and modes of every model loop (see the module docstring)."""
+
+    max_batch_size: int = 64
+    max_batch_tokens: int = 16384
+    max_queue: int = 256
+    mode: Mode = "continuous"
+    # Request limits the scheduler enforces itself (each model's own limits apply too).
+    max_input_tokens: int = 256
+    max_new_tokens: int = 512
+    # Weight of the newest observation in the step-time and output-length averages.
+    ewma_alpha: float = 0.2
+    # Expected output length / max_new_tokens before any request has finished.
+    initial_length_ratio: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_batch_tokens", "max_queue", "max_input_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.mode not in ("continuous", "static"):
+            raise ValueError(f"mode must be 'continuous' or 'static', got {self.mode!r}")
+        if not 0 < self.ewma_alpha <= 1:
+            raise ValueError(f"ewma_alpha must be in (0, 1], got {self.ewma_alpha}")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SchedulerConfig:
+        return cls(
+            max_batch_size=settings.max_batch_size,
+            max_batch_tokens=settings.max_batch_tokens,
+            max_queue=settings.max_queue,
+            mode=settings.batching,
+            max_input_tokens=settings.max_input_tokens,
+            max_new_tokens=settings.max_new_tokens,
+        )
+
+
+def engine_options_from_settings(settings: Settings) -> EngineOptions:
+    return EngineOptions(
+        provider=settings.provider,
+        cpu_variant=settings.cpu_variant,
+        intra_op_threads=settings.intra_op_threads,
+        max_batch_size=settings.max_batch_size,
+    )
+
+
+class _Job:
+    """One request from admission to its answer."""
+
+    def __init__(
+        self,
+        request: SequenceRequest,
+        input_ids: list[int],
+        entry: ModelVersion,
+        stream: bool,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.request = request
+        self.input_ids = input_ids
+        self.entry = entry
+        self.rows = request.params.beam_size
+        self.cost = self.rows * (len(input_ids) + request.params.max_new_tokens)
+        self.future: asyncio.Future[SequenceResult] = loop.create_future()
+        self.events: asyncio.Queue[StreamItem | BaseException] | None = (
+            asyncio.Queue() if stream else None
+        )
+        self.enqueued = time.monotonic()
+        self.first_token: float | None = None
+        self.last_token: float | None = None
+        self.generated = 0
+        self.state: Literal["waiting", "running", "done"] = "waiting"
+        # Why it must leave early (checked at step boundaries).
+        self.abort: Literal["cancelled", "deadline", "shutdown"] | None = None
+
+    def expired(self, now: float) -> bool:
+        return self.request.deadline is not None and now >= self.request.deadline
+
+
+class _ModelLoop:
+    """Queue, running batch and decoding task of one model version."""
+
+    def __init__(
+        self, entry: ModelVersion, engine: Engine, config: SchedulerConfig, metrics: Metrics
+    ) -> None:
+        self.entry = entry
+        self.engine = engine
+        self.config = config
+        self.metrics = metrics
+        self.label = entry.name
+        self.batch: Batch = engine.new_batch()
+        self.waiting: deque[_Job] = deque()
+        self.running: dict[_Job, _Job] = {}
+        self.rows_used = 0
+        self.tokens_used = 0
+        self.wake = asyncio.Event()
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.accepting = True
+        self.closing = False
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"engine-{entry.key}")
+        report = engine.warmup_report
+        self.step_s = report.step_seconds if report is not None else 0.01
+        self.length_ratio = config.initial_length_ratio
+        self.steps = 0
+        self.task: asyncio.Task[None] | None = None
+
+    # --- admission (event-loop thread) --------------------------------------------------
+
+    def enqueue(self, job: _Job) -> None:
+        """Queue a job or refuse it now (QueueFull, DeadlineExceeded, DeadlineUnmeetable)."""
+        if not self.accepting:
+            raise Unavailable(f"model {self.entry.key} is stopping; retry")
+        if len(self.waiting) >= self.config.max_queue:
+            raise QueueFull(
+                f"model {self.entry.key}: {len(self.waiting)} sequences already waiting "
+                f"(max_queue {self.config.max_queue}); retry later or on another replica"
+            )
+        deadline = job.request.deadline
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DeadlineExceeded(f"the deadline passed {-left:.3f}s before admission")
+            estimate = self.estimate_wait(job.rows)
+            if estimate > left:
+                raise DeadlineUnmeetable(
+                    f"model {self.entry.key}: estimated queue wait {estimate:.3f}s exceeds "
+                    f"the {left:.3f}s left before the deadline"
+                )
+        self.waiting.append(job)
+        self.idle.clear()
+        self.metrics.request_input_tokens.labels(self.label).observe(len(job.input_ids))
+        self.metrics.input_tokens.labels(self.label).inc(len(job.input_ids))
+        self.metrics.queue_depth.labels(self.label).set(len(self.waiting))
+        self.wake.set()
+
+    def _expected_steps(self, job: _Job) -> int:
+        return max(1, math.ceil(self.length_ratio * job.request.params.max_new_tokens))
+
+    def estimate_wait(self, rows: int = 1) -> float:
+        """Seconds a request of `rows` rows arriving now would wait to join the batch."""
+        max_rows = self.config.max_batch_size
+        running = [
+            (max(1, self._expected_steps(j) - j.generated), j.rows) for j in self.running.values()
+        ]
+        t = 0
+        if self.config.mode == "static":
+            t = max((steps for steps, _ in running), default=0)
+            rows_now, longest = 0, 0
+            for job in self.waiting:
+                if rows_now + job.rows > max_rows:
+                    t, rows_now, longest = t + longest, 0, 0
+                rows_now += job.rows
+                longest = max(longest, self._expected_steps(job))
+            if rows_now + rows > max_rows:
+                t += longest
+        else:
+            free = max_rows - self.rows_used
+            heapq.heapify(running)
+            ahead: list[_Job | None] = [*self.waiting, None]  # None: the new request
+            for queued in ahead:
+                need = rows if queued is None else queued.rows
+                while free < need and running:
+                    done_at, freed = heapq.heappop(running)
+                    t, free = max(t, done_at), free + freed
+                if queued is None:
+                    break
+                free -= queued.rows
+                heapq.heappush(running, (t + self._expected_steps(queued), queued.rows))
+        if self.running:
+            t += 1  # the step in flight ends first
+        return t * self.step_s
+
+    def _admit(self) -> list[_Job]:
+        """Pop the waiting jobs that join the next step (FIFO, within the budgets)."""
+        admitted: list[_Job] = []
+        if self.config.mode == "static" and self.running:
+            return admitted
+        while self.waiting:
+            job = self.waiting[0]
+            if (
+                self.rows_used + job.rows > self.config.max_batch_size
+                or self.tokens_used + job.cost > self.config.max_batch_tokens
+            ):
+                break
+            self.waiting.popleft()
+            job.state = "running"
+            self.running[job] = job
+            self.rows_used += job.rows
+            self.tokens_used += job.cost
+            admitted.append(job)
+        return admitted
+
+    # --- the loop --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            now = time.monotonic()
+            for job in list(self.waiting):
+                if job.abort is None and job.expired(now):
+                    job.abort = "deadline"
+                if job.abort is not None:
+                    self.waiting.remove(job)
+                    self._finish(job, None)
+            removals: list[Hashable] = []
+            for job in self.running.values():
+                if job.abort is None and job.expired(now):
+                    job.abort = "deadline"
+                if job.abort is not None:
+                    removals.append(job)
+            admitted = self._admit()
+            self.metrics.queue_depth.labels(self.label).set(len(self.waiting))
+            if not self.running:
+                self.idle.set()
+                self._gauges()
+                if self.closing:
+                    return
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            for job in admitted:
+                self.metrics.queue_duration.labels(self.label).observe(now - job.enqueued)
+            items = [
+                BatchItem(job, job.request, job.input_ids, job.events is not None)
+                for job in admitted
+            ]
+            try:
+                removed, added, out = await loop.run_in_executor(
+                    self.executor, self._work, removals, items
+                )
+            except Exception as error:
+                log.exception("model %s: engine step failed", self.entry.key)
+                for job in list(self.running.values()):
+                    self._finish(job, None, error)
+                self.batch = self.engine.new_batch()
+                continue
+            self._dispatch(removed, added, out)
+
+    def _work(
+        self, removals: list[Hashable], items: list[BatchItem]
+    ) -> tuple[list[tuple[Hashable, SequenceResult]], AddOutput, StepOutput]:
+        """Worker thread: drop, admit, step; the only place the batch is touched."""
+        removed = self.batch.remove(removals)
+        added = self.batch.add(items)
+        out = self.batch.step() if len(self.batch) else StepOutput()
+        return removed, added, out
+
+    def _dispatch(
+        self,
+        removed: list[tuple[Hashable, SequenceResult]],
+        added: AddOutput,
+        out: StepOutput,
+    ) -> None:
+        m, label = self.metrics, self.label
+        now = time.monotonic()
+        for key, partial in removed:
+            self._finish(key, partial)  # type: ignore[arg-type]
+        if out.rows:
+            self.steps += 1
+            seconds = out.seconds + added.seconds
+            a = self.config.ewma_alpha
+            self.step_s = (1 - a) * self.step_s + a * seconds
+            m.decode_step_duration.labels(label).observe(seconds)
+            m.batch_size.labels(label).observe(out.rows)
+            m.batch_padding_ratio.labels(label).observe(out.padding_ratio)
+        if added.rows:
+            m.batch_padding_ratio.labels(label).observe(added.padding_ratio)
+        for key in out.progressed:
+            job: _Job = key  # type: ignore[assignment]
+            job.generated += 1
+            if job.first_token is None:
+                job.first_token = now
+                m.time_to_first_token.labels(label).observe(now - job.enqueued)
+            elif job.last_token is not None:
+                m.inter_token_latency.labels(label).observe(now - job.last_token)
+            job.last_token = now
+        for key, event in out.events:
+            job = key  # type: ignore[assignment]
+            if job.events is not None and job.state != "done":
+                job.events.put_nowait(event)
+        for key, result in out.finished:
+            self._finish(key, result)  # type: ignore[arg-type]
+        self._gauges()
+
+    def _gauges(self) -> None:
+        m, label = self.metrics, self.label
+        m.queue_depth.labels(label).set(len(self.waiting))
+        m.running_sequences.labels(label).set(len(self.running))
+        m.free_cache_slots.labels(label).set(self.config.max_batch_size - self.rows_used)
+        m.estimated_queue_wait.labels(label).set(self.estimate_wait(1))
+
+    def _finish(
+        self, job: _Job, result: SequenceResult | None, error: BaseException | None = None
+    ) -> None:
+        """Deliver the job's outcome once, free its budget and its model reference."""
+        if job.state == "done":
+            return
+        if job.state == "running":
+            self.running.pop(job, None)
+            self.rows_used -= job.rows
+            self.tokens_used -= job.cost
+        job.state = "done"
+        try:
+            if job.abort is None and error is None and result is not None:
+                self._deliver(job, result)
+                outputs = result.output_tokens
+                self.metrics.request_output_tokens.labels(self.label).observe(outputs)
+                self.metrics.output_tokens.labels(self.label).inc(outputs)
+                a = self.config.ewma_alpha
+                ratio = min(1.0, job.generated / max(1, job.request.params.max_new_tokens))
+                self.length_ratio = (1 - a) * self.length_ratio + a * ratio
+            elif job.abort == "shutdown" and job.events is not None and result is not None:
+                self._deliver(job, result)  # a stream ends with what it has, CANCELLED
+            else:
+                self._fail(job, error or self._abort_error(job))
+        finally:
+            job.entry.release()
+
+    @staticmethod
+    def _deliver(job: _Job, result: SequenceResult) -> None:
+        if job.events is not None:
+            job.events.put_nowait(result)
+        elif not job.future.done():
+            job.future.set_result(result)
+
+    @staticmethod
+    def _fail(job: _Job, error: BaseException) -> None:
+        if job.events is not None:
+            job.events.put_nowait(error)
+        elif not job.future.done():
+            job.future.set_exception(error)
+            job.future.exception()  # retrieved: no "never retrieved" warning if nobody waits
+
+    def _abort_error(self, job: _Job) -> ServiceError:
+        if job.abort == "deadline":
+            return DeadlineExceeded(
+                f"the deadline passed after {time.monotonic() - job.enqueued:.3f}s "
+                f"({job.generated} tokens generated)"
+            )
+        if job.abort == "shutdown":
+            return Unavailable("the server stopped before the request finished; retry")
+        return ServiceError("request cancelled by the caller")
+
+    # --- shutdown --------------------------------------------------------------------
+
+    def abort_all(self, reason: Literal["shutdown"]) -> None:
+        for job in [*self.waiting, *self.running.values()]:
+            if job.abort is None:
+                job.abort = reason
+        self.wake.set()
+
+    async def close(self) -> None:
+        """Stop the task once nothing is running (call abort_all first to hurry it)."""
+        self.accepting = False
+        self.closing = True
+        self.wake.set()
+        if self.task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+        self.executor.shutdown(wait=True)
+        self.metrics.model_ready.labels(self.entry.name, str(self.entry.version)).set(0)
+
+
+EngineFactory = Callable[[ModelVersion, EngineOptions], Engine]
+
+
+def _default_engine(entry: ModelVersion, options: EngineOptions) -> Engine:
+    engine = Engine(entry.path, entry.manifest, options)
+    if options.warmup:
+        engine.warmup()
+    return engine
+
+
+class Scheduler:
+    """Batches requests per model version; the transport's backend.
+
+    repository: where the versions come from (reload() scans it again).
+    engine_options: how engines run; its max_batch_size is taken from `config`.
+    engine_factory: builds (and warms) an engine for a version (tests inject their own).
+    """
+
+    def __init__(
+        self,
+        repository: ModelRepository,
+        config: SchedulerConfig | None = None,
+        engine_options: EngineOptions | None = None,
+        metrics: Metrics | None = None,
+        engine_factory: EngineFactory | None = None,
+    ) -> None:
+        self.repository = repository
+        self.config = config or SchedulerConfig()
+        self.engine_options = replace(
+            engine_options or EngineOptions(), max_batch_size=self.config.max_batch_size
+        )
+        self.metrics = metrics or Metrics()
+        self.engine_factory = engine_factory or _default_engine
+        self._loops: dict[str, _ModelLoop] = {}
+        self._stopping = False
+        self._reload_lock: asyncio.Lock | None = None
+        self._background: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, metrics: Metrics | None = None) -> Scheduler:
+        """The scheduler a server with these settings runs (default models en-es, en-lm)."""
+        options = engine_options_from_settings(settings)
+        repository = ModelRepository(
+            settings.model_repository, DEFAULT_MODELS, variants=variant_preference(options)
+        )
+        return cls(repository, SchedulerConfig.from_settings(settings), options, metrics)
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> ReloadSummary:
+        """Load, warm and start every version in the repository."""
+        summary = await self.reload()
+        if not self._loops:
+            log.warning("no model could be loaded from %s", self.repository.root)
+        return summary
+
+    async def reload(self) -> ReloadSummary:
+        """Rescan the repository: start new versions beside the running ones (they take
+        traffic once warm), drain and stop the retired ones."""
+        if self._stopping:
+            raise Unavailable("the scheduler is stopping; reload refused")
+        if self._reload_lock is None:
+            self._reload_lock = asyncio.Lock()
+        async with self._reload_lock:
+            result = await asyncio.to_thread(self.repository.reload)
+            loaded: list[str] = []
+            failed = dict(result.failed)
+            for entry in result.loaded:
+                try:
+                    await self._start_loop(entry)
+                    loaded.append(entry.key)
+                except Exception as error:
+                    log.exception("cannot start model %s", entry.key)
+                    self.repository.discard(entry, str(error))
+                    failed[str(entry.path)] = f"{type(error).__name__}: {error}"
+            for entry in result.retired:
+                self._retire(entry)
+            return ReloadSummary(loaded, [e.key for e in result.retired], failed)
+
+    async def _start_loop(self, entry: ModelVersion) -> None:
+        engine = await asyncio.to_thread(self.engine_factory, entry, self.engine_options)
+        loop = _ModelLoop(entry, engine, self.config, self.metrics)
+        loop.task = asyncio.get_running_loop().create_task(
+            loop.run(), name=f"model-loop-{entry.key}"
+        )
+        self._loops[entry.key] = loop
+        self.metrics.model_ready.labels(entry.name, str(entry.version)).set(1)
+
+    def _retire(self, entry: ModelVersion) -> None:
+        loop = self._loops.get(entry.key)
+        if loop is None:
+            return
+        loop.accepting = False
+        event_loop = asyncio.get_running_loop()
+
+        def close_soon() -> None:
+            task = event_loop.create_task(self._close(entry))
+            self._background.add(task)  # a pending task needs a strong reference
+            task.add_done_callback(self._background.discard)
+
+        def drained(_: ModelVersion) -> None:
+            event_loop.call_soon_threadsafe(close_soon)
+
+        entry.on_drained(drained)
+
+    async def _close(self, entry: ModelVersion) -> None:
+        loop = self._loops.pop(entry.key, None)
+        if loop is not None:
+            await loop.close()
+            log.info("model %s stopped", entry.key)
+
+    async def stop(self, grace_s: float) -> None:
+        """Refuse new requests, let in-flight ones finish within grace_s, cancel the rest,
+        stop every loop."""
+        self._stopping = True
+        loops = list(self._loops.values())
+        for loop in loops:
+            loop.accepting = False
+        if not all(loop.idle.is_set() for loop in loops):
+            idle = asyncio.gather(*(loop.idle.wait() for loop in loops))
+            try:
+                await asyncio.wait_for(idle, max(0.0, grace_s))
+            except TimeoutError:
+                log.warning("stop: grace of %.1fs over; cancelling the rest", grace_s)
+        for loop in loops:
+            loop.abort_all("shutdown")
+        for loop in loops:
+            await loop.close()
+        self._loops.clear()
+
+    async def close(self) -> None:
+        """Stop at once (the transport drains its calls before)."""
+        await self.stop(0.0)
+
+    # --- requests --------------------------------------------------------------------
+
+    def _usable(self, entry: ModelVersion) -> bool:
+        loop = self._loops.get(entry.key)
+        return loop is not None and loop.accepting
+
+    def _prepare(self, request: SequenceRequest, stream: bool) -> tuple[_Job, _ModelLoop]:
+        """Resolve the model, tokenize, check limits and budgets, queue: the refusals
+        all happen here, before anything is decoded."""
+        if self._stopping:
+            raise Unavailable("the server is shutting down; retry on another replica")
+        entry = self.repository.get(request.model, request.version, request.task, self._usable)
+        loop = self._loops[entry.key]
+        engine = loop.engine
+        input_ids = engine.encode(request.text)
+        engine.check(request, input_ids, self.config.max_input_tokens)
+        p = request.params
+        if p.max_new_tokens > self.config.max_new_tokens:
+            raise InvalidArgument(
+                "options.max_new_tokens",
+                f"{p.max_new_tokens} exceeds the limit {self.config.max_new_tokens}",
+            )
+        if p.beam_size > self.config.max_batch_size:
+            raise InvalidArgument(
+                "options.beam_size",
+                f"{p.beam_size} exceeds max_batch_size {self.config.max_batch_size}",
+            )
+        job = _Job(request, input_ids, entry, stream, asyncio.get_running_loop())
+        if job.cost > self.config.max_batch_tokens:
+            raise InvalidArgument(
+                "options.max_new_tokens",
+                f"beam_size {p.beam_size} × (input {len(input_ids)} + max_new_tokens "
+                f"{p.max_new_tokens}) = {job.cost} tokens exceed max_batch_tokens "
+                f"{self.config.max_batch_tokens}",
+            )
+        entry.acquire()
+        try:
+            loop.enqueue(job)
+        except BaseException:
+            entry.release()
+            raise
+        return job, loop
+
+    async def submit(self, request: SequenceRequest) -> SequenceResult:
+        """Decode one sequence to its end. Cancelling the awaiting task removes it from
+        the batch at the next step; past its deadline it raises DeadlineExceeded."""
+        job, loop = self._prepare(request, stream=False)
+        try:
+            if request.deadline is None:
+                return await job.future
+            timeout = request.deadline - time.monotonic()
+            return await asyncio.wait_for(job.future, max(0.0, timeout))
+        except TimeoutError:
+            job.abort = job.abort or "deadline"
+            loop.wake.set()
+            raise DeadlineExceeded(
+                f"the deadline passed after {time.monotonic() - job.enqueued:.3f}s "
+                f"({job.generated} tokens generated)"
+            ) from None
+        except asyncio.CancelledError:
+            job.abort = job.abort or "cancelled"
+            loop.wake.set()
+            raise
+
+    async def stream(self, request: SequenceRequest) -> AsyncIterator[StreamItem]:
+        """TokenEvents as text becomes final, then the SequenceResult. Refusals raise at
+        the first iteration; closing the iterator early cancels the request."""
+        job, loop = self._prepare(request, stream=True)
+        assert job.events is not None
+        try:
+            while True:
+                if request.deadline is None:
+                    item = await job.events.get()
+                else:
+                    timeout = request.deadline - time.monotonic()
+                    try:
+                        item = await asyncio.wait_for(job.events.get(), max(0.0, timeout))
+                    except TimeoutError:
+                        job.abort = job.abort or "deadline"
+                        loop.wake.set()
+                        raise DeadlineExceeded(
+                            f"the deadline passed after {time.monotonic() - job.enqueued:.3f}s "
+                            f"({job.generated} tokens generated)"
+                        ) from None
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, SequenceResult):
+                    return
+        finally:
+            if job.state != "done":
+                job.abort = job.abort or "cancelled"
+                loop.wake.set()
+
+    def count_tokens(self, request: SequenceRequest) -> int:
+        """Input tokens of a request's text for the model it would run on."""
+        entry = self.repository.get(request.model, request.version, request.task, self._usable)
+        return len(self._loops[entry.key].engine.encode(request.text))
+
+    # --- model information -----------------------------------------------------------
+
+    def _status(self, entry: ModelVersion) -> ModelStatus:
+        loop = self._loops.get(entry.key)
+        m = entry.manifest
+        return ModelStatus(
+            name=entry.name,
+            version=entry.version,
+            task=entry.task,
+            source_language=m.source_language,
+            target_language=m.target_language,
+            dtype=loop.engine.variant if loop else "",
+            provider=loop.engine.provider if loop else "",
+            max_input_tokens=min(m.limits.max_input_tokens, self.config.max_input_tokens),
+            max_new_tokens=min(m.limits.max_new_tokens, self.config.max_new_tokens),
+            versions=tuple(self.repository.versions(entry.name)),
+            ready=loop is not None and loop.accepting and not self._stopping,
+            config=dict(m.config),
+        )
+
+    def models(self) -> list[ModelStatus]:
+        """Every loaded version, by name then version."""
+        return [self._status(e) for e in self.repository.all()]
+
+    def describe(self, name: str, version: int | None = None) -> ModelStatus:
+        """One model version (the newest when version is None); raises ModelNotFound."""
+        if not name:
+            raise ModelNotFound(f"name is empty; loaded models: {self.repository.names()}")
+        return self._status(self.repository.get(name, version))
+
+    def model_label(self, task: Task | None, name: str) -> str:
+        """Metrics label: the model's name if loaded, the task default for "", else a
+        fixed placeholder (never the caller's string: label cardinality)."""
+        if name:
+            return name if name in self.repository.names() else UNKNOWN_MODEL_LABEL
+        if task is None:
+            return UNKNOWN_MODEL_LABEL
+        return self.repository.default_name(task) or UNKNOWN_MODEL_LABEL
+
+    def tasks(self) -> set[Task]:
+        """Tasks with at least one version taking traffic."""
+        return (
+            {e.task for e in self.repository.all() if self._usable(e)}
+            if not self._stopping
+            else set()
+        )
+
+    def stats(self) -> dict[str, dict[str, float]]:
+        """Per version: queue, running, rows, step time estimate, estimated wait (tests, logs)."""
+        return {
+            key: {
+                "waiting": len(loop.waiting),
+                "running": len(loop.running),
+                "rows": loop.rows_used,
+                "step_s": loop.step_s,
+                "estimated_wait_s": loop.estimate_wait(1),
+                "steps": loop.steps,
+            }
+            for key, loop in self._loops.items()
+        }
+
+
+__all__ = [
+    "DEFAULT_MODELS",
+    "Scheduler",
+    "SchedulerConfig",
+    "engine_options_from_settings",
+]

@@ -1,0 +1,807 @@
+"""gRPC transport: servicers, server assembly and lifecycle (start, drain, reload).
+
+The servicers only convert protobuf ↔ domain types and call the backend (the scheduler);
+what every call shares — request id, auth, drain refusal, deadline, error mapping, metrics
+and logs — happens once, in `Transport.unary` / `Transport.stream`. Health
+(grpc.health.v1) and reflection are separate services and stay open without a token.
+
+Lifecycle (`serve`): bind the port with health NOT_SERVING, load and warm every model,
+then SERVING. SIGTERM/SIGINT: health NOT_SERVING, new calls UNAVAILABLE, in-flight calls
+get up to drain_grace_s to finish, then exit 0. SIGHUP (or Models.Reload) loads new
+model versions beside the running ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import re
+import signal
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, Protocol, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from service import validation
+from service.domain import (
+    FinishReason,
+    HypothesisResult,
+    InvalidArgument,
+    ModelStatus,
+    ReloadSummary,
+    SequenceRequest,
+    SequenceResult,
+    ServiceError,
+    Task,
+    TokenEvent,
+    Unauthenticated,
+    Unavailable,
+)
+from service.errors import code_name, status_of
+from service.gen.inference.v1 import inference_pb2 as pb
+from service.gen.inference.v1 import inference_pb2_grpc as pb_grpc
+from service.logging import request_id_var
+from service.metrics import Metrics
+from service.settings import Settings
+
+log = logging.getLogger("service.server")
+
+SERVICE_NAMES: dict[str, str] = {
+    "translator": pb.DESCRIPTOR.services_by_name["Translator"].full_name,
+    "generator": pb.DESCRIPTOR.services_by_name["Generator"].full_name,
+    "models": pb.DESCRIPTOR.services_by_name["Models"].full_name,
+}
+REQUEST_ID_KEY = "x-request-id"
+_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+FINISH_REASON_PB = {
+    FinishReason.EOS: pb.FINISH_REASON_EOS,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+}
+UNKNOWN_MODEL_LABEL = "unknown"
+# After the last in-flight call of a drain, how long new calls still get UNAVAILABLE.
+DRAIN_LINGER_S = 1.0
+T = TypeVar("T")
+
+
+# --- what the transport needs from the scheduler side -----------------------------------
+
+
+class Backend(Protocol):
+    """The scheduler side as the transport sees it (service.scheduler.Scheduler; tests fake it)."""
+
+    async def start(self) -> ReloadSummary:
+        """Load and warm every model; returns when they can serve."""
+
+    async def submit(self, request: SequenceRequest) -> SequenceResult:
+        """Decode one sequence to its end (cancelling the awaiting task cancels the work)."""
+
+    def stream(self, request: SequenceRequest) -> AsyncIterator[TokenEvent | SequenceResult]:
+        """TokenEvents as decoded, then the SequenceResult (closing the iterator cancels)."""
+
+    async def reload(self) -> ReloadSummary:
+        """Load new versions from the repository beside the running ones."""
+
+    def models(self) -> list[ModelStatus]:
+        """Every loaded version, by name then version."""
+
+    def describe(self, name: str, version: int | None) -> ModelStatus:
+        """One model version (latest when None); raises ModelNotFound."""
+
+    def model_label(self, task: Task | None, name: str) -> str:
+        """The metrics label for a requested model: its name if loaded, the task default
+        for "", else a fixed placeholder (never the caller's string: label cardinality)."""
+
+    def tasks(self) -> set[Task]:
+        """Tasks with at least one loaded model (for per-service health)."""
+
+    async def close(self) -> None:
+        """Stop decoding loops and free sessions."""
+
+
+# --- per-call plumbing --------------------------------------------------------------------
+
+
+class CallState:
+    """What one call's handler reports back to the transport (the model label)."""
+
+    __slots__ = ("model", "request_id")
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.model = ""
+
+
+class Transport:
+    """Auth, drain refusal, request ids, deadlines, error mapping and metrics for every call."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.ready = False
+        self.draining = False
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        token = settings.auth_token.get_secret_value() if settings.auth_token else None
+        self._token = token.encode() if token else None
+
+    # -- checks -----------------------------------------------------------------------
+
+    def _metadata(self, context: grpc.aio.ServicerContext) -> dict[str, str]:
+        return {
+            str(k).lower(): v if isinstance(v, str) else v.decode("latin-1")
+            for k, v in (context.invocation_metadata() or ())
+        }
+
+    def request_id(self, metadata: dict[str, str]) -> str:
+        given = metadata.get(REQUEST_ID_KEY, "")
+        return given if _REQUEST_ID_OK.match(given) else uuid.uuid4().hex
+
+    def authenticate(self, metadata: dict[str, str]) -> None:
+        if self._token is None:
+            return
+        header = metadata.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthenticated("missing `authorization: Bearer <token>` metadata")
+        if not hmac.compare_digest(token.strip().encode(), self._token):
+            raise Unauthenticated("invalid bearer token")
+
+    def admit(self) -> None:
+        if self.draining:
+            raise Unavailable("server is shutting down; retry on another replica")
+        if not self.ready:
+            raise Unavailable("models are loading; retry shortly")
+
+    @staticmethod
+    def deadline(context: grpc.aio.ServicerContext) -> float | None:
+        """The call's gRPC deadline as a time.monotonic() instant (None without one)."""
+        remaining = context.time_remaining()
+        return None if remaining is None else time.monotonic() + max(0.0, remaining)
+
+    # -- accounting -------------------------------------------------------------------
+
+    def _enter(self) -> None:
+        self.in_flight += 1
+        self._idle.clear()
+
+    def _leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """True when no call is in flight, False if `timeout` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def _finish(
+        self, method: str, state: CallState, code: grpc.StatusCode, started: float, error: str
+    ) -> None:
+        seconds = time.monotonic() - started
+        label = state.model or UNKNOWN_MODEL_LABEL
+        self.metrics.observe_request(method, label, code_name(code), seconds)
+        extra = {
+            "method": method,
+            "model": label,
+            "code": code_name(code),
+            "duration_ms": round(seconds * 1000, 2),
+        }
+        if code == grpc.StatusCode.INTERNAL:
+            log.error("call failed: %s", error, extra=extra)
+        elif code in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
+            log.info("call finished", extra=extra)
+        else:
+            log.info("call refused: %s", error, extra={**extra, "error": error})
+
+    @staticmethod
+    def _cancel_status(context: grpc.aio.ServicerContext) -> tuple[grpc.StatusCode, str]:
+        """Why grpc cancelled the handler: the deadline passed, or the client went away."""
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
+        return grpc.StatusCode.CANCELLED, "cancelled by the client"
+
+    # -- wrappers ---------------------------------------------------------------------
+
+    async def unary(
+        self,
+        method: str,
+        context: grpc.aio.ServicerContext,
+        handler: Callable[[CallState], Awaitable[T]],
+        public: bool = False,
+    ) -> T:
+        """Run a unary handler with the shared plumbing; abort with the mapped status."""
+        metadata = self._metadata(context)
+        state = CallState(self.request_id(metadata))
+        token = request_id_var.set(state.request_id)
+        trailer = ((REQUEST_ID_KEY, state.request_id),)
+        context.set_trailing_metadata(trailer)
+        started = time.monotonic()
+        self._enter()
+        code, message = grpc.StatusCode.OK, ""
+        try:
+            self.authenticate(metadata)
+            if not public:
+                self.admit()
+            return await handler(state)
+        except asyncio.CancelledError:
+            code, message = self._cancel_status(context)
+            raise
+        except Exception as exc:
+            code, message = status_of(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("unexpected error in %s", method)
+        finally:
+            self._finish(method, state, code, started, message)
+            self._leave()
+            request_id_var.reset(token)
+        await context.abort(code, message, trailing_metadata=trailer)
+        raise AssertionError("unreachable: abort raises")
+
+    async def stream(
+        self,
+        method: str,
+        context: grpc.aio.ServicerContext,
+        handler: Callable[[CallState], AsyncGenerator[T]],
+    ) -> AsyncGenerator[T]:
+        """Run a streaming handler with the shared plumbing."""
+        metadata = self._metadata(context)
+        state = CallState(self.request_id(metadata))
+        token = request_id_var.set(state.request_id)
+        trailer = ((REQUEST_ID_KEY, state.request_id),)
+        context.set_trailing_metadata(trailer)
+        started = time.monotonic()
+        self._enter()
+        code, message = grpc.StatusCode.OK, ""
+        try:
+            self.authenticate(metadata)
+            self.admit()
+            async with contextlib.aclosing(handler(state)) as items:
+                async for item in items:
+                    yield item
+            return
+        except (asyncio.CancelledError, GeneratorExit):
+            code, message = self._cancel_status(context)
+            raise
+        except Exception as exc:
+            code, message = status_of(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("unexpected error in %s", method)
+        finally:
+            self._finish(method, state, code, started, message)
+            self._leave()
+            request_id_var.reset(token)
+        await context.abort(code, message, trailing_metadata=trailer)
+
+
+# --- protobuf ↔ domain --------------------------------------------------------------------
+
+
+def hypothesis_pb(h: HypothesisResult, scores: bool, alignment: bool) -> pb.Hypothesis:
+    message = pb.Hypothesis(
+        text=h.text,
+        output_tokens=len(h.token_ids),
+        finish_reason=FINISH_REASON_PB.get(h.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
+    )
+    if scores:
+        message.score = h.score
+        message.normalized_score = h.normalized_score
+    if alignment:
+        message.tokens.extend(h.tokens)
+        for row in h.alignment or ():
+            message.alignment.add(weights=row)
+    return message
+
+
+def model_info_pb(status: ModelStatus, settings: Settings) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        name=status.name,
+        version=status.version,
+        task=status.task.value,
+        source_language=status.source_language,
+        target_language=status.target_language,
+        dtype=status.dtype,
+        provider=status.provider,
+        limits=pb.Limits(
+            max_input_tokens=min(status.max_input_tokens, settings.max_input_tokens),
+            max_new_tokens=min(status.max_new_tokens, settings.max_new_tokens),
+            max_texts_per_request=settings.max_texts_per_request,
+            max_beam_size=settings.max_beam_size,
+        ),
+        versions=list(status.versions),
+        ready=status.ready,
+        config_json=json.dumps(status.config, sort_keys=True),
+    )
+
+
+def _rename_text_field(exc: InvalidArgument, field_name: str) -> InvalidArgument:
+    """An engine's complaint about "text" becomes one about the caller's field (texts[2])."""
+    if exc.field not in ("text", "texts", "prompt", "input", ""):
+        return exc
+    message = str(exc).removeprefix(f"{exc.field}: ")
+    return InvalidArgument(field_name, message)
+
+
+@contextlib.asynccontextmanager
+async def _closing(iterator: AsyncIterator[T]) -> AsyncGenerator[AsyncIterator[T]]:
+    """Close an async generator when the call ends early, so the scheduler drops the row."""
+    try:
+        yield iterator
+    finally:
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+# --- servicers ----------------------------------------------------------------------------
+
+
+class _Servicer:
+    def __init__(self, backend: Backend, transport: Transport, settings: Settings) -> None:
+        self.backend = backend
+        self.transport = transport
+        self.settings = settings
+        self.limits = validation.RequestLimits.from_settings(settings)
+
+    def _request(
+        self,
+        task: Task,
+        text: str,
+        params: Any,
+        model: str,
+        version: int,
+        state: CallState,
+        context: grpc.aio.ServicerContext,
+    ) -> SequenceRequest:
+        return SequenceRequest(
+            task=task,
+            text=text,
+            params=params,
+            model=model,
+            version=validation.version(version),
+            request_id=state.request_id,
+            deadline=self.transport.deadline(context),
+        )
+
+    async def _stream_chunks(
+        self, request: SequenceRequest, state: CallState, field_name: str
+    ) -> AsyncGenerator[pb.TokenChunk]:
+        """TokenEvents → TokenChunks; the last chunk carries finish reason, usage, score."""
+        sent = ""
+        try:
+            async with _closing(self.backend.stream(request)) as events:
+                async for event in events:
+                    if isinstance(event, TokenEvent):
+                        sent += event.text
+                        yield pb.TokenChunk(text=event.text, token_ids=event.token_ids)
+                        continue
+                    result = event
+                    state.model = result.model
+                    best = result.hypotheses[0]
+                    chunk = pb.TokenChunk(
+                        # Anything the events did not send yet (e.g. held back for stop).
+                        text=best.text[len(sent) :] if best.text.startswith(sent) else "",
+                        finished=True,
+                        finish_reason=FINISH_REASON_PB.get(
+                            best.finish_reason, pb.FINISH_REASON_UNSPECIFIED
+                        ),
+                        usage=pb.Usage(
+                            input_tokens=result.input_tokens,
+                            output_tokens=len(best.token_ids),
+                        ),
+                        model=result.model,
+                        version=result.version,
+                    )
+                    if request.params.return_scores:
+                        chunk.score = best.score
+                    if request.params.return_alignment:
+                        for row in best.alignment or ():
+                            chunk.alignment.add(weights=row)
+                    yield chunk
+                    return
+        except InvalidArgument as exc:
+            raise _rename_text_field(exc, field_name) from None
+
+
+class TranslatorServicer(_Servicer, pb_grpc.TranslatorServicer):
+    async def Translate(
+        self, request: pb.TranslateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TranslateResponse:
+        async def handle(state: CallState) -> pb.TranslateResponse:
+            state.model = self.backend.model_label(Task.TRANSLATION, request.model)
+            texts = validation.texts(request.texts, self.limits)
+            params = validation.decoding_params(request.options, self.limits, Task.TRANSLATION)
+            requests = [
+                self._request(
+                    Task.TRANSLATION, t, params, request.model, request.version, state, context
+                )
+                for t in texts
+            ]
+            results = await _gather_texts(self.backend, requests)
+            response = pb.TranslateResponse(model=results[0].model, version=results[0].version)
+            state.model = results[0].model
+            usage_in = usage_out = 0
+            for result in results:
+                translation = response.translations.add(
+                    input_tokens=result.input_tokens,
+                    hypotheses=[
+                        hypothesis_pb(h, params.return_scores, params.return_alignment)
+                        for h in result.hypotheses
+                    ],
+                )
+                if params.return_alignment:
+                    translation.source_tokens.extend(result.source_tokens)
+                usage_in += result.input_tokens
+                usage_out += result.output_tokens
+            response.usage.input_tokens = usage_in
+            response.usage.output_tokens = usage_out
+            return response
+
+        return await self.transport.unary("Translate", context, handle)
+
+    async def TranslateStream(
+        self, request: pb.TranslateStreamRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncGenerator[pb.TokenChunk]:
+        async def handle(state: CallState) -> AsyncGenerator[pb.TokenChunk]:
+            state.model = self.backend.model_label(Task.TRANSLATION, request.model)
+            text = validation.text("text", request.text, self.limits)
+            params = validation.decoding_params(
+                request.options, self.limits, Task.TRANSLATION, stream=True
+            )
+            seq = self._request(
+                Task.TRANSLATION, text, params, request.model, request.version, state, context
+            )
+            async for chunk in self._stream_chunks(seq, state, "text"):
+                yield chunk
+
+        # grpc.aio needs the method itself to be an async generator function.
+        async for chunk in self.transport.stream("TranslateStream", context, handle):
+            yield chunk
+
+
+async def _gather_texts(
+    backend: Backend, requests: Sequence[SequenceRequest]
+) -> list[SequenceResult]:
+    """Submit every text at once; the first failure cancels the others and names texts[i]."""
+
+    async def one(i: int, seq: SequenceRequest) -> SequenceResult:
+        try:
+            return await backend.submit(seq)
+        except InvalidArgument as exc:
+            raise _rename_text_field(exc, f"texts[{i}]") from None
+
+    if len(requests) == 1:
+        return [await one(0, requests[0])]
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(one(i, seq)) for i, seq in enumerate(requests)]
+    except BaseExceptionGroup as group_error:
+        # Report the first real error (the others are its cancellations or the same cause).
+        for exc in group_error.exceptions:
+            if isinstance(exc, ServiceError):
+                raise exc from None
+        raise group_error.exceptions[0] from None
+    return [t.result() for t in tasks]
+
+
+class GeneratorServicer(_Servicer, pb_grpc.GeneratorServicer):
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncGenerator[pb.TokenChunk]:
+        async def handle(state: CallState) -> AsyncGenerator[pb.TokenChunk]:
+            state.model = self.backend.model_label(Task.GENERATION, request.model)
+            prompt = validation.text("prompt", request.prompt, self.limits)
+            params = validation.decoding_params(
+                request.options, self.limits, Task.GENERATION, stream=True
+            )
+            seq = self._request(
+                Task.GENERATION, prompt, params, request.model, request.version, state, context
+            )
+            async for chunk in self._stream_chunks(seq, state, "prompt"):
+                yield chunk
+
+        # grpc.aio needs the method itself to be an async generator function.
+        async for chunk in self.transport.stream("Generate", context, handle):
+            yield chunk
+
+    async def GenerateUnary(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GenerateResponse:
+        async def handle(state: CallState) -> pb.GenerateResponse:
+            state.model = self.backend.model_label(Task.GENERATION, request.model)
+            prompt = validation.text("prompt", request.prompt, self.limits)
+            params = validation.decoding_params(request.options, self.limits, Task.GENERATION)
+            seq = self._request(
+                Task.GENERATION, prompt, params, request.model, request.version, state, context
+            )
+            try:
+                result = await self.backend.submit(seq)
+            except InvalidArgument as exc:
+                raise _rename_text_field(exc, "prompt") from None
+            state.model = result.model
+            return pb.GenerateResponse(
+                model=result.model,
+                version=result.version,
+                hypotheses=[
+                    hypothesis_pb(h, params.return_scores, False) for h in result.hypotheses
+                ],
+                usage=pb.Usage(
+                    input_tokens=result.input_tokens, output_tokens=result.output_tokens
+                ),
+            )
+
+        return await self.transport.unary("GenerateUnary", context, handle)
+
+
+class ModelsServicer(_Servicer, pb_grpc.ModelsServicer):
+    def __init__(
+        self,
+        backend: Backend,
+        transport: Transport,
+        settings: Settings,
+        reload: Callable[[], Awaitable[ReloadSummary]],
+    ) -> None:
+        super().__init__(backend, transport, settings)
+        self._reload = reload
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        async def handle(state: CallState) -> pb.ListModelsResponse:
+            state.model = "all"
+            return pb.ListModelsResponse(
+                models=[model_info_pb(m, self.settings) for m in self.backend.models()]
+            )
+
+        return await self.transport.unary("ListModels", context, handle, public=True)
+
+    async def DescribeModel(
+        self, request: pb.DescribeModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInfo:
+        async def handle(state: CallState) -> pb.ModelInfo:
+            state.model = self.backend.model_label(None, request.name)
+            if not request.name:
+                raise InvalidArgument("name", "is empty; give a model name (see ListModels)")
+            status = self.backend.describe(request.name, validation.version(request.version))
+            return model_info_pb(status, self.settings)
+
+        return await self.transport.unary("DescribeModel", context, handle, public=True)
+
+    async def Reload(
+        self, request: pb.ReloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReloadResponse:
+        async def handle(state: CallState) -> pb.ReloadResponse:
+            state.model = "all"
+            if self.transport.draining:
+                raise Unavailable("server is shutting down; reload refused")
+            summary = await self._reload()
+            return pb.ReloadResponse(loaded=summary.loaded, retired=summary.retired)
+
+        return await self.transport.unary("Reload", context, handle, public=True)
+
+
+# --- server assembly and lifecycle --------------------------------------------------------
+
+
+def server_options(settings: Settings) -> list[tuple[str, Any]]:
+    """Channel arguments of the server: message sizes, connection age, no port sharing."""
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        # Refuse to share the port with another process (a stale server must not steal
+        # half the connections).
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ]
+    if settings.max_connection_age_s > 0:
+        options += [
+            ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+            # Calls on an aged connection get as long to finish as a drain.
+            ("grpc.max_connection_age_grace_ms", int(max(settings.drain_grace_s, 1.0) * 1000)),
+        ]
+    return options
+
+
+class InferenceServer:
+    """The gRPC server with its health, reflection, metrics endpoint and backend."""
+
+    def __init__(self, settings: Settings, backend: Backend, metrics: Metrics) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.metrics = metrics
+        self.transport = Transport(settings, metrics)
+        self.health = HealthServicer()
+        self.server = grpc.aio.server(options=server_options(settings))
+        self.port = 0
+        self.metrics_port = 0
+        self._metrics_server: Any = None
+        self._reload_lock = asyncio.Lock()
+        self._stopped = asyncio.Event()
+        self._drain_task: asyncio.Task[None] | None = None
+
+        pb_grpc.add_TranslatorServicer_to_server(
+            TranslatorServicer(backend, self.transport, settings), self.server
+        )
+        pb_grpc.add_GeneratorServicer_to_server(
+            GeneratorServicer(backend, self.transport, settings), self.server
+        )
+        pb_grpc.add_ModelsServicer_to_server(
+            ModelsServicer(backend, self.transport, settings, self.reload), self.server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [
+                *SERVICE_NAMES.values(),
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
+            self.server,
+        )
+
+    async def _set_health(self) -> None:
+        serving = health_pb2.HealthCheckResponse.SERVING
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        ready = self.transport.ready and not self.transport.draining
+        tasks = self.backend.tasks() if ready else set()
+        per_service = {
+            SERVICE_NAMES["translator"]: Task.TRANSLATION in tasks,
+            SERVICE_NAMES["generator"]: Task.GENERATION in tasks,
+            SERVICE_NAMES["models"]: ready,
+        }
+        for name, ok in per_service.items():
+            await self.health.set(name, serving if ok else not_serving)
+        await self.health.set("", serving if ready and tasks else not_serving)
+
+    def _bind(self) -> int:
+        address = f"{self.settings.host}:{self.settings.port}"
+        if self.settings.tls_cert is not None and self.settings.tls_key is not None:
+            credentials = grpc.ssl_server_credentials(
+                [(self.settings.tls_key.read_bytes(), self.settings.tls_cert.read_bytes())]
+            )
+            port = self.server.add_secure_port(address, credentials)
+        else:
+            port = self.server.add_insecure_port(address)
+        if port == 0:
+            raise RuntimeError(f"cannot bind {address} (in use?)")
+        return port
+
+    def _start_metrics(self) -> None:
+        if self.settings.metrics_port == 0:
+            return
+        from prometheus_client import start_http_server
+
+        self._metrics_server, _ = start_http_server(
+            self.settings.metrics_port, addr=self.settings.host, registry=self.metrics.registry
+        )
+        self.metrics_port = int(self._metrics_server.server_port)
+
+    async def start(self) -> None:
+        """Bind (health NOT_SERVING), load and warm the models, then SERVING."""
+        await self._set_health()
+        self.port = self._bind()
+        self._start_metrics()
+        await self.server.start()
+        log.info(
+            "listening",
+            extra={
+                "address": f"{self.settings.host}:{self.port}",
+                "tls": self.settings.tls,
+                "auth": self.settings.auth_token is not None,
+                "metrics_port": self.metrics_port,
+            },
+        )
+        started = time.monotonic()
+        await self.backend.start()
+        self.transport.ready = True
+        await self._set_health()
+        log.info(
+            "serving",
+            extra={
+                "models": [f"{m.name}:{m.version}" for m in self.backend.models()],
+                "load_s": round(time.monotonic() - started, 3),
+            },
+        )
+
+    async def reload(self) -> ReloadSummary:
+        """Load new versions beside the running ones (one reload at a time)."""
+        async with self._reload_lock:
+            summary = await self.backend.reload()
+            await self._set_health()
+            log.info(
+                "reloaded",
+                extra={
+                    "loaded": summary.loaded,
+                    "retired": summary.retired,
+                    "failed": summary.failed,
+                },
+            )
+            return summary
+
+    def request_drain(self) -> None:
+        """Signal-safe: start draining once (SIGTERM, SIGINT)."""
+        if self._drain_task is None:
+            self._drain_task = asyncio.get_running_loop().create_task(self.drain())
+
+    async def drain(self) -> None:
+        """NOT_SERVING, refuse new calls, let in-flight ones finish (≤ drain_grace_s), stop."""
+        grace = self.settings.drain_grace_s
+        started = time.monotonic()
+        log.info("draining", extra={"in_flight": self.transport.in_flight, "grace_s": grace})
+        self.transport.draining = True
+        await self.health.enter_graceful_shutdown()
+        finished = await self.transport.wait_idle(grace)
+        if not finished:
+            log.warning(
+                "drain grace over; cancelling calls", extra={"in_flight": self.transport.in_flight}
+            )
+        else:
+            # Keep answering UNAVAILABLE a moment: a call racing the shutdown of the
+            # listener would otherwise be cut with CANCELLED, which clients do not retry.
+            await asyncio.sleep(min(DRAIN_LINGER_S, max(0.0, grace - (time.monotonic() - started))))
+        # Handlers are done, but their last messages and status may still be on the way
+        # out: stop() waits for those (rejecting new calls), at most the grace left (≥ 1 s).
+        await self.server.stop(grace=max(1.0, grace - (time.monotonic() - started)))
+        await self.backend.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+        log.info("stopped")
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve(settings: Settings, backend: Backend | None = None) -> int:
+    """Run the server until SIGTERM/SIGINT has drained it; returns the exit code (0)."""
+    metrics = Metrics()
+    if backend is None:
+        from service.scheduler import Scheduler  # imports onnxruntime
+
+        backend = Scheduler.from_settings(settings, metrics)
+    server = InferenceServer(settings, backend, metrics)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.request_drain)
+
+    reloads: set[asyncio.Task[None]] = set()  # keep references until done
+
+    def on_hup() -> None:
+        if server.transport.ready and not server.transport.draining:
+            task = loop.create_task(_reload_logged(server))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    try:
+        await server.start()
+    except Exception:
+        log.exception("start failed")
+        await server.server.stop(0)
+        await backend.close()
+        return 1
+    await server.wait_stopped()
+    return 0
+
+
+async def _reload_logged(server: InferenceServer) -> None:
+    try:
+        await server.reload()
+    except Exception:
+        log.exception("reload (SIGHUP) failed")

@@ -1,0 +1,264 @@
+"""Every server setting in one pydantic-settings model.
+
+Sources, highest first: CLI flags (`python -m service --help`), environment variables
+(`SERVE_<FIELD>`, e.g. SERVE_MAX_QUEUE=256), a YAML file (`--config file.yaml` or
+SERVE_CONFIG), then the defaults below. A bad value fails at start with a message naming
+where it came from and what to change, e.g. "SERVE_PORT=70000: must be ≤ 65535".
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "SERVE_"
+CONFIG_ENV = "SERVE_CONFIG"
+
+
+class SettingsError(ValueError):
+    """Settings that cannot start a server; one line per problem, each saying what to change."""
+
+
+class Settings(BaseSettings):
+    """Server configuration (gRPC transport, batching, limits, security, lifecycle)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="forbid",
+        validate_default=True,
+        case_sensitive=False,
+    )
+
+    # --- network -------------------------------------------------------------------------
+    host: str = Field(
+        "127.0.0.1",
+        min_length=1,
+        description="Address the gRPC and metrics servers bind (0.0.0.0 in containers).",
+    )
+    port: int = Field(
+        50051, ge=0, le=65535, description="gRPC port (0 = any free port, logged at start)."
+    )
+    metrics_port: int = Field(
+        8000, ge=0, le=65535, description="Prometheus /metrics HTTP port (0 = no metrics server)."
+    )
+    # --- models --------------------------------------------------------------------------
+    model_repository: Path = Field(
+        Path("models"),
+        description="Model repository: <name>/<version>/manifest.json (see export/README.md).",
+    )
+    provider: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="onnxruntime execution provider (auto = CUDA when available)."
+    )
+    cpu_variant: Literal["int8", "fp32"] = Field(
+        "int8", description="ONNX variant served on CPU (the GPU always serves fp16)."
+    )
+    intra_op_threads: int = Field(
+        0, ge=0, le=1024, description="onnxruntime intra-op threads (0 = number of cores)."
+    )
+    # --- batching ------------------------------------------------------------------------
+    max_batch_size: int = Field(
+        64, ge=1, le=4096, description="Sequences (rows, beams included) decoded per step."
+    )
+    max_batch_tokens: int = Field(
+        16384, ge=1, le=1 << 24, description="Cached tokens (prompt + generated) per batch."
+    )
+    max_queue: int = Field(
+        256, ge=1, le=1 << 20, description="Waiting sequences before RESOURCE_EXHAUSTED."
+    )
+    batching: Literal["continuous", "static"] = Field(
+        "continuous",
+        description="continuous: admit at every step; static: a batch runs to its end.",
+    )
+    # --- request limits ------------------------------------------------------------------
+    max_input_tokens: int = Field(
+        256, ge=1, le=65536, description="Tokens per input text (also capped by the model)."
+    )
+    default_max_new_tokens: int = Field(
+        128, ge=1, le=65536, description="max_new_tokens when a request leaves it 0."
+    )
+    max_new_tokens: int = Field(
+        512, ge=1, le=65536, description="Largest max_new_tokens a request may ask for."
+    )
+    max_texts_per_request: int = Field(
+        64, ge=1, le=4096, description="Texts in one Translate call."
+    )
+    max_beam_size: int = Field(8, ge=1, le=64, description="Largest beam_size (and n_best).")
+    max_stop_strings: int = Field(8, ge=0, le=256, description="Stop strings per request.")
+    max_stop_chars: int = Field(64, ge=1, le=4096, description="Characters per stop string.")
+    max_message_bytes: int = Field(
+        4 << 20, ge=1024, le=1 << 30, description="Largest gRPC message, either direction."
+    )
+    # --- lifecycle -----------------------------------------------------------------------
+    drain_grace_s: float = Field(
+        30.0, ge=0.0, le=3600.0, description="After SIGTERM: seconds in-flight calls may finish."
+    )
+    max_connection_age_s: float = Field(
+        300.0,
+        ge=0.0,
+        le=86400.0,
+        description="Close connections after this age so clients rebalance (0 = never).",
+    )
+    # --- security ------------------------------------------------------------------------
+    tls_cert: Path | None = Field(None, description="PEM certificate chain; enables TLS.")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert.")
+    auth_token: SecretStr | None = Field(
+        None,
+        description="If set, calls need `authorization: Bearer <token>` (health stays open).",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Threshold of the JSON logs on stderr."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.default_max_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"default_max_new_tokens ({self.default_max_new_tokens}) must be ≤ "
+                f"max_new_tokens ({self.max_new_tokens}); lower it or raise max_new_tokens"
+            )
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: set both or neither")
+        for name in ("tls_cert", "tls_key"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name} {path} is not a readable file")
+        if self.auth_token is not None and not self.auth_token.get_secret_value().strip():
+            raise ValueError("auth_token is empty: unset it to disable auth or give a token")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Flags (init kwargs) > env > YAML (handed in as defaults by `load_settings`)."""
+        return (init_settings, env_settings)
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise SettingsError(f"--config {path}: cannot read ({exc.strerror})") from exc
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"--config {path}: not valid YAML ({exc})") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingsError(f"--config {path}: must be a mapping of setting: value")
+    known = set(Settings.model_fields)
+    unknown = sorted(str(k) for k in data if str(k).replace("-", "_") not in known)
+    if unknown:
+        raise SettingsError(
+            f"--config {path}: unknown setting(s) {unknown}; known: {sorted(known)}"
+        )
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def _describe_error(
+    error: dict[str, Any], overrides: dict[str, Any], yaml_data: dict[str, Any], yaml_path: Any
+) -> str:
+    """Name where the bad value came from (flag, env or file) and what the limit is."""
+    loc = [str(part) for part in error.get("loc", ())]
+    name = loc[0] if loc else ""
+    ctx = error.get("ctx") or {}
+    kind = error.get("type", "")
+    if kind == "less_than_equal":
+        rule = f"must be ≤ {ctx.get('le')}"
+    elif kind == "greater_than_equal":
+        rule = f"must be ≥ {ctx.get('ge')}"
+    elif kind == "literal_error":
+        rule = f"must be one of {ctx.get('expected')}"
+    elif kind == "extra_forbidden":
+        rule = f"unknown setting; known: {', '.join(sorted(Settings.model_fields))}"
+    else:
+        rule = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+    if not name:
+        return rule
+    env_name = f"{ENV_PREFIX}{name.upper()}"
+    if name in overrides:
+        where = f"--{name.replace('_', '-')} {overrides[name]}"
+    elif env_name in {k.upper() for k in os.environ}:
+        where = f"{env_name}={os.environ.get(env_name, '')}"
+    elif name in yaml_data:
+        where = f"{name}: {yaml_data[name]} in {yaml_path}"
+    else:
+        where = f"{name}={error.get('input')!r}"
+    return f"{where}: {rule}"
+
+
+def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
+    """Build Settings from flags (overrides; None = not given), env and the YAML file.
+
+    Raises SettingsError with one line per problem.
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    path = config
+    if path is None and os.environ.get(CONFIG_ENV):
+        path = Path(os.environ[CONFIG_ENV])
+    yaml_data = _read_yaml(path) if path is not None else {}
+    # YAML sits below env: feed it through a subclass's defaults, so env and flags win.
+    try:
+        settings = _with_defaults(yaml_data)(**given)
+    except ValidationError as exc:
+        lines = [
+            _describe_error(dict(err), given, yaml_data, path)  # type: ignore[arg-type]
+            for err in exc.errors()
+        ]
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None
+    return settings
+
+
+def _with_defaults(values: dict[str, Any]) -> type[Settings]:
+    """A Settings subclass whose defaults are `values` (the YAML layer, below env)."""
+    if not values:
+        return Settings
+
+    class _YamlSettings(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return (init_settings, env_settings, _DictSource(settings_cls, values))
+
+    return _YamlSettings
+
+
+class _DictSource(PydanticBaseSettingsSource):
+    """The parsed YAML file as a settings source."""
+
+    def __init__(self, settings_cls: type[BaseSettings], values: dict[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self._values = values
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._values)
+
+
+def describe_fields() -> str:
+    """One line per setting: env name, default and description (for docs and --help)."""
+    lines = []
+    for name, info in Settings.model_fields.items():
+        lines.append(f"{ENV_PREFIX}{name.upper():<28} {info.default!s:<12} {info.description}")
+    return "\n".join(lines)

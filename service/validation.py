@@ -1,0 +1,197 @@
+"""Request validation: protobuf options → domain `DecodingParams`, or `InvalidArgument`.
+
+Every refusal names the field (as the caller spells it, e.g. `options.top_p`, `texts[2]`)
+and the limit, so nothing is truncated or ignored silently.
+
+proto3 cannot tell an explicit 0 from an unset scalar, so for `max_new_tokens`,
+`beam_size` and `n_best` the value 0 means "server default" (max_new_tokens: the
+configured default; beam_size: 1 = greedy; n_best: 1). `length_penalty` and `top_p` are
+`optional`, so an explicit 0 there is seen and refused.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from service.domain import DecodingParams, InvalidArgument, Task
+
+if TYPE_CHECKING:
+    from service.gen.inference.v1 import inference_pb2 as pb
+    from service.settings import Settings
+
+# A SentencePiece token covers at most a few characters of Bible text, never this many:
+# texts longer than max_input_tokens * CHARS_PER_TOKEN_BOUND are refused before tokenizing.
+CHARS_PER_TOKEN_BOUND = 32
+MAX_TEMPERATURE = 100.0
+MAX_LENGTH_PENALTY = 10.0
+MAX_TOP_K = 1 << 20
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """The request-size limits validation enforces (from Settings)."""
+
+    max_input_tokens: int = 256
+    default_max_new_tokens: int = 128
+    max_new_tokens: int = 512
+    max_texts_per_request: int = 64
+    max_beam_size: int = 8
+    max_stop_strings: int = 8
+    max_stop_chars: int = 64
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RequestLimits:
+        return cls(
+            max_input_tokens=settings.max_input_tokens,
+            default_max_new_tokens=settings.default_max_new_tokens,
+            max_new_tokens=settings.max_new_tokens,
+            max_texts_per_request=settings.max_texts_per_request,
+            max_beam_size=settings.max_beam_size,
+            max_stop_strings=settings.max_stop_strings,
+            max_stop_chars=settings.max_stop_chars,
+        )
+
+
+def _finite(name: str, value: float) -> float:
+    if math.isnan(value) or math.isinf(value):
+        raise InvalidArgument(name, f"must be a finite number, got {value}")
+    return float(value)
+
+
+def decoding_params(
+    options: pb.DecodingOptions,
+    limits: RequestLimits,
+    task: Task = Task.TRANSLATION,
+    stream: bool = False,
+) -> DecodingParams:
+    """Validate `options` and apply defaults; raises InvalidArgument naming the field."""
+    max_new = options.max_new_tokens or limits.default_max_new_tokens
+    if max_new > limits.max_new_tokens:
+        raise InvalidArgument(
+            "options.max_new_tokens",
+            f"{options.max_new_tokens} exceeds the limit {limits.max_new_tokens}",
+        )
+    beam = options.beam_size or 1
+    if beam > limits.max_beam_size:
+        raise InvalidArgument(
+            "options.beam_size", f"{beam} exceeds the limit {limits.max_beam_size}"
+        )
+    n_best = options.n_best or 1
+    if n_best > beam:
+        raise InvalidArgument(
+            "options.n_best",
+            f"{n_best} exceeds beam_size {beam} (n_best must be ≤ beam_size)",
+        )
+    if stream and n_best > 1:
+        raise InvalidArgument(
+            "options.n_best",
+            f"{n_best}: a stream returns one hypothesis (n_best ≤ 1); use the unary call",
+        )
+
+    temperature = _finite("options.temperature", options.temperature)
+    if temperature < 0.0:
+        raise InvalidArgument("options.temperature", f"must be ≥ 0, got {temperature}")
+    if temperature > MAX_TEMPERATURE:
+        raise InvalidArgument(
+            "options.temperature", f"{temperature} exceeds the limit {MAX_TEMPERATURE}"
+        )
+    sampling = temperature > 0.0
+    if sampling and beam > 1:
+        raise InvalidArgument(
+            "options.beam_size",
+            f"{beam}: sampling (temperature > 0) needs beam_size ≤ 1; "
+            "set temperature 0 for beam search",
+        )
+
+    length_penalty = 1.0
+    if options.HasField("length_penalty"):
+        length_penalty = _finite("options.length_penalty", options.length_penalty)
+        if not 0.0 <= length_penalty <= MAX_LENGTH_PENALTY:
+            raise InvalidArgument(
+                "options.length_penalty",
+                f"must be in [0, {MAX_LENGTH_PENALTY}], got {length_penalty}",
+            )
+
+    top_p = 1.0
+    if options.HasField("top_p"):
+        top_p = _finite("options.top_p", options.top_p)
+        if not 0.0 < top_p <= 1.0:
+            raise InvalidArgument("options.top_p", f"must be in (0, 1], got {top_p}")
+    top_k = options.top_k
+    if top_k > MAX_TOP_K:
+        raise InvalidArgument("options.top_k", f"{top_k} exceeds the limit {MAX_TOP_K}")
+    if not sampling and (top_k or top_p < 1.0):
+        name = "options.top_k" if top_k else "options.top_p"
+        raise InvalidArgument(name, "only applies when sampling; set temperature > 0")
+
+    stop = tuple(options.stop)
+    if len(stop) > limits.max_stop_strings:
+        raise InvalidArgument(
+            "options.stop", f"{len(stop)} strings exceed the limit {limits.max_stop_strings}"
+        )
+    for i, s in enumerate(stop):
+        if not s:
+            raise InvalidArgument(f"options.stop[{i}]", "is empty")
+        if len(s) > limits.max_stop_chars:
+            raise InvalidArgument(
+                f"options.stop[{i}]",
+                f"{len(s)} characters exceed the limit {limits.max_stop_chars}",
+            )
+
+    if options.return_alignment and task is not Task.TRANSLATION:
+        raise InvalidArgument(
+            "options.return_alignment", "only translation models have cross-attention"
+        )
+
+    return DecodingParams(
+        max_new_tokens=max_new,
+        beam_size=beam,
+        n_best=n_best,
+        length_penalty=length_penalty,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=options.seed if options.HasField("seed") else None,
+        stop=stop,
+        return_scores=options.return_scores,
+        return_alignment=options.return_alignment,
+    )
+
+
+def text(field_name: str, value: str, limits: RequestLimits) -> str:
+    """Refuse an empty (or blank) text and one too long to be worth tokenizing."""
+    if not value.strip():
+        raise InvalidArgument(field_name, "is empty")
+    bound = limits.max_input_tokens * CHARS_PER_TOKEN_BOUND
+    if len(value) > bound:
+        raise InvalidArgument(
+            field_name,
+            f"{len(value)} characters cannot fit max_input_tokens {limits.max_input_tokens}",
+        )
+    return value
+
+
+def texts(values: Sequence[str], limits: RequestLimits) -> list[str]:
+    """Validate a Translate call's texts: non-empty list, at most the limit, each valid."""
+    if not values:
+        raise InvalidArgument("texts", "is empty; give at least one text")
+    if len(values) > limits.max_texts_per_request:
+        raise InvalidArgument(
+            "texts",
+            f"{len(values)} texts exceed the limit {limits.max_texts_per_request} per request",
+        )
+    return [text(f"texts[{i}]", v, limits) for i, v in enumerate(values)]
+
+
+def input_tokens(field_name: str, count: int, limit: int) -> None:
+    """Refuse a tokenized input longer than the limit (settings or the model's, the lower)."""
+    if count > limit:
+        raise InvalidArgument(field_name, f"{count} tokens exceed max_input_tokens {limit}")
+
+
+def version(value: int) -> int | None:
+    """proto version 0 means the latest loaded."""
+    return value or None

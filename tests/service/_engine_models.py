@@ -1,0 +1,178 @@
+"""Tiny random models exported to a temporary model repository, once per test process.
+
+A SentencePiece model is trained on tests/fixtures/verses.tsv (English and Spanish), a
+random translator (`en-es`) and language model (`en-lm`) are built with an untied, wide
+output layer (so outputs vary) and a logit bias on EOS (so some sequences end with EOS
+and others run to max_new_tokens), saved as checkpoints and exported with
+export.onnx_export.export_checkpoint (fp32 and int8).
+"""
+
+from __future__ import annotations
+
+import atexit
+import csv
+import functools
+import io
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import sentencepiece as spm
+import torch
+
+from export.onnx_export import export_checkpoint
+from transformer.checkpoint import TOKENIZER, load_checkpoint, save_checkpoint
+from transformer.config import TransformerConfig
+from transformer.model import Model, build_model
+
+if TYPE_CHECKING:
+    from service.engine import Engine, EngineOptions
+    from service.repository import ModelVersion
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "verses.tsv"
+TRANSLATOR = "en-es"
+LM = "en-lm"
+EOS_BIAS = {TRANSLATOR: 2.0, LM: 1.5}
+
+SOURCES = [
+    "In the beginning God created the heaven and the earth.",
+    "And God said, Let there be light: and there was light.",
+    "Jesus wept.",
+    "And the evening and the morning were the first day.",
+    "For God so loved the world.",
+    "The LORD is my shepherd; I shall not want.",
+]
+PROMPTS = [
+    "In the beginning",
+    "And God said",
+    "The",
+    "And it came to pass in those days, that there went out a decree",
+    "Blessed are",
+    "He",
+]
+
+
+def _lines() -> list[str]:
+    if FIXTURE.is_file():
+        with FIXTURE.open(encoding="utf-8") as f:
+            rows = list(csv.DictReader(f, delimiter="\t"))
+        return [row[col] for row in rows for col in ("en", "es") if row.get(col)]
+    return SOURCES + PROMPTS
+
+
+def train_tokenizer(path: Path, vocab_size: int = 160) -> int:
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_lines()),
+        model_writer=buffer,
+        vocab_size=vocab_size,
+        model_type="unigram",
+        pad_id=0,
+        unk_id=1,
+        bos_id=2,
+        eos_id=3,
+        hard_vocab_limit=False,
+        character_coverage=1.0,
+        num_threads=1,
+        minloglevel=2,
+    )
+    path.write_bytes(buffer.getvalue())
+    return int(spm.SentencePieceProcessor(model_file=str(path)).get_piece_size())
+
+
+def tiny_model(arch: str, vocab_size: int, eos_bias: float, seed: int = 0, **over: Any) -> Model:
+    fields: dict[str, Any] = dict(
+        arch=arch,
+        vocab_size=vocab_size,
+        d_model=32,
+        n_heads=4,
+        n_encoder_layers=2 if arch == "encoder-decoder" else 0,
+        n_decoder_layers=2,
+        d_ff=64,
+        dropout=0.0,
+        max_positions=128,
+        tie_output=False,
+        final_logits_bias=True,
+    )
+    fields.update(over)
+    torch.manual_seed(seed)
+    model = build_model(TransformerConfig(**fields)).eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(model.generator.proj.weight, std=0.5)
+        assert model.generator.final_logits_bias is not None
+        model.generator.final_logits_bias[model.config.eos_id] = eos_bias
+    return model
+
+
+def write_checkpoint(directory: Path, arch: str, eos_bias: float, seed: int = 0) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = train_tokenizer(directory / TOKENIZER)
+    over = {"positional": "learned"} if arch == "decoder-only" else {}
+    save_checkpoint(tiny_model(arch, vocab, eos_bias, seed, **over), directory)
+    return directory
+
+
+def export_version(root: Path, name: str, version: int, seed: int = 0) -> Path:
+    """Checkpoint + export of models/<name>/<version>/ under `root` (fp32 and int8)."""
+    arch = "encoder-decoder" if name == TRANSLATOR else "decoder-only"
+    ckpt = root / name / "checkpoint"
+    if not (ckpt / "model.safetensors").is_file() or seed:
+        write_checkpoint(ckpt, arch, EOS_BIAS[name], seed)
+    out = root / name / str(version)
+    export_checkpoint(ckpt, out, variants=["fp32", "int8"], exporter="torchscript")
+    return out
+
+
+@functools.cache
+def model_repository() -> Path:
+    """A model repository with en-es/1 and en-lm/1 (built once per process)."""
+    root = Path(tempfile.mkdtemp(prefix="engine-models-"))
+    atexit.register(shutil.rmtree, root, True)
+    for name in (TRANSLATOR, LM):
+        export_version(root, name, 1)
+    return root
+
+
+@functools.cache
+def reference_model(name: str) -> Model:
+    """The PyTorch model the export came from (for transformer.decoding)."""
+    return load_checkpoint(model_repository() / name / "checkpoint")
+
+
+def copy_version(root: Path, name: str, src: int, dst: int) -> Path:
+    """Copy a version folder under a new number (manifest version rewritten)."""
+    import json
+
+    target = root / name / str(dst)
+    shutil.copytree(root / name / str(src), target)
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["version"] = dst
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    return target
+
+
+# A prompt the generator continues to max_new_tokens (checked by the scheduler tests).
+LONG_PROMPT = "The"
+
+
+def slow_engine_factory(delay_s: float) -> Callable[[ModelVersion, EngineOptions], Engine]:
+    """An engine factory whose batches sleep `delay_s` per step, so requests stay in
+    flight long enough to cancel, expire or queue behind them."""
+    from service.engine import Batch, Engine, StepOutput
+
+    class SlowBatch(Batch):
+        def step(self) -> StepOutput:
+            time.sleep(delay_s)
+            return super().step()
+
+    class SlowEngine(Engine):
+        def new_batch(self) -> Batch:
+            return SlowBatch(self)
+
+    def factory(entry: ModelVersion, options: EngineOptions) -> Engine:
+        return SlowEngine(entry.path, entry.manifest, options)
+
+    return factory

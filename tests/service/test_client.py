@@ -1,0 +1,95 @@
+"""The client library and its CLI (`python -m service.client`) against the real server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.client import Client, decoding_options, plot_alignment
+from tests.conftest import ROOT, ServerHandle
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _cli(server: ServerHandle, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "service.client", *args, "--target", server.address],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+
+
+def test_decoding_options_leave_optionals_unset() -> None:
+    options = decoding_options(beam_size=4, n_best=2)
+    assert options.beam_size == 4 and options.n_best == 2
+    assert not options.HasField("top_p") and not options.HasField("seed")
+    options = decoding_options(top_p=0.9, seed=0, length_penalty=0.0)
+    assert options.HasField("top_p") and options.HasField("seed")
+    assert options.HasField("length_penalty") and options.length_penalty == 0.0
+
+
+def test_plot_alignment_writes_a_png(tmp_path: Path) -> None:
+    out = plot_alignment(
+        ["▁In", "▁the", "▁beginning", "</s>"],
+        ["▁En", "▁el", "▁principio"],
+        [[0.7, 0.1, 0.1, 0.1], [0.1, 0.8, 0.05, 0.05], [0.0, 0.1, 0.9, 0.0]],
+        tmp_path / "a.png",
+        title="test",
+    )
+    assert out.read_bytes().startswith(PNG_MAGIC)
+    with pytest.raises(ValueError, match="return_alignment"):
+        plot_alignment([], [], [], tmp_path / "b.png")
+
+
+@pytest.mark.e2e
+def test_library_round_trip(server: ServerHandle) -> None:
+    with Client(server.address) as client:
+        response = client.translate(["Amen.", "Jesus wept."], beam_size=2, n_best=2)
+        assert [len(t.hypotheses) for t in response.translations] == [2, 2]
+        assert len(client.last_request_id) == 32
+        info = client.describe_model("en-es")
+        assert info.task == "translation"
+
+
+@pytest.mark.e2e
+def test_cli_translate_with_plot(server: ServerHandle, tmp_path: Path) -> None:
+    png = tmp_path / "alignment.png"
+    result = _cli(
+        server, "translate", "In the beginning God created the heaven and the earth.",
+        "--beam-size", "2", "--n-best", "2", "--scores", "--max-new-tokens", "6",
+        "--plot-alignment", str(png),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("[0] ") and lines[1].startswith("[1] ")
+    assert png.read_bytes().startswith(PNG_MAGIC)
+    assert "alignment written" in result.stderr
+
+
+@pytest.mark.e2e
+def test_cli_generate_stream_json_and_models(server: ServerHandle) -> None:
+    streamed = _cli(server, "generate", "The Lord said", "--stream", "--max-new-tokens", "5")
+    assert streamed.returncode == 0, streamed.stderr
+    unary = _cli(server, "generate", "The Lord said", "--max-new-tokens", "5")
+    assert streamed.stdout.strip() == unary.stdout.strip()
+    as_json = _cli(server, "translate", "Amen.", "--json")
+    assert json.loads(as_json.stdout)["model"] == "en-es"
+    models = _cli(server, "models")
+    assert models.returncode == 0
+    assert [line.split("\t")[0] for line in models.stdout.strip().splitlines()] == [
+        "en-es",
+        "en-lm",
+    ]
+
+
+@pytest.mark.e2e
+def test_cli_reports_errors(server: ServerHandle) -> None:
+    result = _cli(server, "translate", "Amen.", "--beam-size", "99")
+    assert result.returncode == 2
+    assert "INVALID_ARGUMENT: options.beam_size" in result.stderr

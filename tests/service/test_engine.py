@@ -1,0 +1,494 @@
+"""The ONNX engine against the PyTorch reference decoder (transformer/decoding.py): same
+tokens, finish reasons and (to float rounding) scores, whatever the batch around a row."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from export.manifest import load_manifest
+from service.domain import (
+    DecodingParams,
+    FinishReason,
+    InvalidArgument,
+    SequenceRequest,
+    SequenceResult,
+    Task,
+)
+from service.engine import (
+    BatchItem,
+    Engine,
+    EngineOptions,
+    bucket,
+    decode_all,
+    log_softmax,
+    sample,
+    top_in_order,
+)
+from service.tokenizer import find_stop, stable_prefix
+from tests.service._engine_models import (
+    LM,
+    PROMPTS,
+    SOURCES,
+    TRANSLATOR,
+    model_repository,
+    reference_model,
+)
+from transformer import decoding
+from transformer.decoding import DecodingOptions, Hypothesis
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _exported_models() -> None:
+    """Export the tiny models (once per process) before timing any test."""
+    model_repository()
+
+
+TASK = {TRANSLATOR: Task.TRANSLATION, LM: Task.GENERATION}
+TEXTS = {TRANSLATOR: SOURCES, LM: PROMPTS}
+JOIN_AT = [0, 0, 3, 3, 7, 12]  # the step at which each text joins the batch
+
+
+def make_engine(name: str, **options: object) -> Engine:
+    path = model_repository() / name / "1"
+    base: dict[str, object] = dict(cpu_variant="fp32", max_batch_size=32, intra_op_threads=1)
+    base.update(options)
+    return Engine(path, load_manifest(path), EngineOptions(**base))  # type: ignore[arg-type]
+
+
+_ENGINES: dict[tuple[str, bool], Engine] = {}
+
+
+def engine_for(name: str, io_binding: bool = False) -> Engine:
+    key = (name, io_binding)
+    if key not in _ENGINES:
+        _ENGINES[key] = make_engine(name, io_binding=io_binding)
+    return _ENGINES[key]
+
+
+def request(name: str, text: str, **params: object) -> SequenceRequest:
+    return SequenceRequest(TASK[name], text, DecodingParams(**params))  # type: ignore[arg-type]
+
+
+def run_staggered(
+    engine: Engine,
+    requests: Sequence[SequenceRequest],
+    join_at: Sequence[int],
+    stream: bool = False,
+) -> tuple[list[SequenceResult], dict[Hashable, list[tuple[list[int], str]]]]:
+    """Requests join the batch at their step; returns results and streamed events."""
+    batch = engine.new_batch()
+    results: dict[Hashable, SequenceResult] = {}
+    events: dict[Hashable, list[tuple[list[int], str]]] = {i: [] for i in range(len(requests))}
+    step = 0
+    while len(results) < len(requests):
+        joining = [
+            BatchItem(i, r, engine.encode(r.text), stream)
+            for i, r in enumerate(requests)
+            if join_at[i] == step
+        ]
+        batch.add(joining)
+        out = batch.step()
+        for key, event in out.events:
+            events[key].append((event.token_ids, event.text))
+        for key, result in out.finished:
+            results[key] = result
+        step += 1
+        assert step < 500
+    return [results[i] for i in range(len(requests))], events
+
+
+def reference(name: str, texts: Sequence[str], options: DecodingOptions) -> list[list[Hypothesis]]:
+    engine = engine_for(name)
+    ids = [engine.encode(t) for t in texts]
+    model = reference_model(name)
+    if name == TRANSLATOR:
+        return decoding.translate(model, ids, options)  # type: ignore[arg-type]
+    return decoding.generate(model, ids, options)  # type: ignore[arg-type]
+
+
+def assert_same(result: SequenceResult, expected: list[Hypothesis], align: bool = False) -> None:
+    got = result.hypotheses
+    assert [h.token_ids for h in got] == [h.tokens for h in expected]
+    assert [h.finish_reason.value for h in got] == [h.finish_reason for h in expected]
+    for g, e in zip(got, expected, strict=True):
+        assert g.score == pytest.approx(e.score, abs=1e-3)
+        assert g.normalized_score == pytest.approx(e.normalized_score, abs=1e-3)
+        if align:
+            assert g.alignment is not None and e.alignment is not None
+            np.testing.assert_allclose(np.array(g.alignment), np.array(e.alignment), atol=1e-4)
+
+
+# --- greedy and beam against the reference --------------------------------------------------
+
+
+@pytest.mark.parametrize("io_binding", [False, True], ids=["numpy", "iobinding"])
+@pytest.mark.parametrize("name", [TRANSLATOR, LM])
+def test_greedy_equals_reference_with_rows_joining_midway(name: str, io_binding: bool) -> None:
+    engine = engine_for(name, io_binding)
+    texts = TEXTS[name]
+    results, _ = run_staggered(
+        engine, [request(name, t, max_new_tokens=40) for t in texts], JOIN_AT
+    )
+    expected = reference(name, texts, DecodingOptions(max_new_tokens=40))
+    for result, exp in zip(results, expected, strict=True):
+        assert_same(result, exp)
+    reasons = {r.hypotheses[0].finish_reason for r in results}
+    assert {FinishReason.EOS, FinishReason.LENGTH} <= reasons  # guards the fixture
+
+
+@pytest.mark.parametrize(
+    ("beam", "n_best", "length_penalty"), [(3, 2, 1.0), (4, 4, 0.6), (2, 1, 0.0)]
+)
+@pytest.mark.parametrize("io_binding", [False, True], ids=["numpy", "iobinding"])
+@pytest.mark.parametrize("name", [TRANSLATOR, LM])
+def test_beam_equals_reference(
+    name: str, io_binding: bool, beam: int, n_best: int, length_penalty: float
+) -> None:
+    engine = engine_for(name, io_binding)
+    texts = TEXTS[name][:4]
+    params = dict(max_new_tokens=24, beam_size=beam, n_best=n_best, length_penalty=length_penalty)
+    requests = [request(name, t, **params) for t in texts]  # type: ignore[arg-type]
+    results, _ = run_staggered(engine, requests, [0, 2, 2, 5])
+    expected = reference(name, texts, DecodingOptions(**params))  # type: ignore[arg-type]
+    for result, exp in zip(results, expected, strict=True):
+        assert_same(result, exp)
+
+
+def test_beam_and_greedy_rows_share_a_batch() -> None:
+    """Greedy, sampled and beam requests in one batch each give what they give alone."""
+    engine = engine_for(TRANSLATOR)
+    requests = [
+        request(TRANSLATOR, SOURCES[0], max_new_tokens=30, beam_size=3, n_best=2),
+        request(TRANSLATOR, SOURCES[1], max_new_tokens=30),
+        request(TRANSLATOR, SOURCES[3], max_new_tokens=30, temperature=0.8, seed=5),
+        request(TRANSLATOR, SOURCES[5], max_new_tokens=30, beam_size=2),
+    ]
+    together, _ = run_staggered(engine, requests, [0, 1, 1, 4])
+    for req, got in zip(requests, together, strict=True):
+        alone = decode_all(engine, [req])[0]
+        assert [h.token_ids for h in got.hypotheses] == [h.token_ids for h in alone.hypotheses]
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_alignment_equals_reference(beam: int) -> None:
+    engine = engine_for(TRANSLATOR)
+    texts = SOURCES[:3]
+    requests = [
+        request(TRANSLATOR, t, max_new_tokens=20, beam_size=beam, return_alignment=True)
+        for t in texts
+    ]
+    results, _ = run_staggered(engine, requests, [0, 1, 1])
+    options = DecodingOptions(max_new_tokens=20, beam_size=beam, return_alignment=True)
+    expected = reference(TRANSLATOR, texts, options)
+    for text, result, exp in zip(texts, results, expected, strict=True):
+        assert_same(result, exp, align=True)
+        n_src = len(engine.encode(text))
+        assert result.source_tokens == engine.tokenizer.pieces(engine.encode(text))
+        for h in result.hypotheses:
+            assert h.alignment is not None
+            assert len(h.alignment) == len(h.token_ids) == len(h.tokens)
+            assert all(len(row) == n_src for row in h.alignment)
+            assert np.allclose(np.sum(h.alignment, axis=1), 1.0, atol=1e-4)
+
+
+# --- sampling --------------------------------------------------------------------------------
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent() -> None:
+    engine = engine_for(LM)
+    params = dict(max_new_tokens=30, temperature=0.9, top_k=20, top_p=0.9)
+    a = decode_all(engine, [request(LM, PROMPTS[0], seed=7, **params)])[0]  # type: ignore[arg-type]
+    batch = [request(LM, p, seed=7 if i == 2 else i, **params) for i, p in enumerate(PROMPTS)]  # type: ignore[arg-type]
+    batch[2] = request(LM, PROMPTS[0], seed=7, **params)  # type: ignore[arg-type]
+    together, _ = run_staggered(engine, batch, JOIN_AT)
+    assert together[2].hypotheses[0].token_ids == a.hypotheses[0].token_ids
+    others = {
+        tuple(
+            decode_all(engine, [request(LM, PROMPTS[0], seed=s, **params)])[0]
+            .hypotheses[0]
+            .token_ids
+        )
+        for s in range(8, 12)
+    }  # type: ignore[arg-type]
+    assert len(others | {tuple(a.hypotheses[0].token_ids)}) > 1  # seeds matter
+
+
+def test_top_k_one_sampling_equals_greedy() -> None:
+    engine = engine_for(TRANSLATOR)
+    greedy = decode_all(engine, [request(TRANSLATOR, t, max_new_tokens=20) for t in SOURCES])
+    sampled = decode_all(
+        engine,
+        [
+            request(TRANSLATOR, t, max_new_tokens=20, temperature=1.5, top_k=1, seed=i)
+            for i, t in enumerate(SOURCES)
+        ],
+    )
+    for g, s in zip(greedy, sampled, strict=True):
+        assert g.hypotheses[0].token_ids == s.hypotheses[0].token_ids
+        assert g.hypotheses[0].score == pytest.approx(s.hypotheses[0].score, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.6), (0.5, 3, 0.8)]
+)
+def test_sample_rule_equals_reference(temperature: float, top_k: int, top_p: float) -> None:
+    """Given the same uniform draws, numpy sampling picks the reference's tokens."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(16, 50)).astype(np.float32) * 3
+    logits[3, 10:20] = logits[3, 0]  # ties are broken by id
+    options = DecodingOptions(temperature=temperature, top_k=top_k, top_p=top_p)
+    generators = [torch.Generator().manual_seed(i) for i in range(16)]
+    expected = decoding._sample(torch.from_numpy(logits), options, generators).numpy()
+    u = np.array(
+        [
+            torch.rand(1, generator=torch.Generator().manual_seed(i), dtype=torch.float64).item()
+            for i in range(16)
+        ]
+    )
+    got = sample(
+        logits,
+        np.full(16, temperature, dtype=np.float32),
+        np.full(16, top_k),
+        np.full(16, top_p),
+        u,
+    )
+    np.testing.assert_array_equal(got, expected)
+
+
+# --- stop strings, streaming -----------------------------------------------------------------
+
+
+def _long_lm_output() -> tuple[str, SequenceResult]:
+    engine = engine_for(LM)
+    for prompt in PROMPTS:
+        result = decode_all(engine, [request(LM, prompt, max_new_tokens=40)])[0]
+        if len(result.hypotheses[0].text) > 20:
+            return prompt, result
+    pytest.skip("no prompt gives a long enough output")
+
+
+def test_stop_string_ends_and_is_removed() -> None:
+    engine = engine_for(LM)
+    prompt, full = _long_lm_output()
+    text = full.hypotheses[0].text
+    stop = text[10:13]
+    cut = text.find(stop)
+    result = decode_all(engine, [request(LM, prompt, max_new_tokens=40, stop=("zzzz", stop))])[0]
+    h = result.hypotheses[0]
+    assert h.finish_reason is FinishReason.STOP
+    assert h.text == text[:cut]
+    assert h.token_ids == full.hypotheses[0].token_ids[: len(h.token_ids)]
+    assert engine.tokenizer.decode(h.token_ids) == text[: len(engine.tokenizer.decode(h.token_ids))]
+    assert len(engine.tokenizer.decode(h.token_ids)) <= cut
+
+
+def test_stop_string_in_beam_search() -> None:
+    engine = engine_for(LM)
+    prompt, _ = _long_lm_output()
+    params = dict(max_new_tokens=30, beam_size=3, n_best=3)
+    free = decode_all(engine, [request(LM, prompt, **params)])[0]  # type: ignore[arg-type]
+    text = free.hypotheses[0].text
+    if len(text) < 8:
+        pytest.skip("beam output too short")
+    stop = text[4:7]
+    result = decode_all(engine, [request(LM, prompt, stop=(stop,), **params)])[0]  # type: ignore[arg-type]
+    assert any(h.finish_reason is FinishReason.STOP for h in result.hypotheses)
+    for h in result.hypotheses:
+        assert stop not in h.text
+        if h.finish_reason is FinishReason.STOP:
+            assert h.text.startswith(engine.tokenizer.decode(h.token_ids))
+
+
+@pytest.mark.parametrize("with_stop", [False, True])
+@pytest.mark.parametrize("name", [TRANSLATOR, LM])
+def test_stream_events_add_up_to_the_result(name: str, with_stop: bool) -> None:
+    engine = engine_for(name)
+    texts = TEXTS[name]
+    stop: tuple[str, ...] = ()
+    if with_stop:
+        full = decode_all(engine, [request(name, t, max_new_tokens=40) for t in texts])
+        longest = max(full, key=lambda r: len(r.hypotheses[0].text)).hypotheses[0].text
+        stop = (longest[6:9],)
+    requests = [request(name, t, max_new_tokens=40, stop=stop) for t in texts]
+    requests.append(request(name, texts[0], max_new_tokens=20, beam_size=2))
+    results, events = run_staggered(engine, requests, [*JOIN_AT, 2], stream=True)
+    for i, result in enumerate(results):
+        h = result.hypotheses[0]
+        assert "".join(text for _, text in events[i]) == h.text
+        assert [t for ids, _ in events[i] for t in ids] == h.token_ids
+        if stop:
+            assert all(stop[0] not in text for _, text in events[i])
+    if with_stop:
+        assert any(r.hypotheses[0].finish_reason is FinishReason.STOP for r in results)
+
+
+def test_streamed_words_keep_their_spaces() -> None:
+    """Multi-piece words and the spaces between words come out as decoding the whole does."""
+    engine = engine_for(LM)
+    results, events = run_staggered(
+        engine, [request(LM, p, max_new_tokens=40) for p in PROMPTS], JOIN_AT, stream=True
+    )
+    for i, result in enumerate(results):
+        pieces = [text for _, text in events[i]]
+        assert "".join(pieces) == engine.tokenizer.decode(result.hypotheses[0].token_ids)
+
+
+# --- batch layout ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("io_binding", [False, True], ids=["numpy", "iobinding"])
+def test_capacity_grows_without_changing_outputs(io_binding: bool) -> None:
+    engine = make_engine(TRANSLATOR, max_batch_size=16, io_binding=io_binding)
+    batch = engine.new_batch()
+    texts = SOURCES[:5]
+    reqs = [request(TRANSLATOR, t, max_new_tokens=60) for t in texts]
+    batch.add([BatchItem(0, reqs[0], engine.encode(texts[0]))])
+    assert (batch.capacity, batch.cache_len) == (1, 16)
+    results: dict[Hashable, SequenceResult] = {}
+    seen_capacity, seen_cache = {batch.capacity}, {batch.cache_len}
+    step = 0
+    while len(results) < len(reqs):
+        if step == 2:
+            batch.add([BatchItem(i, reqs[i], engine.encode(texts[i])) for i in (1, 2, 3, 4)])
+            seen_capacity.add(batch.capacity)
+        for key, result in batch.step().finished:
+            results[key] = result
+        seen_cache.add(batch.cache_len)
+        step += 1
+    assert max(seen_capacity) >= 5 and max(seen_cache) >= 32
+    expected = reference(TRANSLATOR, texts, DecodingOptions(max_new_tokens=60))
+    for i, exp in enumerate(expected):
+        assert_same(results[i], exp)
+
+
+@pytest.mark.parametrize("io_binding", [False, True], ids=["numpy", "iobinding"])
+def test_removed_rows_free_their_slots_and_the_rest_continue(io_binding: bool) -> None:
+    engine = make_engine(LM, max_batch_size=8, io_binding=io_binding)
+    batch = engine.new_batch()
+    reqs = [request(LM, p, max_new_tokens=30) for p in PROMPTS]
+    batch.add([BatchItem(i, r, engine.encode(r.text)) for i, r in enumerate(reqs)])
+    assert batch.rows == 6 and batch.capacity == 8
+    results: dict[Hashable, SequenceResult] = {}
+    for _ in range(2):
+        results.update(batch.step().finished)
+    gone = [k for k in (0, 1, 2, 4, 5) if k not in results]
+    removed = dict(batch.remove(gone))
+    for key in gone:
+        h = removed[key].hypotheses[0]
+        assert h.finish_reason is FinishReason.CANCELLED and len(h.token_ids) == 2
+    assert batch.rows == (0 if 3 in results else 1)
+    while len(batch):
+        results.update(batch.step().finished)
+        assert batch.capacity <= 2  # compacted once mostly empty
+    expected = reference(LM, [PROMPTS[3]], DecodingOptions(max_new_tokens=30))[0]
+    assert_same(results[3], expected)
+
+
+def test_int8_variant_decodes() -> None:
+    engine = make_engine(TRANSLATOR, cpu_variant="int8")
+    assert engine.variant == "int8" and engine.provider == "CPUExecutionProvider"
+    results = decode_all(engine, [request(TRANSLATOR, t, max_new_tokens=10) for t in SOURCES])
+    assert all(len(r.hypotheses[0].tokens) + 1 >= 1 for r in results)
+
+
+def test_warmup_runs_every_bucket_shape() -> None:
+    engine = make_engine(LM, max_batch_size=8)
+    report = engine.warmup()
+    assert report.shapes >= len(engine.row_buckets) + len(engine.cache_buckets)
+    assert report.step_seconds > 0
+    assert engine.row_buckets == [1, 2, 4, 8]
+    assert engine.cache_buckets == [16, 32, 64, 128]
+
+
+def test_check_refuses_what_the_model_cannot_do() -> None:
+    lm, tr = engine_for(LM), engine_for(TRANSLATOR)
+    long = "In the beginning " * 40
+    with pytest.raises(InvalidArgument, match="max_input_tokens"):
+        tr.check(request(TRANSLATOR, long), tr.encode(long))
+    with pytest.raises(InvalidArgument, match=r"max_input_tokens 5"):
+        tr.check(request(TRANSLATOR, SOURCES[0]), tr.encode(SOURCES[0]), max_input_tokens=5)
+    with pytest.raises(InvalidArgument, match="max_positions"):
+        ids = lm.encode(PROMPTS[3])
+        lm.check(request(LM, PROMPTS[3], max_new_tokens=128 - len(ids) + 2), ids)
+    with pytest.raises(InvalidArgument, match="return_alignment"):
+        lm.check(request(LM, "x", max_new_tokens=5, return_alignment=True), lm.encode("x"))
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(-3, 3), min_size=1, max_size=40), st.integers(1, 12))
+def test_top_in_order_equals_a_stable_sort(values: list[int], m: int) -> None:
+    scores = np.array(values, dtype=np.float32)
+    scores[scores == -3] = -np.inf
+    expected = np.argsort(-scores, kind="stable")[:m]
+    np.testing.assert_array_equal(top_in_order(scores, m), expected)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.text("ab \ufffd", max_size=12), st.lists(st.text("ab ", min_size=1, max_size=4), max_size=3)
+)
+def test_stable_prefix_holds_back_possible_stops(text: str, stops: list[str]) -> None:
+    safe = stable_prefix(text, tuple(stops))
+    assert text.startswith(safe)
+    complete = text.rstrip("\ufffd")
+    held = complete[len(safe) :]
+    # What is held back could still become a stop string; nothing else is held back.
+    assert held == "" or any(s.startswith(held) and held != s for s in stops)
+    if not any(complete.endswith(s[:n]) for s in stops for n in range(1, len(s))):
+        assert safe == complete
+
+
+def test_find_stop_takes_the_earliest() -> None:
+    assert find_stop("abcdef", ("de", "bc")) == 1
+    assert find_stop("abcdef", ("x",)) == -1
+
+
+def test_log_softmax_and_buckets() -> None:
+    x = np.random.default_rng(0).normal(size=(3, 7)).astype(np.float32)
+    ref = torch.log_softmax(torch.from_numpy(x), dim=-1).numpy()
+    np.testing.assert_allclose(log_softmax(x), ref, atol=1e-6)
+    assert [bucket(n, 16, 100) for n in (1, 16, 17, 33, 65, 100)] == [16, 16, 32, 64, 100, 100]
+    with pytest.raises(ValueError):
+        bucket(101, 16, 100)
+
+
+def test_device_row_moves_equal_numpy() -> None:
+    """The helper graphs the device path uses for row moves do what numpy does."""
+    bound = engine_for(LM, io_binding=True).backend
+    plain = engine_for(LM).backend
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 4, 3, 8, 5)).astype(np.float32)
+    u = rng.normal(size=(2, 3, 3, 8, 5)).astype(np.float32)
+    dst, src = np.array([3, 0]), np.array([2, 0])
+    perm = np.array([1, 1, 0, 3, 2])
+
+    def both(op: str, *args: object) -> None:
+        def host(backend: object, value: np.ndarray) -> object:
+            return value.copy() if backend is plain else bound._value(value.copy())  # type: ignore[union-attr]
+
+        converted_plain = [
+            host(plain, a) if isinstance(a, np.ndarray) and a.ndim == 5 else a for a in args
+        ]
+        converted_bound = [
+            host(bound, a) if isinstance(a, np.ndarray) and a.ndim == 5 else a for a in args
+        ]
+        want = plain.host(getattr(plain, op)(*converted_plain))
+        got = bound.host(getattr(bound, op)(*converted_bound))
+        np.testing.assert_array_equal(got, want)
+
+    both("gather", x, perm)
+    both("assign", x, dst, u, src)
+    both("move", x, dst, src)
+    both("resize", x, 16)
+    both("resize", x, 3)

@@ -1,0 +1,165 @@
+"""The model repository: scanning, versions, lookup errors, reload and draining."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from service.domain import ModelNotFound, Task, Unavailable
+from service.repository import ModelRepository, ModelVersion
+from tests.service._engine_models import LM, TRANSLATOR, copy_version, model_repository
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _exported_models() -> None:
+    """Export the tiny models (once per process) before timing any test."""
+    model_repository()
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    out = tmp_path / "models"
+    shutil.copytree(model_repository(), out)
+    (out / LM / "latest").mkdir()  # non-numeric folders are ignored
+    (out / "notes").mkdir()
+    return out
+
+
+def rename_model(root: Path, src: str, dst: str) -> None:
+    shutil.copytree(root / src, root / dst)
+    path = root / dst / "1" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["name"] = dst
+    path.write_text(json.dumps(manifest))
+
+
+def test_scan_loads_every_numbered_version(root: Path) -> None:
+    repo = ModelRepository(root)
+    result = repo.reload()
+    assert sorted(e.key for e in result.loaded) == [f"{TRANSLATOR}:1", f"{LM}:1"]
+    assert (result.retired, result.failed) == ([], {})
+    assert repo.names() == [TRANSLATOR, LM]
+    entry = repo.get(TRANSLATOR)
+    assert (entry.version, entry.task, entry.manifest.name) == (1, Task.TRANSLATION, TRANSLATOR)
+    assert repo.get("", task=Task.GENERATION).name == LM
+    assert repo.reload().loaded == []  # nothing new
+
+
+def test_latest_version_is_the_default_and_others_stay_reachable(root: Path) -> None:
+    repo = ModelRepository(root)
+    repo.reload()
+    copy_version(root, LM, 1, 2)
+    copy_version(root, LM, 1, 10)
+    assert sorted(e.key for e in repo.reload().loaded) == [f"{LM}:10", f"{LM}:2"]
+    assert repo.versions(LM) == [1, 2, 10]
+    assert repo.get(LM).version == 10
+    assert repo.get(LM, 2).version == 2
+    assert repo.get(LM, 0).version == 10  # proto's 0 means latest
+    # A version that is not usable yet (still warming up) does not take traffic.
+    assert repo.get(LM, usable=lambda e: e.version < 10).version == 2
+    with pytest.raises(Unavailable, match="loading"):
+        repo.get(LM, 10, usable=lambda e: e.version < 10)
+    with pytest.raises(Unavailable):
+        repo.get(LM, usable=lambda e: False)
+
+
+def test_lookup_errors_list_what_is_loaded(root: Path) -> None:
+    repo = ModelRepository(root)
+    repo.reload()
+    with pytest.raises(
+        ModelNotFound, match=r"'fr-de' is not loaded.*en-es \(translation: versions 1\)"
+    ):
+        repo.get("fr-de", task=Task.TRANSLATION)
+    with pytest.raises(ModelNotFound, match=r"has no version 3; loaded versions: 1"):
+        repo.get(LM, 3)
+    with pytest.raises(ModelNotFound, match=r"generation model, not translation.*en-es"):
+        repo.get(LM, task=Task.TRANSLATION)
+    empty = ModelRepository(root / "nowhere")
+    empty.reload()
+    with pytest.raises(ModelNotFound, match="no translation model is loaded"):
+        empty.get("", task=Task.TRANSLATION)
+
+
+def test_task_defaults(root: Path) -> None:
+    rename_model(root, TRANSLATOR, "aa-bb")
+    plain = ModelRepository(root)
+    plain.reload()
+    assert plain.default_name(Task.TRANSLATION) == "aa-bb"  # first by name
+    preferred = ModelRepository(root, {Task.TRANSLATION: TRANSLATOR})
+    preferred.reload()
+    assert preferred.get("", task=Task.TRANSLATION).name == TRANSLATOR
+
+
+def test_removed_version_retires_after_its_requests_finish(root: Path) -> None:
+    repo = ModelRepository(root)
+    repo.reload()
+    copy_version(root, LM, 1, 2)
+    repo.reload()
+    old = repo.get(LM, 1)
+    old.acquire()
+    drained: list[ModelVersion] = []
+    old.on_drained(drained.append)
+    shutil.rmtree(root / LM / "1")
+    result = repo.reload()
+    assert [e.key for e in result.retired] == [f"{LM}:1"] and result.loaded == []
+    assert old.retired and not old.drained and drained == []
+    with pytest.raises(ModelNotFound, match="loaded versions: 2"):
+        repo.get(LM, 1)
+    with pytest.raises(Unavailable, match="retired"):
+        old.acquire()
+    old.release()
+    assert old.drained and drained == [old]
+    late: list[ModelVersion] = []
+    old.on_drained(late.append)  # registering after the drain fires at once
+    assert late == [old]
+    with pytest.raises(RuntimeError):
+        old.release()
+
+
+def test_keep_versions_retires_older_ones(root: Path) -> None:
+    copy_version(root, LM, 1, 2)
+    repo = ModelRepository(root, keep_versions=1)
+    repo.reload()
+    assert repo.versions(LM) == [2]
+    copy_version(root, LM, 1, 3)
+    result = repo.reload()
+    assert [e.key for e in result.loaded] == [f"{LM}:3"]
+    assert [e.key for e in result.retired] == [f"{LM}:2"]
+
+
+def test_broken_versions_are_reported_once_and_retried_when_changed(root: Path) -> None:
+    repo = ModelRepository(root)
+    repo.reload()
+    bad = copy_version(root, TRANSLATOR, 1, 2)
+    (bad / "fp32" / "decoder.onnx").write_bytes(b"not a model")
+    result = repo.reload()
+    assert result.loaded == []
+    assert "decoder.onnx" in result.failed[str(bad)] and "sha256" in result.failed[str(bad)]
+    assert repo.reload().failed == {}  # not retried until the folder changes
+    assert repo.get(TRANSLATOR).version == 1
+    shutil.rmtree(bad)
+    copy_version(root, TRANSLATOR, 1, 2)
+    assert [e.key for e in repo.reload().loaded] == [f"{TRANSLATOR}:2"]
+
+
+def test_only_the_served_variant_is_hash_checked(root: Path) -> None:
+    (root / TRANSLATOR / "1" / "fp32" / "encoder.onnx").write_bytes(b"corrupt")
+    assert [e.key for e in ModelRepository(root, variants=["int8", "fp32"]).reload().loaded] == [
+        f"{TRANSLATOR}:1",
+        f"{LM}:1",
+    ]
+    result = ModelRepository(root, variants=["fp32"]).reload()
+    assert [e.key for e in result.loaded] == [f"{LM}:1"]
+    assert "encoder.onnx" in next(iter(result.failed.values()))
+
+
+def test_discard_drops_a_version_that_cannot_serve(root: Path) -> None:
+    repo = ModelRepository(root)
+    repo.reload()
+    entry = repo.get(LM)
+    repo.discard(entry, "engine failed")
+    assert entry.retired and repo.names() == [TRANSLATOR]
+    assert repo.reload().loaded == []  # not retried until its folder changes

@@ -1,0 +1,450 @@
+"""The scheduler: batching, streaming, cancellation, deadlines, the bounded queue, static
+mode, graceful stop and reload, on tiny exported models (CPU)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from service.domain import (
+    DeadlineExceeded,
+    DeadlineUnmeetable,
+    DecodingParams,
+    FinishReason,
+    InvalidArgument,
+    ModelNotFound,
+    QueueFull,
+    SequenceRequest,
+    SequenceResult,
+    Task,
+    TokenEvent,
+    Unavailable,
+)
+from service.engine import Engine, EngineOptions, decode_all
+from service.metrics import Metrics
+from service.repository import ModelRepository
+from service.scheduler import DEFAULT_MODELS, EngineFactory, Scheduler, SchedulerConfig
+from tests.service._engine_models import (
+    LM,
+    LONG_PROMPT,
+    PROMPTS,
+    SOURCES,
+    TRANSLATOR,
+    copy_version,
+    model_repository,
+    slow_engine_factory,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _exported_models() -> None:
+    """Export the tiny models (once per process) before timing any test."""
+    model_repository()
+
+
+T = TypeVar("T")
+OPTIONS = EngineOptions(cpu_variant="fp32", intra_op_threads=1, warmup=False)
+STEP_DELAY = 0.02
+
+
+def make_scheduler(
+    root: Path | None = None, factory: EngineFactory | None = None, **config: Any
+) -> Scheduler:
+    base: dict[str, Any] = dict(
+        max_batch_size=8, max_batch_tokens=4096, max_queue=16, max_input_tokens=128
+    )
+    base.update(config)
+    repository = ModelRepository(root or model_repository(), DEFAULT_MODELS)
+    return Scheduler(repository, SchedulerConfig(**base), OPTIONS, Metrics(), factory)
+
+
+def run(main: Callable[[Scheduler], Coroutine[Any, Any, T]], scheduler: Scheduler) -> T:
+    """Start the scheduler, run `main`, always stop it (one event loop per test)."""
+
+    async def wrapper() -> T:
+        await scheduler.start()
+        try:
+            return await main(scheduler)
+        finally:
+            await scheduler.stop(0.0)
+
+    return asyncio.run(wrapper())
+
+
+def translate(text: str, **params: Any) -> SequenceRequest:
+    return SequenceRequest(Task.TRANSLATION, text, DecodingParams(**params))
+
+
+def generate(text: str, **params: Any) -> SequenceRequest:
+    return SequenceRequest(Task.GENERATION, text, DecodingParams(**params))
+
+
+def alone(request: SequenceRequest) -> SequenceResult:
+    """The request decoded by itself, outside any scheduler."""
+    name = TRANSLATOR if request.task is Task.TRANSLATION else LM
+    path = model_repository() / name / "1"
+    from export.manifest import load_manifest
+
+    engine = Engine(path, load_manifest(path), OPTIONS)
+    return decode_all(engine, [request])[0]
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.005)
+
+
+def loop_stats(s: Scheduler, key: str) -> dict[str, float]:
+    return s.stats()[key]
+
+
+def sample_value(metrics: Metrics, name: str, labels: dict[str, str] | None = None) -> float:
+    value = metrics.registry.get_sample_value(name, labels or {})
+    return 0.0 if value is None else value
+
+
+def long_request(**params: Any) -> SequenceRequest:
+    return generate(LONG_PROMPT, max_new_tokens=100, **params)
+
+
+# --- batching ----------------------------------------------------------------------------------
+
+
+def test_concurrent_requests_are_batched_and_equal_their_unbatched_answers() -> None:
+    requests = [translate(t, max_new_tokens=30) for t in SOURCES]
+    requests += [generate(p, max_new_tokens=30) for p in PROMPTS]
+    requests.append(translate(SOURCES[0], max_new_tokens=20, beam_size=3, n_best=2))
+    scheduler = make_scheduler()
+
+    async def main(s: Scheduler) -> list[SequenceResult]:
+        for name in (TRANSLATOR, LM):
+            labels = {"model": name, "version": "1"}
+            assert sample_value(s.metrics, "inference_model_ready", labels) == 1
+        return list(await asyncio.gather(*(s.submit(r) for r in requests)))
+
+    results = run(main, scheduler)
+    for request, result in zip(requests, results, strict=True):
+        expected = alone(request)
+        assert [h.token_ids for h in result.hypotheses] == [
+            h.token_ids for h in expected.hypotheses
+        ]
+        assert [h.text for h in result.hypotheses] == [h.text for h in expected.hypotheses]
+        assert (result.model, result.version) == (
+            TRANSLATOR if request.task is Task.TRANSLATION else LM,
+            1,
+        )
+    m = scheduler.metrics
+    for name in (TRANSLATOR, LM):  # some step ran more than one row, for both models
+        steps = sample_value(m, "inference_batch_size_count", {"model": name})
+        single = sample_value(m, "inference_batch_size_bucket", {"model": name, "le": "1.0"})
+        assert steps > single
+        assert sample_value(m, "inference_time_to_first_token_seconds_count", {"model": name}) > 0
+        assert sample_value(m, "inference_queue_duration_seconds_count", {"model": name}) > 0
+        assert sample_value(m, "inference_inter_token_latency_seconds_count", {"model": name}) > 0
+        assert sample_value(m, "inference_input_tokens_total", {"model": name}) > 0
+        assert sample_value(m, "inference_output_tokens_total", {"model": name}) > 0
+
+
+def test_stream_pieces_add_up_to_the_unary_answer() -> None:
+    requests = [generate(p, max_new_tokens=40) for p in PROMPTS[:4]]
+    requests += [translate(t, max_new_tokens=40) for t in SOURCES[:3]]
+    requests.append(translate(SOURCES[1], max_new_tokens=20, beam_size=2))
+
+    async def main(s: Scheduler) -> list[tuple[list[TokenEvent | SequenceResult], SequenceResult]]:
+        async def both(
+            r: SequenceRequest,
+        ) -> tuple[list[TokenEvent | SequenceResult], SequenceResult]:
+            items = [item async for item in s.stream(r)]
+            return items, await s.submit(r)
+
+        return list(await asyncio.gather(*(both(r) for r in requests)))
+
+    for items, unary in run(main, make_scheduler()):
+        assert isinstance(items[-1], SequenceResult)
+        assert all(isinstance(i, TokenEvent) for i in items[:-1])
+        events = [i for i in items[:-1] if isinstance(i, TokenEvent)]
+        h = unary.hypotheses[0]
+        assert "".join(e.text for e in events) == h.text == items[-1].hypotheses[0].text
+        assert [t for e in events for t in e.token_ids] == h.token_ids
+
+
+# --- cancellation, deadlines, queue ------------------------------------------------------------
+
+
+def test_cancelled_request_frees_its_rows_at_the_next_step() -> None:
+    async def main(s: Scheduler) -> None:
+        key = f"{LM}:1"
+        task = asyncio.create_task(s.submit(long_request()))
+        await wait_until(lambda: loop_stats(s, key)["rows"] == 1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await wait_until(lambda: loop_stats(s, key)["running"] == 0)
+        assert loop_stats(s, key)["rows"] == 0
+        assert loop_stats(s, key)["steps"] < 60  # it did not run to its end
+
+        # Closing a stream early cancels it too.
+        stream = s.stream(long_request())
+        first = await anext(stream)
+        assert isinstance(first, TokenEvent)
+        await stream.aclose()  # type: ignore[attr-defined]
+        await wait_until(lambda: loop_stats(s, key)["running"] == 0)
+
+    run(main, make_scheduler(factory=slow_engine_factory(STEP_DELAY)))
+
+
+def test_request_past_its_deadline_is_removed() -> None:
+    async def main(s: Scheduler) -> None:
+        key = f"{LM}:1"
+        deadline = time.monotonic() + 0.3
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded, match="deadline passed"):
+            await s.submit(
+                SequenceRequest(Task.GENERATION, LONG_PROMPT, DecodingParams(max_new_tokens=100),
+                                deadline=deadline)
+            )  # fmt: skip
+        assert time.monotonic() - started < 1.0
+        await wait_until(lambda: loop_stats(s, key)["running"] == 0)
+        # A stream's deadline ends the stream the same way.
+        request = SequenceRequest(
+            Task.GENERATION, LONG_PROMPT, DecodingParams(max_new_tokens=100),
+            deadline=time.monotonic() + 0.3,
+        )  # fmt: skip
+        with pytest.raises(DeadlineExceeded):
+            async for _ in s.stream(request):
+                pass
+        await wait_until(lambda: loop_stats(s, key)["running"] == 0)
+
+    run(main, make_scheduler(factory=slow_engine_factory(STEP_DELAY)))
+
+
+def test_full_queue_is_refused_at_once() -> None:
+    async def main(s: Scheduler) -> None:
+        key = f"{LM}:1"
+        running = asyncio.create_task(s.submit(long_request()))
+        await wait_until(lambda: loop_stats(s, key)["running"] == 1)
+        queued = [asyncio.create_task(s.submit(long_request())) for _ in range(2)]
+        await wait_until(lambda: loop_stats(s, key)["waiting"] == 2)
+        started = time.monotonic()
+        with pytest.raises(QueueFull, match="max_queue 2"):
+            await s.submit(long_request())
+        assert time.monotonic() - started < 0.5  # refused without waiting for room
+        for task in [running, *queued]:
+            task.cancel()
+        await asyncio.gather(running, *queued, return_exceptions=True)
+        await wait_until(lambda: loop_stats(s, key)["waiting"] + loop_stats(s, key)["running"] == 0)
+
+    run(
+        main, make_scheduler(factory=slow_engine_factory(STEP_DELAY), max_batch_size=1, max_queue=2)
+    )
+
+
+def test_unmeetable_deadline_is_refused_with_the_estimate() -> None:
+    async def main(s: Scheduler) -> None:
+        key = f"{LM}:1"
+        running = asyncio.create_task(s.submit(long_request()))
+        await wait_until(lambda: loop_stats(s, key)["steps"] >= 3)
+        assert loop_stats(s, key)["estimated_wait_s"] > 0.2
+        tight = SequenceRequest(
+            Task.GENERATION, PROMPTS[0], DecodingParams(max_new_tokens=5),
+            deadline=time.monotonic() + 0.05,
+        )  # fmt: skip
+        with pytest.raises(
+            DeadlineUnmeetable, match=r"estimated queue wait .*s exceeds the .*s left"
+        ):
+            await s.submit(tight)
+        generous = SequenceRequest(
+            Task.GENERATION, PROMPTS[0], DecodingParams(max_new_tokens=5),
+            deadline=time.monotonic() + 60,
+        )  # fmt: skip
+        accepted = asyncio.create_task(s.submit(generous))
+        await wait_until(lambda: loop_stats(s, key)["waiting"] == 1)
+        running.cancel()
+        result = await accepted
+        assert result.hypotheses
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+
+    run(main, make_scheduler(factory=slow_engine_factory(STEP_DELAY), max_batch_size=1))
+
+
+def test_static_mode_runs_a_batch_to_completion_before_admitting_more() -> None:
+    first = [generate(p, max_new_tokens=20) for p in PROMPTS[:3]]
+    late = generate(PROMPTS[4], max_new_tokens=20)
+
+    async def main(s: Scheduler) -> tuple[list[float], float, list[SequenceResult]]:
+        done: dict[int, float] = {}
+
+        async def timed(i: int, r: SequenceRequest) -> SequenceResult:
+            result = await s.submit(r)
+            done[i] = time.monotonic()
+            return result
+
+        tasks = [asyncio.create_task(timed(i, r)) for i, r in enumerate(first)]
+        await wait_until(lambda: loop_stats(s, f"{LM}:1")["running"] == 3)
+        tasks.append(asyncio.create_task(timed(3, late)))
+        results = list(await asyncio.gather(*tasks))
+        return [done[i] for i in range(3)], done[3], results
+
+    firsts, late_done, results = run(
+        main, make_scheduler(factory=slow_engine_factory(STEP_DELAY), mode="static")
+    )
+    assert late_done > max(firsts)
+    for request, result in zip([*first, late], results, strict=True):
+        assert result.hypotheses[0].token_ids == alone(request).hypotheses[0].token_ids
+
+
+# --- lifecycle ---------------------------------------------------------------------------------
+
+
+def test_stop_lets_in_flight_requests_finish_then_refuses() -> None:
+    requests = [generate(p, max_new_tokens=30) for p in PROMPTS[:3]]
+    requests += [translate(t, max_new_tokens=30) for t in SOURCES[:3]]
+
+    async def main(s: Scheduler) -> None:
+        tasks = [asyncio.create_task(s.submit(r)) for r in requests]
+        await asyncio.sleep(0)
+        await s.stop(grace_s=30.0)
+        results = await asyncio.gather(*tasks)
+        assert all(r.hypotheses for r in results)
+        with pytest.raises(Unavailable):
+            await s.submit(requests[0])
+        assert s.tasks() == set()
+
+    run(main, make_scheduler(factory=slow_engine_factory(0.005)))
+
+
+def test_stop_cancels_what_outlasts_the_grace_period() -> None:
+    async def main(s: Scheduler) -> None:
+        unary = asyncio.create_task(s.submit(long_request()))
+        items: list[TokenEvent | SequenceResult] = []
+
+        async def consume() -> None:
+            async for item in s.stream(long_request()):
+                items.append(item)
+
+        streaming = asyncio.create_task(consume())
+        await wait_until(lambda: loop_stats(s, f"{LM}:1")["running"] == 2)
+        await s.stop(grace_s=0.1)
+        with pytest.raises(Unavailable):
+            await unary
+        await streaming
+        last = items[-1]
+        assert isinstance(last, SequenceResult)
+        assert last.hypotheses[0].finish_reason is FinishReason.CANCELLED
+        assert 0 < len(last.hypotheses[0].token_ids) < 100
+
+    run(main, make_scheduler(factory=slow_engine_factory(STEP_DELAY)))
+
+
+def test_limits_and_unknown_models_are_refused_naming_the_cause() -> None:
+    async def main(s: Scheduler) -> None:
+        with pytest.raises(InvalidArgument, match=r"text: \d+ tokens exceed max_input_tokens 10"):
+            await s.submit(translate(SOURCES[0]))
+        with pytest.raises(InvalidArgument, match="max_new_tokens"):
+            await s.submit(translate("God", max_new_tokens=100))
+        with pytest.raises(InvalidArgument, match="max_batch_tokens"):
+            await s.submit(translate("God", max_new_tokens=50, beam_size=8, n_best=1))
+        with pytest.raises(ModelNotFound, match="en-es"):
+            await s.submit(SequenceRequest(Task.TRANSLATION, "x", DecodingParams(), model="fr-de"))
+        with pytest.raises(ModelNotFound, match="no version 7"):
+            await s.submit(SequenceRequest(Task.TRANSLATION, "x", DecodingParams(), version=7))
+        with pytest.raises(ModelNotFound, match="generation model"):
+            await s.submit(SequenceRequest(Task.TRANSLATION, "x", DecodingParams(), model=LM))
+
+    run(main, make_scheduler(max_input_tokens=10, max_new_tokens=64, max_batch_tokens=400))
+
+
+def test_model_information_for_the_models_service() -> None:
+    async def main(s: Scheduler) -> None:
+        statuses = {st.name: st for st in s.models()}
+        assert set(statuses) == {TRANSLATOR, LM}
+        tr = statuses[TRANSLATOR]
+        assert (tr.task, tr.version, tr.versions, tr.ready) == (Task.TRANSLATION, 1, (1,), True)
+        assert (tr.dtype, tr.provider) == ("fp32", "CPUExecutionProvider")
+        assert (tr.source_language, tr.target_language) == ("en", "es")
+        assert tr.config["arch"] == "encoder-decoder"
+        assert s.describe(LM).task is Task.GENERATION
+        with pytest.raises(ModelNotFound):
+            s.describe("nope")
+        assert s.model_label(Task.TRANSLATION, "") == TRANSLATOR
+        assert s.model_label(Task.GENERATION, "whatever") == "unknown"
+        assert s.tasks() == {Task.TRANSLATION, Task.GENERATION}
+        assert s.count_tokens(generate("In the beginning")) > 1
+
+    run(main, make_scheduler())
+
+
+def test_reload_serves_new_versions_and_drains_retired_ones(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    shutil.copytree(model_repository(), root)
+
+    async def main(s: Scheduler) -> None:
+        old = asyncio.create_task(s.submit(long_request()))
+        await wait_until(lambda: loop_stats(s, f"{LM}:1")["running"] == 1)
+        copy_version(root, LM, 1, 2)
+        summary = await s.reload()
+        assert (summary.loaded, summary.retired) == ([f"{LM}:2"], [])
+        assert (await s.submit(generate(PROMPTS[0], max_new_tokens=5))).version == 2
+        pinned = SequenceRequest(Task.GENERATION, PROMPTS[0], DecodingParams(max_new_tokens=5),
+                                 version=1)  # fmt: skip
+        assert (await s.submit(pinned)).version == 1
+        shutil.rmtree(root / LM / "1")
+        summary = await s.reload()
+        assert (summary.loaded, summary.retired) == ([], [f"{LM}:1"])
+        with pytest.raises(ModelNotFound, match="loaded versions: 2"):
+            await s.submit(pinned)
+        assert f"{LM}:1" in s.stats()  # draining: its request is still running
+        result = await old
+        assert (result.version, len(result.hypotheses[0].token_ids)) == (1, 100)
+        await wait_until(lambda: f"{LM}:1" not in s.stats())
+        assert [st.version for st in s.models() if st.name == LM] == [2]
+
+    run(main, make_scheduler(root, factory=slow_engine_factory(STEP_DELAY)))
+
+
+def test_metrics_follow_the_spec() -> None:
+    """Every metric of the spec is declared, with its labels, on a private registry."""
+    metrics = Metrics()
+    spec = {
+        "inference_request_duration_seconds": {"method", "model"},
+        "inference_queue_duration_seconds": {"model"},
+        "inference_time_to_first_token_seconds": {"model"},
+        "inference_inter_token_latency_seconds": {"model"},
+        "inference_decode_step_duration_seconds": {"model"},
+        "inference_batch_size": {"model"},
+        "inference_batch_padding_ratio": {"model"},
+        "inference_request_input_tokens": {"model"},
+        "inference_request_output_tokens": {"model"},
+        "inference_requests_total": {"method", "model", "code"},
+        "inference_input_tokens_total": {"model"},
+        "inference_output_tokens_total": {"model"},
+        "inference_queue_depth": {"model"},
+        "inference_running_sequences": {"model"},
+        "inference_free_cache_slots": {"model"},
+        "inference_model_ready": {"model", "version"},
+        "inference_estimated_queue_wait_seconds": {"model"},
+        "inference_gpu_memory_used_bytes": {"device"},
+    }
+    metrics.observe_request("Translate", "en-es", "OK", 0.01)
+    declared = {}
+    for family in metrics.registry.collect():
+        name = family.name + ("_total" if family.type == "counter" else "")
+        declared[name] = family
+    assert set(spec) <= set(declared)
+    duration = metrics.registry.get_sample_value(
+        "inference_request_duration_seconds_bucket",
+        {"method": "Translate", "model": "en-es", "le": "0.0005"},
+    )
+    assert duration == 0.0  # buckets start at 0.5 ms
+    assert Metrics().registry is not metrics.registry

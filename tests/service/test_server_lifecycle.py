@@ -1,0 +1,173 @@
+"""Lifecycle of a real server subprocess: SIGTERM drains under load, SIGHUP and Reload load
+new versions beside the running ones without failing a request."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+
+from service.client import Client
+from service.gen.inference.v1 import inference_pb2 as pb
+from tests.conftest import ServerHandle
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+VERSE = "In the beginning God created the heaven and the earth."
+
+
+def _private_repository(model_repository: Path, tmp_path: Path) -> Path:
+    repository = tmp_path / "models"
+    shutil.copytree(model_repository, repository)
+    return repository
+
+
+def test_sigterm_under_load_loses_no_accepted_request(
+    start_server: Callable[..., ServerHandle],
+) -> None:
+    server = start_server("--drain-grace-s", "30")
+    outcomes: Counter[str] = Counter()
+    finished_after_signal = Counter[str]()
+    signalled = threading.Event()
+    lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        with Client(server.address, timeout=60) as client:
+            while True:
+                started_before = not signalled.is_set()
+                try:
+                    if i % 2:
+                        client.generate("The Lord said", max_new_tokens=32)
+                    else:
+                        chunks = list(client.translate_stream(VERSE, max_new_tokens=32))
+                        assert chunks[-1].finished
+                    code = "OK"
+                except grpc.RpcError as error:
+                    code = error.code().name  # type: ignore[attr-defined]
+                with lock:
+                    outcomes[code] += 1
+                    if code == "OK" and started_before and signalled.is_set():
+                        finished_after_signal["OK"] += 1
+                if code != "OK":
+                    return
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(2.0)  # let the load build up
+    signalled.set()
+    server.process.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(90)
+    assert server.process.wait(60) == 0, server.log()[-3000:]
+    # Every call either completed or was refused before it was accepted (UNAVAILABLE).
+    assert set(outcomes) <= {"OK", "UNAVAILABLE"}, outcomes
+    assert outcomes["OK"] > 0 and outcomes["UNAVAILABLE"] > 0
+    assert finished_after_signal["OK"] > 0, "no call was in flight at SIGTERM"
+    log = server.log()
+    assert '"message": "draining"' in log and '"message": "stopped"' in log
+    assert "drain grace over" not in log
+
+
+def _copy_version(repository: Path, name: str, source: int, target: int) -> None:
+    """A new version folder: the same files, its manifest renumbered."""
+    destination = repository / name / str(target)
+    shutil.copytree(repository / name / str(source), destination)
+    manifest = json.loads((destination / "manifest.json").read_text())
+    manifest["version"] = target
+    (destination / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+
+def _wait_versions(client: Client, name: str, wanted: list[int], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = client.describe_model(name)
+        if list(info.versions) == wanted and info.ready:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{name} versions never became {wanted}")
+
+
+def test_sighup_and_reload_load_new_versions_without_failures(
+    start_server: Callable[..., ServerHandle], model_repository: Path, tmp_path: Path
+) -> None:
+    repository = _private_repository(model_repository, tmp_path)
+    server = start_server(repository=repository)
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with Client(server.address, timeout=30) as client:
+            while not stop.is_set():
+                try:
+                    client.translate(["Amen.", VERSE], max_new_tokens=8)
+                except grpc.RpcError as error:
+                    errors.append(f"{error.code()}: {error.details()}")  # type: ignore[attr-defined]
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        with Client(server.address, timeout=30) as client:
+            _copy_version(repository, "en-es", 1, 2)
+            server.process.send_signal(signal.SIGHUP)
+            _wait_versions(client, "en-es", [1, 2])
+            assert client.translate("Amen.").version == 2  # the newest is the default
+            assert client.translate("Amen.", version=1).version == 1
+            # Reload RPC: version 3 appears, version 1 is retired (gone from disk).
+            _copy_version(repository, "en-es", 1, 3)
+            shutil.rmtree(repository / "en-es" / "1")
+            response = client.reload()
+            assert list(response.loaded) == ["en-es:3"]
+            assert list(response.retired) == ["en-es:1"]
+            _wait_versions(client, "en-es", [2, 3])
+            with pytest.raises(grpc.RpcError) as info:
+                client.translate("Amen.", version=1)
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert errors == []
+    assert server.stop() == 0
+
+
+def test_starts_not_serving_without_models(
+    start_server: Callable[..., ServerHandle], tmp_path: Path
+) -> None:
+    """An empty repository: the server runs (so probes answer) but is NOT_SERVING."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    server = start_server(repository=empty, wait=False)
+    deadline = time.monotonic() + 60
+    status = None
+    while time.monotonic() < deadline and status is None:
+        with grpc.insecure_channel(server.address) as channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=2
+                )
+                if '"message": "serving"' in server.log():
+                    status = reply.status
+            except grpc.RpcError:
+                time.sleep(0.2)
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    with Client(server.address) as client:
+        with pytest.raises(grpc.RpcError) as info:
+            client.translate("Amen.")
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+        assert client.list_models() == []
+        request = pb.TranslateRequest(texts=["x"])
+        with pytest.raises(grpc.RpcError):
+            client.translator.Translate(request, timeout=5)
+    assert server.stop() == 0

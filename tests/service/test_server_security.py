@@ -1,0 +1,133 @@
+"""TLS and bearer-token auth on a real server: calls need the token, health and reflection
+stay open, plaintext clients cannot talk to a TLS server."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+from service.client import Client
+from tests.conftest import ServerHandle
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+TOKEN = "test-token-0123456789"
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost/127.0.0.1 (cryptography, else openssl CLI)."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    try:
+        _with_cryptography(cert, key)
+    except ImportError:
+        if shutil.which("openssl") is None:
+            pytest.skip("neither the cryptography package nor the openssl CLI is available")
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+             "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out", str(cert),
+             "-days", "1", "-subj", "/CN=localhost",
+             "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+    return cert, key
+
+
+def _with_cryptography(cert_path: Path, key_path: Path) -> None:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+
+
+@pytest.fixture(scope="module")
+def secure_server(
+    start_server: Callable[..., ServerHandle], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[ServerHandle, Path]:
+    cert, key = self_signed(tmp_path_factory.mktemp("tls"))
+    credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+    server = start_server(
+        "--tls-cert", str(cert), "--tls-key", str(key), credentials=credentials,
+        env={"SERVE_AUTH_TOKEN": TOKEN},  # the token from the environment, not argv
+    )  # fmt: skip
+    return server, cert
+
+
+def test_token_required(secure_server: tuple[ServerHandle, Path]) -> None:
+    server, cert = secure_server
+    for token in (None, "wrong-token"):
+        with Client(server.address, token=token, ca=cert, timeout=10) as client:
+            for call in (lambda: client.translate("Amen."), client.list_models, client.reload):
+                with pytest.raises(grpc.RpcError) as info:
+                    call()  # type: ignore[operator]
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+                assert "token" in info.value.details()  # type: ignore[attr-defined]
+    with Client(server.address, token=TOKEN, ca=cert, timeout=30) as client:
+        assert client.translate("Amen.").translations[0].hypotheses
+        assert {m.name for m in client.list_models()} == {"en-es", "en-lm"}
+        chunks = list(client.generate("The Lord said", stream=True, max_new_tokens=4))
+        assert chunks[-1].finished
+        assert list(client.reload().loaded) == []
+
+
+def test_health_and_reflection_stay_open(secure_server: tuple[ServerHandle, Path]) -> None:
+    server, cert = secure_server
+    credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+    with grpc.secure_channel(server.address, credentials) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="inference.v1.Translator"), timeout=10
+        )
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+        assert "inference.v1.Translator" in services
+
+
+def test_plaintext_and_untrusted_clients_fail(secure_server: tuple[ServerHandle, Path]) -> None:
+    server, _ = secure_server
+    with Client(server.address, token=TOKEN, timeout=5) as plaintext:
+        with pytest.raises(grpc.RpcError) as info:
+            plaintext.translate("Amen.")
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+    with Client(server.address, token=TOKEN, tls=True, timeout=5) as untrusted:
+        with pytest.raises(grpc.RpcError) as info:
+            untrusted.translate("Amen.")  # system roots do not trust a self-signed cert
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]

@@ -1,0 +1,475 @@
+"""The gRPC transport against a fake backend, in-process: fast, no models needed.
+
+What the transport alone owns is tested here: validation and status codes, auth, request
+ids, deadlines, cancellation, drain, metrics. The real server with real models is tested
+in test_server.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import Future
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.client import Client, decoding_options
+from service.domain import (
+    DeadlineUnmeetable,
+    FinishReason,
+    HypothesisResult,
+    ModelNotFound,
+    ModelStatus,
+    QueueFull,
+    ReloadSummary,
+    SequenceRequest,
+    SequenceResult,
+    Task,
+    TokenEvent,
+)
+from service.gen.inference.v1 import inference_pb2 as pb
+from service.metrics import Metrics
+from service.server import InferenceServer
+from service.settings import load_settings
+
+TOKEN = "s3cret-token"
+
+
+class FakeBackend:
+    """Echoes the text upper-cased, word by word; special texts trigger failures."""
+
+    def __init__(self) -> None:
+        self.requests: list[SequenceRequest] = []
+        self.cancelled: list[str] = []
+        self.release = asyncio.Event()
+        self.closed = False
+
+    async def start(self) -> ReloadSummary:
+        self.release = asyncio.Event()
+        return ReloadSummary(loaded=["en-es:1", "en-lm:1"], retired=[])
+
+    def _check(self, request: SequenceRequest) -> str:
+        self.requests.append(request)
+        name = request.model or ("en-es" if request.task is Task.TRANSLATION else "en-lm")
+        if name not in ("en-es", "en-lm"):
+            raise ModelNotFound(f"model {name!r} is not loaded")
+        if request.text == "queue full":
+            raise QueueFull("queue full (2 waiting); retry later")
+        if request.text == "too late":
+            raise DeadlineUnmeetable("estimated wait 9s exceeds the 1s left")
+        if request.text == "bug":
+            raise RuntimeError("secret internal detail")
+        return name
+
+    def _result(self, name: str, request: SequenceRequest) -> SequenceResult:
+        words = request.text.upper().split()
+        hyps = [
+            HypothesisResult(
+                text=" ".join(words) + ("" if k == 0 else f" #{k}"),
+                token_ids=list(range(len(words))),
+                tokens=words,
+                score=-1.0 - k,
+                normalized_score=-0.5 - k,
+                finish_reason=FinishReason.EOS,
+                alignment=[[1.0 / len(words)] * len(words) for _ in words],
+            )
+            for k in range(request.params.n_best)
+        ]
+        return SequenceResult(name, 1, hyps, len(words) + 1, source_tokens=words)
+
+    async def _maybe_block(self, request: SequenceRequest) -> None:
+        if request.text.startswith("block"):
+            try:
+                await self.release.wait()
+            except asyncio.CancelledError:
+                self.cancelled.append(request.text)
+                raise
+
+    async def submit(self, request: SequenceRequest) -> SequenceResult:
+        name = self._check(request)
+        await self._maybe_block(request)
+        return self._result(name, request)
+
+    async def stream(self, request: SequenceRequest) -> AsyncIterator[TokenEvent | SequenceResult]:
+        name = self._check(request)
+        result = self._result(name, request)
+        for i, word in enumerate(result.hypotheses[0].text.split()):
+            yield TokenEvent([i], (" " if i else "") + word)
+            await self._maybe_block(request)
+        yield result
+
+    async def reload(self) -> ReloadSummary:
+        return ReloadSummary(loaded=["en-es:2"], retired=[])
+
+    def models(self) -> list[ModelStatus]:
+        return [self.describe("en-es", None), self.describe("en-lm", None)]
+
+    def describe(self, name: str, version: int | None) -> ModelStatus:
+        if name not in ("en-es", "en-lm") or version not in (None, 1):
+            raise ModelNotFound(f"model {name!r} version {version} is not loaded")
+        task = Task.TRANSLATION if name == "en-es" else Task.GENERATION
+        return ModelStatus(
+            name, 1, task, "en", "es" if name == "en-es" else "en", "int8",
+            "CPUExecutionProvider", 64, 64, (1,), True, {"d_model": 32},
+        )  # fmt: skip
+
+    def model_label(self, task: Task | None, name: str) -> str:
+        if name in ("en-es", "en-lm"):
+            return name
+        if not name and task is not None:
+            return "en-es" if task is Task.TRANSLATION else "en-lm"
+        return "unknown"
+
+    def tasks(self) -> set[Task]:
+        return {Task.TRANSLATION, Task.GENERATION}
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class InProcessServer:
+    """An InferenceServer on its own event-loop thread, for a synchronous test client."""
+
+    def __init__(self, **overrides: Any) -> None:
+        settings: dict[str, Any] = dict(
+            port=0, metrics_port=0, max_texts_per_request=4, max_beam_size=4,
+            max_new_tokens=32, default_max_new_tokens=8, max_input_tokens=16, drain_grace_s=5,
+        )  # fmt: skip
+        settings.update(overrides)
+        self.settings = load_settings(**settings)
+        self.backend = FakeBackend()
+        self.metrics = Metrics()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server: InferenceServer = self.call(self._make())
+        self.call(self.server.start())
+        self.address = f"127.0.0.1:{self.server.port}"
+
+    async def _make(self) -> InferenceServer:
+        return InferenceServer(self.settings, self.backend, self.metrics)  # type: ignore[arg-type]
+
+    def call(self, coro: Any, timeout: float = 30) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def submit(self, coro: Any) -> Future[Any]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def unblock(self) -> None:
+        self.loop.call_soon_threadsafe(self.backend.release.set)
+
+    def stop(self) -> None:
+        if not self.server._stopped.is_set():
+            self.call(self.server.drain())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+    def counter(self, method: str, model: str, code: str) -> float:
+        value = self.metrics.registry.get_sample_value(
+            "inference_requests_total", {"method": method, "model": model, "code": code}
+        )
+        return value or 0.0
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[InProcessServer]:
+    server = InProcessServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def client(fake: InProcessServer) -> Iterator[Client]:
+    with Client(fake.address, timeout=10) as c:
+        yield c
+
+
+def _code(error: pytest.ExceptionInfo[grpc.RpcError]) -> grpc.StatusCode:
+    return error.value.code()  # type: ignore[attr-defined,no-any-return]
+
+
+# --- happy paths ---------------------------------------------------------------------------
+
+
+def test_translate_many_texts_in_order(client: Client, fake: InProcessServer) -> None:
+    response = client.translate(["one two", "three"], return_scores=True)
+    assert [t.hypotheses[0].text for t in response.translations] == ["ONE TWO", "THREE"]
+    assert response.model == "en-es" and response.version == 1
+    assert response.usage.input_tokens == 3 + 2
+    assert response.translations[0].hypotheses[0].score == -1.0
+    assert not response.translations[0].source_tokens  # only with return_alignment
+
+
+def test_translate_n_best_and_alignment(client: Client) -> None:
+    response = client.translate("a b", beam_size=3, n_best=2, return_alignment=True)
+    hyps = response.translations[0].hypotheses
+    assert [h.text for h in hyps] == ["A B", "A B #1"]
+    assert list(response.translations[0].source_tokens) == ["A", "B"]
+    assert list(hyps[0].tokens) == ["A", "B"]
+    assert [list(r.weights) for r in hyps[0].alignment] == [[0.5, 0.5], [0.5, 0.5]]
+    assert hyps[0].score == 0.0  # scores only when asked
+
+
+def test_streams_end_with_a_finished_chunk(client: Client) -> None:
+    chunks = list(client.translate_stream("in the beginning", return_scores=True))
+    assert "".join(c.text for c in chunks) == "IN THE BEGINNING"
+    assert [c.finished for c in chunks] == [False, False, False, True]
+    last = chunks[-1]
+    assert last.finish_reason == pb.FINISH_REASON_EOS and last.model == "en-es"
+    assert last.usage.output_tokens == 3 and last.score == -1.0
+    gen = list(client.generate("the lord said", stream=True))
+    assert gen[-1].finished and gen[-1].model == "en-lm"
+
+
+def test_generate_unary_and_models(client: Client) -> None:
+    response = client.generate("and god said")
+    assert isinstance(response, pb.GenerateResponse)
+    assert response.hypotheses[0].text == "AND GOD SAID"
+    names = [m.name for m in client.list_models()]
+    assert names == ["en-es", "en-lm"]
+    info = client.describe_model("en-es")
+    assert info.limits.max_input_tokens == 16  # the lower of settings and model
+    assert info.limits.max_beam_size == 4 and '"d_model": 32' in info.config_json
+    assert list(client.reload().loaded) == ["en-es:2"]
+
+
+def test_request_id_is_echoed_or_generated(fake: InProcessServer) -> None:
+    with Client(fake.address) as c:
+        _, call = c.translator.Translate.with_call(
+            pb.TranslateRequest(texts=["x"]), metadata=[("x-request-id", "abc-123")]
+        )
+        assert ("x-request-id", "abc-123") in list(call.trailing_metadata())
+        _, call = c.translator.Translate.with_call(pb.TranslateRequest(texts=["x"]))
+        generated = dict(call.trailing_metadata())["x-request-id"]
+        assert len(generated) == 32
+        assert fake.backend.requests[-1].request_id == generated
+
+
+def test_deadline_reaches_the_sequence_request(fake: InProcessServer) -> None:
+    with Client(fake.address, timeout=5.0) as c:
+        before = time.monotonic()
+        c.translate("x")
+        deadline = fake.backend.requests[-1].deadline
+        assert deadline is not None and before + 3.0 < deadline < before + 5.5
+    with Client(fake.address, timeout=None) as c:
+        c.translate("x")
+        assert fake.backend.requests[-1].deadline is None
+
+
+# --- refusals ------------------------------------------------------------------------------
+
+BAD_REQUESTS: list[tuple[str, dict[str, Any], str]] = [
+    ("texts", {"texts": []}, "texts: is empty"),
+    ("texts", {"texts": ["a"] * 5}, "5 texts exceed the limit 4"),
+    ("texts[1]", {"texts": ["a", "  "]}, "texts[1]: is empty"),
+    ("texts[0]", {"texts": ["a" * 600]}, "cannot fit max_input_tokens 16"),
+    ("max_new_tokens", {"max_new_tokens": 33}, "33 exceeds the limit 32"),
+    ("beam_size", {"beam_size": 5}, "5 exceeds the limit 4"),
+    ("n_best", {"beam_size": 2, "n_best": 3}, "n_best: 3 exceeds beam_size 2"),
+    ("n_best", {"n_best": 2}, "exceeds beam_size 1"),
+    ("temperature", {"temperature": -0.5}, "must be ≥ 0"),
+    ("temperature", {"temperature": math.nan}, "must be a finite number"),
+    ("temperature", {"temperature": math.inf}, "must be a finite number"),
+    ("top_p", {"temperature": 1.0, "top_p": 0.0}, "must be in (0, 1]"),
+    ("top_p", {"temperature": 1.0, "top_p": 1.5}, "must be in (0, 1]"),
+    ("top_p", {"temperature": 1.0, "top_p": math.nan}, "finite"),
+    ("top_p", {"top_p": 0.5}, "only applies when sampling"),
+    ("top_k", {"top_k": 5}, "only applies when sampling"),
+    ("length_penalty", {"length_penalty": -1.0}, "must be in [0, 10"),
+    ("length_penalty", {"length_penalty": math.inf}, "finite"),
+    ("beam_size", {"temperature": 0.7, "beam_size": 2}, "sampling (temperature > 0)"),
+    ("stop", {"stop": ["x"] * 9}, "9 strings exceed the limit 8"),
+    ("stop[1]", {"stop": ["ok", "y" * 65]}, "65 characters exceed the limit 64"),
+    ("stop[0]", {"stop": [""]}, "stop[0]: is empty"),
+]
+
+
+@pytest.mark.parametrize(("field", "request_args", "message"), BAD_REQUESTS)
+def test_bad_translate_requests_are_invalid_argument(
+    client: Client, field: str, request_args: dict[str, Any], message: str
+) -> None:
+    args = dict(request_args)
+    texts = args.pop("texts", ["In the beginning"])
+    request = pb.TranslateRequest(texts=texts, options=decoding_options(**args))
+    with pytest.raises(grpc.RpcError) as error:
+        client.translator.Translate(request, timeout=5)
+    assert _code(error) == grpc.StatusCode.INVALID_ARGUMENT
+    details = error.value.details()  # type: ignore[attr-defined]
+    assert field in details and message in details, details
+
+
+def test_bad_generate_and_stream_requests(client: Client) -> None:
+    cases = [
+        (lambda: client.generate(""), "prompt: is empty"),
+        (lambda: client.generate("x", return_alignment=True), "options.return_alignment"),
+        (lambda: list(client.generate("x", stream=True, beam_size=2, n_best=2)), "a stream"),
+        (lambda: list(client.translate_stream("")), "text: is empty"),
+        (lambda: client.describe_model(""), "name: is empty"),
+    ]
+    for call, message in cases:
+        with pytest.raises(grpc.RpcError) as error:
+            call()
+        assert _code(error) == grpc.StatusCode.INVALID_ARGUMENT
+        assert message in error.value.details()  # type: ignore[attr-defined]
+
+
+def test_domain_errors_map_to_status_codes(client: Client, fake: InProcessServer) -> None:
+    cases = [
+        (lambda: client.translate("x", model="xx-yy"), grpc.StatusCode.NOT_FOUND),
+        (lambda: client.describe_model("xx-yy"), grpc.StatusCode.NOT_FOUND),
+        (lambda: list(client.translate_stream("x", model="nope")), grpc.StatusCode.NOT_FOUND),
+        (lambda: client.translate("queue full"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (lambda: client.translate("too late"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (lambda: client.translate(["ok", "bug"]), grpc.StatusCode.INTERNAL),
+    ]
+    for call, code in cases:
+        with pytest.raises(grpc.RpcError) as error:
+            call()
+        assert _code(error) == code
+    assert "secret" not in error.value.details()  # type: ignore[attr-defined]
+    # An unknown model name never becomes a metric label.
+    assert fake.counter("Translate", "unknown", "NOT_FOUND") >= 1
+    assert fake.counter("Translate", "en-es", "RESOURCE_EXHAUSTED") >= 2
+
+
+def test_metrics_count_calls_by_code(client: Client, fake: InProcessServer) -> None:
+    before = fake.counter("GenerateUnary", "en-lm", "OK")
+    client.generate("x")
+    assert fake.counter("GenerateUnary", "en-lm", "OK") == before + 1
+    invalid = fake.counter("GenerateUnary", "en-lm", "INVALID_ARGUMENT")
+    with pytest.raises(grpc.RpcError):
+        client.generate("x", temperature=-1)
+    assert fake.counter("GenerateUnary", "en-lm", "INVALID_ARGUMENT") == invalid + 1
+    count = fake.metrics.registry.get_sample_value(
+        "inference_request_duration_seconds_count", {"method": "GenerateUnary", "model": "en-lm"}
+    )
+    assert count is not None and count >= 2
+
+
+def test_client_cancellation_cancels_the_backend_task(fake: InProcessServer) -> None:
+    with Client(fake.address, timeout=10) as c:
+        future = c.translator.Translate.future(pb.TranslateRequest(texts=["block a", "block b"]))
+        _wait(lambda: sum(r.text.startswith("block") for r in fake.backend.requests) >= 2)
+        future.cancel()
+        _wait(lambda: sorted(fake.backend.cancelled) == ["block a", "block b"])
+        stream = c.generate("block stream", stream=True)
+        assert next(iter(stream)).text == "BLOCK"  # type: ignore[arg-type]
+        stream.cancel()  # type: ignore[union-attr]
+        _wait(lambda: "block stream" in fake.backend.cancelled)
+    _wait(lambda: fake.server.transport.in_flight == 0)
+    assert fake.counter("Translate", "en-es", "CANCELLED") >= 1
+
+
+def _wait(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.02)
+
+
+# --- health, reflection, auth, drain --------------------------------------------------------
+
+
+def _health(address: str, service: str = "") -> int:
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return int(stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status)
+
+
+def test_health_per_service(fake: InProcessServer) -> None:
+    for service in ("", "inference.v1.Translator", "inference.v1.Generator", "inference.v1.Models"):
+        assert _health(fake.address, service) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_auth_token_required_except_health() -> None:
+    server = InProcessServer(auth_token=TOKEN)
+    try:
+        for token, code in [
+            (None, grpc.StatusCode.UNAUTHENTICATED),
+            ("wrong", grpc.StatusCode.UNAUTHENTICATED),
+        ]:
+            with Client(server.address, token=token) as c:
+                for call in (lambda: c.translate("x"), c.list_models, c.reload):
+                    with pytest.raises(grpc.RpcError) as error:
+                        call()  # type: ignore[operator]
+                    assert _code(error) == code
+        with Client(server.address, token=TOKEN) as c:
+            assert c.translate("x").translations[0].hypotheses[0].text == "X"
+            assert c.reload().loaded
+        # Lower-case scheme is accepted too; health stays open.
+        with grpc.insecure_channel(server.address) as channel:
+            from service.gen.inference.v1 import inference_pb2_grpc as pb_grpc
+
+            stub = pb_grpc.ModelsStub(channel)
+            stub.ListModels(pb.ListModelsRequest(), metadata=[("authorization", f"bearer {TOKEN}")])
+        assert _health(server.address) == health_pb2.HealthCheckResponse.SERVING
+        assert server.counter("Translate", "unknown", "UNAUTHENTICATED") == 2  # not yet parsed
+    finally:
+        server.stop()
+
+
+def test_drain_refuses_new_calls_and_finishes_in_flight_ones() -> None:
+    server = InProcessServer()
+    try:
+        with Client(server.address, timeout=10) as c:
+            in_flight = c.translator.Translate.future(pb.TranslateRequest(texts=["block me"]))
+            _wait(lambda: any(r.text == "block me" for r in server.backend.requests))
+            drained = server.submit(server.server.drain())
+            _wait(lambda: server.server.transport.draining)
+            assert _health(server.address) == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.RpcError) as error:
+                c.translate("new call")
+            assert _code(error) == grpc.StatusCode.UNAVAILABLE
+            assert not drained.done()
+            server.unblock()
+            assert in_flight.result(10).translations[0].hypotheses[0].text == "BLOCK ME"
+            drained.result(10)
+            assert server.backend.closed
+    finally:
+        server.stop()
+
+
+def test_server_options_bound_messages_and_connection_age() -> None:
+    from service.server import server_options
+
+    options = dict(
+        server_options(load_settings(max_message_bytes=1 << 20, max_connection_age_s=60))
+    )
+    assert options["grpc.max_receive_message_length"] == 1 << 20
+    assert options["grpc.max_send_message_length"] == 1 << 20
+    assert options["grpc.max_connection_age_ms"] == 60_000
+    assert options["grpc.so_reuseport"] == 0
+    assert "grpc.max_connection_age_ms" not in dict(
+        server_options(load_settings(max_connection_age_s=0))
+    )
+
+
+def test_json_logs_carry_the_request_id() -> None:
+    import io
+    import json
+    import logging
+
+    from service import logging as json_logging
+    from service.logging import request_id_var
+
+    stream = io.StringIO()
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    json_logging.configure("INFO", stream)
+    token = request_id_var.set("rid-1")
+    try:
+        logging.getLogger("test").info("hello %s", "world", extra={"model": "en-es"})
+    finally:
+        request_id_var.reset(token)
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    entry = json.loads(stream.getvalue().strip().splitlines()[-1])
+    assert entry["message"] == "hello world" and entry["request_id"] == "rid-1"
+    assert entry["model"] == "en-es" and entry["level"] == "INFO"

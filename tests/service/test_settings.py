@@ -1,0 +1,118 @@
+"""Settings: defaults, precedence (flags > env > YAML > defaults) and messages that say
+what to change."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.settings import Settings, SettingsError, load_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("SERVE_"):
+            monkeypatch.delenv(key)
+
+
+def test_defaults_match_the_spec() -> None:
+    s = load_settings()
+    assert (s.host, s.port, s.metrics_port) == ("127.0.0.1", 50051, 8000)
+    assert s.model_repository == Path("models")
+    assert s.provider == "auto" and s.cpu_variant == "int8" and s.batching == "continuous"
+    assert s.auth_token is None and not s.tls
+    assert s.default_max_new_tokens <= s.max_new_tokens
+
+
+def test_every_field_is_documented() -> None:
+    for name, info in Settings.model_fields.items():
+        assert info.description, f"{name} has no description"
+
+
+def test_precedence_flags_over_env_over_yaml(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "serve.yaml"
+    config.write_text("port: 1111\nmax_queue: 10\nlog_level: DEBUG\nmax-beam-size: 3\n")
+    monkeypatch.setenv("SERVE_MAX_QUEUE", "20")
+    monkeypatch.setenv("SERVE_LOG_LEVEL", "WARNING")
+    s = load_settings(config, log_level="ERROR")
+    assert s.port == 1111  # YAML
+    assert s.max_queue == 20  # env beats YAML
+    assert s.log_level == "ERROR"  # flag beats env
+    assert s.max_beam_size == 3  # dashes allowed in YAML keys
+    monkeypatch.setenv("SERVE_CONFIG", str(config))
+    assert load_settings().port == 1111
+
+
+@pytest.mark.parametrize(
+    ("env", "flags", "expected"),
+    [
+        ({"SERVE_PORT": "70000"}, {}, "SERVE_PORT=70000: must be ≤ 65535"),
+        ({}, {"port": 70000}, "--port 70000: must be ≤ 65535"),
+        ({"SERVE_MAX_QUEUE": "0"}, {}, "SERVE_MAX_QUEUE=0: must be ≥ 1"),
+        ({"SERVE_PROVIDER": "tpu"}, {}, "SERVE_PROVIDER=tpu: must be one of"),
+        ({"SERVE_DRAIN_GRACE_S": "soon"}, {}, "SERVE_DRAIN_GRACE_S=soon"),
+        ({}, {"default_max_new_tokens": 600}, "default_max_new_tokens (600) must be ≤"),
+        ({}, {"tls_cert": Path("/nonexistent.pem")}, "tls_cert and tls_key go together"),
+        ({"SERVE_AUTH_TOKEN": " "}, {}, "auth_token is empty"),
+    ],
+)
+def test_bad_values_say_what_to_change(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], flags: dict[str, Any], expected: str
+) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SettingsError) as info:
+        load_settings(**flags)
+    assert expected in str(info.value)
+
+
+def test_yaml_errors_name_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("max_batch_size: 0\n")
+    with pytest.raises(SettingsError, match=r"max_batch_size: 0 in .*bad.yaml: must be ≥ 1"):
+        load_settings(config)
+    config.write_text("max_bach_size: 8\n")
+    with pytest.raises(SettingsError, match=r"unknown setting\(s\) \['max_bach_size'\]"):
+        load_settings(config)
+    config.write_text("- a list\n")
+    with pytest.raises(SettingsError, match="must be a mapping"):
+        load_settings(config)
+    with pytest.raises(SettingsError, match="cannot read"):
+        load_settings(tmp_path / "missing.yaml")
+
+
+def test_tls_needs_existing_files(tmp_path: Path) -> None:
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    with pytest.raises(SettingsError, match="is not a readable file"):
+        load_settings(tls_cert=cert, tls_key=key)
+    cert.write_text("x")
+    key.write_text("y")
+    assert load_settings(tls_cert=cert, tls_key=key).tls
+
+
+def test_auth_token_is_secret() -> None:
+    s = load_settings(auth_token="s3cret")
+    assert "s3cret" not in repr(s)
+    assert s.auth_token is not None and s.auth_token.get_secret_value() == "s3cret"
+
+
+def test_cli_help_and_errors() -> None:
+    run = [sys.executable, "-m", "service"]
+    help_text = subprocess.run([*run, "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert help_text.returncode == 0
+    for flag in ("--port", "--max-queue", "--auth-token", "--config", "SERVE_MAX_QUEUE"):
+        assert flag in help_text.stdout
+    bad = subprocess.run([*run, "--port", "70000"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2
+    assert "--port 70000: must be ≤ 65535" in bad.stderr
