@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup test test-fast lint data train evaluate proto export parity gpu-check serve
+.PHONY: help setup test test-fast lint data train evaluate proto export parity gpu-check serve deploy-tools image-tools image image-test
 .DEFAULT_GOAL := help
 
 help:
@@ -64,6 +64,25 @@ parity: export
 # On a CUDA machine with onnxruntime-gpu: fp16 + IOBinding parity and timings.
 gpu-check:
 	$(PY) -m export.gpu_check --version-dir models/en-es/1 --data data --out docs/gpu_check.md
+
+# Deploy checks: tools the manifest tests use (each test skips, naming the tool, without it).
+DEPLOY_BASE_IMAGE ?= localhost/transformer-serving-base:bookworm
+IMAGE_FLAVOUR ?= cpu
+IMAGE ?= localhost/transformer-serving:$(IMAGE_FLAVOUR)
+
+deploy-tools: setup
+	if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus yamllint; else echo "as root: apt-get install -y prometheus yamllint"; fi
+	@command -v kubectl >/dev/null || echo "kubectl missing: the kustomize tests will skip"
+
+# Container images without a Docker engine (buildah + podman + debootstrap base).
+image-tools:
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q buildah podman debootstrap runc
+
+image:
+	FLAVOUR=$(IMAGE_FLAVOUR) IMAGE=$(IMAGE) BASE_IMAGE=$(DEPLOY_BASE_IMAGE) deploy/scripts/build-image.sh
+
+image-test: setup
+	FLAVOUR=$(IMAGE_FLAVOUR) IMAGE=$(IMAGE) BASE_IMAGE=$(DEPLOY_BASE_IMAGE) PYTHON=$(PY) deploy/scripts/image-test.sh
 
 SERVE_ARGS ?=
 serve: export
