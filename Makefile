@@ -8,13 +8,17 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup test test-fast lint data train evaluate proto export parity gpu-check serve deploy-tools image-tools image image-test
+.PHONY: help setup test test-fast lint data train evaluate proto export parity gpu-check serve deploy-tools image-tools image image-test bench loadtest gpu-bench
 .DEFAULT_GOAL := help
 
 help:
 	@echo "make serve   - export (if needed) and serve the default models on 127.0.0.1:50051"
 	@echo "make test    - the whole test suite (what CI runs)"
 	@echo "make lint    - ruff + mypy"
+	@echo "make export  - ONNX model repository models/<name>/<version>/ from the checkpoints"
+	@echo "make parity  - ONNX vs PyTorch parity table (docs/parity.md)"
+	@echo "make bench   - every engine side by side -> docs/benchmarks.md (CPU, < 15 min)"
+	@echo "make loadtest - open-loop load test of a running server (RATE, DURATION, TARGET)"
 	@echo "make data    - build the Bible corpus, splits and tokenizers under data/"
 	@echo "make train   - train the default models into models/"
 
@@ -83,6 +87,22 @@ image:
 
 image-test: setup
 	FLAVOUR=$(IMAGE_FLAVOUR) IMAGE=$(IMAGE) BASE_IMAGE=$(DEPLOY_BASE_IMAGE) PYTHON=$(PY) deploy/scripts/image-test.sh
+
+# Side by side: PyTorch naive, HF generate, CTranslate2, onnxruntime offline, served
+# static vs continuous (needs the en-es checkpoint; exports first) -> docs/benchmarks.md.
+bench: export
+	$(PY) -m loadtest.bench
+
+TARGET ?= 127.0.0.1:50051
+RATE ?= 5
+DURATION ?= 30
+# Open-loop load test of a running server (make serve in another shell).
+loadtest: setup
+	$(PY) -m loadtest run --target $(TARGET) --rate $(RATE) --duration $(DURATION)
+
+# On a CUDA machine: Transformer-base-shaped and en-es GPU benchmark with rooflines.
+gpu-bench: setup
+	$(PY) -m loadtest.gpu_bench --record docs/benchmarks.md
 
 SERVE_ARGS ?=
 serve: export

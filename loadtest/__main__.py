@@ -1,0 +1,474 @@
+"""Load generator for the inference service: `python -m loadtest run|sweep|soak`.
+
+Open loop (--rate, Poisson or constant arrivals) measures latency from each request's
+intended send time, so server queueing shows up in the numbers (no coordinated omission);
+closed loop (--concurrency) keeps N requests in flight. Every run is bounded by
+--duration and --max-requests and targets loopback unless --allow-remote is given.
+Results go to --out: result.json, summary.md, latency_cdf.png, latency_vs_load.png.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import shlex
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from loadtest import report
+from loadtest.generator import (
+    ARRIVALS,
+    DEFAULT_MAX_IN_FLIGHT,
+    BoundsError,
+    RequestRecord,
+    RunResult,
+    check_bounds,
+    run_load,
+)
+from loadtest.soak import RssSampler, find_listening_pid, peak_rss_bytes
+from loadtest.workload import (
+    DEFAULT_TARGET,
+    Caller,
+    GrpcCaller,
+    TargetRefused,
+    Workload,
+    check_target,
+    load_texts,
+    parse_mix,
+    resolve_inputs,
+    split_target,
+)
+
+app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True)
+
+DEFAULT_MIX = "translate=0.6,stream=0.2,generate=0.2"
+
+# Options shared by every subcommand.
+Target = Annotated[
+    str, typer.Option(help="gRPC target host:port (loopback unless --allow-remote).")
+]
+AllowRemote = Annotated[bool, typer.Option(help="Allow a non-loopback target.")]
+Inputs = Annotated[
+    Path | None,
+    typer.Option(help="Verses TSV (column en) (default: data/pairs.test.tsv, else fixture)."),
+]
+Mix = Annotated[str, typer.Option(help="Request mix, e.g. translate=0.6,stream=0.2,generate=0.2.")]
+Seed = Annotated[int, typer.Option(help="Seed for arrivals, kinds and inputs.")]
+Out = Annotated[Path | None, typer.Option(help="Output folder (default: runs/loadtest/<time>).")]
+MaxNewTokens = Annotated[int, typer.Option(help="DecodingOptions.max_new_tokens (0 = default).")]
+Timeout = Annotated[float, typer.Option(help="Per-request gRPC deadline in seconds.")]
+Progress = Annotated[bool, typer.Option(help="Show a progress bar.")]
+Arrivals = Annotated[str, typer.Option(help="Arrival process: poisson or constant.")]
+MaxInFlight = Annotated[int, typer.Option(help="Open loop: client-side in-flight cap.")]
+
+
+class _Fail(Exception):
+    pass
+
+
+def _out_dir(out: Path | None, kind: str) -> Path:
+    if out is not None:
+        return out
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / "loadtest" / f"{kind}-{stamp}"
+
+
+def _git_commit() -> str:
+    try:
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=False,
+            ).stdout.strip()
+            or "unknown"
+        )
+    except OSError:
+        return "unknown"
+
+
+def _meta(
+    target: str, inputs: Path, mix: dict[str, float], seed: int, **extra: Any
+) -> dict[str, Any]:
+    return {
+        "command": "python -m loadtest " + shlex.join(sys.argv[1:]),
+        "target": target,
+        "inputs": str(inputs),
+        "mix": mix,
+        "seed": seed,
+        "git_commit": _git_commit(),
+        "started": dt.datetime.now().isoformat(timespec="seconds"),
+        **extra,
+    }
+
+
+def _prepare(
+    target: str, allow_remote: bool, inputs: Path | None, mix: str, seed: int
+) -> tuple[Path, dict[str, float], Workload]:
+    try:
+        check_target(target, allow_remote)
+        path = resolve_inputs(inputs)
+        weights = parse_mix(mix)
+        workload = Workload(load_texts(path), weights, seed)
+    except (TargetRefused, FileNotFoundError, ValueError) as error:
+        raise typer.BadParameter(str(error)) from error
+    return path, weights, workload
+
+
+def _progress(
+    total: int | None, enabled: bool, desc: str
+) -> tuple[Callable[[RequestRecord], None], Callable[[], None]]:
+    """A tqdm bar that counts completions and shows errors; no-op when disabled."""
+    if not enabled:
+        return (lambda _r: None), (lambda: None)
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="req", dynamic_ncols=True, file=sys.stderr)
+    errors = 0
+
+    def update(record: RequestRecord) -> None:
+        nonlocal errors
+        if not record.ok:
+            errors += 1
+            bar.set_postfix(errors=errors, refresh=False)
+        bar.update()
+
+    return update, bar.close
+
+
+async def _with_caller(
+    target: str,
+    timeout: float,
+    max_new_tokens: int,
+    wait_ready_s: float,
+    body: Callable[[Caller], Any],
+) -> Any:
+    caller = GrpcCaller(target, timeout_s=timeout, max_new_tokens=max_new_tokens)
+    try:
+        try:
+            await caller.wait_ready(wait_ready_s)
+        except TimeoutError as error:
+            raise _Fail(f"no server answering at {target} within {wait_ready_s:g} s") from error
+        return await body(caller)
+    finally:
+        await caller.close()
+
+
+def _expected(rate: float | None, duration: float, max_requests: int) -> int:
+    return min(max_requests, int(rate * duration) + 1) if rate else max_requests
+
+
+def _echo_paths(paths: dict[str, Path]) -> None:
+    for name, path in paths.items():
+        typer.echo(f"{name}: {path}")
+
+
+def _exit_for(records: list[RequestRecord]) -> None:
+    if not any(r.ok for r in records):
+        typer.echo("no request succeeded", err=True)
+        raise typer.Exit(2)
+
+
+@app.command()
+def run(
+    target: Target = DEFAULT_TARGET,
+    allow_remote: AllowRemote = False,
+    rate: Annotated[float | None, typer.Option(help="Open loop: requests/s.")] = None,
+    arrivals: Arrivals = "poisson",
+    concurrency: Annotated[
+        int | None, typer.Option(help="Closed loop: requests in flight.")
+    ] = None,
+    duration: Annotated[float, typer.Option(help="Seconds of sending (hard cap 24 h).")] = 10.0,
+    max_requests: Annotated[int, typer.Option(help="Requests at most.")] = 10_000,
+    mix: Mix = DEFAULT_MIX,
+    inputs: Inputs = None,
+    out: Out = None,
+    seed: Seed = 0,
+    max_new_tokens: MaxNewTokens = 0,
+    timeout: Timeout = 30.0,
+    max_in_flight: MaxInFlight = DEFAULT_MAX_IN_FLIGHT,
+    wait_ready: Annotated[float, typer.Option(help="Seconds to wait for the server.")] = 10.0,
+    progress: Progress = True,
+) -> None:
+    """One bounded run, open loop (--rate; default 5 req/s) or closed loop (--concurrency)."""
+    if rate is not None and concurrency is not None:
+        raise typer.BadParameter("give --rate (open loop) or --concurrency (closed loop), not both")
+    if rate is None and concurrency is None:
+        rate = 5.0
+    if arrivals not in ARRIVALS:
+        raise typer.BadParameter(f"--arrivals must be one of {ARRIVALS}")
+    try:
+        check_bounds(duration, max_requests)
+    except BoundsError as error:
+        raise typer.BadParameter(str(error)) from error
+    path, weights, workload = _prepare(target, allow_remote, inputs, mix, seed)
+    out_dir = _out_dir(out, "run")
+    update, close = _progress(_expected(rate, duration, max_requests), progress, "loadtest")
+
+    async def body(caller: Caller) -> RunResult:
+        return await run_load(
+            caller,
+            workload,
+            rate=rate,
+            arrivals=arrivals,
+            concurrency=concurrency,
+            duration_s=duration,
+            max_requests=max_requests,
+            seed=seed,
+            drain_timeout_s=timeout + 5.0,
+            max_in_flight=max_in_flight,
+            on_done=update,
+        )
+
+    try:
+        result: RunResult = asyncio.run(
+            _with_caller(target, timeout, max_new_tokens, wait_ready, body)
+        )
+    except _Fail as error:
+        raise typer.BadParameter(str(error)) from error
+    finally:
+        close()
+    meta = _meta(target, path, weights, seed, max_new_tokens=max_new_tokens)
+    paths = report.write_run_report(out_dir, result, meta)
+    typer.echo(report.markdown_run(report.summarize(result)))
+    _echo_paths(paths)
+    _exit_for(result.records)
+
+
+def _parse_rates(rates: str | None, start: float, factor: float, max_rate: float) -> list[float]:
+    if rates:
+        try:
+            values = [float(r) for r in rates.split(",") if r.strip()]
+        except ValueError as error:
+            raise typer.BadParameter(f"--rates must be comma-separated numbers: {error}") from error
+    else:
+        if start <= 0 or factor <= 1 or max_rate < start:
+            raise typer.BadParameter("need --start-rate > 0, --factor > 1, --max-rate >= start")
+        values, r = [], start
+        while r <= max_rate * (1 + 1e-9) and len(values) < 64:
+            values.append(round(r, 6))
+            r *= factor
+    if not values or any(v <= 0 for v in values):
+        raise typer.BadParameter("rates must be positive")
+    return sorted(values)
+
+
+@app.command()
+def sweep(
+    target: Target = DEFAULT_TARGET,
+    allow_remote: AllowRemote = False,
+    rates: Annotated[str | None, typer.Option(help="Explicit rates, e.g. 1,2,4,8.")] = None,
+    start_rate: Annotated[float, typer.Option(help="First rate (geometric sweep).")] = 1.0,
+    factor: Annotated[float, typer.Option(help="Rate multiplier per step.")] = 1.5,
+    max_rate: Annotated[float, typer.Option(help="Last rate at most.")] = 64.0,
+    step_duration: Annotated[float, typer.Option(help="Seconds per step.")] = 10.0,
+    max_requests: Annotated[int, typer.Option(help="Requests per step at most.")] = 5_000,
+    slo_p99_ms: Annotated[
+        float | None, typer.Option(help="p99 bound for a healthy step (default: 5x lowest p99).")
+    ] = None,
+    stop_after_unhealthy: Annotated[
+        int, typer.Option(help="Stop after this many unhealthy steps (bounds the sweep).")
+    ] = 1,
+    arrivals: Arrivals = "poisson",
+    mix: Mix = DEFAULT_MIX,
+    inputs: Inputs = None,
+    out: Out = None,
+    seed: Seed = 0,
+    max_new_tokens: MaxNewTokens = 0,
+    timeout: Timeout = 30.0,
+    max_in_flight: MaxInFlight = DEFAULT_MAX_IN_FLIGHT,
+    wait_ready: Annotated[float, typer.Option(help="Seconds to wait for the server.")] = 10.0,
+    progress: Progress = True,
+) -> None:
+    """Open-loop steps at rising rates until the latency curve bends (the knee)."""
+    rate_list = _parse_rates(rates, start_rate, factor, max_rate)
+    try:
+        check_bounds(step_duration, max_requests)
+    except BoundsError as error:
+        raise typer.BadParameter(str(error)) from error
+    if arrivals not in ARRIVALS:
+        raise typer.BadParameter(f"--arrivals must be one of {ARRIVALS}")
+    path, weights, workload = _prepare(target, allow_remote, inputs, mix, seed)
+    out_dir = _out_dir(out, "sweep")
+    slo = slo_p99_ms / 1000 if slo_p99_ms is not None else None
+
+    async def body(caller: Caller) -> list[RunResult]:
+        results: list[RunResult] = []
+        steps: list[dict[str, Any]] = []
+        unhealthy = 0
+        for i, rate in enumerate(rate_list):
+            update, close = _progress(
+                _expected(rate, step_duration, max_requests), progress, f"{rate:g} req/s"
+            )
+            try:
+                result = await run_load(
+                    caller,
+                    workload,
+                    rate=rate,
+                    arrivals=arrivals,
+                    duration_s=step_duration,
+                    max_requests=max_requests,
+                    seed=seed + i,
+                    drain_timeout_s=timeout + 5.0,
+                    max_in_flight=max_in_flight,
+                    on_done=update,
+                )
+            finally:
+                close()
+            results.append(result)
+            steps.append(report.summarize(result))
+            knee = report.find_knee(steps, slo)
+            if knee["saturated"]:
+                unhealthy += 1
+                if unhealthy >= stop_after_unhealthy:
+                    break
+        return results
+
+    try:
+        results: list[RunResult] = asyncio.run(
+            _with_caller(target, timeout, max_new_tokens, wait_ready, body)
+        )
+    except _Fail as error:
+        raise typer.BadParameter(str(error)) from error
+    meta = _meta(
+        target,
+        path,
+        weights,
+        seed,
+        rates=rate_list,
+        step_duration_s=step_duration,
+        slo_p99_ms=slo_p99_ms,
+        arrivals=arrivals,
+    )
+    paths = report.write_sweep_report(out_dir, results, meta, slo)
+    steps = [report.summarize(r) for r in results]
+    typer.echo(report.markdown_sweep(steps, report.find_knee(steps, slo)))
+    _echo_paths(paths)
+    _exit_for([rec for r in results for rec in r.records])
+
+
+@app.command()
+def soak(
+    target: Target = DEFAULT_TARGET,
+    allow_remote: AllowRemote = False,
+    rate: Annotated[float, typer.Option(help="Requests/s (open loop).")] = 5.0,
+    minutes: Annotated[float, typer.Option(help="Minutes at that rate (hard cap 24 h).")] = 10.0,
+    max_requests: Annotated[
+        int | None, typer.Option(help="Requests at most (default: rate x duration).")
+    ] = None,
+    server_pid: Annotated[
+        int | None, typer.Option(help="Server pid (default: the process listening on the port).")
+    ] = None,
+    sample_interval: Annotated[float, typer.Option(help="Seconds between RSS samples.")] = 1.0,
+    arrivals: Arrivals = "poisson",
+    mix: Mix = DEFAULT_MIX,
+    inputs: Inputs = None,
+    out: Out = None,
+    seed: Seed = 0,
+    max_new_tokens: MaxNewTokens = 0,
+    timeout: Timeout = 30.0,
+    max_in_flight: MaxInFlight = DEFAULT_MAX_IN_FLIGHT,
+    wait_ready: Annotated[float, typer.Option(help="Seconds to wait for the server.")] = 10.0,
+    progress: Progress = True,
+) -> None:
+    """A fixed rate for N minutes, sampling the server's RSS (leaks, fragmentation)."""
+    duration = minutes * 60.0
+    cap = max_requests if max_requests is not None else int(rate * duration) + 1
+    try:
+        check_bounds(duration, cap)
+    except BoundsError as error:
+        raise typer.BadParameter(str(error)) from error
+    if arrivals not in ARRIVALS:
+        raise typer.BadParameter(f"--arrivals must be one of {ARRIVALS}")
+    path, weights, workload = _prepare(target, allow_remote, inputs, mix, seed)
+    pid = server_pid
+    if pid is None:
+        _, port = split_target(target)
+        pid = find_listening_pid(port) if port is not None else None
+        if pid is None:
+            raise typer.BadParameter(
+                f"cannot find the process listening on {target}; pass --server-pid"
+            )
+    out_dir = _out_dir(out, "soak")
+    sampler = RssSampler(pid, sample_interval)
+    update, close = _progress(_expected(rate, duration, cap), progress, "soak")
+
+    async def body(caller: Caller) -> RunResult:
+        stop = asyncio.Event()
+        sampling = asyncio.create_task(sampler.run(stop))
+        try:
+            return await run_load(
+                caller,
+                workload,
+                rate=rate,
+                arrivals=arrivals,
+                duration_s=duration,
+                max_requests=cap,
+                seed=seed,
+                drain_timeout_s=timeout + 5.0,
+                max_in_flight=max_in_flight,
+                on_done=update,
+            )
+        finally:
+            stop.set()
+            await sampling
+
+    try:
+        result: RunResult = asyncio.run(
+            _with_caller(target, timeout, max_new_tokens, wait_ready, body)
+        )
+    except _Fail as error:
+        raise typer.BadParameter(str(error)) from error
+    finally:
+        close()
+    rss = sampler.summary()
+    with contextlib.suppress(OSError, ProcessLookupError):
+        rss["peak_hwm_bytes"] = peak_rss_bytes(pid)
+    meta = _meta(target, path, weights, seed, server_pid=pid, minutes=minutes)
+    paths = report.write_run_report(out_dir, result, meta)
+    summary = report.summarize(result)
+    report.write_json(out_dir / "result.json", {"meta": meta, "summary": summary, "rss": rss})
+    if sampler.rss:
+        paths["rss"] = report.plot_series(
+            out_dir / "server_rss.png",
+            [t / 60 for t in sampler.times],
+            [b / 2**20 for b in sampler.rss],
+            "minutes",
+            "server RSS (MiB)",
+            f"Server RSS at {rate:g} req/s (pid {pid})",
+        )
+    md = paths["markdown"]
+    md.write_text(md.read_text() + _rss_md(rss))
+    typer.echo(report.markdown_run(summary, "Soak") + _rss_md(rss))
+    _echo_paths(paths)
+    _exit_for(result.records)
+
+
+def _rss_md(rss: dict[str, Any]) -> str:
+    if not rss.get("samples"):
+        return f"\nServer RSS: no samples ({rss.get('error')}).\n"
+    mib = 2**20
+    return (
+        f"\n## Server RSS (pid {rss['pid']})\n\n"
+        f"start {rss['start_bytes'] / mib:.1f} MiB, end {rss['end_bytes'] / mib:.1f} MiB, "
+        f"peak {rss['peak_bytes'] / mib:.1f} MiB; second-half growth "
+        f"{rss['second_half_growth_bytes'] / mib:+.1f} MiB "
+        f"({rss['second_half_growth_bytes_per_min'] / mib:+.2f} MiB/min), "
+        f"{rss['samples']} samples.\n"
+    )
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

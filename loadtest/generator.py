@@ -1,0 +1,335 @@
+"""Open- and closed-loop request scheduling with latency free of coordinated omission.
+
+Open loop: every request gets an *intended* send time from the arrival schedule (constant
+spacing or Poisson) before the run starts, and its latency is `completion - intended`. If
+the server (or this client) falls behind, requests go out late, and that lateness is part
+of their latency: a slow server cannot hide its queue by slowing the load generator down.
+Closed loop: N workers each send the next request as soon as their previous one finished;
+there the intended time is the moment a worker became free.
+
+Every run is bounded twice: a request count and a wall-clock duration, and in-flight work
+is given a drain timeout after the last send; what is still running then is cancelled and
+counted as an error (CLIENT_CANCELLED), never silently dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from loadtest.workload import Caller, CallOutcome, WorkItem, Workload
+
+Arrivals = Literal["poisson", "constant"]
+ARRIVALS: tuple[str, ...] = ("poisson", "constant")
+
+# Hard caps: no flag can make a run unbounded.
+MAX_REQUESTS_CAP = 10_000_000
+MAX_DURATION_CAP_S = 24 * 3600.0
+# Client-side limit on requests in flight in open loop; beyond it a request is recorded as
+# CLIENT_BACKLOG at its intended time instead of growing memory without bound.
+DEFAULT_MAX_IN_FLIGHT = 4096
+
+
+class BoundsError(ValueError):
+    """A run that would not be bounded in count or time."""
+
+
+def check_bounds(duration_s: float, max_requests: int) -> None:
+    if not 0 < duration_s <= MAX_DURATION_CAP_S:
+        raise BoundsError(
+            f"duration must be in (0, {MAX_DURATION_CAP_S:.0f}] seconds, got {duration_s}"
+        )
+    if not 0 < max_requests <= MAX_REQUESTS_CAP:
+        raise BoundsError(f"max requests must be in [1, {MAX_REQUESTS_CAP}], got {max_requests}")
+
+
+# --- arrival schedules ---------------------------------------------------------------------
+
+
+def arrival_offsets(
+    arrivals: str, rate: float, duration_s: float, max_requests: int, seed: int = 0
+) -> list[float]:
+    """Intended send times (seconds from start) below duration_s, at most max_requests.
+
+    constant: i / rate. poisson: cumulative exponential gaps with mean 1 / rate (seeded),
+    the arrivals of independent users.
+    """
+    if arrivals not in ARRIVALS:
+        raise ValueError(f"arrivals must be one of {ARRIVALS}, got {arrivals!r}")
+    if not (rate > 0 and math.isfinite(rate)):
+        raise ValueError(f"rate must be a positive number of requests/s, got {rate}")
+    check_bounds(duration_s, max_requests)
+    offsets: list[float] = []
+    if arrivals == "constant":
+        n = min(max_requests, math.ceil(duration_s * rate))
+        offsets = [i / rate for i in range(n)]
+        return [t for t in offsets if t < duration_s]
+    rng = random.Random(seed)
+    t = 0.0
+    while len(offsets) < max_requests:
+        if t >= duration_s:
+            break
+        offsets.append(t)
+        t += rng.expovariate(rate)
+    return offsets
+
+
+# --- records -------------------------------------------------------------------------------
+
+
+@dataclass
+class RequestRecord:
+    """One request's timeline in seconds from the run start (perf_counter based)."""
+
+    kind: str
+    intended: float
+    sent: float
+    done: float
+    code: str
+    input_tokens: int = 0
+    output_tokens: int = 0
+    ttft: float | None = None  # first token chunk - intended (streams only)
+    itl: list[float] = field(default_factory=list)  # one gap per streamed token after the first
+    detail: str = ""  # the error message, for errors only
+
+    @property
+    def latency(self) -> float:
+        return self.done - self.intended
+
+    @property
+    def lag(self) -> float:
+        """How late the request left compared with its schedule (client or loop overload)."""
+        return self.sent - self.intended
+
+    @property
+    def ok(self) -> bool:
+        return self.code == "OK"
+
+
+@dataclass
+class RunResult:
+    mode: Literal["open", "closed"]
+    elapsed_s: float
+    records: list[RequestRecord]
+    offered_rate: float | None = None
+    arrivals: str | None = None
+    concurrency: int | None = None
+    duration_s: float = 0.0
+    max_requests: int = 0
+
+
+def make_record(
+    item: WorkItem, outcome: CallOutcome, t0: float, intended: float, sent: float, done: float
+) -> RequestRecord:
+    """Turn absolute perf_counter times into a record measured from the intended time."""
+    ttft = None
+    itl: list[float] = []
+    if outcome.chunk_times:
+        ttft = outcome.chunk_times[0] - intended
+        for i in range(1, len(outcome.chunk_times)):
+            gap = outcome.chunk_times[i] - outcome.chunk_times[i - 1]
+            n = max(1, outcome.chunk_tokens[i] if i < len(outcome.chunk_tokens) else 1)
+            itl.extend([gap / n] * n)
+    return RequestRecord(
+        kind=item.kind,
+        intended=intended - t0,
+        sent=sent - t0,
+        done=done - t0,
+        code=outcome.code,
+        input_tokens=outcome.input_tokens,
+        output_tokens=outcome.output_tokens,
+        ttft=ttft,
+        itl=itl,
+        detail=outcome.detail if outcome.code != "OK" else "",
+    )
+
+
+OnDone = Callable[[RequestRecord], None]
+
+
+# --- open loop -----------------------------------------------------------------------------
+
+
+async def run_open_loop(
+    caller: Caller,
+    items: Sequence[WorkItem],
+    offsets: Sequence[float],
+    *,
+    drain_timeout_s: float = 30.0,
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    on_done: OnDone | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> list[RequestRecord]:
+    """Send items[i] at t0 + offsets[i] regardless of how earlier requests are doing."""
+    if len(items) < len(offsets):
+        raise ValueError(f"need one item per arrival: {len(items)} items, {len(offsets)} arrivals")
+    records: list[RequestRecord] = []
+    in_flight: set[asyncio.Task[None]] = set()
+    t0 = clock()
+
+    def finish(record: RequestRecord) -> None:
+        records.append(record)
+        if on_done is not None:
+            on_done(record)
+
+    async def one(item: WorkItem, intended: float) -> None:
+        sent = clock()
+        try:
+            outcome = await caller(item)
+        except asyncio.CancelledError:
+            finish(
+                make_record(item, CallOutcome(code="CLIENT_CANCELLED"), t0, intended, sent, clock())
+            )
+            raise
+        except Exception as error:  # a caller bug is an error of that request, not the run
+            outcome = CallOutcome(code="CLIENT_ERROR", detail=repr(error)[:200])
+        finish(make_record(item, outcome, t0, intended, sent, clock()))
+
+    for item, offset in zip(items, offsets, strict=False):
+        intended = t0 + offset
+        delay = intended - clock()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if len(in_flight) >= max_in_flight:
+            now = clock()
+            finish(make_record(item, CallOutcome(code="CLIENT_BACKLOG"), t0, intended, now, now))
+            continue
+        task = asyncio.create_task(one(item, intended))
+        in_flight.add(task)
+        task.add_done_callback(in_flight.discard)
+    await _drain(in_flight, drain_timeout_s)
+    return records
+
+
+async def _drain(tasks: set[asyncio.Task[None]], timeout_s: float) -> None:
+    """Wait for in-flight requests up to timeout_s, then cancel (and so record) the rest."""
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(set(tasks), timeout=max(0.0, timeout_s))
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.gather(*pending, return_exceptions=True)
+
+
+# --- closed loop ---------------------------------------------------------------------------
+
+
+async def run_closed_loop(
+    caller: Caller,
+    workload: Workload,
+    concurrency: int,
+    duration_s: float,
+    max_requests: int,
+    *,
+    drain_timeout_s: float = 30.0,
+    on_done: OnDone | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> list[RequestRecord]:
+    """`concurrency` workers, each sending its next request when the last one returns."""
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    check_bounds(duration_s, max_requests)
+    records: list[RequestRecord] = []
+    t0 = clock()
+    deadline = t0 + duration_s
+    claimed = 0
+
+    async def worker() -> None:
+        nonlocal claimed
+        while claimed < max_requests and clock() < deadline:
+            claimed += 1
+            item = workload.next()
+            intended = clock()
+            try:
+                outcome = await caller(item)
+            except asyncio.CancelledError:
+                records.append(
+                    make_record(
+                        item, CallOutcome(code="CLIENT_CANCELLED"), t0, intended, intended, clock()
+                    )
+                )
+                raise
+            except Exception as error:
+                outcome = CallOutcome(code="CLIENT_ERROR", detail=repr(error)[:200])
+            record = make_record(item, outcome, t0, intended, intended, clock())
+            records.append(record)
+            if on_done is not None:
+                on_done(record)
+
+    tasks = {asyncio.create_task(worker()) for _ in range(concurrency)}
+    # Workers stop sending at the deadline; give in-flight calls the drain timeout.
+    _, pending = await asyncio.wait(tasks, timeout=duration_s + max(0.0, drain_timeout_s))
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.gather(*pending, return_exceptions=True)
+    return records
+
+
+# --- one run -------------------------------------------------------------------------------
+
+
+async def run_load(
+    caller: Caller,
+    workload: Workload,
+    *,
+    rate: float | None,
+    arrivals: str = "poisson",
+    concurrency: int | None = None,
+    duration_s: float = 10.0,
+    max_requests: int = 10_000,
+    seed: int = 0,
+    drain_timeout_s: float = 30.0,
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    on_done: OnDone | None = None,
+) -> RunResult:
+    """Open loop when `rate` is given, closed loop when `concurrency` is; never both."""
+    if (rate is None) == (concurrency is None):
+        raise ValueError("give exactly one of rate (open loop) or concurrency (closed loop)")
+    check_bounds(duration_s, max_requests)
+    start = time.perf_counter()
+    if rate is not None:
+        offsets = arrival_offsets(arrivals, rate, duration_s, max_requests, seed)
+        items = workload.take(len(offsets))
+        records = await run_open_loop(
+            caller,
+            items,
+            offsets,
+            drain_timeout_s=drain_timeout_s,
+            max_in_flight=max_in_flight,
+            on_done=on_done,
+        )
+        mode: Literal["open", "closed"] = "open"
+    else:
+        assert concurrency is not None
+        records = await run_closed_loop(
+            caller,
+            workload,
+            concurrency,
+            duration_s,
+            max_requests,
+            drain_timeout_s=drain_timeout_s,
+            on_done=on_done,
+        )
+        mode = "closed"
+    elapsed = time.perf_counter() - start
+    if records:
+        # Throughput is over the time the run took to finish its work, not the schedule.
+        elapsed = max(max(r.done for r in records), 1e-9)
+    records.sort(key=lambda r: r.intended)
+    return RunResult(
+        mode=mode,
+        elapsed_s=elapsed,
+        records=records,
+        offered_rate=rate,
+        arrivals=arrivals if rate is not None else None,
+        concurrency=concurrency,
+        duration_s=duration_s,
+        max_requests=max_requests,
+    )

@@ -1,0 +1,372 @@
+"""Summaries of load-test runs: percentiles, JSON, a Markdown summary and PNG plots.
+
+Percentiles use numpy's default rule (linear interpolation between closest ranks) written
+out here, so the summary needs no numpy and the unit tests can check it against numpy.
+Latency percentiles are over successful requests; errors are counted by status code
+beside them, so a run that fails fast cannot look fast.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from loadtest.generator import RequestRecord, RunResult
+
+QUANTILES: tuple[tuple[str, float], ...] = (
+    ("p50", 50.0),
+    ("p90", 90.0),
+    ("p99", 99.0),
+    ("p99.9", 99.9),
+)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """q-th percentile (0..100) with linear interpolation, as numpy.percentile's default."""
+    if not values:
+        return math.nan
+    if not 0.0 <= q <= 100.0:
+        raise ValueError(f"percentile q must be in [0, 100], got {q}")
+    data = sorted(values)
+    pos = (len(data) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(data) - 1)
+    frac = pos - lo
+    return data[lo] + (data[hi] - data[lo]) * frac
+
+
+def distribution(values: Sequence[float]) -> dict[str, float | int | None]:
+    """count, mean, max and the report's percentiles; None where there are no samples."""
+    if not values:
+        return {"count": 0, "mean": None, "max": None, **{k: None for k, _ in QUANTILES}}
+    data = sorted(values)
+    return {
+        "count": len(data),
+        "mean": sum(data) / len(data),
+        "max": data[-1],
+        **{name: percentile(data, q) for name, q in QUANTILES},
+    }
+
+
+def _summarize_records(records: Sequence[RequestRecord], elapsed: float) -> dict[str, Any]:
+    ok = [r for r in records if r.ok]
+    itl = [g for r in ok for g in r.itl]
+    ttft = [r.ttft for r in ok if r.ttft is not None]
+    out_tokens = sum(r.output_tokens for r in ok)
+    return {
+        "requests": len(records),
+        "ok": len(ok),
+        "errors": dict(sorted(Counter(r.code for r in records if not r.ok).items())),
+        # One message per code, so a failing run says why without a debugger.
+        "error_examples": {r.code: r.detail for r in reversed(records) if not r.ok},
+        "error_rate": (len(records) - len(ok)) / len(records) if records else 0.0,
+        "throughput_rps": len(ok) / elapsed if elapsed > 0 else 0.0,
+        "tokens_per_s": out_tokens / elapsed if elapsed > 0 else 0.0,
+        "input_tokens_per_s": sum(r.input_tokens for r in ok) / elapsed if elapsed > 0 else 0.0,
+        "output_tokens": out_tokens,
+        "latency_s": distribution([r.latency for r in ok]),
+        "ttft_s": distribution(ttft),
+        "itl_s": distribution(itl),
+    }
+
+
+def summarize(result: RunResult) -> dict[str, Any]:
+    """The JSON-ready summary of one run, overall and by request kind."""
+    records = result.records
+    summary: dict[str, Any] = {
+        "mode": result.mode,
+        "offered_rate": result.offered_rate,
+        "arrivals": result.arrivals,
+        "concurrency": result.concurrency,
+        "duration_s": result.duration_s,
+        "max_requests": result.max_requests,
+        "elapsed_s": result.elapsed_s,
+        # Realised arrival rate (a short Poisson run offers more or less than its rate).
+        "arrival_rate": (
+            len(records) / result.duration_s
+            if result.mode == "open" and result.duration_s > 0
+            else None
+        ),
+        **_summarize_records(records, result.elapsed_s),
+        # How late requests left versus their schedule: large values mean the client, not
+        # the server, was the bottleneck (latency still counts from the schedule).
+        "send_lag_s": distribution([r.lag for r in records]),
+    }
+    kinds = sorted({r.kind for r in records})
+    summary["by_kind"] = {
+        kind: _summarize_records([r for r in records if r.kind == kind], result.elapsed_s)
+        for kind in kinds
+    }
+    return summary
+
+
+# --- sweep ---------------------------------------------------------------------------------
+
+
+def healthy(step: dict[str, Any], slo_p99_s: float | None, base_p99_s: float | None) -> bool:
+    """A step sustains its load: ≥ 90 % of arrivals served, ≤ 1 % errors, p99 in bounds.
+
+    Without an SLO the bound is 5× the lowest p99 seen at lighter load: the knee is where
+    queueing, not service time, starts to dominate.
+    """
+    offered = step.get("arrival_rate") or step.get("offered_rate") or 0.0
+    if step["throughput_rps"] < 0.9 * offered or step["error_rate"] > 0.01:
+        return False
+    p99 = step["latency_s"]["p99"]
+    if p99 is None:
+        return False
+    if slo_p99_s is not None:
+        return bool(p99 <= slo_p99_s)
+    return base_p99_s is None or p99 <= 5.0 * base_p99_s
+
+
+def find_knee(steps: Sequence[dict[str, Any]], slo_p99_s: float | None = None) -> dict[str, Any]:
+    """The highest offered rate before the first unhealthy step, with the reason it ended."""
+    knee: dict[str, Any] | None = None
+    base: float | None = None
+    for step in steps:
+        if not healthy(step, slo_p99_s, base):
+            return {
+                "knee_rate": knee["offered_rate"] if knee else None,
+                "knee_throughput_rps": knee["throughput_rps"] if knee else None,
+                "knee_p99_s": knee["latency_s"]["p99"] if knee else None,
+                "first_unhealthy_rate": step["offered_rate"],
+                "saturated": True,
+            }
+        knee = step
+        p99 = step["latency_s"]["p99"]
+        base = p99 if base is None else min(base, p99)
+    return {
+        "knee_rate": knee["offered_rate"] if knee else None,
+        "knee_throughput_rps": knee["throughput_rps"] if knee else None,
+        "knee_p99_s": knee["latency_s"]["p99"] if knee else None,
+        "first_unhealthy_rate": None,
+        "saturated": False,
+    }
+
+
+# --- writing -------------------------------------------------------------------------------
+
+
+def _ms(value: float | int | None) -> str:
+    return "–" if value is None else f"{value * 1000:.1f}"
+
+
+def _rate(value: float | None) -> str:
+    return "–" if value is None else f"{value:g}"
+
+
+def markdown_run(summary: dict[str, Any], title: str = "Load test") -> str:
+    """A Markdown summary of one run: throughput, latency table by kind, errors."""
+    load = (
+        f"open loop, {summary['arrivals']} arrivals at {_rate(summary['offered_rate'])} req/s"
+        if summary["mode"] == "open"
+        else f"closed loop, concurrency {summary['concurrency']}"
+    )
+    lines = [
+        f"# {title}",
+        "",
+        f"{load}; {summary['requests']} requests in {summary['elapsed_s']:.1f} s "
+        f"(bounds: {summary['duration_s']:g} s, {summary['max_requests']} requests).",
+        "",
+        f"- throughput: **{summary['throughput_rps']:.2f} req/s**, "
+        f"**{summary['tokens_per_s']:.1f} output tokens/s**",
+        f"- errors: {summary['errors'] or 'none'} (rate {summary['error_rate']:.2%})",
+        *[f"  - {code}: {msg}" for code, msg in summary.get("error_examples", {}).items()],
+        f"- send lag p99: {_ms(summary['send_lag_s']['p99'])} ms (client-side lateness; "
+        "latency already includes it)",
+        "",
+        "| kind | requests | ok | req/s | tok/s | p50 ms | p90 ms | p99 ms | p99.9 ms "
+        "| TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    rows = [("all", summary), *summary["by_kind"].items()]
+    for kind, s in rows:
+        lat, ttft, itl = s["latency_s"], s["ttft_s"], s["itl_s"]
+        lines.append(
+            f"| {kind} | {s['requests']} | {s['ok']} | {s['throughput_rps']:.2f} "
+            f"| {s['tokens_per_s']:.1f} | {_ms(lat['p50'])} | {_ms(lat['p90'])} "
+            f"| {_ms(lat['p99'])} | {_ms(lat['p99.9'])} | {_ms(ttft['p50'])} "
+            f"| {_ms(ttft['p99'])} | {_ms(itl['p50'])} | {_ms(itl['p99'])} |"
+        )
+    lines += ["", "Latency is measured from each request's intended send time.", ""]
+    return "\n".join(lines)
+
+
+def markdown_sweep(steps: Sequence[dict[str, Any]], knee: dict[str, Any]) -> str:
+    lines = [
+        "# Rate sweep",
+        "",
+        f"Knee: **{_rate(knee['knee_rate'])} req/s offered** "
+        f"({knee['knee_throughput_rps'] or 0:.2f} req/s served, p99 {_ms(knee['knee_p99_s'])} ms)"
+        + (
+            f"; first unhealthy step at {_rate(knee['first_unhealthy_rate'])} req/s."
+            if knee["saturated"]
+            else "; the sweep ended before saturation (raise --max-rate)."
+        ),
+        "",
+        "| offered req/s | served req/s | tok/s | p50 ms | p90 ms | p99 ms | p99.9 ms "
+        "| send lag p99 ms | errors |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for s in steps:
+        lat = s["latency_s"]
+        lines.append(
+            f"| {_rate(s['offered_rate'])} | {s['throughput_rps']:.2f} | {s['tokens_per_s']:.1f} "
+            f"| {_ms(lat['p50'])} | {_ms(lat['p90'])} | {_ms(lat['p99'])} "
+            f"| {_ms(lat['p99.9'])} | {_ms(s['send_lag_s']['p99'])} | {s['errors'] or 'none'} |"
+        )
+    lines += [
+        "",
+        "Latency counts from the intended send time. A large send lag means this client, not "
+        "the server, fell behind its schedule.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_json(path: Path, data: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    return path
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_cdf(path: Path, latencies_by_kind: Mapping[str, Sequence[float]], title: str) -> Path:
+    """Empirical latency CDF per request kind (log x axis)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for kind, values in sorted(latencies_by_kind.items()):
+        data = sorted(v * 1000 for v in values)
+        if not data:
+            continue
+        ys = [(i + 1) / len(data) for i in range(len(data))]
+        ax.step(data, ys, where="post", label=f"{kind} (n={len(data)})")
+    ax.set_xscale("log")
+    ax.set_xlabel("latency from intended send time (ms)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_ylim(0, 1.01)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(title)
+    if ax.lines:
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_latency_vs_load(path: Path, steps: Sequence[dict[str, Any]], title: str) -> Path:
+    """p50/p90/p99 latency against offered load, with served throughput on a second axis."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    xs = [s["offered_rate"] or s["throughput_rps"] for s in steps]
+    for name in ("p50", "p90", "p99"):
+        ys = [(s["latency_s"][name] or math.nan) * 1000 for s in steps]
+        ax.plot(xs, ys, marker="o", label=f"latency {name}")
+    ax.set_yscale("log")
+    ax.set_xlabel("offered load (requests/s)")
+    ax.set_ylabel("latency (ms)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax2 = ax.twinx()
+    ax2.plot(xs, [s["throughput_rps"] for s in steps], "k--", marker="x", label="served req/s")
+    ax2.set_ylabel("served requests/s")
+    handles = ax.get_legend_handles_labels()
+    handles2 = ax2.get_legend_handles_labels()
+    ax.legend(handles[0] + handles2[0], handles[1] + handles2[1], loc="upper left")
+    ax.set_title(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_series(
+    path: Path, xs: Sequence[float], ys: Sequence[float], xlabel: str, ylabel: str, title: str
+) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(list(xs), list(ys), marker=".")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.set_title(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def latencies_by_kind(records: Iterable[RequestRecord]) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {}
+    for r in records:
+        if r.ok:
+            out.setdefault(r.kind, []).append(r.latency)
+    return out
+
+
+def write_run_report(out_dir: Path, result: RunResult, meta: dict[str, Any]) -> dict[str, Path]:
+    """result.json, summary.md, latency_cdf.png and latency_vs_load.png under out_dir."""
+    summary = summarize(result)
+    paths = {
+        "json": write_json(out_dir / "result.json", {"meta": meta, "summary": summary}),
+        "cdf": plot_cdf(
+            out_dir / "latency_cdf.png", latencies_by_kind(result.records), "Latency CDF"
+        ),
+        "load": plot_latency_vs_load(
+            out_dir / "latency_vs_load.png", [summary], "Latency vs offered load"
+        ),
+    }
+    md = out_dir / "summary.md"
+    md.write_text(markdown_run(summary) + _meta_md(meta))
+    paths["markdown"] = md
+    return paths
+
+
+def write_sweep_report(
+    out_dir: Path,
+    results: Sequence[RunResult],
+    meta: dict[str, Any],
+    slo_p99_s: float | None = None,
+) -> dict[str, Path]:
+    steps = [summarize(r) for r in results]
+    knee = find_knee(steps, slo_p99_s)
+    all_records = [rec for r in results for rec in r.records]
+    paths = {
+        "json": write_json(out_dir / "result.json", {"meta": meta, "knee": knee, "steps": steps}),
+        "cdf": plot_cdf(
+            out_dir / "latency_cdf.png",
+            latencies_by_kind(all_records),
+            "Latency CDF (all sweep steps)",
+        ),
+        "load": plot_latency_vs_load(
+            out_dir / "latency_vs_load.png", steps, "Latency vs offered load"
+        ),
+    }
+    md = out_dir / "summary.md"
+    md.write_text(markdown_sweep(steps, knee) + _meta_md(meta))
+    paths["markdown"] = md
+    return paths
+
+
+def _meta_md(meta: dict[str, Any]) -> str:
+    if not meta:
+        return ""
+    lines = ["", "## Run", ""]
+    lines += [f"- {k}: `{v}`" for k, v in meta.items()]
+    return "\n".join(lines) + "\n"

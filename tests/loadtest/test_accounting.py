@@ -1,0 +1,206 @@
+"""Latency accounting: measured from the intended send time, so queueing cannot hide.
+
+The "servers" here are fake async callables that are deliberately slow; they test the
+generator's bookkeeping, not the inference service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from loadtest.generator import (
+    arrival_offsets,
+    make_record,
+    run_closed_loop,
+    run_load,
+    run_open_loop,
+)
+from loadtest.workload import CallOutcome, WorkItem, Workload
+
+SERVICE_S = 0.05
+
+
+class SerialServer:
+    """Serves one request at a time, SERVICE_S each: excess load queues inside it."""
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.max_in_flight = 0
+        self.in_flight = 0
+
+    async def __call__(self, item: WorkItem) -> CallOutcome:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            async with self.lock:
+                await asyncio.sleep(SERVICE_S)
+        finally:
+            self.in_flight -= 1
+        return CallOutcome(output_tokens=3, input_tokens=5)
+
+
+def items(n: int, kind: str = "translate") -> list[WorkItem]:
+    return [WorkItem(kind, f"verse {i}") for i in range(n)]  # type: ignore[arg-type]
+
+
+def test_open_loop_latency_includes_server_queueing() -> None:
+    # 100 req/s offered, 20 req/s served: request i waits for the i before it.
+    n = 10
+    offsets = arrival_offsets("constant", 100.0, 10.0, n)
+    server = SerialServer()
+    records = asyncio.run(run_open_loop(server, items(n), offsets))
+    records.sort(key=lambda r: r.intended)
+    assert len(records) == n and all(r.ok for r in records)
+    for i, r in enumerate(records):
+        assert r.intended == pytest.approx(i * 0.01, abs=0.02)
+        # Completion cannot precede (i + 1) service times; latency counts from intended.
+        assert r.done >= (i + 1) * SERVICE_S - 0.005
+        assert r.latency == pytest.approx(r.done - r.intended)
+    # The last one waited ~9 services in the queue: far above one service time.
+    assert records[-1].latency >= (n * SERVICE_S - (n - 1) * 0.01) - 0.01
+    assert server.max_in_flight > 1  # open loop kept sending while the server was busy
+
+
+def test_open_loop_counts_client_stall_as_latency() -> None:
+    # The first call blocks the event loop for 0.3 s: later requests leave late, and the
+    # lateness is charged to them (a coordinated-omission client would report ~0 ms).
+    stall = 0.3
+
+    async def stalling(item: WorkItem) -> CallOutcome:
+        if item.text == "verse 0":
+            time.sleep(stall)  # blocks the loop on purpose
+        return CallOutcome()
+
+    offsets = arrival_offsets("constant", 100.0, 10.0, 10)
+    records = asyncio.run(run_open_loop(stalling, items(10), offsets))
+    late = [r for r in records if r.intended > 0.005]
+    assert len(late) == 9
+    for r in late:
+        assert r.sent >= stall - 0.01
+        assert r.lag >= stall - r.intended - 0.01
+        assert r.latency >= r.lag
+        assert r.latency >= stall - r.intended - 0.01
+
+
+def test_stream_ttft_and_itl_from_intended_time() -> None:
+    t0 = 100.0
+    outcome = CallOutcome(chunk_times=[100.5, 100.6, 100.9], chunk_tokens=[1, 1, 3])
+    record = make_record(
+        WorkItem("stream", "x"), outcome, t0, intended=100.2, sent=100.25, done=101.0
+    )
+    assert record.intended == pytest.approx(0.2)
+    assert record.latency == pytest.approx(0.8)
+    assert record.lag == pytest.approx(0.05)
+    assert record.ttft == pytest.approx(0.3)
+    assert record.itl == pytest.approx([0.1, 0.1, 0.1, 0.1])
+
+
+def test_closed_loop_keeps_concurrency_and_count() -> None:
+    server = SerialServer()
+    workload = Workload(["a b c", "d e f g"], {"translate": 1.0}, seed=0)
+    records = asyncio.run(run_closed_loop(server, workload, 3, 30.0, 12))
+    assert len(records) == 12
+    assert server.max_in_flight == 3
+    # In a closed loop the intended time is when the worker became free; latency includes
+    # the wait in the server's queue (2 others ahead at steady state).
+    assert max(r.latency for r in records) >= 2 * SERVICE_S
+
+
+def test_open_loop_run_stops_at_duration_and_cancels_hung_requests() -> None:
+    async def hung(item: WorkItem) -> CallOutcome:
+        await asyncio.sleep(3600)
+        return CallOutcome()
+
+    workload = Workload(["a"], {"translate": 1.0})
+    start = time.perf_counter()
+    result = asyncio.run(
+        run_load(
+            hung,
+            workload,
+            rate=50.0,
+            arrivals="constant",
+            duration_s=0.3,
+            max_requests=1000,
+            drain_timeout_s=0.2,
+        )
+    )
+    took = time.perf_counter() - start
+    assert took < 2.0
+    assert len(result.records) == 15
+    assert {r.code for r in result.records} == {"CLIENT_CANCELLED"}
+
+
+def test_closed_loop_run_stops_with_hung_server() -> None:
+    async def hung(item: WorkItem) -> CallOutcome:
+        await asyncio.sleep(3600)
+        return CallOutcome()
+
+    workload = Workload(["a"], {"translate": 1.0})
+    start = time.perf_counter()
+    result = asyncio.run(
+        run_load(
+            hung,
+            workload,
+            rate=None,
+            concurrency=4,
+            duration_s=0.2,
+            max_requests=100,
+            drain_timeout_s=0.2,
+        )
+    )
+    assert time.perf_counter() - start < 2.0
+    assert len(result.records) == 4
+    assert all(r.code == "CLIENT_CANCELLED" for r in result.records)
+
+
+def test_run_stops_at_max_requests() -> None:
+    async def fast(item: WorkItem) -> CallOutcome:
+        return CallOutcome(output_tokens=1)
+
+    workload = Workload(["a"], {"translate": 1.0})
+    result = asyncio.run(run_load(fast, workload, rate=1000.0, duration_s=60.0, max_requests=25))
+    assert len(result.records) == 25
+    assert result.elapsed_s < 5.0
+
+
+def test_backlog_cap_records_errors_instead_of_growing() -> None:
+    async def hung(item: WorkItem) -> CallOutcome:
+        await asyncio.sleep(3600)
+        return CallOutcome()
+
+    offsets = arrival_offsets("constant", 1000.0, 1.0, 20)
+    records = asyncio.run(
+        run_open_loop(hung, items(20), offsets, drain_timeout_s=0.05, max_in_flight=5)
+    )
+    codes = [r.code for r in records]
+    assert codes.count("CLIENT_BACKLOG") == 15
+    assert codes.count("CLIENT_CANCELLED") == 5
+
+
+def test_errors_are_recorded_by_code() -> None:
+    async def flaky(item: WorkItem) -> CallOutcome:
+        if item.text.endswith(("1", "3")):
+            return CallOutcome(code="RESOURCE_EXHAUSTED")
+        if item.text.endswith("5"):
+            raise RuntimeError("client bug")
+        return CallOutcome()
+
+    offsets = arrival_offsets("constant", 1000.0, 1.0, 6)
+    records = asyncio.run(run_open_loop(flaky, items(6), offsets))
+    codes = sorted(r.code for r in records)
+    assert codes == ["CLIENT_ERROR", "OK", "OK", "OK", "RESOURCE_EXHAUSTED", "RESOURCE_EXHAUSTED"]
+
+
+def test_run_load_needs_exactly_one_mode() -> None:
+    workload = Workload(["a"], {"translate": 1.0})
+
+    async def fast(item: WorkItem) -> CallOutcome:
+        return CallOutcome()
+
+    with pytest.raises(ValueError, match="exactly one"):
+        asyncio.run(run_load(fast, workload, rate=1.0, concurrency=1))
+    with pytest.raises(ValueError, match="exactly one"):
+        asyncio.run(run_load(fast, workload, rate=None))

@@ -1,0 +1,253 @@
+"""Benchmark plumbing that needs no engines: ratios, interpolation, Markdown, batching."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from loadtest import gpu_bench
+from loadtest.baselines import PhaseResult, _strip, length_batches, run_batches
+from loadtest.bench import (
+    BEGIN,
+    END,
+    ServedMode,
+    markdown,
+    poisson_rates,
+    ratios,
+    rps_at_p50,
+    write_markdown,
+)
+
+
+def point(rps: float, p50: float | None) -> dict[str, Any]:
+    return {"throughput_rps": rps, "latency_s": {"p50": p50}}
+
+
+def test_rps_at_p50_interpolates_and_bounds() -> None:
+    pts = [point(1, 0.1), point(2, 0.2), point(4, 0.6)]
+    assert rps_at_p50(pts, 0.4) == (pytest.approx(3.0), "")
+    assert rps_at_p50(pts, 1.0) == (4, ">=")
+    assert rps_at_p50(pts, 0.05) == (1, "<")
+    assert rps_at_p50([point(1, None)], 0.1) == (None, "")
+
+
+def test_poisson_rates_merge_close_values() -> None:
+    assert poisson_rates([0.5, 1.0], [10.0]) == [5.0, 10.0]
+    assert poisson_rates([0.5, 1.0], [10.0, 10.5]) == [5.0, 10.0]
+    assert poisson_rates([0.5], [10.0, 30.0]) == [5.0, 15.0]
+
+
+def served(mode: str, tps: float, poisson: list[dict[str, Any]]) -> ServedMode:
+    closed = {
+        "tokens_per_s": tps,
+        "throughput_rps": tps / 10,
+        "concurrency": 64,
+        "ok": 10,
+        "latency_s": {"p50": 0.1, "p99": 0.2},
+    }
+    return ServedMode(mode, closed=closed, poisson=poisson)
+
+
+def test_ratios_and_targets() -> None:
+    offline: dict[str, dict[str, Any]] = {
+        "engine": {"status": "ok", "tokens_per_s": 1000.0},
+        "pytorch": {"status": "ok", "tokens_per_s": 50.0},
+        "hf": {"status": "skipped", "reason": "transformers not installed"},
+        "ct2": {"status": "ok", "tokens_per_s": 400.0},
+        "ort": {"status": "ok", "tokens_per_s": 800.0},
+    }
+    modes = {
+        "static": served("static", 500.0, [point(10, 0.2), point(20, 0.5)]),
+        "continuous": served("continuous", 950.0, [point(10, 0.1), point(30, 0.3), point(40, 0.7)]),
+    }
+    rows = {r["ratio"]: r for r in ratios(offline, modes)}
+    assert rows["served / offline (engine, tokens/s)"]["value"] == pytest.approx(0.95)
+    assert rows["served / offline (engine, tokens/s)"]["met"] is True
+    assert rows["served / naive PyTorch (tokens/s)"]["value"] == pytest.approx(19.0)
+    assert rows["served / Hugging Face generate (tokens/s)"]["value"] is None
+    equal = rows["continuous / static at equal p50 (Poisson req/s)"]
+    # static's busiest step: 20 req/s at p50 0.5 s; continuous reaches 0.5 s at 35 req/s.
+    assert equal["value"] == pytest.approx(35 / 20)
+    assert equal["met"] is True
+
+
+def bench_data(tmp_path: Path) -> dict[str, Any]:
+    offline: dict[str, dict[str, Any]] = {
+        "engine": {
+            "status": "ok",
+            "tokens_per_s": 1000.0,
+            "requests": 10,
+            "latency_unit": "request",
+            "latency_p50_s": 0.1,
+            "latency_p99_s": 0.2,
+            "peak_rss_bytes": 2**28,
+            "agreement": {"same": 9, "compared": 10},
+        },
+        "hf": {"status": "skipped", "reason": "transformers not installed"},
+    }
+    modes = {
+        "static": served(
+            "static",
+            500.0,
+            [
+                {
+                    **point(10, 0.2),
+                    "offered_rate": 10.0,
+                    "tokens_per_s": 100.0,
+                    "errors": {},
+                    "latency_s": {"p50": 0.2, "p99": 0.4},
+                }
+            ],
+        )
+    }
+    from dataclasses import asdict
+
+    return {
+        "finished": "now",
+        "seconds": 60.0,
+        "command": "python -m loadtest.bench",
+        "git_commit": "abc",
+        "machine": {
+            "Model name": "CPU",
+            "usable_cores": 2,
+            "loadavg_at_start": ["1", "1", "1"],
+            "python": "3",
+        },
+        "versions": {"numpy": "2"},
+        "settings": {
+            "model": "en-es/1",
+            "variant": "fp32",
+            "inputs": "x",
+            "inputs_used": 10,
+            "max_new_tokens": 8,
+            "batch_size": 4,
+            "threads": 2,
+            "phase_s": 5,
+        },
+        "offline": offline,
+        "served": {k: asdict(v) for k, v in modes.items()},
+        "ratios": ratios(offline, modes),
+    }
+
+
+def test_markdown_section_replaced_and_rest_kept(tmp_path: Path) -> None:
+    md = tmp_path / "benchmarks.md"
+    md.write_text(
+        "# Benchmarks\n\nintro\n\n<!-- BEGIN gpu-bench: x -->\nGPU\n<!-- END gpu-bench -->\n"
+    )
+    text = markdown(bench_data(tmp_path))
+    assert text.startswith(BEGIN) and text.rstrip().endswith(END)
+    assert "| serving engine offline |" in text and "9/10" in text
+    assert "skipped: transformers not installed" in text
+    write_markdown(md, text)
+    write_markdown(md, text.replace("9/10", "8/10"))  # second run replaces, not appends
+    out = md.read_text()
+    assert out.count(BEGIN) == 1 and "8/10" in out and "9/10" not in out
+    assert "intro" in out and "GPU\n<!-- END gpu-bench -->" in out
+
+
+def test_length_batches_and_budget() -> None:
+    srcs = [[1] * n for n in (5, 1, 3, 2, 4)]
+    assert length_batches(srcs, 2) == [[1, 3], [2, 4], [0]]
+    result = PhaseResult("x")
+    run_batches(result, srcs, [[0, 1], [2, 3], [4]], lambda b: [[7] * len(s) for s in b], 60.0)
+    assert result.requests == 5 and result.output_tokens == 15
+    assert set(result.outputs) == {0, 1, 2, 3, 4}
+    stopped = PhaseResult("y")
+    run_batches(stopped, srcs, [[0], [1], [2]], lambda b: [[7] for _ in b], -1.0)
+    assert stopped.requests == 1 and "budget" in stopped.notes[0]
+    assert _strip([5, 6, 3, 0, 0], eos=3) == [5, 6]
+
+
+def test_gpu_bench_refuses_without_cuda(capsys: pytest.CaptureFixture[str]) -> None:
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert gpu_bench.main(["--configs", "base"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_gpu_bench_roofline_bytes_match_anchor() -> None:
+    # serving-anchors.md: a Transformer-base decode step reads ~77 MB of fp16 weights.
+    shape = gpu_bench.Shape(layers=6, d_model=512, d_ff=2048, vocab=32000)
+    assert shape.weight_bytes_per_step() / 1e6 == pytest.approx(77, rel=0.01)
+    # 64 rows, 16 cached + 32 source tokens: 6 * 64 * 48 * 512 * 2 (k, v) * 2 bytes.
+    assert shape.cache_bytes_per_step(64, 16, 32) == 6 * 64 * 48 * 512 * 4
+    assert gpu_bench.roofline_s(3.35e12 * 23e-6, 3.35e12) == pytest.approx(23e-6)
+
+
+def test_gpu_bench_record_from_json(tmp_path: Path) -> None:
+    result = {
+        "header": {
+            "device": "H100",
+            "memory_gib": 80,
+            "measured_bandwidth_gb_s": 3000,
+            "torch": "2",
+            "cuda": "13",
+        },
+        "figures": [
+            {
+                "config": "base",
+                "engine": "hf generate",
+                "batch": 64,
+                "status": "ok",
+                "reason": "",
+                "tokens_per_s": 15600.0,
+                "step_ms": 4.0,
+                "roofline_step_us": 30.0,
+                "step_bytes_mb": 90.0,
+                "gpu_mem_gib": 1.0,
+            }
+        ],
+        "summary": ["base b=64: HF generate 15600 tok/s"],
+        "command": "python -m loadtest.gpu_bench",
+    }
+    import json
+
+    saved = tmp_path / "gpu.json"
+    saved.write_text(json.dumps(result))
+    md = tmp_path / "benchmarks.md"
+    assert gpu_bench.main(["--from-json", str(saved), "--record", str(md)]) == 0
+    text = md.read_text()
+    assert gpu_bench.BEGIN in text and "| base | hf generate | 64 | 15600 | 4.00 | 30.0 |" in text
+    assert "| 133 |" in text  # 4 ms over 30 us
+
+
+@pytest.mark.slow
+def test_gpu_bench_cpu_dry_run(tmp_path: Path) -> None:
+    """Every stage of the GPU script on a toy model on the CPU (catches bit-rot without a GPU)."""
+    pytest.importorskip("torch")
+    out = tmp_path / "gpu.json"
+    args = [
+        "--cpu-dry-run",
+        "--configs",
+        "tiny",
+        "--batches",
+        "2",
+        "--hf-batches",
+        "",
+        "--new-tokens",
+        "4",
+        "--source-len",
+        "6",
+        "--repeats",
+        "1",
+        "--out",
+        str(out),
+    ]
+    assert gpu_bench.main(args) == 0
+    import json
+
+    figures = json.loads(out.read_text())["figures"]
+    status = {(f["engine"], f["batch"]): f["status"] for f in figures}
+    assert status[("pytorch eager", 2)] == "ok", figures
+    assert status[("serving engine", 2)] == "ok", figures
+    assert all(f["tokens_per_s"] > 0 for f in figures if f["status"] == "ok")
+
+
+def test_modules_import_without_side_effects() -> None:
+    for name in ("loadtest.bench", "loadtest.baselines", "loadtest.gpu_bench"):
+        assert name in sys.modules

@@ -1,0 +1,46 @@
+"""A short real load test against the live server fixture (tests/conftest.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from loadtest.__main__ import app
+from loadtest.workload import load_texts
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "verses.tsv"
+
+
+def short_verses(path: Path) -> Path:
+    """Fixture verses short enough for the test server's max_input_tokens (64) under the
+    tiny tokenizer (vocabulary 256, a few characters per piece)."""
+    texts = [t for t in load_texts(FIXTURE) if len(t) <= 60]
+    assert len(texts) >= 10
+    path.write_text("\n".join(texts) + "\n")
+    return path
+
+
+@pytest.mark.e2e
+def test_three_second_loadtest_against_live_server(server: Any, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    inputs = short_verses(tmp_path / "short.txt")
+    args = (
+        f"run --target {server.address} --rate 6 --arrivals poisson --duration 3 "
+        f"--max-requests 60 --inputs {inputs} --mix translate=0.6,stream=0.2,generate=0.2 "
+        f"--max-new-tokens 8 --timeout 20 --out {out} --no-progress"
+    )
+    result = CliRunner().invoke(app, args.split())
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "result.json").read_text())["summary"]
+    assert summary["requests"] > 0
+    assert summary["errors"] == {}, summary["error_examples"]
+    assert summary["ok"] == summary["requests"]
+    assert summary["throughput_rps"] > 0 and summary["tokens_per_s"] > 0
+    assert set(summary["by_kind"]) == {"translate", "stream", "generate"}
+    assert summary["ttft_s"]["count"] > 0  # streams reported time to first token
+    for name in ("summary.md", "latency_cdf.png", "latency_vs_load.png"):
+        assert (out / name).stat().st_size > 0
