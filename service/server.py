@@ -336,6 +336,35 @@ def _rename_text_field(exc: InvalidArgument, field_name: str) -> InvalidArgument
     return InvalidArgument(field_name, message)
 
 
+# How long a failed write waits for grpc.aio to report that the client has gone.
+WRITE_FAILURE_GRACE_S = 1.0
+
+
+async def _write_all(context: grpc.aio.ServicerContext, items: AsyncGenerator[Any]) -> None:
+    """Send a server stream with `context.write`, closing `items` in this call's task.
+
+    The stream servicers are coroutines, not async generators: when a client cancels
+    while a message is being written, grpc.aio abandons an async-generator handler
+    suspended at its `yield`, and the event loop's finalizer closes it later, in another
+    task and contextvars Context, where `Transport.stream` failed to reset the request id
+    (ValueError, "Task exception was never retrieved": an ERROR log). Here the
+    cancellation is raised at `await context.write` and `aclosing` unwinds
+    `Transport.stream` at once, in the call's own task, which also frees the rows.
+
+    A write also fails (grpc's ExecuteBatchError) when the client went away while it was
+    pending; grpc.aio learns of the cancellation a moment later and cancels this task.
+    Waiting for that makes the call end CANCELLED instead of grpc logging the failed
+    write as an ERROR; a failure that is not a cancellation still propagates.
+    """
+    async with contextlib.aclosing(items) as stream:
+        async for item in stream:
+            try:
+                await context.write(item)
+            except Exception:
+                await asyncio.sleep(WRITE_FAILURE_GRACE_S)
+                raise
+
+
 @contextlib.asynccontextmanager
 async def _closing(iterator: AsyncIterator[T]) -> AsyncGenerator[AsyncIterator[T]]:
     """Close an async generator when the call ends early, so the scheduler drops the row."""
@@ -455,7 +484,7 @@ class TranslatorServicer(_Servicer, pb_grpc.TranslatorServicer):
 
     async def TranslateStream(
         self, request: pb.TranslateStreamRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncGenerator[pb.TokenChunk]:
+    ) -> None:
         async def handle(state: CallState) -> AsyncGenerator[pb.TokenChunk]:
             state.model = self.backend.model_label(Task.TRANSLATION, request.model)
             text = validation.text("text", request.text, self.limits)
@@ -468,9 +497,7 @@ class TranslatorServicer(_Servicer, pb_grpc.TranslatorServicer):
             async for chunk in self._stream_chunks(seq, state, "text"):
                 yield chunk
 
-        # grpc.aio needs the method itself to be an async generator function.
-        async for chunk in self.transport.stream("TranslateStream", context, handle):
-            yield chunk
+        await _write_all(context, self.transport.stream("TranslateStream", context, handle))
 
 
 async def _gather_texts(
@@ -501,7 +528,7 @@ async def _gather_texts(
 class GeneratorServicer(_Servicer, pb_grpc.GeneratorServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncGenerator[pb.TokenChunk]:
+    ) -> None:
         async def handle(state: CallState) -> AsyncGenerator[pb.TokenChunk]:
             state.model = self.backend.model_label(Task.GENERATION, request.model)
             prompt = validation.text("prompt", request.prompt, self.limits)
@@ -514,9 +541,7 @@ class GeneratorServicer(_Servicer, pb_grpc.GeneratorServicer):
             async for chunk in self._stream_chunks(seq, state, "prompt"):
                 yield chunk
 
-        # grpc.aio needs the method itself to be an async generator function.
-        async for chunk in self.transport.stream("Generate", context, handle):
-            yield chunk
+        await _write_all(context, self.transport.stream("Generate", context, handle))
 
     async def GenerateUnary(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext

@@ -259,6 +259,7 @@ def test_oversized_message_is_refused(server: ServerHandle) -> None:
 
 
 def test_client_cancellation_frees_the_rows(server: ServerHandle, client: Client) -> None:
+    log_start = len(server.log())
     stream = client.generate("The Lord said", stream=True, max_new_tokens=32)
     next(iter(stream))  # type: ignore[arg-type]
     stream.cancel()  # type: ignore[union-attr]
@@ -270,6 +271,8 @@ def test_client_cancellation_frees_the_rows(server: ServerHandle, client: Client
             break
         time.sleep(0.05)
     assert running and all(s.value == 0 for s in running)
+    # The cancelled call ended in its own task: no late error from its stream generator.
+    assert '"level": "ERROR"' not in server.log()[log_start:]
 
 
 # --- metrics -------------------------------------------------------------------------------

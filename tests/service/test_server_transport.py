@@ -8,6 +8,9 @@ in test_server.py.
 from __future__ import annotations
 
 import asyncio
+import gc
+import itertools
+import logging
 import math
 import threading
 import time
@@ -98,6 +101,12 @@ class FakeBackend:
 
     async def stream(self, request: SequenceRequest) -> AsyncIterator[TokenEvent | SequenceResult]:
         name = self._check(request)
+        if request.text == "flood":  # endless 16 KiB chunks: writes wait on flow control
+            try:
+                for i in itertools.count():
+                    yield TokenEvent([i], "x" * 16384)
+            finally:
+                self.cancelled.append(request.text)
         result = self._result(name, request)
         for i, word in enumerate(result.hypotheses[0].text.split()):
             yield TokenEvent([i], (" " if i else "") + word)
@@ -364,6 +373,35 @@ def test_client_cancellation_cancels_the_backend_task(fake: InProcessServer) -> 
         _wait(lambda: "block stream" in fake.backend.cancelled)
     _wait(lambda: fake.server.transport.in_flight == 0)
     assert fake.counter("Translate", "en-es", "CANCELLED") >= 1
+
+
+@pytest.mark.parametrize("method", ["Generate", "TranslateStream"])
+def test_stream_cancelled_mid_write_ends_cleanly(
+    fake: InProcessServer, caplog: pytest.LogCaptureFixture, method: str
+) -> None:
+    """A client that cancels while a chunk is being written (flow control holds an endless
+    stream) gets a CANCELLED call that ends in its own task: no ERROR log (grpc.aio used
+    to abandon the stream generator, whose late close in a foreign Context failed to reset
+    the request id: "Task exception was never retrieved"; nor grpc's failed-write error)."""
+    caplog.set_level(logging.INFO)
+    before = fake.counter(method, "en-lm" if method == "Generate" else "en-es", "CANCELLED")
+    fake.backend.cancelled.clear()
+    with Client(fake.address, timeout=10) as c:
+        if method == "Generate":
+            stream = c.generate("flood", stream=True)
+        else:
+            stream = c.translate_stream("flood")
+        assert len(next(iter(stream)).text) == 16384  # type: ignore[arg-type]
+        time.sleep(0.3)  # the server fills the flow-control window and waits in a write
+        stream.cancel()  # type: ignore[union-attr]
+        _wait(lambda: fake.backend.cancelled == ["flood"])  # the backend stream was closed
+    _wait(lambda: fake.server.transport.in_flight == 0)
+    gc.collect()  # finalize anything grpc abandoned, then let the loop run its callbacks
+    fake.call(asyncio.sleep(0.1))
+    label = "en-lm" if method == "Generate" else "en-es"
+    assert fake.counter(method, label, "CANCELLED") == before + 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not errors, errors
 
 
 def _wait(predicate: Any, timeout: float = 10.0) -> None:
