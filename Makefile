@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e '.[train,dev]'
+	$(PY) -m pip install -q -e '.[train,dev,peers]'
 	touch $@
 
 setup: $(STAMP)
@@ -41,7 +41,11 @@ lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m mypy transformer export service loadtest
 
+SWORD_PACKAGES := sword-text-kjv sword-text-web sword-text-sparv
 data: setup
+	@test -d /usr/share/sword/modules/texts || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(SWORD_PACKAGES); \
+	  else echo "as root: apt-get install -y $(SWORD_PACKAGES)"; exit 1; fi; }
 	$(PY) -m transformer.data build --out data
 
 train: setup
