@@ -861,6 +861,23 @@ class Batch:
                 if need_s < self.source_len:
                     self._resize_source(need_s)
 
+    def _oversized(self) -> bool:
+        """Whether the cache length or source width is a bucket larger than the live rows
+        need (a long request has left), so the next step would pay for nothing."""
+        e = self.engine
+        live = self.active
+        need_c = bucket(
+            int(self.positions[live].max()) + 1, min(MIN_CACHE, e.max_positions), e.max_positions
+        )
+        if need_c < self.cache_len:
+            return True
+        if self.cross_k is None:
+            return False
+        need_s = bucket(
+            int(self.src_len[live].max()), min(MIN_CACHE, e.max_input_tokens), e.max_input_tokens
+        )
+        return need_s < self.source_len
+
     def _resize_source(self, length: int) -> None:
         b = self.backend
         self.cross_k = b.resize(self.cross_k, length)
@@ -924,8 +941,13 @@ class Batch:
     def _encode(self, seqs: list[_Seq], dst: np.ndarray, src: np.ndarray) -> float:
         e = self.engine
         lengths = [len(s.input_ids) for s in seqs]
-        n = bucket(len(seqs), 1, bucket(e.max_batch_size, 1, 1 << 30))
-        width = bucket(max(lengths), min(MIN_CACHE, e.max_input_tokens), e.max_input_tokens)
+        if isinstance(self.backend, _NumpyBackend):
+            # On the CPU a new shape costs nothing to set up, and every padded slot costs
+            # compute in a call all running rows wait for: encode at the exact size.
+            n, width = len(seqs), max(lengths)
+        else:
+            n = bucket(len(seqs), 1, bucket(e.max_batch_size, 1, 1 << 30))
+            width = bucket(max(lengths), min(MIN_CACHE, e.max_input_tokens), e.max_input_tokens)
         ids = np.full((n, width), e.pad_id, dtype=np.int64)
         mask = np.zeros((n, width), dtype=bool)
         for i, seq in enumerate(seqs):
@@ -1025,8 +1047,10 @@ class Batch:
         active_rows = self.rows
         max_rows = bucket(e.max_batch_size, 1, 1 << 30)
         target = bucket(active_rows, 1, max_rows)
-        if target * 4 <= self.capacity:
-            self._relayout(target)
+        if target * 2 <= self.capacity or self._oversized():
+            # Every step costs what its shapes cost, live or not: keep rows, cache length
+            # and source width at what the live rows need, not the largest ever reached.
+            self._relayout(target if target * 2 <= self.capacity else self.capacity)
         need_c = int(self.positions[self.active].max()) + 1
         if need_c > self.cache_len:
             self._grow_cache(bucket(need_c, min(MIN_CACHE, e.max_positions), e.max_positions))

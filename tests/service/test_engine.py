@@ -370,6 +370,33 @@ def test_capacity_grows_without_changing_outputs(io_binding: bool) -> None:
 
 
 @pytest.mark.parametrize("io_binding", [False, True], ids=["numpy", "iobinding"])
+def test_shapes_shrink_to_the_live_rows_when_a_long_request_leaves(io_binding: bool) -> None:
+    """A step costs what its shapes cost: once a long request leaves, the cache length and
+    source width go back to what the remaining rows need (they used to stay at the max)."""
+    engine = make_engine(TRANSLATOR, max_batch_size=4, io_binding=io_binding)
+    outputs = reference(TRANSLATOR, SOURCES, DecodingOptions(max_new_tokens=60))
+    long_i = max(range(len(SOURCES)), key=lambda i: len(outputs[i][0].tokens))
+    short_i = min(range(len(SOURCES)), key=lambda i: len(engine.encode(SOURCES[i])))
+    assert len(outputs[long_i][0].tokens) > 24  # guards the fixture
+    long_req = request(TRANSLATOR, SOURCES[long_i], max_new_tokens=60)
+    short_req = request(TRANSLATOR, SOURCES[short_i], max_new_tokens=60)
+    batch = engine.new_batch()
+    batch.add([BatchItem("long", long_req, engine.encode(SOURCES[long_i]))])
+    for _ in range(20):
+        assert not batch.step().finished
+    assert batch.cache_len >= 32
+    batch.add([BatchItem("short", short_req, engine.encode(SOURCES[short_i]))])
+    batch.step()
+    batch.remove(["long"])
+    results = dict(batch.step().finished)
+    short_width = bucket(len(engine.encode(SOURCES[short_i])), 16, engine.max_input_tokens)
+    assert (batch.cache_len, batch.source_len) == (16, short_width)
+    while len(batch):
+        results.update(batch.step().finished)
+    assert_same(results["short"], outputs[short_i])
+
+
+@pytest.mark.parametrize("io_binding", [False, True], ids=["numpy", "iobinding"])
 def test_removed_rows_free_their_slots_and_the_rest_continue(io_binding: bool) -> None:
     engine = make_engine(LM, max_batch_size=8, io_binding=io_binding)
     batch = engine.new_batch()
