@@ -13,7 +13,7 @@ import math
 import platform
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -336,7 +336,9 @@ def _sp(path: Path) -> spm.SentencePieceProcessor:
     return spm.SentencePieceProcessor(model_file=str(path))
 
 
-def _settings(**kwargs: Any) -> TrainSettings:
+def _settings(options: dict[str, Any]) -> TrainSettings:
+    """TrainSettings from a command's options (the parameters of the same names)."""
+    kwargs = {f.name: options[f.name] for f in fields(TrainSettings)}
     if kwargs["device"] == "cuda" and not torch.cuda.is_available():
         raise typer.BadParameter("--device cuda asked for, but torch sees no CUDA device")
     return TrainSettings(**kwargs)
@@ -390,19 +392,7 @@ def train_translator(
 
     train, _, _ = encode(data / "pairs.train.tsv")
     dev, dev_en, dev_es = encode(data / "pairs.dev.tsv")
-    settings = _settings(
-        max_tokens=max_tokens,
-        lr=lr,
-        warmup=warmup,
-        label_smoothing=label_smoothing,
-        clip=clip,
-        max_steps=max_steps,
-        max_minutes=max_minutes,
-        eval_every=eval_every,
-        seed=seed,
-        device=device,
-        amp=amp,
-    )
+    settings = _settings(locals())
     run_training(
         "translator",
         config,
@@ -453,19 +443,7 @@ def train_lm(
             stream += [config.bos_id, *sp.encode(line), config.eos_id]
         return [Example([], stream[i : i + block + 1]) for i in range(0, len(stream) - 1, block)]
 
-    settings = _settings(
-        max_tokens=max_tokens,
-        lr=lr,
-        warmup=warmup,
-        label_smoothing=label_smoothing,
-        clip=clip,
-        max_steps=max_steps,
-        max_minutes=max_minutes,
-        eval_every=eval_every,
-        seed=seed,
-        device=device,
-        amp=amp,
-    )
+    settings = _settings(locals())
     run_training(
         "lm",
         config,

@@ -1,0 +1,128 @@
+"""The training loop on the committed verse fixture: loss falls, checkpoints resume."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+import torch
+
+from transformer.checkpoint import load_checkpoint
+from transformer.data import load_pairs, train_sentencepiece
+from transformer.train import (
+    TRANSLATOR,
+    Example,
+    TrainSettings,
+    app,
+    learning_rate,
+    make_batches,
+    run_training,
+)
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "verses.tsv"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pairs = load_pairs(FIXTURE)
+    prefix = tmp_path_factory.mktemp("spm") / "fixture"
+    return train_sentencepiece([t for p in pairs for t in (p.en, p.es)], prefix, 300)
+
+
+@pytest.fixture(scope="module")
+def examples(tokenizer: Path) -> list[Example]:
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    pairs = load_pairs(FIXTURE)[:96]
+    return [Example([*sp.encode(p.en), TRANSLATOR.eos_id], sp.encode(p.es)) for p in pairs]
+
+
+TINY = replace(
+    TRANSLATOR,
+    vocab_size=300,
+    d_model=32,
+    n_heads=2,
+    n_encoder_layers=1,
+    n_decoder_layers=1,
+    d_ff=64,
+    dropout=0.0,
+)
+
+
+def settings(max_steps: int, eval_every: int = 10) -> TrainSettings:
+    return TrainSettings(
+        max_tokens=1500,
+        lr=3e-3,
+        warmup=5,
+        label_smoothing=0.1,
+        clip=1.0,
+        max_steps=max_steps,
+        max_minutes=5.0,
+        eval_every=eval_every,
+        seed=0,
+        device="cpu",
+        amp=False,
+    )
+
+
+def test_loss_falls_and_the_checkpoint_is_written(
+    tmp_path: Path, examples: list[Example], tokenizer: Path
+) -> None:
+    torch.set_num_threads(1)
+    record = run_training(
+        "translator", TINY, examples, examples[:32], settings(160, eval_every=40),
+        tmp_path / "out", tmp_path / "work", tokenizer, resume=False,
+    )  # fmt: skip
+    losses = [h["dev_loss"] for h in record["history"]]
+    assert len(losses) == 4
+    assert all(b < a for a, b in itertools.pairwise(losses)), losses
+    assert losses[-1] < losses[0] - 0.25, losses
+    assert record["steps"] == 160
+    saved = json.loads((tmp_path / "out" / "training.json").read_text())
+    assert saved["best_dev_loss"] == min(losses)
+    model = load_checkpoint(tmp_path / "out")
+    assert model.config == TINY
+    assert (tmp_path / "out" / "tokenizer.model").read_bytes() == tokenizer.read_bytes()
+
+
+def test_resume_continues_from_the_saved_step(
+    tmp_path: Path, examples: list[Example], tokenizer: Path
+) -> None:
+    torch.set_num_threads(1)
+    args = ("translator", TINY, examples, examples[:32])
+    first = run_training(*args, settings(20), tmp_path / "out", tmp_path / "work", tokenizer, True)
+    assert first["steps"] == 20
+    second = run_training(*args, settings(30), tmp_path / "out", tmp_path / "work", tokenizer, True)
+    assert second["steps"] == 30
+    # The history carries on from the first run instead of starting again.
+    assert [h["step"] for h in second["history"]] == [10, 20, 30]
+    assert second["history"][:2] == first["history"]
+
+
+def test_batches_hold_every_example_once_within_the_token_budget(
+    examples: list[Example],
+) -> None:
+    batches = make_batches(examples, 800, random.Random(0))
+    seen = [id(e) for batch in batches for e in batch]
+    assert sorted(seen) == sorted(id(e) for e in examples)
+    for batch in batches:
+        longest = max(max(len(e.source), len(e.target)) for e in batch)
+        assert len(batch) == 1 or 2 * longest * len(batch) <= 800
+
+
+def test_learning_rate_warms_up_then_decays() -> None:
+    rates = [learning_rate(step, 1e-3, 100) for step in (1, 50, 100, 400)]
+    assert rates[0] < rates[1] < rates[2] == pytest.approx(1e-3)
+    assert rates[3] == pytest.approx(5e-4)
+
+
+def test_missing_data_names_the_command_to_run(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, ["translator", "--data", str(tmp_path)])
+    assert result.exit_code != 0
+    assert "make data" in result.output
