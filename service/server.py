@@ -406,6 +406,29 @@ class _Servicer:
             deadline=self.transport.deadline(context),
         )
 
+    async def _serve_stream(
+        self,
+        method: str,
+        task: Task,
+        field_name: str,
+        text: str,
+        request: pb.TranslateStreamRequest | pb.GenerateRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        """The one shape of both streaming RPCs: validate, submit, send chunks as decoded."""
+
+        async def handle(state: CallState) -> AsyncGenerator[pb.TokenChunk]:
+            state.model = self.backend.model_label(task, request.model)
+            checked = validation.text(field_name, text, self.limits)
+            params = validation.decoding_params(request.options, self.limits, task, stream=True)
+            seq = self._request(
+                task, checked, params, request.model, request.version, state, context
+            )
+            async for chunk in self._stream_chunks(seq, state, field_name):
+                yield chunk
+
+        await _write_all(context, self.transport.stream(method, context, handle))
+
     async def _stream_chunks(
         self, request: SequenceRequest, state: CallState, field_name: str
     ) -> AsyncGenerator[pb.TokenChunk]:
@@ -485,19 +508,9 @@ class TranslatorServicer(_Servicer, pb_grpc.TranslatorServicer):
     async def TranslateStream(
         self, request: pb.TranslateStreamRequest, context: grpc.aio.ServicerContext
     ) -> None:
-        async def handle(state: CallState) -> AsyncGenerator[pb.TokenChunk]:
-            state.model = self.backend.model_label(Task.TRANSLATION, request.model)
-            text = validation.text("text", request.text, self.limits)
-            params = validation.decoding_params(
-                request.options, self.limits, Task.TRANSLATION, stream=True
-            )
-            seq = self._request(
-                Task.TRANSLATION, text, params, request.model, request.version, state, context
-            )
-            async for chunk in self._stream_chunks(seq, state, "text"):
-                yield chunk
-
-        await _write_all(context, self.transport.stream("TranslateStream", context, handle))
+        await self._serve_stream(
+            "TranslateStream", Task.TRANSLATION, "text", request.text, request, context
+        )
 
 
 async def _gather_texts(
@@ -529,19 +542,9 @@ class GeneratorServicer(_Servicer, pb_grpc.GeneratorServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> None:
-        async def handle(state: CallState) -> AsyncGenerator[pb.TokenChunk]:
-            state.model = self.backend.model_label(Task.GENERATION, request.model)
-            prompt = validation.text("prompt", request.prompt, self.limits)
-            params = validation.decoding_params(
-                request.options, self.limits, Task.GENERATION, stream=True
-            )
-            seq = self._request(
-                Task.GENERATION, prompt, params, request.model, request.version, state, context
-            )
-            async for chunk in self._stream_chunks(seq, state, "prompt"):
-                yield chunk
-
-        await _write_all(context, self.transport.stream("Generate", context, handle))
+        await self._serve_stream(
+            "Generate", Task.GENERATION, "prompt", request.prompt, request, context
+        )
 
     async def GenerateUnary(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
