@@ -26,8 +26,13 @@ Policy (read this before tuning the budgets):
 * stop(grace_s): new requests are refused (Unavailable); queued and running ones may
   finish within grace_s; the rest are then cancelled (streams get their partial result
   with finish reason CANCELLED, unary callers Unavailable).
-* Engine calls run in one worker thread per loop, so the asyncio loop stays free and the
-  translator's and the generator's loops step at the same time.
+* Engine calls run in one worker thread per model version that steps back to back while
+  it has rows: it takes the removals and admissions the event loop has posted since its
+  last step, steps, and posts the outputs back. Delivering answers, metrics and the next
+  admissions happen on the event loop while the next step computes, so the decoder never
+  waits for the event loop (which is busy with gRPC), and the translator's and the
+  generator's loops step at the same time. A row freed by a step is therefore filled one
+  step later, not at the very next step.
 * Reload loads new versions beside the running ones; a version takes traffic only once
   its engine is warm, and a retired one finishes its in-flight requests before its loop
   stops (the repository's refcount and drain hook).
@@ -40,10 +45,10 @@ import contextlib
 import heapq
 import logging
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Hashable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
@@ -64,13 +69,13 @@ from service.domain import (
 )
 from service.engine import (
     AddOutput,
-    Batch,
     BatchItem,
     Engine,
     EngineOptions,
     StepOutput,
     variant_preference,
 )
+from service.gpu import CUDA_PROVIDER, memory_reader
 from service.metrics import Metrics
 from service.repository import ModelRepository, ModelVersion
 
@@ -159,6 +164,7 @@ class _Job:
         self.state: Literal["waiting", "running", "done"] = "waiting"
         # Why it must leave early (checked at step boundaries).
         self.abort: Literal["cancelled", "deadline", "shutdown"] | None = None
+        self.removal_posted = False
 
     def expired(self, now: float) -> bool:
         return self.request.deadline is not None and now >= self.request.deadline
@@ -175,7 +181,6 @@ class _ModelLoop:
         self.config = config
         self.metrics = metrics
         self.label = entry.name
-        self.batch: Batch = engine.new_batch()
         self.waiting: deque[_Job] = deque()
         self.running: dict[_Job, _Job] = {}
         self.rows_used = 0
@@ -185,7 +190,11 @@ class _ModelLoop:
         self.idle.set()
         self.accepting = True
         self.closing = False
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"engine-{entry.key}")
+        # What the event loop posts to the worker thread, which owns the batch (`_drive`).
+        self._inbox: list[tuple[list[Hashable], list[BatchItem]]] = []
+        self._inbox_ready = threading.Condition()
+        self._stop_worker = False
+        self._worker: threading.Thread | None = None
         report = engine.warmup_report
         self.step_s = report.step_seconds if report is not None else 0.01
         self.length_ratio = config.initial_length_ratio
@@ -281,57 +290,88 @@ class _ModelLoop:
     # --- the loop --------------------------------------------------------------------
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            now = time.monotonic()
-            for job in list(self.waiting):
-                if job.abort is None and job.expired(now):
-                    job.abort = "deadline"
-                if job.abort is not None:
-                    self.waiting.remove(job)
-                    self._finish(job, None)
-            removals: list[Hashable] = []
-            for job in self.running.values():
-                if job.abort is None and job.expired(now):
-                    job.abort = "deadline"
-                if job.abort is not None:
-                    removals.append(job)
-            admitted = self._admit()
-            self.metrics.queue_depth.labels(self.label).set(len(self.waiting))
-            if not self.running:
-                self.idle.set()
-                self._gauges()
-                if self.closing:
-                    return
+        """Event-loop side: expire, remove, admit and post to the worker, then sleep until
+        a request arrives or leaves, or the worker delivers a step."""
+        event_loop = asyncio.get_running_loop()
+        self._worker = threading.Thread(
+            target=self._drive, args=(event_loop,), name=f"engine-{self.entry.key}", daemon=True
+        )
+        self._worker.start()
+        try:
+            while True:
                 self.wake.clear()
+                now = time.monotonic()
+                for job in list(self.waiting):
+                    if job.abort is None and job.expired(now):
+                        job.abort = "deadline"
+                    if job.abort is not None:
+                        self.waiting.remove(job)
+                        self._finish(job, None)
+                removals: list[Hashable] = []
+                for job in self.running.values():
+                    if job.abort is None and job.expired(now):
+                        job.abort = "deadline"
+                    if job.abort is not None and not job.removal_posted:
+                        job.removal_posted = True
+                        removals.append(job)
+                admitted = self._admit()
+                for job in admitted:
+                    self.metrics.queue_duration.labels(self.label).observe(now - job.enqueued)
+                if removals or admitted:
+                    items = [
+                        BatchItem(job, job.request, job.input_ids, job.events is not None)
+                        for job in admitted
+                    ]
+                    with self._inbox_ready:
+                        self._inbox.append((removals, items))
+                        self._inbox_ready.notify()
+                self.metrics.queue_depth.labels(self.label).set(len(self.waiting))
+                if not self.running:
+                    self.idle.set()
+                    self._gauges()
+                    if self.closing:
+                        return
                 await self.wake.wait()
-                continue
-            for job in admitted:
-                self.metrics.queue_duration.labels(self.label).observe(now - job.enqueued)
-            items = [
-                BatchItem(job, job.request, job.input_ids, job.events is not None)
-                for job in admitted
-            ]
+        finally:
+            with self._inbox_ready:
+                self._stop_worker = True
+                self._inbox_ready.notify()
+
+    def _drive(self, event_loop: asyncio.AbstractEventLoop) -> None:
+        """Worker thread: the only place the batch is touched. Steps while it has rows."""
+        batch = self.engine.new_batch()
+        while True:
+            with self._inbox_ready:
+                while not self._inbox and not len(batch) and not self._stop_worker:
+                    self._inbox_ready.wait()
+                if self._stop_worker and not self._inbox and not len(batch):
+                    return
+                posted, self._inbox = self._inbox, []
+            removals = [key for keys, _ in posted for key in keys]
+            items = [item for _, batch_items in posted for item in batch_items]
             try:
-                removed, added, out = await loop.run_in_executor(
-                    self.executor, self._work, removals, items
-                )
+                removed = batch.remove(removals)
+                added = batch.add(items)
+                out = batch.step() if len(batch) else StepOutput()
             except Exception as error:
                 log.exception("model %s: engine step failed", self.entry.key)
-                for job in list(self.running.values()):
-                    self._finish(job, None, error)
-                self.batch = self.engine.new_batch()
-                continue
-            self._dispatch(removed, added, out)
+                lost = [*batch.keys(), *(item.key for item in items)]
+                batch = self.engine.new_batch()
+                reply: tuple[Callable[..., None], tuple[object, ...]] = (
+                    self._failed,
+                    (lost, error),
+                )
+            else:
+                reply = (self._dispatch, (removed, added, out))
+            try:
+                event_loop.call_soon_threadsafe(reply[0], *reply[1])
+            except RuntimeError:  # the event loop is closed: nobody is left to answer
+                return
 
-    def _work(
-        self, removals: list[Hashable], items: list[BatchItem]
-    ) -> tuple[list[tuple[Hashable, SequenceResult]], AddOutput, StepOutput]:
-        """Worker thread: drop, admit, step; the only place the batch is touched."""
-        removed = self.batch.remove(removals)
-        added = self.batch.add(items)
-        out = self.batch.step() if len(self.batch) else StepOutput()
-        return removed, added, out
+    def _failed(self, keys: list[Hashable], error: BaseException) -> None:
+        for key in keys:
+            self._finish(key, None, error)  # type: ignore[arg-type]
+        self.wake.set()
 
     def _dispatch(
         self,
@@ -369,6 +409,7 @@ class _ModelLoop:
         for key, result in out.finished:
             self._finish(key, result)  # type: ignore[arg-type]
         self._gauges()
+        self.wake.set()
 
     def _gauges(self) -> None:
         m, label = self.metrics, self.label
@@ -445,7 +486,8 @@ class _ModelLoop:
         if self.task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
-        self.executor.shutdown(wait=True)
+        if self._worker is not None:
+            await asyncio.to_thread(self._worker.join)
         self.metrics.model_ready.labels(self.entry.name, str(self.entry.version)).set(0)
 
 
@@ -486,6 +528,7 @@ class Scheduler:
         self._stopping = False
         self._reload_lock: asyncio.Lock | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._gpus: set[int] = set()  # CUDA devices in use, for the GPU memory metric
 
     @classmethod
     def from_settings(cls, settings: Settings, metrics: Metrics | None = None) -> Scheduler:
@@ -530,6 +573,9 @@ class Scheduler:
 
     async def _start_loop(self, entry: ModelVersion) -> None:
         engine = await asyncio.to_thread(self.engine_factory, entry, self.engine_options)
+        if engine.provider == CUDA_PROVIDER and engine.options.device_id not in self._gpus:
+            self._gpus.add(engine.options.device_id)
+            self.metrics.gpu_memory_used.read = memory_reader(sorted(self._gpus))
         loop = _ModelLoop(entry, engine, self.config, self.metrics)
         loop.task = asyncio.get_running_loop().create_task(
             loop.run(), name=f"model-loop-{entry.key}"

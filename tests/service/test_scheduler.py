@@ -29,7 +29,7 @@ from service.domain import (
 )
 from service.engine import Engine, EngineOptions, decode_all
 from service.metrics import Metrics
-from service.repository import ModelRepository
+from service.repository import ModelRepository, ModelVersion
 from service.scheduler import DEFAULT_MODELS, EngineFactory, Scheduler, SchedulerConfig
 from tests.service._engine_models import (
     LM,
@@ -302,6 +302,40 @@ def test_static_mode_runs_a_batch_to_completion_before_admitting_more() -> None:
     assert late_done > max(firsts)
     for request, result in zip([*first, late], results, strict=True):
         assert result.hypotheses[0].token_ids == alone(request).hypotheses[0].token_ids
+
+
+def test_an_engine_failure_fails_its_requests_and_the_loop_goes_on() -> None:
+    """A step that raises fails the requests in its batch (not the queued ones) and leaves
+    the worker decoding later requests in a fresh batch."""
+    from service.engine import Batch, StepOutput
+
+    failures = [RuntimeError("device lost")]
+
+    class FailingOnce(Batch):
+        def step(self) -> StepOutput:
+            time.sleep(STEP_DELAY)
+            if self.generated(next(iter(self.seqs))) == 2 and failures:
+                raise failures.pop()
+            return super().step()
+
+    class FailingEngine(Engine):
+        def new_batch(self) -> Batch:
+            return FailingOnce(self)
+
+    def factory(entry: ModelVersion, options: EngineOptions) -> Engine:
+        return FailingEngine(entry.path, entry.manifest, options)
+
+    doomed = [generate(p, max_new_tokens=20) for p in PROMPTS[:2]]
+    later = generate(PROMPTS[3], max_new_tokens=20)
+
+    async def main(s: Scheduler) -> tuple[list[BaseException | SequenceResult], SequenceResult]:
+        outcomes = await asyncio.gather(*(s.submit(r) for r in doomed), return_exceptions=True)
+        assert loop_stats(s, f"{LM}:1")["running"] == 0  # their rows are free again
+        return outcomes, await s.submit(later)
+
+    outcomes, answer = run(main, make_scheduler(factory=factory))
+    assert [str(o) for o in outcomes] == ["device lost", "device lost"]
+    assert answer.hypotheses[0].token_ids == alone(later).hypotheses[0].token_ids
 
 
 # --- lifecycle ---------------------------------------------------------------------------------
