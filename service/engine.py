@@ -49,11 +49,12 @@ from service.domain import (
     Task,
     TokenEvent,
 )
+from service.gpu import CUDA_PROVIDER
 from service.tokenizer import Tokenizer, find_stop, stable_prefix
 
 log = logging.getLogger(__name__)
 
-CUDA = "CUDAExecutionProvider"
+CUDA = CUDA_PROVIDER
 CPU = "CPUExecutionProvider"
 MIN_CACHE = 16  # smallest cache capacity / source / prefill bucket
 _NEG_INF = np.float32(-np.inf)

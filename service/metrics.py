@@ -9,7 +9,14 @@ the client defaults (5 ms-10 s) cut off long generations and hide sub-millisecon
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
 
 # 0.5 ms × 2^k up to ~131 s: fine at the step scale, still resolving long generations.
 DURATION_BUCKETS: tuple[float, ...] = tuple(round(0.0005 * 2**k, 6) for k in range(19))
@@ -122,9 +129,8 @@ class Metrics:
             ["model"],
             registry=r,
         )
-        self.gpu_memory_used = Gauge(
-            "inference_gpu_memory_used_bytes", "GPU memory in use.", ["device"], registry=r
-        )
+        self.gpu_memory_used = GpuMemoryCollector()
+        r.register(self.gpu_memory_used)
 
     def observe_request(self, method: str, model: str, code: str, seconds: float) -> None:
         """One finished RPC (called by the transport)."""
@@ -132,10 +138,35 @@ class Metrics:
         self.requests.labels(method=method, model=model, code=code).inc()
 
 
+class GpuMemoryCollector(Collector):
+    """inference_gpu_memory_used_bytes{device}: read at scrape time from `read` (NVML, set
+    by the server when a model runs on CUDA); no samples while `read` is None (CPU)."""
+
+    NAME = "inference_gpu_memory_used_bytes"
+    HELP = "GPU memory in use on the device, all processes (NVML), by CUDA device id."
+
+    def __init__(self) -> None:
+        self.read: Callable[[], dict[str, int]] | None = None
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return [GaugeMetricFamily(self.NAME, self.HELP, labels=["device"])]
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(self.NAME, self.HELP, labels=["device"])
+        if self.read is not None:
+            try:
+                for device, used in sorted(self.read().items()):
+                    family.add_metric([device], float(used))
+            except Exception as error:  # a failing driver must not break the scrape
+                log.warning("cannot read GPU memory: %s", error)
+        yield family
+
+
 __all__ = [
     "BATCH_SIZE_BUCKETS",
     "DURATION_BUCKETS",
     "RATIO_BUCKETS",
     "TOKEN_BUCKETS",
+    "GpuMemoryCollector",
     "Metrics",
 ]

@@ -1,0 +1,76 @@
+"""GPU memory in use, read from NVML (nvidia-ml-py), for `inference_gpu_memory_used_bytes`.
+
+onnxruntime reports no memory figure of its own, and its CUDA arena keeps what it has
+grown to, so the device-wide figure NVML gives (what `nvidia-smi` shows) is the one that
+tells an operator how close a replica is to running out. Read at scrape time, never on
+the decode path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from types import ModuleType
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+CUDA_PROVIDER = "CUDAExecutionProvider"
+MemoryReader = Callable[[], dict[str, int]]
+
+
+def _nvml() -> ModuleType | None:
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    return pynvml
+
+
+def _visible(device_id: int) -> str | int:
+    """The NVML handle key of CUDA device `device_id`: CUDA numbers the devices that
+    CUDA_VISIBLE_DEVICES lists (by index or UUID), NVML numbers all of them."""
+    listed = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")]
+    listed = [d for d in listed if d]
+    if not listed:
+        return device_id
+    if device_id >= len(listed):
+        raise ValueError(
+            f"CUDA device {device_id} is not among CUDA_VISIBLE_DEVICES={','.join(listed)}"
+        )
+    entry = listed[device_id]
+    return int(entry) if entry.isdigit() else entry
+
+
+def memory_reader(device_ids: Sequence[int]) -> MemoryReader | None:
+    """A function returning {CUDA device id: bytes in use} for these devices, or None (with
+    the reason logged) when NVML is not installed or cannot see them."""
+    nvml = _nvml()
+    if nvml is None:
+        log.warning("GPU memory metric off: nvidia-ml-py is not installed")
+        return None
+    try:
+        nvml.nvmlInit()
+        handles: dict[str, Any] = {}
+        for device_id in device_ids:
+            key = _visible(device_id)
+            handles[str(device_id)] = (
+                nvml.nvmlDeviceGetHandleByIndex(key)
+                if isinstance(key, int)
+                else nvml.nvmlDeviceGetHandleByUUID(key)
+            )
+    except (nvml.NVMLError, ValueError) as error:
+        log.warning("GPU memory metric off: NVML cannot read the device: %s", error)
+        return None
+
+    def read() -> dict[str, int]:
+        return {
+            device: int(nvml.nvmlDeviceGetMemoryInfo(handle).used)
+            for device, handle in handles.items()
+        }
+
+    return read
+
+
+__all__ = ["CUDA_PROVIDER", "MemoryReader", "memory_reader"]
