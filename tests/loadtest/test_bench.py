@@ -14,6 +14,7 @@ from loadtest.bench import (
     BEGIN,
     END,
     ServedMode,
+    equal_p50,
     markdown,
     poisson_rates,
     ratios,
@@ -72,6 +73,41 @@ def test_ratios_and_targets() -> None:
     # static's busiest step: 20 req/s at p50 0.5 s; continuous reaches 0.5 s at 35 req/s.
     assert equal["value"] == pytest.approx(35 / 20)
     assert equal["met"] is True
+    # The note gives the spread over every static step: 0.2 s -> 20 req/s (2.0x at 10).
+    assert "1.75–2.00×" in equal["note"]
+
+
+def test_equal_p50_curve_per_static_step() -> None:
+    static = [point(20, 0.5), point(10, 0.2), point(30, 2.0), point(5, None)]
+    continuous = [point(10, 0.1), point(30, 0.3), point(40, 0.7)]
+    curve = equal_p50(static, continuous)
+    assert [p["static_rps"] for p in curve] == [10, 20, 30]  # by load; no p50 -> left out
+    assert [p["continuous_rps"] for p in curve] == [pytest.approx(20.0), pytest.approx(35.0), 40]
+    assert [p["qualifier"] for p in curve] == ["", "", ">="]
+    assert curve[2]["ratio"] == pytest.approx(40 / 30)
+
+
+def test_equal_p50_table_in_markdown(tmp_path: Path) -> None:
+    def step(rps: float, p50: float) -> dict[str, Any]:
+        return {
+            **point(rps, p50),
+            "offered_rate": rps,
+            "tokens_per_s": rps * 10,
+            "errors": {},
+            "latency_s": {"p50": p50, "p99": 2 * p50},
+        }
+
+    from dataclasses import asdict
+
+    data = bench_data(tmp_path)
+    modes = {
+        "static": served("static", 500.0, [step(10, 0.2), step(30, 2.0)]),
+        "continuous": served("continuous", 500.0, [step(10, 0.1), step(30, 0.3), step(40, 0.7)]),
+    }
+    data["served"] = {k: asdict(v) for k, v in modes.items()}
+    text = markdown(data)
+    assert "| 200 | 10.00 | 20.00 | 2.00× |" in text
+    assert "| 2000 | 30.00 | >=40.00 | >=1.33× |" in text
 
 
 def bench_data(tmp_path: Path) -> dict[str, Any]:
