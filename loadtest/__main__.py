@@ -156,7 +156,9 @@ async def _with_caller(
         try:
             await caller.wait_ready(wait_ready_s)
         except TimeoutError as error:
-            raise _Fail(f"no server answering at {target} within {wait_ready_s:g} s") from error
+            raise _Fail(
+                f"no server SERVING (grpc.health.v1) at {target} within {wait_ready_s:g} s"
+            ) from error
         return await body(caller)
     finally:
         await caller.close()
@@ -195,7 +197,9 @@ def run(
     max_new_tokens: MaxNewTokens = 0,
     timeout: Timeout = 30.0,
     max_in_flight: MaxInFlight = DEFAULT_MAX_IN_FLIGHT,
-    wait_ready: Annotated[float, typer.Option(help="Seconds to wait for the server.")] = 10.0,
+    wait_ready: Annotated[
+        float, typer.Option(help="Seconds to wait for the server to be SERVING.")
+    ] = 10.0,
     progress: Progress = True,
 ) -> None:
     """One bounded run, open loop (--rate; default 5 req/s) or closed loop (--concurrency)."""
@@ -285,7 +289,9 @@ def sweep(
     max_new_tokens: MaxNewTokens = 0,
     timeout: Timeout = 30.0,
     max_in_flight: MaxInFlight = DEFAULT_MAX_IN_FLIGHT,
-    wait_ready: Annotated[float, typer.Option(help="Seconds to wait for the server.")] = 10.0,
+    wait_ready: Annotated[
+        float, typer.Option(help="Seconds to wait for the server to be SERVING.")
+    ] = 10.0,
     progress: Progress = True,
 ) -> None:
     """Open-loop steps at rising rates until the latency curve bends (the knee)."""
@@ -376,7 +382,9 @@ def soak(
     max_new_tokens: MaxNewTokens = 0,
     timeout: Timeout = 30.0,
     max_in_flight: MaxInFlight = DEFAULT_MAX_IN_FLIGHT,
-    wait_ready: Annotated[float, typer.Option(help="Seconds to wait for the server.")] = 10.0,
+    wait_ready: Annotated[
+        float, typer.Option(help="Seconds to wait for the server to be SERVING.")
+    ] = 10.0,
     progress: Progress = True,
 ) -> None:
     """A fixed rate for N minutes, sampling the server's RSS (leaks, fragmentation)."""

@@ -212,9 +212,27 @@ class GrpcCaller:
         self.generate_model = generate_model
 
     async def wait_ready(self, timeout_s: float = 10.0) -> None:
+        """Until the server's overall health is SERVING (its models loaded and warm), so no
+        request of the run meets a loading server; TimeoutError after timeout_s."""
         import asyncio
 
-        await asyncio.wait_for(self.channel.channel_ready(), timeout_s)
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        health = health_pb2_grpc.HealthStub(self.channel)
+        serving = health_pb2.HealthCheckResponse.SERVING
+
+        async def serving_reached() -> None:
+            await self.channel.channel_ready()
+            while True:
+                try:
+                    reply = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+                    if reply.status == serving:
+                        return
+                except self._grpc.RpcError:
+                    pass  # not listening yet, or health not registered yet
+                await asyncio.sleep(0.2)
+
+        await asyncio.wait_for(serving_reached(), timeout_s)
 
     async def close(self) -> None:
         await self.channel.close()

@@ -119,3 +119,41 @@ def test_load_pairs_tsv_and_plain_lines(tmp_path: Path) -> None:
     assert resolve_inputs(tsv) == tsv
     with pytest.raises(FileNotFoundError, match="make data"):
         resolve_inputs(tmp_path / "missing.tsv")
+
+
+def test_wait_ready_waits_for_serving_health_not_just_a_listener() -> None:
+    """A server that listens while its models load (NOT_SERVING) must not be loaded yet."""
+    import asyncio
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_health.v1._async import HealthServicer
+
+    from loadtest.workload import GrpcCaller
+
+    async def main() -> float:
+        server = grpc.aio.server()
+        health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        caller = GrpcCaller(f"127.0.0.1:{port}")
+        try:
+            await health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+            with pytest.raises(TimeoutError):
+                await caller.wait_ready(0.6)
+
+            async def warm_up() -> None:
+                await asyncio.sleep(0.4)
+                await health.set("", health_pb2.HealthCheckResponse.SERVING)
+
+            started = asyncio.get_running_loop().time()
+            task = asyncio.create_task(warm_up())
+            await caller.wait_ready(5)
+            await task
+            return asyncio.get_running_loop().time() - started
+        finally:
+            await caller.close()
+            await server.stop(None)
+
+    assert asyncio.run(main()) >= 0.4
