@@ -217,14 +217,12 @@ class Transport:
 
     # -- wrappers ---------------------------------------------------------------------
 
-    async def unary(
-        self,
-        method: str,
-        context: grpc.aio.ServicerContext,
-        handler: Callable[[CallState], Awaitable[T]],
-        public: bool = False,
-    ) -> T:
-        """Run a unary handler with the shared plumbing; abort with the mapped status."""
+    @contextlib.asynccontextmanager
+    async def _call(
+        self, method: str, context: grpc.aio.ServicerContext, public: bool = False
+    ) -> AsyncIterator[CallState]:
+        """Request id, auth, drain refusal, metrics and logs around one call; a domain
+        error (or grpc's cancellation) in the body ends the call with its mapped status."""
         metadata = self._metadata(context)
         state = CallState(self.request_id(metadata))
         token = request_id_var.set(state.request_id)
@@ -237,42 +235,7 @@ class Transport:
             self.authenticate(metadata)
             if not public:
                 self.admit()
-            return await handler(state)
-        except asyncio.CancelledError:
-            code, message = self._cancel_status(context)
-            raise
-        except Exception as exc:
-            code, message = status_of(exc)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("unexpected error in %s", method)
-        finally:
-            self._finish(method, state, code, started, message)
-            self._leave()
-            request_id_var.reset(token)
-        await context.abort(code, message, trailing_metadata=trailer)
-        raise AssertionError("unreachable: abort raises")
-
-    async def stream(
-        self,
-        method: str,
-        context: grpc.aio.ServicerContext,
-        handler: Callable[[CallState], AsyncGenerator[T]],
-    ) -> AsyncGenerator[T]:
-        """Run a streaming handler with the shared plumbing."""
-        metadata = self._metadata(context)
-        state = CallState(self.request_id(metadata))
-        token = request_id_var.set(state.request_id)
-        trailer = ((REQUEST_ID_KEY, state.request_id),)
-        context.set_trailing_metadata(trailer)
-        started = time.monotonic()
-        self._enter()
-        code, message = grpc.StatusCode.OK, ""
-        try:
-            self.authenticate(metadata)
-            self.admit()
-            async with contextlib.aclosing(handler(state)) as items:
-                async for item in items:
-                    yield item
+            yield state
             return
         except (asyncio.CancelledError, GeneratorExit):
             code, message = self._cancel_status(context)
@@ -286,6 +249,32 @@ class Transport:
             self._leave()
             request_id_var.reset(token)
         await context.abort(code, message, trailing_metadata=trailer)
+
+    async def unary(
+        self,
+        method: str,
+        context: grpc.aio.ServicerContext,
+        handler: Callable[[CallState], Awaitable[T]],
+        public: bool = False,
+    ) -> T:
+        """Run a unary handler with the shared plumbing; abort with the mapped status."""
+        async with self._call(method, context, public) as state:
+            return await handler(state)
+        raise AssertionError("unreachable: a failed call aborts")
+
+    async def stream(
+        self,
+        method: str,
+        context: grpc.aio.ServicerContext,
+        handler: Callable[[CallState], AsyncGenerator[T]],
+    ) -> AsyncGenerator[T]:
+        """Run a streaming handler with the shared plumbing."""
+        async with (
+            self._call(method, context) as state,
+            contextlib.aclosing(handler(state)) as items,
+        ):
+            async for item in items:
+                yield item
 
 
 # --- protobuf ↔ domain --------------------------------------------------------------------
