@@ -29,7 +29,7 @@ from transformer.config import TransformerConfig
 from transformer.model import Model, build_model
 
 if TYPE_CHECKING:
-    from service.engine import Engine, EngineOptions
+    from service.engine import Batch, Engine, EngineOptions
     from service.repository import ModelVersion
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "verses.tsv"
@@ -158,21 +158,29 @@ def copy_version(root: Path, name: str, src: int, dst: int) -> Path:
 LONG_PROMPT = "The"
 
 
-def slow_engine_factory(delay_s: float) -> Callable[[ModelVersion, EngineOptions], Engine]:
-    """An engine factory whose batches sleep `delay_s` per step, so requests stay in
-    flight long enough to cancel, expire or queue behind them."""
+def hooked_engine_factory(
+    before_step: Callable[[Batch], None],
+) -> Callable[[ModelVersion, EngineOptions], Engine]:
+    """An engine factory whose batches call `before_step(batch)` before every step (to
+    slow the engine down, or to make a step fail)."""
     from service.engine import Batch, Engine, StepOutput
 
-    class SlowBatch(Batch):
+    class HookedBatch(Batch):
         def step(self) -> StepOutput:
-            time.sleep(delay_s)
+            before_step(self)
             return super().step()
 
-    class SlowEngine(Engine):
+    class HookedEngine(Engine):
         def new_batch(self) -> Batch:
-            return SlowBatch(self)
+            return HookedBatch(self)
 
     def factory(entry: ModelVersion, options: EngineOptions) -> Engine:
-        return SlowEngine(entry.path, entry.manifest, options)
+        return HookedEngine(entry.path, entry.manifest, options)
 
     return factory
+
+
+def slow_engine_factory(delay_s: float) -> Callable[[ModelVersion, EngineOptions], Engine]:
+    """Batches sleep `delay_s` per step, so requests stay in flight long enough to cancel,
+    expire or queue behind them."""
+    return hooked_engine_factory(lambda _: time.sleep(delay_s))

@@ -27,9 +27,9 @@ from service.domain import (
     TokenEvent,
     Unavailable,
 )
-from service.engine import Engine, EngineOptions, decode_all
+from service.engine import Batch, Engine, EngineOptions, decode_all
 from service.metrics import Metrics
-from service.repository import ModelRepository, ModelVersion
+from service.repository import ModelRepository
 from service.scheduler import DEFAULT_MODELS, EngineFactory, Scheduler, SchedulerConfig
 from tests.service._engine_models import (
     LM,
@@ -38,6 +38,7 @@ from tests.service._engine_models import (
     SOURCES,
     TRANSLATOR,
     copy_version,
+    hooked_engine_factory,
     model_repository,
     slow_engine_factory,
 )
@@ -307,24 +308,14 @@ def test_static_mode_runs_a_batch_to_completion_before_admitting_more() -> None:
 def test_an_engine_failure_fails_its_requests_and_the_loop_goes_on() -> None:
     """A step that raises fails the requests in its batch (not the queued ones) and leaves
     the worker decoding later requests in a fresh batch."""
-    from service.engine import Batch, StepOutput
-
     failures = [RuntimeError("device lost")]
 
-    class FailingOnce(Batch):
-        def step(self) -> StepOutput:
-            time.sleep(STEP_DELAY)
-            if self.generated(next(iter(self.seqs))) == 2 and failures:
-                raise failures.pop()
-            return super().step()
+    def fail_once_at_the_third_step(batch: Batch) -> None:
+        time.sleep(STEP_DELAY)
+        if batch.generated(next(iter(batch.seqs))) == 2 and failures:
+            raise failures.pop()
 
-    class FailingEngine(Engine):
-        def new_batch(self) -> Batch:
-            return FailingOnce(self)
-
-    def factory(entry: ModelVersion, options: EngineOptions) -> Engine:
-        return FailingEngine(entry.path, entry.manifest, options)
-
+    factory = hooked_engine_factory(fail_once_at_the_third_step)
     doomed = [generate(p, max_new_tokens=20) for p in PROMPTS[:2]]
     later = generate(PROMPTS[3], max_new_tokens=20)
 
