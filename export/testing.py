@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import random
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -49,10 +50,16 @@ _WORDS = [
 ]
 
 
-def tiny_tokenizer(path: str | Path, vocab_size: int = 96, seed: int = 0) -> int:
-    """Train a SentencePiece model (pad 0, unk 1, bos 2, eos 3) at `path`; its size."""
-    rng = random.Random(seed)
-    lines = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 12))) for _ in range(400)]
+def tiny_tokenizer(
+    path: str | Path, vocab_size: int = 96, seed: int = 0, lines: Sequence[str] = ()
+) -> int:
+    """Train a SentencePiece model (pad 0, unk 1, bos 2, eos 3) at `path` on `lines`
+    (default: random sentences of a small en/es word list); its size."""
+    if not lines:
+        rng = random.Random(seed)
+        lines = [
+            " ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 12))) for _ in range(400)
+        ]
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines),
@@ -65,6 +72,7 @@ def tiny_tokenizer(path: str | Path, vocab_size: int = 96, seed: int = 0) -> int
         eos_id=3,
         hard_vocab_limit=False,
         character_coverage=1.0,
+        num_threads=1,
         minloglevel=2,
     )
     Path(path).write_bytes(buffer.getvalue())

@@ -12,7 +12,6 @@ from __future__ import annotations
 import atexit
 import csv
 import functools
-import io
 import shutil
 import tempfile
 import time
@@ -20,10 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import sentencepiece as spm
 import torch
 
 from export.onnx_export import export_checkpoint
+from export.testing import tiny_tokenizer
 from transformer.checkpoint import TOKENIZER, load_checkpoint, save_checkpoint
 from transformer.config import TransformerConfig
 from transformer.model import Model, build_model
@@ -63,26 +62,6 @@ def _lines() -> list[str]:
     return SOURCES + PROMPTS
 
 
-def train_tokenizer(path: Path, vocab_size: int = 160) -> int:
-    buffer = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_lines()),
-        model_writer=buffer,
-        vocab_size=vocab_size,
-        model_type="unigram",
-        pad_id=0,
-        unk_id=1,
-        bos_id=2,
-        eos_id=3,
-        hard_vocab_limit=False,
-        character_coverage=1.0,
-        num_threads=1,
-        minloglevel=2,
-    )
-    path.write_bytes(buffer.getvalue())
-    return int(spm.SentencePieceProcessor(model_file=str(path)).get_piece_size())
-
-
 def tiny_model(arch: str, vocab_size: int, eos_bias: float, seed: int = 0, **over: Any) -> Model:
     fields: dict[str, Any] = dict(
         arch=arch,
@@ -109,7 +88,7 @@ def tiny_model(arch: str, vocab_size: int, eos_bias: float, seed: int = 0, **ove
 
 def write_checkpoint(directory: Path, arch: str, eos_bias: float, seed: int = 0) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    vocab = train_tokenizer(directory / TOKENIZER)
+    vocab = tiny_tokenizer(directory / TOKENIZER, vocab_size=160, lines=_lines())
     over = {"positional": "learned"} if arch == "decoder-only" else {}
     save_checkpoint(tiny_model(arch, vocab, eos_bias, seed, **over), directory)
     return directory
