@@ -84,6 +84,8 @@ class ServedMode:
     reason: str = ""
     closed: dict[str, Any] = field(default_factory=dict)
     poisson: list[dict[str, Any]] = field(default_factory=list)
+    # Streaming generation under Poisson arrivals at one rate (time to first token).
+    generate: dict[str, Any] = field(default_factory=dict)
     peak_rss_bytes: int | None = None
     startup_s: float = 0.0
     agreement: dict[str, int] = field(default_factory=dict)
@@ -343,6 +345,23 @@ async def measure_served(
                 drain_timeout_s=120,
             )
             mode.poisson.append(_brief(report.summarize(step)))
+        if args.generate_fraction > 0:
+            # One rate for both modes (static's capacity, measured first): streamed
+            # generations, where time to first token is what continuous batching changes.
+            rate = args.generate_fraction * (rates_from[0] if rates_from else capacity)
+            typer.echo(f"[bench] {mode.mode}: generate, Poisson {rate:.2f} req/s", err=True)
+            generations = Workload(texts, {"generate": 1.0}, seed=args.seed)
+            step = await run_load(
+                caller,
+                generations,
+                rate=rate,
+                arrivals="poisson",
+                duration_s=args.poisson_s,
+                max_requests=1_000_000,
+                seed=args.seed,
+                drain_timeout_s=120,
+            )
+            mode.generate = _brief(report.summarize(step))
     finally:
         await caller.close()
 
@@ -357,6 +376,7 @@ def _brief(summary: dict[str, Any]) -> dict[str, Any]:
         "throughput_rps",
         "tokens_per_s",
         "latency_s",
+        "ttft_s",
         "elapsed_s",
         "concurrency",
         "send_lag_s",
@@ -594,6 +614,26 @@ def markdown(data: dict[str, Any]) -> str:
                 f"| {p['tokens_per_s']:.1f} | {_f(lat['p50'], '.0f', 1000)} "
                 f"| {_f(lat['p99'], '.0f', 1000)} | {p['errors'] or 'none'} |"
             )
+    generations = {k: v["generate"] for k, v in data["served"].items() if v.get("generate")}
+    if generations:
+        lines += [
+            "",
+            "Streamed generations (en-lm, `Generator.Generate`) under Poisson arrivals at one "
+            "rate for both modes; TTFT is the time from the intended send time to the first "
+            "token:",
+            "",
+            "| batching | offered req/s | served req/s | tokens/s | TTFT p50 ms | TTFT p99 ms "
+            "| p50 ms | p99 ms | errors |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for name, g in generations.items():
+            lat, ttft = g["latency_s"], g.get("ttft_s") or {}
+            lines.append(
+                f"| {name} | {g['offered_rate']:.2f} | {g['throughput_rps']:.2f} "
+                f"| {g['tokens_per_s']:.1f} | {_f(ttft.get('p50'), '.0f', 1000)} "
+                f"| {_f(ttft.get('p99'), '.0f', 1000)} | {_f(lat['p50'], '.0f', 1000)} "
+                f"| {_f(lat['p99'], '.0f', 1000)} | {g['errors'] or 'none'} |"
+            )
     sm, cm = data["served"].get("static") or {}, data["served"].get("continuous") or {}
     curve = equal_p50(sm.get("poisson", []), cm.get("poisson", []))
     if curve:
@@ -668,6 +708,7 @@ class BenchArgs:
     poisson_s: float
     poisson_fractions: list[float]
     server_start_s: float
+    generate_fraction: float
     seed: int
     skip: list[str]
 
@@ -698,6 +739,15 @@ def main(
     poisson_fractions: Annotated[
         str, typer.Option(help="Poisson rates as fractions of closed-loop capacity.")
     ] = "0.2,0.4,0.6,0.8,0.95",
+    generate_fraction: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Streamed generations at this fraction of static's translate req/s "
+            "(time to first token); 0 skips them.",
+        ),
+    ] = 0.4,
     skip: Annotated[
         str, typer.Option(help="Comma list: pytorch,hf,ct2,ort,engine,static,continuous.")
     ] = "",
@@ -735,6 +785,7 @@ def main(
         poisson_s=poisson_s,
         poisson_fractions=[float(f) for f in poisson_fractions.split(",") if f.strip()],
         server_start_s=300.0,
+        generate_fraction=generate_fraction,
         seed=seed,
         skip=[s.strip() for s in skip.split(",") if s.strip()],
     )
@@ -757,7 +808,7 @@ def main(
     # Most important first (the ceiling, the reference, the served path), optional peers
     # last: if --max-minutes runs out, what is skipped says so in the table.
     deadline = started + max_minutes * 60
-    served_need = served_s + poisson_s * 2 * len(args.poisson_fractions) + 90
+    served_need = served_s + poisson_s * (2 * len(args.poisson_fractions) + 1) + 90
 
     def left() -> float:
         return deadline - time.perf_counter()
@@ -829,6 +880,7 @@ def main(
             "served_s": served_s,
             "poisson_s": poisson_s,
             "poisson_fractions": args.poisson_fractions,
+            "generate_fraction": args.generate_fraction,
             "decoding": "greedy",
             "seed": seed,
         },

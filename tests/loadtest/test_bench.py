@@ -104,9 +104,16 @@ def test_equal_p50_table_in_markdown(tmp_path: Path) -> None:
         "static": served("static", 500.0, [step(10, 0.2), step(30, 2.0)]),
         "continuous": served("continuous", 500.0, [step(10, 0.1), step(30, 0.3), step(40, 0.7)]),
     }
+    modes["continuous"].generate = {
+        **step(8, 0.5),
+        "ttft_s": {"p50": 0.02, "p99": 0.09},
+    }
     data["served"] = {k: asdict(v) for k, v in modes.items()}
     text = markdown(data)
     assert "| 200 | 10.00 | 20.00 | 2.00× |" in text
+    # Generation row only for the mode that has one; TTFT in ms.
+    assert "| continuous | 8.00 | 8.00 | 80.0 | 20 | 90 | 500 | 1000 | none |" in text
+    assert "| static | 8.00 |" not in text
     assert "| 2000 | 30.00 | >=40.00 | >=1.33× |" in text
 
 
