@@ -3,11 +3,11 @@
 They reuse the model's own modules (embeddings, projections, norms, feed-forward) and only
 re-express the decoder step around a fixed-capacity cache:
 
-* The cache is one [L, B, H, C, Dh] tensor per keys/values. Each self-attention attends
-  over the past cache and this step's new keys side by side (scores concatenated, one
-  softmax), so the cache is never concatenated or copied per layer; the new keys and
-  values of all layers are written into the cache once at the end (ScatterND at slot
-  positions[b] + t), so present has past's shape.
+* The cache is one [L, B, H, C, Dh] tensor per keys/values, an input only. Each
+  self-attention attends over the past cache and this step's new keys side by side
+  (scores concatenated, one softmax), so the cache is never concatenated or copied; the
+  new keys and values of all layers are returned ([L, B, H, T, Dh]) for the caller to
+  write at slots positions[b] + t of its own cache, in place.
 * Masks come from `positions`: query t of row b sees cache slots c < positions[b] and new
   tokens t' <= t. Slots at or beyond positions[b] hold stale values and are never seen.
 * Queries are scaled before Q K^T (not after, as the model does) so fp16 scores do not
@@ -108,20 +108,9 @@ def _decoder_step(
     if decoder.norm is not None:
         x = decoder.norm(x)
     logits = generator(x)  # [B, T, V]
-    k_all = torch.stack(new_k)  # [L, B, H, T, Dh]
-    v_all = torch.stack(new_v)
-    # (layer, row, head, slot) of every new vector, broadcast to [L, B, H, T]: index_put
-    # exports as ScatterND, which copies whole Dh vectors (ScatterElements indexes every
-    # element and cost a quarter of a CPU decoder step).
-    where = (
-        torch.arange(k_all.shape[0], device=input_ids.device)[:, None, None, None],
-        torch.arange(k_all.shape[1], device=input_ids.device)[None, :, None, None],
-        torch.arange(k_all.shape[2], device=input_ids.device)[None, None, :, None],
-        absolute[None, :, None, :],
-    )
-    present_k = past_k.index_put(where, k_all)
-    present_v = past_v.index_put(where, v_all)
-    return logits, present_k, present_v, alignment
+    # The caller writes them into its cache at slots positions[b] + t: the graph never
+    # copies the cache (a full copy per step cost more than attention itself at long C).
+    return logits, torch.stack(new_k), torch.stack(new_v), alignment  # [L, B, H, T, Dh]
 
 
 class TranslatorEncoder(nn.Module):
@@ -155,12 +144,12 @@ class TranslatorDecoderStep(nn.Module):
         src_mask: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         m = self.model
-        logits, present_k, present_v, alignment = _decoder_step(
+        logits, new_k, new_v, alignment = _decoder_step(
             m.tgt_embed, m.decoder, m.generator, input_ids, positions, past_k, past_v,
             cross_k, cross_v, src_mask,
         )  # fmt: skip
         assert alignment is not None
-        return logits, present_k, present_v, alignment
+        return logits, new_k, new_v, alignment
 
 
 class LanguageModelStep(nn.Module):
@@ -174,10 +163,10 @@ class LanguageModelStep(nn.Module):
         self, input_ids: Tensor, positions: Tensor, past_k: Tensor, past_v: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         m = self.model
-        logits, present_k, present_v, _ = _decoder_step(
+        logits, new_k, new_v, _ = _decoder_step(
             m.embed, m.decoder, m.generator, input_ids, positions, past_k, past_v
         )
-        return logits, present_k, present_v
+        return logits, new_k, new_v
 
 
 def task_of(config: TransformerConfig) -> str:

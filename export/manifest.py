@@ -206,10 +206,11 @@ def graph_io(
         spec("past_k", f, cache),
         spec("past_v", f, cache),
     ]
+    new: list[Dim] = [layers, "B", heads, "T", head_dim]
     outputs = [
         spec("logits", f, ["B", "T", vocab_size]),
-        spec("present_k", f, cache),
-        spec("present_v", f, cache),
+        spec("new_k", f, new),
+        spec("new_v", f, new),
     ]
     if task == "translation":
         inputs += [
@@ -276,7 +277,8 @@ def _check_consistency(manifest: Manifest, where: Path) -> None:
             if entry.inputs != inputs or entry.outputs != outputs:
                 raise ManifestError(
                     f"{where}: {entry.path} I/O in the manifest does not follow the contract "
-                    f"(export/README.md) for a {manifest.task} {graph} in {variant}"
+                    f"(export/README.md) for a {manifest.task} {graph} in {variant}; "
+                    "re-export it with this code (`make export`)"
                 )
 
 

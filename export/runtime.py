@@ -3,7 +3,8 @@
 It is the reference the parity check and the tests use (and a worked example for the
 serving engine): encode once, then one decoder step per token over a [L, B, H, C, Dh]
 cache whose capacity C is a power-of-two bucket grown by copying, rows dropped from the
-batch as they finish. No torch here: it runs in the serving image.
+batch as they finish. The decoder returns only the new keys and values; `write_cache`
+puts them into the cache in place. No torch here: it runs in the serving image.
 
 Greedy decoding follows transformer.decoding exactly: argmax of the raw logits (ties to
 the lowest id), EOS ends a row and is not returned, max_new_tokens ends it with "length".
@@ -43,10 +44,52 @@ def grow_cache(cache: np.ndarray, capacity: int) -> np.ndarray:
     return grown
 
 
+def write_cache(cache: np.ndarray, new: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Write new [L, B, H, T, Dh] into cache [L, B, H, C, Dh] at slots positions[b] + t,
+    in place (the contract's cache update); returns cache."""
+    steps = new.shape[3]
+    rows = np.arange(new.shape[1])[:, None]  # [B, 1]
+    slots = positions[:, None] + np.arange(steps)[None, :]  # [B, T]
+    # Advanced indices on axes 1 and 3 (split by a slice) move to the front: [B, T, L, H, Dh].
+    cache[:, rows, :, slots, :] = new.transpose(1, 3, 0, 2, 4)
+    return cache
+
+
+def cache_write_indices(shape: Sequence[int], positions: np.ndarray, steps: int) -> np.ndarray:
+    """ScatterND indices [L, B, H, T, 4] of the same write, for a cache of `shape` that lives
+    on a device (see `cache_write_graph`)."""
+    layers, rows, heads = shape[0], shape[1], shape[2]
+    grid = np.meshgrid(
+        np.arange(layers), np.arange(rows), np.arange(heads), np.arange(steps), indexing="ij"
+    )
+    slots = positions[grid[1]] + grid[3]
+    return np.stack([grid[0], grid[1], grid[2], slots], axis=-1).astype(np.int64)
+
+
+def cache_write_graph(elem_type: int) -> bytes:
+    """ONNX graph y = ScatterND(cache, idx, new): `write_cache` for device-resident caches
+    (onnxruntime writes into a new buffer; the caller swaps it in)."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("ScatterND", ["cache", "idx", "new"], ["y"])],
+        "cache_write",
+        [
+            helper.make_tensor_value_info("cache", elem_type, ["L", "B", "H", "C", "D"]),
+            helper.make_tensor_value_info("idx", TensorProto.INT64, ["L", "B", "H", "T", 4]),
+            helper.make_tensor_value_info("new", elem_type, ["L", "B", "H", "T", "D"]),
+        ],
+        [helper.make_tensor_value_info("y", elem_type, ["L", "B", "H", "C", "D"])],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    return bytes(proto.SerializeToString())
+
+
 @dataclass
 class StepOutput:
     logits: np.ndarray  # [B, T, V]
-    present_k: np.ndarray  # [L, B, H, C, Dh]
+    present_k: np.ndarray  # [L, B, H, C, Dh]: the past cache, written in place
     present_v: np.ndarray
     cross_attention: np.ndarray | None  # [B, T, S] (translator)
 
@@ -107,7 +150,8 @@ class OrtModel:
         cross_v: np.ndarray | None = None,
         src_mask: np.ndarray | None = None,
     ) -> StepOutput:
-        """One decoder call: input_ids [B, T] at positions[b] .. positions[b] + T - 1."""
+        """One decoder call: input_ids [B, T] at positions[b] .. positions[b] + T - 1. The
+        new keys and values are written into past_k / past_v in place (returned as present)."""
         feeds = {
             "input_ids": input_ids.astype(np.int64),
             "positions": positions.astype(np.int64),
@@ -119,10 +163,11 @@ class OrtModel:
                 raise ValueError("a translator step needs cross_k, cross_v and src_mask")
             feeds.update(cross_k=cross_k, cross_v=cross_v, src_mask=src_mask.astype(bool))
         outputs = self.decoder.run(None, feeds)
+        positions = feeds["positions"]
         return StepOutput(
             logits=outputs[0],
-            present_k=outputs[1],
-            present_v=outputs[2],
+            present_k=write_cache(past_k, outputs[1], positions),
+            present_v=write_cache(past_v, outputs[2], positions),
             cross_attention=outputs[3] if len(outputs) > 3 else None,
         )
 
@@ -236,9 +281,12 @@ __all__ = [
     "OrtModel",
     "StepOutput",
     "bucket",
+    "cache_write_graph",
+    "cache_write_indices",
     "greedy_generate",
     "greedy_translate",
     "grow_cache",
     "pad_batch",
     "teacher_forced_logits",
+    "write_cache",
 ]

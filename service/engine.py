@@ -14,10 +14,11 @@ Why it is built this way:
   first decoder input is the start token at position 0, like every running row's next
   token); language-model prompts are prefilled together up to their last token, which is
   fed by the next common step. So `step()` is always one decoder call with one new token
-  per row, and the decoding rules below see one logits row per sequence or beam.
+  per row, and the decoding rules below see one logits row per sequence or beam. The
+  decoder returns only the new keys and values; the batch writes them into its cache.
 * On CUDA (fp16 variant) the caches stay on the device as OrtValues: the decoder runs with
-  IOBinding into a second buffer (double buffering), and row moves run as tiny ONNX graphs
-  on the same device. On CPU they are numpy arrays fed to `session.run`. The device path
+  IOBinding, and cache writes and row moves run as tiny ONNX graphs on the same device.
+  On CPU they are numpy arrays fed to `session.run` and written in place. The device path
   also runs on CPU (`EngineOptions(io_binding=True)`), which is how it is tested without
   a GPU.
 * This module is synchronous and knows nothing of asyncio; the scheduler calls it from a
@@ -39,6 +40,7 @@ import numpy as np
 import onnxruntime as ort
 
 from export.manifest import Manifest
+from export.runtime import cache_write_graph, cache_write_indices, write_cache
 from service.domain import (
     DecodingParams,
     FinishReason,
@@ -278,11 +280,14 @@ class _NumpyBackend:
     def decode(
         self, feeds: dict[str, Any], want_alignment: bool
     ) -> tuple[np.ndarray, Any, Any, np.ndarray | None]:
-        names = ["logits", "present_k", "present_v"]
+        names = ["logits", "new_k", "new_v"]
         if want_alignment and self.alignment:
             names.append("cross_attention")
         out = self.decoder_session.run(names, feeds)
         return out[0], out[1], out[2], (out[3] if len(out) > 3 else None)
+
+    def write(self, cache: Any, new: Any, positions: np.ndarray) -> Any:
+        return write_cache(cache, new, positions)
 
     def encode(self, src_ids: np.ndarray, src_mask: np.ndarray) -> tuple[Any, Any]:
         assert self.encoder_session is not None
@@ -317,8 +322,8 @@ class _NumpyBackend:
 
 
 class _BoundBackend:
-    """Device path: caches are OrtValues on `device`; the decoder writes present into a
-    spare buffer (double buffering) and row moves run as helper graphs on the device."""
+    """Device path: caches are OrtValues on `device`; the decoder's new keys and values
+    stay there, and cache writes and row moves run as helper graphs on the device."""
 
     def __init__(
         self,
@@ -339,22 +344,17 @@ class _BoundBackend:
 
         elem = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT
         so = _session_options(threads)
+        graphs = {**_helper_graphs(elem), "write": cache_write_graph(elem)}
         self.helpers = {
             name: ort.InferenceSession(blob, so, providers=_providers(provider, device_id))
-            for name, blob in _helper_graphs(elem).items()
+            for name, blob in graphs.items()
         }
-        self._spare: dict[str, Any] = {}
 
     def _value(self, array: np.ndarray) -> Any:
         return ort.OrtValue.ortvalue_from_numpy(array, self.device, self.device_id)
 
     def zeros(self, shape: tuple[int, ...]) -> Any:
         return self._value(np.zeros(shape, dtype=self.dtype))
-
-    def _empty(self, shape: list[int]) -> Any:
-        return ort.OrtValue.ortvalue_from_shape_and_type(
-            shape, self.dtype, self.device, self.device_id
-        )
 
     def _bind_inputs(self, io: Any, feeds: dict[str, Any]) -> None:
         for name, value in feeds.items():
@@ -369,23 +369,19 @@ class _BoundBackend:
         io = self.decoder_session.io_binding()
         self._bind_inputs(io, feeds)
         io.bind_output("logits", "cpu")
-        presents = []
-        for name in ("present_k", "present_v"):
-            past = feeds["past_" + name[-1]]
-            spare = self._spare.get(name)
-            if spare is None or spare.shape() != past.shape():
-                spare = self._empty(past.shape())
-            io.bind_ortvalue_output(name, spare)
-            presents.append(spare)
+        io.bind_output("new_k", self.device, self.device_id)
+        io.bind_output("new_v", self.device, self.device_id)
         if self.alignment:
             io.bind_output("cross_attention", "cpu")
         self.decoder_session.run_with_iobinding(io)
         outputs = io.get_outputs()
         logits = outputs[0].numpy()
         align = outputs[3].numpy() if self.alignment and want_alignment else None
-        # The buffers fed as past become the next step's present buffers.
-        self._spare = {"present_k": feeds["past_k"], "present_v": feeds["past_v"]}
-        return logits, presents[0], presents[1], align
+        return logits, outputs[1], outputs[2], align
+
+    def write(self, cache: Any, new: Any, positions: np.ndarray) -> Any:
+        idx = cache_write_indices(cache.shape(), positions, new.shape()[3])
+        return self._helper("write", {"cache": cache, "idx": idx, "new": new})
 
     def encode(self, src_ids: np.ndarray, src_mask: np.ndarray) -> tuple[Any, Any]:
         assert self.encoder_session is not None
@@ -1066,7 +1062,9 @@ class Batch:
             feeds["cross_k"] = self.cross_k
             feeds["cross_v"] = self.cross_v
             feeds["src_mask"] = self.src_mask
-        logits3, self.past_k, self.past_v, align3 = self.backend.decode(feeds, want_align)
+        logits3, new_k, new_v, align3 = self.backend.decode(feeds, want_align)
+        self.past_k = self.backend.write(self.past_k, new_k, self.positions)
+        self.past_v = self.backend.write(self.past_v, new_v, self.positions)
         logits = logits3[:, -1, :].astype(np.float32, copy=False)
         align = None if align3 is None else align3[:, -1, :].astype(np.float32, copy=False)
         out.rows, out.capacity = active_rows, self.capacity

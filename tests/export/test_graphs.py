@@ -29,6 +29,22 @@ def _cache(model: Any, batch: int, capacity: int, fill: float = 0.0) -> tuple[An
     return torch.full(shape, fill), torch.full(shape, fill)
 
 
+def _write(cache: Any, new: Any, positions: Any) -> Any:
+    """The caller's side of the contract: new [L, B, H, T, Dh] at slots positions[b] + t."""
+    assert new.shape[:3] == cache.shape[:3] and new.shape[4] == cache.shape[4]
+    out = cache.clone()
+    for b in range(new.shape[1]):
+        p = int(positions[b])
+        out[:, b, :, p : p + new.shape[3]] = new[:, b]
+    return out
+
+
+def _step(graph: Any, ids: Any, positions: Any, past_k: Any, past_v: Any, *cross: Any) -> Any:
+    """One decoder call, its new keys and values written into the cache: (logits, k, v, ...)."""
+    logits, new_k, new_v, *rest = graph(ids, positions, past_k, past_v, *cross)
+    return (logits, _write(past_k, new_k, positions), _write(past_v, new_v, positions), *rest)
+
+
 @pytest.mark.parametrize("overrides", VARIANTS)
 @torch.no_grad()
 def test_translator_step_equals_model_decode(overrides: dict[str, Any]) -> None:
@@ -44,9 +60,10 @@ def test_translator_step_equals_model_decode(overrides: dict[str, Any]) -> None:
     expected = model.decode(tgt, kv, src_mask, need_weights=True)
     past_k, past_v = _cache(model, 2, 12, fill=123.0)  # stale slots must not be seen
     for t in range(7):
-        logits, past_k, past_v, align = graphs["decoder"](
-            tgt[:, t : t + 1], torch.full((2,), t), past_k, past_v, cross_k, cross_v, src_mask
-        )
+        logits, past_k, past_v, align = _step(
+            graphs["decoder"],
+            tgt[:, t : t + 1], torch.full((2,), t), past_k, past_v, cross_k, cross_v, src_mask,
+        )  # fmt: skip
         assert torch.allclose(logits[:, 0], expected.logits[:, t], atol=1e-5)
         want_align = expected.cross_attention[-1][:, :, t].mean(dim=1)  # type: ignore[index]
         assert torch.allclose(align[:, 0], want_align, atol=1e-6)
@@ -64,10 +81,12 @@ def test_lm_prefill_then_steps_equal_model_decode(overrides: dict[str, Any]) -> 
     ids = torch.randint(4, 50, (3, 9))
     expected = model.decode(ids).logits
     past_k, past_v = _cache(model, 3, 16, fill=7.0)  # stale values from an earlier user
-    logits, past_k, past_v = step(ids[:, :4], torch.zeros(3, dtype=torch.long), past_k, past_v)
+    logits, past_k, past_v = _step(
+        step, ids[:, :4], torch.zeros(3, dtype=torch.long), past_k, past_v
+    )
     assert torch.allclose(logits, expected[:, :4], atol=1e-5)
     for t in range(4, 9):
-        logits, past_k, past_v = step(ids[:, t : t + 1], torch.full((3,), t), past_k, past_v)
+        logits, past_k, past_v = _step(step, ids[:, t : t + 1], torch.full((3,), t), past_k, past_v)
         assert torch.allclose(logits[:, 0], expected[:, t], atol=1e-5)
 
 
@@ -79,8 +98,8 @@ def test_right_padded_prefill_rows_equal_alone() -> None:
     prompts = [[2, 5, 6, 7, 8], [2, 9, 10]]
     batch = torch.tensor([prompts[0], [*prompts[1], 0, 0]])
     past = _cache(model, 2, 8)
-    logits, k, v = step(batch, torch.zeros(2, dtype=torch.long), *past)
-    nxt, _, _ = step(torch.tensor([[11], [12]]), torch.tensor([5, 3]), k, v)
+    logits, k, v = _step(step, batch, torch.zeros(2, dtype=torch.long), *past)
+    nxt, _, _ = _step(step, torch.tensor([[11], [12]]), torch.tensor([5, 3]), k, v)
     for row, prompt in enumerate(prompts):
         alone = model.decode(torch.tensor([[*prompt, 11 + row]])).logits[0]
         assert torch.allclose(logits[row, len(prompt) - 1], alone[len(prompt) - 1], atol=1e-5)
