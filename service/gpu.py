@@ -8,13 +8,10 @@ the decode path.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
-
-log = logging.getLogger(__name__)
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
 MemoryReader = Callable[[], dict[str, int]]
@@ -43,13 +40,16 @@ def _visible(device_id: int) -> str | int:
     return int(entry) if entry.isdigit() else entry
 
 
-def memory_reader(device_ids: Sequence[int]) -> MemoryReader | None:
-    """A function returning {CUDA device id: bytes in use} for these devices, or None (with
-    the reason logged) when NVML is not installed or cannot see them."""
+class GpuMemoryUnavailable(RuntimeError):
+    """NVML cannot report the memory of the devices asked for (the message says why)."""
+
+
+def memory_reader(device_ids: Sequence[int]) -> MemoryReader:
+    """A function returning {CUDA device id: bytes in use} for these devices; raises
+    GpuMemoryUnavailable when NVML is not installed or cannot see them."""
     nvml = _nvml()
     if nvml is None:
-        log.warning("GPU memory metric off: nvidia-ml-py is not installed")
-        return None
+        raise GpuMemoryUnavailable("nvidia-ml-py is not installed")
     try:
         nvml.nvmlInit()
         handles: dict[str, Any] = {}
@@ -61,8 +61,7 @@ def memory_reader(device_ids: Sequence[int]) -> MemoryReader | None:
                 else nvml.nvmlDeviceGetHandleByUUID(key)
             )
     except (nvml.NVMLError, ValueError) as error:
-        log.warning("GPU memory metric off: NVML cannot read the device: %s", error)
-        return None
+        raise GpuMemoryUnavailable(f"NVML cannot read the device: {error}") from error
 
     def read() -> dict[str, int]:
         return {
@@ -73,4 +72,4 @@ def memory_reader(device_ids: Sequence[int]) -> MemoryReader | None:
     return read
 
 
-__all__ = ["CUDA_PROVIDER", "MemoryReader", "memory_reader"]
+__all__ = ["CUDA_PROVIDER", "GpuMemoryUnavailable", "MemoryReader", "memory_reader"]

@@ -75,7 +75,7 @@ from service.engine import (
     StepOutput,
     variant_preference,
 )
-from service.gpu import CUDA_PROVIDER, memory_reader
+from service.gpu import CUDA_PROVIDER, GpuMemoryUnavailable, memory_reader
 from service.metrics import Metrics
 from service.repository import ModelRepository, ModelVersion
 
@@ -575,7 +575,10 @@ class Scheduler:
         engine = await asyncio.to_thread(self.engine_factory, entry, self.engine_options)
         if engine.provider == CUDA_PROVIDER and engine.options.device_id not in self._gpus:
             self._gpus.add(engine.options.device_id)
-            self.metrics.gpu_memory_used.read = memory_reader(sorted(self._gpus))
+            try:
+                self.metrics.gpu_memory_used.read = memory_reader(sorted(self._gpus))
+            except GpuMemoryUnavailable as error:
+                log.warning("no inference_gpu_memory_used_bytes: %s", error)
         loop = _ModelLoop(entry, engine, self.config, self.metrics)
         loop.task = asyncio.get_running_loop().create_task(
             loop.run(), name=f"model-loop-{entry.key}"

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
-from collections.abc import Iterator
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
@@ -13,7 +11,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from service.engine import Engine, EngineOptions
-from service.gpu import CUDA_PROVIDER, memory_reader
+from service.gpu import CUDA_PROVIDER, GpuMemoryUnavailable, memory_reader
 from service.metrics import Metrics
 from service.repository import ModelRepository, ModelVersion
 from service.scheduler import DEFAULT_MODELS, Scheduler, SchedulerConfig
@@ -62,20 +60,8 @@ def nvml(monkeypatch: pytest.MonkeyPatch) -> FakeNvml:
     return fake
 
 
-@pytest.fixture
-def gpu_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    """Warnings of service.gpu, whatever logging setup an earlier test left behind."""
-    logger = logging.getLogger("service.gpu")
-    logger.addHandler(caplog.handler)
-    try:
-        yield caplog
-    finally:
-        logger.removeHandler(caplog.handler)
-
-
 def test_reads_the_devices_by_cuda_id(nvml: FakeNvml) -> None:
     read = memory_reader([0, 1])
-    assert read is not None
     assert read() == {"0": 1 * GIB, "1": 2 * GIB}
     nvml.used[1] = 7 * GIB  # read again at every scrape
     assert read()["1"] == 7 * GIB
@@ -85,28 +71,26 @@ def test_cuda_visible_devices_maps_cuda_ids_to_nvml_devices(
     nvml: FakeNvml, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
-    read = memory_reader([0])
-    assert read is not None and read() == {"0": 3 * GIB}
+    assert memory_reader([0])() == {"0": 3 * GIB}
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-5a1e")
-    read = memory_reader([0])
-    assert read is not None and read() == {"0": 5 * GIB}
+    assert memory_reader([0])() == {"0": 5 * GIB}
 
 
-def test_unreadable_devices_turn_the_metric_off_saying_why(
-    nvml: FakeNvml, monkeypatch: pytest.MonkeyPatch, gpu_log: pytest.LogCaptureFixture
+def test_unreadable_devices_are_refused_saying_why(
+    nvml: FakeNvml, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
-    assert memory_reader([1]) is None
-    assert "CUDA device 1 is not among CUDA_VISIBLE_DEVICES=1" in gpu_log.text
+    with pytest.raises(GpuMemoryUnavailable, match="CUDA device 1 is not among CUDA_VISIBLE_"):
+        memory_reader([1])
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    assert memory_reader([2]) is None
-    assert "Invalid Argument: 2" in gpu_log.text
+    with pytest.raises(GpuMemoryUnavailable, match="Invalid Argument: 2"):
+        memory_reader([2])
     monkeypatch.setitem(sys.modules, "pynvml", FakeNvml({}, init_error=True))
-    assert memory_reader([0]) is None
-    assert "Driver Not Loaded" in gpu_log.text
+    with pytest.raises(GpuMemoryUnavailable, match="Driver Not Loaded"):
+        memory_reader([0])
     monkeypatch.setitem(sys.modules, "pynvml", None)  # not installed: import fails
-    assert memory_reader([0]) is None
-    assert "nvidia-ml-py is not installed" in gpu_log.text
+    with pytest.raises(GpuMemoryUnavailable, match="nvidia-ml-py is not installed"):
+        memory_reader([0])
 
 
 def test_collector_reads_at_scrape_time_and_survives_a_failing_driver() -> None:
@@ -168,7 +152,6 @@ def test_nvml_reads_a_real_device() -> None:
     except pynvml.NVMLError as error:
         pytest.skip(f"no NVIDIA GPU visible to NVML: {error}")
     read = memory_reader([0])
-    assert read is not None
     assert (
         0
         < read()["0"]
