@@ -527,6 +527,25 @@ class Engine:
     def source_buckets(self) -> list[int]:
         return buckets(min(MIN_CACHE, self.max_input_tokens), self.max_input_tokens)
 
+    # Cache and source lengths the batch takes. With IOBinding (CUDA) every length is a
+    # warmed-up power of two (kernels are chosen per shape there). On the CPU a new shape
+    # costs nothing to set up while every unused cache slot is copied at every step (the
+    # per-layer split of the cache), so lengths follow the live rows in steps of MIN_CACHE.
+
+    def cache_for(self, n: int) -> int:
+        return self._length_for(n, self.max_positions)
+
+    def source_for(self, n: int) -> int:
+        return self._length_for(n, self.max_input_tokens)
+
+    def _length_for(self, n: int, maximum: int) -> int:
+        smallest = min(MIN_CACHE, maximum)
+        if self.io_binding:
+            return bucket(n, smallest, maximum)
+        if n > maximum:
+            raise ValueError(f"{n} exceeds the largest bucket {maximum}")
+        return min(maximum, max(smallest, -(-n // MIN_CACHE) * MIN_CACHE))
+
     # --- requests ------------------------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:
@@ -840,21 +859,13 @@ class Batch:
         self.capacity = rows
         if keep.size:
             e = self.engine
-            need_c = bucket(
-                int(self.positions[: keep.size].max()) + 1,
-                min(MIN_CACHE, e.max_positions),
-                e.max_positions,
-            )
+            need_c = e.cache_for(int(self.positions[: keep.size].max()) + 1)
             if need_c < self.cache_len:
                 self.past_k = b.resize(self.past_k, need_c)
                 self.past_v = b.resize(self.past_v, need_c)
                 self.cache_len = need_c
             if self.cross_k is not None:
-                need_s = bucket(
-                    int(self.src_len[: keep.size].max()),
-                    min(MIN_CACHE, e.max_input_tokens),
-                    e.max_input_tokens,
-                )
+                need_s = e.source_for(int(self.src_len[: keep.size].max()))
                 if need_s < self.source_len:
                     self._resize_source(need_s)
 
@@ -863,17 +874,11 @@ class Batch:
         need (a long request has left), so the next step would pay for nothing."""
         e = self.engine
         live = self.active
-        need_c = bucket(
-            int(self.positions[live].max()) + 1, min(MIN_CACHE, e.max_positions), e.max_positions
-        )
-        if need_c < self.cache_len:
+        if e.cache_for(int(self.positions[live].max()) + 1) < self.cache_len:
             return True
         if self.cross_k is None:
             return False
-        need_s = bucket(
-            int(self.src_len[live].max()), min(MIN_CACHE, e.max_input_tokens), e.max_input_tokens
-        )
-        return need_s < self.source_len
+        return e.source_for(int(self.src_len[live].max())) < self.source_len
 
     def _resize_source(self, length: int) -> None:
         b = self.backend
@@ -974,8 +979,7 @@ class Batch:
         todo = [i for i, s in enumerate(seqs) if len(s.input_ids) > 1]
         if not todo:
             return 0.0
-        min_c = min(MIN_CACHE, e.max_positions)
-        width = bucket(max(len(seqs[i].input_ids) - 1 for i in todo), min_c, e.max_positions)
+        width = e.cache_for(max(len(seqs[i].input_ids) - 1 for i in todo))
         n = bucket(len(todo), 1, bucket(e.max_batch_size, 1, 1 << 30))
         ids = np.full((n, width), e.pad_id, dtype=np.int64)
         for row, i in enumerate(todo):
@@ -1050,7 +1054,7 @@ class Batch:
             self._relayout(target if target * 2 <= self.capacity else self.capacity)
         need_c = int(self.positions[self.active].max()) + 1
         if need_c > self.cache_len:
-            self._grow_cache(bucket(need_c, min(MIN_CACHE, e.max_positions), e.max_positions))
+            self._grow_cache(e.cache_for(need_c))
         want_align = any(s.params.return_alignment for s in self.seqs.values())
         feeds: dict[str, Any] = {
             "input_ids": self.next_ids[:, None].copy(),

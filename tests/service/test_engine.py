@@ -519,3 +519,23 @@ def test_device_row_moves_equal_numpy() -> None:
     both("move", x, dst, src)
     both("resize", x, 16)
     both("resize", x, 3)
+
+
+def test_cache_lengths_follow_the_rows_on_cpu_and_stay_powers_of_two_on_device() -> None:
+    """On the CPU every unused slot is copied each step and new shapes are free: lengths
+    step by 16. With IOBinding (CUDA) they stay the warmed-up powers of two."""
+    cpu, device = make_engine(LM), make_engine(LM, io_binding=True)
+    assert cpu.max_positions == device.max_positions == 128  # the fixture's limit
+    lengths = (1, 16, 17, 33, 100, 128)
+    assert [cpu.cache_for(n) for n in lengths] == [16, 16, 32, 48, 112, 128]
+    assert [device.cache_for(n) for n in lengths] == [16, 16, 32, 64, 128, 128]
+    for engine in (cpu, device):
+        with pytest.raises(ValueError, match="129 exceeds the largest bucket 128"):
+            engine.cache_for(129)
+    batch = cpu.new_batch()
+    prompt = request(LM, PROMPTS[3], max_new_tokens=40)
+    batch.add([BatchItem("p", prompt, cpu.encode(prompt.text))])
+    for _ in range(5):
+        batch.step()
+    cached = int(batch.positions.max())  # tokens in the cache after the last step
+    assert batch.cache_len % 16 == 0 and batch.cache_len - 16 < cached <= batch.cache_len
