@@ -9,8 +9,10 @@ and thread count everywhere:
 * onnxruntime offline in static batches (export.runtime) and the serving engine offline
   with rows refilled every step (service.engine): the ceiling of the served path;
 * the served path: `python -m service` started here twice on free loopback ports,
-  SERVE_BATCHING=static then continuous, under a closed loop (capacity) and Poisson
-  arrivals (latency at equal load), measured with this package's load generator.
+  SERVE_BATCHING=static and continuous, both up at once and loaded in turn (each Poisson
+  rate on one, then the other, so a shared machine's drift hits both alike), under a
+  closed loop (capacity) and Poisson arrivals (latency at equal load), measured with this
+  package's load generator.
 
 In-process engines run one per subprocess (loadtest.baselines) so each reports its own
 peak RSS. Every engine's outputs are compared with the reference decoder's, so a speed-up
@@ -299,71 +301,82 @@ def poisson_rates(fractions: list[float], capacities: list[float]) -> list[float
 
 
 async def measure_served(
-    address: str, texts: list[str], args: BenchArgs, rates_from: list[float], mode: ServedMode
+    addresses: dict[str, str], texts: list[str], args: BenchArgs, modes: dict[str, ServedMode]
 ) -> None:
-    """Closed loop at 2x batch size for capacity, then Poisson steps."""
-    caller = GrpcCaller(address, timeout_s=120.0, max_new_tokens=args.max_new_tokens)
+    """Every mode's closed loop (capacity), then the Poisson steps rate by rate, each rate
+    run on every server in turn, then the streamed generations likewise: a change in the
+    machine's load between steps (a shared machine) hits the modes alike."""
+    callers = {
+        m: GrpcCaller(address, timeout_s=120.0, max_new_tokens=args.max_new_tokens)
+        for m, address in addresses.items()
+    }
+    workload = Workload(texts, {"translate": 1.0}, seed=args.seed)
     try:
-        await caller.wait_ready(30)
-        workload = Workload(texts, {"translate": 1.0}, seed=args.seed)
-        warm = await run_load(
-            caller,
-            workload,
-            rate=None,
-            concurrency=args.batch_size,
-            duration_s=5.0,
-            max_requests=args.batch_size * 2,
-            drain_timeout_s=120,
-        )
-        if not any(r.ok for r in warm.records):
-            codes = sorted({r.code for r in warm.records})
-            raise RuntimeError(f"warm-up requests failed: {codes}")
-        typer.echo(f"[bench] {mode.mode}: closed loop {args.served_s:g} s", err=True)
-        closed = await run_load(
-            caller,
-            workload,
-            rate=None,
-            concurrency=2 * args.batch_size,
-            duration_s=args.served_s,
-            max_requests=1_000_000,
-            drain_timeout_s=120,
-        )
-        mode.closed = _brief(report.summarize(closed))
-        capacity = mode.closed["throughput_rps"]
-        for i, rate in enumerate(poisson_rates(args.poisson_fractions, [*rates_from, capacity])):
-            if rate > 1.05 * capacity:
-                continue  # beyond what this mode serves: only queue growth to measure
-            typer.echo(f"[bench] {mode.mode}: Poisson {rate:.2f} req/s", err=True)
-            step: RunResult = await run_load(
+        for caller in callers.values():
+            await caller.wait_ready(30)
+            warm = await run_load(
                 caller,
                 workload,
-                rate=rate,
-                arrivals="poisson",
-                duration_s=args.poisson_s,
-                max_requests=1_000_000,
-                seed=args.seed + i,
+                rate=None,
+                concurrency=args.batch_size,
+                duration_s=5.0,
+                max_requests=args.batch_size * 2,
                 drain_timeout_s=120,
             )
-            mode.poisson.append(_brief(report.summarize(step)))
-        if args.generate_fraction > 0:
-            # One rate for both modes (static's capacity, measured first): streamed
-            # generations, where time to first token is what continuous batching changes.
-            rate = args.generate_fraction * (rates_from[0] if rates_from else capacity)
-            typer.echo(f"[bench] {mode.mode}: generate, Poisson {rate:.2f} req/s", err=True)
-            generations = Workload(texts, {"generate": 1.0}, seed=args.seed)
-            step = await run_load(
+            if not any(r.ok for r in warm.records):
+                codes = sorted({r.code for r in warm.records})
+                raise RuntimeError(f"warm-up requests failed: {codes}")
+        capacity: dict[str, float] = {}
+        for name, caller in callers.items():
+            typer.echo(f"[bench] {name}: closed loop {args.served_s:g} s", err=True)
+            closed = await run_load(
                 caller,
-                generations,
-                rate=rate,
-                arrivals="poisson",
-                duration_s=args.poisson_s,
+                workload,
+                rate=None,
+                concurrency=2 * args.batch_size,
+                duration_s=args.served_s,
                 max_requests=1_000_000,
-                seed=args.seed,
                 drain_timeout_s=120,
             )
-            mode.generate = _brief(report.summarize(step))
+            modes[name].closed = _brief(report.summarize(closed))
+            capacity[name] = modes[name].closed["throughput_rps"]
+        for i, rate in enumerate(poisson_rates(args.poisson_fractions, list(capacity.values()))):
+            for name, caller in callers.items():
+                if rate > 1.05 * capacity[name]:
+                    continue  # beyond what this mode serves: only queue growth to measure
+                typer.echo(f"[bench] {name}: Poisson {rate:.2f} req/s", err=True)
+                step: RunResult = await run_load(
+                    caller,
+                    workload,
+                    rate=rate,
+                    arrivals="poisson",
+                    duration_s=args.poisson_s,
+                    max_requests=1_000_000,
+                    seed=args.seed + i,
+                    drain_timeout_s=120,
+                )
+                modes[name].poisson.append(_brief(report.summarize(step)))
+        if args.generate_fraction > 0:
+            # One rate for every mode (the first one's capacity): streamed generations,
+            # where time to first token is what continuous batching changes.
+            rate = args.generate_fraction * next(iter(capacity.values()))
+            generations = Workload(texts, {"generate": 1.0}, seed=args.seed)
+            for name, caller in callers.items():
+                typer.echo(f"[bench] {name}: generate, Poisson {rate:.2f} req/s", err=True)
+                step = await run_load(
+                    caller,
+                    generations,
+                    rate=rate,
+                    arrivals="poisson",
+                    duration_s=args.poisson_s,
+                    max_requests=1_000_000,
+                    seed=args.seed,
+                    drain_timeout_s=120,
+                )
+                modes[name].generate = _brief(report.summarize(step))
     finally:
-        await caller.close()
+        for caller in callers.values():
+            await caller.close()
 
 
 def _brief(summary: dict[str, Any]) -> dict[str, Any]:
@@ -385,41 +398,50 @@ def _brief(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_served(
-    mode_name: str,
+    names: list[str],
     repository: Path,
     texts: list[str],
     args: BenchArgs,
     work: Path,
-    rates_from: list[float],
     reference_text: dict[str, str],
-) -> ServedMode:
-    mode = ServedMode(mode_name)
-    log_path = work / f"server-{mode_name}.log"
-    typer.echo(f"[bench] starting server ({mode_name} batching) ...", err=True)
+) -> dict[str, ServedMode]:
+    """One server per batching mode, all up at once and measured alternately."""
+    modes = {name: ServedMode(name) for name in names}
+    servers: dict[str, tuple[subprocess.Popen[bytes], str, Path]] = {}
     start = time.perf_counter()
-    process, address = start_server(mode_name, repository, args, log_path)
     try:
-        while not _serving(address):
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode}")
-            if time.perf_counter() - start > args.server_start_s:
-                raise RuntimeError(f"server not SERVING after {args.server_start_s:g} s")
-            time.sleep(0.5)
-        mode.startup_s = time.perf_counter() - start
-        if reference_text:
-            mode.agreement = asyncio.run(
-                _check_outputs(address, texts, reference_text, args.max_new_tokens)
-            )
-        asyncio.run(measure_served(address, texts, args, rates_from, mode))
-        with contextlib.suppress(OSError, ProcessLookupError):
-            mode.peak_rss_bytes = peak_rss_bytes(process.pid)
+        for name in names:
+            typer.echo(f"[bench] starting server ({name} batching) ...", err=True)
+            log_path = work / f"server-{name}.log"
+            process, address = start_server(name, repository, args, log_path)
+            servers[name] = (process, address, log_path)
+        for name, (process, address, _) in servers.items():
+            while not _serving(address):
+                if process.poll() is not None:
+                    raise RuntimeError(f"{name} server exited with {process.returncode}")
+                if time.perf_counter() - start > args.server_start_s:
+                    raise RuntimeError(f"{name} server not SERVING after {args.server_start_s:g} s")
+                time.sleep(0.5)
+            modes[name].startup_s = time.perf_counter() - start
+            if reference_text:
+                modes[name].agreement = asyncio.run(
+                    _check_outputs(address, texts, reference_text, args.max_new_tokens)
+                )
+        addresses = {name: address for name, (_, address, _) in servers.items()}
+        asyncio.run(measure_served(addresses, texts, args, modes))
+        for name, (process, _, _) in servers.items():
+            with contextlib.suppress(OSError, ProcessLookupError):
+                modes[name].peak_rss_bytes = peak_rss_bytes(process.pid)
     except Exception as error:
-        mode.status = "failed"
-        tail = log_path.read_text(errors="replace")[-600:] if log_path.is_file() else ""
-        mode.reason = f"{type(error).__name__}: {error}. Server log tail: {tail}"
+        for name, mode in modes.items():
+            log_path = work / f"server-{name}.log"
+            tail = log_path.read_text(errors="replace")[-600:] if log_path.is_file() else ""
+            mode.status = "failed"
+            mode.reason = f"{type(error).__name__}: {error}. Server log tail: {tail}"
     finally:
-        stop_server(process)
-    return mode
+        for process, _, _ in servers.values():
+            stop_server(process)
+    return modes
 
 
 # --- ratios --------------------------------------------------------------------------------
@@ -808,7 +830,7 @@ def main(
     # Most important first (the ceiling, the reference, the served path), optional peers
     # last: if --max-minutes runs out, what is skipped says so in the table.
     deadline = started + max_minutes * 60
-    served_need = served_s + poisson_s * (2 * len(args.poisson_fractions) + 1) + 90
+    served_need = served_s + poisson_s * (2 * len(args.poisson_fractions) + 1) + 60
 
     def left() -> float:
         return deadline - time.perf_counter()
@@ -832,23 +854,20 @@ def main(
         reference_text = {k: sp.decode(v) for k, v in reference.items()}
 
     served: dict[str, ServedMode] = {}
-    capacities: list[float] = []
-    for mode_name in ("static", "continuous"):
-        if mode_name in args.skip:
-            served[mode_name] = ServedMode(mode_name, "skipped", "--skip")
-            continue
-        if left() < served_need:
-            served[mode_name] = ServedMode(mode_name, "skipped", "out of --max-minutes")
-            continue
-        served[mode_name] = run_served(
-            mode_name, repository, texts, args, work, capacities, reference_text
-        )
-        if served[mode_name].status == "ok":
-            capacities.append(served[mode_name].closed["throughput_rps"])
-        typer.echo(
-            f"[bench] {mode_name}: {served[mode_name].status} {served[mode_name].reason[:300]}",
-            err=True,
-        )
+    wanted = [m for m in ("static", "continuous") if m not in args.skip]
+    for name in ("static", "continuous"):
+        if name in args.skip:
+            served[name] = ServedMode(name, "skipped", "--skip")
+    if wanted and left() < served_need * len(wanted):
+        for name in wanted:
+            served[name] = ServedMode(name, "skipped", "out of --max-minutes")
+    elif wanted:
+        served.update(run_served(wanted, repository, texts, args, work, reference_text))
+        for name in wanted:
+            typer.echo(
+                f"[bench] {name}: {served[name].status} {served[name].reason[:300]}", err=True
+            )
+    served = {name: served[name] for name in ("static", "continuous")}
 
     if not {"hf", "ct2"} <= set(args.skip) and left() > phase_s + 60:
         run_phase("prepare", cfg, work, timeout_s=min(600, left()))
