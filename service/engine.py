@@ -6,8 +6,9 @@ Why it is built this way:
 
 * A *row* is one sequence, or one beam of a beam-search request. All rows of a model
   share one self-attention cache `[L, R, H, C, Dh]` (export/README.md) whose row count R
-  and capacity C are buckets (powers of two), so the decoder sees few distinct shapes
-  (warmed up at load) and a cache grows by copying, never by recomputing. Free slots are
+  and capacity C are buckets (powers of two; on the CPU C steps by 16, see `cache_for`),
+  so the decoder sees few distinct shapes (warmed up at load) and a cache grows by
+  copying, never by recomputing. Free slots are
   simply skipped: removing a row costs nothing; the batch is compacted when it is mostly
   empty. Beam search reorders cache rows after each step (one gather).
 * Newcomers join between steps (`add`): translator sources are encoded together (their
