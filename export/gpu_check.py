@@ -39,6 +39,7 @@ import typer
 from export.manifest import FLOAT_DTYPE, Manifest, load_manifest
 from export.runtime import (
     OrtModel,
+    bind_layers,
     bucket,
     cache_write_graph,
     cache_write_indices,
@@ -144,14 +145,14 @@ class BoundModel:
         binding.bind_output("logits", "cpu")
         binding.bind_cpu_input("input_ids", input_ids.astype(np.int64))
         binding.bind_cpu_input("positions", positions.astype(np.int64))
-        binding.bind_ortvalue_input("past_k", self.k)
-        binding.bind_ortvalue_input("past_v", self.v)
+        caches = {"past_k": self.k, "past_v": self.v}
+        if cross is not None:
+            caches.update(cross_k=cross[0], cross_v=cross[1])
+            binding.bind_ortvalue_input("src_mask", cross[2])
+        bind_layers(binding, caches, self.device)
         binding.bind_output("new_k", self.device)
         binding.bind_output("new_v", self.device)
         if cross is not None:
-            binding.bind_ortvalue_input("cross_k", cross[0])
-            binding.bind_ortvalue_input("cross_v", cross[1])
-            binding.bind_ortvalue_input("src_mask", cross[2])
             binding.bind_output("cross_attention", self.device)
         self.decoder.run_with_iobinding(binding)
         logits, new_k, new_v = binding.get_outputs()[:3]

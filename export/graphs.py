@@ -3,11 +3,13 @@
 They reuse the model's own modules (embeddings, projections, norms, feed-forward) and only
 re-express the decoder step around a fixed-capacity cache:
 
-* The cache is one [L, B, H, C, Dh] tensor per keys/values, an input only. Each
-  self-attention attends over the past cache and this step's new keys side by side
-  (scores concatenated, one softmax), so the cache is never concatenated or copied; the
-  new keys and values of all layers are returned ([L, B, H, T, Dh]) for the caller to
-  write at slots positions[b] + t of its own cache, in place.
+* The caches are inputs only, one [B, H, C, Dh] tensor per layer for keys and values (and
+  [B, H, S, Dh] for the cross-attention ones): the caller keeps all layers in one
+  [L, B, H, C, Dh] buffer and passes each layer's slice, so nothing is split or copied
+  here. Each self-attention attends over the past cache and this step's new keys side by
+  side (scores concatenated, one softmax); the new keys and values of all layers are
+  returned ([L, B, H, T, Dh]) for the caller to write at slots positions[b] + t of its own
+  cache, in place.
 * Masks come from `positions`: query t of row b sees cache slots c < positions[b] and new
   tokens t' <= t. Slots at or beyond positions[b] hold stale values and are never seen.
 * Queries are scaled before Q K^T (not after, as the model does) so fp16 scores do not
@@ -17,6 +19,7 @@ re-express the decoder step around a fixed-capacity cache:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, cast
 
 import torch
@@ -56,23 +59,23 @@ def _decoder_step(
     generator: nn.Module,
     input_ids: Tensor,
     positions: Tensor,
-    past_k: Tensor,
-    past_v: Tensor,
-    cross_k: Tensor | None = None,
-    cross_v: Tensor | None = None,
+    past_k: Sequence[Tensor],
+    past_v: Sequence[Tensor],
+    cross_k: Sequence[Tensor] | None = None,
+    cross_v: Sequence[Tensor] | None = None,
     src_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """One decoder call of T new tokens per row after `positions` cached ones."""
     steps = torch.arange(input_ids.shape[1], device=input_ids.device)  # [T]
     absolute = positions[:, None] + steps[None, :]  # [B, T]
     x = embed(input_ids, absolute)  # [B, T, D]
-    slots = torch.arange(past_k.shape[3], device=input_ids.device)  # [C]
+    slots = torch.arange(past_k[0].shape[2], device=input_ids.device)  # [C]
     past_mask = (slots[None, None, :] < positions[:, None, None])[:, None]  # [B, 1, 1, C]
     past_mask = past_mask.expand(-1, -1, steps.shape[0], -1)  # [B, 1, T, C]
     causal = (steps[None, :] <= steps[:, None])[None, None]  # [1, 1, T, T]
     causal = causal.expand(input_ids.shape[0], -1, -1, -1)  # [B, 1, T, T]
     self_mask = torch.cat([past_mask, causal], dim=-1)  # [B, 1, T, C + T]
-    capacity = past_k.shape[3]
+    capacity = past_k[0].shape[2]
     cross_mask = None if src_mask is None else src_mask[:, None, None, :]  # [B, 1, 1, S]
     new_k: list[Tensor] = []
     new_v: list[Tensor] = []
@@ -127,27 +130,22 @@ class TranslatorEncoder(nn.Module):
 
 
 class TranslatorDecoderStep(nn.Module):
-    """Translator decoder.onnx: one step over a [L, B, H, C, Dh] cache."""
+    """Translator decoder.onnx: one step over per-layer caches [B, H, C, Dh]."""
 
     def __init__(self, model: EncoderDecoder) -> None:
         super().__init__()
         self.model = model
 
     def forward(
-        self,
-        input_ids: Tensor,
-        positions: Tensor,
-        past_k: Tensor,
-        past_v: Tensor,
-        cross_k: Tensor,
-        cross_v: Tensor,
-        src_mask: Tensor,
+        self, input_ids: Tensor, positions: Tensor, src_mask: Tensor, *layers: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """layers: past_k_0.., past_v_0.., cross_k_0.., cross_v_0.. (L of each)."""
         m = self.model
+        n = len(m.decoder.layers)
+        pk, pv, ck, cv = (layers[i * n : (i + 1) * n] for i in range(4))
         logits, new_k, new_v, alignment = _decoder_step(
-            m.tgt_embed, m.decoder, m.generator, input_ids, positions, past_k, past_v,
-            cross_k, cross_v, src_mask,
-        )  # fmt: skip
+            m.tgt_embed, m.decoder, m.generator, input_ids, positions, pk, pv, ck, cv, src_mask
+        )
         assert alignment is not None
         return logits, new_k, new_v, alignment
 
@@ -160,11 +158,13 @@ class LanguageModelStep(nn.Module):
         self.model = model
 
     def forward(
-        self, input_ids: Tensor, positions: Tensor, past_k: Tensor, past_v: Tensor
+        self, input_ids: Tensor, positions: Tensor, *layers: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
+        """layers: past_k_0.., past_v_0.. (L of each)."""
         m = self.model
+        n = len(m.decoder.layers)
         logits, new_k, new_v, _ = _decoder_step(
-            m.embed, m.decoder, m.generator, input_ids, positions, past_k, past_v
+            m.embed, m.decoder, m.generator, input_ids, positions, layers[:n], layers[n:]
         )
         return logits, new_k, new_v
 
@@ -198,16 +198,15 @@ def example_inputs(
     src_mask = torch.arange(_S)[None, :] < torch.tensor([_S, _S - 2, 1])[:, None]
     if graph == "encoder":
         return {"src_ids": ids, "src_mask": src_mask}
-    inputs = {
-        "input_ids": ids[:, :_T].clone(),
-        "positions": torch.tensor([0, 2, _C - _T]),
-        "past_k": torch.randn(cache, generator=gen).to(dtype),
-        "past_v": torch.randn(cache, generator=gen).to(dtype),
-    }
+    layers = config.n_decoder_layers
+    inputs = {"input_ids": ids[:, :_T].clone(), "positions": torch.tensor([0, 2, _C - _T])}
     if config.arch == "encoder-decoder":
-        inputs["cross_k"] = torch.randn(cross, generator=gen).to(dtype)
-        inputs["cross_v"] = torch.randn(cross, generator=gen).to(dtype)
         inputs["src_mask"] = src_mask
+    kinds = ("past_k", "past_v", "cross_k", "cross_v")
+    for kind in kinds if config.arch == "encoder-decoder" else kinds[:2]:
+        shape = cache if kind.startswith("past") else cross
+        for i in range(layers):
+            inputs[f"{kind}_{i}"] = torch.randn(shape[1:], generator=gen).to(dtype)
     return inputs
 
 
@@ -232,16 +231,24 @@ def dynamic_axes(config: TransformerConfig, graph: str) -> dict[str, dict[int, s
 
 
 def dynamic_shapes(config: TransformerConfig, graph: str) -> dict[str, Any]:
-    """The same axes as torch.export Dims (the dynamo exporter's form), inputs only."""
+    """The same axes as torch.export Dims (the dynamo exporter's form), inputs only, keyed
+    by the forward's parameters (the per-layer caches are its `*layers`)."""
     dims = {name: torch.export.Dim(name, min=1) for name in ("B", "S", "T", "C")}
     inputs, _ = graph_io(
         task_of(config), graph, "fp32", config.n_decoder_layers, config.n_heads,
         config.head_dim, config.vocab_size,
     )  # fmt: skip
-    return {
-        s.name: {axis: dims[dim] for axis, dim in enumerate(s.shape) if isinstance(dim, str)}
-        for s in inputs
-    }
+    named: dict[str, Any] = {}
+    layers: list[Any] = []
+    for s in inputs:
+        axes = {axis: dims[dim] for axis, dim in enumerate(s.shape) if isinstance(dim, str)}
+        if s.name.startswith(("past_", "cross_")) and graph == "decoder":
+            layers.append(axes)
+        else:
+            named[s.name] = axes
+    if layers:
+        named["layers"] = tuple(layers)
+    return named
 
 
 __all__ = [

@@ -185,7 +185,6 @@ def graph_io(
     Dynamic axes are named B (rows), S (source), T (new tokens), C (cache capacity).
     """
     f = FLOAT_DTYPE[variant]
-    cache: list[Dim] = [layers, "B", heads, "C", head_dim]
     cross: list[Dim] = [layers, "B", heads, "S", head_dim]
 
     def spec(name: str, dtype: str, shape: list[Dim]) -> TensorSpec:
@@ -200,12 +199,18 @@ def graph_io(
         )
     if graph != "decoder":
         raise ValueError(f"graph must be 'encoder' or 'decoder', got {graph!r}")
-    inputs = [
-        spec("input_ids", "int64", ["B", "T"]),
-        spec("positions", "int64", ["B"]),
-        spec("past_k", f, cache),
-        spec("past_v", f, cache),
-    ]
+    # Per layer, so a caller holding [L, B, H, C, Dh] passes slices and the graph never
+    # splits (copies) the stack.
+    layer_cache: list[Dim] = ["B", heads, "C", head_dim]
+    layer_cross: list[Dim] = ["B", heads, "S", head_dim]
+    inputs = [spec("input_ids", "int64", ["B", "T"]), spec("positions", "int64", ["B"])]
+    if task == "translation":
+        inputs.append(spec("src_mask", "bool", ["B", "S"]))
+    inputs += [spec(f"past_k_{i}", f, layer_cache) for i in range(layers)]
+    inputs += [spec(f"past_v_{i}", f, layer_cache) for i in range(layers)]
+    if task == "translation":
+        inputs += [spec(f"cross_k_{i}", f, layer_cross) for i in range(layers)]
+        inputs += [spec(f"cross_v_{i}", f, layer_cross) for i in range(layers)]
     new: list[Dim] = [layers, "B", heads, "T", head_dim]
     outputs = [
         spec("logits", f, ["B", "T", vocab_size]),
@@ -213,11 +218,6 @@ def graph_io(
         spec("new_v", f, new),
     ]
     if task == "translation":
-        inputs += [
-            spec("cross_k", f, cross),
-            spec("cross_v", f, cross),
-            spec("src_mask", "bool", ["B", "S"]),
-        ]
         outputs.append(spec("cross_attention", f, ["B", "T", "S"]))
     return inputs, outputs
 

@@ -9,8 +9,10 @@ Pipeline per graph (export/README.md is the contract):
   activations quantized per call), then the same offline optimizations (which fuse
   DynamicQuantizeMatMul for the CPU).
 * fp16: exported from a half-precision copy of the model, so the graph's float inputs and
-  outputs (cache included) are float16 and no Cast sits at the cache; offline optimization
-  at ORT_ENABLE_BASIC only (EP-independent), as the GPU session does its own fusions.
+  outputs (cache included) are float16 and no Cast sits at the cache; no offline
+  optimization: a CPU session inserts float32 Casts around every op it has no fp16
+  kernel for, and a model saved from it keeps them (the GPU would then compute in fp32).
+  The GPU session does its own fusions at load.
 
 The I/O of every file is checked against export.manifest.graph_io, the metadata
 (config, tokenizer_sha256, variant, graph, export_version) is written, and the manifest
@@ -71,9 +73,10 @@ from transformer.config import TransformerConfig
 from transformer.model import Model
 
 # Bumped when the graphs change (2: cache write as ScatterND; 3: the decoder returns the
-# new keys and values only, the caller writes its cache),
+# new keys and values only, the caller writes its cache; 4: per-layer cache inputs, fp16
+# saved without CPU casts),
 # so `make export` rebuilds versions made by older code.
-EXPORT_VERSION = "3"
+EXPORT_VERSION = "4"
 OPSET = 18
 EXPORT_SETTINGS = "export.json"
 Exporter = Literal["dynamo", "torchscript"]
@@ -428,8 +431,7 @@ def _export_checkpoint(
                 else:
                     src = raw / f"{graph}.fp16.onnx"
                     _export_graph(half[graph], config, graph, src, "fp16", exporter)
-                    level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-                if optimize:
+                if optimize and variant != "fp16":
                     _ort_optimize(src, dst, level)
                 else:
                     shutil.copyfile(src, dst)

@@ -44,6 +44,37 @@ def grow_cache(cache: np.ndarray, capacity: int) -> np.ndarray:
     return grown
 
 
+STACKED = ("past_k", "past_v", "cross_k", "cross_v")
+
+
+def layer_feeds(feeds: dict[str, Any]) -> dict[str, Any]:
+    """Decoder feeds with each stacked [L, ...] cache given as the contract's per-layer
+    inputs `<name>_<i>`: slices of a C-contiguous stack, which onnxruntime reads in place."""
+    out = {k: v for k, v in feeds.items() if k not in STACKED}
+    for name in STACKED:
+        if name in feeds:
+            stack = feeds[name]
+            out.update({f"{name}_{i}": stack[i] for i in range(stack.shape[0])})
+    return out
+
+
+def bind_layers(binding: Any, feeds: dict[str, Any], device: str, device_id: int = 0) -> None:
+    """IOBinding of the stacked device caches in `feeds` (OrtValues [L, ...]) as the
+    per-layer inputs, each bound to its layer's slice of the same device buffer."""
+    for name in STACKED:
+        if name not in feeds:
+            continue
+        stack = feeds[name]
+        shape = stack.shape()
+        dtype = np.float16 if stack.data_type() == "tensor(float16)" else np.float32
+        layer_bytes = int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
+        for i in range(shape[0]):
+            binding.bind_input(
+                f"{name}_{i}", device, device_id, dtype, list(shape[1:]),
+                stack.data_ptr() + i * layer_bytes,
+            )  # fmt: skip
+
+
 def write_cache(cache: np.ndarray, new: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """Write new [L, B, H, T, Dh] into cache [L, B, H, C, Dh] at slots positions[b] + t,
     in place (the contract's cache update); returns cache."""
@@ -152,7 +183,7 @@ class OrtModel:
     ) -> StepOutput:
         """One decoder call: input_ids [B, T] at positions[b] .. positions[b] + T - 1. The
         new keys and values are written into past_k / past_v in place (returned as present)."""
-        feeds = {
+        feeds: dict[str, Any] = {
             "input_ids": input_ids.astype(np.int64),
             "positions": positions.astype(np.int64),
             "past_k": past_k,
@@ -162,7 +193,7 @@ class OrtModel:
             if cross_k is None or cross_v is None or src_mask is None:
                 raise ValueError("a translator step needs cross_k, cross_v and src_mask")
             feeds.update(cross_k=cross_k, cross_v=cross_v, src_mask=src_mask.astype(bool))
-        outputs = self.decoder.run(None, feeds)
+        outputs = self.decoder.run(None, layer_feeds(feeds))
         positions = feeds["positions"]
         return StepOutput(
             logits=outputs[0],
@@ -280,12 +311,14 @@ def teacher_forced_logits(
 __all__ = [
     "OrtModel",
     "StepOutput",
+    "bind_layers",
     "bucket",
     "cache_write_graph",
     "cache_write_indices",
     "greedy_generate",
     "greedy_translate",
     "grow_cache",
+    "layer_feeds",
     "pad_batch",
     "teacher_forced_logits",
     "write_cache",

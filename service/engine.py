@@ -41,7 +41,14 @@ import numpy as np
 import onnxruntime as ort
 
 from export.manifest import Manifest
-from export.runtime import cache_write_graph, cache_write_indices, write_cache
+from export.runtime import (
+    STACKED,
+    bind_layers,
+    cache_write_graph,
+    cache_write_indices,
+    layer_feeds,
+    write_cache,
+)
 from service.domain import (
     DecodingParams,
     FinishReason,
@@ -284,7 +291,7 @@ class _NumpyBackend:
         names = ["logits", "new_k", "new_v"]
         if want_alignment and self.alignment:
             names.append("cross_attention")
-        out = self.decoder_session.run(names, feeds)
+        out = self.decoder_session.run(names, layer_feeds(feeds))
         return out[0], out[1], out[2], (out[3] if len(out) > 3 else None)
 
     def write(self, cache: Any, new: Any, positions: np.ndarray) -> Any:
@@ -368,7 +375,8 @@ class _BoundBackend:
         self, feeds: dict[str, Any], want_alignment: bool
     ) -> tuple[np.ndarray, Any, Any, np.ndarray | None]:
         io = self.decoder_session.io_binding()
-        self._bind_inputs(io, feeds)
+        self._bind_inputs(io, {k: v for k, v in feeds.items() if k not in STACKED})
+        bind_layers(io, feeds, self.device, self.device_id)
         io.bind_output("logits", "cpu")
         io.bind_output("new_k", self.device, self.device_id)
         io.bind_output("new_v", self.device, self.device_id)

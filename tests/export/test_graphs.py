@@ -41,7 +41,12 @@ def _write(cache: Any, new: Any, positions: Any) -> Any:
 
 def _step(graph: Any, ids: Any, positions: Any, past_k: Any, past_v: Any, *cross: Any) -> Any:
     """One decoder call, its new keys and values written into the cache: (logits, k, v, ...)."""
-    logits, new_k, new_v, *rest = graph(ids, positions, past_k, past_v, *cross)
+    if cross:  # translator: (cross_k, cross_v, src_mask), caches passed layer by layer
+        cross_k, cross_v, src_mask = cross
+        outputs = graph(ids, positions, src_mask, *past_k, *past_v, *cross_k, *cross_v)
+    else:
+        outputs = graph(ids, positions, *past_k, *past_v)
+    logits, new_k, new_v, *rest = outputs
     return (logits, _write(past_k, new_k, positions), _write(past_v, new_v, positions), *rest)
 
 
