@@ -538,8 +538,8 @@ class Engine:
 
     # Cache and source lengths the batch takes. With IOBinding (CUDA) every length is a
     # warmed-up power of two (kernels are chosen per shape there). On the CPU a new shape
-    # costs nothing to set up while every unused cache slot is copied at every step (the
-    # per-layer split of the cache), so lengths follow the live rows in steps of MIN_CACHE.
+    # costs nothing to set up while attention reads every cache slot, used or not, at every
+    # step, so lengths follow the live rows in steps of MIN_CACHE.
 
     def cache_for(self, n: int) -> int:
         return self._length_for(n, self.max_positions)
