@@ -311,6 +311,20 @@ async def measure_served(
         for m, address in addresses.items()
     }
     workload = Workload(texts, {"translate": 1.0}, seed=args.seed)
+
+    async def poisson(caller: GrpcCaller, work: Workload, rate: float, seed: int) -> dict[str, Any]:
+        step: RunResult = await run_load(
+            caller,
+            work,
+            rate=rate,
+            arrivals="poisson",
+            duration_s=args.poisson_s,
+            max_requests=1_000_000,
+            seed=seed,
+            drain_timeout_s=120,
+        )
+        return _brief(report.summarize(step))
+
     try:
         for caller in callers.values():
             await caller.wait_ready(30)
@@ -345,17 +359,7 @@ async def measure_served(
                 if rate > 1.05 * capacity[name]:
                     continue  # beyond what this mode serves: only queue growth to measure
                 typer.echo(f"[bench] {name}: Poisson {rate:.2f} req/s", err=True)
-                step: RunResult = await run_load(
-                    caller,
-                    workload,
-                    rate=rate,
-                    arrivals="poisson",
-                    duration_s=args.poisson_s,
-                    max_requests=1_000_000,
-                    seed=args.seed + i,
-                    drain_timeout_s=120,
-                )
-                modes[name].poisson.append(_brief(report.summarize(step)))
+                modes[name].poisson.append(await poisson(caller, workload, rate, args.seed + i))
         if args.generate_fraction > 0:
             # One rate for every mode (the first one's capacity): streamed generations,
             # where time to first token is what continuous batching changes.
@@ -363,17 +367,7 @@ async def measure_served(
             generations = Workload(texts, {"generate": 1.0}, seed=args.seed)
             for name, caller in callers.items():
                 typer.echo(f"[bench] {name}: generate, Poisson {rate:.2f} req/s", err=True)
-                step = await run_load(
-                    caller,
-                    generations,
-                    rate=rate,
-                    arrivals="poisson",
-                    duration_s=args.poisson_s,
-                    max_requests=1_000_000,
-                    seed=args.seed,
-                    drain_timeout_s=120,
-                )
-                modes[name].generate = _brief(report.summarize(step))
+                modes[name].generate = await poisson(caller, generations, rate, args.seed)
     finally:
         for caller in callers.values():
             await caller.close()
