@@ -42,8 +42,9 @@ from typing import Any
 import grpc
 import pytest
 
+from tests.fixtures import VERSES
+
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURE_PAIRS = ROOT / "tests" / "fixtures" / "verses.tsv"
 TRANSLATOR = "en-es"
 LANGUAGE_MODEL = "en-lm"
 VERSION = 1
@@ -71,10 +72,10 @@ SERVER_FLAGS: tuple[str, ...] = (
 
 def _fixture_texts() -> tuple[list[str], list[str]]:
     """English and Spanish verse texts for the tokenizer (a few lines if the file is absent)."""
-    if FIXTURE_PAIRS.is_file():
+    if VERSES.is_file():
         from transformer.data import load_pairs
 
-        pairs = load_pairs(FIXTURE_PAIRS)
+        pairs = load_pairs(VERSES)
         return [p.en for p in pairs], [p.es for p in pairs]
     en = [
         "In the beginning God created the heaven and the earth.",
@@ -92,7 +93,7 @@ def _fixture_texts() -> tuple[list[str], list[str]]:
 def _source_key() -> str:
     """Hash of what the tiny models depend on, so the cache is rebuilt when it changes."""
     digest = hashlib.sha256()
-    files = [Path(__file__), FIXTURE_PAIRS]
+    files = [Path(__file__), VERSES]
     files += sorted((ROOT / "transformer").glob("*.py"))
     files += sorted((ROOT / "export").glob("*.py"))
     for path in files:
@@ -112,7 +113,7 @@ def build_tiny_checkpoints(out: Path) -> dict[str, Path]:
     from transformer.model import build_model
 
     en, es = _fixture_texts()
-    vocab = 256 if FIXTURE_PAIRS.is_file() else 64
+    vocab = 256 if VERSES.is_file() else 64
     tokenizer = train_sentencepiece(en + es, out / "spm" / "tiny", vocab_size=vocab)
     common: dict[str, Any] = dict(
         vocab_size=vocab, d_model=32, n_heads=2, d_ff=64, dropout=0.0, max_positions=128

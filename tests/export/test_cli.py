@@ -16,6 +16,7 @@ from export.manifest import load_manifest
 from export.onnx_export import ExportError, export_checkpoint
 from export.parity import app as parity_app
 from export.parity import check_model, render_report
+from tests.fixtures import VERSES
 
 ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
@@ -101,7 +102,7 @@ def test_parity_report_on_fixture_verses(exported, tmp_path: Path) -> None:
     e = exported("translator-post")
     data = tmp_path / "data"
     data.mkdir()
-    shutil.copyfile(ROOT / "tests" / "fixtures" / "verses.tsv", data / "pairs.test.tsv")
+    shutil.copyfile(VERSES, data / "pairs.test.tsv")
     manifest, rows, baseline = check_model(
         e.version_dir, e.checkpoint, data, verses=12, logit_verses=4, variants=None,
         batch_size=8, max_new_tokens=16, threads=1, log=False,

@@ -11,8 +11,7 @@ from typer.testing import CliRunner
 
 from loadtest.__main__ import app
 from loadtest.workload import load_texts
-
-FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "verses.tsv"
+from tests.fixtures import VERSES as FIXTURE
 
 
 def short_verses(path: Path) -> Path:

@@ -23,6 +23,7 @@ import torch
 
 from export.onnx_export import export_checkpoint
 from export.testing import tiny_tokenizer
+from tests.fixtures import VERSES as FIXTURE
 from transformer.checkpoint import TOKENIZER, load_checkpoint, save_checkpoint
 from transformer.config import TransformerConfig
 from transformer.model import Model, build_model
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
     from service.engine import Batch, Engine, EngineOptions
     from service.repository import ModelVersion
 
-FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "verses.tsv"
 TRANSLATOR = "en-es"
 LM = "en-lm"
 EOS_BIAS = {TRANSLATOR: 2.0, LM: 1.5}

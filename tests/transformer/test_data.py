@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
+from tests.fixtures import VERSES as FIXTURE
 from transformer import data
 from transformer.data import (
     Bible,
@@ -22,8 +23,6 @@ from transformer.data import (
     write_lines,
     write_pairs,
 )
-
-FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "verses.tsv"
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
+from tests.fixtures import VERSES as FIXTURE
 from transformer.checkpoint import load_checkpoint
 from transformer.data import load_pairs, train_sentencepiece
 from transformer.train import (
@@ -23,8 +24,6 @@ from transformer.train import (
     make_batches,
     run_training,
 )
-
-FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "verses.tsv"
 
 
 @pytest.fixture(scope="module")
