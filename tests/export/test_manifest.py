@@ -96,6 +96,13 @@ def test_unlisted_onnx_file_is_named(version_copy: Path) -> None:
         (lambda d: d.update(task="generation"), "does not fit architecture"),
         (lambda d: d["variants"]["fp32"]["files"].pop("encoder"), "must have graphs"),
         (lambda d: d["variants"]["fp32"]["files"]["decoder"]["inputs"].pop(), "contract"),
+        # An export made before contract v3 (the decoder returned the whole cache).
+        (
+            lambda d: d["variants"]["fp32"]["files"]["decoder"]["outputs"][1].update(
+                name="present_k"
+            ),
+            r"re-export it with this code \(`make export`\)",
+        ),
         (lambda d: d["variants"]["fp32"]["files"]["decoder"].update(path="../x.onnx"), "relative"),
         (lambda d: d.update(surprise=1), "invalid manifest"),
         (lambda d: d.update(version=2), "the folder is 1"),
