@@ -48,6 +48,7 @@ import typer
 from loadtest import report
 from loadtest.baselines import PhaseConfig
 from loadtest.generator import RunResult, run_load
+from loadtest.sections import replace_section
 from loadtest.soak import peak_rss_bytes
 from loadtest.workload import GrpcCaller, Workload, load_texts, resolve_inputs
 
@@ -694,16 +695,8 @@ the GPU section comes from `python -m loadtest.gpu_bench` on an H100/H200.
 
 
 def write_markdown(path: Path, section: str) -> None:
-    """Replace the generated section of path (or create the file), keeping the rest."""
-    text = path.read_text() if path.is_file() else HEADER
-    if BEGIN in text and END in text:
-        head, _, rest = text.partition(BEGIN)
-        _, _, tail = rest.partition(END)
-        text = head + section.rstrip("\n") + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    """Replace the generated CPU section of path (or create the file), keeping the rest."""
+    replace_section(path, section, BEGIN, END, HEADER)
 
 
 # --- CLI -----------------------------------------------------------------------------------

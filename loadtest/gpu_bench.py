@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loadtest.sections import replace_section
+
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN = "<!-- BEGIN gpu-bench: output of `python -m loadtest.gpu_bench --record` -->"
 END = "<!-- END gpu-bench -->"
@@ -674,14 +676,7 @@ def record(path: Path, result: dict[str, Any], command: str) -> None:
             f"| {(f['gpu_mem_gib'] or 0):.2f} | {f['status']} {f['reason'][:120]} |"
         )
     lines += ["", *[f"- {s}" for s in result["summary"]], "", f"Reproduce: `{command}`", END]
-    section = "\n".join(lines)
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, _, rest = text.partition(BEGIN)
-        text = head + section + rest.partition(END)[2]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+    replace_section(path, "\n".join(lines), BEGIN, END)
 
 
 def _ints(text: str) -> list[int]:
