@@ -100,24 +100,36 @@ def make_tiny_checkpoint(
     arch: str = "encoder-decoder",
     seed: int = 0,
     eos_bias: float = 0.0,
+    *,
+    vocab_size: int = 96,
+    lines: Sequence[str] = (),
+    sharpen: float = 2.0,
+    output_std: float | None = None,
     **overrides: Any,
 ) -> TransformerConfig:
-    """Write model.safetensors, config.json and tokenizer.model of a random tiny model.
+    """Write model.safetensors, config.json and tokenizer.model of a random tiny model:
+    the one builder of every test suite's tiny checkpoints.
 
-    The logits are sharpened (weights scaled up) so greedy decoding does not hinge on
-    near-ties that float rounding could flip; `eos_bias` (with final_logits_bias=True)
-    makes some outputs end with EOS so both finish reasons occur.
+    The tokenizer is trained on `lines` (see `tiny_tokenizer`); `overrides` change
+    `tiny_config`'s fields. The logits are sharpened (weight matrices scaled by `sharpen`)
+    so greedy decoding does not hinge on near-ties that float rounding could flip;
+    `output_std` redraws the output projection with that spread instead, so outputs vary
+    from token to token; `eos_bias` (with final_logits_bias=True) makes some outputs end
+    with EOS so both finish reasons occur.
     """
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    vocab = tiny_tokenizer(out / TOKENIZER, overrides.pop("vocab_size", 96), seed)
+    vocab = tiny_tokenizer(out / TOKENIZER, vocab_size, seed, lines)
     config = tiny_config(arch, vocab_size=vocab, **overrides)
     torch.manual_seed(seed)
-    model = build_model(config)
+    model = build_model(config).eval()
     with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() > 1:
-                param.mul_(2.0)
+        if sharpen != 1.0:
+            for param in model.parameters():
+                if param.dim() > 1:
+                    param.mul_(sharpen)
+        if output_std is not None:
+            torch.nn.init.normal_(model.generator.proj.weight, std=output_std)
         bias = model.generator.final_logits_bias
         if eos_bias and bias is None:
             raise ValueError("eos_bias needs final_logits_bias=True")

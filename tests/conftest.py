@@ -105,36 +105,24 @@ def _source_key() -> str:
 
 def build_tiny_checkpoints(out: Path) -> dict[str, Path]:
     """Random tiny translator and LM checkpoints (+ tokenizer) under out/<name>/checkpoint."""
-    import torch
-
-    from transformer.checkpoint import save_checkpoint
-    from transformer.config import TransformerConfig
-    from transformer.data import train_sentencepiece
-    from transformer.model import build_model
+    from export.testing import make_tiny_checkpoint
 
     en, es = _fixture_texts()
-    vocab = 256 if VERSES.is_file() else 64
-    tokenizer = train_sentencepiece(en + es, out / "spm" / "tiny", vocab_size=vocab)
     common: dict[str, Any] = dict(
-        vocab_size=vocab, d_model=32, n_heads=2, d_ff=64, dropout=0.0, max_positions=128
+        vocab_size=256 if VERSES.is_file() else 64,
+        lines=en + es,
+        sharpen=1.0,
+        n_heads=2,
+        max_positions=128,
     )
-    configs = {
-        TRANSLATOR: TransformerConfig(
-            arch="encoder-decoder", n_encoder_layers=1, n_decoder_layers=2, **common
-        ),
-        LANGUAGE_MODEL: TransformerConfig(
-            arch="decoder-only",
-            n_encoder_layers=0,
-            n_decoder_layers=2,
-            positional="learned",
-            **common,
-        ),
+    archs = {
+        TRANSLATOR: ("encoder-decoder", {"n_encoder_layers": 1}),
+        LANGUAGE_MODEL: ("decoder-only", {"positional": "learned"}),
     }
     checkpoints = {}
-    for seed, (name, config) in enumerate(configs.items()):
-        torch.manual_seed(seed)
-        model = build_model(config)
-        checkpoints[name] = save_checkpoint(model, out / name / "checkpoint", tokenizer)
+    for seed, (name, (arch, over)) in enumerate(archs.items()):
+        checkpoints[name] = out / name / "checkpoint"
+        make_tiny_checkpoint(checkpoints[name], arch, seed, **common, **over)
     return checkpoints
 
 
@@ -148,7 +136,6 @@ def build_model_repository(out: Path) -> Path:
         export_checkpoint(
             checkpoint, out / name / str(VERSION), ["fp32", "int8"], exporter="torchscript"
         )
-    shutil.rmtree(out / "spm", ignore_errors=True)
     return out
 
 

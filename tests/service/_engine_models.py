@@ -17,16 +17,13 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import torch
+from typing import TYPE_CHECKING
 
 from export.onnx_export import export_checkpoint
-from export.testing import tiny_tokenizer
+from export.testing import make_tiny_checkpoint
 from tests.fixtures import VERSES as FIXTURE
-from transformer.checkpoint import TOKENIZER, load_checkpoint, save_checkpoint
-from transformer.config import TransformerConfig
-from transformer.model import Model, build_model
+from transformer.checkpoint import load_checkpoint
+from transformer.model import Model
 
 if TYPE_CHECKING:
     from service.engine import Batch, Engine, EngineOptions
@@ -62,35 +59,22 @@ def _lines() -> list[str]:
     return SOURCES + PROMPTS
 
 
-def tiny_model(arch: str, vocab_size: int, eos_bias: float, seed: int = 0, **over: Any) -> Model:
-    fields: dict[str, Any] = dict(
-        arch=arch,
-        vocab_size=vocab_size,
-        d_model=32,
-        n_heads=4,
-        n_encoder_layers=2 if arch == "encoder-decoder" else 0,
-        n_decoder_layers=2,
-        d_ff=64,
-        dropout=0.0,
+def write_checkpoint(directory: Path, arch: str, eos_bias: float, seed: int = 0) -> Path:
+    over = {"positional": "learned"} if arch == "decoder-only" else {}
+    make_tiny_checkpoint(
+        directory,
+        arch,
+        seed,
+        eos_bias,
+        vocab_size=160,
+        lines=_lines(),
+        sharpen=1.0,
+        output_std=0.5,
         max_positions=128,
         tie_output=False,
         final_logits_bias=True,
+        **over,
     )
-    fields.update(over)
-    torch.manual_seed(seed)
-    model = build_model(TransformerConfig(**fields)).eval()
-    with torch.no_grad():
-        torch.nn.init.normal_(model.generator.proj.weight, std=0.5)
-        assert model.generator.final_logits_bias is not None
-        model.generator.final_logits_bias[model.config.eos_id] = eos_bias
-    return model
-
-
-def write_checkpoint(directory: Path, arch: str, eos_bias: float, seed: int = 0) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    vocab = tiny_tokenizer(directory / TOKENIZER, vocab_size=160, lines=_lines())
-    over = {"positional": "learned"} if arch == "decoder-only" else {}
-    save_checkpoint(tiny_model(arch, vocab, eos_bias, seed, **over), directory)
     return directory
 
 
