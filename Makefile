@@ -19,6 +19,7 @@ help:
 	@echo "make parity  - ONNX vs PyTorch parity table (docs/parity.md)"
 	@echo "make bench   - every engine side by side -> docs/benchmarks.md (CPU, < 15 min)"
 	@echo "make loadtest - open-loop load test of a running server (RATE, DURATION, TARGET)"
+	@echo "make gpu-stage - stage the GPU checks for the device tool (.gpustage/CALLS)"
 	@echo "make data    - build the Bible corpus, splits and tokenizers under data/"
 	@echo "make train   - train the default models into models/"
 
@@ -106,6 +107,11 @@ DURATION ?= 30
 # Open-loop load test of a running server (make serve in another shell).
 loadtest: setup
 	$(PY) -m loadtest run --target $(TARGET) --rate $(RATE) --duration $(DURATION)
+
+# For the lent GPU machine: onnxruntime-gpu and missing wheels, split to fit its calls;
+# the calls to make are written to .gpustage/CALLS (the last runs loadtest/device/run.sh).
+gpu-stage:
+	loadtest/device/stage.sh
 
 # On a CUDA machine: Transformer-base-shaped and en-es GPU benchmark with rooflines.
 gpu-bench: setup

@@ -58,6 +58,8 @@ class GpuUnavailable(RuntimeError):
 
 def require_cuda() -> None:
     """Fail with what to install when onnxruntime cannot use a CUDA GPU."""
+    if hasattr(ort, "preload_dlls"):  # CUDA and cuDNN from the nvidia-* wheels, as the engine does
+        ort.preload_dlls()
     providers = ort.get_available_providers()
     if "CUDAExecutionProvider" not in providers:
         raise GpuUnavailable(

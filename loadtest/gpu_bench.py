@@ -11,13 +11,14 @@ FFN 2048, vocab 32k, post-LN so it exports to Marian) so the GPU numbers mean so
 `en-es` is our trained translator when models/en-es/checkpoint exists. For each: PyTorch
 eager (the reference decoder) in fp16, Hugging Face Marian `generate` fp16 on the same
 weights, and the serving engine (service.engine, onnxruntime CUDA EP, fp16, IOBinding)
-when onnxruntime has the CUDA provider (see ../shared/gpu/README.md to stage it). The
+when onnxruntime has the CUDA provider (`make gpu-stage` stages it). The
 issue's target: engine >= 10x Hugging Face generate fp16 at batch 64.
 
-On the device tool (one call; stage onnxruntime-gpu first as ../shared/gpu/README.md says,
-its last call running this; the image lacks some of our dependencies, carry them as wheels):
+On the device tool: `make gpu-stage` here stages onnxruntime-gpu and the wheels the image
+lacks, and lists the calls to make; the last runs loadtest/device/run.sh, which runs this
+script among the other GPU checks:
 
-    PYTHONPATH=$PWD:/root/ortgpu python3 -m loadtest.gpu_bench --out $OUT/gpu_bench.json
+    PYTHONPATH=$PWD:/root/ortgpu:/tmp/site python3 -m loadtest.gpu_bench --out $OUT/gpu_bench.json
 
 then here: `python -m loadtest.gpu_bench --record docs/benchmarks.md --from-json FILE`.
 A stage whose package is missing reports why and the others go on.
@@ -467,7 +468,7 @@ def engine_available(dev: Device) -> str | None:
     if dev.cuda and "CUDAExecutionProvider" not in ort.get_available_providers():
         return (
             f"onnxruntime {ort.__version__} has no CUDAExecutionProvider "
-            "(stage onnxruntime-gpu: ../shared/gpu/README.md)"
+            "(stage onnxruntime-gpu: make gpu-stage)"
         )
     return None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +14,15 @@ from loadtest.baselines import PhaseResult, _strip, length_batches, run_batches
 from loadtest.bench import (
     BEGIN,
     END,
+    BenchArgs,
     ServedMode,
     equal_p50,
     markdown,
+    markers,
     poisson_rates,
     ratios,
     rps_at_p50,
+    run_served,
     write_markdown,
 )
 
@@ -190,6 +194,70 @@ def test_markdown_section_replaced_and_rest_kept(tmp_path: Path) -> None:
     out = md.read_text()
     assert out.count(BEGIN) == 1 and "8/10" in out and "9/10" not in out
     assert "intro" in out and "GPU\n<!-- END gpu-bench -->" in out
+
+
+def test_cuda_run_writes_its_own_section(tmp_path: Path) -> None:
+    """A --provider cuda run fills the GPU served section and leaves the CPU one alone."""
+    md = tmp_path / "benchmarks.md"
+    cpu_text = markdown(bench_data(tmp_path))
+    write_markdown(md, cpu_text)
+    data = bench_data(tmp_path)
+    data["settings"]["provider"] = "cuda"
+    data["machine"]["gpu"] = "NVIDIA H200, 143771 MiB, 580.159.03"
+    data["served"]["static"]["gpu_memory_used_bytes"] = 3 * 2**30
+    gpu_text = markdown(data)
+    gpu_begin, gpu_end = markers("cuda")
+    assert gpu_text.startswith(gpu_begin) and gpu_text.rstrip().endswith(gpu_end)
+    assert "## Served on the GPU" in gpu_text and "**NVIDIA H200, 143771 MiB" in gpu_text
+    assert "fp16 on the CUDA provider" in gpu_text and "(NVML): 3.00 GiB" in gpu_text
+    write_markdown(md, gpu_text, "cuda")
+    out = md.read_text()
+    assert out.count(BEGIN) == 1 and out.count(gpu_begin) == 1
+    assert cpu_text.strip() in out and gpu_text.strip() in out
+
+
+def test_bench_refuses_unknown_provider(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from loadtest.bench import app
+
+    result = CliRunner().invoke(app, ["--provider", "tpu", "--repository", str(tmp_path)])
+    assert result.exit_code == 2 and "--provider must be one of cpu, cuda" in result.output
+
+
+@pytest.mark.e2e
+def test_served_run_fails_fast_when_no_model_loads(model_repository: Path, tmp_path: Path) -> None:
+    """A server that loads no model stays up NOT_SERVING: the bench must say why at once,
+    not wait out its start timeout (on the device that would burn the GPU lease)."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("onnxruntime has CUDA here: the cuda servers would load")
+    args = BenchArgs(
+        repository=model_repository,
+        model="en-es",
+        variant="fp32",
+        provider="cuda",
+        inputs=tmp_path / "unused.tsv",
+        n_inputs=1,
+        max_new_tokens=4,
+        batch_size=4,
+        threads=1,
+        phase_s=1.0,
+        served_s=1.0,
+        poisson_s=1.0,
+        poisson_fractions=[0.5],
+        server_start_s=120.0,
+        generate_fraction=0.0,
+        seed=0,
+        skip=[],
+    )
+    started = time.perf_counter()
+    modes = run_served(["static"], model_repository, ["In the beginning"], args, tmp_path, {})
+    assert time.perf_counter() - started < 60
+    assert modes["static"].status == "failed"
+    assert "could load no model" in modes["static"].reason
+    assert "no CUDAExecutionProvider" in modes["static"].reason  # the server log's reason
 
 
 def test_length_batches_and_budget() -> None:

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Every GPU check of the serving issue in one device call (the lent machine gives a session
+# 15 minutes, one command at most 10): run as the last of the calls .gpustage/CALLS lists
+# (made by loadtest/device/stage.sh), in the repository root, with $OUT set by the tool.
+#
+# Stages, most important first, each bounded by what is left of RUN_BUDGET_S; a stage that
+# fails or times out is logged and the next one runs:
+#   1. NVML: the real-device test of inference_gpu_memory_used_bytes (pytest -m gpu);
+#   2. loadtest.gpu_bench: Transformer-base and en-es, PyTorch vs HF generate fp16 vs the
+#      serving engine on the CUDA provider (the >= 10x HF generate target), with rooflines;
+#   3. loadtest.bench --provider cuda: served static vs continuous batching on the GPU;
+#   4. export.gpu_check: fp16/fp32 CUDA + IOBinding parity against onnxruntime CPU fp32.
+# What comes back in $OUT: run.log, benchmarks.md (docs/benchmarks.md with the GPU
+# sections filled), gpu_bench.json, bench_gpu.json, gpu_check.md, gpu_check.json. Here,
+# afterwards: copy benchmarks.md over docs/benchmarks.md, gpu_check.md to docs/, and the
+# JSON files to docs/ beside them.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+: "${OUT:?run this through the device tool, which sets OUT}"
+budget_s="${RUN_BUDGET_S:-570}"
+start=$(date +%s)
+stage=.gpustage
+logf="$OUT/run.log"
+
+log() { echo "[device +$(($(date +%s) - start))s] $*" | tee -a "$logf"; }
+left() { echo $((budget_s - ($(date +%s) - start))); }
+
+# run_stage NAME SECONDS CMD...: run CMD for at most SECONDS (less if less is left).
+run_stage() {
+  local name="$1" want="$2" have
+  shift 2
+  have=$(left)
+  if [ "$have" -lt 20 ]; then
+    log "$name: skipped, ${have}s left"
+    return 0
+  fi
+  [ "$want" -gt "$have" ] && want=$have
+  log "$name: start (at most ${want}s)"
+  timeout --kill-after=10 "$want" "$@" >>"$logf" 2>&1
+  log "$name: exit $?"
+}
+
+nvidia-smi >>"$logf" 2>&1 || log "nvidia-smi failed"
+
+# REHEARSAL=1 runs the stages with the python3 on PATH and nothing staged (on a CPU:
+# every stage must then fail or skip with its reason; it checks the commands).
+if [ -z "${REHEARSAL:-}" ]; then
+  if [ ! -d /root/ortgpu/onnxruntime ]; then
+    if ! echo "$(cat "$stage/ort.sha256")  /root/ort.tar.xz" | sha256sum -c --quiet - >>"$logf" 2>&1; then
+      log "/root/ort.tar.xz is incomplete: the part calls of .gpustage/CALLS must run first, each within the warm time of the last"
+      exit 3
+    fi
+    mkdir -p /root/ortgpu && tar xJf /root/ort.tar.xz -C /root/ortgpu || { log "unpacking failed"; exit 3; }
+  fi
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site "$stage"/wheels/*.whl >>"$logf" 2>&1 || { log "wheel install failed"; exit 3; }
+  export PYTHONPATH="$PWD:/root/ortgpu:/tmp/site" PYTHONUNBUFFERED=1
+else
+  export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
+fi
+python3 -c 'import onnxruntime as o; o.preload_dlls(); print("onnxruntime", o.__version__, o.get_available_providers())' 2>&1 | tee -a "$logf"
+cp docs/benchmarks.md "$OUT/benchmarks.md"
+
+run_stage nvml 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/service/test_gpu.py
+
+run_stage gpu_bench 240 python3 -m loadtest.gpu_bench --configs base,en-es --hf-batches 64 \
+  --repeats 2 --out "$OUT/gpu_bench.json" --record "$OUT/benchmarks.md"
+
+# The served benchmark and gpu_check read exported versions (build outputs, not carried).
+run_stage export 120 python3 -m export --repository models --variants fp32,fp16
+run_stage served 240 python3 -m loadtest.bench --provider cuda --batch-size 64 \
+  --served-s 15 --poisson-s 8 --poisson-fractions 0.3,0.6,0.9 --max-minutes 5 \
+  --out-md "$OUT/benchmarks.md" --out-json "$OUT/bench_gpu.json"
+
+mkdir -p /tmp/verses && cp tests/fixtures/verses.tsv /tmp/verses/pairs.test.tsv
+run_stage gpu_check 120 python3 -m export.gpu_check --version-dir models/en-es/1 \
+  --data /tmp/verses --verses 200 --out "$OUT/gpu_check.md" --json-out "$OUT/gpu_check.json"
+
+log "done"
