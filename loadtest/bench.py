@@ -102,8 +102,8 @@ class ServedMode:
     reason: str = ""
     closed: dict[str, Any] = field(default_factory=dict)
     poisson: list[dict[str, Any]] = field(default_factory=list)
-    # Streaming generation under Poisson arrivals at one rate (time to first token).
-    generate: dict[str, Any] = field(default_factory=dict)
+    # Streamed generations under Poisson arrivals, one entry per rate (with TTFT).
+    generate: list[dict[str, Any]] = field(default_factory=list)
     peak_rss_bytes: int | None = None
     startup_s: float = 0.0
     agreement: dict[str, int] = field(default_factory=dict)
@@ -420,14 +420,16 @@ async def measure_served(
                     continue  # beyond what this mode serves: only queue growth to measure
                 typer.echo(f"[bench] {name}: Poisson {rate:.2f} req/s", err=True)
                 modes[name].poisson.append(await poisson(caller, workload, rate, args.seed + i))
-        if args.generate_fraction > 0:
-            # One rate for every mode (the first one's capacity): streamed generations,
-            # where time to first token is what continuous batching changes.
-            rate = args.generate_fraction * next(iter(capacity.values()))
-            generations = Workload(texts, {"generate": 1.0}, seed=args.seed)
+        # Streamed generations (the other served model, its own length mix, time to first
+        # token) at fractions of the first mode's translate capacity, the same rates for
+        # every mode, each rate on every server in turn.
+        generations = Workload(texts, {"generate": 1.0}, seed=args.seed)
+        first = next(iter(capacity.values()))
+        for i, rate in enumerate(poisson_rates(args.generate_fractions, [first])):
             for name, caller in callers.items():
                 typer.echo(f"[bench] {name}: generate, Poisson {rate:.2f} req/s", err=True)
-                modes[name].generate = await poisson(caller, generations, rate, args.seed)
+                step = await poisson(caller, generations, rate, args.seed + i)
+                modes[name].generate.append(step)
     finally:
         for caller in callers.values():
             await caller.close()
@@ -591,8 +593,14 @@ def ratios(
     add("served / CTranslate2 (tokens/s)", cont, tps("ct2"), None)
     add("continuous / static (closed-loop tokens/s)", cont, tps("static"), None)
     s, c = served.get("static"), served.get("continuous")
-    curve = equal_p50(s.poisson, c.poisson) if s and c and s.status == c.status == "ok" else []
-    if curve:
+    ok = bool(s and c and s.status == c.status == "ok")
+    for workload, attr in (("translations", "poisson"), ("streamed generations", "generate")):
+        name = f"continuous / static at equal p50, {workload} (Poisson req/s)"
+        curve = equal_p50(getattr(s, attr), getattr(c, attr)) if ok else []
+        if not curve:
+            if attr == "poisson" or (ok and getattr(s, attr)):
+                add(name, None, None, 1.5, "a served run failed" if not ok else "no common p50")
+            continue
         top = max(curve, key=lambda p: p["static_rps"])
         low, high = min(p["ratio"] for p in curve), max(p["ratio"] for p in curve)
         note = (
@@ -600,18 +608,9 @@ def ratios(
             f"step): static {top['static_rps']:.2f}, continuous {top['qualifier']}"
             f"{top['continuous_rps']:.2f}; {low:.2f}–{high:.2f}× over static's steps (below)"
         )
-        add("continuous / static at equal p50 (Poisson req/s)",
-            top["continuous_rps"], top["static_rps"], 1.5, note)  # fmt: skip
+        add(name, top["continuous_rps"], top["static_rps"], 1.5, note)
         if top["qualifier"]:
             rows[-1]["qualifier"] = top["qualifier"]
-    else:
-        add(
-            "continuous / static at equal p50 (Poisson req/s)",
-            None,
-            None,
-            1.5,
-            "a served run failed",
-        )
     return rows
 
 
@@ -717,35 +716,37 @@ def markdown(data: dict[str, Any]) -> str:
                 f"| {p['tokens_per_s']:.1f} | {_f(lat['p50'], '.0f', 1000)} "
                 f"| {_f(lat['p99'], '.0f', 1000)} | {p['errors'] or 'none'} |"
             )
-    generations = {k: v["generate"] for k, v in data["served"].items() if v.get("generate")}
-    if generations:
+    if any(v.get("generate") for v in data["served"].values()):
         lines += [
             "",
-            "Streamed generations (en-lm, `Generator.Generate`) under Poisson arrivals at one "
-            "rate for both modes; TTFT is the time from the intended send time to the first "
-            "token:",
+            "Streamed generations (en-lm, `Generator.Generate`, prompts from the same verses) "
+            "under Poisson arrivals, the same rates for both modes; TTFT is the time from the "
+            "intended send time to the first token:",
             "",
             "| batching | offered req/s | served req/s | tokens/s | TTFT p50 ms | TTFT p99 ms "
             "| p50 ms | p99 ms | errors |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
-        for name, g in generations.items():
-            lat, ttft = g["latency_s"], g.get("ttft_s") or {}
-            lines.append(
-                f"| {name} | {g['offered_rate']:.2f} | {g['throughput_rps']:.2f} "
-                f"| {g['tokens_per_s']:.1f} | {_f(ttft.get('p50'), '.0f', 1000)} "
-                f"| {_f(ttft.get('p99'), '.0f', 1000)} | {_f(lat['p50'], '.0f', 1000)} "
-                f"| {_f(lat['p99'], '.0f', 1000)} | {g['errors'] or 'none'} |"
-            )
+        for name, sm in data["served"].items():
+            for g in sm.get("generate") or []:
+                lat, ttft = g["latency_s"], g.get("ttft_s") or {}
+                lines.append(
+                    f"| {name} | {g['offered_rate']:.2f} | {g['throughput_rps']:.2f} "
+                    f"| {g['tokens_per_s']:.1f} | {_f(ttft.get('p50'), '.0f', 1000)} "
+                    f"| {_f(ttft.get('p99'), '.0f', 1000)} | {_f(lat['p50'], '.0f', 1000)} "
+                    f"| {_f(lat['p99'], '.0f', 1000)} | {g['errors'] or 'none'} |"
+                )
     sm, cm = data["served"].get("static") or {}, data["served"].get("continuous") or {}
-    curve = equal_p50(sm.get("poisson", []), cm.get("poisson", []))
-    if curve:
+    for workload, key in (("translations", "poisson"), ("streamed generations", "generate")):
+        curve = equal_p50(sm.get(key) or [], cm.get(key) or [])
+        if not curve:
+            continue
         lines += [
             "",
-            "Equal-p50 comparison: at each static step's p50, the req/s continuous batching "
-            "serves with the same p50, interpolated between its steps (`>=`: its p50 stayed "
-            "below, so the highest rate measured is a lower bound; `<`: even its lightest "
-            "step was slower):",
+            f"Equal-p50 comparison, {workload}: at each static step's p50, the req/s "
+            "continuous batching serves with the same p50, interpolated between its steps "
+            "(`>=`: its p50 stayed below, so the highest rate measured is a lower bound; "
+            "`<`: even its lightest step was slower):",
             "",
             "| p50 ms | static req/s | continuous req/s | continuous / static |",
             "|---:|---:|---:|---:|",
@@ -806,9 +807,20 @@ class BenchArgs:
     poisson_s: float
     poisson_fractions: list[float]
     server_start_s: float
-    generate_fraction: float
+    generate_fractions: list[float]
     seed: int
     skip: list[str]
+
+
+def _fractions(text: str) -> list[float]:
+    """A comma list of positive fractions (of a capacity)."""
+    try:
+        values = [float(f) for f in text.split(",") if f.strip()]
+    except ValueError as error:
+        raise typer.BadParameter(f"expected a comma list of numbers, got {text!r}") from error
+    if any(not 0 < v <= 10 for v in values):
+        raise typer.BadParameter(f"fractions must be in (0, 10], got {text!r}")
+    return values
 
 
 def latest_version(model_dir: Path) -> Path:
@@ -844,15 +856,13 @@ def main(
     poisson_fractions: Annotated[
         str, typer.Option(help="Poisson rates as fractions of closed-loop capacity.")
     ] = "0.2,0.4,0.6,0.8,0.95",
-    generate_fraction: Annotated[
-        float,
+    generate_fractions: Annotated[
+        str,
         typer.Option(
-            min=0.0,
-            max=1.0,
-            help="Streamed generations at this fraction of static's translate req/s "
-            "(time to first token); 0 skips them.",
+            help="Streamed generations, Poisson rates as fractions of the first mode's "
+            "closed-loop translate req/s (comma list; empty skips them).",
         ),
-    ] = 0.4,
+    ] = "0.2,0.4,0.6,0.8",
     skip: Annotated[
         str, typer.Option(help="Comma list: pytorch,hf,ct2,ort,engine,static,continuous.")
     ] = "",
@@ -893,9 +903,9 @@ def main(
         phase_s=phase_s,
         served_s=served_s,
         poisson_s=poisson_s,
-        poisson_fractions=[float(f) for f in poisson_fractions.split(",") if f.strip()],
+        poisson_fractions=_fractions(poisson_fractions),
         server_start_s=300.0,
-        generate_fraction=generate_fraction,
+        generate_fractions=_fractions(generate_fractions),
         seed=seed,
         skip=[s.strip() for s in skip.split(",") if s.strip()],
     )
@@ -918,7 +928,8 @@ def main(
     # Most important first (the ceiling, the reference, the served path), optional peers
     # last: if --max-minutes runs out, what is skipped says so in the table.
     deadline = started + max_minutes * 60
-    served_need = served_s + poisson_s * (2 * len(args.poisson_fractions) + 1) + 60
+    steps = 2 * len(args.poisson_fractions) + len(args.generate_fractions)
+    served_need = served_s + poisson_s * steps + 60
 
     def left() -> float:
         return deadline - time.perf_counter()
@@ -994,7 +1005,7 @@ def main(
             "served_s": served_s,
             "poisson_s": poisson_s,
             "poisson_fractions": args.poisson_fractions,
-            "generate_fraction": args.generate_fraction,
+            "generate_fractions": args.generate_fractions,
             "decoding": "greedy",
             "seed": seed,
         },

@@ -69,7 +69,8 @@ run_stage gpu_bench 240 python3 -m loadtest.gpu_bench --configs base,en-es --hf-
 # The served benchmark and gpu_check read exported versions (build outputs, not carried).
 run_stage export 120 python3 -m export --repository models --variants fp32,fp16
 run_stage served 240 python3 -m loadtest.bench --provider cuda --batch-size 64 \
-  --served-s 15 --poisson-s 8 --poisson-fractions 0.3,0.6,0.9 --max-minutes 5 \
+  --served-s 15 --poisson-s 8 --poisson-fractions 0.3,0.6,0.9 --generate-fractions 0.3,0.6 \
+  --max-minutes 5 \
   --out-md "$OUT/benchmarks.md" --out-json "$OUT/bench_gpu.json"
 
 mkdir -p /tmp/verses && cp tests/fixtures/verses.tsv /tmp/verses/pairs.test.tsv

@@ -68,17 +68,34 @@ def test_ratios_and_targets() -> None:
         "static": served("static", 500.0, [point(10, 0.2), point(20, 0.5)]),
         "continuous": served("continuous", 950.0, [point(10, 0.1), point(30, 0.3), point(40, 0.7)]),
     }
+    modes["static"].generate = [point(10, 0.4), point(20, 1.0)]
+    modes["continuous"].generate = [point(10, 0.1), point(20, 0.2), point(40, 0.6)]
     rows = {r["ratio"]: r for r in ratios(offline, modes)}
     assert rows["served / offline (engine, tokens/s)"]["value"] == pytest.approx(0.95)
     assert rows["served / offline (engine, tokens/s)"]["met"] is True
     assert rows["served / naive PyTorch (tokens/s)"]["value"] == pytest.approx(19.0)
     assert rows["served / Hugging Face generate (tokens/s)"]["value"] is None
-    equal = rows["continuous / static at equal p50 (Poisson req/s)"]
+    equal = rows["continuous / static at equal p50, translations (Poisson req/s)"]
     # static's busiest step: 20 req/s at p50 0.5 s; continuous reaches 0.5 s at 35 req/s.
     assert equal["value"] == pytest.approx(35 / 20)
     assert equal["met"] is True
     # The note gives the spread over every static step: 0.2 s -> 20 req/s (2.0x at 10).
     assert "1.75–2.00×" in equal["note"]
+    # Generations get their own row: static's busiest step 20 req/s at p50 1.0 s, which
+    # continuous passes beyond its busiest step (40 req/s at 0.6 s): a lower bound.
+    gen = rows["continuous / static at equal p50, streamed generations (Poisson req/s)"]
+    assert gen["value"] == pytest.approx(40 / 20) and gen["qualifier"] == ">="
+    assert gen["met"] is True and gen["target"] == 1.5
+
+
+def test_generation_row_absent_without_generations() -> None:
+    modes = {
+        "static": served("static", 500.0, [point(10, 0.2)]),
+        "continuous": served("continuous", 500.0, [point(10, 0.1), point(20, 0.3)]),
+    }
+    names = [r["ratio"] for r in ratios({}, modes)]
+    assert "continuous / static at equal p50, translations (Poisson req/s)" in names
+    assert not any("streamed generations" in n for n in names)
 
 
 def test_equal_p50_curve_per_static_step() -> None:
@@ -108,16 +125,23 @@ def test_equal_p50_table_in_markdown(tmp_path: Path) -> None:
         "static": served("static", 500.0, [step(10, 0.2), step(30, 2.0)]),
         "continuous": served("continuous", 500.0, [step(10, 0.1), step(30, 0.3), step(40, 0.7)]),
     }
-    modes["continuous"].generate = {
-        **step(8, 0.5),
-        "ttft_s": {"p50": 0.02, "p99": 0.09},
-    }
+    modes["continuous"].generate = [
+        {**step(8, 0.5), "ttft_s": {"p50": 0.02, "p99": 0.09}},
+        {**step(16, 0.6), "ttft_s": {"p50": 0.03, "p99": 0.1}},
+    ]
+    modes["static"].generate = [{**step(8, 1.2), "ttft_s": {"p50": 0.4, "p99": 0.9}}]
     data["served"] = {k: asdict(v) for k, v in modes.items()}
     text = markdown(data)
     assert "| 200 | 10.00 | 20.00 | 2.00× |" in text
-    # Generation row only for the mode that has one; TTFT in ms.
+    # One generation row per mode and rate; TTFT in ms.
     assert "| continuous | 8.00 | 8.00 | 80.0 | 20 | 90 | 500 | 1000 | none |" in text
-    assert "| static | 8.00 |" not in text
+    assert "| continuous | 16.00 | 16.00 | 160.0 | 30 | 100 | 600 | 1200 | none |" in text
+    assert "| static | 8.00 | 8.00 | 80.0 | 400 | 900 | 1200 | 2400 | none |" in text
+    # Each workload has its own equal-p50 table: static 8 req/s at 1.2 s; continuous
+    # stays below 1.2 s up to its busiest step, 16 req/s.
+    assert "Equal-p50 comparison, translations" in text
+    assert "Equal-p50 comparison, streamed generations" in text
+    assert "| 1200 | 8.00 | >=16.00 | >=2.00× |" in text
     assert "| 2000 | 30.00 | >=40.00 | >=1.33× |" in text
 
 
@@ -248,7 +272,7 @@ def test_served_run_fails_fast_when_no_model_loads(model_repository: Path, tmp_p
         poisson_s=1.0,
         poisson_fractions=[0.5],
         server_start_s=120.0,
-        generate_fraction=0.0,
+        generate_fractions=[],
         seed=0,
         skip=[],
     )
@@ -258,6 +282,18 @@ def test_served_run_fails_fast_when_no_model_loads(model_repository: Path, tmp_p
     assert modes["static"].status == "failed"
     assert "could load no model" in modes["static"].reason
     assert "no CUDAExecutionProvider" in modes["static"].reason  # the server log's reason
+
+
+def test_fraction_lists_are_checked() -> None:
+    import typer
+
+    from loadtest.bench import _fractions
+
+    assert _fractions("0.2, 0.4,") == [0.2, 0.4] and _fractions("") == []
+    with pytest.raises(typer.BadParameter, match="comma list of numbers"):
+        _fractions("0.2,x")
+    with pytest.raises(typer.BadParameter, match=r"in \(0, 10\]"):
+        _fractions("0.5,0")
 
 
 def test_length_batches_and_budget() -> None:
