@@ -32,8 +32,9 @@ app = typer.Typer(add_completion=False)
 
 def _step(backend: Any, feeds: dict[str, Any]) -> None:
     _, new_k, new_v, _ = backend.decode(feeds, want_alignment=False)
-    feeds["past_k"] = backend.write(feeds["past_k"], new_k, feeds["positions"])
-    feeds["past_v"] = backend.write(feeds["past_v"], new_v, feeds["positions"])
+    feeds["past_k"], feeds["past_v"] = backend.write_kv(
+        feeds["past_k"], feeds["past_v"], new_k, new_v, feeds["positions"]
+    )
 
 
 def time_steps(

@@ -19,6 +19,8 @@ Why it is built this way:
   decoder returns only the new keys and values; the batch writes them into its cache.
 * On CUDA (fp16 variant) the caches stay on the device as OrtValues: the decoder runs with
   IOBinding, and cache writes and row moves run as tiny ONNX graphs on the same device.
+  So do the logits: greedy rows are reduced there (argmax and its log-probability), and
+  the [B, V] logits come to the host only when a row samples or searches beams.
   On CPU they are numpy arrays fed to `session.run` and written in place. The device path
   also runs on CPU (`EngineOptions(io_binding=True)`), which is how it is tested without
   a GPU.
@@ -44,7 +46,6 @@ from export.manifest import Manifest
 from export.runtime import (
     STACKED,
     bind_layers,
-    cache_write_graph,
     cache_write_indices,
     layer_feeds,
     write_cache,
@@ -182,6 +183,16 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return out
 
 
+def greedy_pick(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy choice per row of float32 logits [N, V] and its log-probability, computed as
+    `log_softmax(rows)[argmax]` is, without materialising the whole log-softmax."""
+    chosen = rows.argmax(axis=-1)  # ties to the lowest id, like torch.argmax
+    top = rows.max(axis=-1, keepdims=True)
+    lse = np.log(np.exp(rows - top).sum(axis=-1))
+    picked = (rows[np.arange(len(rows)), chosen] - top[:, 0]) - lse
+    return chosen, picked.astype(np.float32, copy=False)
+
+
 def sample(
     logits: np.ndarray,
     temperature: np.ndarray,
@@ -271,6 +282,77 @@ def _helper_graphs(elem_type: int) -> dict[str, bytes]:
     }
 
 
+def _write_kv_graph(elem_type: int) -> bytes:
+    """yk, yv = ScatterND(k, idx, new_k), ScatterND(v, idx, new_v): the contract's cache
+    write (export.runtime.cache_write_graph) for keys and values in one run."""
+    from onnx import TensorProto, helper
+
+    cache, new = ["L", "B", "H", "C", "D"], ["L", "B", "H", "T", "D"]
+    graph = helper.make_graph(
+        [
+            helper.make_node("ScatterND", ["k", "idx", "new_k"], ["yk"]),
+            helper.make_node("ScatterND", ["v", "idx", "new_v"], ["yv"]),
+        ],
+        "cache_write_kv",
+        [
+            helper.make_tensor_value_info("k", elem_type, cache),
+            helper.make_tensor_value_info("v", elem_type, cache),
+            helper.make_tensor_value_info("idx", TensorProto.INT64, ["L", "B", "H", "T", 4]),
+            helper.make_tensor_value_info("new_k", elem_type, new),
+            helper.make_tensor_value_info("new_v", elem_type, new),
+        ],
+        [
+            helper.make_tensor_value_info("yk", elem_type, cache),
+            helper.make_tensor_value_info("yv", elem_type, cache),
+        ],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    return bytes(proto.SerializeToString())
+
+
+def _greedy_graph(elem_type: int) -> bytes:
+    """ids, picked = argmax and its log-probability of the last position of logits
+    [B, T, V] for the rows `rows` [K], on the device: only 2K numbers leave it per step
+    instead of the whole [B, V] logits (at batch 64 and a 32k vocabulary, 4 MB and a
+    host-side log-softmax, more than the decoder step itself on a GPU)."""
+    from onnx import TensorProto, helper
+
+    last = helper.make_tensor("last", TensorProto.INT64, [], [-1])
+    axis = helper.make_tensor("axis", TensorProto.INT64, [1], [-1])
+    nodes = [
+        helper.make_node("Gather", ["logits", "rows"], ["picked_rows"], axis=0),
+        helper.make_node("Gather", ["picked_rows", "last"], ["final"], axis=1),
+        helper.make_node("Cast", ["final"], ["x"], to=TensorProto.FLOAT),  # [K, V]
+        helper.make_node("ArgMax", ["x"], ["ids"], axis=-1, keepdims=0),
+        helper.make_node("ReduceMax", ["x"], ["top"], axes=[-1], keepdims=1),
+        helper.make_node("Sub", ["x", "top"], ["shifted"]),
+        helper.make_node("Exp", ["shifted"], ["e"]),
+        helper.make_node("ReduceSum", ["e", "axis"], ["total"], keepdims=1),
+        helper.make_node("Log", ["total"], ["lse"]),
+        helper.make_node("Unsqueeze", ["ids", "axis"], ["ids2"]),
+        helper.make_node("GatherElements", ["shifted", "ids2"], ["chosen"], axis=1),
+        helper.make_node("Sub", ["chosen", "lse"], ["picked2"]),
+        helper.make_node("Squeeze", ["picked2", "axis"], ["picked"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "greedy",
+        [
+            helper.make_tensor_value_info("logits", elem_type, ["B", "T", "V"]),
+            helper.make_tensor_value_info("rows", TensorProto.INT64, ["K"]),
+        ],
+        [
+            helper.make_tensor_value_info("ids", TensorProto.INT64, ["K"]),
+            helper.make_tensor_value_info("picked", TensorProto.FLOAT, ["K"]),
+        ],
+        initializer=[last, axis],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    return bytes(proto.SerializeToString())
+
+
 class _NumpyBackend:
     """CPU: caches are numpy arrays; moves happen in place."""
 
@@ -294,8 +376,18 @@ class _NumpyBackend:
         out = self.decoder_session.run(names, layer_feeds(feeds))
         return out[0], out[1], out[2], (out[3] if len(out) > 3 else None)
 
-    def write(self, cache: Any, new: Any, positions: np.ndarray) -> Any:
-        return write_cache(cache, new, positions)
+    def write_kv(
+        self, past_k: Any, past_v: Any, new_k: Any, new_v: Any, positions: np.ndarray
+    ) -> tuple[Any, Any]:
+        """The step's new keys and values into the caches (in place here)."""
+        return write_cache(past_k, new_k, positions), write_cache(past_v, new_v, positions)
+
+    def greedy(self, logits: Any, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return greedy_pick(logits[rows, -1, :].astype(np.float32, copy=False))
+
+    def host_logits(self, logits: Any) -> np.ndarray:
+        """The last position's logits of every row, float32 [B, V], on the host."""
+        return np.asarray(logits[:, -1, :], dtype=np.float32)
 
     def encode(self, src_ids: np.ndarray, src_mask: np.ndarray) -> tuple[Any, Any]:
         assert self.encoder_session is not None
@@ -352,7 +444,12 @@ class _BoundBackend:
 
         elem = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT
         so = _session_options(threads)
-        graphs = {**_helper_graphs(elem), "write": cache_write_graph(elem)}
+        graphs = {
+            **_helper_graphs(elem),
+            "write_kv": _write_kv_graph(elem),
+            "greedy": _greedy_graph(elem),
+        }
+        self._grids: dict[tuple[tuple[int, ...], int], np.ndarray] = {}
         self.helpers = {
             name: ort.InferenceSession(blob, so, providers=_providers(provider, device_id))
             for name, blob in graphs.items()
@@ -377,20 +474,54 @@ class _BoundBackend:
         io = self.decoder_session.io_binding()
         self._bind_inputs(io, {k: v for k, v in feeds.items() if k not in STACKED})
         bind_layers(io, feeds, self.device, self.device_id)
-        io.bind_output("logits", "cpu")
+        io.bind_output("logits", self.device, self.device_id)
         io.bind_output("new_k", self.device, self.device_id)
         io.bind_output("new_v", self.device, self.device_id)
         if self.alignment:
-            io.bind_output("cross_attention", "cpu")
+            io.bind_output("cross_attention", self.device, self.device_id)
         self.decoder_session.run_with_iobinding(io)
         outputs = io.get_outputs()
-        logits = outputs[0].numpy()
         align = outputs[3].numpy() if self.alignment and want_alignment else None
-        return logits, outputs[1], outputs[2], align
+        return outputs[0], outputs[1], outputs[2], align
 
-    def write(self, cache: Any, new: Any, positions: np.ndarray) -> Any:
-        idx = cache_write_indices(cache.shape(), positions, new.shape()[3])
-        return self._helper("write", {"cache": cache, "idx": idx, "new": new})
+    def write_kv(
+        self, past_k: Any, past_v: Any, new_k: Any, new_v: Any, positions: np.ndarray
+    ) -> tuple[Any, Any]:
+        """Both caches written by one helper run on the device, sharing one index tensor."""
+        shape, steps = tuple(past_k.shape()), new_k.shape()[3]
+        grid = self._grids.get((shape, steps))
+        if grid is None:  # per shape bucket: the [L, B, H, T] grid with slots 0..T-1
+            grid = cache_write_indices(shape, np.zeros(shape[1], dtype=np.int64), steps)
+            self._grids[(shape, steps)] = grid
+        idx = grid.copy()
+        idx[..., 3] += positions[None, :, None, None]
+        session = self.helpers["write_kv"]
+        io = session.io_binding()
+        self._bind_inputs(io, {"k": past_k, "v": past_v, "new_k": new_k, "new_v": new_v})
+        io.bind_cpu_input("idx", idx)
+        io.bind_output("yk", self.device, self.device_id)
+        io.bind_output("yv", self.device, self.device_id)
+        session.run_with_iobinding(io)
+        yk, yv = io.get_outputs()
+        return yk, yv
+
+    def greedy(self, logits: Any, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # Reduced over every row of the batch (a bucket): one shape per bucket, warmed up
+        # with the decoder; the rows asked for are picked on the host.
+        session = self.helpers["greedy"]
+        io = session.io_binding()
+        io.bind_ortvalue_input("logits", logits)
+        io.bind_cpu_input("rows", np.arange(logits.shape()[0], dtype=np.int64))
+        io.bind_output("ids", "cpu")
+        io.bind_output("picked", "cpu")
+        session.run_with_iobinding(io)
+        ids, picked = io.get_outputs()
+        return ids.numpy()[rows], picked.numpy()[rows]
+
+    def host_logits(self, logits: Any) -> np.ndarray:
+        """The last position's logits of every row, float32 [B, V], on the host (only
+        when a row samples or searches beams)."""
+        return np.asarray(logits.numpy()[:, -1, :], dtype=np.float32)
 
     def encode(self, src_ids: np.ndarray, src_mask: np.ndarray) -> tuple[Any, Any]:
         assert self.encoder_session is not None
@@ -704,7 +835,9 @@ class Engine:
             feeds["cross_k"] = b.zeros((self.layers, r, self.heads, s, self.head_dim))
             feeds["cross_v"] = b.zeros((self.layers, r, self.heads, s, self.head_dim))
             feeds["src_mask"] = np.ones((r, s), dtype=bool)
-        b.decode(feeds, want_alignment=False)
+        logits, _, _, _ = b.decode(feeds, want_alignment=False)
+        if t == 1:
+            b.greedy(logits, np.arange(r))
 
 
 # --- batch ------------------------------------------------------------------------------------
@@ -1075,10 +1208,10 @@ class Batch:
             feeds["cross_k"] = self.cross_k
             feeds["cross_v"] = self.cross_v
             feeds["src_mask"] = self.src_mask
-        logits3, new_k, new_v, align3 = self.backend.decode(feeds, want_align)
-        self.past_k = self.backend.write(self.past_k, new_k, self.positions)
-        self.past_v = self.backend.write(self.past_v, new_v, self.positions)
-        logits = logits3[:, -1, :].astype(np.float32, copy=False)
+        logits, new_k, new_v, align3 = self.backend.decode(feeds, want_align)
+        self.past_k, self.past_v = self.backend.write_kv(
+            self.past_k, self.past_v, new_k, new_v, self.positions
+        )
         align = None if align3 is None else align3[:, -1, :].astype(np.float32, copy=False)
         out.rows, out.capacity = active_rows, self.capacity
         out.padding_ratio = 1.0 - active_rows / float(self.capacity)
@@ -1087,10 +1220,14 @@ class Batch:
         beams = [s for s in self.seqs.values() if s.beam]
         moves: list[tuple[int, int]] = []
         finished: list[tuple[_Seq, list[_Hyp]]] = []
+        host: np.ndarray | None = None  # [B, V] float32, fetched only for sampling or beams
+        if any(s.rng is not None for s in singles) or beams:
+            host = self.backend.host_logits(logits)
         if singles:
-            self._step_singles(singles, logits, align, out, finished)
+            self._step_singles(singles, logits, host, align, out, finished)
         for seq in beams:
-            hyps = self._step_beam(seq, logits, align, moves)
+            assert host is not None
+            hyps = self._step_beam(seq, host, align, moves)
             out.progressed.append(seq.key)
             if hyps is not None:
                 finished.append((seq, hyps))
@@ -1114,28 +1251,36 @@ class Batch:
     def _step_singles(
         self,
         seqs: list[_Seq],
-        logits: np.ndarray,
+        logits: Any,
+        host: np.ndarray | None,
         align: np.ndarray | None,
         out: StepOutput,
         finished: list[tuple[_Seq, list[_Hyp]]],
     ) -> None:
-        """Greedy and sampled sequences: one row each, vectorized over rows."""
+        """Greedy and sampled sequences: one row each, vectorized over rows. Greedy rows are
+        reduced where the logits are (the backend's `greedy`); sampled rows need the
+        distribution on the host."""
         slots = np.array([s.slots[0] for s in seqs], dtype=np.int64)
-        rows = logits[slots]
-        logprobs = log_softmax(rows)
-        chosen = rows.argmax(axis=-1)  # ties to the lowest id, like torch.argmax
+        chosen = np.zeros(len(seqs), dtype=np.int64)
+        picked = np.zeros(len(seqs), dtype=np.float32)
         sampled = [i for i, s in enumerate(seqs) if s.rng is not None]
+        greedy = [i for i, s in enumerate(seqs) if s.rng is None]
+        if greedy:
+            g = np.array(greedy, dtype=np.int64)
+            chosen[g], picked[g] = self.backend.greedy(logits, slots[g])
         if sampled:
+            assert host is not None
             idx = np.array(sampled, dtype=np.int64)
+            rows = host[slots[idx]]
             ps = [seqs[i].params for i in sampled]
             chosen[idx] = sample(
-                rows[idx],
+                rows,
                 np.array([p.temperature for p in ps], dtype=np.float32),
                 np.array([p.top_k for p in ps], dtype=np.int64),
                 np.array([p.top_p for p in ps], dtype=np.float64),
                 np.array([seqs[i].rng.random() for i in sampled]),  # type: ignore[union-attr]
             )
-        picked = logprobs[np.arange(len(seqs)), chosen]
+            picked[idx] = log_softmax(rows)[np.arange(len(sampled)), chosen[idx]]
         eos = self.engine.eos_id
         for i, seq in enumerate(seqs):
             token = int(chosen[i])

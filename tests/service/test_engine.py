@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 from hypothesis import given, settings
@@ -24,6 +25,7 @@ from service.engine import (
     BatchItem,
     Engine,
     EngineOptions,
+    _BoundBackend,
     bucket,
     decode_all,
     log_softmax,
@@ -162,9 +164,11 @@ def test_beam_equals_reference(
         assert_same(result, exp)
 
 
-def test_beam_and_greedy_rows_share_a_batch() -> None:
-    """Greedy, sampled and beam requests in one batch each give what they give alone."""
-    engine = engine_for(TRANSLATOR)
+@pytest.mark.parametrize("io_binding", [False, True], ids=["numpy", "iobinding"])
+def test_beam_and_greedy_rows_share_a_batch(io_binding: bool) -> None:
+    """Greedy, sampled and beam requests in one batch each give what they give alone (on
+    the device path greedy rows are reduced there, the others read host logits)."""
+    engine = engine_for(TRANSLATOR, io_binding)
     requests = [
         request(TRANSLATOR, SOURCES[0], max_new_tokens=30, beam_size=3, n_best=2),
         request(TRANSLATOR, SOURCES[1], max_new_tokens=30),
@@ -488,6 +492,73 @@ def test_log_softmax_and_buckets() -> None:
     assert [bucket(n, 16, 100) for n in (1, 16, 17, 33, 65, 100)] == [16, 16, 32, 64, 100, 100]
     with pytest.raises(ValueError):
         bucket(101, 16, 100)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_greedy_head_equals_log_softmax_argmax(dtype: type) -> None:
+    """The greedy reduction (numpy on the CPU path, an ONNX graph where the logits stay on
+    the device) picks torch.argmax's token, lowest id on ties, with its log-probability."""
+    from onnx import TensorProto
+
+    from service.engine import _greedy_graph, greedy_pick
+
+    rng = np.random.default_rng(1)
+    logits: np.ndarray = (rng.normal(size=(6, 1, 50)) * 4).astype(dtype)
+    logits[2, 0, [7, 31]] = logits[2, 0].max() + 1  # a tie: the lower id wins
+    rows = np.array([5, 2, 0])
+    last = logits[rows, -1, :].astype(np.float32)
+    want_ids = torch.from_numpy(last).argmax(dim=-1).numpy()
+    want_lp = torch.log_softmax(torch.from_numpy(last), dim=-1).numpy()[np.arange(3), want_ids]
+    assert want_ids[1] == 7
+
+    ids, picked = greedy_pick(last)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(picked, want_lp, atol=1e-5)
+
+    elem = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT
+    session = ort.InferenceSession(_greedy_graph(elem), providers=["CPUExecutionProvider"])
+    ids, picked = session.run(None, {"logits": logits, "rows": rows})
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(picked, want_lp, atol=1e-5)
+    assert picked.dtype == np.float32
+
+
+def test_device_greedy_and_host_logits_equal_numpy() -> None:
+    """The device path's greedy reduction and host copy of logits left as an OrtValue
+    give what the numpy path gives from the array."""
+    engine = engine_for(TRANSLATOR, io_binding=True)
+    bound, plain = engine.backend, engine_for(TRANSLATOR).backend
+    logits = np.random.default_rng(2).normal(size=(4, 1, 96)).astype(np.float32)
+    value = bound._value(logits)  # type: ignore[union-attr]
+    rows = np.array([3, 1])
+    ids, picked = bound.greedy(value, rows)
+    want_ids, want_picked = plain.greedy(logits, rows)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(picked, want_picked, atol=1e-6)
+    np.testing.assert_array_equal(bound.host_logits(value), logits[:, -1, :])
+
+
+def test_device_cache_write_equals_numpy() -> None:
+    """Keys and values written by one device helper run, its index grid reused across
+    steps of a shape, land where numpy's in-place write puts them."""
+    bound = engine_for(LM, io_binding=True).backend
+    plain = engine_for(LM).backend
+    assert isinstance(bound, _BoundBackend)
+    rng = np.random.default_rng(3)
+    k, v = (rng.normal(size=(2, 3, 2, 8, 4)).astype(np.float32) for _ in range(2))
+    dk, dv = bound._value(k.copy()), bound._value(v.copy())
+    for positions in (np.array([0, 5, 2]), np.array([1, 6, 3]), np.array([4, 4, 0])):
+        new_k, new_v = (rng.normal(size=(2, 3, 2, 1, 4)).astype(np.float32) for _ in range(2))
+        k, v = plain.write_kv(k, v, new_k, new_v, positions)
+        dk, dv = bound.write_kv(
+            dk,
+            dv,
+            bound._value(new_k),
+            bound._value(new_v),
+            positions,
+        )
+        np.testing.assert_array_equal(bound.host(dk), k)
+        np.testing.assert_array_equal(bound.host(dv), v)
 
 
 def test_device_row_moves_equal_numpy() -> None:
