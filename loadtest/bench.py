@@ -776,7 +776,9 @@ HEADER = """# Benchmarks
 
 How fast the served path is next to the engines it competes with, on the same weights and
 inputs. `make bench` regenerates the CPU section below (and docs/benchmarks.json);
-the GPU section comes from `python -m loadtest.gpu_bench` on an H100/H200.
+the GPU sections come from one run of `loadtest/device/run.sh` on an H100/H200
+(`python -m loadtest.gpu_bench`, and `python -m loadtest.bench --provider cuda` for the
+served comparison; `make gpu-stage` prepares it).
 
 """
 
