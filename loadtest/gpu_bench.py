@@ -11,8 +11,10 @@ FFN 2048, vocab 32k, post-LN so it exports to Marian) so the GPU numbers mean so
 `en-es` is our trained translator when models/en-es/checkpoint exists. For each: PyTorch
 eager (the reference decoder) in fp16, Hugging Face Marian `generate` fp16 on the same
 weights, and the serving engine (service.engine, onnxruntime CUDA EP, fp16, IOBinding)
-when onnxruntime has the CUDA provider (`make gpu-stage` stages it). The
-issue's target: engine >= 10x Hugging Face generate fp16 at batch 64.
+when onnxruntime has the CUDA provider (`make gpu-stage` stages it); then the bare decoder
+step at batch 64 on fixed device buffers, plain and captured as a CUDA graph (what launch
+overhead costs, and whether our graphs can be captured at all). The issue's target:
+engine >= 10x Hugging Face generate fp16 at batch 64.
 
 On the device tool: `make gpu-stage` here stages onnxruntime-gpu and the wheels the image
 lacks, and lists the calls to make; the last runs loadtest/device/run.sh, which runs this
@@ -530,6 +532,96 @@ def bench_engine(dev: Device, fig: Figure, version_dir: Path, s: Settings, bw: f
     fig.extra["provider"] = engine.provider
 
 
+PROBE_CACHE = 64  # cache length of the decoder-step probe
+PROBE_RUNS = 50
+
+
+def probe_decoder_step(
+    dev: Device, fig: Figure, version_dir: Path, s: Settings, bw: float, cuda_graph: bool
+) -> None:
+    """The bare decoder step at one fixed shape (fig.batch rows, cache PROBE_CACHE, source
+    s.source_len), every input and output bound to a fixed device buffer: plain IOBinding
+    runs, or (cuda_graph) onnxruntime's CUDA graph capture and replay of the same step, the
+    way to cut per-kernel launch cost. Whether capture works on our graphs at all (every
+    node on the CUDA EP, no shape computation on the host) is itself the finding."""
+    if cuda_graph and not dev.cuda:
+        raise Skip("CUDA graphs need a CUDA device")
+    why = engine_available(dev)
+    if why:
+        raise Skip(why)
+    import numpy as np
+    import onnxruntime as ort
+
+    from export.manifest import load_manifest
+    from transformer.config import TransformerConfig
+
+    manifest = load_manifest(version_dir, variants=[dev.variant])
+    config = TransformerConfig.from_dict(dict(manifest.config))
+    path = version_dir / manifest.graph(dev.variant, "decoder").path
+    layers, heads = config.n_decoder_layers, config.n_heads
+    dim = config.d_model // heads
+    rows, cache, source = fig.batch, PROBE_CACHE, s.source_len
+    dtype = np.float16 if dev.cuda else np.float32
+    device = "cuda" if dev.cuda else "cpu"
+    options: dict[str, str] = {"device_id": "0"}
+    if cuda_graph:
+        options["enable_cuda_graph"] = "1"
+    providers: list[Any] = (
+        [("CUDAExecutionProvider", options)] if dev.cuda else ["CPUExecutionProvider"]
+    )
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(path), so, providers=providers)
+    rng = np.random.default_rng(0)
+    arrays: dict[str, Any] = {
+        "input_ids": np.full((rows, 1), config.bos_id, dtype=np.int64),
+        "positions": np.full(rows, cache // 2, dtype=np.int64),
+        "src_mask": np.ones((rows, source), dtype=bool),
+    }
+    for i in range(layers):
+        for name, length in (("past", cache), ("cross", source)):
+            for kv in "kv":
+                dims = (rows, heads, length, dim)
+                arrays[f"{name}_{kv}_{i}"] = (rng.standard_normal(dims) * 0.1).astype(dtype)
+    wanted = {i.name for i in session.get_inputs()}
+    missing = wanted - set(arrays)
+    if missing:
+        raise RuntimeError(f"decoder inputs this probe does not know: {sorted(missing)}")
+    out_shapes = {
+        "logits": (rows, 1, config.vocab_size),
+        "new_k": (layers, rows, heads, 1, dim),
+        "new_v": (layers, rows, heads, 1, dim),
+        "cross_attention": (rows, 1, source),
+    }
+    io = session.io_binding()
+    keep = []  # the fixed buffers must outlive every replay
+    for name in wanted:
+        value = ort.OrtValue.ortvalue_from_numpy(arrays[name], device, 0)
+        keep.append(value)
+        io.bind_ortvalue_input(name, value)
+    for out in session.get_outputs():
+        value = ort.OrtValue.ortvalue_from_shape_and_type(
+            list(out_shapes[out.name]), dtype, device, 0
+        )
+        keep.append(value)
+        io.bind_ortvalue_output(out.name, value)
+    session.run_with_iobinding(io)  # with cuda_graph: the warm-up run, then the capture
+    session.run_with_iobinding(io)
+    t = time.perf_counter()
+    for _ in range(PROBE_RUNS):
+        session.run_with_iobinding(io)
+    dev.sync()
+    seconds = time.perf_counter() - t
+    shape = Shape(layers, config.d_model, config.d_ff, config.vocab_size)
+    fig.new_tokens, fig.seconds, fig.steps = rows * PROBE_RUNS, seconds, PROBE_RUNS
+    fig.step_ms = seconds / PROBE_RUNS * 1000
+    step_bytes = shape.step_bytes(rows, cache, source)
+    fig.step_bytes_mb = step_bytes / 1e6
+    fig.roofline_step_us = roofline_s(step_bytes, bw) * 1e6
+    fig.extra["shape"] = {"rows": rows, "cache": cache, "source": source}
+    fig.gpu_mem_gib = dev.used_gib()
+
+
 def _fill(fig: Figure, config: Any, tokens: int, seconds: float, s: Settings, bw: float) -> None:
     """tokens/s, time per step, and the step's roofline at the mean cached length."""
     shape = Shape(config.n_decoder_layers, config.d_model, config.d_ff, config.vocab_size)
@@ -617,6 +709,12 @@ def _run(s: Settings, dev: Device) -> dict[str, Any]:
                     export_error = error
                     raise
                 bench_engine(dev, fig, version_dir, s, bw)
+        probe_batch = 64 if 64 in s.batches else max(s.batches)
+        for engine, graph in (("decoder step", False), ("decoder step, CUDA graph", True)):
+            with stage(figures, name, engine, probe_batch) as fig:
+                if why or version_dir is None:
+                    raise Skip(why or "no exported version (see the serving engine rows)")
+                probe_decoder_step(dev, fig, version_dir, s, bw, graph)
     summary = ratios(figures)
     for line in summary:
         print(f"# {line}", flush=True)
@@ -636,7 +734,7 @@ def ratios(figures: list[Figure]) -> list[str]:
         for other in ("serving engine", "pytorch eager"):
             f = ok.get((config, other, batch))
             if f:
-                target = " (target >= 10x)" if other.startswith("engine") and batch == 64 else ""
+                target = " (target >= 10x)" if other == "serving engine" and batch == 64 else ""
                 line += f"; {other} {f.tokens_per_s / hf.tokens_per_s:.2f}x{target}"
         lines.append(line)
     return lines

@@ -392,6 +392,9 @@ def test_gpu_bench_cpu_dry_run(tmp_path: Path) -> None:
     status = {(f["engine"], f["batch"]): f["status"] for f in figures}
     assert status[("pytorch eager", 2)] == "ok", figures
     assert status[("serving engine", 2)] == "ok", figures
+    # The fixed-buffer decoder-step probe runs; its CUDA graph twin needs CUDA.
+    assert status[("decoder step", 2)] == "ok", figures
+    assert status[("decoder step, CUDA graph", 2)] == "skipped", figures
     assert all(f["tokens_per_s"] > 0 for f in figures if f["status"] == "ok")
 
 
