@@ -3,13 +3,16 @@
 # 15 minutes, one command at most 10): run as the last of the calls .gpustage/CALLS lists
 # (made by loadtest/device/stage.sh), in the repository root, with $OUT set by the tool.
 #
-# Stages, most important first, each bounded by what is left of RUN_BUDGET_S; a stage that
-# fails or times out is logged and the next one runs:
+# Stages, in order, each bounded by what is left of RUN_BUDGET_S; a stage that fails or
+# times out is logged and the next one runs:
 #   1. NVML: the real-device test of inference_gpu_memory_used_bytes (pytest -m gpu);
-#   2. loadtest.gpu_bench: Transformer-base and en-es, PyTorch vs HF generate fp16 vs the
-#      serving engine on the CUDA provider (the >= 10x HF generate target), with rooflines;
-#   3. loadtest.bench --provider cuda: served static vs continuous batching on the GPU;
-#   4. export.gpu_check: fp16/fp32 CUDA + IOBinding parity against onnxruntime CPU fp32.
+#   2. export of both models (fp32, fp16) with the device's torch;
+#   3. export.gpu_check: fp16/fp32 CUDA + IOBinding parity against onnxruntime CPU fp32
+#      (what makes the engine's GPU numbers worth reading);
+#   4. loadtest.gpu_bench: Transformer-base and en-es, PyTorch vs HF generate fp16 vs the
+#      serving engine on the CUDA provider (the >= 10x HF generate target), with rooflines,
+#      and the decoder step as a CUDA graph;
+#   5. loadtest.bench --provider cuda: served static vs continuous batching on the GPU.
 # What comes back in $OUT: run.log, benchmarks.md (docs/benchmarks.md with the GPU
 # sections filled), gpu_bench.json, bench_gpu.json, gpu_check.md, gpu_check.json. Here,
 # afterwards: copy benchmarks.md over docs/benchmarks.md, gpu_check.md to docs/, and the
@@ -61,20 +64,21 @@ fi
 python3 -c 'import onnxruntime as o; o.preload_dlls(); print("onnxruntime", o.__version__, o.get_available_providers())' 2>&1 | tee -a "$logf"
 cp docs/benchmarks.md "$OUT/benchmarks.md"
 
-run_stage nvml 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/service/test_gpu.py
+run_stage nvml 40 python3 -m pytest -q -m gpu -p no:cacheprovider tests/service/test_gpu.py
+
+# gpu_check and the served benchmark read exported versions (build outputs, not carried).
+run_stage export 90 python3 -m export --repository models --variants fp32,fp16
+
+mkdir -p /tmp/verses && cp tests/fixtures/verses.tsv /tmp/verses/pairs.test.tsv
+run_stage gpu_check 75 python3 -m export.gpu_check --version-dir models/en-es/1 \
+  --data /tmp/verses --verses 100 --batches 1,64 --out "$OUT/gpu_check.md" \
+  --json-out "$OUT/gpu_check.json"
 
 run_stage gpu_bench 240 python3 -m loadtest.gpu_bench --configs base,en-es --hf-batches 64 \
   --repeats 2 --out "$OUT/gpu_bench.json" --record "$OUT/benchmarks.md"
 
-# The served benchmark and gpu_check read exported versions (build outputs, not carried).
-run_stage export 120 python3 -m export --repository models --variants fp32,fp16
-run_stage served 240 python3 -m loadtest.bench --provider cuda --batch-size 64 \
-  --served-s 15 --poisson-s 8 --poisson-fractions 0.3,0.6,0.9 --generate-fractions 0.3,0.6 \
-  --max-minutes 5 \
-  --out-md "$OUT/benchmarks.md" --out-json "$OUT/bench_gpu.json"
-
-mkdir -p /tmp/verses && cp tests/fixtures/verses.tsv /tmp/verses/pairs.test.tsv
-run_stage gpu_check 120 python3 -m export.gpu_check --version-dir models/en-es/1 \
-  --data /tmp/verses --verses 200 --out "$OUT/gpu_check.md" --json-out "$OUT/gpu_check.json"
+run_stage served 220 python3 -m loadtest.bench --provider cuda --batch-size 64 \
+  --served-s 10 --poisson-s 6 --poisson-fractions 0.4,0.8 --generate-fractions 0.5 \
+  --max-minutes 3.5 --out-md "$OUT/benchmarks.md" --out-json "$OUT/bench_gpu.json"
 
 log "done"

@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = [ROOT / "loadtest" / "device" / name for name in ("stage.sh", "run.sh")]
-STAGES = ("nvml", "gpu_bench", "export", "served", "gpu_check")
+STAGES = ("nvml", "export", "gpu_check", "gpu_bench", "served")
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
