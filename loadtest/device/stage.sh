@@ -7,7 +7,7 @@
 # A device call carries the working tree plus what it names, 64 MiB in all, and this
 # repository's tracked files (the checkpoints) take ~27 MiB of that: the shared script's
 # four ~49 MiB parts do not fit. So the archive is re-split here into parts that fit
-# beside the tree, written to .gpustage/ (ignored through .git/info/exclude) with the
+# beside the tree, written to .gpustage/ (ignored by .gitignore) with the
 # list of device calls to make, in order, in .gpustage/CALLS.
 #
 # Usage (repository root): loadtest/device/stage.sh   (or: make gpu-stage)
@@ -18,10 +18,6 @@ ort_version="${ORT_GPU_VERSION:-1.31.1}"
 stage=.gpustage
 limit=$((64 * 1024 * 1024))
 margin=$((4 * 1024 * 1024))
-
-for ignored in /.ortgpu/ /.gpustage/; do
-  grep -qxF "$ignored" .git/info/exclude 2>/dev/null || echo "$ignored" >> .git/info/exclude
-done
 
 if [ ! -s .ortgpu/sha256 ]; then
   shared="$root/../shared/gpu/stage-ort-gpu"
