@@ -97,24 +97,38 @@ def cache_write_indices(shape: Sequence[int], positions: np.ndarray, steps: int)
     return np.stack([grid[0], grid[1], grid[2], slots], axis=-1).astype(np.int64)
 
 
-def cache_write_graph(elem_type: int) -> bytes:
-    """ONNX graph y = ScatterND(cache, idx, new): `write_cache` for device-resident caches
-    (onnxruntime writes into a new buffer; the caller swaps it in)."""
-    from onnx import TensorProto, helper
+def onnx_bytes(graph: Any) -> bytes:
+    """A serialized opset-17 model of `graph`: the small helper graphs run beside ours."""
+    from onnx import helper
 
-    graph = helper.make_graph(
-        [helper.make_node("ScatterND", ["cache", "idx", "new"], ["y"])],
-        "cache_write",
-        [
-            helper.make_tensor_value_info("cache", elem_type, ["L", "B", "H", "C", "D"]),
-            helper.make_tensor_value_info("idx", TensorProto.INT64, ["L", "B", "H", "T", 4]),
-            helper.make_tensor_value_info("new", elem_type, ["L", "B", "H", "T", "D"]),
-        ],
-        [helper.make_tensor_value_info("y", elem_type, ["L", "B", "H", "C", "D"])],
-    )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     proto.ir_version = 8
     return bytes(proto.SerializeToString())
+
+
+def cache_write_graph(elem_type: int, suffixes: Sequence[str] = ("",)) -> bytes:
+    """ONNX graph y = ScatterND(cache, idx, new): `write_cache` for device-resident caches
+    (onnxruntime writes into a new buffer; the caller swaps it in). With several `suffixes`
+    (e.g. "_k", "_v") it writes as many caches (`cache_k` with `new_k` into `y_k`, ...) in
+    one run, sharing one `idx`."""
+    from onnx import TensorProto, helper
+
+    cache, new = ["L", "B", "H", "C", "D"], ["L", "B", "H", "T", "D"]
+    idx = helper.make_tensor_value_info("idx", TensorProto.INT64, ["L", "B", "H", "T", 4])
+    nodes = [
+        helper.make_node("ScatterND", [f"cache{x}", "idx", f"new{x}"], [f"y{x}"]) for x in suffixes
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "cache_write",
+        [
+            *(helper.make_tensor_value_info(f"cache{x}", elem_type, cache) for x in suffixes),
+            idx,
+            *(helper.make_tensor_value_info(f"new{x}", elem_type, new) for x in suffixes),
+        ],
+        [helper.make_tensor_value_info(f"y{x}", elem_type, cache) for x in suffixes],
+    )
+    return onnx_bytes(graph)
 
 
 @dataclass
@@ -319,6 +333,7 @@ __all__ = [
     "greedy_translate",
     "grow_cache",
     "layer_feeds",
+    "onnx_bytes",
     "pad_batch",
     "teacher_forced_logits",
     "write_cache",

@@ -70,6 +70,8 @@ def markers(provider: str = "cpu") -> tuple[str, str]:
 
 
 BEGIN, END = markers("cpu")
+# Served workloads compared at equal p50: name -> ServedMode field with its Poisson steps.
+WORKLOADS: dict[str, str] = {"translations": "poisson", "streamed generations": "generate"}
 OFFLINE_PHASES: tuple[str, ...] = ("pytorch", "hf", "ct2", "ort", "engine")
 LABELS: dict[str, tuple[str, str]] = {
     "pytorch": ("PyTorch eager (reference)", "one request at a time"),
@@ -594,7 +596,7 @@ def ratios(
     add("continuous / static (closed-loop tokens/s)", cont, tps("static"), None)
     s, c = served.get("static"), served.get("continuous")
     ok = bool(s and c and s.status == c.status == "ok")
-    for workload, attr in (("translations", "poisson"), ("streamed generations", "generate")):
+    for workload, attr in WORKLOADS.items():
         name = f"continuous / static at equal p50, {workload} (Poisson req/s)"
         curve = equal_p50(getattr(s, attr), getattr(c, attr)) if ok else []
         if not curve:
@@ -737,7 +739,7 @@ def markdown(data: dict[str, Any]) -> str:
                     f"| {_f(lat['p99'], '.0f', 1000)} | {g['errors'] or 'none'} |"
                 )
     sm, cm = data["served"].get("static") or {}, data["served"].get("continuous") or {}
-    for workload, key in (("translations", "poisson"), ("streamed generations", "generate")):
+    for workload, key in WORKLOADS.items():
         curve = equal_p50(sm.get(key) or [], cm.get(key) or [])
         if not curve:
             continue

@@ -611,22 +611,31 @@ def probe_decoder_step(
         session.run_with_iobinding(io)
     dev.sync()
     seconds = time.perf_counter() - t
-    shape = Shape(layers, config.d_model, config.d_ff, config.vocab_size)
-    fig.new_tokens, fig.seconds, fig.steps = rows * PROBE_RUNS, seconds, PROBE_RUNS
-    fig.step_ms = seconds / PROBE_RUNS * 1000
-    step_bytes = shape.step_bytes(rows, cache, source)
-    fig.step_bytes_mb = step_bytes / 1e6
-    fig.roofline_step_us = roofline_s(step_bytes, bw) * 1e6
+    _figures(fig, config, rows * PROBE_RUNS, seconds, PROBE_RUNS, cache, source, bw)
     fig.extra["shape"] = {"rows": rows, "cache": cache, "source": source}
     fig.gpu_mem_gib = dev.used_gib()
 
 
 def _fill(fig: Figure, config: Any, tokens: int, seconds: float, s: Settings, bw: float) -> None:
-    """tokens/s, time per step, and the step's roofline at the mean cached length."""
+    """A generation of s.new_tokens steps: its roofline at the mean cached length."""
+    _figures(fig, config, tokens, seconds, s.new_tokens, (s.new_tokens + 1) / 2, s.source_len, bw)
+
+
+def _figures(
+    fig: Figure,
+    config: Any,
+    tokens: int,
+    seconds: float,
+    steps: int,
+    cached: float,
+    source: int,
+    bw: float,
+) -> None:
+    """tokens/s, time per step, and the step's roofline with `cached` positions cached."""
     shape = Shape(config.n_decoder_layers, config.d_model, config.d_ff, config.vocab_size)
-    fig.new_tokens, fig.seconds, fig.steps = tokens, seconds, s.new_tokens
-    fig.step_ms = seconds / max(s.new_tokens, 1) * 1000
-    step_bytes = shape.step_bytes(fig.batch, (s.new_tokens + 1) / 2, s.source_len)
+    fig.new_tokens, fig.seconds, fig.steps = tokens, seconds, steps
+    fig.step_ms = seconds / max(steps, 1) * 1000
+    step_bytes = shape.step_bytes(fig.batch, cached, source)
     fig.step_bytes_mb = step_bytes / 1e6
     fig.roofline_step_us = roofline_s(step_bytes, bw) * 1e6
 

@@ -46,8 +46,10 @@ from export.manifest import Manifest
 from export.runtime import (
     STACKED,
     bind_layers,
+    cache_write_graph,
     cache_write_indices,
     layer_feeds,
+    onnx_bytes,
     write_cache,
 )
 from service.domain import (
@@ -255,10 +257,7 @@ def _helper_graphs(elem_type: int) -> dict[str, bytes]:
     axes = helper.make_tensor("axes", TensorProto.INT64, [1], [3])
 
     def model(name: str, nodes: list[Any], inputs: list[Any], inits: Sequence[Any] = ()) -> bytes:
-        graph = helper.make_graph(nodes, name, inputs, [y], initializer=list(inits))
-        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-        proto.ir_version = 8
-        return bytes(proto.SerializeToString())
+        return onnx_bytes(helper.make_graph(nodes, name, inputs, [y], initializer=list(inits)))
 
     return {
         "gather": model(
@@ -282,48 +281,18 @@ def _helper_graphs(elem_type: int) -> dict[str, bytes]:
     }
 
 
-def _write_kv_graph(elem_type: int) -> bytes:
-    """yk, yv = ScatterND(k, idx, new_k), ScatterND(v, idx, new_v): the contract's cache
-    write (export.runtime.cache_write_graph) for keys and values in one run."""
-    from onnx import TensorProto, helper
-
-    cache, new = ["L", "B", "H", "C", "D"], ["L", "B", "H", "T", "D"]
-    graph = helper.make_graph(
-        [
-            helper.make_node("ScatterND", ["k", "idx", "new_k"], ["yk"]),
-            helper.make_node("ScatterND", ["v", "idx", "new_v"], ["yv"]),
-        ],
-        "cache_write_kv",
-        [
-            helper.make_tensor_value_info("k", elem_type, cache),
-            helper.make_tensor_value_info("v", elem_type, cache),
-            helper.make_tensor_value_info("idx", TensorProto.INT64, ["L", "B", "H", "T", 4]),
-            helper.make_tensor_value_info("new_k", elem_type, new),
-            helper.make_tensor_value_info("new_v", elem_type, new),
-        ],
-        [
-            helper.make_tensor_value_info("yk", elem_type, cache),
-            helper.make_tensor_value_info("yv", elem_type, cache),
-        ],
-    )
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    proto.ir_version = 8
-    return bytes(proto.SerializeToString())
-
-
 def _greedy_graph(elem_type: int) -> bytes:
-    """ids, picked = argmax and its log-probability of the last position of logits
-    [B, T, V] for the rows `rows` [K], on the device: only 2K numbers leave it per step
-    instead of the whole [B, V] logits (at batch 64 and a 32k vocabulary, 4 MB and a
-    host-side log-softmax, more than the decoder step itself on a GPU)."""
+    """ids, picked = argmax and its log-probability at the last position of logits
+    [B, T, V], every row, on the device: only 2B numbers leave it per step instead of the
+    whole [B, V] logits (at batch 64 and a 32k vocabulary, 4 MB plus a host-side
+    log-softmax over them every step)."""
     from onnx import TensorProto, helper
 
     last = helper.make_tensor("last", TensorProto.INT64, [], [-1])
     axis = helper.make_tensor("axis", TensorProto.INT64, [1], [-1])
     nodes = [
-        helper.make_node("Gather", ["logits", "rows"], ["picked_rows"], axis=0),
-        helper.make_node("Gather", ["picked_rows", "last"], ["final"], axis=1),
-        helper.make_node("Cast", ["final"], ["x"], to=TensorProto.FLOAT),  # [K, V]
+        helper.make_node("Gather", ["logits", "last"], ["final"], axis=1),
+        helper.make_node("Cast", ["final"], ["x"], to=TensorProto.FLOAT),  # [B, V]
         helper.make_node("ArgMax", ["x"], ["ids"], axis=-1, keepdims=0),
         helper.make_node("ReduceMax", ["x"], ["top"], axes=[-1], keepdims=1),
         helper.make_node("Sub", ["x", "top"], ["shifted"]),
@@ -338,19 +307,14 @@ def _greedy_graph(elem_type: int) -> bytes:
     graph = helper.make_graph(
         nodes,
         "greedy",
+        [helper.make_tensor_value_info("logits", elem_type, ["B", "T", "V"])],
         [
-            helper.make_tensor_value_info("logits", elem_type, ["B", "T", "V"]),
-            helper.make_tensor_value_info("rows", TensorProto.INT64, ["K"]),
-        ],
-        [
-            helper.make_tensor_value_info("ids", TensorProto.INT64, ["K"]),
-            helper.make_tensor_value_info("picked", TensorProto.FLOAT, ["K"]),
+            helper.make_tensor_value_info("ids", TensorProto.INT64, ["B"]),
+            helper.make_tensor_value_info("picked", TensorProto.FLOAT, ["B"]),
         ],
         initializer=[last, axis],
     )
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    proto.ir_version = 8
-    return bytes(proto.SerializeToString())
+    return onnx_bytes(graph)
 
 
 class _NumpyBackend:
@@ -446,7 +410,7 @@ class _BoundBackend:
         so = _session_options(threads)
         graphs = {
             **_helper_graphs(elem),
-            "write_kv": _write_kv_graph(elem),
+            "write_kv": cache_write_graph(elem, ("_k", "_v")),
             "greedy": _greedy_graph(elem),
         }
         self._grids: dict[tuple[tuple[int, ...], int], np.ndarray] = {}
@@ -497,10 +461,12 @@ class _BoundBackend:
         idx[..., 3] += positions[None, :, None, None]
         session = self.helpers["write_kv"]
         io = session.io_binding()
-        self._bind_inputs(io, {"k": past_k, "v": past_v, "new_k": new_k, "new_v": new_v})
+        self._bind_inputs(
+            io, {"cache_k": past_k, "cache_v": past_v, "new_k": new_k, "new_v": new_v}
+        )
         io.bind_cpu_input("idx", idx)
-        io.bind_output("yk", self.device, self.device_id)
-        io.bind_output("yv", self.device, self.device_id)
+        io.bind_output("y_k", self.device, self.device_id)
+        io.bind_output("y_v", self.device, self.device_id)
         session.run_with_iobinding(io)
         yk, yv = io.get_outputs()
         return yk, yv
@@ -511,7 +477,6 @@ class _BoundBackend:
         session = self.helpers["greedy"]
         io = session.io_binding()
         io.bind_ortvalue_input("logits", logits)
-        io.bind_cpu_input("rows", np.arange(logits.shape()[0], dtype=np.int64))
         io.bind_output("ids", "cpu")
         io.bind_output("picked", "cpu")
         session.run_with_iobinding(io)
