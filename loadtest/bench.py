@@ -342,7 +342,7 @@ async def _check_outputs(
     same = compared = 0
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.TranslatorStub(channel)
-        options = pb.DecodingOptions(max_new_tokens=max_new_tokens)
+        options = pb.DecodingOptions(max_new_tokens=max_new_tokens or None)
         for key, expected in list(reference.items())[:16]:
             reply = await stub.Translate(
                 pb.TranslateRequest(texts=[texts[int(key)]], options=options), timeout=120

@@ -207,7 +207,8 @@ class GrpcCaller:
         self.translator = pb_grpc.TranslatorStub(self.channel)
         self.generator = pb_grpc.GeneratorStub(self.channel)
         self.timeout_s = timeout_s
-        self.options = pb.DecodingOptions(max_new_tokens=max_new_tokens)
+        # 0 leaves the field unset: the server's default (an explicit 0 is refused).
+        self.options = pb.DecodingOptions(max_new_tokens=max_new_tokens or None)
         self.translate_model = translate_model
         self.generate_model = generate_model
 

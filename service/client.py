@@ -155,9 +155,9 @@ class Client:
 
 
 def decoding_options(
-    max_new_tokens: int = 0,
-    beam_size: int = 0,
-    n_best: int = 0,
+    max_new_tokens: int | None = None,
+    beam_size: int | None = None,
+    n_best: int | None = None,
     length_penalty: float | None = None,
     temperature: float = 0.0,
     top_k: int = 0,
@@ -172,18 +172,15 @@ def decoding_options(
         max_new_tokens=max_new_tokens,
         beam_size=beam_size,
         n_best=n_best,
+        length_penalty=length_penalty,
+        top_p=top_p,
+        seed=seed,
         temperature=temperature,
         top_k=top_k,
         stop=list(stop),
         return_scores=return_scores,
         return_alignment=return_alignment,
     )
-    if length_penalty is not None:
-        options.length_penalty = length_penalty
-    if top_p is not None:
-        options.top_p = top_p
-    if seed is not None:
-        options.seed = seed
     return options
 
 
@@ -235,9 +232,11 @@ Ca = Annotated[Path | None, typer.Option(help="CA/certificate PEM to trust; enab
 Timeout = Annotated[float, typer.Option(help="Deadline in seconds.")]
 Model = Annotated[str, typer.Option(help="Model name (default: the server's for the task).")]
 Version = Annotated[int, typer.Option(help="Model version (0 = latest).")]
-MaxNew = Annotated[int, typer.Option(help="Tokens to generate at most (0 = server default).")]
-Beam = Annotated[int, typer.Option(help="Beam width (0/1 = greedy).")]
-NBest = Annotated[int, typer.Option(help="Hypotheses to return (≤ beam size).")]
+MaxNew = Annotated[
+    int | None, typer.Option(help="Tokens to generate at most (default: the server's).")
+]
+Beam = Annotated[int | None, typer.Option(help="Beam width (default 1 = greedy).")]
+NBest = Annotated[int | None, typer.Option(help="Hypotheses to return, ≤ beam size (default 1).")]
 Temperature = Annotated[float, typer.Option(help="> 0 samples.")]
 TopK = Annotated[int, typer.Option(help="Sample among the k most likely (0 = off).")]
 TopP = Annotated[float | None, typer.Option(help="Nucleus mass in (0, 1].")]
@@ -272,9 +271,9 @@ def translate(
     timeout: Timeout = 60.0,
     model: Model = "",
     version: Version = 0,
-    max_new_tokens: MaxNew = 0,
-    beam_size: Beam = 0,
-    n_best: NBest = 0,
+    max_new_tokens: MaxNew = None,
+    beam_size: Beam = None,
+    n_best: NBest = None,
     length_penalty: LengthPenalty = None,
     temperature: Temperature = 0.0,
     top_k: TopK = 0,
@@ -346,9 +345,9 @@ def generate(
     timeout: Timeout = 60.0,
     model: Model = "",
     version: Version = 0,
-    max_new_tokens: MaxNew = 0,
-    beam_size: Beam = 0,
-    n_best: NBest = 0,
+    max_new_tokens: MaxNew = None,
+    beam_size: Beam = None,
+    n_best: NBest = None,
     length_penalty: LengthPenalty = None,
     temperature: Temperature = 0.0,
     top_k: TopK = 0,

@@ -50,7 +50,7 @@ from service.gen.inference.v1 import inference_pb2 as pb
 from service.gen.inference.v1 import inference_pb2_grpc as pb_grpc
 from service.logging import request_id_var
 from service.metrics import Metrics
-from service.settings import Settings
+from service.settings import ENV_PREFIX, Settings
 
 log = logging.getLogger("service.server")
 
@@ -74,6 +74,10 @@ T = TypeVar("T")
 
 
 # --- what the transport needs from the scheduler side -----------------------------------
+
+
+class StartupError(RuntimeError):
+    """The server cannot start as configured; the message says which setting to change."""
 
 
 class Backend(Protocol):
@@ -687,15 +691,22 @@ class InferenceServer:
 
     def _bind(self) -> int:
         address = f"{self.settings.host}:{self.settings.port}"
-        if self.settings.tls_cert is not None and self.settings.tls_key is not None:
-            credentials = grpc.ssl_server_credentials(
-                [(self.settings.tls_key.read_bytes(), self.settings.tls_cert.read_bytes())]
-            )
-            port = self.server.add_secure_port(address, credentials)
-        else:
-            port = self.server.add_insecure_port(address)
+        try:
+            if self.settings.tls_cert is not None and self.settings.tls_key is not None:
+                credentials = grpc.ssl_server_credentials(
+                    [(self.settings.tls_key.read_bytes(), self.settings.tls_cert.read_bytes())]
+                )
+                port = self.server.add_secure_port(address, credentials)
+            else:
+                port = self.server.add_insecure_port(address)
+        except RuntimeError:  # grpcio raises where older releases returned 0
+            port = 0
         if port == 0:
-            raise RuntimeError(f"cannot bind {address} (in use?)")
+            raise StartupError(
+                f"cannot listen for gRPC on {address}: the port is in use or the address is "
+                f"not this machine's; choose another with --port / {ENV_PREFIX}PORT or "
+                f"--host / {ENV_PREFIX}HOST"
+            )
         return port
 
     def _start_metrics(self) -> None:
@@ -703,9 +714,16 @@ class InferenceServer:
             return
         from prometheus_client import start_http_server
 
-        self._metrics_server, _ = start_http_server(
-            self.settings.metrics_port, addr=self.settings.host, registry=self.metrics.registry
-        )
+        try:
+            self._metrics_server, _ = start_http_server(
+                self.settings.metrics_port, addr=self.settings.host, registry=self.metrics.registry
+            )
+        except OSError as error:
+            raise StartupError(
+                f"cannot serve metrics on {self.settings.host}:{self.settings.metrics_port}: "
+                f"{error.strerror}; choose another with --metrics-port / "
+                f"{ENV_PREFIX}METRICS_PORT (0 turns the endpoint off)"
+            ) from error
         self.metrics_port = int(self._metrics_server.server_port)
 
     async def start(self) -> None:
@@ -808,6 +826,11 @@ async def serve(settings: Settings, backend: Backend | None = None) -> int:
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
         await server.start()
+    except StartupError as error:
+        log.error("start failed: %s", error)
+        await server.server.stop(0)
+        await backend.close()
+        return 1
     except Exception:
         log.exception("start failed")
         await server.server.stop(0)

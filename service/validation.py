@@ -3,10 +3,9 @@
 Every refusal names the field (as the caller spells it, e.g. `options.top_p`, `texts[2]`)
 and the limit, so nothing is truncated or ignored silently.
 
-proto3 cannot tell an explicit 0 from an unset scalar, so for `max_new_tokens`,
-`beam_size` and `n_best` the value 0 means "server default" (max_new_tokens: the
-configured default; beam_size: 1 = greedy; n_best: 1). `length_penalty` and `top_p` are
-`optional`, so an explicit 0 there is seen and refused.
+The numeric options whose 0 means nothing (`max_new_tokens`, `beam_size`, `n_best`,
+`length_penalty`, `top_p`, `seed`) are proto3 `optional`: unset takes the server's default,
+and an explicit 0 is seen and refused where it is out of range.
 """
 
 from __future__ import annotations
@@ -61,6 +60,14 @@ def _finite(name: str, value: float) -> float:
     return float(value)
 
 
+def _at_least_one(name: str, value: int, default: str) -> int:
+    if value < 1:
+        raise InvalidArgument(
+            name, f"must be at least 1, got {value} (leave it unset for {default})"
+        )
+    return value
+
+
 def decoding_params(
     options: pb.DecodingOptions,
     limits: RequestLimits,
@@ -68,18 +75,25 @@ def decoding_params(
     stream: bool = False,
 ) -> DecodingParams:
     """Validate `options` and apply defaults; raises InvalidArgument naming the field."""
-    max_new = options.max_new_tokens or limits.default_max_new_tokens
+    max_new = limits.default_max_new_tokens
+    if options.HasField("max_new_tokens"):
+        max_new = _at_least_one(
+            "options.max_new_tokens", options.max_new_tokens, "the server's default"
+        )
     if max_new > limits.max_new_tokens:
         raise InvalidArgument(
-            "options.max_new_tokens",
-            f"{options.max_new_tokens} exceeds the limit {limits.max_new_tokens}",
+            "options.max_new_tokens", f"{max_new} exceeds the limit {limits.max_new_tokens}"
         )
-    beam = options.beam_size or 1
+    beam = 1
+    if options.HasField("beam_size"):
+        beam = _at_least_one("options.beam_size", options.beam_size, "greedy decoding")
     if beam > limits.max_beam_size:
         raise InvalidArgument(
             "options.beam_size", f"{beam} exceeds the limit {limits.max_beam_size}"
         )
-    n_best = options.n_best or 1
+    n_best = 1
+    if options.HasField("n_best"):
+        n_best = _at_least_one("options.n_best", options.n_best, "one hypothesis")
     if n_best > beam:
         raise InvalidArgument(
             "options.n_best",

@@ -26,9 +26,14 @@ def _cli(server: ServerHandle, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_decoding_options_leave_optionals_unset() -> None:
+    options = decoding_options()
+    assert not any(
+        options.HasField(name) for name in ("max_new_tokens", "beam_size", "n_best", "top_p")
+    )
     options = decoding_options(beam_size=4, n_best=2)
     assert options.beam_size == 4 and options.n_best == 2
     assert not options.HasField("top_p") and not options.HasField("seed")
+    assert decoding_options(beam_size=0).HasField("beam_size")  # sent, so the server refuses
     options = decoding_options(top_p=0.9, seed=0, length_penalty=0.0)
     assert options.HasField("top_p") and options.HasField("seed")
     assert options.HasField("length_penalty") and options.length_penalty == 0.0

@@ -47,9 +47,9 @@ texts = st.one_of(
 @st.composite
 def options(draw: st.DrawFn) -> pb.DecodingOptions:
     message = pb.DecodingOptions(
-        max_new_tokens=draw(uint32),
-        beam_size=draw(uint32),
-        n_best=draw(uint32),
+        max_new_tokens=draw(st.none() | uint32),  # None leaves an optional field unset
+        beam_size=draw(st.none() | uint32),
+        n_best=draw(st.none() | uint32),
         temperature=draw(floats),
         top_k=draw(uint32),
         stop=draw(st.lists(texts, max_size=10)),

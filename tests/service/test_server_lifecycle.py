@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import threading
 import time
 from collections import Counter
@@ -171,3 +172,23 @@ def test_starts_not_serving_without_models(
         with pytest.raises(grpc.RpcError):
             client.translator.Translate(request, timeout=5)
     assert server.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [("--port", "cannot listen for gRPC on"), ("--metrics-port", "cannot serve metrics on")],
+)
+def test_a_busy_port_exits_1_saying_which_setting_to_change(
+    start_server: Callable[..., ServerHandle], tmp_path: Path, flag: str, message: str
+) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        server = start_server(flag, str(port), repository=empty, wait=False)
+        assert server.process.wait(timeout=60) == 1
+    log = server.log()
+    assert f"{message} 127.0.0.1:{port}" in log and flag in log, log
+    assert "Traceback" not in log, log

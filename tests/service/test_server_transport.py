@@ -271,6 +271,17 @@ def test_deadline_reaches_the_sequence_request(fake: InProcessServer) -> None:
         assert fake.backend.requests[-1].deadline is None
 
 
+def test_unset_options_take_the_defaults_and_set_ones_are_kept(
+    client: Client, fake: InProcessServer
+) -> None:
+    client.translate("x")
+    params = fake.backend.requests[-1].params
+    assert (params.max_new_tokens, params.beam_size, params.n_best) == (8, 1, 1)
+    client.translate("x", max_new_tokens=1, beam_size=3, n_best=2)
+    params = fake.backend.requests[-1].params
+    assert (params.max_new_tokens, params.beam_size, params.n_best) == (1, 3, 2)
+
+
 # --- refusals ------------------------------------------------------------------------------
 
 BAD_REQUESTS: list[tuple[str, dict[str, Any], str]] = [
@@ -279,6 +290,9 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], str]] = [
     ("texts[1]", {"texts": ["a", "  "]}, "texts[1]: is empty"),
     ("texts[0]", {"texts": ["a" * 600]}, "cannot fit max_input_tokens 16"),
     ("max_new_tokens", {"max_new_tokens": 33}, "33 exceeds the limit 32"),
+    ("max_new_tokens", {"max_new_tokens": 0}, "must be at least 1, got 0 (leave it unset"),
+    ("beam_size", {"beam_size": 0}, "must be at least 1, got 0"),
+    ("n_best", {"n_best": 0}, "must be at least 1, got 0"),
     ("beam_size", {"beam_size": 5}, "5 exceeds the limit 4"),
     ("n_best", {"beam_size": 2, "n_best": 3}, "n_best: 3 exceeds beam_size 2"),
     ("n_best", {"n_best": 2}, "exceeds beam_size 1"),
