@@ -358,7 +358,8 @@ def generate(
     stream: Annotated[bool, typer.Option("--stream", help="Print tokens as decoded.")] = False,
     as_json: Json = False,
 ) -> None:
-    """Continue a prompt with the language model."""
+    """Continue a prompt with the language model (prints the prompt, then its continuation;
+    --json prints the replies, whose text is the continuation alone)."""
     options: dict[str, Any] = dict(
         max_new_tokens=max_new_tokens,
         beam_size=beam_size,
@@ -374,12 +375,14 @@ def generate(
     with _client(target, token, ca, timeout) as client:
         try:
             if stream:
+                head = "" if as_json else prompt  # printed with the first chunk
                 for chunk in client.generate(prompt, model, version, stream=True, **options):
                     assert isinstance(chunk, pb.TokenChunk)
                     if as_json:
                         _print_json(chunk)
                     else:
-                        typer.echo(chunk.text, nl=False)
+                        typer.echo(head + chunk.text, nl=False)
+                        head = ""
                         sys.stdout.flush()
                 if not as_json:
                     typer.echo()
@@ -395,7 +398,7 @@ def generate(
     for rank, hyp in enumerate(response.hypotheses):
         prefix = f"[{rank}] " if len(response.hypotheses) > 1 else ""
         suffix = f"\t{hyp.score:.3f}" if scores else ""
-        typer.echo(f"{prefix}{hyp.text}{suffix}")
+        typer.echo(f"{prefix}{prompt}{hyp.text}{suffix}")
 
 
 @app.command()

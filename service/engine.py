@@ -572,7 +572,12 @@ class Engine:
         ids = manifest.special_ids
         self.pad_id, self.eos_id, self.bos_id = ids.pad_id, ids.eos_id, ids.bos_id
         self.start_id = ids.decoder_start_id
-        self.tokenizer = Tokenizer(self.path / manifest.tokenizer.path, ids.bos_id, ids.eos_id)
+        self.tokenizer = Tokenizer(
+            self.path / manifest.tokenizer.path,
+            ids.bos_id,
+            ids.eos_id,
+            continuation=self.task is Task.GENERATION,
+        )
         self.threads = _threads(self.options.intra_op_threads)
         so = _session_options(self.threads)
         providers = _providers(self.provider, self.options.device_id)

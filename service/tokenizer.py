@@ -1,6 +1,7 @@
 """SentencePiece tokenization as the models were trained: translator sources end with EOS,
 language-model prompts start with BOS; text is rebuilt from whole id prefixes, never piece
-by piece, so a word split over several pieces (and the space before it) comes out right."""
+by piece, so a word split over several pieces (and the space before it) comes out right.
+A continuation keeps the space its first piece carries, so prompt + text reads right."""
 
 from __future__ import annotations
 
@@ -9,15 +10,23 @@ from pathlib import Path
 import sentencepiece as spm
 
 REPLACEMENT = "\ufffd"  # what decode yields for an incomplete UTF-8 byte sequence
+SPACE = "\u2581"  # SentencePiece's word-boundary mark: a space in the text
 
 
 class Tokenizer:
-    """One model version's SentencePiece processor with the special ids of its config."""
+    """One model version's SentencePiece processor with the special ids of its config.
 
-    def __init__(self, model_file: str | Path, bos_id: int, eos_id: int) -> None:
+    `continuation`: the decoded ids follow a prompt (a language model's output), so the
+    leading spaces SentencePiece drops at the start of a text are kept.
+    """
+
+    def __init__(
+        self, model_file: str | Path, bos_id: int, eos_id: int, continuation: bool = False
+    ) -> None:
         self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
         self.bos_id = bos_id
         self.eos_id = eos_id
+        self.continuation = continuation
 
     @property
     def vocab_size(self) -> int:
@@ -32,7 +41,23 @@ class Tokenizer:
         return [self.bos_id, *self.sp.encode(text)]
 
     def decode(self, ids: list[int]) -> str:
-        return str(self.sp.decode(ids))
+        text = str(self.sp.decode(ids))
+        if self.continuation:
+            dropped = self._leading_spaces(ids) - (len(text) - len(text.lstrip(" ")))
+            if dropped > 0:
+                text = " " * dropped + text
+        return text
+
+    def _leading_spaces(self, ids: list[int]) -> int:
+        """Spaces the pieces spell before their first other character."""
+        n = 0
+        for i in ids:
+            piece = str(self.sp.id_to_piece(i))
+            rest = piece.lstrip(SPACE)
+            n += len(piece) - len(rest)
+            if rest:
+                break
+        return n
 
     def pieces(self, ids: list[int]) -> list[str]:
         return [str(self.sp.id_to_piece(i)) for i in ids]

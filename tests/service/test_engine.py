@@ -345,6 +345,36 @@ def test_streamed_words_keep_their_spaces() -> None:
         assert "".join(pieces) == engine.tokenizer.decode(result.hypotheses[0].token_ids)
 
 
+def test_a_continuation_keeps_its_leading_space() -> None:
+    """prompt + text reads as decoding the prompt's and the output's pieces together."""
+    engine = engine_for(LM)
+    sp = engine.tokenizer.sp
+    results = decode_all(engine, [request(LM, p, max_new_tokens=20) for p in PROMPTS])
+    starts_with_space = 0
+    for prompt, result in zip(PROMPTS, results, strict=True):
+        h = result.hypotheses[0]
+        assert sp.decode(sp.encode(prompt)) == prompt  # the prompts round-trip
+        assert prompt + h.text == sp.decode(sp.encode(prompt) + h.token_ids)
+        starts_with_space += h.text.startswith(" ")
+    assert starts_with_space  # the check above covered the case this is about
+    translation = decode_all(engine_for(TRANSLATOR), [request(TRANSLATOR, SOURCES[0])])[0]
+    assert not translation.hypotheses[0].text.startswith(" ")
+
+
+def test_continuation_decoding_is_prefix_consistent() -> None:
+    tokenizer = engine_for(LM).tokenizer
+    sp = tokenizer.sp
+    ids = sp.encode("In the beginning God created the heaven")
+    pieces = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    space = pieces["\u2581"]  # a lone word boundary: two spaces before the next word
+    inner = next(i for p, i in pieces.items() if p.isalpha())  # continues a word: no space
+    for seq in (ids, [space, *ids], [inner, *ids]):
+        text = tokenizer.decode(seq)
+        assert text == "".join(sp.id_to_piece(i) for i in seq).replace("\u2581", " ")
+        for k in range(len(seq)):
+            assert text.startswith(tokenizer.decode(seq[:k]))
+
+
 # --- batch layout ----------------------------------------------------------------------------
 
 
