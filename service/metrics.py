@@ -5,6 +5,8 @@ metric lives on one `CollectorRegistry` owned by a `Metrics` object, so tests (a
 servers in one process) create fresh ones instead of fighting over the global registry.
 Durations are histograms in seconds with buckets from 0.5 ms to ~2 min (doubling), because
 the client defaults (5 ms-10 s) cut off long generations and hide sub-millisecond steps.
+The client's `*_created` timestamp series are turned off: they would double the series an
+operator stores and no dashboard or alert here reads them.
 """
 
 from __future__ import annotations
@@ -12,11 +14,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
+disable_created_metrics()
 
 # 0.5 ms × 2^k up to ~131 s: fine at the step scale, still resolving long generations.
 DURATION_BUCKETS: tuple[float, ...] = tuple(round(0.0005 * 2**k, 6) for k in range(19))

@@ -321,6 +321,7 @@ def test_metrics_endpoint(server: ServerHandle, client: Client) -> None:
         for s in families["inference_model_ready"].samples
     }
     assert ready[("en-es", "1")] == 1 and ready[("en-lm", "1")] == 1
+    assert "_created" not in text  # no timestamp series beside each counter and histogram
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
