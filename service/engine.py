@@ -560,6 +560,13 @@ class Engine:
         self.version = manifest.version
         self.task = Task(manifest.task)
         self.provider, self.variant = choose_runtime(self.options, manifest)
+        wanted = variant_preference(self.options)[0]
+        if self.variant != wanted:
+            log.warning(
+                "%s/%s has no %s graph (variants: %s): serving %s; `make export` builds them all",
+                manifest.name, manifest.version, wanted, ", ".join(sorted(manifest.variants)),
+                self.variant,
+            )  # fmt: skip
         self.float_dtype: type = np.float16 if self.variant == "fp16" else np.float32
         self.layers = manifest.cache.layers
         self.heads = manifest.cache.heads

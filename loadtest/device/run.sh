@@ -46,7 +46,20 @@ run_stage() {
 nvidia-smi >>"$logf" 2>&1 || log "nvidia-smi failed"
 
 # REHEARSAL=1 runs the stages with the python3 on PATH and nothing staged (on a CPU:
-# every stage must then fail or skip with its reason; it checks the commands).
+# every stage must then fail or skip with its reason; it checks the commands). The stages
+# export into and read the model repository `repo`: on the device the carried checkout's
+# models/, in a rehearsal a scratch copy of the checkpoints, so the exports of the checkout
+# it runs in (the CPU variants `make serve` uses) stay as they are.
+repo=models
+if [ -n "${REHEARSAL:-}" ]; then
+  scratch="$(mktemp -d)"
+  trap 'rm -rf "$scratch"' EXIT
+  repo="$scratch/models"
+  for checkpoint in models/*/checkpoint; do
+    name="$(basename "$(dirname "$checkpoint")")"
+    mkdir -p "$repo/$name" && cp -r "$checkpoint" "$repo/$name/"
+  done
+fi
 if [ -z "${REHEARSAL:-}" ]; then
   if [ ! -d /root/ortgpu/onnxruntime ]; then
     if ! echo "$(cat "$stage/ort.sha256")  /root/ort.tar.xz" | sha256sum -c --quiet - >>"$logf" 2>&1; then
@@ -68,19 +81,19 @@ run_stage nvml 40 python3 -m pytest -q -m gpu -p no:cacheprovider tests/service/
 
 # gpu_check and the served benchmark read exported versions (build outputs, not carried);
 # the device's torch is not the one we pin, so fall back to the TorchScript exporter.
-export_cmd="python3 -m export --repository models --variants fp32,fp16"
+export_cmd="python3 -m export --repository $repo --variants fp32,fp16"
 run_stage export 90 sh -c "$export_cmd || $export_cmd --exporter torchscript --force"
 
 mkdir -p /tmp/verses && cp tests/fixtures/verses.tsv /tmp/verses/pairs.test.tsv
-run_stage gpu_check 75 python3 -m export.gpu_check --version-dir models/en-es/1 \
+run_stage gpu_check 75 python3 -m export.gpu_check --version-dir "$repo/en-es/1" \
   --data /tmp/verses --verses 100 --batches 1,64 --out "$OUT/gpu_check.md" \
   --json-out "$OUT/gpu_check.json"
 
 run_stage gpu_bench 240 python3 -m loadtest.gpu_bench --configs base,en-es --hf-batches 64 \
   --repeats 2 --out "$OUT/gpu_bench.json" --record "$OUT/benchmarks.md"
 
-run_stage served 220 python3 -m loadtest.bench --provider cuda --batch-size 64 \
-  --served-s 10 --poisson-s 6 --poisson-fractions 0.4,0.8 --generate-fractions 0.5 \
-  --max-minutes 3.5 --out-md "$OUT/benchmarks.md" --out-json "$OUT/bench_gpu.json"
+run_stage served 220 python3 -m loadtest.bench --provider cuda --repository "$repo" \
+  --batch-size 64 --served-s 10 --poisson-s 6 --poisson-fractions 0.4,0.8 \
+  --generate-fractions 0.5 --max-minutes 3.5 --out-md "$OUT/benchmarks.md" --out-json "$OUT/bench_gpu.json"
 
 log "done"

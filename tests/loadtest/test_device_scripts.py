@@ -51,3 +51,39 @@ def test_run_refuses_without_out() -> None:
         ["bash", str(SCRIPTS[1])], env=env, capture_output=True, text=True, timeout=60
     )
     assert result.returncode != 0 and "OUT" in result.stderr
+
+
+def test_a_rehearsal_exports_into_a_scratch_repository(tmp_path: Path) -> None:
+    """A rehearsal on a dev machine must not re-export the checkout's models/ (the device's
+    fp32+fp16 export would drop the int8 graphs `make serve` uses on the CPU). A python3 on
+    PATH that records its arguments stands in for every stage."""
+    if shutil.which("bash") is None:
+        pytest.skip("bash is not installed")
+    if not any((ROOT / "models").glob("*/checkpoint")):
+        pytest.skip("no checkpoints under models/")
+    fake = tmp_path / "bin" / "python3"
+    fake.parent.mkdir()
+    calls = tmp_path / "calls.txt"
+    fake.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {
+        **os.environ,
+        "OUT": str(out),
+        "REHEARSAL": "1",
+        "PATH": f"{fake.parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    result = subprocess.run(
+        ["bash", str(SCRIPTS[1])], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = calls.read_text().splitlines()
+    export = next(line for line in lines if line.startswith("-m export --repository"))
+    repo = Path(export.split()[3])
+    assert repo.name == "models" and repo.resolve() != (ROOT / "models").resolve()
+    assert not repo.exists()  # the scratch copy is removed at the end
+    check = next(line for line in lines if line.startswith("-m export.gpu_check"))
+    assert f"--version-dir {repo}/en-es/1" in check
+    served = next(line for line in lines if line.startswith("-m loadtest.bench"))
+    assert f"--repository {repo}" in served

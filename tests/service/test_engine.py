@@ -3,6 +3,7 @@ tokens, finish reasons and (to float rounding) scores, whatever the batch around
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Hashable, Sequence
 
 import numpy as np
@@ -457,7 +458,26 @@ def test_int8_variant_decodes() -> None:
     engine = make_engine(TRANSLATOR, cpu_variant="int8")
     assert engine.variant == "int8" and engine.provider == "CPUExecutionProvider"
     results = decode_all(engine, [request(TRANSLATOR, t, max_new_tokens=10) for t in SOURCES])
-    assert all(len(r.hypotheses[0].tokens) + 1 >= 1 for r in results)
+    for result in results:
+        h = result.hypotheses[0]
+        assert all(0 <= t < engine.vocab_size for t in h.token_ids)
+        ended = h.finish_reason is FinishReason.EOS
+        assert ended or (h.finish_reason is FinishReason.LENGTH and len(h.token_ids) == 10)
+        assert np.isfinite(h.score) and h.score <= 0.0
+        assert h.text == engine.tokenizer.decode(h.token_ids)
+
+
+def test_a_missing_cpu_variant_is_served_as_fp32_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    path = model_repository() / TRANSLATOR / "1"
+    manifest = load_manifest(path)
+    variants = {k: v for k, v in manifest.variants.items() if k != "int8"}
+    options = EngineOptions(cpu_variant="int8", intra_op_threads=1, warmup=False)
+    with caplog.at_level(logging.WARNING, logger="service.engine"):
+        engine = Engine(path, manifest.model_copy(update={"variants": variants}), options)
+    assert engine.variant == "fp32"
+    assert "has no int8 graph" in caplog.text and "serving fp32" in caplog.text
 
 
 def test_warmup_runs_every_bucket_shape() -> None:
