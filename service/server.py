@@ -116,13 +116,19 @@ class Backend(Protocol):
 
 
 class CallState:
-    """What one call's handler reports back to the transport (the model label)."""
+    """What one call's handler reports back to the transport: the model label and, for
+    inference calls, the tokens read and written (for the call's log line)."""
 
-    __slots__ = ("model", "request_id")
+    __slots__ = ("input_tokens", "model", "output_tokens", "request_id")
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
         self.model = ""
+        self.input_tokens: int | None = None
+        self.output_tokens: int | None = None
+
+    def usage(self, input_tokens: int, output_tokens: int) -> None:
+        self.input_tokens, self.output_tokens = input_tokens, output_tokens
 
 
 class Transport:
@@ -198,12 +204,15 @@ class Transport:
         seconds = time.monotonic() - started
         label = state.model or UNKNOWN_MODEL_LABEL
         self.metrics.observe_request(method, label, code_name(code), seconds)
-        extra = {
+        extra: dict[str, object] = {
             "method": method,
             "model": label,
             "code": code_name(code),
             "duration_ms": round(seconds * 1000, 2),
         }
+        for key in ("input_tokens", "output_tokens"):
+            if getattr(state, key) is not None:
+                extra[key] = getattr(state, key)
         if code == grpc.StatusCode.INTERNAL:
             log.error("call failed: %s", error, extra=extra)
         elif code in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
@@ -432,11 +441,14 @@ class _Servicer:
                 async for event in events:
                     if isinstance(event, TokenEvent):
                         sent += event.text
+                        # Counted as they go out: the log line of a stream cut short.
+                        state.output_tokens = (state.output_tokens or 0) + len(event.token_ids)
                         yield pb.TokenChunk(text=event.text, token_ids=event.token_ids)
                         continue
                     result = event
                     state.model = result.model
                     best = result.hypotheses[0]
+                    state.usage(result.input_tokens, len(best.token_ids))
                     chunk = pb.TokenChunk(
                         # Anything the events did not send yet (e.g. held back for stop).
                         text=best.text[len(sent) :] if best.text.startswith(sent) else "",
@@ -494,6 +506,7 @@ class TranslatorServicer(_Servicer, pb_grpc.TranslatorServicer):
                 usage_out += result.output_tokens
             response.usage.input_tokens = usage_in
             response.usage.output_tokens = usage_out
+            state.usage(usage_in, usage_out)
             return response
 
         return await self.transport.unary("Translate", context, handle)
@@ -554,6 +567,7 @@ class GeneratorServicer(_Servicer, pb_grpc.GeneratorServicer):
             except InvalidArgument as exc:
                 raise _rename_text_field(exc, "prompt") from None
             state.model = result.model
+            state.usage(result.input_tokens, result.output_tokens)
             return pb.GenerateResponse(
                 model=result.model,
                 version=result.version,

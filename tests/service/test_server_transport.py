@@ -215,6 +215,20 @@ def test_translate_many_texts_in_order(client: Client, fake: InProcessServer) ->
     assert not response.translations[0].source_tokens  # only with return_alignment
 
 
+def test_call_log_lines_carry_the_tokens(client: Client, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="service.server"):
+        unary = client.translate(["one two", "three"])
+        chunks = list(client.translate_stream("in the beginning"))
+    finished = {
+        r.__dict__["method"]: r.__dict__ for r in caplog.records if r.msg == "call finished"
+    }
+    assert finished["Translate"]["input_tokens"] == unary.usage.input_tokens == 5
+    assert finished["Translate"]["output_tokens"] == unary.usage.output_tokens
+    last = chunks[-1].usage
+    assert finished["TranslateStream"]["output_tokens"] == last.output_tokens == 3
+    assert finished["TranslateStream"]["input_tokens"] == last.input_tokens
+
+
 def test_translate_n_best_and_alignment(client: Client) -> None:
     response = client.translate("a b", beam_size=3, n_best=2, return_alignment=True)
     hyps = response.translations[0].hypotheses
