@@ -72,6 +72,11 @@ def markers(provider: str = "cpu") -> tuple[str, str]:
 BEGIN, END = markers("cpu")
 # Served workloads compared at equal p50: name -> ServedMode field with its Poisson steps.
 WORKLOADS: dict[str, str] = {"translations": "poisson", "streamed generations": "generate"}
+# Served batching modes, each one server; continuous batching is compared with each
+# baseline. static-hold (answers held to the batch end) runs translations only.
+SERVED_MODES: tuple[str, ...] = ("static", "static-hold", "continuous")
+BASELINES: tuple[str, ...] = ("static", "static-hold")
+GENERATE_MODES: tuple[str, ...] = ("static", "continuous")
 OFFLINE_PHASES: tuple[str, ...] = ("pytorch", "hf", "ct2", "ort", "engine")
 LABELS: dict[str, tuple[str, str]] = {
     "pytorch": ("PyTorch eager (reference)", "one request at a time"),
@@ -80,6 +85,7 @@ LABELS: dict[str, tuple[str, str]] = {
     "ort": ("onnxruntime offline", "export.runtime, static batches"),
     "engine": ("serving engine offline", "service.engine, refilled every step, no server"),
     "static": ("served, static batching", "gRPC, closed loop"),
+    "static-hold": ("served, static, answers at batch end", "gRPC, closed loop"),
     "continuous": ("served, continuous batching", "gRPC, closed loop"),
 }
 PACKAGES = (
@@ -416,7 +422,9 @@ async def measure_served(
             )
             modes[name].closed = _brief(report.summarize(closed))
             capacity[name] = modes[name].closed["throughput_rps"]
-        for i, rate in enumerate(poisson_rates(args.poisson_fractions, list(capacity.values()))):
+        # Rates from the static and continuous capacities; static-hold runs the same ones.
+        anchors = [c for m, c in capacity.items() if m in GENERATE_MODES] or list(capacity.values())
+        for i, rate in enumerate(poisson_rates(args.poisson_fractions, anchors)):
             for name, caller in callers.items():
                 if rate > 1.05 * capacity[name]:
                     continue  # beyond what this mode serves: only queue growth to measure
@@ -429,6 +437,8 @@ async def measure_served(
         first = next(iter(capacity.values()))
         for i, rate in enumerate(poisson_rates(args.generate_fractions, [first])):
             for name, caller in callers.items():
+                if name not in GENERATE_MODES:
+                    continue
                 typer.echo(f"[bench] {name}: generate, Poisson {rate:.2f} req/s", err=True)
                 step = await poisson(caller, generations, rate, args.seed + i)
                 modes[name].generate.append(step)
@@ -536,12 +546,12 @@ def rps_at_p50(points: list[dict[str, Any]], p50_ref: float) -> tuple[float | No
 
 
 def equal_p50(
-    static: list[dict[str, Any]], continuous: list[dict[str, Any]]
+    baseline: list[dict[str, Any]], continuous: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
-    """At each static Poisson step's p50, the req/s continuous batching serves with that same
-    p50 (interpolated along its own steps), and the ratio of the two."""
+    """At each of a baseline mode's Poisson steps' p50, the req/s continuous batching serves
+    with that same p50 (interpolated along its own steps), and the ratio of the two."""
     out = []
-    for point in sorted(static, key=lambda p: p["throughput_rps"]):
+    for point in sorted(baseline, key=lambda p: p["throughput_rps"]):
         p50 = point["latency_s"]["p50"]
         if p50 is None or not point["throughput_rps"]:
             continue
@@ -551,7 +561,7 @@ def equal_p50(
         out.append(
             {
                 "p50_s": p50,
-                "static_rps": point["throughput_rps"],
+                "baseline_rps": point["throughput_rps"],
                 "continuous_rps": rate,
                 "qualifier": qualifier,
                 "ratio": rate / point["throughput_rps"],
@@ -593,26 +603,33 @@ def ratios(
     add("served / naive PyTorch (tokens/s)", cont, tps("pytorch"), None)
     add("served / Hugging Face generate (tokens/s)", cont, tps("hf"), None)
     add("served / CTranslate2 (tokens/s)", cont, tps("ct2"), None)
-    add("continuous / static (closed-loop tokens/s)", cont, tps("static"), None)
-    s, c = served.get("static"), served.get("continuous")
-    ok = bool(s and c and s.status == c.status == "ok")
-    for workload, attr in WORKLOADS.items():
-        name = f"continuous / static at equal p50, {workload} (Poisson req/s)"
-        curve = equal_p50(getattr(s, attr), getattr(c, attr)) if ok else []
-        if not curve:
-            if attr == "poisson" or (ok and getattr(s, attr)):
-                add(name, None, None, 1.5, "a served run failed" if not ok else "no common p50")
+    for base in BASELINES:
+        if base in served:
+            add(f"continuous / {base} (closed-loop tokens/s)", cont, tps(base), None)
+    c = served.get("continuous")
+    for base in BASELINES:
+        s = served.get(base)
+        if s is None:
             continue
-        top = max(curve, key=lambda p: p["static_rps"])
-        low, high = min(p["ratio"] for p in curve), max(p["ratio"] for p in curve)
-        note = (
-            f"req/s at p50 = {top['p50_s'] * 1000:.0f} ms (static's p50 at its busiest Poisson "
-            f"step): static {top['static_rps']:.2f}, continuous {top['qualifier']}"
-            f"{top['continuous_rps']:.2f}; {low:.2f}–{high:.2f}× over static's steps (below)"
-        )
-        add(name, top["continuous_rps"], top["static_rps"], 1.5, note)
-        if top["qualifier"]:
-            rows[-1]["qualifier"] = top["qualifier"]
+        ok = bool(c and s.status == c.status == "ok")
+        for workload, attr in WORKLOADS.items():
+            name = f"continuous / {base} at equal p50, {workload} (Poisson req/s)"
+            curve = equal_p50(getattr(s, attr), getattr(c, attr)) if ok else []
+            if not curve:
+                if (attr == "poisson" and s.status != "skipped") or (ok and getattr(s, attr)):
+                    add(name, None, None, 1.5, "a served run failed" if not ok else "no common p50")
+                continue
+            top = max(curve, key=lambda p: p["baseline_rps"])
+            low, high = min(p["ratio"] for p in curve), max(p["ratio"] for p in curve)
+            note = (
+                f"req/s at p50 = {top['p50_s'] * 1000:.0f} ms ({base}'s p50 at its busiest "
+                f"Poisson step): {base} {top['baseline_rps']:.2f}, continuous "
+                f"{top['qualifier']}{top['continuous_rps']:.2f}; {low:.2f}–{high:.2f}× over "
+                f"{base}'s steps (below)"
+            )
+            add(name, top["continuous_rps"], top["baseline_rps"], 1.5, note)
+            if top["qualifier"]:
+                rows[-1]["qualifier"] = top["qualifier"]
     return rows
 
 
@@ -738,27 +755,29 @@ def markdown(data: dict[str, Any]) -> str:
                     f"| {_f(ttft.get('p99'), '.0f', 1000)} | {_f(lat['p50'], '.0f', 1000)} "
                     f"| {_f(lat['p99'], '.0f', 1000)} | {g['errors'] or 'none'} |"
                 )
-    sm, cm = data["served"].get("static") or {}, data["served"].get("continuous") or {}
-    for workload, key in WORKLOADS.items():
-        curve = equal_p50(sm.get(key) or [], cm.get(key) or [])
-        if not curve:
-            continue
-        lines += [
-            "",
-            f"Equal-p50 comparison, {workload}: at each static step's p50, the req/s "
-            "continuous batching serves with the same p50, interpolated between its steps "
-            "(`>=`: its p50 stayed below, so the highest rate measured is a lower bound; "
-            "`<`: even its lightest step was slower):",
-            "",
-            "| p50 ms | static req/s | continuous req/s | continuous / static |",
-            "|---:|---:|---:|---:|",
-        ]
-        for p in curve:
-            q = p["qualifier"]
-            lines.append(
-                f"| {p['p50_s'] * 1000:.0f} | {p['static_rps']:.2f} "
-                f"| {q}{p['continuous_rps']:.2f} | {q}{p['ratio']:.2f}× |"
-            )
+    cm = data["served"].get("continuous") or {}
+    for base in BASELINES:
+        sm = data["served"].get(base) or {}
+        for workload, key in WORKLOADS.items():
+            curve = equal_p50(sm.get(key) or [], cm.get(key) or [])
+            if not curve:
+                continue
+            lines += [
+                "",
+                f"Equal-p50 comparison with {base}, {workload}: at each {base} step's p50, "
+                "the req/s continuous batching serves with the same p50, interpolated between "
+                "its steps (`>=`: its p50 stayed below, so the highest rate measured is a lower "
+                "bound; `<`: even its lightest step was slower):",
+                "",
+                f"| p50 ms | {base} req/s | continuous req/s | continuous / {base} |",
+                "|---:|---:|---:|---:|",
+            ]
+            for p in curve:
+                q = p["qualifier"]
+                lines.append(
+                    f"| {p['p50_s'] * 1000:.0f} | {p['baseline_rps']:.2f} "
+                    f"| {q}{p['continuous_rps']:.2f} | {q}{p['ratio']:.2f}× |"
+                )
     vers = ", ".join(f"{k} {v}" for k, v in data["versions"].items())
     lines += [
         "",
@@ -868,7 +887,8 @@ def main(
         ),
     ] = "0.2,0.4,0.6,0.8",
     skip: Annotated[
-        str, typer.Option(help="Comma list: pytorch,hf,ct2,ort,engine,static,continuous.")
+        str,
+        typer.Option(help="Comma list: pytorch,hf,ct2,ort,engine,static,static-hold,continuous."),
     ] = "",
     seed: Annotated[int, typer.Option(help="Input sampling seed.")] = 0,
     out_md: Annotated[Path, typer.Option(help="Markdown to update.")] = Path("docs/benchmarks.md"),
@@ -876,7 +896,7 @@ def main(
     work_dir: Annotated[Path | None, typer.Option(help="Scratch (default: a temp dir).")] = None,
     max_minutes: Annotated[
         float, typer.Option(help="Whole-run budget; phases that would not fit are skipped.")
-    ] = 14.0,
+    ] = 20.0,
 ) -> None:
     """Run every engine and the served path on the same inputs; write docs/benchmarks.*."""
     started = time.perf_counter()
@@ -932,8 +952,18 @@ def main(
     # Most important first (the ceiling, the reference, the served path), optional peers
     # last: if --max-minutes runs out, what is skipped says so in the table.
     deadline = started + max_minutes * 60
-    steps = 2 * len(args.poisson_fractions) + len(args.generate_fractions)
-    served_need = served_s + poisson_s * steps + 60
+    # Served runs: per mode a closed loop and every Poisson rate (fractions of two
+    # capacities), plus the generation rates on GENERATE_MODES; an upper bound.
+    served_modes = [m for m in SERVED_MODES if m not in args.skip]
+    served_need = (
+        len(served_modes) * (served_s + 10)
+        + poisson_s
+        * (
+            2 * len(args.poisson_fractions) * len(served_modes)
+            + len(args.generate_fractions) * len(GENERATE_MODES)
+        )
+        + 60
+    )
 
     def left() -> float:
         return deadline - time.perf_counter()
@@ -963,11 +993,11 @@ def main(
         reference_text = {k: sp.decode(v) for k, v in reference.items()}
 
     served: dict[str, ServedMode] = {}
-    wanted = [m for m in ("static", "continuous") if m not in args.skip]
-    for name in ("static", "continuous"):
+    wanted = [m for m in SERVED_MODES if m not in args.skip]
+    for name in SERVED_MODES:
         if name in args.skip:
             served[name] = ServedMode(name, "skipped", "--skip")
-    if wanted and left() < served_need * len(wanted):
+    if wanted and left() < served_need:
         for name in wanted:
             served[name] = ServedMode(name, "skipped", "out of --max-minutes")
     elif wanted:
@@ -976,7 +1006,7 @@ def main(
             typer.echo(
                 f"[bench] {name}: {served[name].status} {served[name].reason[:300]}", err=True
             )
-    served = {name: served[name] for name in ("static", "continuous")}
+    served = {name: served[name] for name in SERVED_MODES}
 
     if provider == "cpu" and not {"hf", "ct2"} <= set(args.skip) and left() > phase_s + 60:
         run_phase("prepare", cfg, work, timeout_s=min(600, left()))

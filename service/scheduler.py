@@ -16,7 +16,9 @@ Policy (read this before tuning the budgets):
   that same step. A sequence that finishes leaves at once; its answer is sent from that
   step and its rows are free for the next step's admissions.
 * mode="static" is the benchmark baseline: a batch is formed only when none is running
-  and runs to completion before anything else is admitted.
+  and runs to completion before anything else is admitted. mode="static-hold" also holds
+  every answer until its whole batch has ended, as a batched generate call (or
+  CTranslate2's translate_batch) returns them: the textbook request-level baseline.
 * Deadlines: admission estimates the queue wait (EWMA of the step time × the steps until
   enough rows free up, simulated over the running and queued requests with an EWMA of
   observed output lengths) and refuses with DeadlineUnmeetable when it exceeds the time
@@ -84,7 +86,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Mode = Literal["continuous", "static"]
+Mode = Literal["continuous", "static", "static-hold"]
+MODES: tuple[Mode, ...] = ("continuous", "static", "static-hold")
 StreamItem = TokenEvent | SequenceResult
 # The model served when a request names none (the API's defaults).
 DEFAULT_MODELS: dict[Task, str] = {Task.TRANSLATION: "en-es", Task.GENERATION: "en-lm"}
@@ -111,8 +114,8 @@ class SchedulerConfig:
         for name in ("max_batch_size", "max_batch_tokens", "max_queue", "max_input_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.mode not in ("continuous", "static"):
-            raise ValueError(f"mode must be 'continuous' or 'static', got {self.mode!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if not 0 < self.ewma_alpha <= 1:
             raise ValueError(f"ewma_alpha must be in (0, 1], got {self.ewma_alpha}")
 
@@ -183,6 +186,7 @@ class _ModelLoop:
         self.label = entry.name
         self.waiting: deque[_Job] = deque()
         self.running: dict[_Job, _Job] = {}
+        self._held: dict[_Job, SequenceResult] = {}  # static-hold: answers kept to batch end
         self.rows_used = 0
         self.tokens_used = 0
         self.wake = asyncio.Event()
@@ -240,7 +244,7 @@ class _ModelLoop:
             (max(1, self._expected_steps(j) - j.generated), j.rows) for j in self.running.values()
         ]
         t = 0
-        if self.config.mode == "static":
+        if self.config.mode != "continuous":
             t = max((steps for steps, _ in running), default=0)
             rows_now, longest = 0, 0
             for job in self.waiting:
@@ -270,7 +274,7 @@ class _ModelLoop:
     def _admit(self) -> list[_Job]:
         """Pop the waiting jobs that join the next step (FIFO, within the budgets)."""
         admitted: list[_Job] = []
-        if self.config.mode == "static" and self.running:
+        if self.config.mode != "continuous" and self.running:
             return admitted
         while self.waiting:
             job = self.waiting[0]
@@ -314,6 +318,7 @@ class _ModelLoop:
                     if job.abort is not None and not job.removal_posted:
                         job.removal_posted = True
                         removals.append(job)
+                self._release_held()
                 admitted = self._admit()
                 for job in admitted:
                     self.metrics.queue_duration.labels(self.label).observe(now - job.enqueued)
@@ -371,6 +376,7 @@ class _ModelLoop:
     def _failed(self, keys: list[Hashable], error: BaseException) -> None:
         for key in keys:
             self._finish(key, None, error)  # type: ignore[arg-type]
+        self._release_held()
         self.wake.set()
 
     def _dispatch(
@@ -407,9 +413,23 @@ class _ModelLoop:
             if job.events is not None and job.state != "done":
                 job.events.put_nowait(event)
         for key, result in out.finished:
-            self._finish(key, result)  # type: ignore[arg-type]
+            if self.config.mode == "static-hold":
+                self._held[key] = result  # type: ignore[index]
+            else:
+                self._finish(key, result)  # type: ignore[arg-type]
+        self._release_held()
         self._gauges()
         self.wake.set()
+
+    def _release_held(self) -> None:
+        """static-hold: the answers go out together once every running job has one; a held
+        job aborted meanwhile (cancelled, deadline, shutdown) ends at once."""
+        for job in [j for j in self._held if j.abort is not None]:
+            self._finish(job, self._held.pop(job))
+        if self._held and len(self._held) == len(self.running):
+            held, self._held = self._held, {}
+            for job, result in held.items():
+                self._finish(job, result)
 
     def _gauges(self) -> None:
         m, label = self.metrics, self.label
@@ -779,11 +799,13 @@ class Scheduler:
         )
 
     def stats(self) -> dict[str, dict[str, float]]:
-        """Per version: queue, running, rows, step time estimate, estimated wait (tests, logs)."""
+        """Per version: queue, running (held answers included), held, rows, step time
+        estimate, estimated wait (tests, logs)."""
         return {
             key: {
                 "waiting": len(loop.waiting),
                 "running": len(loop.running),
+                "held": len(loop._held),
                 "rows": loop.rows_used,
                 "step_s": loop.step_s,
                 "estimated_wait_s": loop.estimate_wait(1),

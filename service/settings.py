@@ -70,9 +70,10 @@ class Settings(BaseSettings):
     max_queue: int = Field(
         256, ge=1, le=1 << 20, description="Waiting sequences before RESOURCE_EXHAUSTED."
     )
-    batching: Literal["continuous", "static"] = Field(
+    batching: Literal["continuous", "static", "static-hold"] = Field(
         "continuous",
-        description="continuous: admit at every step; static: a batch runs to its end.",
+        description="continuous: admit at every step; static: a batch runs to its end "
+        "(benchmark baseline); static-hold: static, answers held until the batch ends.",
     )
     # --- request limits ------------------------------------------------------------------
     max_input_tokens: int = Field(

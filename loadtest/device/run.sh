@@ -93,7 +93,7 @@ run_stage gpu_bench 240 python3 -m loadtest.gpu_bench --configs base,en-es --hf-
   --repeats 2 --out "$OUT/gpu_bench.json" --record "$OUT/benchmarks.md"
 
 run_stage served 220 python3 -m loadtest.bench --provider cuda --repository "$repo" \
-  --batch-size 64 --served-s 10 --poisson-s 6 --poisson-fractions 0.4,0.8 \
+  --skip static-hold --batch-size 64 --served-s 10 --poisson-s 6 --poisson-fractions 0.4,0.8 \
   --generate-fractions 0.5 --max-minutes 3.5 --out-md "$OUT/benchmarks.md" --out-json "$OUT/bench_gpu.json"
 
 log "done"

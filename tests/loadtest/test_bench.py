@@ -70,7 +70,17 @@ def test_ratios_and_targets() -> None:
     }
     modes["static"].generate = [point(10, 0.4), point(20, 1.0)]
     modes["continuous"].generate = [point(10, 0.1), point(20, 0.2), point(40, 0.6)]
+    # The answers-at-batch-end baseline runs translations only.
+    modes["static-hold"] = served("static-hold", 400.0, [point(10, 0.3), point(20, 0.7)])
     rows = {r["ratio"]: r for r in ratios(offline, modes)}
+    hold = rows["continuous / static-hold at equal p50, translations (Poisson req/s)"]
+    # static-hold's busiest step: 20 req/s at p50 0.7 s, which continuous reaches at 40.
+    assert hold["value"] == pytest.approx(40 / 20) and hold["met"] is True
+    assert "static-hold's p50 at its busiest" in hold["note"]
+    assert rows["continuous / static-hold (closed-loop tokens/s)"]["value"] == pytest.approx(
+        950 / 400
+    )
+    assert not any("static-hold at equal p50, streamed" in name for name in rows)
     assert rows["served / offline (engine, tokens/s)"]["value"] == pytest.approx(0.95)
     assert rows["served / offline (engine, tokens/s)"]["met"] is True
     assert rows["served / naive PyTorch (tokens/s)"]["value"] == pytest.approx(19.0)
@@ -102,7 +112,7 @@ def test_equal_p50_curve_per_static_step() -> None:
     static = [point(20, 0.5), point(10, 0.2), point(30, 2.0), point(5, None)]
     continuous = [point(10, 0.1), point(30, 0.3), point(40, 0.7)]
     curve = equal_p50(static, continuous)
-    assert [p["static_rps"] for p in curve] == [10, 20, 30]  # by load; no p50 -> left out
+    assert [p["baseline_rps"] for p in curve] == [10, 20, 30]  # by load; no p50 -> left out
     assert [p["continuous_rps"] for p in curve] == [pytest.approx(20.0), pytest.approx(35.0), 40]
     assert [p["qualifier"] for p in curve] == ["", "", ">="]
     assert curve[2]["ratio"] == pytest.approx(40 / 30)
@@ -139,8 +149,8 @@ def test_equal_p50_table_in_markdown(tmp_path: Path) -> None:
     assert "| static | 8.00 | 8.00 | 80.0 | 400 | 900 | 1200 | 2400 | none |" in text
     # Each workload has its own equal-p50 table: static 8 req/s at 1.2 s; continuous
     # stays below 1.2 s up to its busiest step, 16 req/s.
-    assert "Equal-p50 comparison, translations" in text
-    assert "Equal-p50 comparison, streamed generations" in text
+    assert "Equal-p50 comparison with static, translations" in text
+    assert "Equal-p50 comparison with static, streamed generations" in text
     assert "| 1200 | 8.00 | >=16.00 | >=2.00× |" in text
     assert "| 2000 | 30.00 | >=40.00 | >=1.33× |" in text
 

@@ -305,6 +305,53 @@ def test_static_mode_runs_a_batch_to_completion_before_admitting_more() -> None:
         assert result.hypotheses[0].token_ids == alone(request).hypotheses[0].token_ids
 
 
+def test_static_hold_answers_a_batch_together_when_it_ends() -> None:
+    batch = [generate(p, max_new_tokens=n) for p, n in zip(PROMPTS[:3], (1, 8, 24), strict=True)]
+
+    async def main(s: Scheduler) -> tuple[list[float], list[int], list[SequenceResult]]:
+        done: dict[int, float] = {}
+        held: list[int] = []
+
+        async def timed(i: int, r: SequenceRequest) -> SequenceResult:
+            result = await s.submit(r)
+            done[i] = time.monotonic()
+            held.append(int(loop_stats(s, f"{LM}:1")["held"]))
+            return result
+
+        results = await asyncio.gather(*(timed(i, r) for i, r in enumerate(batch)))
+        return [done[i] for i in range(3)], held, list(results)
+
+    scheduler = make_scheduler(factory=slow_engine_factory(STEP_DELAY), mode="static-hold")
+    done, held, results = run(main, scheduler)
+    assert max(done) - min(done) < STEP_DELAY  # one delivery, not one per finished row
+    assert held == [0, 0, 0]  # nothing was left held once the answers went out
+    for request, result in zip(batch, results, strict=True):
+        assert result.hypotheses[0].token_ids == alone(request).hypotheses[0].token_ids
+
+
+def test_static_hold_a_held_answer_cancelled_meanwhile_ends_at_once() -> None:
+    short, long = generate(PROMPTS[0], max_new_tokens=1), generate(PROMPTS[1], max_new_tokens=40)
+    later = generate(PROMPTS[2], max_new_tokens=2)
+    key = f"{LM}:1"
+
+    async def main(s: Scheduler) -> tuple[bool, SequenceResult, SequenceResult]:
+        waiting_short = asyncio.create_task(s.submit(short))
+        running_long = asyncio.create_task(s.submit(long))
+        await wait_until(lambda: loop_stats(s, key)["held"] == 1)
+        waiting_short.cancel()
+        await wait_until(lambda: loop_stats(s, key)["held"] == 0)
+        still_running = loop_stats(s, key)["running"] == 1 and not running_long.done()
+        result = await running_long
+        return still_running, result, await s.submit(later)
+
+    still_running, result, after = run(
+        main, make_scheduler(factory=slow_engine_factory(STEP_DELAY), mode="static-hold")
+    )
+    assert still_running  # the cancelled answer ended without waiting for the batch
+    assert result.hypotheses[0].token_ids == alone(long).hypotheses[0].token_ids
+    assert after.hypotheses[0].token_ids == alone(later).hypotheses[0].token_ids
+
+
 def test_an_engine_failure_fails_its_requests_and_the_loop_goes_on() -> None:
     """A step that raises fails the requests in its batch (not the queued ones) and leaves
     the worker decoding later requests in a fresh batch."""
