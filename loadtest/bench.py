@@ -522,36 +522,42 @@ def run_served(
 # --- ratios --------------------------------------------------------------------------------
 
 
+def _offered(point: dict[str, Any]) -> float:
+    return float(point.get("offered_rate") or point["throughput_rps"])
+
+
 def rps_at_p50(points: list[dict[str, Any]], p50_ref: float) -> tuple[float | None, str]:
-    """Served req/s at which p50 latency reaches p50_ref, interpolated along the steps.
+    """Served req/s at which p50 latency reaches p50_ref, interpolated along the steps in
+    order of offered load (past saturation a heavier step may serve fewer req/s).
 
     Returns (rate, qualifier): "" when interpolated, ">=" when the curve never reached
-    p50_ref (the highest rate measured is a lower bound), "<" when even the lightest step
+    p50_ref (the most any step served is a lower bound), "<" when even the lightest step
     was slower.
     """
     pts = sorted(
-        (p["throughput_rps"], p["latency_s"]["p50"])
+        (_offered(p), p["throughput_rps"], p["latency_s"]["p50"])
         for p in points
         if p["latency_s"]["p50"] is not None
     )
     if not pts:
         return None, ""
-    if pts[0][1] > p50_ref:
-        return pts[0][0], "<"
-    for (r0, l0), (r1, l1) in itertools.pairwise(pts):
+    if pts[0][2] > p50_ref:
+        return pts[0][1], "<"
+    for (_, r0, l0), (_, r1, l1) in itertools.pairwise(pts):
         if l0 <= p50_ref <= l1:
             frac = 0.0 if l1 == l0 else (p50_ref - l0) / (l1 - l0)
             return r0 + frac * (r1 - r0), ""
-    return pts[-1][0], ">="
+    return max(r for _, r, _ in pts), ">="
 
 
 def equal_p50(
     baseline: list[dict[str, Any]], continuous: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
-    """At each of a baseline mode's Poisson steps' p50, the req/s continuous batching serves
-    with that same p50 (interpolated along its own steps), and the ratio of the two."""
+    """At each of a baseline mode's Poisson steps' p50 (in order of offered load), the req/s
+    continuous batching serves with that same p50 (interpolated along its own steps), and
+    the ratio of the two."""
     out = []
-    for point in sorted(baseline, key=lambda p: p["throughput_rps"]):
+    for point in sorted(baseline, key=_offered):
         p50 = point["latency_s"]["p50"]
         if p50 is None or not point["throughput_rps"]:
             continue
@@ -604,7 +610,7 @@ def ratios(
     add("served / Hugging Face generate (tokens/s)", cont, tps("hf"), None)
     add("served / CTranslate2 (tokens/s)", cont, tps("ct2"), None)
     for base in BASELINES:
-        if base in served:
+        if base in served and served[base].status != "skipped":
             add(f"continuous / {base} (closed-loop tokens/s)", cont, tps(base), None)
     c = served.get("continuous")
     for base in BASELINES:
@@ -619,7 +625,7 @@ def ratios(
                 if (attr == "poisson" and s.status != "skipped") or (ok and getattr(s, attr)):
                     add(name, None, None, 1.5, "a served run failed" if not ok else "no common p50")
                 continue
-            top = max(curve, key=lambda p: p["baseline_rps"])
+            top = curve[-1]  # the baseline's busiest step (highest offered load)
             low, high = min(p["ratio"] for p in curve), max(p["ratio"] for p in curve)
             note = (
                 f"req/s at p50 = {top['p50_s'] * 1000:.0f} ms ({base}'s p50 at its busiest "

@@ -36,6 +36,20 @@ def test_rps_at_p50_interpolates_and_bounds() -> None:
     assert rps_at_p50(pts, 0.4) == (pytest.approx(3.0), "")
     assert rps_at_p50(pts, 1.0) == (4, ">=")
     assert rps_at_p50(pts, 0.05) == (1, "<")
+
+
+def test_rps_at_p50_follows_offered_load_past_saturation() -> None:
+    """A step past capacity serves fewer req/s than the one before: the curve runs in
+    order of offered load, not of what was served."""
+    pts = [
+        {**point(10, 0.1), "offered_rate": 10},
+        {**point(19, 0.5), "offered_rate": 20},
+        {**point(18, 5.0), "offered_rate": 30},
+    ]
+    assert rps_at_p50(pts, 1.0) == (pytest.approx(19 - 0.5 / 4.5), "")
+    assert rps_at_p50([*pts[:2], {**point(18, 0.7), "offered_rate": 30}], 1.0) == (19, ">=")
+    baseline = [{**point(9, 2.0), "offered_rate": 30}, {**point(8, 0.1), "offered_rate": 8}]
+    assert [p["baseline_rps"] for p in equal_p50(baseline, pts)] == [8, 9]  # by offered load
     assert rps_at_p50([point(1, None)], 0.1) == (None, "")
 
 
@@ -411,3 +425,14 @@ def test_gpu_bench_cpu_dry_run(tmp_path: Path) -> None:
 def test_modules_import_without_side_effects() -> None:
     for name in ("loadtest.bench", "loadtest.baselines", "loadtest.gpu_bench"):
         assert name in sys.modules
+
+
+def test_a_skipped_baseline_gives_no_rows() -> None:
+    modes = {
+        "static": served("static", 500.0, [point(10, 0.2)]),
+        "static-hold": ServedMode("static-hold", "skipped", "--skip"),
+        "continuous": served("continuous", 500.0, [point(10, 0.1), point(20, 0.3)]),
+    }
+    names = [r["ratio"] for r in ratios({}, modes)]
+    assert "continuous / static (closed-loop tokens/s)" in names
+    assert not any("static-hold" in name for name in names)
