@@ -33,6 +33,13 @@ def test_defaults_match_the_spec() -> None:
     assert s.default_max_new_tokens <= s.max_new_tokens
 
 
+def test_batching_modes_map_to_the_scheduler() -> None:
+    from service.scheduler import MODES, SchedulerConfig
+
+    for mode in MODES:
+        assert SchedulerConfig.from_settings(load_settings(batching=mode)).mode == mode
+
+
 def test_every_field_is_documented() -> None:
     for name, info in Settings.model_fields.items():
         assert info.description, f"{name} has no description"
@@ -61,6 +68,7 @@ def test_precedence_flags_over_env_over_yaml(
         ({}, {"port": 70000}, "--port 70000: must be ≤ 65535"),
         ({"SERVE_MAX_QUEUE": "0"}, {}, "SERVE_MAX_QUEUE=0: must be ≥ 1"),
         ({"SERVE_PROVIDER": "tpu"}, {}, "SERVE_PROVIDER=tpu: must be one of"),
+        ({"SERVE_BATCHING": "dynamic"}, {}, "'continuous', 'static' or 'static-hold'"),
         ({"SERVE_DRAIN_GRACE_S": "soon"}, {}, "SERVE_DRAIN_GRACE_S=soon"),
         ({}, {"default_max_new_tokens": 600}, "default_max_new_tokens (600) must be ≤"),
         ({}, {"tls_cert": Path("/nonexistent.pem")}, "tls_cert and tls_key go together"),
