@@ -94,6 +94,7 @@ run_stage gpu_bench 240 python3 -m loadtest.gpu_bench --configs base,en-es --hf-
 
 run_stage served 220 python3 -m loadtest.bench --provider cuda --repository "$repo" \
   --skip static-hold --batch-size 64 --served-s 10 --poisson-s 6 --poisson-fractions 0.4,0.8 \
-  --generate-fractions 0.5 --max-minutes 3.5 --out-md "$OUT/benchmarks.md" --out-json "$OUT/bench_gpu.json"
+  --generate-fractions 0.5 --max-minutes 3.5 --out-md "$OUT/benchmarks.md" \
+  --out-json "$OUT/bench_gpu.json"
 
 log "done"
