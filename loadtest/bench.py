@@ -704,7 +704,9 @@ def markdown(data: dict[str, Any]) -> str:
         elif name in data["served"]:
             sm = data["served"][name]
             c = sm.get("closed") or {}
-            status = sm["status"] if sm["status"] == "ok" else f"failed: {sm['reason'][:160]}"
+            status = sm["status"]
+            if status != "ok":
+                status = f"{'skipped' if status == 'skipped' else 'failed'}: {sm['reason'][:160]}"
             lat = c.get("latency_s") or {}
             lines.append(
                 f"| {label} | {how}, concurrency {c.get('concurrency', '–')} | {status} "

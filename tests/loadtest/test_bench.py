@@ -154,8 +154,13 @@ def test_equal_p50_table_in_markdown(tmp_path: Path) -> None:
         {**step(16, 0.6), "ttft_s": {"p50": 0.03, "p99": 0.1}},
     ]
     modes["static"].generate = [{**step(8, 1.2), "ttft_s": {"p50": 0.4, "p99": 0.9}}]
+    modes["static-hold"] = ServedMode("static-hold", "skipped", "--skip")
     data["served"] = {k: asdict(v) for k, v in modes.items()}
     text = markdown(data)
+    assert (
+        "| served, static, answers at batch end | gRPC, closed loop, concurrency – | skipped"
+        in text
+    )
     assert "| 200 | 10.00 | 20.00 | 2.00× |" in text
     # One generation row per mode and rate; TTFT in ms.
     assert "| continuous | 8.00 | 8.00 | 80.0 | 20 | 90 | 500 | 1000 | none |" in text
