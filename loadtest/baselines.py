@@ -291,7 +291,8 @@ def phase_hf(cfg: PhaseConfig, result: PhaseResult) -> None:
 
 
 def phase_ct2(cfg: PhaseConfig, result: PhaseResult) -> None:
-    """CTranslate2 greedy decoding, float32, same threads; it sorts by length itself."""
+    """CTranslate2 greedy decoding at the run's precision (float32, or int8 with --variant
+    int8), same threads; it sorts by length itself."""
     prepared = _prepared(cfg).get("ct2", "prepare phase did not run")
     if prepared != "ok":
         raise Skip(prepared)
@@ -302,7 +303,7 @@ def phase_ct2(cfg: PhaseConfig, result: PhaseResult) -> None:
     translator = ctranslate2.Translator(
         str(Path(cfg.work_dir) / "ct2"),
         device="cpu",
-        compute_type="float32",
+        compute_type="int8" if cfg.variant == "int8" else "float32",
         inter_threads=1,
         intra_threads=cfg.threads,
     )
