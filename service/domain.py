@@ -40,6 +40,9 @@ class DecodingParams:
     stop: tuple[str, ...] = ()
     return_scores: bool = False
     return_alignment: bool = False
+    # max_new_tokens is the server's default (the caller left it unset): the model may
+    # lower it to what fits its limits instead of refusing the request.
+    max_new_tokens_default: bool = False
 
     @property
     def sampling(self) -> bool:

@@ -35,7 +35,7 @@ import logging
 import os
 import time
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -670,6 +670,21 @@ class Engine:
         if self.task is Task.TRANSLATION:
             return self.tokenizer.encode_source(text)
         return self.tokenizer.encode_prompt(text)
+
+    def fit(self, request: SequenceRequest, input_ids: Sequence[int]) -> SequenceRequest:
+        """A request whose max_new_tokens is the server's default, lowered to what this
+        model can decode after its input (its own limit, and for a prompt the positions
+        left); a value the caller set is kept, and `check` refuses it if it does not fit."""
+        p = request.params
+        if not p.max_new_tokens_default:
+            return request
+        room = self.max_positions
+        if self.task is Task.GENERATION:
+            room = self.max_positions - len(input_ids) + 1
+        fitted = min(p.max_new_tokens, self.max_new_tokens, room)
+        if fitted < 1 or fitted == p.max_new_tokens:
+            return request  # nothing fits (check says why), or nothing to lower
+        return replace(request, params=replace(p, max_new_tokens=fitted))
 
     def check(
         self, request: SequenceRequest, input_ids: list[int], max_input_tokens: int | None = None

@@ -667,6 +667,7 @@ class Scheduler:
         loop = self._loops[entry.key]
         engine = loop.engine
         input_ids = engine.encode(request.text)
+        request = engine.fit(request, input_ids)
         engine.check(request, input_ids, self.config.max_input_tokens)
         p = request.params
         if p.max_new_tokens > self.config.max_new_tokens:

@@ -80,7 +80,11 @@ class Settings(BaseSettings):
         256, ge=1, le=65536, description="Tokens per input text (also capped by the model)."
     )
     default_max_new_tokens: int = Field(
-        128, ge=1, le=65536, description="max_new_tokens when a request leaves it unset."
+        128,
+        ge=1,
+        le=65536,
+        description="max_new_tokens when a request leaves it unset (lowered where a "
+        "model leaves less room after the input).",
     )
     max_new_tokens: int = Field(
         512, ge=1, le=65536, description="Largest max_new_tokens a request may ask for."

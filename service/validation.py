@@ -162,6 +162,7 @@ def decoding_params(
 
     return DecodingParams(
         max_new_tokens=max_new,
+        max_new_tokens_default=not options.HasField("max_new_tokens"),
         beam_size=beam,
         n_best=n_best,
         length_penalty=length_penalty,

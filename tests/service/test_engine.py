@@ -467,6 +467,23 @@ def test_int8_variant_decodes() -> None:
         assert h.text == engine.tokenizer.decode(h.token_ids)
 
 
+def test_fit_lowers_only_the_default_max_new_tokens() -> None:
+    engine = engine_for(TRANSLATOR)
+    ids = engine.encode(SOURCES[0])
+    default = SequenceRequest(
+        Task.TRANSLATION,
+        SOURCES[0],
+        DecodingParams(max_new_tokens=500, max_new_tokens_default=True),
+    )
+    fitted = engine.fit(default, ids)
+    assert fitted.params.max_new_tokens == min(engine.max_new_tokens, engine.max_positions) < 500
+    engine.check(fitted, ids)
+    explicit = request(TRANSLATOR, SOURCES[0], max_new_tokens=500)
+    assert engine.fit(explicit, ids) is explicit
+    with pytest.raises(InvalidArgument):
+        engine.check(explicit, ids)
+
+
 def test_a_missing_cpu_variant_is_served_as_fp32_with_a_warning(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -305,6 +305,26 @@ def test_static_mode_runs_a_batch_to_completion_before_admitting_more() -> None:
         assert result.hypotheses[0].token_ids == alone(request).hypotheses[0].token_ids
 
 
+def test_an_unset_max_new_tokens_is_lowered_to_fit_the_model() -> None:
+    """The server's default is lowered to the positions a long prompt leaves; the same
+    value set by the caller is refused, naming the limit."""
+    prompt = " ".join(["And God said"] * 5)
+
+    async def main(s: Scheduler) -> tuple[SequenceResult, str, int]:
+        engine = s._loops[f"{LM}:1"].engine
+        room = engine.max_positions - len(engine.encode(prompt)) + 1
+        default = DecodingParams(max_new_tokens=120, max_new_tokens_default=True)
+        result = await s.submit(SequenceRequest(Task.GENERATION, prompt, default))
+        with pytest.raises(InvalidArgument) as refused:
+            await s.submit(generate(prompt, max_new_tokens=120))
+        return result, str(refused.value), room
+
+    result, refusal, room = run(main, make_scheduler(max_new_tokens=128))
+    assert 1 <= room < 120
+    assert len(result.hypotheses[0].token_ids) <= room
+    assert "max_positions" in refusal
+
+
 def test_static_hold_answers_a_batch_together_when_it_ends() -> None:
     batch = [generate(p, max_new_tokens=n) for p, n in zip(PROMPTS[:3], (1, 8, 24), strict=True)]
 

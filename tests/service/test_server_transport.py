@@ -291,9 +291,11 @@ def test_unset_options_take_the_defaults_and_set_ones_are_kept(
     client.translate("x")
     params = fake.backend.requests[-1].params
     assert (params.max_new_tokens, params.beam_size, params.n_best) == (8, 1, 1)
+    assert params.max_new_tokens_default  # the model may lower it to fit
     client.translate("x", max_new_tokens=1, beam_size=3, n_best=2)
     params = fake.backend.requests[-1].params
     assert (params.max_new_tokens, params.beam_size, params.n_best) == (1, 3, 2)
+    assert not params.max_new_tokens_default
 
 
 # --- refusals ------------------------------------------------------------------------------
