@@ -73,10 +73,12 @@ BEGIN, END = markers("cpu")
 # Served workloads compared at equal p50: name -> ServedMode field with its Poisson steps.
 WORKLOADS: dict[str, str] = {"translations": "poisson", "streamed generations": "generate"}
 # Served batching modes, each one server; continuous batching is compared with each
-# baseline. static-hold (answers held to the batch end) runs translations only.
+# baseline. The main modes set the Poisson rates (fractions of their capacities) and run
+# the generation sweep too; static-hold (answers held to the batch end) runs translations
+# only, at the same rates.
 SERVED_MODES: tuple[str, ...] = ("static", "static-hold", "continuous")
 BASELINES: tuple[str, ...] = ("static", "static-hold")
-GENERATE_MODES: tuple[str, ...] = ("static", "continuous")
+MAIN_MODES: tuple[str, ...] = ("static", "continuous")
 OFFLINE_PHASES: tuple[str, ...] = ("pytorch", "hf", "ct2", "ort", "engine")
 LABELS: dict[str, tuple[str, str]] = {
     "pytorch": ("PyTorch eager (reference)", "one request at a time"),
@@ -422,8 +424,7 @@ async def measure_served(
             )
             modes[name].closed = _brief(report.summarize(closed))
             capacity[name] = modes[name].closed["throughput_rps"]
-        # Rates from the static and continuous capacities; static-hold runs the same ones.
-        anchors = [c for m, c in capacity.items() if m in GENERATE_MODES] or list(capacity.values())
+        anchors = [c for m, c in capacity.items() if m in MAIN_MODES] or list(capacity.values())
         for i, rate in enumerate(poisson_rates(args.poisson_fractions, anchors)):
             for name, caller in callers.items():
                 if rate > 1.05 * capacity[name]:
@@ -437,7 +438,7 @@ async def measure_served(
         first = next(iter(capacity.values()))
         for i, rate in enumerate(poisson_rates(args.generate_fractions, [first])):
             for name, caller in callers.items():
-                if name not in GENERATE_MODES:
+                if name not in MAIN_MODES:
                     continue
                 typer.echo(f"[bench] {name}: generate, Poisson {rate:.2f} req/s", err=True)
                 step = await poisson(caller, generations, rate, args.seed + i)
@@ -964,14 +965,14 @@ def main(
     # last: if --max-minutes runs out, what is skipped says so in the table.
     deadline = started + max_minutes * 60
     # Served runs: per mode a closed loop and every Poisson rate (fractions of two
-    # capacities), plus the generation rates on GENERATE_MODES; an upper bound.
+    # capacities), plus the generation rates on MAIN_MODES; an upper bound.
     served_modes = [m for m in SERVED_MODES if m not in args.skip]
     served_need = (
         len(served_modes) * (served_s + 10)
         + poisson_s
         * (
             2 * len(args.poisson_fractions) * len(served_modes)
-            + len(args.generate_fractions) * len(GENERATE_MODES)
+            + len(args.generate_fractions) * len(MAIN_MODES)
         )
         + 60
     )

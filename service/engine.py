@@ -671,6 +671,13 @@ class Engine:
             return self.tokenizer.encode_source(text)
         return self.tokenizer.encode_prompt(text)
 
+    def _positions_left(self, input_ids: Sequence[int]) -> int:
+        """Tokens the decoder can still generate: a prompt's tokens but its last take
+        positions (the last is fed at the first step); a translator's source does not."""
+        if self.task is Task.GENERATION:
+            return self.max_positions - len(input_ids) + 1
+        return self.max_positions
+
     def fit(self, request: SequenceRequest, input_ids: Sequence[int]) -> SequenceRequest:
         """A request whose max_new_tokens is the server's default, lowered to what this
         model can decode after its input (its own limit, and for a prompt the positions
@@ -678,10 +685,7 @@ class Engine:
         p = request.params
         if not p.max_new_tokens_default:
             return request
-        room = self.max_positions
-        if self.task is Task.GENERATION:
-            room = self.max_positions - len(input_ids) + 1
-        fitted = min(p.max_new_tokens, self.max_new_tokens, room)
+        fitted = min(p.max_new_tokens, self.max_new_tokens, self._positions_left(input_ids))
         if fitted < 1 or fitted == p.max_new_tokens:
             return request  # nothing fits (check says why), or nothing to lower
         return replace(request, params=replace(p, max_new_tokens=fitted))
@@ -707,19 +711,13 @@ class Engine:
                 "options.max_new_tokens",
                 f"{p.max_new_tokens} exceeds this model's limit {self.max_new_tokens}",
             )
-        if (
-            self.task is Task.GENERATION
-            and len(input_ids) + p.max_new_tokens - 1 > self.max_positions
-        ):
+        if p.max_new_tokens > self._positions_left(input_ids):
             raise InvalidArgument(
                 "options.max_new_tokens",
                 f"prompt ({len(input_ids)} tokens) + max_new_tokens ({p.max_new_tokens}) - 1 "
-                f"exceeds the model's max_positions {self.max_positions}",
-            )
-        if self.task is Task.TRANSLATION and p.max_new_tokens > self.max_positions:
-            raise InvalidArgument(
-                "options.max_new_tokens",
-                f"{p.max_new_tokens} exceeds the model's max_positions {self.max_positions}",
+                f"exceeds the model's max_positions {self.max_positions}"
+                if self.task is Task.GENERATION
+                else f"{p.max_new_tokens} exceeds the model's max_positions {self.max_positions}",
             )
         if p.return_alignment and self.task is not Task.TRANSLATION:
             raise InvalidArgument(
