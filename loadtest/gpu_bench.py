@@ -34,6 +34,7 @@ is meant to finish in well under 10 minutes. Without CUDA it exits with status 2
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import sys
@@ -475,8 +476,11 @@ def engine_available(dev: Device) -> str | None:
     return None
 
 
-def bench_engine(dev: Device, fig: Figure, version_dir: Path, s: Settings, bw: float) -> None:
-    """service.engine on the CUDA EP (fp16, IOBinding): one static batch of `batch` rows."""
+def bench_engine(
+    dev: Device, fig: Figure, version_dir: Path, s: Settings, bw: float, cuda_graphs: bool = True
+) -> None:
+    """service.engine on the CUDA EP (fp16, IOBinding): one static batch of `batch` rows,
+    its decode steps replayed as CUDA graphs (the default) or run plainly."""
     why = engine_available(dev)
     if why:
         raise Skip(why)
@@ -494,13 +498,17 @@ def bench_engine(dev: Device, fig: Figure, version_dir: Path, s: Settings, bw: f
             provider="cuda" if dev.cuda else "cpu",
             cpu_variant="fp32",
             max_batch_size=fig.batch,
+            io_binding=True,  # the device path, on the CPU too (dry runs)
+            cuda_graphs=cuda_graphs,
         ),
     )
     srcs = random_sources(fig.batch, s.source_len, config.vocab_size, config.eos_id)
     params = DecodingParams(max_new_tokens=s.new_tokens)
+    batch = engine.new_batch()  # one batch throughout: its step graphs are captured once
+
+    outputs: dict[Any, list[int]] = {}
 
     def run_once() -> tuple[int, float, list[float]]:
-        batch = engine.new_batch()
         items = [
             BatchItem(i, SequenceRequest(Task.TRANSLATION, "", params), src)
             for i, src in enumerate(srcs)
@@ -512,6 +520,7 @@ def bench_engine(dev: Device, fig: Figure, version_dir: Path, s: Settings, bw: f
             out = batch.step()
             steps.append(out.seconds)
             tokens += sum(_generated(r.hypotheses[0]) for _, r in out.finished)
+            outputs.update((key, list(r.hypotheses[0].token_ids)) for key, r in out.finished)
         return tokens, time.perf_counter() - t, steps
 
     run_once()  # the warm-up: the shapes timed below, and only those (engine.warmup would
@@ -529,6 +538,13 @@ def bench_engine(dev: Device, fig: Figure, version_dir: Path, s: Settings, bw: f
         fig.extra["engine_step_p50_ms"] = ordered[len(ordered) // 2] * 1000
     fig.gpu_mem_gib = dev.used_gib()
     fig.extra["provider"] = engine.provider
+    backend = engine.backend
+    fig.extra["cuda_graphs"] = bool(getattr(backend, "capture", False))  # still on at the end
+    # Every run decodes the same sources: the tokens of the last one, for comparing the
+    # engine with and without graphs (greedy on the same weights: they must be equal).
+    fig.extra["outputs_sha256"] = hashlib.sha256(
+        json.dumps([outputs[i] for i in range(len(srcs))]).encode()
+    ).hexdigest()
 
 
 PROBE_CACHE = 64  # cache length of the decoder-step probe
@@ -718,6 +734,10 @@ def _run(s: Settings, dev: Device) -> dict[str, Any]:
                     raise
                 bench_engine(dev, fig, version_dir, s, bw)
         probe_batch = 64 if 64 in s.batches else max(s.batches)
+        with stage(figures, name, "serving engine, no CUDA graphs", probe_batch) as fig:
+            if why or version_dir is None:
+                raise Skip(why or "no exported version (see the serving engine rows)")
+            bench_engine(dev, fig, version_dir, s, bw, cuda_graphs=False)
         for engine, graph in (("decoder step", False), ("decoder step, CUDA graph", True)):
             with stage(figures, name, engine, probe_batch) as fig:
                 if why or version_dir is None:
@@ -739,12 +759,21 @@ def ratios(figures: list[Figure]) -> list[str]:
         line = f"{config} b={batch}: HF generate {hf.tokens_per_s:.0f} tok/s"
         if batch == 64 and config == "base":
             line += f" (anchor: {HF_ANCHOR_TOKENS_S} on an H100)"
-        for other in ("serving engine", "pytorch eager"):
+        for other in ("serving engine", "serving engine, no CUDA graphs", "pytorch eager"):
             f = ok.get((config, other, batch))
             if f:
                 target = " (target >= 10x)" if other == "serving engine" and batch == 64 else ""
                 line += f"; {other} {f.tokens_per_s / hf.tokens_per_s:.2f}x{target}"
         lines.append(line)
+    for (config, engine, batch), plain in sorted(ok.items()):
+        graphs = ok.get((config, "serving engine", batch))
+        if engine == "serving engine, no CUDA graphs" and graphs is not None:
+            same = graphs.extra.get("outputs_sha256") == plain.extra.get("outputs_sha256")
+            lines.append(
+                f"{config} b={batch}: serving engine with CUDA graphs "
+                f"{graphs.tokens_per_s / plain.tokens_per_s:.2f}x without; "
+                f"same tokens: {'yes' if same else 'NO'}"
+            )
     return lines
 
 
@@ -771,6 +800,8 @@ def record(path: Path, result: dict[str, Any], command: str) -> None:
     ]
     for f in result["figures"]:
         ok = f["status"] == "ok"
+        if ok and f["engine"] == "serving engine" and not f["extra"].get("cuda_graphs", True):
+            f = {**f, "reason": "(its CUDA graphs were off or fell back: see the log)"}
         times = (
             f"{f['step_ms'] * 1000 / f['roofline_step_us']:.0f}"
             if ok and f["roofline_step_us"]

@@ -21,9 +21,15 @@ Why it is built this way:
   IOBinding, and cache writes and row moves run as tiny ONNX graphs on the same device.
   So do the logits: greedy rows are reduced there (argmax and its log-probability), and
   the [B, V] logits come to the host only when a row samples or searches beams.
-  On CPU they are numpy arrays fed to `session.run` and written in place. The device path
-  also runs on CPU (`EngineOptions(io_binding=True)`), which is how it is tested without
-  a GPU.
+  Decoding a small model on a GPU is bound by kernel launches, so each decode-step shape
+  (rows, cache length, source length) is captured as a CUDA graph at its first step and
+  replayed after: the batch keeps, per shape, fixed device buffers the graph was bound to
+  (service/device.py), writes its caches in place and copies into them what a relayout or
+  an admission produced. The first replay is checked against a plain run; any failure
+  turns graphs off and decoding goes on without them.
+  On CPU they are numpy arrays fed to `session.run` and written in place. The device path,
+  fixed buffers included, also runs on CPU (`EngineOptions(io_binding=True)`), which is
+  how it is tested without a GPU.
 * This module is synchronous and knows nothing of asyncio; the scheduler calls it from a
   worker thread (onnxruntime releases the GIL while it computes).
 """
@@ -34,7 +40,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -52,6 +59,7 @@ from export.runtime import (
     onnx_bytes,
     write_cache,
 )
+from service.device import DEVICE_LOCK, StepBuffers
 from service.domain import (
     DecodingParams,
     FinishReason,
@@ -70,6 +78,12 @@ log = logging.getLogger(__name__)
 CUDA = CUDA_PROVIDER
 CPU = "CPUExecutionProvider"
 MIN_CACHE = 16  # smallest cache capacity / source / prefill bucket
+_NP_TYPES: dict[str, type] = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(bool)": np.bool_,
+}
 _NEG_INF = np.float32(-np.inf)
 
 
@@ -84,6 +98,10 @@ class EngineOptions:
     intra_op_threads: CPU threads per session (0 = the cores this process may use).
     max_batch_size: most rows (sequences + beams) in one batch; bounds the row buckets.
     io_binding: None = on for CUDA only; True runs the device path on CPU (tests).
+    cuda_graphs: on the device path, step on fixed buffers per shape bucket and, on CUDA,
+      replay each step shape as a CUDA graph captured at its first step (checked once
+      against a plain run; any failure falls back to plain runs, logged). On CPU with
+      io_binding the fixed buffers are used without capture (how it is tested).
     warmup: run every shape bucket once at load, within `warmup_budget_s` seconds.
     """
 
@@ -92,6 +110,7 @@ class EngineOptions:
     intra_op_threads: int = 0
     max_batch_size: int = 64
     io_binding: bool | None = None
+    cuda_graphs: bool = True
     warmup: bool = True
     warmup_budget_s: float = 60.0
     device_id: int = 0
@@ -167,9 +186,11 @@ def _session_options(threads: int) -> ort.SessionOptions:
     return so
 
 
-def _providers(provider: str, device_id: int) -> list[Any]:
+def _providers(provider: str, device_id: int, cuda_graph: bool = False) -> list[Any]:
     if provider == CUDA:
         cuda_options = {"device_id": device_id, "arena_extend_strategy": "kSameAsRequested"}
+        if cuda_graph:
+            cuda_options["enable_cuda_graph"] = "1"
         return [(CUDA, cuda_options), CPU]
     return [CPU]
 
@@ -331,8 +352,14 @@ class _NumpyBackend:
     def zeros(self, shape: tuple[int, ...]) -> Any:
         return np.zeros(shape, dtype=self.dtype)
 
+    def new_buffers(self) -> StepBuffers | None:
+        return None  # numpy caches are written in place; any address will do
+
+    def pin(self, x: Any, role: str, buffers: StepBuffers | None) -> Any:
+        return x
+
     def decode(
-        self, feeds: dict[str, Any], want_alignment: bool
+        self, feeds: dict[str, Any], want_alignment: bool, buffers: StepBuffers | None = None
     ) -> tuple[np.ndarray, Any, Any, np.ndarray | None]:
         names = ["logits", "new_k", "new_v"]
         if want_alignment and self.alignment:
@@ -341,12 +368,20 @@ class _NumpyBackend:
         return out[0], out[1], out[2], (out[3] if len(out) > 3 else None)
 
     def write_kv(
-        self, past_k: Any, past_v: Any, new_k: Any, new_v: Any, positions: np.ndarray
+        self,
+        past_k: Any,
+        past_v: Any,
+        new_k: Any,
+        new_v: Any,
+        positions: np.ndarray,
+        buffers: StepBuffers | None = None,
     ) -> tuple[Any, Any]:
         """The step's new keys and values into the caches (in place here)."""
         return write_cache(past_k, new_k, positions), write_cache(past_v, new_v, positions)
 
-    def greedy(self, logits: Any, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def greedy(
+        self, logits: Any, rows: np.ndarray, buffers: StepBuffers | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         return greedy_pick(logits[rows, -1, :].astype(np.float32, copy=False))
 
     def host_logits(self, logits: Any) -> np.ndarray:
@@ -387,7 +422,12 @@ class _NumpyBackend:
 
 class _BoundBackend:
     """Device path: caches are OrtValues on `device`; the decoder's new keys and values
-    stay there, and cache writes and row moves run as helper graphs on the device."""
+    stay there, and cache writes and row moves run as helper graphs on the device.
+
+    With `static` (EngineOptions.cuda_graphs), a batch steps on fixed buffers per shape
+    (`StepBuffers`), each step shape bound once; with `capture` (CUDA) each step shape
+    replays as a CUDA graph captured at its first step. Every device call holds
+    DEVICE_LOCK shared on CUDA, a capture holds it alone (service/device.py says why)."""
 
     def __init__(
         self,
@@ -397,6 +437,10 @@ class _BoundBackend:
         provider: str,
         device_id: int,
         threads: int,
+        vocab_size: int,
+        static: bool = False,
+        capture: bool = False,
+        plain_decoder: Callable[[], ort.InferenceSession] | None = None,
     ) -> None:
         self.decoder_session = decoder
         self.encoder_session = encoder
@@ -404,6 +448,14 @@ class _BoundBackend:
         self.device = "cuda" if provider == CUDA else "cpu"
         self.device_id = device_id if provider == CUDA else 0
         self.alignment = any(o.name == "cross_attention" for o in decoder.get_outputs())
+        self.output_dtypes = {o.name: _NP_TYPES[o.type] for o in decoder.get_outputs()}
+        self.vocab_size = vocab_size
+        self.static = static
+        self.capture = capture
+        self._graph_session = capture  # the decoder session was made with graph capture on
+        self._plain_decoder = plain_decoder
+        self._graph_ids: dict[tuple[int, int, int, int], int] = {}
+        self._verified = False  # a replay checked against a plain run of the same step
         from onnx import TensorProto
 
         elem = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT
@@ -414,13 +466,18 @@ class _BoundBackend:
             "greedy": _greedy_graph(elem),
         }
         self._grids: dict[tuple[tuple[int, ...], int], np.ndarray] = {}
-        self.helpers = {
-            name: ort.InferenceSession(blob, so, providers=_providers(provider, device_id))
-            for name, blob in graphs.items()
-        }
+        with self._shared():
+            self.helpers = {
+                name: ort.InferenceSession(blob, so, providers=_providers(provider, device_id))
+                for name, blob in graphs.items()
+            }
+
+    def _shared(self) -> AbstractContextManager[None]:
+        return DEVICE_LOCK.shared() if self.device == "cuda" else nullcontext()
 
     def _value(self, array: np.ndarray) -> Any:
-        return ort.OrtValue.ortvalue_from_numpy(array, self.device, self.device_id)
+        with self._shared():
+            return ort.OrtValue.ortvalue_from_numpy(array, self.device, self.device_id)
 
     def zeros(self, shape: tuple[int, ...]) -> Any:
         return self._value(np.zeros(shape, dtype=self.dtype))
@@ -432,9 +489,146 @@ class _BoundBackend:
             else:
                 io.bind_ortvalue_input(name, value)
 
+    # --- fixed buffers (CUDA graphs) -----------------------------------------------------
+
+    def new_buffers(self) -> StepBuffers | None:
+        return StepBuffers() if self.static else None
+
+    def pin(self, x: Any, role: str, buffers: StepBuffers | None) -> Any:
+        """`x` in the batch's fixed buffer for its role and shape (copied there if it is
+        not already it: after a relayout, a resize or an admission)."""
+        if buffers is None:
+            return x
+        shape = tuple(x.shape())
+        fixed = buffers.get(role, shape)
+        if fixed is None:
+            fixed = buffers.put(role, self.zeros(shape))
+        if x is not fixed:
+            identity = np.arange(shape[1], dtype=np.int64)
+            self._helper("gather", {"x": x, "idx": identity}, out=fixed)
+        return fixed
+
+    def _small(self, buffers: StepBuffers, name: str, array: np.ndarray) -> Any:
+        """A per-step host input (ids, positions, mask) copied into its fixed buffer."""
+        fixed = buffers.get(name, array.shape)
+        if fixed is None:
+            return buffers.put(name, self._value(np.ascontiguousarray(array)))
+        with self._shared():
+            fixed.update_inplace(np.ascontiguousarray(array))
+        return fixed
+
+    def _output(self, buffers: StepBuffers, name: str, shape: tuple[int, ...]) -> Any:
+        fixed = buffers.get(name, shape)
+        if fixed is None:
+            fixed = buffers.put(name, self._value(np.zeros(shape, self.output_dtypes[name])))
+        return fixed
+
+    def _step_binding(
+        self, feeds: dict[str, Any], buffers: StepBuffers
+    ) -> tuple[tuple[int, int, int], Any, dict[str, Any]]:
+        """The step's IOBinding on fixed buffers (made once per step shape); the small
+        inputs copied in. The caches in `feeds` must be the pinned ones."""
+        rows, cache = feeds["past_k"].shape()[1], feeds["past_k"].shape()[3]
+        source = feeds["cross_k"].shape()[3] if "cross_k" in feeds else 0
+        key = (rows, cache, source)
+        for role in STACKED:
+            if role in feeds and feeds[role] is not buffers.get(role, feeds[role].shape()):
+                raise ValueError(f"{role} is not the batch's fixed buffer: pin() it first")
+        small = {k: self._small(buffers, k, v) for k, v in feeds.items() if k not in STACKED}
+        L, _, H, _, D = feeds["past_k"].shape()
+        outputs = {
+            "logits": self._output(buffers, "logits", (rows, 1, self.vocab_size)),
+            "new_k": self._output(buffers, "new_k", (L, rows, H, 1, D)),
+            "new_v": self._output(buffers, "new_v", (L, rows, H, 1, D)),
+        }
+        if self.alignment:
+            outputs["cross_attention"] = self._output(buffers, "cross_attention", (rows, 1, source))
+        session, io = buffers.bindings.get(key, (None, None))
+        if session is not self.decoder_session:  # first step of this shape, or a new session
+            io = self.decoder_session.io_binding()
+            for name, value in small.items():
+                io.bind_ortvalue_input(name, value)
+            bind_layers(io, feeds, self.device, self.device_id)
+            for name, value in outputs.items():
+                io.bind_ortvalue_output(name, value)
+            buffers.bindings[key] = (self.decoder_session, io)
+        return key, io, outputs
+
+    def _run_options(self, graph_id: int) -> ort.RunOptions:
+        options = ort.RunOptions()
+        options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        return options
+
+    def _decode_static(
+        self, feeds: dict[str, Any], want_alignment: bool, buffers: StepBuffers
+    ) -> tuple[Any, Any, Any, np.ndarray | None]:
+        key, io, out = self._step_binding(feeds, buffers)
+        if not self.capture:
+            with self._shared():
+                self.decoder_session.run_with_iobinding(io, self._plain_options())
+        else:
+            graph = (buffers.id, *key)
+            known = graph in self._graph_ids
+            if not known:
+                self._graph_ids[graph] = len(self._graph_ids) + 1
+            options = self._run_options(self._graph_ids[graph])
+            try:
+                # The first run of a graph id runs the step and captures it; later ones
+                # replay it on the same buffers.
+                with DEVICE_LOCK.shared() if known else DEVICE_LOCK.exclusive():
+                    self.decoder_session.run_with_iobinding(io, options)
+                if not self._verified:
+                    self._verify(io, options, out["logits"])
+            except Exception:
+                log.exception("CUDA graph capture or replay failed: decoding without graphs")
+                self._stop_capture()
+                _, io, out = self._step_binding(feeds, buffers)
+                with self._shared():
+                    self.decoder_session.run_with_iobinding(io, self._plain_options())
+        align = None
+        if want_alignment and self.alignment:
+            with self._shared():
+                align = out["cross_attention"].numpy()
+        return out["logits"], out["new_k"], out["new_v"], align
+
+    def _verify(self, io: Any, replay: ort.RunOptions, logits: Any) -> None:
+        """Once: the replayed step's logits against a plain run of the same bound step.
+        A mismatch turns capture off (logged), so a graph can never serve wrong tokens."""
+        with self._shared():
+            self.decoder_session.run_with_iobinding(io, replay)
+            replayed = logits.numpy().astype(np.float32)
+            self.decoder_session.run_with_iobinding(io, self._plain_options())
+            plain = logits.numpy().astype(np.float32)
+        self._verified = True
+        worst = float(np.max(np.abs(replayed - plain))) if plain.size else 0.0
+        if not np.allclose(replayed, plain, rtol=1e-3, atol=1e-3):
+            log.error(
+                "a CUDA graph replay differs from a plain run (max |diff| %.3g): "
+                "decoding without graphs", worst,
+            )  # fmt: skip
+            self._stop_capture()
+
+    def _plain_options(self) -> ort.RunOptions | None:
+        """A run without a graph: a session with capture on needs to be told (id -1)."""
+        return self._run_options(-1) if self._graph_session else None
+
+    def _stop_capture(self) -> None:
+        """Plain runs from now on, on a decoder session made without graph capture (a
+        session with it would still try to capture runs without a graph id)."""
+        self.capture = False
+        self._graph_ids.clear()
+        if self._plain_decoder is not None:
+            with self._shared():
+                self.decoder_session = self._plain_decoder()
+            self._graph_session = False
+
+    # --- the step ------------------------------------------------------------------------
+
     def decode(
-        self, feeds: dict[str, Any], want_alignment: bool
-    ) -> tuple[np.ndarray, Any, Any, np.ndarray | None]:
+        self, feeds: dict[str, Any], want_alignment: bool, buffers: StepBuffers | None = None
+    ) -> tuple[Any, Any, Any, np.ndarray | None]:
+        if buffers is not None and feeds["input_ids"].shape[1] == 1:
+            return self._decode_static(feeds, want_alignment, buffers)
         io = self.decoder_session.io_binding()
         self._bind_inputs(io, {k: v for k, v in feeds.items() if k not in STACKED})
         bind_layers(io, feeds, self.device, self.device_id)
@@ -443,15 +637,42 @@ class _BoundBackend:
         io.bind_output("new_v", self.device, self.device_id)
         if self.alignment:
             io.bind_output("cross_attention", self.device, self.device_id)
-        self.decoder_session.run_with_iobinding(io)
-        outputs = io.get_outputs()
-        align = outputs[3].numpy() if self.alignment and want_alignment else None
+        with self._shared():
+            self.decoder_session.run_with_iobinding(io, self._plain_options())
+            outputs = io.get_outputs()
+            align = outputs[3].numpy() if self.alignment and want_alignment else None
         return outputs[0], outputs[1], outputs[2], align
 
+    def _bound_helper(
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        tensors: tuple[Any, ...],
+        buffers: StepBuffers | None,
+    ) -> tuple[Any, bool]:
+        """A helper's IOBinding: made afresh, or (fixed buffers) the one made for these
+        same `tensors` at this shape. Returns it and whether it must be bound."""
+        session = self.helpers[name]
+        if buffers is None:
+            return session.io_binding(), True
+        made = buffers.helper_bindings.get((name, shape))
+        if made is not None and all(a is b for a, b in zip(made[0], tensors, strict=True)):
+            return made[1], False
+        io = session.io_binding()
+        buffers.helper_bindings[(name, shape)] = (tensors, io)
+        return io, True
+
     def write_kv(
-        self, past_k: Any, past_v: Any, new_k: Any, new_v: Any, positions: np.ndarray
+        self,
+        past_k: Any,
+        past_v: Any,
+        new_k: Any,
+        new_v: Any,
+        positions: np.ndarray,
+        buffers: StepBuffers | None = None,
     ) -> tuple[Any, Any]:
-        """Both caches written by one helper run on the device, sharing one index tensor."""
+        """Both caches written in place by one helper run on the device (ScatterND's
+        output bound to its input: onnxruntime skips the copy), sharing one index tensor."""
         shape, steps = tuple(past_k.shape()), new_k.shape()[3]
         grid = self._grids.get((shape, steps))
         if grid is None:  # per shape bucket: the [L, B, H, T] grid with slots 0..T-1
@@ -459,34 +680,39 @@ class _BoundBackend:
             self._grids[(shape, steps)] = grid
         idx = grid.copy()
         idx[..., 3] += positions[None, :, None, None]
-        session = self.helpers["write_kv"]
-        io = session.io_binding()
-        self._bind_inputs(
-            io, {"cache_k": past_k, "cache_v": past_v, "new_k": new_k, "new_v": new_v}
-        )
+        io, fresh = self._bound_helper("write_kv", shape, (past_k, past_v, new_k, new_v), buffers)
+        if fresh:
+            self._bind_inputs(
+                io, {"cache_k": past_k, "cache_v": past_v, "new_k": new_k, "new_v": new_v}
+            )
+            io.bind_ortvalue_output("y_k", past_k)
+            io.bind_ortvalue_output("y_v", past_v)
         io.bind_cpu_input("idx", idx)
-        io.bind_output("y_k", self.device, self.device_id)
-        io.bind_output("y_v", self.device, self.device_id)
-        session.run_with_iobinding(io)
-        yk, yv = io.get_outputs()
-        return yk, yv
+        with self._shared():
+            self.helpers["write_kv"].run_with_iobinding(io)
+        return past_k, past_v
 
-    def greedy(self, logits: Any, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def greedy(
+        self, logits: Any, rows: np.ndarray, buffers: StepBuffers | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         # Reduced over every row of the batch (a bucket): one shape per bucket, warmed up
         # with the decoder; the rows asked for are picked on the host.
         session = self.helpers["greedy"]
-        io = session.io_binding()
-        io.bind_ortvalue_input("logits", logits)
-        io.bind_output("ids", "cpu")
-        io.bind_output("picked", "cpu")
-        session.run_with_iobinding(io)
-        ids, picked = io.get_outputs()
-        return ids.numpy()[rows], picked.numpy()[rows]
+        io, fresh = self._bound_helper("greedy", tuple(logits.shape()), (logits,), buffers)
+        if fresh:
+            io.bind_ortvalue_input("logits", logits)
+            io.bind_output("ids", "cpu")
+            io.bind_output("picked", "cpu")
+        with self._shared():
+            session.run_with_iobinding(io)
+            ids, picked = io.get_outputs()
+            return ids.numpy()[rows], picked.numpy()[rows]
 
     def host_logits(self, logits: Any) -> np.ndarray:
         """The last position's logits of every row, float32 [B, V], on the host (only
         when a row samples or searches beams)."""
-        return np.asarray(logits.numpy()[:, -1, :], dtype=np.float32)
+        with self._shared():
+            return np.asarray(logits.numpy()[:, -1, :], dtype=np.float32)
 
     def encode(self, src_ids: np.ndarray, src_mask: np.ndarray) -> tuple[Any, Any]:
         assert self.encoder_session is not None
@@ -495,17 +721,22 @@ class _BoundBackend:
         io.bind_cpu_input("src_mask", src_mask)
         io.bind_output("cross_k", self.device, self.device_id)
         io.bind_output("cross_v", self.device, self.device_id)
-        self.encoder_session.run_with_iobinding(io)
-        out = io.get_outputs()
+        with self._shared():
+            self.encoder_session.run_with_iobinding(io)
+            out = io.get_outputs()
         return out[0], out[1]
 
-    def _helper(self, name: str, feeds: dict[str, Any]) -> Any:
+    def _helper(self, name: str, feeds: dict[str, Any], out: Any = None) -> Any:
         session = self.helpers[name]
         io = session.io_binding()
         self._bind_inputs(io, feeds)
-        io.bind_output("y", self.device, self.device_id)
-        session.run_with_iobinding(io)
-        return io.get_outputs()[0]
+        if out is None:
+            io.bind_output("y", self.device, self.device_id)
+        else:
+            io.bind_ortvalue_output("y", out)
+        with self._shared():
+            session.run_with_iobinding(io)
+            return io.get_outputs()[0]
 
     def gather(self, x: Any, perm: np.ndarray) -> Any:
         return self._helper("gather", {"x": x, "idx": perm.astype(np.int64)})
@@ -531,7 +762,8 @@ class _BoundBackend:
         return self._helper("pad", {"x": x, "pads": pads})
 
     def host(self, x: Any) -> np.ndarray:
-        return np.asarray(x.numpy())
+        with self._shared():
+            return np.asarray(x.numpy())
 
 
 Backend = _NumpyBackend | _BoundBackend
@@ -587,27 +819,39 @@ class Engine:
         )
         self.threads = _threads(self.options.intra_op_threads)
         so = _session_options(self.threads)
-        providers = _providers(self.provider, self.options.device_id)
         if self.provider == CUDA and hasattr(ort, "preload_dlls"):
             ort.preload_dlls()
 
-        def session(graph: str) -> ort.InferenceSession:
+        def session(graph: str, capture: bool = False) -> ort.InferenceSession:
             entry = manifest.graph(self.variant, graph)
-            return ort.InferenceSession(str(self.path / entry.path), so, providers=providers)
+            chosen = _providers(self.provider, self.options.device_id, capture)
+            lock = DEVICE_LOCK.shared() if self.provider == CUDA else nullcontext()
+            with lock:
+                return ort.InferenceSession(str(self.path / entry.path), so, providers=chosen)
 
-        decoder = session("decoder")
-        encoder = session("encoder") if self.task is Task.TRANSLATION else None
-        actual = decoder.get_providers()[0]
-        if actual != self.provider:
-            raise RuntimeError(
-                f"{self.name}/{self.version}: asked for {self.provider}, got {actual}"
-            )
         bound = (
             self.options.io_binding
             if self.options.io_binding is not None
             else self.provider == CUDA
         )
         self.io_binding = bound
+        static = bound and self.options.cuda_graphs
+        capture = static and self.provider == CUDA
+        decoder = None
+        if capture:
+            try:
+                decoder = session("decoder", capture=True)
+            except Exception as error:  # e.g. a node onnxruntime keeps off the GPU
+                log.warning("%s/%s: no CUDA graphs (%s)", self.name, self.version, error)
+                capture = False
+        if decoder is None:
+            decoder = session("decoder")
+        encoder = session("encoder") if self.task is Task.TRANSLATION else None
+        actual = decoder.get_providers()[0]
+        if actual != self.provider:
+            raise RuntimeError(
+                f"{self.name}/{self.version}: asked for {self.provider}, got {actual}"
+            )
         self.backend: Backend = (
             _BoundBackend(
                 decoder,
@@ -616,14 +860,18 @@ class Engine:
                 self.provider,
                 self.options.device_id,
                 self.threads,
+                self.vocab_size,
+                static=static,
+                capture=capture,
+                plain_decoder=(lambda: session("decoder")) if capture else None,
             )
             if bound
             else _NumpyBackend(decoder, encoder, self.float_dtype)
         )
         self.warmup_report: WarmupReport | None = None
         log.info(
-            "engine %s/%s: %s, variant %s, %d threads, io_binding=%s",
-            self.name, self.version, self.provider, self.variant, self.threads, bound,
+            "engine %s/%s: %s, variant %s, %d threads, io_binding=%s, cuda_graphs=%s",
+            self.name, self.version, self.provider, self.variant, self.threads, bound, capture,
         )  # fmt: skip
 
     # --- facts ---------------------------------------------------------------------------
@@ -922,6 +1170,7 @@ class Batch:
         self.active = np.zeros(0, dtype=bool)
         self.src_len = np.zeros(0, dtype=np.int64)
         self.seqs: dict[Hashable, _Seq] = {}
+        self.buffers = self.backend.new_buffers()  # fixed step buffers (CUDA graphs)
 
     # --- facts ---------------------------------------------------------------------------
 
@@ -1187,6 +1436,12 @@ class Batch:
         need_c = int(self.positions[self.active].max()) + 1
         if need_c > self.cache_len:
             self._grow_cache(e.cache_for(need_c))
+        b = self.backend
+        self.past_k = b.pin(self.past_k, "past_k", self.buffers)
+        self.past_v = b.pin(self.past_v, "past_v", self.buffers)
+        if self.cross_k is not None:
+            self.cross_k = b.pin(self.cross_k, "cross_k", self.buffers)
+            self.cross_v = b.pin(self.cross_v, "cross_v", self.buffers)
         want_align = any(s.params.return_alignment for s in self.seqs.values())
         feeds: dict[str, Any] = {
             "input_ids": self.next_ids[:, None].copy(),
@@ -1198,9 +1453,9 @@ class Batch:
             feeds["cross_k"] = self.cross_k
             feeds["cross_v"] = self.cross_v
             feeds["src_mask"] = self.src_mask
-        logits, new_k, new_v, align3 = self.backend.decode(feeds, want_align)
-        self.past_k, self.past_v = self.backend.write_kv(
-            self.past_k, self.past_v, new_k, new_v, self.positions
+        logits, new_k, new_v, align3 = b.decode(feeds, want_align, self.buffers)
+        self.past_k, self.past_v = b.write_kv(
+            self.past_k, self.past_v, new_k, new_v, self.positions, self.buffers
         )
         align = None if align3 is None else align3[:, -1, :].astype(np.float32, copy=False)
         out.rows, out.capacity = active_rows, self.capacity
@@ -1257,7 +1512,7 @@ class Batch:
         greedy = [i for i, s in enumerate(seqs) if s.rng is None]
         if greedy:
             g = np.array(greedy, dtype=np.int64)
-            chosen[g], picked[g] = self.backend.greedy(logits, slots[g])
+            chosen[g], picked[g] = self.backend.greedy(logits, slots[g], self.buffers)
         if sampled:
             assert host is not None
             idx = np.array(sampled, dtype=np.int64)

@@ -137,6 +137,7 @@ def engine_options_from_settings(settings: Settings) -> EngineOptions:
         cpu_variant=settings.cpu_variant,
         intra_op_threads=settings.intra_op_threads,
         max_batch_size=settings.max_batch_size,
+        cuda_graphs=settings.cuda_graphs,
     )
 
 

@@ -60,6 +60,11 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(
         0, ge=0, le=1024, description="onnxruntime intra-op threads (0 = number of cores)."
     )
+    cuda_graphs: bool = Field(
+        True,
+        description="On CUDA, replay each decode-step shape as a CUDA graph captured at its "
+        "first step (checked against a plain run; falls back to plain runs if it fails).",
+    )
     # --- batching ------------------------------------------------------------------------
     max_batch_size: int = Field(
         64, ge=1, le=4096, description="Sequences (rows, beams included) decoded per step."
@@ -187,6 +192,8 @@ def _describe_error(
         rule = f"must be ≥ {ctx.get('ge')}"
     elif kind == "literal_error":
         rule = f"must be one of {ctx.get('expected')}"
+    elif kind == "bool_parsing":
+        rule = "must be true or false"
     elif kind == "extra_forbidden":
         rule = f"unknown setting; known: {', '.join(sorted(Settings.model_fields))}"
     else:

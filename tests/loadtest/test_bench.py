@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -415,12 +416,13 @@ def test_gpu_bench_cpu_dry_run(tmp_path: Path) -> None:
         str(out),
     ]
     assert gpu_bench.main(args) == 0
-    import json
-
     figures = json.loads(out.read_text())["figures"]
     status = {(f["engine"], f["batch"]): f["status"] for f in figures}
     assert status[("pytorch eager", 2)] == "ok", figures
     assert status[("serving engine", 2)] == "ok", figures
+    assert status[("serving engine, no CUDA graphs", 2)] == "ok", figures
+    summary = json.loads(out.read_text())["summary"]
+    assert any("with CUDA graphs" in line and "same tokens: yes" in line for line in summary)
     # The fixed-buffer decoder-step probe runs; its CUDA graph twin needs CUDA.
     assert status[("decoder step", 2)] == "ok", figures
     assert status[("decoder step, CUDA graph", 2)] == "skipped", figures

@@ -66,13 +66,21 @@ def make_engine(name: str, **options: object) -> Engine:
     return Engine(path, load_manifest(path), EngineOptions(**base))  # type: ignore[arg-type]
 
 
-_ENGINES: dict[tuple[str, bool], Engine] = {}
+# The engine's three ways to run a step: numpy arrays (CPU), the device path with
+# IOBinding, and the device path on fixed per-shape buffers (what CUDA graphs replay on;
+# on the CPU the same buffers and bindings, without capture).
+PATHS: dict[str, dict[str, object]] = {
+    "numpy": {},
+    "iobinding": {"io_binding": True, "cuda_graphs": False},
+    "fixed": {"io_binding": True, "cuda_graphs": True},
+}
+_ENGINES: dict[tuple[str, str], Engine] = {}
 
 
-def engine_for(name: str, io_binding: bool = False) -> Engine:
-    key = (name, io_binding)
+def engine_for(name: str, path: str = "numpy") -> Engine:
+    key = (name, path)
     if key not in _ENGINES:
-        _ENGINES[key] = make_engine(name, io_binding=io_binding)
+        _ENGINES[key] = make_engine(name, **PATHS[path])
     return _ENGINES[key]
 
 
@@ -132,10 +140,10 @@ def assert_same(result: SequenceResult, expected: list[Hypothesis], align: bool 
 # --- greedy and beam against the reference --------------------------------------------------
 
 
-@pytest.mark.parametrize("io_binding", [False, True], ids=["numpy", "iobinding"])
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("name", [TRANSLATOR, LM])
-def test_greedy_equals_reference_with_rows_joining_midway(name: str, io_binding: bool) -> None:
-    engine = engine_for(name, io_binding)
+def test_greedy_equals_reference_with_rows_joining_midway(name: str, path: str) -> None:
+    engine = engine_for(name, path)
     texts = TEXTS[name]
     results, _ = run_staggered(
         engine, [request(name, t, max_new_tokens=40) for t in texts], JOIN_AT
@@ -150,12 +158,12 @@ def test_greedy_equals_reference_with_rows_joining_midway(name: str, io_binding:
 @pytest.mark.parametrize(
     ("beam", "n_best", "length_penalty"), [(3, 2, 1.0), (4, 4, 0.6), (2, 1, 0.0)]
 )
-@pytest.mark.parametrize("io_binding", [False, True], ids=["numpy", "iobinding"])
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("name", [TRANSLATOR, LM])
 def test_beam_equals_reference(
-    name: str, io_binding: bool, beam: int, n_best: int, length_penalty: float
+    name: str, path: str, beam: int, n_best: int, length_penalty: float
 ) -> None:
-    engine = engine_for(name, io_binding)
+    engine = engine_for(name, path)
     texts = TEXTS[name][:4]
     params = dict(max_new_tokens=24, beam_size=beam, n_best=n_best, length_penalty=length_penalty)
     requests = [request(name, t, **params) for t in texts]  # type: ignore[arg-type]
@@ -165,11 +173,11 @@ def test_beam_equals_reference(
         assert_same(result, exp)
 
 
-@pytest.mark.parametrize("io_binding", [False, True], ids=["numpy", "iobinding"])
-def test_beam_and_greedy_rows_share_a_batch(io_binding: bool) -> None:
+@pytest.mark.parametrize("path", list(PATHS))
+def test_beam_and_greedy_rows_share_a_batch(path: str) -> None:
     """Greedy, sampled and beam requests in one batch each give what they give alone (on
     the device path greedy rows are reduced there, the others read host logits)."""
-    engine = engine_for(TRANSLATOR, io_binding)
+    engine = engine_for(TRANSLATOR, path)
     requests = [
         request(TRANSLATOR, SOURCES[0], max_new_tokens=30, beam_size=3, n_best=2),
         request(TRANSLATOR, SOURCES[1], max_new_tokens=30),
@@ -379,9 +387,9 @@ def test_continuation_decoding_is_prefix_consistent() -> None:
 # --- batch layout ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("io_binding", [False, True], ids=["numpy", "iobinding"])
-def test_capacity_grows_without_changing_outputs(io_binding: bool) -> None:
-    engine = make_engine(TRANSLATOR, max_batch_size=16, io_binding=io_binding)
+@pytest.mark.parametrize("path", list(PATHS))
+def test_capacity_grows_without_changing_outputs(path: str) -> None:
+    engine = make_engine(TRANSLATOR, max_batch_size=16, **PATHS[path])
     batch = engine.new_batch()
     texts = SOURCES[:5]
     reqs = [request(TRANSLATOR, t, max_new_tokens=60) for t in texts]
@@ -404,11 +412,11 @@ def test_capacity_grows_without_changing_outputs(io_binding: bool) -> None:
         assert_same(results[i], exp)
 
 
-@pytest.mark.parametrize("io_binding", [False, True], ids=["numpy", "iobinding"])
-def test_shapes_shrink_to_the_live_rows_when_a_long_request_leaves(io_binding: bool) -> None:
+@pytest.mark.parametrize("path", list(PATHS))
+def test_shapes_shrink_to_the_live_rows_when_a_long_request_leaves(path: str) -> None:
     """A step costs what its shapes cost: once a long request leaves, the cache length and
     source width go back to what the remaining rows need (they used to stay at the max)."""
-    engine = make_engine(TRANSLATOR, max_batch_size=4, io_binding=io_binding)
+    engine = make_engine(TRANSLATOR, max_batch_size=4, **PATHS[path])
     outputs = reference(TRANSLATOR, SOURCES, DecodingOptions(max_new_tokens=60))
     long_i = max(range(len(SOURCES)), key=lambda i: len(outputs[i][0].tokens))
     short_i = min(range(len(SOURCES)), key=lambda i: len(engine.encode(SOURCES[i])))
@@ -431,9 +439,9 @@ def test_shapes_shrink_to_the_live_rows_when_a_long_request_leaves(io_binding: b
     assert_same(results["short"], outputs[short_i])
 
 
-@pytest.mark.parametrize("io_binding", [False, True], ids=["numpy", "iobinding"])
-def test_removed_rows_free_their_slots_and_the_rest_continue(io_binding: bool) -> None:
-    engine = make_engine(LM, max_batch_size=8, io_binding=io_binding)
+@pytest.mark.parametrize("path", list(PATHS))
+def test_removed_rows_free_their_slots_and_the_rest_continue(path: str) -> None:
+    engine = make_engine(LM, max_batch_size=8, **PATHS[path])
     batch = engine.new_batch()
     reqs = [request(LM, p, max_new_tokens=30) for p in PROMPTS]
     batch.add([BatchItem(i, r, engine.encode(r.text)) for i, r in enumerate(reqs)])
@@ -593,7 +601,7 @@ def test_greedy_head_equals_log_softmax_argmax(dtype: type) -> None:
 def test_device_greedy_and_host_logits_equal_numpy() -> None:
     """The device path's greedy reduction and host copy of logits left as an OrtValue
     give what the numpy path gives from the array."""
-    engine = engine_for(TRANSLATOR, io_binding=True)
+    engine = engine_for(TRANSLATOR, "iobinding")
     bound, plain = engine.backend, engine_for(TRANSLATOR).backend
     logits = np.random.default_rng(2).normal(size=(4, 1, 96)).astype(np.float32)
     value = bound._value(logits)  # type: ignore[union-attr]
@@ -606,9 +614,9 @@ def test_device_greedy_and_host_logits_equal_numpy() -> None:
 
 
 def test_device_cache_write_equals_numpy() -> None:
-    """Keys and values written by one device helper run, its index grid reused across
-    steps of a shape, land where numpy's in-place write puts them."""
-    bound = engine_for(LM, io_binding=True).backend
+    """Keys and values written in place by one device helper run, its index grid reused
+    across steps of a shape, land where numpy's in-place write puts them."""
+    bound = engine_for(LM, "iobinding").backend
     plain = engine_for(LM).backend
     assert isinstance(bound, _BoundBackend)
     rng = np.random.default_rng(3)
@@ -617,20 +625,16 @@ def test_device_cache_write_equals_numpy() -> None:
     for positions in (np.array([0, 5, 2]), np.array([1, 6, 3]), np.array([4, 4, 0])):
         new_k, new_v = (rng.normal(size=(2, 3, 2, 1, 4)).astype(np.float32) for _ in range(2))
         k, v = plain.write_kv(k, v, new_k, new_v, positions)
-        dk, dv = bound.write_kv(
-            dk,
-            dv,
-            bound._value(new_k),
-            bound._value(new_v),
-            positions,
-        )
+        before = dk.data_ptr(), dv.data_ptr()
+        written = bound.write_kv(dk, dv, bound._value(new_k), bound._value(new_v), positions)
+        assert written == (dk, dv) and (dk.data_ptr(), dv.data_ptr()) == before  # in place
         np.testing.assert_array_equal(bound.host(dk), k)
         np.testing.assert_array_equal(bound.host(dv), v)
 
 
 def test_device_row_moves_equal_numpy() -> None:
     """The helper graphs the device path uses for row moves do what numpy does."""
-    bound = engine_for(LM, io_binding=True).backend
+    bound = engine_for(LM, "iobinding").backend
     plain = engine_for(LM).backend
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 4, 3, 8, 5)).astype(np.float32)
@@ -657,6 +661,141 @@ def test_device_row_moves_equal_numpy() -> None:
     both("move", x, dst, src)
     both("resize", x, 16)
     both("resize", x, 3)
+
+
+def test_fixed_buffers_keep_their_addresses_for_each_step_shape(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What a CUDA graph replays on: every step of a shape binds the same device buffers
+    (caches written in place, admissions and relayouts copied into them), one binding per
+    step shape (the cache write's and greedy's too), and the outputs equal the reference."""
+    engine = make_engine(TRANSLATOR, **PATHS["fixed"])
+    bound = engine.backend
+    assert isinstance(bound, _BoundBackend) and bound.static and not bound.capture
+    made: list[str] = []
+    for name in ("write_kv", "greedy"):
+        session = bound.helpers[name]
+        real = session.io_binding
+        monkeypatch.setattr(session, "io_binding", lambda n=name, r=real: made.append(n) or r())
+    batch = engine.new_batch()
+    buffers = batch.buffers
+    assert buffers is not None
+    texts = SOURCES[:5]
+    reqs = [request(TRANSLATOR, t, max_new_tokens=60) for t in texts]
+    addresses: dict[tuple[str, tuple[int, ...]], set[int]] = {}
+    results: dict[Hashable, SequenceResult] = {}
+    step = 0
+    while len(results) < len(reqs):
+        joining = [
+            BatchItem(i, reqs[i], engine.encode(texts[i]))
+            for i in ([0] if step == 0 else [1, 2, 3, 4] if step == 3 else [])
+        ]
+        batch.add(joining)
+        results.update(batch.step().finished)
+        for role in ("past_k", "past_v", "cross_k", "cross_v"):
+            value = getattr(batch, role)
+            if len(batch):
+                assert value is buffers.get(role, value.shape())
+                assert value is not None
+                addresses.setdefault((role, tuple(value.shape())), set()).add(value.data_ptr())
+        step += 1
+    assert len({shape for _, shape in addresses}) >= 3  # rows, cache and source changed
+    assert all(len(ptrs) == 1 for ptrs in addresses.values()), addresses
+    assert len(buffers.bindings) >= 3
+    assert step > 2 * len(buffers.bindings)
+    assert made.count("write_kv") == len({(r, c) for r, c, _ in buffers.bindings})  # per cache
+    assert made.count("greedy") == len({r for r, _, _ in buffers.bindings})  # per logits shape
+    expected = reference(TRANSLATOR, texts, DecodingOptions(max_new_tokens=60))
+    for i, exp in enumerate(expected):
+        assert_same(results[i], exp)
+
+
+def test_a_step_on_unpinned_caches_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Binding a cache that is not the batch's fixed buffer would make a replayed graph read
+    stale memory: the device path refuses it."""
+    engine = engine_for(LM, "fixed")
+    bound = engine.backend
+    assert isinstance(bound, _BoundBackend)
+    buffers = bound.new_buffers()
+    assert buffers is not None
+    shape = (engine.layers, 1, engine.heads, 16, engine.head_dim)
+    feeds = {
+        "input_ids": np.zeros((1, 1), dtype=np.int64),
+        "positions": np.zeros(1, dtype=np.int64),
+        "past_k": bound.zeros(shape),
+        "past_v": bound.zeros(shape),
+    }
+    with pytest.raises(ValueError, match="past_k is not the batch's fixed buffer"):
+        bound.decode(feeds, False, buffers)
+    copies: list[str] = []
+    real_helper = bound._helper
+
+    def helper(name: str, feeds: dict[str, object], out: object = None) -> object:
+        copies.append(name)
+        return real_helper(name, feeds, out)
+
+    monkeypatch.setattr(bound, "_helper", helper)
+    pinned = bound.pin(feeds["past_k"], "past_k", buffers)
+    assert pinned is not feeds["past_k"] and copies == ["gather"]
+    np.testing.assert_array_equal(bound.host(pinned), bound.host(feeds["past_k"]))
+    assert bound.pin(pinned, "past_k", buffers) is pinned and copies == ["gather"]
+
+
+class _FlakyReplay:
+    """A decoder session whose graph runs (gpu_graph_id > 0) go wrong: they add noise to
+    the logits, or raise."""
+
+    def __init__(self, session: ort.InferenceSession, fail: str) -> None:
+        self.session, self.fail, self.graph_runs = session, fail, 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.session, name)
+
+    def run_with_iobinding(self, io: object, options: ort.RunOptions | None = None) -> None:
+        graph = options is not None and int(options.get_run_config_entry("gpu_graph_id")) > 0
+        if graph:
+            self.graph_runs += 1
+            if self.fail == "raise":
+                raise RuntimeError(
+                    "CUDA error 900: operation not permitted when stream is capturing"
+                )
+        self.session.run_with_iobinding(io, options)  # type: ignore[arg-type]
+        if graph and self.fail == "differ":
+            logits = io.get_outputs()[0]  # type: ignore[attr-defined]
+            logits.update_inplace(logits.numpy() + 1.0)
+
+
+@pytest.mark.parametrize("fail", ["none", "differ", "raise"])
+def test_cuda_graph_replays_are_checked_and_a_bad_one_falls_back(fail: str) -> None:
+    """The capture path's control flow, run on the CPU (where a graph id is ignored): the
+    first graph run is checked against a plain run of the same bound step; a replay that
+    differs or a capture that raises turns graphs off for good, on a session made without
+    capture, and every answer still equals the reference."""
+    engine = make_engine(LM, **PATHS["fixed"])
+    bound = engine.backend
+    assert isinstance(bound, _BoundBackend)
+    flaky = _FlakyReplay(bound.decoder_session, fail)
+    plain_sessions: list[ort.InferenceSession] = []
+
+    def plain() -> ort.InferenceSession:
+        plain_sessions.append(flaky.session)
+        return flaky.session
+
+    bound.decoder_session = flaky  # type: ignore[assignment]
+    bound.capture = bound._graph_session = True
+    bound._plain_decoder = plain
+    reqs = [request(LM, t, max_new_tokens=30) for t in PROMPTS]
+    results, _ = run_staggered(engine, reqs, JOIN_AT)
+    for result, exp in zip(
+        results, reference(LM, PROMPTS, DecodingOptions(max_new_tokens=30)), strict=True
+    ):
+        assert_same(result, exp)
+    if fail == "none":
+        assert bound.capture and bound._verified and not plain_sessions
+        assert flaky.graph_runs > 10 and len(bound._graph_ids) >= 3
+    else:
+        assert not bound.capture and not bound._graph_session and len(plain_sessions) == 1
+        assert bound.decoder_session is flaky.session and flaky.graph_runs <= 2
 
 
 def test_cache_lengths_follow_the_rows_on_cpu_and_stay_powers_of_two_on_device() -> None:

@@ -70,6 +70,8 @@ def test_precedence_flags_over_env_over_yaml(
         ({"SERVE_PROVIDER": "tpu"}, {}, "SERVE_PROVIDER=tpu: must be one of"),
         ({"SERVE_BATCHING": "dynamic"}, {}, "'continuous', 'static' or 'static-hold'"),
         ({"SERVE_DRAIN_GRACE_S": "soon"}, {}, "SERVE_DRAIN_GRACE_S=soon"),
+        ({"SERVE_CUDA_GRAPHS": "maybe"}, {}, "SERVE_CUDA_GRAPHS=maybe: must be true or false"),
+        ({}, {"cuda_graphs": "perhaps"}, "--cuda-graphs perhaps: must be true or false"),
         ({}, {"default_max_new_tokens": 600}, "default_max_new_tokens (600) must be ≤"),
         ({}, {"tls_cert": Path("/nonexistent.pem")}, "tls_cert and tls_key go together"),
         ({"SERVE_AUTH_TOKEN": " "}, {}, "auth_token is empty"),
@@ -124,3 +126,13 @@ def test_cli_help_and_errors() -> None:
     bad = subprocess.run([*run, "--port", "70000"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2
     assert "--port 70000: must be ≤ 65535" in bad.stderr
+
+
+def test_cuda_graphs_reach_the_engine_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The switch goes from env or flag to the engines the scheduler builds (on by default)."""
+    from service.scheduler import engine_options_from_settings
+
+    assert engine_options_from_settings(load_settings()).cuda_graphs is True
+    monkeypatch.setenv("SERVE_CUDA_GRAPHS", "false")
+    assert engine_options_from_settings(load_settings()).cuda_graphs is False
+    assert engine_options_from_settings(load_settings(cuda_graphs="true")).cuda_graphs is True
