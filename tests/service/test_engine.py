@@ -4,7 +4,7 @@ tokens, finish reasons and (to float rounding) scores, whatever the batch around
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -23,10 +23,12 @@ from service.domain import (
     Task,
 )
 from service.engine import (
+    CUDA,
     BatchItem,
     Engine,
     EngineOptions,
     _BoundBackend,
+    _providers,
     bucket,
     decode_all,
     log_softmax,
@@ -673,10 +675,19 @@ def test_fixed_buffers_keep_their_addresses_for_each_step_shape(
     bound = engine.backend
     assert isinstance(bound, _BoundBackend) and bound.static and not bound.capture
     made: list[str] = []
+
+    def counted(name: str, session: ort.InferenceSession) -> Callable[[], object]:
+        real = session.io_binding
+
+        def io_binding() -> object:
+            made.append(name)
+            return real()
+
+        return io_binding
+
     for name in ("write_kv", "greedy"):
         session = bound.helpers[name]
-        real = session.io_binding
-        monkeypatch.setattr(session, "io_binding", lambda n=name, r=real: made.append(n) or r())
+        monkeypatch.setattr(session, "io_binding", counted(name, session))
     batch = engine.new_batch()
     buffers = batch.buffers
     assert buffers is not None
@@ -708,6 +719,20 @@ def test_fixed_buffers_keep_their_addresses_for_each_step_shape(
     expected = reference(TRANSLATOR, texts, DecodingOptions(max_new_tokens=60))
     for i, exp in enumerate(expected):
         assert_same(results[i], exp)
+
+
+def test_only_a_cuda_decoder_session_asks_for_graph_capture() -> None:
+    """enable_cuda_graph goes to the CUDA provider of the decoder made for capture and
+    nowhere else; the device path without graphs keeps no fixed buffers."""
+    cuda = _providers(CUDA, 1, cuda_graph=True)
+    assert cuda[0] == (
+        CUDA,
+        {"device_id": 1, "arena_extend_strategy": "kSameAsRequested", "enable_cuda_graph": "1"},
+    )
+    assert "enable_cuda_graph" not in _providers(CUDA, 1)[0][1]
+    assert _providers("CPUExecutionProvider", 0, cuda_graph=True) == ["CPUExecutionProvider"]
+    assert engine_for(TRANSLATOR, "iobinding").new_batch().buffers is None
+    assert engine_for(TRANSLATOR).new_batch().buffers is None
 
 
 def test_a_step_on_unpinned_caches_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
