@@ -882,6 +882,14 @@ class Engine:
         return json.dumps(self.manifest.config, sort_keys=True)
 
     @property
+    def cuda_graphs(self) -> bool | None:
+        """Whether decode steps replay as CUDA graphs (False once they fell back); None
+        where they do not apply: on the CPU, or with `cuda_graphs` off."""
+        if self.provider != CUDA or not self.options.cuda_graphs:
+            return None
+        return bool(getattr(self.backend, "capture", False))
+
+    @property
     def row_buckets(self) -> list[int]:
         return buckets(1, bucket(self.max_batch_size, 1, 1 << 30))
 

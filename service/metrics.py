@@ -138,6 +138,13 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.cuda_graphs = Gauge(
+            "inference_cuda_graphs",
+            "1 while a GPU model version's decode steps replay as CUDA graphs, 0 once they "
+            "fell back to plain runs (the log says why); absent on CPU or with graphs off.",
+            ["model", "version"],
+            registry=r,
+        )
         self.gpu_memory_used = GpuMemoryCollector()
         r.register(self.gpu_memory_used)
 

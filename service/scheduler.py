@@ -438,6 +438,9 @@ class _ModelLoop:
         m.running_sequences.labels(label).set(len(self.running))
         m.free_cache_slots.labels(label).set(self.config.max_batch_size - self.rows_used)
         m.estimated_queue_wait.labels(label).set(self.estimate_wait(1))
+        graphs = self.engine.cuda_graphs
+        if graphs is not None:
+            m.cuda_graphs.labels(self.entry.name, str(self.entry.version)).set(int(graphs))
 
     def _finish(
         self, job: _Job, result: SequenceResult | None, error: BaseException | None = None
@@ -510,6 +513,8 @@ class _ModelLoop:
         if self._worker is not None:
             await asyncio.to_thread(self._worker.join)
         self.metrics.model_ready.labels(self.entry.name, str(self.entry.version)).set(0)
+        with contextlib.suppress(KeyError):  # only GPU versions with graphs asked have it
+            self.metrics.cuda_graphs.remove(self.entry.name, str(self.entry.version))
 
 
 EngineFactory = Callable[[ModelVersion, EngineOptions], Engine]

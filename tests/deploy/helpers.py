@@ -29,7 +29,7 @@ KUBERNETES_VERSION = "1.31.0"
 # Written by Prometheus itself for every target, not by the service.
 PROMETHEUS_SERIES = frozenset({"up", "scrape_duration_seconds", "scrape_samples_scraped"})
 # Exported only where a GPU is in use (absent from a CPU server's scrape).
-GPU_ONLY = frozenset({"inference_gpu_memory_used_bytes"})
+GPU_ONLY = frozenset({"inference_gpu_memory_used_bytes", "inference_cuda_graphs"})
 # Kinds without a schema in kubernetes-validate (Prometheus Operator CRDs), checked otherwise.
 CRD_KINDS = frozenset({"ServiceMonitor", "PrometheusRule"})
 

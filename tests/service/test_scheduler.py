@@ -29,7 +29,7 @@ from service.domain import (
 )
 from service.engine import Batch, Engine, EngineOptions, decode_all
 from service.metrics import Metrics
-from service.repository import ModelRepository
+from service.repository import ModelRepository, ModelVersion
 from service.scheduler import DEFAULT_MODELS, EngineFactory, Scheduler, SchedulerConfig
 from tests.service._engine_models import (
     LM,
@@ -506,6 +506,34 @@ def test_reload_serves_new_versions_and_drains_retired_ones(tmp_path: Path) -> N
     run(main, make_scheduler(root, factory=slow_engine_factory(STEP_DELAY)))
 
 
+def test_cuda_graphs_gauge_follows_the_engine_and_leaves_with_it() -> None:
+    """inference_cuda_graphs: 1 while a version replays CUDA graphs, 0 once it fell back,
+    no series for a version where graphs do not apply, removed when the version stops."""
+    state = {"graphs": True}
+
+    class GraphEngine(Engine):
+        @property
+        def cuda_graphs(self) -> bool | None:
+            return state["graphs"] if self.task is Task.TRANSLATION else None
+
+    def factory(entry: ModelVersion, options: EngineOptions) -> Engine:
+        return GraphEngine(entry.path, entry.manifest, options)
+
+    es, lm = {"model": TRANSLATOR, "version": "1"}, {"model": LM, "version": "1"}
+
+    async def main(s: Scheduler) -> Scheduler:
+        registry = s.metrics.registry
+        await wait_until(lambda: registry.get_sample_value("inference_cuda_graphs", es) == 1)
+        state["graphs"] = False  # a replay failed its check: the engine fell back
+        await s.submit(translate(SOURCES[0], max_new_tokens=4))
+        await wait_until(lambda: registry.get_sample_value("inference_cuda_graphs", es) == 0)
+        assert registry.get_sample_value("inference_cuda_graphs", lm) is None
+        return s
+
+    s = run(main, make_scheduler(factory=factory))
+    assert s.metrics.registry.get_sample_value("inference_cuda_graphs", es) is None
+
+
 def test_metrics_follow_the_spec() -> None:
     """Every metric of the spec is declared, with its labels, on a private registry."""
     metrics = Metrics()
@@ -526,6 +554,7 @@ def test_metrics_follow_the_spec() -> None:
         "inference_running_sequences": {"model"},
         "inference_free_cache_slots": {"model"},
         "inference_model_ready": {"model", "version"},
+        "inference_cuda_graphs": {"model", "version"},
         "inference_estimated_queue_wait_seconds": {"model"},
         "inference_gpu_memory_used_bytes": {"device"},
     }
