@@ -511,8 +511,8 @@ class _BoundBackend:
     def _small(self, buffers: StepBuffers, name: str, array: np.ndarray) -> Any:
         """A per-step host input (ids, positions, mask) copied into its fixed buffer."""
         fixed = buffers.get(name, array.shape)
-        if fixed is None:
-            return buffers.put(name, self._value(np.ascontiguousarray(array)))
+        if fixed is None:  # a copy: on the CPU an OrtValue wraps the array it is made from
+            return buffers.put(name, self._value(np.array(array, copy=True, order="C")))
         with self._shared():
             fixed.update_inplace(np.ascontiguousarray(array))
         return fixed
