@@ -92,6 +92,7 @@ class StepBuffers:
         self.values: dict[tuple[str, tuple[int, ...]], Any] = {}
         self.bindings: dict[tuple[int, int, int], Any] = {}
         self.helper_bindings: dict[tuple[str, tuple[int, ...]], Any] = {}
+        self.uploaded: dict[tuple[str, tuple[int, ...]], Any] = {}  # host inputs' values
 
     def get(self, role: str, shape: tuple[int, ...]) -> Any | None:
         return self.values.get((role, tuple(shape)))

@@ -509,12 +509,18 @@ class _BoundBackend:
         return fixed
 
     def _small(self, buffers: StepBuffers, name: str, array: np.ndarray) -> Any:
-        """A per-step host input (ids, positions, mask) copied into its fixed buffer."""
+        """A per-step host input (ids, positions, mask) copied into its fixed buffer, unless
+        it holds these values already (the source mask, most steps): each copy to a GPU
+        is a synchronous transfer."""
         fixed = buffers.get(name, array.shape)
         if fixed is None:  # a copy: on the CPU an OrtValue wraps the array it is made from
-            return buffers.put(name, self._value(np.array(array, copy=True, order="C")))
-        with self._shared():
-            fixed.update_inplace(np.ascontiguousarray(array))
+            fixed = buffers.put(name, self._value(np.array(array, copy=True, order="C")))
+        elif not np.array_equal(buffers.uploaded[(name, array.shape)], array):
+            with self._shared():
+                fixed.update_inplace(np.ascontiguousarray(array))
+        else:
+            return fixed
+        buffers.uploaded[(name, array.shape)] = array.copy()
         return fixed
 
     def _output(self, buffers: StepBuffers, name: str, shape: tuple[int, ...]) -> Any:
@@ -1150,6 +1156,8 @@ class _Seq:
         self.steps = 0
         self.stop = tuple(self.params.stop)
         self.stop_len = max((len(s) for s in self.stop), default=0)
+        # Nothing to decode, search or stream per step: only EOS or the length ends it.
+        self.plain = not (self.params.return_alignment or self.stop or self.stream)
         self.checked = 0  # text length already searched for stop strings
         self.emitted_ids = 0
         self.emitted_text = ""
@@ -1514,7 +1522,7 @@ class Batch:
         """Greedy and sampled sequences: one row each, vectorized over rows. Greedy rows are
         reduced where the logits are (the backend's `greedy`); sampled rows need the
         distribution on the host."""
-        slots = np.array([s.slots[0] for s in seqs], dtype=np.int64)
+        slots = np.fromiter((s.slots[0] for s in seqs), np.int64, len(seqs))
         chosen = np.zeros(len(seqs), dtype=np.int64)
         picked = np.zeros(len(seqs), dtype=np.float32)
         sampled = [i for i, s in enumerate(seqs) if s.rng is not None]
@@ -1536,21 +1544,32 @@ class Batch:
             )
             picked[idx] = log_softmax(rows)[np.arange(len(sampled)), chosen[idx]]
         eos = self.engine.eos_id
-        for i, seq in enumerate(seqs):
-            token = int(chosen[i])
-            seq.tokens[0].append(token)
-            seq.scores[0] = seq.scores[0] + picked[i]  # float32, step by step
-            if seq.params.return_alignment and align is not None:
-                seq.aligns[0].append(align[slots[i], : int(self.src_len[slots[i]])].tolist())
-            seq.steps += 1
-            out.progressed.append(seq.key)
+        # Scores add up in float32, step by step (as the reference's do), all rows at once.
+        scores = np.fromiter((s.scores[0] for s in seqs), np.float32, len(seqs)) + picked
+        self.next_ids[slots] = chosen  # a row that finishes is reset when it is freed
+        out.progressed.extend(s.key for s in seqs)
+        for seq, token, score, slot in zip(
+            seqs, chosen.tolist(), scores.tolist(), slots.tolist(), strict=True
+        ):
             tokens = seq.tokens[0]
-            score = float(seq.scores[0])
+            tokens.append(token)
+            seq.scores[0] = score
+            seq.steps += 1
+            if seq.plain:  # the common row: only EOS or its length can end it
+                if token == eos:
+                    hyp = _Hyp(tokens[:-1], score, score, FinishReason.EOS, None)
+                    finished.append((seq, [hyp]))
+                elif seq.steps >= seq.params.max_new_tokens:
+                    hyp = _Hyp(list(tokens), score, score, FinishReason.LENGTH, None)
+                    finished.append((seq, [hyp]))
+                continue
+            if seq.params.return_alignment and align is not None:
+                seq.aligns[0].append(align[slot, : int(self.src_len[slot])].tolist())
             text: str | None = None
-            hyp: _Hyp | None = None
+            found: _Hyp | None = None
             aligns = seq.aligns[0] if seq.params.return_alignment else None
             if token == eos:
-                hyp = _Hyp(
+                found = _Hyp(
                     tokens[:-1],
                     score,
                     score,
@@ -1565,23 +1584,21 @@ class Batch:
                     seq.checked = len(text)
                     if at >= 0:
                         keep = self._kept(tokens, at)
-                        hyp = _Hyp(
+                        found = _Hyp(
                             tokens[:keep], score, score, FinishReason.STOP,
                             None if aligns is None else aligns[:keep], text[:at],
                         )  # fmt: skip
-                if hyp is None and seq.steps >= seq.params.max_new_tokens:
-                    hyp = _Hyp(
+                if found is None and seq.steps >= seq.params.max_new_tokens:
+                    found = _Hyp(
                         list(tokens),
                         score,
                         score,
                         FinishReason.LENGTH,
                         None if aligns is None else list(aligns),
                     )
-            if hyp is not None:
-                finished.append((seq, [hyp]))
-                continue
-            self.next_ids[slots[i]] = token
-            if seq.stream and text is not None:
+            if found is not None:
+                finished.append((seq, [found]))
+            elif seq.stream and text is not None:
                 event = self._stream_event(seq, text)
                 if event is not None:
                     out.events.append((seq.key, event))

@@ -766,6 +766,35 @@ def test_a_step_on_unpinned_caches_is_refused(monkeypatch: pytest.MonkeyPatch) -
     assert bound.pin(pinned, "past_k", buffers) is pinned and copies == ["gather"]
 
 
+def test_a_host_input_is_copied_to_its_fixed_buffer_only_when_it_changed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each copy to a GPU is a synchronous transfer: the source mask, the same most steps,
+    is copied only when its values change (and then they arrive)."""
+    bound = engine_for(TRANSLATOR, "fixed").backend
+    assert isinstance(bound, _BoundBackend)
+    buffers = bound.new_buffers()
+    assert buffers is not None
+    mask = np.array([[True, True, False], [True, False, False]])
+    fixed = bound._small(buffers, "src_mask", mask)
+    copies: list[np.ndarray] = []
+    real = type(fixed).update_inplace
+
+    def update_inplace(value: object, data: np.ndarray) -> None:
+        copies.append(data)
+        real(value, data)
+
+    monkeypatch.setattr(type(fixed), "update_inplace", update_inplace)
+    assert bound._small(buffers, "src_mask", mask.copy()) is fixed and not copies
+    changed = mask.copy()
+    changed[1, 1] = True
+    assert bound._small(buffers, "src_mask", changed) is fixed and len(copies) == 1
+    np.testing.assert_array_equal(bound.host(fixed), changed)
+    assert bound._small(buffers, "src_mask", changed) is fixed and len(copies) == 1
+    mask[:] = False  # the caller's array changing later does not reach the buffer
+    np.testing.assert_array_equal(bound.host(fixed), changed)
+
+
 class _FlakyReplay:
     """A decoder session whose graph runs (gpu_graph_id > 0) go wrong: they add noise to
     the logits (every graph's, or those after the first), or raise."""
