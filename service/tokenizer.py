@@ -60,7 +60,7 @@ class Tokenizer:
         return n
 
     def pieces(self, ids: list[int]) -> list[str]:
-        return [str(self.sp.id_to_piece(i)) for i in ids]
+        return [str(piece) for piece in self.sp.id_to_piece(list(ids))]  # one call for all
 
 
 def stable_prefix(text: str, stop: tuple[str, ...]) -> str:
