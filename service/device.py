@@ -93,6 +93,7 @@ class StepBuffers:
         self.bindings: dict[tuple[int, int, int], Any] = {}
         self.helper_bindings: dict[tuple[str, tuple[int, ...]], Any] = {}
         self.uploaded: dict[tuple[str, tuple[int, ...]], Any] = {}  # host inputs' values
+        self.greedy: tuple[Any, Any, Any] | None = None  # (logits, ids, picked) of the last step
 
     def get(self, role: str, shape: tuple[int, ...]) -> Any | None:
         return self.values.get((role, tuple(shape)))

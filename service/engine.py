@@ -306,6 +306,36 @@ def _helper_graphs(elem_type: int) -> dict[str, bytes]:
     }
 
 
+def _greedy_nodes(logits: str, prefix: str) -> tuple[list[Any], list[Any]]:
+    """Nodes and initializers computing `{prefix}ids` [B] = argmax and `{prefix}picked` [B]
+    = its log-probability at the last position of `logits` [B, T, V], for every row.
+    The maximum is gathered at the argmax, so the chosen token's shifted logit is exactly 0
+    and its log-probability is -log(sum(exp(x - max))); opset 13 or later."""
+    from onnx import TensorProto, helper
+
+    def n(name: str) -> str:
+        return prefix + name
+
+    inits = [
+        helper.make_tensor(n("last"), TensorProto.INT64, [], [-1]),
+        helper.make_tensor(n("axis"), TensorProto.INT64, [1], [-1]),
+    ]
+    nodes = [
+        helper.make_node("Gather", [logits, n("last")], [n("final")], axis=1),
+        helper.make_node("Cast", [n("final")], [n("x")], to=TensorProto.FLOAT),  # [B, V]
+        helper.make_node("ArgMax", [n("x")], [n("ids")], axis=-1, keepdims=0),
+        helper.make_node("Unsqueeze", [n("ids"), n("axis")], [n("ids2")]),  # [B, 1]
+        helper.make_node("GatherElements", [n("x"), n("ids2")], [n("top")], axis=1),
+        helper.make_node("Sub", [n("x"), n("top")], [n("shifted")]),
+        helper.make_node("Exp", [n("shifted")], [n("e")]),
+        helper.make_node("ReduceSum", [n("e"), n("axis")], [n("total")], keepdims=1),
+        helper.make_node("Log", [n("total")], [n("lse")]),
+        helper.make_node("Neg", [n("lse")], [n("picked2")]),
+        helper.make_node("Squeeze", [n("picked2"), n("axis")], [n("picked")]),  # [B]
+    ]
+    return nodes, inits
+
+
 def _greedy_graph(elem_type: int) -> bytes:
     """ids, picked = argmax and its log-probability at the last position of logits
     [B, T, V], every row, on the device: only 2B numbers leave it per step instead of the
@@ -313,22 +343,7 @@ def _greedy_graph(elem_type: int) -> bytes:
     log-softmax over them every step)."""
     from onnx import TensorProto, helper
 
-    last = helper.make_tensor("last", TensorProto.INT64, [], [-1])
-    axis = helper.make_tensor("axis", TensorProto.INT64, [1], [-1])
-    nodes = [
-        helper.make_node("Gather", ["logits", "last"], ["final"], axis=1),
-        helper.make_node("Cast", ["final"], ["x"], to=TensorProto.FLOAT),  # [B, V]
-        helper.make_node("ArgMax", ["x"], ["ids"], axis=-1, keepdims=0),
-        helper.make_node("ReduceMax", ["x"], ["top"], axes=[-1], keepdims=1),
-        helper.make_node("Sub", ["x", "top"], ["shifted"]),
-        helper.make_node("Exp", ["shifted"], ["e"]),
-        helper.make_node("ReduceSum", ["e", "axis"], ["total"], keepdims=1),
-        helper.make_node("Log", ["total"], ["lse"]),
-        helper.make_node("Unsqueeze", ["ids", "axis"], ["ids2"]),
-        helper.make_node("GatherElements", ["shifted", "ids2"], ["chosen"], axis=1),
-        helper.make_node("Sub", ["chosen", "lse"], ["picked2"]),
-        helper.make_node("Squeeze", ["picked2", "axis"], ["picked"]),
-    ]
+    nodes, inits = _greedy_nodes("logits", "")
     graph = helper.make_graph(
         nodes,
         "greedy",
@@ -337,9 +352,39 @@ def _greedy_graph(elem_type: int) -> bytes:
             helper.make_tensor_value_info("ids", TensorProto.INT64, ["B"]),
             helper.make_tensor_value_info("picked", TensorProto.FLOAT, ["B"]),
         ],
-        initializer=[last, axis],
+        initializer=inits,
     )
     return onnx_bytes(graph)
+
+
+GREEDY_PREFIX = "greedy_"
+
+
+def decoder_with_greedy(path: Path) -> bytes:
+    """The decoder graph with the greedy reduction appended (outputs greedy_ids and
+    greedy_picked): on the device path a step's greedy rows then come out of the same
+    run, and of the same CUDA graph, instead of a helper run of their own."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(path))
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 13:
+        raise ValueError(f"{path}: opset {opset}; the greedy nodes need 13 or later")
+    names = {v for node in model.graph.node for v in (*node.input, *node.output)}
+    names |= {i.name for i in model.graph.initializer}
+    if any(name.startswith(GREEDY_PREFIX) for name in names):
+        raise ValueError(f"{path} already has names starting with {GREEDY_PREFIX!r}")
+    nodes, inits = _greedy_nodes("logits", GREEDY_PREFIX)
+    model.graph.node.extend(nodes)
+    model.graph.initializer.extend(inits)
+    model.graph.output.extend(
+        [
+            helper.make_tensor_value_info(GREEDY_PREFIX + "ids", TensorProto.INT64, ["B"]),
+            helper.make_tensor_value_info(GREEDY_PREFIX + "picked", TensorProto.FLOAT, ["B"]),
+        ]
+    )
+    return bytes(model.SerializeToString())
 
 
 class _NumpyBackend:
@@ -453,6 +498,7 @@ class _BoundBackend:
         self.device_id = device_id if provider == CUDA else 0
         self.alignment = any(o.name == "cross_attention" for o in decoder.get_outputs())
         self.output_dtypes = {o.name: _NP_TYPES[o.type] for o in decoder.get_outputs()}
+        self.fused_greedy = GREEDY_PREFIX + "ids" in self.output_dtypes  # decoder_with_greedy
         self.vocab_size = vocab_size
         self.static = static
         self.capture = capture
@@ -555,6 +601,9 @@ class _BoundBackend:
         }
         if self.alignment:
             outputs["cross_attention"] = self._output(buffers, "cross_attention", (rows, 1, source))
+        if self.fused_greedy:
+            for name in (GREEDY_PREFIX + "ids", GREEDY_PREFIX + "picked"):
+                outputs[name] = self._output(buffers, name, (rows,))
         session, io = buffers.bindings.get(key, (None, None))
         if session is not self.decoder_session:  # first step of this shape, or a new session
             io = self.decoder_session.io_binding()
@@ -597,6 +646,12 @@ class _BoundBackend:
                 _, io, out = self._step_binding(feeds, buffers)
                 with self._shared():
                     self.decoder_session.run_with_iobinding(io, self._plain_options())
+        if self.fused_greedy:  # this step's greedy rows, for greedy() to read
+            buffers.greedy = (
+                out["logits"],
+                out[GREEDY_PREFIX + "ids"],
+                out[GREEDY_PREFIX + "picked"],
+            )
         align = None
         if want_alignment and self.alignment:
             with self._shared():
@@ -710,6 +765,11 @@ class _BoundBackend:
     ) -> tuple[np.ndarray, np.ndarray]:
         # Reduced over every row of the batch (a bucket): one shape per bucket, warmed up
         # with the decoder; the rows asked for are picked on the host.
+        if buffers is not None and buffers.greedy is not None and buffers.greedy[0] is logits:
+            _, ids_value, picked_value = buffers.greedy  # reduced by this step's decoder run
+            buffers.greedy = None
+            with self._shared():
+                return ids_value.numpy()[rows], picked_value.numpy()[rows]
         session = self.helpers["greedy"]
         io, fresh = self._bound_helper("greedy", tuple(logits.shape()), (logits,), buffers)
         if fresh:
@@ -835,13 +895,6 @@ class Engine:
         if self.provider == CUDA and hasattr(ort, "preload_dlls"):
             ort.preload_dlls()
 
-        def session(graph: str, capture: bool = False) -> ort.InferenceSession:
-            entry = manifest.graph(self.variant, graph)
-            chosen = _providers(self.provider, self.options.device_id, capture)
-            lock = DEVICE_LOCK.shared() if self.provider == CUDA else nullcontext()
-            with lock:
-                return ort.InferenceSession(str(self.path / entry.path), so, providers=chosen)
-
         bound = (
             self.options.io_binding
             if self.options.io_binding is not None
@@ -850,6 +903,25 @@ class Engine:
         self.io_binding = bound
         static = bound and self.options.cuda_graphs
         capture = static and self.provider == CUDA
+        # On fixed buffers the decoder also reduces its greedy rows (one run per step).
+        fused: bytes | None = None
+        if static:
+            try:
+                fused = decoder_with_greedy(
+                    self.path / manifest.graph(self.variant, "decoder").path
+                )
+            except Exception as error:
+                log.warning("%s/%s: greedy stays a helper run (%s)", self.name, self.version, error)
+
+        def session(graph: str, capture: bool = False) -> ort.InferenceSession:
+            source: str | bytes = str(self.path / manifest.graph(self.variant, graph).path)
+            if graph == "decoder" and fused is not None:
+                source = fused
+            chosen = _providers(self.provider, self.options.device_id, capture)
+            lock = DEVICE_LOCK.shared() if self.provider == CUDA else nullcontext()
+            with lock:
+                return ort.InferenceSession(source, so, providers=chosen)
+
         decoder = None
         if capture:
             try:

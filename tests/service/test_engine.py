@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Hashable, Sequence
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -31,6 +32,7 @@ from service.engine import (
     _providers,
     bucket,
     decode_all,
+    decoder_with_greedy,
     log_softmax,
     sample,
     top_in_order,
@@ -670,7 +672,8 @@ def test_fixed_buffers_keep_their_addresses_for_each_step_shape(
 ) -> None:
     """What a CUDA graph replays on: every step of a shape binds the same device buffers
     (caches written in place, admissions and relayouts copied into them), one binding per
-    step shape (the cache write's and greedy's too), and the outputs equal the reference."""
+    step shape (the cache write's too; greedy rows come out of the decoder run itself), and
+    the outputs equal the reference."""
     engine = make_engine(TRANSLATOR, **PATHS["fixed"])
     bound = engine.backend
     assert isinstance(bound, _BoundBackend) and bound.static and not bound.capture
@@ -715,7 +718,7 @@ def test_fixed_buffers_keep_their_addresses_for_each_step_shape(
     assert len(buffers.bindings) >= 3
     assert step > 2 * len(buffers.bindings)
     assert made.count("write_kv") == len({(r, c) for r, c, _ in buffers.bindings})  # per cache
-    assert made.count("greedy") == len({r for r, _, _ in buffers.bindings})  # per logits shape
+    assert bound.fused_greedy and "greedy" not in made  # the decoder run reduced them
     expected = reference(TRANSLATOR, texts, DecodingOptions(max_new_tokens=60))
     for i, exp in enumerate(expected):
         assert_same(results[i], exp)
@@ -733,6 +736,45 @@ def test_only_a_cuda_decoder_session_asks_for_graph_capture() -> None:
     assert _providers("CPUExecutionProvider", 0, cuda_graph=True) == ["CPUExecutionProvider"]
     assert engine_for(TRANSLATOR, "iobinding").new_batch().buffers is None
     assert engine_for(TRANSLATOR).new_batch().buffers is None
+
+
+def test_without_the_fused_greedy_graph_greedy_rows_use_the_helper(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The greedy nodes go into a decoder once: a graph that has them is refused, and an
+    engine whose decoder cannot take them reduces greedy rows with the helper graph, with
+    the same answers."""
+    path = model_repository() / TRANSLATOR / "1"
+    manifest = load_manifest(path)
+    fused = tmp_path / "decoder.onnx"
+    fused.write_bytes(decoder_with_greedy(path / manifest.graph("fp32", "decoder").path))
+    with pytest.raises(ValueError, match="already has names starting with 'greedy_'"):
+        decoder_with_greedy(fused)
+
+    def refuse(_: Path) -> bytes:
+        raise ValueError("opset 11; the greedy nodes need 13 or later")
+
+    monkeypatch.setattr("service.engine.decoder_with_greedy", refuse)
+    engine = make_engine(TRANSLATOR, **PATHS["fixed"])
+    bound = engine.backend
+    assert isinstance(bound, _BoundBackend) and bound.static and not bound.fused_greedy
+    runs: list[int] = []
+    helper = bound.helpers["greedy"]
+    real = helper.run_with_iobinding
+
+    def counted(*args: object) -> None:
+        runs.append(1)
+        real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(helper, "run_with_iobinding", counted)
+    texts = SOURCES[:3]
+    results, _ = run_staggered(
+        engine, [request(TRANSLATOR, t, max_new_tokens=20) for t in texts], [0, 1, 1]
+    )
+    expected = reference(TRANSLATOR, texts, DecodingOptions(max_new_tokens=20))
+    for result, exp in zip(results, expected, strict=True):
+        assert_same(result, exp)
+    assert runs  # the helper reduced the greedy rows
 
 
 def test_a_step_on_unpinned_caches_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
