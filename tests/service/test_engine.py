@@ -15,6 +15,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from export.manifest import load_manifest
+from service.backends import (
+    CUDA,
+    BoundBackend,
+    decoder_with_greedy,
+    greedy_graph,
+    greedy_pick,
+    log_softmax,
+    providers_for,
+)
 from service.domain import (
     DecodingParams,
     FinishReason,
@@ -24,16 +33,11 @@ from service.domain import (
     Task,
 )
 from service.engine import (
-    CUDA,
     BatchItem,
     Engine,
     EngineOptions,
-    _BoundBackend,
-    _providers,
     bucket,
     decode_all,
-    decoder_with_greedy,
-    log_softmax,
     sample,
     top_in_order,
 )
@@ -579,8 +583,6 @@ def test_greedy_head_equals_log_softmax_argmax(dtype: type) -> None:
     the device) picks torch.argmax's token, lowest id on ties, with its log-probability."""
     from onnx import TensorProto
 
-    from service.engine import _greedy_graph, greedy_pick
-
     rng = np.random.default_rng(1)
     logits: np.ndarray = (rng.normal(size=(6, 1, 50)) * 4).astype(dtype)
     logits[2, 0, [7, 31]] = logits[2, 0].max() + 1  # a tie: the lower id wins
@@ -595,7 +597,7 @@ def test_greedy_head_equals_log_softmax_argmax(dtype: type) -> None:
     np.testing.assert_allclose(picked, want_lp, atol=1e-5)
 
     elem = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT
-    session = ort.InferenceSession(_greedy_graph(elem), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(greedy_graph(elem), providers=["CPUExecutionProvider"])
     ids, picked = (out[rows] for out in session.run(None, {"logits": logits}))
     np.testing.assert_array_equal(ids, want_ids)
     np.testing.assert_allclose(picked, want_lp, atol=1e-5)
@@ -622,7 +624,7 @@ def test_device_cache_write_equals_numpy() -> None:
     across steps of a shape, land where numpy's in-place write puts them."""
     bound = engine_for(LM, "iobinding").backend
     plain = engine_for(LM).backend
-    assert isinstance(bound, _BoundBackend)
+    assert isinstance(bound, BoundBackend)
     rng = np.random.default_rng(3)
     k, v = (rng.normal(size=(2, 3, 2, 8, 4)).astype(np.float32) for _ in range(2))
     dk, dv = bound._value(k.copy()), bound._value(v.copy())
@@ -676,7 +678,7 @@ def test_fixed_buffers_keep_their_addresses_for_each_step_shape(
     the outputs equal the reference."""
     engine = make_engine(TRANSLATOR, **PATHS["fixed"])
     bound = engine.backend
-    assert isinstance(bound, _BoundBackend) and bound.static and not bound.capture
+    assert isinstance(bound, BoundBackend) and bound.static and not bound.capture
     made: list[str] = []
 
     def counted(name: str, session: ort.InferenceSession) -> Callable[[], object]:
@@ -727,13 +729,13 @@ def test_fixed_buffers_keep_their_addresses_for_each_step_shape(
 def test_only_a_cuda_decoder_session_asks_for_graph_capture() -> None:
     """enable_cuda_graph goes to the CUDA provider of the decoder made for capture and
     nowhere else; the device path without graphs keeps no fixed buffers."""
-    cuda = _providers(CUDA, 1, cuda_graph=True)
+    cuda = providers_for(CUDA, 1, cuda_graph=True)
     assert cuda[0] == (
         CUDA,
         {"device_id": 1, "arena_extend_strategy": "kSameAsRequested", "enable_cuda_graph": "1"},
     )
-    assert "enable_cuda_graph" not in _providers(CUDA, 1)[0][1]
-    assert _providers("CPUExecutionProvider", 0, cuda_graph=True) == ["CPUExecutionProvider"]
+    assert "enable_cuda_graph" not in providers_for(CUDA, 1)[0][1]
+    assert providers_for("CPUExecutionProvider", 0, cuda_graph=True) == ["CPUExecutionProvider"]
     assert engine_for(TRANSLATOR, "iobinding").new_batch().buffers is None
     assert engine_for(TRANSLATOR).new_batch().buffers is None
 
@@ -757,7 +759,7 @@ def test_without_the_fused_greedy_graph_greedy_rows_use_the_helper(
     monkeypatch.setattr("service.engine.decoder_with_greedy", refuse)
     engine = make_engine(TRANSLATOR, **PATHS["fixed"])
     bound = engine.backend
-    assert isinstance(bound, _BoundBackend) and bound.static and not bound.fused_greedy
+    assert isinstance(bound, BoundBackend) and bound.static and not bound.fused_greedy
     runs: list[int] = []
     helper = bound.helpers["greedy"]
     real = helper.run_with_iobinding
@@ -782,7 +784,7 @@ def test_a_step_on_unpinned_caches_is_refused(monkeypatch: pytest.MonkeyPatch) -
     stale memory: the device path refuses it."""
     engine = engine_for(LM, "fixed")
     bound = engine.backend
-    assert isinstance(bound, _BoundBackend)
+    assert isinstance(bound, BoundBackend)
     buffers = bound.new_buffers()
     assert buffers is not None
     shape = (engine.layers, 1, engine.heads, 16, engine.head_dim)
@@ -814,7 +816,7 @@ def test_a_host_input_is_copied_to_its_fixed_buffer_only_when_it_changed(
     """Each copy to a GPU is a synchronous transfer: the source mask, the same most steps,
     is copied only when its values change (and then they arrive)."""
     bound = engine_for(TRANSLATOR, "fixed").backend
-    assert isinstance(bound, _BoundBackend)
+    assert isinstance(bound, BoundBackend)
     buffers = bound.new_buffers()
     assert buffers is not None
     mask = np.array([[True, True, False], [True, False, False]])
@@ -870,7 +872,7 @@ def test_cuda_graph_replays_are_checked_and_a_bad_one_falls_back(fail: str) -> N
     made without capture, and every answer still equals the reference."""
     engine = make_engine(LM, **PATHS["fixed"])
     bound = engine.backend
-    assert isinstance(bound, _BoundBackend)
+    assert isinstance(bound, BoundBackend)
     flaky = _FlakyReplay(bound.decoder_session, fail)
     plain_sessions: list[ort.InferenceSession] = []
 
