@@ -10,6 +10,7 @@ as a CUDA graph. The engine (service/engine.py) drives either through the same m
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -206,7 +207,29 @@ def decoder_with_greedy(path: Path) -> bytes:
     return bytes(model.SerializeToString())
 
 
-class NumpyBackend:
+class _Timed:
+    """Every session run of a backend goes through `_run`/`_run_bound`, which add its time
+    to `run_seconds`: a step's time minus its runs' is the host's own work (bookkeeping,
+    copies, Python), the share CUDA graphs cannot remove."""
+
+    run_seconds = 0.0
+
+    def _run(self, session: Any, names: list[str], feeds: dict[str, Any]) -> list[Any]:
+        start = time.perf_counter()
+        try:
+            return list(session.run(names, feeds))
+        finally:
+            self.run_seconds += time.perf_counter() - start
+
+    def _run_bound(self, session: Any, io: Any, options: ort.RunOptions | None = None) -> None:
+        start = time.perf_counter()
+        try:
+            session.run_with_iobinding(io, options)
+        finally:
+            self.run_seconds += time.perf_counter() - start
+
+
+class NumpyBackend(_Timed):
     """CPU: caches are numpy arrays; moves happen in place."""
 
     def __init__(
@@ -232,7 +255,7 @@ class NumpyBackend:
         names = ["logits", "new_k", "new_v"]
         if want_alignment and self.alignment:
             names.append("cross_attention")
-        out = self.decoder_session.run(names, layer_feeds(feeds))
+        out = self._run(self.decoder_session, names, layer_feeds(feeds))
         return out[0], out[1], out[2], (out[3] if len(out) > 3 else None)
 
     def write_kv(
@@ -258,8 +281,8 @@ class NumpyBackend:
 
     def encode(self, src_ids: np.ndarray, src_mask: np.ndarray) -> tuple[Any, Any]:
         assert self.encoder_session is not None
-        ck, cv = self.encoder_session.run(
-            ["cross_k", "cross_v"], {"src_ids": src_ids, "src_mask": src_mask}
+        ck, cv = self._run(
+            self.encoder_session, ["cross_k", "cross_v"], {"src_ids": src_ids, "src_mask": src_mask}
         )
         return ck, cv
 
@@ -288,7 +311,7 @@ class NumpyBackend:
         return np.asarray(x)
 
 
-class BoundBackend:
+class BoundBackend(_Timed):
     """Device path: caches are OrtValues on `device`; the decoder's new keys and values
     stay there, and cache writes and row moves run as helper graphs on the device.
 
@@ -445,7 +468,7 @@ class BoundBackend:
         key, io, out = self._step_binding(feeds, buffers)
         if not self.capture:
             with self._shared():
-                self.decoder_session.run_with_iobinding(io, self._plain_options())
+                self._run_bound(self.decoder_session, io, self._plain_options())
         else:
             graph = (buffers.id, *key)
             known = graph in self._graph_ids
@@ -456,7 +479,7 @@ class BoundBackend:
                 # The first run of a graph id runs the step and captures it; later ones
                 # replay it on the same buffers.
                 with DEVICE_LOCK.shared() if known else DEVICE_LOCK.exclusive():
-                    self.decoder_session.run_with_iobinding(io, options)
+                    self._run_bound(self.decoder_session, io, options)
                 if not known:
                     self._verify(io, options, out["logits"])
             except Exception:
@@ -464,7 +487,7 @@ class BoundBackend:
                 self._stop_capture()
                 _, io, out = self._step_binding(feeds, buffers)
                 with self._shared():
-                    self.decoder_session.run_with_iobinding(io, self._plain_options())
+                    self._run_bound(self.decoder_session, io, self._plain_options())
         if self.fused_greedy:  # this step's greedy rows, for greedy() to read
             buffers.greedy = (
                 out["logits"],
@@ -482,9 +505,9 @@ class BoundBackend:
         runs, once per step shape). A mismatch turns capture off (logged), so a graph
         never serves tokens a plain run would not."""
         with self._shared():
-            self.decoder_session.run_with_iobinding(io, replay)
+            self._run_bound(self.decoder_session, io, replay)
             replayed = logits.numpy().astype(np.float32)
-            self.decoder_session.run_with_iobinding(io, self._plain_options())
+            self._run_bound(self.decoder_session, io, self._plain_options())
             plain = logits.numpy().astype(np.float32)
         self.verified_graphs += 1
         worst = float(np.max(np.abs(replayed - plain))) if plain.size else 0.0
@@ -525,7 +548,7 @@ class BoundBackend:
         if self.alignment:
             io.bind_output("cross_attention", self.device, self.device_id)
         with self._shared():
-            self.decoder_session.run_with_iobinding(io, self._plain_options())
+            self._run_bound(self.decoder_session, io, self._plain_options())
             outputs = io.get_outputs()
             align = outputs[3].numpy() if self.alignment and want_alignment else None
         return outputs[0], outputs[1], outputs[2], align
@@ -576,7 +599,7 @@ class BoundBackend:
             io.bind_ortvalue_output("y_v", past_v)
         io.bind_cpu_input("idx", idx)
         with self._shared():
-            self.helpers["write_kv"].run_with_iobinding(io)
+            self._run_bound(self.helpers["write_kv"], io)
         return past_k, past_v
 
     def greedy(
@@ -596,7 +619,7 @@ class BoundBackend:
             io.bind_output("ids", "cpu")
             io.bind_output("picked", "cpu")
         with self._shared():
-            session.run_with_iobinding(io)
+            self._run_bound(session, io)
             ids, picked = io.get_outputs()
             return ids.numpy()[rows], picked.numpy()[rows]
 
@@ -614,7 +637,7 @@ class BoundBackend:
         io.bind_output("cross_k", self.device, self.device_id)
         io.bind_output("cross_v", self.device, self.device_id)
         with self._shared():
-            self.encoder_session.run_with_iobinding(io)
+            self._run_bound(self.encoder_session, io)
             out = io.get_outputs()
         return out[0], out[1]
 
@@ -627,7 +650,7 @@ class BoundBackend:
         else:
             io.bind_ortvalue_output("y", out)
         with self._shared():
-            session.run_with_iobinding(io)
+            self._run_bound(session, io)
             return io.get_outputs()[0]
 
     def gather(self, x: Any, perm: np.ndarray) -> Any:

@@ -577,6 +577,7 @@ class StepOutput:
     capacity: int = 0
     padding_ratio: float = 0.0
     seconds: float = 0.0
+    run_seconds: float = 0.0  # of `seconds`, inside onnxruntime runs (the rest: host work)
 
 
 @dataclass
@@ -890,7 +891,7 @@ class Batch:
 
     def step(self) -> StepOutput:
         """One decoder call for every row, then each request's decoding rule."""
-        start = time.perf_counter()
+        start, runs_before = time.perf_counter(), self.backend.run_seconds
         out = StepOutput()
         if not self.seqs:
             return out
@@ -959,6 +960,7 @@ class Batch:
                     out.events.append((seq.key, event))
             out.finished.append((seq.key, result))
             self._free(seq)
+        out.run_seconds = self.backend.run_seconds - runs_before
         out.seconds = time.perf_counter() - start
         return out
 

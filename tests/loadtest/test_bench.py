@@ -423,6 +423,10 @@ def test_gpu_bench_cpu_dry_run(tmp_path: Path) -> None:
     assert status[("serving engine, no CUDA graphs", 2)] == "ok", figures
     summary = json.loads(out.read_text())["summary"]
     assert any("with CUDA graphs" in line and "same tokens: yes" in line for line in summary)
+    host = [line for line in summary if "outside onnxruntime" in line]
+    assert len(host) == 2  # the engine with and without graphs
+    engine = next(f for f in figures if f["engine"] == "serving engine")
+    assert 0 < engine["extra"]["engine_host_p50_ms"] < engine["extra"]["engine_step_p50_ms"]
     # The fixed-buffer decoder-step probe runs; its CUDA graph twin needs CUDA.
     assert status[("decoder step", 2)] == "ok", figures
     assert status[("decoder step, CUDA graph", 2)] == "skipped", figures

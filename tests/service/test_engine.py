@@ -669,6 +669,22 @@ def test_device_row_moves_equal_numpy() -> None:
     both("resize", x, 3)
 
 
+@pytest.mark.parametrize("path", list(PATHS))
+def test_a_step_reports_its_time_inside_onnxruntime(path: str) -> None:
+    """run_seconds: the part of a step spent in session runs (the rest is host work);
+    admissions' encoder runs belong to add(), not to the step."""
+    engine = engine_for(TRANSLATOR, path)
+    batch = engine.new_batch()
+    batch.add(
+        [BatchItem(0, request(TRANSLATOR, SOURCES[0], max_new_tokens=5), engine.encode(SOURCES[0]))]
+    )
+    before = engine.backend.run_seconds
+    out = batch.step()
+    assert 0 < out.run_seconds < out.seconds
+    assert engine.backend.run_seconds - before == pytest.approx(out.run_seconds)
+    assert batch.step().run_seconds > 0 and engine.new_batch().step().run_seconds == 0.0
+
+
 def test_fixed_buffers_keep_their_addresses_for_each_step_shape(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
