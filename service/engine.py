@@ -17,19 +17,20 @@ Why it is built this way:
   fed by the next common step. So `step()` is always one decoder call with one new token
   per row, and the decoding rules below see one logits row per sequence or beam. The
   decoder returns only the new keys and values; the batch writes them into its cache.
-* On CUDA (fp16 variant) the caches stay on the device as OrtValues: the decoder runs with
-  IOBinding, and cache writes and row moves run as tiny ONNX graphs on the same device.
-  So do the logits: greedy rows are reduced there (argmax and its log-probability), and
-  the [B, V] logits come to the host only when a row samples or searches beams.
+* How the tensors live is the backend's business (service/backends.py). On CUDA (fp16
+  variant) the caches stay on the device as OrtValues: the decoder runs with IOBinding,
+  cache writes and row moves run as tiny ONNX graphs on the same device, and greedy rows
+  are reduced there (argmax and its log-probability), so the [B, V] logits come to the
+  host only when a row samples or searches beams.
   Decoding a small model on a GPU is bound by kernel launches, so each decode-step shape
   (rows, cache length, source length) is captured as a CUDA graph at its first step and
   replayed after: the batch keeps, per shape, fixed device buffers the graph was bound to
-  (service/device.py), writes its caches in place and copies into them what a relayout or
-  an admission produced. Each graph's first replay is checked against a plain run; any
-  failure turns graphs off and decoding goes on without them. Warm-up runs every shape
-  plainly (kernel choice, allocations) but captures none: a graph and its buffers cost
-  device memory, so only the shapes a batch reaches get them, each for a few runs' time
-  at its first step.
+  (`Batch.buffers`, service/device.py), writes its caches in place and copies into them
+  what a relayout or an admission produced. Each graph's first replay is checked against
+  a plain run; any failure turns graphs off and decoding goes on without them. Warm-up
+  runs every shape plainly (kernel choice, allocations) but captures none: a graph and
+  its buffers cost device memory, so only the shapes a batch reaches get them, each for a
+  few runs' time at its first step.
   On CPU they are numpy arrays fed to `session.run` and written in place. The device path,
   fixed buffers included, also runs on CPU (`EngineOptions(io_binding=True)`), which is
   how it is tested without a GPU.
