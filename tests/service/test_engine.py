@@ -4,11 +4,9 @@ tokens, finish reasons and (to float rounding) scores, whatever the batch around
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Hashable, Sequence
-from pathlib import Path
+from collections.abc import Hashable
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 from hypothesis import given, settings
@@ -16,13 +14,7 @@ from hypothesis import strategies as st
 
 from export.manifest import load_manifest
 from service.backends import (
-    CUDA,
-    BoundBackend,
-    decoder_with_greedy,
-    greedy_graph,
-    greedy_pick,
     log_softmax,
-    providers_for,
 )
 from service.domain import (
     DecodingParams,
@@ -42,16 +34,26 @@ from service.engine import (
     top_in_order,
 )
 from service.tokenizer import find_stop, stable_prefix
+from tests.service._decoding import (
+    JOIN_AT,
+    PATHS,
+    TEXTS,
+    assert_same,
+    engine_for,
+    make_engine,
+    reference,
+    request,
+    run_staggered,
+)
 from tests.service._engine_models import (
     LM,
     PROMPTS,
     SOURCES,
     TRANSLATOR,
     model_repository,
-    reference_model,
 )
 from transformer import decoding
-from transformer.decoding import DecodingOptions, Hypothesis
+from transformer.decoding import DecodingOptions
 
 torch.set_num_threads(1)
 
@@ -60,89 +62,6 @@ torch.set_num_threads(1)
 def _exported_models() -> None:
     """Export the tiny models (once per process) before timing any test."""
     model_repository()
-
-
-TASK = {TRANSLATOR: Task.TRANSLATION, LM: Task.GENERATION}
-TEXTS = {TRANSLATOR: SOURCES, LM: PROMPTS}
-JOIN_AT = [0, 0, 3, 3, 7, 12]  # the step at which each text joins the batch
-
-
-def make_engine(name: str, **options: object) -> Engine:
-    path = model_repository() / name / "1"
-    base: dict[str, object] = dict(cpu_variant="fp32", max_batch_size=32, intra_op_threads=1)
-    base.update(options)
-    return Engine(path, load_manifest(path), EngineOptions(**base))  # type: ignore[arg-type]
-
-
-# The engine's three ways to run a step: numpy arrays (CPU), the device path with
-# IOBinding, and the device path on fixed per-shape buffers (what CUDA graphs replay on;
-# on the CPU the same buffers and bindings, without capture).
-PATHS: dict[str, dict[str, object]] = {
-    "numpy": {},
-    "iobinding": {"io_binding": True, "cuda_graphs": False},
-    "fixed": {"io_binding": True, "cuda_graphs": True},
-}
-_ENGINES: dict[tuple[str, str], Engine] = {}
-
-
-def engine_for(name: str, path: str = "numpy") -> Engine:
-    key = (name, path)
-    if key not in _ENGINES:
-        _ENGINES[key] = make_engine(name, **PATHS[path])
-    return _ENGINES[key]
-
-
-def request(name: str, text: str, **params: object) -> SequenceRequest:
-    return SequenceRequest(TASK[name], text, DecodingParams(**params))  # type: ignore[arg-type]
-
-
-def run_staggered(
-    engine: Engine,
-    requests: Sequence[SequenceRequest],
-    join_at: Sequence[int],
-    stream: bool = False,
-) -> tuple[list[SequenceResult], dict[Hashable, list[tuple[list[int], str]]]]:
-    """Requests join the batch at their step; returns results and streamed events."""
-    batch = engine.new_batch()
-    results: dict[Hashable, SequenceResult] = {}
-    events: dict[Hashable, list[tuple[list[int], str]]] = {i: [] for i in range(len(requests))}
-    step = 0
-    while len(results) < len(requests):
-        joining = [
-            BatchItem(i, r, engine.encode(r.text), stream)
-            for i, r in enumerate(requests)
-            if join_at[i] == step
-        ]
-        batch.add(joining)
-        out = batch.step()
-        for key, event in out.events:
-            events[key].append((event.token_ids, event.text))
-        for key, result in out.finished:
-            results[key] = result
-        step += 1
-        assert step < 500
-    return [results[i] for i in range(len(requests))], events
-
-
-def reference(name: str, texts: Sequence[str], options: DecodingOptions) -> list[list[Hypothesis]]:
-    engine = engine_for(name)
-    ids = [engine.encode(t) for t in texts]
-    model = reference_model(name)
-    if name == TRANSLATOR:
-        return decoding.translate(model, ids, options)  # type: ignore[arg-type]
-    return decoding.generate(model, ids, options)  # type: ignore[arg-type]
-
-
-def assert_same(result: SequenceResult, expected: list[Hypothesis], align: bool = False) -> None:
-    got = result.hypotheses
-    assert [h.token_ids for h in got] == [h.tokens for h in expected]
-    assert [h.finish_reason.value for h in got] == [h.finish_reason for h in expected]
-    for g, e in zip(got, expected, strict=True):
-        assert g.score == pytest.approx(e.score, abs=1e-3)
-        assert g.normalized_score == pytest.approx(e.normalized_score, abs=1e-3)
-        if align:
-            assert g.alignment is not None and e.alignment is not None
-            np.testing.assert_allclose(np.array(g.alignment), np.array(e.alignment), atol=1e-4)
 
 
 # --- greedy and beam against the reference --------------------------------------------------
@@ -575,345 +494,6 @@ def test_log_softmax_and_buckets() -> None:
     assert [bucket(n, 16, 100) for n in (1, 16, 17, 33, 65, 100)] == [16, 16, 32, 64, 100, 100]
     with pytest.raises(ValueError):
         bucket(101, 16, 100)
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])
-def test_greedy_head_equals_log_softmax_argmax(dtype: type) -> None:
-    """The greedy reduction (numpy on the CPU path, an ONNX graph where the logits stay on
-    the device) picks torch.argmax's token, lowest id on ties, with its log-probability."""
-    from onnx import TensorProto
-
-    rng = np.random.default_rng(1)
-    logits: np.ndarray = (rng.normal(size=(6, 1, 50)) * 4).astype(dtype)
-    logits[2, 0, [7, 31]] = logits[2, 0].max() + 1  # a tie: the lower id wins
-    rows = np.array([5, 2, 0])
-    last = logits[rows, -1, :].astype(np.float32)
-    want_ids = torch.from_numpy(last).argmax(dim=-1).numpy()
-    want_lp = torch.log_softmax(torch.from_numpy(last), dim=-1).numpy()[np.arange(3), want_ids]
-    assert want_ids[1] == 7
-
-    ids, picked = greedy_pick(last)
-    np.testing.assert_array_equal(ids, want_ids)
-    np.testing.assert_allclose(picked, want_lp, atol=1e-5)
-
-    elem = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT
-    session = ort.InferenceSession(greedy_graph(elem), providers=["CPUExecutionProvider"])
-    ids, picked = (out[rows] for out in session.run(None, {"logits": logits}))
-    np.testing.assert_array_equal(ids, want_ids)
-    np.testing.assert_allclose(picked, want_lp, atol=1e-5)
-    assert picked.dtype == np.float32
-
-
-def test_device_greedy_and_host_logits_equal_numpy() -> None:
-    """The device path's greedy reduction and host copy of logits left as an OrtValue
-    give what the numpy path gives from the array."""
-    engine = engine_for(TRANSLATOR, "iobinding")
-    bound, plain = engine.backend, engine_for(TRANSLATOR).backend
-    logits = np.random.default_rng(2).normal(size=(4, 1, 96)).astype(np.float32)
-    value = bound._value(logits)  # type: ignore[union-attr]
-    rows = np.array([3, 1])
-    ids, picked = bound.greedy(value, rows)
-    want_ids, want_picked = plain.greedy(logits, rows)
-    np.testing.assert_array_equal(ids, want_ids)
-    np.testing.assert_allclose(picked, want_picked, atol=1e-6)
-    np.testing.assert_array_equal(bound.host_logits(value), logits[:, -1, :])
-
-
-def test_device_cache_write_equals_numpy() -> None:
-    """Keys and values written in place by one device helper run, its index grid reused
-    across steps of a shape, land where numpy's in-place write puts them."""
-    bound = engine_for(LM, "iobinding").backend
-    plain = engine_for(LM).backend
-    assert isinstance(bound, BoundBackend)
-    rng = np.random.default_rng(3)
-    k, v = (rng.normal(size=(2, 3, 2, 8, 4)).astype(np.float32) for _ in range(2))
-    dk, dv = bound._value(k.copy()), bound._value(v.copy())
-    for positions in (np.array([0, 5, 2]), np.array([1, 6, 3]), np.array([4, 4, 0])):
-        new_k, new_v = (rng.normal(size=(2, 3, 2, 1, 4)).astype(np.float32) for _ in range(2))
-        k, v = plain.write_kv(k, v, new_k, new_v, positions)
-        before = dk.data_ptr(), dv.data_ptr()
-        written = bound.write_kv(dk, dv, bound._value(new_k), bound._value(new_v), positions)
-        assert written == (dk, dv) and (dk.data_ptr(), dv.data_ptr()) == before  # in place
-        np.testing.assert_array_equal(bound.host(dk), k)
-        np.testing.assert_array_equal(bound.host(dv), v)
-
-
-def test_device_row_moves_equal_numpy() -> None:
-    """The helper graphs the device path uses for row moves do what numpy does."""
-    bound = engine_for(LM, "iobinding").backend
-    plain = engine_for(LM).backend
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(2, 4, 3, 8, 5)).astype(np.float32)
-    u = rng.normal(size=(2, 3, 3, 8, 5)).astype(np.float32)
-    dst, src = np.array([3, 0]), np.array([2, 0])
-    perm = np.array([1, 1, 0, 3, 2])
-
-    def both(op: str, *args: object) -> None:
-        def host(backend: object, value: np.ndarray) -> object:
-            return value.copy() if backend is plain else bound._value(value.copy())  # type: ignore[union-attr]
-
-        converted_plain = [
-            host(plain, a) if isinstance(a, np.ndarray) and a.ndim == 5 else a for a in args
-        ]
-        converted_bound = [
-            host(bound, a) if isinstance(a, np.ndarray) and a.ndim == 5 else a for a in args
-        ]
-        want = plain.host(getattr(plain, op)(*converted_plain))
-        got = bound.host(getattr(bound, op)(*converted_bound))
-        np.testing.assert_array_equal(got, want)
-
-    both("gather", x, perm)
-    both("assign", x, dst, u, src)
-    both("move", x, dst, src)
-    both("resize", x, 16)
-    both("resize", x, 3)
-
-
-@pytest.mark.parametrize("path", list(PATHS))
-def test_a_step_reports_its_time_inside_onnxruntime(path: str) -> None:
-    """run_seconds: the part of a step spent in session runs (the rest is host work);
-    admissions' encoder runs belong to add(), not to the step."""
-    engine = engine_for(TRANSLATOR, path)
-    batch = engine.new_batch()
-    batch.add(
-        [BatchItem(0, request(TRANSLATOR, SOURCES[0], max_new_tokens=5), engine.encode(SOURCES[0]))]
-    )
-    before = engine.backend.run_seconds
-    out = batch.step()
-    assert 0 < out.run_seconds < out.seconds
-    assert engine.backend.run_seconds - before == pytest.approx(out.run_seconds)
-    assert batch.step().run_seconds > 0 and engine.new_batch().step().run_seconds == 0.0
-
-
-def test_fixed_buffers_keep_their_addresses_for_each_step_shape(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """What a CUDA graph replays on: every step of a shape binds the same device buffers
-    (caches written in place, admissions and relayouts copied into them), one binding per
-    step shape (the cache write's too; greedy rows come out of the decoder run itself), and
-    the outputs equal the reference."""
-    engine = make_engine(TRANSLATOR, **PATHS["fixed"])
-    bound = engine.backend
-    assert isinstance(bound, BoundBackend) and bound.static and not bound.capture
-    made: list[str] = []
-
-    def counted(name: str, session: ort.InferenceSession) -> Callable[[], object]:
-        real = session.io_binding
-
-        def io_binding() -> object:
-            made.append(name)
-            return real()
-
-        return io_binding
-
-    for name in ("write_kv", "greedy"):
-        session = bound.helpers[name]
-        monkeypatch.setattr(session, "io_binding", counted(name, session))
-    batch = engine.new_batch()
-    buffers = batch.buffers
-    assert buffers is not None
-    texts = SOURCES[:5]
-    reqs = [request(TRANSLATOR, t, max_new_tokens=60) for t in texts]
-    addresses: dict[tuple[str, tuple[int, ...]], set[int]] = {}
-    results: dict[Hashable, SequenceResult] = {}
-    step = 0
-    while len(results) < len(reqs):
-        joining = [
-            BatchItem(i, reqs[i], engine.encode(texts[i]))
-            for i in ([0] if step == 0 else [1, 2, 3, 4] if step == 3 else [])
-        ]
-        batch.add(joining)
-        results.update(batch.step().finished)
-        for role in ("past_k", "past_v", "cross_k", "cross_v"):
-            value = getattr(batch, role)
-            if len(batch):
-                assert value is buffers.get(role, value.shape())
-                assert value is not None
-                addresses.setdefault((role, tuple(value.shape())), set()).add(value.data_ptr())
-        step += 1
-    assert len({shape for _, shape in addresses}) >= 3  # rows, cache and source changed
-    assert all(len(ptrs) == 1 for ptrs in addresses.values()), addresses
-    assert len(buffers.bindings) >= 3
-    assert step > 2 * len(buffers.bindings)
-    assert made.count("write_kv") == len({(r, c) for r, c, _ in buffers.bindings})  # per cache
-    assert bound.fused_greedy and "greedy" not in made  # the decoder run reduced them
-    expected = reference(TRANSLATOR, texts, DecodingOptions(max_new_tokens=60))
-    for i, exp in enumerate(expected):
-        assert_same(results[i], exp)
-
-
-def test_only_a_cuda_decoder_session_asks_for_graph_capture() -> None:
-    """enable_cuda_graph goes to the CUDA provider of the decoder made for capture and
-    nowhere else; the device path without graphs keeps no fixed buffers."""
-    cuda = providers_for(CUDA, 1, cuda_graph=True)
-    assert cuda[0] == (
-        CUDA,
-        {"device_id": 1, "arena_extend_strategy": "kSameAsRequested", "enable_cuda_graph": "1"},
-    )
-    assert "enable_cuda_graph" not in providers_for(CUDA, 1)[0][1]
-    assert providers_for("CPUExecutionProvider", 0, cuda_graph=True) == ["CPUExecutionProvider"]
-    assert engine_for(TRANSLATOR, "iobinding").new_batch().buffers is None
-    assert engine_for(TRANSLATOR).new_batch().buffers is None
-
-
-def test_without_the_fused_greedy_graph_greedy_rows_use_the_helper(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    """The greedy nodes go into a decoder once: a graph that has them is refused, and an
-    engine whose decoder cannot take them reduces greedy rows with the helper graph, with
-    the same answers."""
-    path = model_repository() / TRANSLATOR / "1"
-    manifest = load_manifest(path)
-    fused = tmp_path / "decoder.onnx"
-    fused.write_bytes(decoder_with_greedy(path / manifest.graph("fp32", "decoder").path))
-    with pytest.raises(ValueError, match="already has names starting with 'greedy_'"):
-        decoder_with_greedy(fused)
-
-    def refuse(_: Path) -> bytes:
-        raise ValueError("opset 11; the greedy nodes need 13 or later")
-
-    monkeypatch.setattr("service.engine.decoder_with_greedy", refuse)
-    engine = make_engine(TRANSLATOR, **PATHS["fixed"])
-    bound = engine.backend
-    assert isinstance(bound, BoundBackend) and bound.static and not bound.fused_greedy
-    runs: list[int] = []
-    helper = bound.helpers["greedy"]
-    real = helper.run_with_iobinding
-
-    def counted(*args: object) -> None:
-        runs.append(1)
-        real(*args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(helper, "run_with_iobinding", counted)
-    texts = SOURCES[:3]
-    results, _ = run_staggered(
-        engine, [request(TRANSLATOR, t, max_new_tokens=20) for t in texts], [0, 1, 1]
-    )
-    expected = reference(TRANSLATOR, texts, DecodingOptions(max_new_tokens=20))
-    for result, exp in zip(results, expected, strict=True):
-        assert_same(result, exp)
-    assert runs  # the helper reduced the greedy rows
-
-
-def test_a_step_on_unpinned_caches_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Binding a cache that is not the batch's fixed buffer would make a replayed graph read
-    stale memory: the device path refuses it."""
-    engine = engine_for(LM, "fixed")
-    bound = engine.backend
-    assert isinstance(bound, BoundBackend)
-    buffers = bound.new_buffers()
-    assert buffers is not None
-    shape = (engine.layers, 1, engine.heads, 16, engine.head_dim)
-    feeds = {
-        "input_ids": np.zeros((1, 1), dtype=np.int64),
-        "positions": np.zeros(1, dtype=np.int64),
-        "past_k": bound.zeros(shape),
-        "past_v": bound.zeros(shape),
-    }
-    with pytest.raises(ValueError, match="past_k is not the batch's fixed buffer"):
-        bound.decode(feeds, False, buffers)
-    copies: list[str] = []
-    real_helper = bound._helper
-
-    def helper(name: str, feeds: dict[str, object], out: object = None) -> object:
-        copies.append(name)
-        return real_helper(name, feeds, out)
-
-    monkeypatch.setattr(bound, "_helper", helper)
-    pinned = bound.pin(feeds["past_k"], "past_k", buffers)
-    assert pinned is not feeds["past_k"] and copies == ["gather"]
-    np.testing.assert_array_equal(bound.host(pinned), bound.host(feeds["past_k"]))
-    assert bound.pin(pinned, "past_k", buffers) is pinned and copies == ["gather"]
-
-
-def test_a_host_input_is_copied_to_its_fixed_buffer_only_when_it_changed(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Each copy to a GPU is a synchronous transfer: the source mask, the same most steps,
-    is copied only when its values change (and then they arrive)."""
-    bound = engine_for(TRANSLATOR, "fixed").backend
-    assert isinstance(bound, BoundBackend)
-    buffers = bound.new_buffers()
-    assert buffers is not None
-    mask = np.array([[True, True, False], [True, False, False]])
-    fixed = bound._small(buffers, "src_mask", mask)
-    copies: list[np.ndarray] = []
-    real = type(fixed).update_inplace
-
-    def update_inplace(value: object, data: np.ndarray) -> None:
-        copies.append(data)
-        real(value, data)
-
-    monkeypatch.setattr(type(fixed), "update_inplace", update_inplace)
-    assert bound._small(buffers, "src_mask", mask.copy()) is fixed and not copies
-    changed = mask.copy()
-    changed[1, 1] = True
-    assert bound._small(buffers, "src_mask", changed) is fixed and len(copies) == 1
-    np.testing.assert_array_equal(bound.host(fixed), changed)
-    assert bound._small(buffers, "src_mask", changed) is fixed and len(copies) == 1
-    mask[:] = False  # the caller's array changing later does not reach the buffer
-    np.testing.assert_array_equal(bound.host(fixed), changed)
-
-
-class _FlakyReplay:
-    """A decoder session whose graph runs (gpu_graph_id > 0) go wrong: they add noise to
-    the logits (every graph's, or those after the first), or raise."""
-
-    def __init__(self, session: ort.InferenceSession, fail: str) -> None:
-        self.session, self.fail, self.graph_runs = session, fail, 0
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.session, name)
-
-    def run_with_iobinding(self, io: object, options: ort.RunOptions | None = None) -> None:
-        graph_id = -1 if options is None else int(options.get_run_config_entry("gpu_graph_id"))
-        graph = graph_id > 0
-        if graph:
-            self.graph_runs += 1
-            if self.fail == "raise":
-                raise RuntimeError(
-                    "CUDA error 900: operation not permitted when stream is capturing"
-                )
-        self.session.run_with_iobinding(io, options)  # type: ignore[arg-type]
-        if graph and (self.fail == "differ" or (self.fail == "differ-later" and graph_id > 1)):
-            logits = io.get_outputs()[0]  # type: ignore[attr-defined]
-            logits.update_inplace(logits.numpy() + 1.0)
-
-
-@pytest.mark.parametrize("fail", ["none", "differ", "differ-later", "raise"])
-def test_cuda_graph_replays_are_checked_and_a_bad_one_falls_back(fail: str) -> None:
-    """The capture path's control flow, run on the CPU (where a graph id is ignored): each
-    new graph's first replay is checked against a plain run of the same bound step; a
-    replay that differs or a capture that raises turns graphs off for good, on a session
-    made without capture, and every answer still equals the reference."""
-    engine = make_engine(LM, **PATHS["fixed"])
-    bound = engine.backend
-    assert isinstance(bound, BoundBackend)
-    flaky = _FlakyReplay(bound.decoder_session, fail)
-    plain_sessions: list[ort.InferenceSession] = []
-
-    def plain() -> ort.InferenceSession:
-        plain_sessions.append(flaky.session)
-        return flaky.session
-
-    bound.decoder_session = flaky  # type: ignore[assignment]
-    bound.capture = bound._graph_session = True
-    bound._plain_decoder = plain
-    reqs = [request(LM, t, max_new_tokens=30) for t in PROMPTS]
-    results, _ = run_staggered(engine, reqs, JOIN_AT)
-    for result, exp in zip(
-        results, reference(LM, PROMPTS, DecodingOptions(max_new_tokens=30)), strict=True
-    ):
-        assert_same(result, exp)
-    if fail == "none":
-        assert bound.capture and not plain_sessions
-        assert len(bound._graph_ids) >= 3 and bound.verified_graphs == len(bound._graph_ids)
-        assert flaky.graph_runs > 2 * len(bound._graph_ids)  # replays beyond capture + check
-    else:
-        assert not bound.capture and not bound._graph_session and len(plain_sessions) == 1
-        assert bound.decoder_session is flaky.session
-        checked = {"differ": 1, "differ-later": 2, "raise": 0}  # the last one failed
-        assert bound.verified_graphs == checked[fail]
 
 
 def test_cache_lengths_follow_the_rows_on_cpu_and_stay_powers_of_two_on_device() -> None:
