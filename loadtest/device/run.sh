@@ -10,8 +10,9 @@
 #   3. export.gpu_check: fp16/fp32 CUDA + IOBinding parity against onnxruntime CPU fp32
 #      (what makes the engine's GPU numbers worth reading);
 #   4. loadtest.gpu_bench: Transformer-base and en-es, PyTorch vs HF generate fp16 vs the
-#      serving engine on the CUDA provider (the >= 10x HF generate target), with rooflines,
-#      and the decoder step as a CUDA graph;
+#      serving engine on the CUDA provider (the >= 10x HF generate target) with its steps
+#      replayed as CUDA graphs and without (same tokens checked, host share of a step),
+#      with rooflines, and the bare decoder step plain and as a CUDA graph;
 #   5. loadtest.bench --provider cuda: served static vs continuous batching on the GPU.
 # What comes back in $OUT: run.log, benchmarks.md (docs/benchmarks.md with the GPU
 # sections filled), gpu_bench.json, bench_gpu.json, gpu_check.md, gpu_check.json. Here,
