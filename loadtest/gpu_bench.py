@@ -543,8 +543,7 @@ def bench_engine(
             fig.extra[key] = values[len(values) // 2] * 1000
     fig.gpu_mem_gib = dev.used_gib()
     fig.extra["provider"] = engine.provider
-    backend = engine.backend
-    fig.extra["cuda_graphs"] = bool(getattr(backend, "capture", False))  # still on at the end
+    fig.extra["cuda_graphs"] = bool(engine.cuda_graphs)  # still on at the end
     # Every run decodes the same sources: the tokens of the last one, for comparing the
     # engine with and without graphs (greedy on the same weights: they must be equal).
     fig.extra["outputs_sha256"] = hashlib.sha256(

@@ -427,8 +427,8 @@ class BoundBackend(_Timed):
     def _step_binding(
         self, feeds: dict[str, Any], buffers: StepBuffers
     ) -> tuple[tuple[int, int, int], Any, dict[str, Any]]:
-        """The step's IOBinding on fixed buffers (made once per step shape); the small
-        inputs copied in. The caches in `feeds` must be the pinned ones."""
+        """The step's IOBinding and outputs on fixed buffers (made once per step shape);
+        the small inputs copied in. The caches in `feeds` must be the pinned ones."""
         rows, cache = feeds["past_k"].shape()[1], feeds["past_k"].shape()[3]
         source = feeds["cross_k"].shape()[3] if "cross_k" in feeds else 0
         key = (rows, cache, source)
@@ -436,26 +436,28 @@ class BoundBackend(_Timed):
             if role in feeds and feeds[role] is not buffers.get(role, feeds[role].shape()):
                 raise ValueError(f"{role} is not the batch's fixed buffer: pin() it first")
         small = {k: self._small(buffers, k, v) for k, v in feeds.items() if k not in STACKED}
-        L, _, H, _, D = feeds["past_k"].shape()
-        outputs = {
-            "logits": self._output(buffers, "logits", (rows, 1, self.vocab_size)),
-            "new_k": self._output(buffers, "new_k", (L, rows, H, 1, D)),
-            "new_v": self._output(buffers, "new_v", (L, rows, H, 1, D)),
-        }
-        if self.alignment:
-            outputs["cross_attention"] = self._output(buffers, "cross_attention", (rows, 1, source))
-        if self.fused_greedy:
-            for name in (GREEDY_PREFIX + "ids", GREEDY_PREFIX + "picked"):
-                outputs[name] = self._output(buffers, name, (rows,))
-        session, io = buffers.bindings.get(key, (None, None))
+        session, io, outputs = buffers.bindings.get(key, (None, None, {}))
         if session is not self.decoder_session:  # first step of this shape, or a new session
+            L, _, H, _, D = feeds["past_k"].shape()
+            outputs = {
+                "logits": self._output(buffers, "logits", (rows, 1, self.vocab_size)),
+                "new_k": self._output(buffers, "new_k", (L, rows, H, 1, D)),
+                "new_v": self._output(buffers, "new_v", (L, rows, H, 1, D)),
+            }
+            if self.alignment:
+                outputs["cross_attention"] = self._output(
+                    buffers, "cross_attention", (rows, 1, source)
+                )
+            if self.fused_greedy:
+                for name in (GREEDY_PREFIX + "ids", GREEDY_PREFIX + "picked"):
+                    outputs[name] = self._output(buffers, name, (rows,))
             io = self.decoder_session.io_binding()
             for name, value in small.items():
                 io.bind_ortvalue_input(name, value)
             bind_layers(io, feeds, self.device, self.device_id)
             for name, value in outputs.items():
                 io.bind_ortvalue_output(name, value)
-            buffers.bindings[key] = (self.decoder_session, io)
+            buffers.bindings[key] = (self.decoder_session, io, outputs)
         return key, io, outputs
 
     def _run_options(self, graph_id: int) -> ort.RunOptions:

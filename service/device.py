@@ -90,7 +90,8 @@ class StepBuffers:
     def __init__(self) -> None:
         self.id = next(_buffer_ids)
         self.values: dict[tuple[str, tuple[int, ...]], Any] = {}
-        self.bindings: dict[tuple[int, int, int], Any] = {}
+        # step shape -> (decoder session, its IOBinding, the outputs bound to it)
+        self.bindings: dict[tuple[int, int, int], tuple[Any, Any, dict[str, Any]]] = {}
         self.helper_bindings: dict[tuple[str, tuple[int, ...]], Any] = {}
         self.uploaded: dict[tuple[str, tuple[int, ...]], Any] = {}  # host inputs' values
         self.greedy: tuple[Any, Any, Any] | None = None  # (logits, ids, picked) of the last step
