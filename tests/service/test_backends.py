@@ -39,10 +39,7 @@ from transformer.decoding import DecodingOptions
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _exported_models() -> None:
-    """Export the tiny models (once per process) before timing any test."""
-    model_repository()
+pytestmark = pytest.mark.usefixtures("exported_models")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])

@@ -12,11 +12,7 @@ from service.domain import ModelNotFound, Task, Unavailable
 from service.repository import ModelRepository, ModelVersion
 from tests.service._engine_models import LM, TRANSLATOR, copy_version, model_repository
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _exported_models() -> None:
-    """Export the tiny models (once per process) before timing any test."""
-    model_repository()
+pytestmark = pytest.mark.usefixtures("exported_models")
 
 
 @pytest.fixture

@@ -43,11 +43,7 @@ from tests.service._engine_models import (
     slow_engine_factory,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _exported_models() -> None:
-    """Export the tiny models (once per process) before timing any test."""
-    model_repository()
+pytestmark = pytest.mark.usefixtures("exported_models")
 
 
 T = TypeVar("T")
