@@ -462,6 +462,7 @@ def _brief(summary: dict[str, Any]) -> dict[str, Any]:
         "elapsed_s",
         "concurrency",
         "send_lag_s",
+        "tokens_per_message",
     )
     return {k: summary[k] for k in keep if k in summary}
 
@@ -749,11 +750,13 @@ def markdown(data: dict[str, Any]) -> str:
             "",
             "Streamed generations (en-lm, `Generator.Generate`, prompts from the same verses) "
             "under Poisson arrivals, the same rates for both modes; TTFT is the time from the "
-            "intended send time to the first token:",
+            "intended send time to the first token; tokens/msg is how many tokens each "
+            "streamed message carried (the server joins those waiting when a stream falls "
+            "behind):",
             "",
             "| batching | offered req/s | served req/s | tokens/s | TTFT p50 ms | TTFT p99 ms "
-            "| p50 ms | p99 ms | errors |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+            "| p50 ms | p99 ms | tokens/msg | errors |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for name, sm in data["served"].items():
             for g in sm.get("generate") or []:
@@ -762,7 +765,8 @@ def markdown(data: dict[str, Any]) -> str:
                     f"| {name} | {g['offered_rate']:.2f} | {g['throughput_rps']:.2f} "
                     f"| {g['tokens_per_s']:.1f} | {_f(ttft.get('p50'), '.0f', 1000)} "
                     f"| {_f(ttft.get('p99'), '.0f', 1000)} | {_f(lat['p50'], '.0f', 1000)} "
-                    f"| {_f(lat['p99'], '.0f', 1000)} | {g['errors'] or 'none'} |"
+                    f"| {_f(lat['p99'], '.0f', 1000)} | {_f(g.get('tokens_per_message'), '.2f')} "
+                    f"| {g['errors'] or 'none'} |"
                 )
     cm = data["served"].get("continuous") or {}
     for base in BASELINES:

@@ -95,6 +95,7 @@ class RequestRecord:
     output_tokens: int = 0
     ttft: float | None = None  # first token chunk - intended (streams only)
     itl: list[float] = field(default_factory=list)  # one gap per streamed token after the first
+    messages: int = 0  # streamed messages that carried tokens (streams only)
     detail: str = ""  # the error message, for errors only
 
     @property
@@ -145,6 +146,7 @@ def make_record(
         output_tokens=outcome.output_tokens,
         ttft=ttft,
         itl=itl,
+        messages=len(outcome.chunk_times),
         detail=outcome.detail if outcome.code != "OK" else "",
     )
 

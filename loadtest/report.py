@@ -57,6 +57,8 @@ def _summarize_records(records: Sequence[RequestRecord], elapsed: float) -> dict
     itl = [g for r in ok for g in r.itl]
     ttft = [r.ttft for r in ok if r.ttft is not None]
     out_tokens = sum(r.output_tokens for r in ok)
+    streamed = [r for r in ok if r.messages]
+    messages = sum(r.messages for r in streamed)
     return {
         "requests": len(records),
         "ok": len(ok),
@@ -71,6 +73,11 @@ def _summarize_records(records: Sequence[RequestRecord], elapsed: float) -> dict
         "latency_s": distribution([r.latency for r in ok]),
         "ttft_s": distribution(ttft),
         "itl_s": distribution(itl),
+        # The server joins tokens already waiting into one message when a stream falls
+        # behind (service/scheduler.py `_coalesce`): 1.0 means one message per token.
+        "tokens_per_message": (
+            sum(r.output_tokens for r in streamed) / messages if messages else None
+        ),
     }
 
 
@@ -179,6 +186,11 @@ def markdown_run(summary: dict[str, Any], title: str = "Load test") -> str:
         *[f"  - {code}: {msg}" for code, msg in summary.get("error_examples", {}).items()],
         f"- send lag p99: {_ms(summary['send_lag_s']['p99'])} ms (client-side lateness; "
         "latency already includes it)",
+        *(
+            [f"- streamed tokens per message: {summary['tokens_per_message']:.2f}"]
+            if summary.get("tokens_per_message") is not None
+            else []
+        ),
         "",
         "| kind | requests | ok | req/s | tok/s | p50 ms | p90 ms | p99 ms | p99.9 ms "
         "| TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |",

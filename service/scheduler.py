@@ -19,6 +19,9 @@ Policy (read this before tuning the budgets):
   and runs to completion before anything else is admitted. mode="static-hold" also holds
   every answer until its whole batch has ended, as a batched generate call (or
   CTranslate2's translate_batch) returns them: the textbook request-level baseline.
+* Streams get each step's tokens as that step's output reaches the event loop. A stream
+  whose reader fell behind gets all its waiting tokens in one event (`_coalesce`), so a
+  busy event loop writes fewer, larger messages instead of falling further behind.
 * Deadlines: admission estimates the queue wait (EWMA of the step time × the steps until
   enough rows free up, simulated over the running and queued requests with an EWMA of
   observed output lengths) and refuses with DeadlineUnmeetable when it exceeds the time
@@ -139,6 +142,28 @@ def engine_options_from_settings(settings: Settings) -> EngineOptions:
         max_batch_size=settings.max_batch_size,
         cuda_graphs=settings.cuda_graphs,
     )
+
+
+def _coalesce(
+    first: TokenEvent, events: asyncio.Queue[StreamItem | BaseException]
+) -> tuple[TokenEvent, StreamItem | BaseException | None]:
+    """The token events already waiting behind `first`, joined into one, and the item that
+    ended the run (a result or an error), if any.
+
+    A stream whose reader fell behind the decoder (the event loop busy with other calls)
+    then sends one message for all its waiting tokens instead of one per token: the number
+    of messages, the per-call cost of gRPC, follows what the event loop can write instead
+    of the step rate. Nothing waits for this: only tokens decoded already are joined."""
+    if events.empty():
+        return first, None
+    ids, text = list(first.token_ids), first.text
+    while not events.empty():
+        item = events.get_nowait()
+        if not isinstance(item, TokenEvent):
+            return TokenEvent(ids, text), item
+        ids += item.token_ids
+        text += item.text
+    return TokenEvent(ids, text), None
 
 
 class _Job:
@@ -728,9 +753,12 @@ class Scheduler:
         the first iteration; closing the iterator early cancels the request."""
         job, loop = self._prepare(request, stream=True)
         assert job.events is not None
+        held: StreamItem | BaseException | None = None
         try:
             while True:
-                if request.deadline is None:
+                if held is not None:
+                    item, held = held, None
+                elif request.deadline is None:
                     item = await job.events.get()
                 else:
                     timeout = request.deadline - time.monotonic()
@@ -745,6 +773,8 @@ class Scheduler:
                         ) from None
                 if isinstance(item, BaseException):
                     raise item
+                if isinstance(item, TokenEvent):
+                    item, held = _coalesce(item, job.events)
                 yield item
                 if isinstance(item, SequenceResult):
                     return

@@ -96,6 +96,7 @@ def test_stream_ttft_and_itl_from_intended_time() -> None:
     assert record.lag == pytest.approx(0.05)
     assert record.ttft == pytest.approx(0.3)
     assert record.itl == pytest.approx([0.1, 0.1, 0.1, 0.1])
+    assert record.messages == 3
 
 
 def test_closed_loop_keeps_concurrency_and_count() -> None:

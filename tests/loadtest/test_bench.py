@@ -151,7 +151,7 @@ def test_equal_p50_table_in_markdown(tmp_path: Path) -> None:
         "continuous": served("continuous", 500.0, [step(10, 0.1), step(30, 0.3), step(40, 0.7)]),
     }
     modes["continuous"].generate = [
-        {**step(8, 0.5), "ttft_s": {"p50": 0.02, "p99": 0.09}},
+        {**step(8, 0.5), "ttft_s": {"p50": 0.02, "p99": 0.09}, "tokens_per_message": 1.25},
         {**step(16, 0.6), "ttft_s": {"p50": 0.03, "p99": 0.1}},
     ]
     modes["static"].generate = [{**step(8, 1.2), "ttft_s": {"p50": 0.4, "p99": 0.9}}]
@@ -163,10 +163,10 @@ def test_equal_p50_table_in_markdown(tmp_path: Path) -> None:
         in text
     )
     assert "| 200 | 10.00 | 20.00 | 2.00× |" in text
-    # One generation row per mode and rate; TTFT in ms.
-    assert "| continuous | 8.00 | 8.00 | 80.0 | 20 | 90 | 500 | 1000 | none |" in text
-    assert "| continuous | 16.00 | 16.00 | 160.0 | 30 | 100 | 600 | 1200 | none |" in text
-    assert "| static | 8.00 | 8.00 | 80.0 | 400 | 900 | 1200 | 2400 | none |" in text
+    # One generation row per mode and rate; TTFT in ms; tokens per message where measured.
+    assert "| continuous | 8.00 | 8.00 | 80.0 | 20 | 90 | 500 | 1000 | 1.25 | none |" in text
+    assert "| continuous | 16.00 | 16.00 | 160.0 | 30 | 100 | 600 | 1200 | – | none |" in text
+    assert "| static | 8.00 | 8.00 | 80.0 | 400 | 900 | 1200 | 2400 | – | none |" in text
     # Each workload has its own equal-p50 table: static 8 req/s at 1.2 s; continuous
     # stays below 1.2 s up to its busiest step, 16 req/s.
     assert "Equal-p50 comparison with static, translations" in text

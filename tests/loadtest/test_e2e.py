@@ -41,5 +41,7 @@ def test_three_second_loadtest_against_live_server(server: Any, tmp_path: Path) 
     assert summary["throughput_rps"] > 0 and summary["tokens_per_s"] > 0
     assert set(summary["by_kind"]) == {"translate", "stream", "generate"}
     assert summary["ttft_s"]["count"] > 0  # streams reported time to first token
+    # Every streamed message carried at least one token, and no token went uncounted.
+    assert summary["by_kind"]["generate"]["tokens_per_message"] >= 1.0
     for name in ("summary.md", "latency_cdf.png", "latency_vs_load.png"):
         assert (out / name).stat().st_size > 0

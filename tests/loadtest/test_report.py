@@ -65,6 +65,7 @@ def fake_result(rate: float = 10.0, slow: float = 0.0) -> RunResult:
                 output_tokens=10,
                 ttft=0.02 if stream else None,
                 itl=[0.003] * 9 if stream else [],
+                messages=5 if stream else 0,
             )
         )
     return RunResult(
@@ -88,6 +89,9 @@ def test_summary_counts_and_rates() -> None:
     assert s["itl_s"]["p99"] == pytest.approx(0.003)
     assert set(s["by_kind"]) == {"translate", "stream", "generate"}
     assert s["by_kind"]["translate"]["ttft_s"]["count"] == 0
+    # 10 tokens in 5 messages per stream; unary calls do not count.
+    assert s["tokens_per_message"] == pytest.approx(2.0)
+    assert s["by_kind"]["translate"]["tokens_per_message"] is None
 
 
 def test_run_report_files(tmp_path: Path) -> None:
@@ -111,6 +115,7 @@ def test_run_report_files(tmp_path: Path) -> None:
     md = (tmp_path / "summary.md").read_text()
     assert "| kind | requests | ok |" in md and "p99.9 ms" in md
     assert "| translate |" in md and "RESOURCE_EXHAUSTED" in md
+    assert "streamed tokens per message: 2.00" in md
     for name in ("latency_cdf.png", "latency_vs_load.png"):
         blob = (tmp_path / name).read_bytes()
         assert blob.startswith(PNG_MAGIC) and len(blob) > 2000

@@ -175,6 +175,29 @@ def test_stream_pieces_add_up_to_the_unary_answer() -> None:
         assert [t for e in events for t in e.token_ids] == h.token_ids
 
 
+def test_a_stream_that_fell_behind_gets_its_waiting_tokens_in_one_event() -> None:
+    """Tokens decoded while the reader was away are joined, not sent one by one: the
+    message count follows the reader's pace, and nothing is lost or reordered."""
+    request = generate(PROMPTS[0], max_new_tokens=40)
+
+    async def main(s: Scheduler) -> tuple[list[TokenEvent | SequenceResult], SequenceResult]:
+        items: list[TokenEvent | SequenceResult] = []
+        async with contextlib.aclosing(s.stream(request)) as stream:
+            async for item in stream:
+                items.append(item)
+                if len(items) == 1:  # away while the rest is decoded
+                    await wait_until(lambda: loop_stats(s, f"{LM}:1")["running"] == 0)
+        return items, await s.submit(request)
+
+    items, unary = run(main, make_scheduler())
+    events = [i for i in items if isinstance(i, TokenEvent)]
+    ids = unary.hypotheses[0].token_ids
+    assert len(ids) > 2, "the model stopped too early for this test"
+    assert isinstance(items[-1], SequenceResult) and len(events) == 2
+    assert [t for e in events for t in e.token_ids] == ids
+    assert "".join(e.text for e in events) == unary.hypotheses[0].text
+
+
 # --- cancellation, deadlines, queue ------------------------------------------------------------
 
 
