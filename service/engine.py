@@ -76,7 +76,7 @@ from service.domain import (
     Task,
     TokenEvent,
 )
-from service.tokenizer import Tokenizer, find_stop, stable_prefix
+from service.tokenizer import TextSoFar, Tokenizer, find_stop, stable_prefix
 
 log = logging.getLogger(__name__)
 
@@ -594,7 +594,7 @@ class _Hyp:
 class _Seq:
     """One request in the batch: its rows (K beams or 1) and decoding state."""
 
-    def __init__(self, item: BatchItem, slots: list[int]) -> None:
+    def __init__(self, item: BatchItem, slots: list[int], tokenizer: Tokenizer) -> None:
         self.key = item.key
         self.request = item.request
         self.params: DecodingParams = item.request.params
@@ -613,6 +613,8 @@ class _Seq:
         # Nothing to decode, search or stream per step: only EOS or the length ends it.
         self.plain = not (self.params.return_alignment or self.stop or self.stream)
         self.checked = 0  # text length already searched for stop strings
+        # The text of the best row so far, for a row streamed or searched for stops.
+        self.text = TextSoFar(tokenizer)
         self.emitted_ids = 0
         self.emitted_text = ""
         self.rng: np.random.Generator | None = None
@@ -780,7 +782,7 @@ class Batch:
         for it in items:
             k = it.request.params.beam_size
             slots, free = [int(s) for s in free[:k]], free[k:]
-            seqs.append(_Seq(it, slots))
+            seqs.append(_Seq(it, slots, e.tokenizer))
         dst = np.array([s for seq in seqs for s in seq.slots], dtype=np.int64)
         src = np.array([i for i, seq in enumerate(seqs) for _ in seq.slots], dtype=np.int64)
         if e.task is Task.TRANSLATION:
@@ -1033,7 +1035,7 @@ class Batch:
                 )
             else:
                 if seq.stop or seq.stream:
-                    text = self.engine.tokenizer.decode(tokens)
+                    text = seq.text(tokens)
                 if seq.stop and text is not None:
                     at = find_stop(text, seq.stop, max(0, seq.checked - seq.stop_len))
                     seq.checked = len(text)

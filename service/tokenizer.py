@@ -11,6 +11,7 @@ import sentencepiece as spm
 
 REPLACEMENT = "\ufffd"  # what decode yields for an incomplete UTF-8 byte sequence
 SPACE = "\u2581"  # SentencePiece's word-boundary mark: a space in the text
+UNKNOWN = " \u2047 "  # what SentencePiece writes for the unknown id, spaces included
 
 
 class Tokenizer:
@@ -41,8 +42,16 @@ class Tokenizer:
         return [self.bos_id, *self.sp.encode(text)]
 
     def decode(self, ids: list[int]) -> str:
+        return self._decode(ids, self.continuation)
+
+    def decode_inner(self, ids: list[int]) -> str:
+        """The text of ids that follow other ids: their leading spaces kept, as they read
+        in the whole text (`TextSoFar` joins such pieces)."""
+        return self._decode(ids, True)
+
+    def _decode(self, ids: list[int], keep_leading_spaces: bool) -> str:
         text = str(self.sp.decode(ids))
-        if self.continuation:
+        if keep_leading_spaces:
             dropped = self._leading_spaces(ids) - (len(text) - len(text.lstrip(" ")))
             if dropped > 0:
                 text = " " * dropped + text
@@ -52,8 +61,10 @@ class Tokenizer:
         """Spaces the pieces spell before their first other character."""
         n = 0
         for i in ids:
-            piece = str(self.sp.id_to_piece(i))
-            rest = piece.lstrip(SPACE)
+            if self.sp.is_control(i):  # BOS, EOS, pad: no text at all
+                continue
+            piece = UNKNOWN if self.sp.is_unknown(i) else str(self.sp.id_to_piece(i))
+            rest = piece.lstrip(SPACE + " ")
             n += len(piece) - len(rest)
             if rest:
                 break
@@ -61,6 +72,37 @@ class Tokenizer:
 
     def pieces(self, ids: list[int]) -> list[str]:
         return [str(piece) for piece in self.sp.id_to_piece(list(ids))]  # one call for all
+
+
+class TextSoFar:
+    """The text of one row's ids as they grow by a token per step, equal at every step to
+    `tokenizer.decode(ids)`, at a cost that does not grow with the length.
+
+    Decoding all ids every step costs more the longer the row (about 4 µs at 32 ids and
+    28 µs at 512 here), which a streamed or stop-checked row pays every step. As TGI and
+    vLLM detokenize incrementally, the text of a settled head is kept and only the ids
+    after it are decoded; the head grows by `FOLD` ids once their text is whole (no
+    incomplete UTF-8 character at its end) and not empty (so the tokenizer's rule for the
+    start of a text has been applied to it)."""
+
+    FOLD = 16
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.head = ""  # the text of ids[: self.settled]
+        self.settled = 0
+
+    def __call__(self, ids: list[int]) -> str:
+        """The text of `ids`, which extend the ids of the previous call."""
+        if self.settled:
+            tail = self.tokenizer.decode_inner(ids[self.settled :])
+        else:
+            tail = self.tokenizer.decode(ids)
+        if len(ids) - self.settled >= self.FOLD and tail and not tail.endswith(REPLACEMENT):
+            self.head += tail
+            self.settled = len(ids)
+            return self.head
+        return self.head + tail
 
 
 def stable_prefix(text: str, stop: tuple[str, ...]) -> str:
@@ -89,4 +131,4 @@ def find_stop(text: str, stop: tuple[str, ...], start: int = 0) -> int:
     return best
 
 
-__all__ = ["Tokenizer", "find_stop", "stable_prefix"]
+__all__ = ["TextSoFar", "Tokenizer", "find_stop", "stable_prefix"]

@@ -1,0 +1,80 @@
+"""Detokenization of growing rows: the incremental text equals decoding all ids, on the
+tokenizers the default models ship with."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from service.tokenizer import SPACE, TextSoFar, Tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+# (tokenizer, continuation): the translator's outputs start a text, the generator's follow
+# a prompt.
+TOKENIZERS = {
+    "en-es": (ROOT / "models/en-es/checkpoint/tokenizer.model", False),
+    "en-lm": (ROOT / "models/en-lm/checkpoint/tokenizer.model", True),
+}
+BOS, EOS = 2, 3
+
+
+@functools.cache
+def tokenizer(name: str) -> Tokenizer:
+    path, continuation = TOKENIZERS[name]
+    return Tokenizer(path, BOS, EOS, continuation=continuation)
+
+
+@functools.cache
+def awkward_ids(name: str) -> list[int]:
+    """The ids whose text depends on what comes before: control and unknown ids, and the
+    pieces that are spaces alone."""
+    sp = tokenizer(name).sp
+    return [
+        i
+        for i in range(sp.get_piece_size())
+        if sp.is_control(i) or sp.is_unknown(i) or not sp.id_to_piece(i).strip(SPACE)
+    ]
+
+
+@st.composite
+def rows(draw: st.DrawFn, name: str) -> list[int]:
+    vocab = tokenizer(name).vocab_size
+    any_id = st.integers(0, vocab - 1)
+    return draw(st.lists(st.one_of(any_id, st.sampled_from(awkward_ids(name))), max_size=60))
+
+
+@pytest.mark.parametrize("name", list(TOKENIZERS))
+@settings(max_examples=150, deadline=None)
+@given(data=st.data(), fold=st.sampled_from([1, 3, TextSoFar.FOLD]))
+def test_text_so_far_equals_decoding_every_id(name: str, data: st.DataObject, fold: int) -> None:
+    tok = tokenizer(name)
+    ids = data.draw(rows(name))
+    text = TextSoFar(tok)
+    text.FOLD = fold
+    for n in range(1, len(ids) + 1):
+        assert text(ids[:n]) == tok.decode(ids[:n])
+    if len(ids) > 2 * fold:  # the head took over most ids, so the check above covered it
+        assert text.settled > 0 or not tok.decode(ids)
+
+
+def test_a_continuation_keeps_its_spaces_after_control_and_unknown_ids() -> None:
+    """A generated row that starts with a control id (no text) or the unknown id (written
+    " ⁇ ") still reads as it would inside a longer text: SentencePiece drops the spaces at
+    the start of a text, and a continuation puts them back."""
+    tok = tokenizer("en-lm")
+    sp = tok.sp
+    word = sp.piece_to_id(SPACE + "the")
+    space = sp.piece_to_id(SPACE)
+    assert not sp.is_unknown(word) and not sp.is_unknown(space)
+    unknown = sp.unk_id()
+    assert tok.decode([0, word]) == " the"  # pad, then a word
+    assert tok.decode([EOS, space, unknown]) == "  \u2047 "
+    assert tok.decode([unknown, word]) == " \u2047  the"
+    # Inside a longer text, the same ids read the same.
+    before = sp.encode("And God said")
+    for tail in ([0, word], [EOS, space, unknown], [unknown, word]):
+        assert tok.decode(before + tail) == tok.decode(before) + tok.decode(tail)
