@@ -9,8 +9,12 @@ as a CUDA graph. The engine (service/engine.py) drives either through the same m
 
 from __future__ import annotations
 
+import gc
+import itertools
 import logging
+import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -44,7 +48,9 @@ _NP_TYPES: dict[str, type] = {
 SETTLED_INPUTS = frozenset({"src_mask"})  # decoder inputs that stay the same most steps
 
 
-def session_options(threads: int) -> ort.SessionOptions:
+def session_options(threads: int, device: bool = False) -> ort.SessionOptions:
+    """`device`: a GPU session, whose warnings are logged (nodes left on the CPU, copies
+    between devices: what keeps a graph from being captured or fast)."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -53,8 +59,23 @@ def session_options(threads: int) -> ort.SessionOptions:
     # Spinning threads burn the cores the asyncio loop and the other model need.
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    so.log_severity_level = 3
+    so.log_severity_level = 2 if device else 3
     return so
+
+
+# onnxruntime before 1.31.1 may replay a CUDA graph on a host staging buffer that a run of
+# another shape (a prefill, another capture) has reused since: silently wrong tokens
+# (microsoft/onnxruntime#32121). 1.31.1 is the first release checked to carry the fix.
+MIN_GRAPH_ORT = (1, 31, 1)
+
+
+def graphs_supported(version: str) -> bool:
+    """Whether this onnxruntime version may capture CUDA graphs (MIN_GRAPH_ORT)."""
+    parts = []
+    for part in version.split(".")[:3]:
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts) >= MIN_GRAPH_ORT
 
 
 def providers_for(provider: str, device_id: int, cuda_graph: bool = False) -> list[Any]:
@@ -243,6 +264,9 @@ class NumpyBackend(_Timed):
     def zeros(self, shape: tuple[int, ...]) -> Any:
         return np.zeros(shape, dtype=self.dtype)
 
+    def close(self) -> None:
+        """Nothing to do: host memory may be freed at any time."""
+
     def new_buffers(self) -> StepBuffers | None:
         return None  # numpy caches are written in place; any address will do
 
@@ -346,13 +370,16 @@ class BoundBackend(_Timed):
         self.capture = capture
         self._graph_session = capture  # the decoder session was made with graph capture on
         self._plain_decoder = plain_decoder
-        self._graph_ids: dict[tuple[int, int, int, int], int] = {}
+        # (thread, buffers, rows, cache, source) -> gpu_graph_id. onnxruntime keeps a
+        # session's captured graphs per thread: another thread would capture anew.
+        self._graph_ids: dict[tuple[int, int, int, int, int], int] = {}
+        self._buffers: weakref.WeakSet[StepBuffers] = weakref.WeakSet()  # for close()
         self._options: dict[int, ort.RunOptions] = {}
         self.verified_graphs = 0  # captures checked against a plain run of their step
         from onnx import TensorProto
 
         elem = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT
-        so = session_options(threads)
+        so = session_options(threads, device=provider == CUDA)
         graphs = {
             **_helper_graphs(elem),
             "write_kv": cache_write_graph(elem, ("_k", "_v")),
@@ -367,6 +394,25 @@ class BoundBackend(_Timed):
 
     def _shared(self) -> AbstractContextManager[None]:
         return DEVICE_LOCK.shared() if self.device == "cuda" else nullcontext()
+
+    def _alone(self) -> AbstractContextManager[None]:
+        """For what frees device memory (a session going) or captures: a synchronizing
+        CUDA call from another thread during a capture breaks that capture."""
+        return DEVICE_LOCK.exclusive() if self.device == "cuda" else nullcontext()
+
+    def close(self) -> None:
+        """Free the sessions and the batches' device buffers now, under the lock held
+        alone. Left to the garbage collector, they would go at any time, on any thread,
+        perhaps during another model's capture (a version retiring while the new one
+        captures its first steps). The backend cannot step afterwards."""
+        with self._alone():
+            for buffers in list(self._buffers):
+                buffers.clear()
+            self.helpers = {}
+            self._options.clear()
+            self._plain_decoder = None  # it refers to the engine: a cycle otherwise
+            del self.decoder_session, self.encoder_session
+            gc.collect()  # anything else that held them, while the lock is held
 
     def _value(self, array: np.ndarray) -> Any:
         with self._shared():
@@ -385,7 +431,11 @@ class BoundBackend(_Timed):
     # --- fixed buffers (CUDA graphs) -----------------------------------------------------
 
     def new_buffers(self) -> StepBuffers | None:
-        return StepBuffers() if self.static else None
+        if not self.static:
+            return None
+        buffers = StepBuffers()
+        self._buffers.add(buffers)
+        return buffers
 
     def pin(self, x: Any, role: str, buffers: StepBuffers | None) -> Any:
         """`x` in the batch's fixed buffer for its role and shape (copied there if it is
@@ -475,7 +525,7 @@ class BoundBackend(_Timed):
             with self._shared():
                 self._run_bound(self.decoder_session, io, self._plain_options())
         else:
-            graph = (buffers.id, *key)
+            graph = (threading.get_ident(), buffers.id, *key)
             known = graph in self._graph_ids
             if not known:
                 self._graph_ids[graph] = len(self._graph_ids) + 1
@@ -485,10 +535,12 @@ class BoundBackend(_Timed):
                 # replay it on the same buffers.
                 with DEVICE_LOCK.shared() if known else DEVICE_LOCK.exclusive():
                     self._run_bound(self.decoder_session, io, options)
-                if not known:
-                    self._verify(io, options, out["logits"])
+                good = known or self._verify(io, options, out["logits"])
             except Exception:
                 log.exception("CUDA graph capture or replay failed: decoding without graphs")
+                good = False
+            if not good:
+                io = None  # bound to the capture session, which goes now
                 self._stop_capture()
                 _, io, out = self._step_binding(feeds, buffers)
                 with self._shared():
@@ -505,10 +557,10 @@ class BoundBackend(_Timed):
                 align = out["cross_attention"].numpy()
         return out["logits"], out["new_k"], out["new_v"], align
 
-    def _verify(self, io: Any, replay: ort.RunOptions, logits: Any) -> None:
-        """A new graph's replayed logits against a plain run of the same bound step (two
-        runs, once per step shape). A mismatch turns capture off (logged), so a graph
-        never serves tokens a plain run would not."""
+    def _verify(self, io: Any, replay: ort.RunOptions, logits: Any) -> bool:
+        """Whether a new graph's replayed logits equal a plain run's of the same bound
+        step (two runs, once per step shape). On a mismatch (logged) the caller turns
+        capture off, so a graph never serves tokens a plain run would not."""
         with self._shared():
             self._run_bound(self.decoder_session, io, replay)
             replayed = logits.numpy().astype(np.float32)
@@ -516,12 +568,13 @@ class BoundBackend(_Timed):
             plain = logits.numpy().astype(np.float32)
         self.verified_graphs += 1
         worst = float(np.max(np.abs(replayed - plain))) if plain.size else 0.0
-        if not np.allclose(replayed, plain, rtol=1e-3, atol=1e-3):
-            log.error(
-                "a CUDA graph replay differs from a plain run (max |diff| %.3g): "
-                "decoding without graphs", worst,
-            )  # fmt: skip
-            self._stop_capture()
+        if np.allclose(replayed, plain, rtol=1e-3, atol=1e-3):
+            return True
+        log.error(
+            "a CUDA graph replay differs from a plain run (max |diff| %.3g): "
+            "decoding without graphs", worst,
+        )  # fmt: skip
+        return False
 
     def _plain_options(self) -> ort.RunOptions | None:
         """A run without a graph: a session with capture on needs to be told (id -1)."""
@@ -529,13 +582,17 @@ class BoundBackend(_Timed):
 
     def _stop_capture(self) -> None:
         """Plain runs from now on, on a decoder session made without graph capture (a
-        session with it would still try to capture runs without a graph id)."""
+        session with it would still try to capture runs without a graph id). The capture
+        session goes, with every step binding made on it, under the lock held alone."""
         self.capture = False
         self._graph_ids.clear()
         if self._plain_decoder is not None:
-            with self._shared():
+            with self._alone():
                 self.decoder_session = self._plain_decoder()
-            self._graph_session = False
+                self._graph_session = False
+                for buffers in list(self._buffers):
+                    buffers.bindings.clear()
+                gc.collect()
 
     # --- the step ------------------------------------------------------------------------
 
@@ -544,6 +601,9 @@ class BoundBackend(_Timed):
     ) -> tuple[Any, Any, Any, np.ndarray | None]:
         if buffers is not None and feeds["input_ids"].shape[1] == 1:
             return self._decode_static(feeds, want_alignment, buffers)
+        # A prefill (or any step off the fixed buffers): outputs in the session's own
+        # arena, which captured graphs reuse for their intermediates. The caller copies
+        # them into its caches before a replay could overwrite them.
         io = self.decoder_session.io_binding()
         self._bind_inputs(io, {k: v for k, v in feeds.items() if k not in STACKED})
         bind_layers(io, feeds, self.device, self.device_id)

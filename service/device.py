@@ -96,6 +96,14 @@ class StepBuffers:
         self.uploaded: dict[tuple[str, tuple[int, ...]], Any] = {}  # host inputs' values
         self.greedy: tuple[Any, Any, Any] | None = None  # (logits, ids, picked) of the last step
 
+    def clear(self) -> None:
+        """Drop every buffer and binding (the backend closing)."""
+        self.values.clear()
+        self.bindings.clear()
+        self.helper_bindings.clear()
+        self.uploaded.clear()
+        self.greedy = None
+
     def get(self, role: str, shape: tuple[int, ...]) -> Any | None:
         return self.values.get((role, tuple(shape)))
 

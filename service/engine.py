@@ -57,10 +57,12 @@ from export.manifest import Manifest
 from service.backends import (
     CPU,
     CUDA,
+    MIN_GRAPH_ORT,
     Backend,
     BoundBackend,
     NumpyBackend,
     decoder_with_greedy,
+    graphs_supported,
     log_softmax,
     providers_for,
     session_options,
@@ -266,7 +268,7 @@ class Engine:
             continuation=self.task is Task.GENERATION,
         )
         self.threads = _threads(self.options.intra_op_threads)
-        so = session_options(self.threads)
+        so = session_options(self.threads, device=self.provider == CUDA)
         if self.provider == CUDA and hasattr(ort, "preload_dlls"):
             ort.preload_dlls()
 
@@ -278,6 +280,12 @@ class Engine:
         self.io_binding = bound
         static = bound and self.options.cuda_graphs
         capture = static and self.provider == CUDA
+        if capture and not graphs_supported(ort.__version__):
+            log.warning(
+                "%s/%s: no CUDA graphs with onnxruntime %s (they need %s or later)",
+                self.name, self.version, ort.__version__, ".".join(map(str, MIN_GRAPH_ORT)),
+            )  # fmt: skip
+            capture = False
         # On fixed buffers the decoder also reduces its greedy rows (one run per step).
         fused: bytes | None = None
         if static:
@@ -454,6 +462,11 @@ class Engine:
 
     def new_batch(self) -> Batch:
         return Batch(self)
+
+    def close(self) -> None:
+        """Free the sessions and device buffers now (a retired version): see
+        BoundBackend.close for why not whenever the garbage collector gets to them."""
+        self.backend.close()
 
     # --- warm-up -------------------------------------------------------------------------
 

@@ -537,6 +537,7 @@ class _ModelLoop:
                 await self.task
         if self._worker is not None:
             await asyncio.to_thread(self._worker.join)
+        await asyncio.to_thread(self.engine.close)  # may wait for another model's capture
         self.metrics.model_ready.labels(self.entry.name, str(self.entry.version)).set(0)
         with contextlib.suppress(KeyError):  # only GPU versions with graphs asked have it
             self.metrics.cuda_graphs.remove(self.entry.name, str(self.entry.version))

@@ -4,6 +4,8 @@ fails its check or its capture falls back to plain runs with the same answers.""
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Callable, Hashable
 from pathlib import Path
 
@@ -17,12 +19,13 @@ from service.backends import (
     CUDA,
     BoundBackend,
     decoder_with_greedy,
+    graphs_supported,
     greedy_graph,
     greedy_pick,
     providers_for,
 )
 from service.domain import SequenceResult
-from service.engine import BatchItem
+from service.engine import BatchItem, Engine
 from tests.service._decoding import (
     JOIN_AT,
     PATHS,
@@ -379,3 +382,95 @@ def test_cuda_graph_replays_are_checked_and_a_bad_one_falls_back(fail: str) -> N
         assert bound.decoder_session is flaky.session
         checked = {"differ": 1, "differ-later": 2, "raise": 0}  # the last one failed
         assert bound.verified_graphs == checked[fail]
+
+
+def _flaky_engine(fail: str) -> tuple[Engine, BoundBackend, _FlakyReplay, list[object]]:
+    """An LM engine on fixed buffers whose decoder runs as `_FlakyReplay`, capture on."""
+    engine = make_engine(LM, **PATHS["fixed"])
+    bound = engine.backend
+    assert isinstance(bound, BoundBackend)
+    flaky = _FlakyReplay(bound.decoder_session, fail)
+    plain_sessions: list[object] = []
+
+    def plain() -> ort.InferenceSession:
+        plain_sessions.append(flaky.session)
+        return flaky.session
+
+    bound.decoder_session = flaky  # type: ignore[assignment]
+    bound.capture = bound._graph_session = True
+    bound._plain_decoder = plain
+    return engine, bound, flaky, plain_sessions
+
+
+def _items(engine: Engine, texts: list[str], first_key: int) -> list[BatchItem]:
+    return [
+        BatchItem(first_key + i, r, engine.encode(r.text), False)
+        for i, r in enumerate(request(LM, t, max_new_tokens=30) for t in texts)
+    ]
+
+
+def test_a_graph_id_belongs_to_the_thread_that_captured_it() -> None:
+    """onnxruntime keeps a session's graphs per thread: a step shape first run on another
+    thread gets a graph id of its own, captured alone and checked, as a new one is."""
+    engine, bound, _, _ = _flaky_engine("none")
+    batch = engine.new_batch()
+    batch.add(_items(engine, PROMPTS[:2], 0))
+    batch.step()
+    batch.step()
+    worker = threading.Thread(target=batch.step)
+    worker.start()
+    worker.join()
+    threads = {graph[0] for graph in bound._graph_ids}
+    assert threads == {threading.get_ident(), worker.ident}
+    assert bound.verified_graphs == len(bound._graph_ids)
+
+
+def test_a_fallback_drops_the_capture_session_with_every_binding_to_it() -> None:
+    """After a bad replay the capture session goes at once (under the device lock), with
+    the bindings of the step shapes it had captured, not only the failing one's."""
+    engine, bound, flaky, plain_sessions = _flaky_engine("differ-later")
+    batch = engine.new_batch()
+    batch.add(_items(engine, PROMPTS[:2], 0))
+    batch.step()  # graph 1, checked and kept
+    assert bound.capture and len(batch.buffers.bindings) == 1  # type: ignore[union-attr]
+    batch.add(_items(engine, PROMPTS[2:5], 2))  # more rows: a new step shape, graph 2
+    for _ in range(3):
+        batch.step()
+    assert not bound.capture and len(plain_sessions) == 1
+    sessions = [s for s, _, _ in batch.buffers.bindings.values()]  # type: ignore[union-attr]
+    assert sessions and all(s is flaky.session for s in sessions)
+
+
+def test_close_frees_the_sessions_and_the_device_buffers_now() -> None:
+    engine = make_engine(LM, **PATHS["fixed"])
+    bound = engine.backend
+    assert isinstance(bound, BoundBackend)
+    batch = engine.new_batch()
+    batch.add(_items(engine, PROMPTS[:3], 0))
+    batch.step()
+    assert batch.buffers is not None and batch.buffers.values and batch.buffers.bindings
+    gone = [weakref.ref(bound.decoder_session)]
+    gone += [weakref.ref(s) for s in bound.helpers.values()]
+    held = [id(v) for v in vars(batch).values()]  # the batch's own: they go with it
+    gone += [weakref.ref(v) for v in batch.buffers.values.values() if id(v) not in held]
+    engine.close()
+    assert not batch.buffers.values and not batch.buffers.bindings
+    assert all(ref() is None for ref in gone)
+    assert not hasattr(bound, "decoder_session")
+
+
+@pytest.mark.parametrize(
+    ("version", "supported"),
+    [
+        ("1.31.1", True),
+        ("1.32.0", True),
+        ("1.32.0.dev20261001", True),
+        ("1.31.1+cu13", True),
+        ("2.0", True),
+        ("1.31.0", False),
+        ("1.18.1", False),
+        ("1.9.0", False),
+    ],
+)
+def test_graphs_need_an_onnxruntime_with_the_replay_fix(version: str, supported: bool) -> None:
+    assert graphs_supported(version) is supported

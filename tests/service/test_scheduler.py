@@ -525,6 +525,33 @@ def test_reload_serves_new_versions_and_drains_retired_ones(tmp_path: Path) -> N
     run(main, make_scheduler(root, factory=slow_engine_factory(STEP_DELAY)))
 
 
+def test_a_version_that_stops_frees_its_engine_at_once(tmp_path: Path) -> None:
+    """A retired version's engine is closed when its loop ends (its sessions freed then,
+    not whenever the garbage collector runs), and every engine at shutdown."""
+    root = tmp_path / "models"
+    shutil.copytree(model_repository(), root)
+    closed: list[str] = []
+
+    class ClosingEngine(Engine):
+        def close(self) -> None:
+            closed.append(f"{self.name}:{self.version}")
+            super().close()
+
+    def factory(entry: ModelVersion, options: EngineOptions) -> Engine:
+        return ClosingEngine(entry.path, entry.manifest, options)
+
+    async def main(s: Scheduler) -> None:
+        copy_version(root, LM, 1, 2)
+        await s.reload()
+        shutil.rmtree(root / LM / "1")
+        await s.reload()
+        await wait_until(lambda: f"{LM}:1" not in s.stats())
+        assert closed == [f"{LM}:1"]
+
+    run(main, make_scheduler(root, factory=factory))
+    assert sorted(closed) == sorted([f"{LM}:1", f"{LM}:2", f"{TRANSLATOR}:1"])
+
+
 def test_cuda_graphs_gauge_follows_the_engine_and_leaves_with_it() -> None:
     """inference_cuda_graphs: 1 while a version replays CUDA graphs, 0 once it fell back,
     no series for a version where graphs do not apply, removed when the version stops."""
