@@ -283,6 +283,8 @@ def start_server(
         str(args.threads),
         "--max-batch-size",
         str(args.batch_size),
+        "--max-beam-size",  # the bench decodes greedily; a beam may not outgrow a batch
+        str(min(8, args.batch_size)),
         "--max-queue",
         "4096",
         "--max-new-tokens",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -262,6 +262,22 @@ def _print_json(message: Any) -> None:
     typer.echo(json_format.MessageToJson(message, preserving_proto_field_name=True))
 
 
+def _print_stream(chunks: Iterable[Any], head: str, as_json: bool, scores: bool) -> None:
+    """A stream as it comes: each chunk as JSON, or `head` then the text, and the score
+    (which the last chunk carries) after it."""
+    for chunk in chunks:
+        if as_json:
+            _print_json(chunk)
+            continue
+        typer.echo(head + chunk.text, nl=False)
+        head = ""
+        if chunk.finished and scores:
+            typer.echo(f"\t{chunk.score:.3f}", nl=False)
+        sys.stdout.flush()
+    if not as_json:
+        typer.echo()
+
+
 @app.command()
 def translate(
     texts: Annotated[list[str], typer.Argument(help="Text(s) to translate.")],
@@ -289,6 +305,12 @@ def translate(
     as_json: Json = False,
 ) -> None:
     """Translate English text(s) to Spanish."""
+    if stream and plot_alignment_to is not None:
+        raise typer.BadParameter(
+            "needs the unary call (a stream's last chunk has the weights, not the tokens "
+            "to label them): drop --stream",
+            param_hint="--plot-alignment",
+        )
     options: dict[str, Any] = dict(
         max_new_tokens=max_new_tokens,
         beam_size=beam_size,
@@ -306,10 +328,8 @@ def translate(
         try:
             if stream:
                 for text in texts:
-                    for chunk in client.translate_stream(text, model, version, **options):
-                        typer.echo(chunk.text, nl=False)
-                        sys.stdout.flush()
-                    typer.echo()
+                    chunks = client.translate_stream(text, model, version, **options)
+                    _print_stream(chunks, "", as_json, scores)
                 return
             response = client.translate(texts, model, version, **options)
         except grpc.RpcError as error:
@@ -375,17 +395,9 @@ def generate(
     with _client(target, token, ca, timeout) as client:
         try:
             if stream:
-                head = "" if as_json else prompt  # printed with the first chunk
-                for chunk in client.generate(prompt, model, version, stream=True, **options):
-                    assert isinstance(chunk, pb.TokenChunk)
-                    if as_json:
-                        _print_json(chunk)
-                    else:
-                        typer.echo(head + chunk.text, nl=False)
-                        head = ""
-                        sys.stdout.flush()
-                if not as_json:
-                    typer.echo()
+                chunks = client.generate(prompt, model, version, stream=True, **options)
+                assert not isinstance(chunks, pb.GenerateResponse)
+                _print_stream(chunks, "" if as_json else prompt, as_json, scores)
                 return
             response = client.generate(prompt, model, version, **options)
         except grpc.RpcError as error:
@@ -444,6 +456,10 @@ def reload(
             return
     typer.echo(f"loaded: {', '.join(response.loaded) or '-'}")
     typer.echo(f"retired: {', '.join(response.retired) or '-'}")
+    for folder, why in sorted(response.failed.items()):
+        typer.echo(f"failed: {folder}: {why}", err=True)
+    if response.failed:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -132,6 +132,10 @@ class InvalidArgument(ServiceError):
         self.field = field_name
 
 
+class ResponseTooLarge(ServiceError):
+    """The answer is over the server's max message size (known only once decoded)."""
+
+
 class ModelNotFound(ServiceError):
     pass
 

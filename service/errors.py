@@ -10,6 +10,8 @@ the transport aborts with the result. Choices worth knowing:
 * DeadlineExceeded (the deadline passed while decoding) → DEADLINE_EXCEEDED.
 * Cancelled → CANCELLED (the client went away; nobody reads the answer).
 * Unavailable (loading, draining) → UNAVAILABLE, which clients retry.
+* ResponseTooLarge → RESOURCE_EXHAUSTED, what grpc itself answers for a message over the
+  size limit; the message says which limit and what to ask for instead.
 * Anything else is a bug: INTERNAL with a generic message (details only in the logs).
 """
 
@@ -24,6 +26,7 @@ from service.domain import (
     InvalidArgument,
     ModelNotFound,
     QueueFull,
+    ResponseTooLarge,
     ServiceError,
     Unauthenticated,
     Unavailable,
@@ -34,6 +37,7 @@ STATUS_OF: dict[type[ServiceError], grpc.StatusCode] = {
     ModelNotFound: grpc.StatusCode.NOT_FOUND,
     QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineUnmeetable: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ResponseTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Cancelled: grpc.StatusCode.CANCELLED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,

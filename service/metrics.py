@@ -117,15 +117,21 @@ class Metrics:
             "inference_output_tokens", "Output tokens generated.", ["model"], registry=r
         )
         self.queue_depth = Gauge(
-            "inference_queue_depth", "Sequences waiting for admission.", ["model"], registry=r
+            "inference_queue_depth",
+            "Sequences waiting for admission.",
+            ["model", "version"],
+            registry=r,
         )
         self.running_sequences = Gauge(
-            "inference_running_sequences", "Sequences in the running batch.", ["model"], registry=r
+            "inference_running_sequences",
+            "Sequences in the running batch.",
+            ["model", "version"],
+            registry=r,
         )
         self.free_cache_slots = Gauge(
             "inference_free_cache_slots",
             "Rows the running batch can still take (max_batch_size - running rows).",
-            ["model"],
+            ["model", "version"],
             registry=r,
         )
         self.model_ready = Gauge(
@@ -135,7 +141,7 @@ class Metrics:
         self.estimated_queue_wait = Gauge(
             "inference_estimated_queue_wait_seconds",
             "Admission estimate of the queue wait of a request arriving now.",
-            ["model"],
+            ["model", "version"],
             registry=r,
         )
         self.cuda_graphs = Gauge(

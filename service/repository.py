@@ -144,7 +144,9 @@ class ModelRepository:
         self._models: dict[str, dict[int, ModelVersion]] = {}
         # Folders that failed to load, with their mtime, so a rescan does not retry them
         # until they change (no log spam on every reload).
-        self._failed: dict[Path, float] = {}
+        # Folders that failed to load: manifest mtime and why. Not retried until the
+        # manifest changes, but reported by every reload until then.
+        self._failed: dict[Path, tuple[float, str]] = {}
 
     # --- scanning --------------------------------------------------------------------
 
@@ -200,7 +202,9 @@ class ModelRepository:
             mtime = (path / "manifest.json").stat().st_mtime
         except OSError:
             mtime = -1.0
-        if self._failed.get(path) == mtime:
+        known = self._failed.get(path)
+        if known is not None and known[0] == mtime:
+            result.failed[str(path)] = f"{known[1]} (unchanged since it failed)"
             return None
         try:
             manifest = load_manifest(
@@ -211,7 +215,7 @@ class ModelRepository:
                     f"{path}/manifest.json names model {manifest.name!r}, the folder is {name!r}"
                 )
         except (ManifestError, OSError) as error:
-            self._failed[path] = mtime
+            self._failed[path] = (mtime, str(error))
             result.failed[str(path)] = str(error)
             log.error("cannot load %s: %s", path, error)
             return None
@@ -331,9 +335,10 @@ class ModelRepository:
                 if not versions:
                     del self._models[entry.name]
             try:
-                self._failed[entry.path] = (entry.path / "manifest.json").stat().st_mtime
+                mtime = (entry.path / "manifest.json").stat().st_mtime
             except OSError:
-                self._failed[entry.path] = -1.0
+                mtime = -1.0
+            self._failed[entry.path] = (mtime, reason)
         log.error("discarded model %s: %s", entry.key, reason)
         entry.retire()
 

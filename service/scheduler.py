@@ -55,6 +55,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from service.domain import (
@@ -210,6 +211,8 @@ class _ModelLoop:
         self.config = config
         self.metrics = metrics
         self.label = entry.name
+        # The gauges of this version's own state: every loaded version of a model has them.
+        self.version_labels = (entry.name, str(entry.version))
         self.waiting: deque[_Job] = deque()
         self.running: dict[_Job, _Job] = {}
         self._held: dict[_Job, SequenceResult] = {}  # static-hold: answers kept to batch end
@@ -257,7 +260,7 @@ class _ModelLoop:
         self.idle.clear()
         self.metrics.request_input_tokens.labels(self.label).observe(len(job.input_ids))
         self.metrics.input_tokens.labels(self.label).inc(len(job.input_ids))
-        self.metrics.queue_depth.labels(self.label).set(len(self.waiting))
+        self.metrics.queue_depth.labels(*self.version_labels).set(len(self.waiting))
         self.wake.set()
 
     def _expected_steps(self, job: _Job) -> int:
@@ -356,7 +359,7 @@ class _ModelLoop:
                     with self._inbox_ready:
                         self._inbox.append((removals, items))
                         self._inbox_ready.notify()
-                self.metrics.queue_depth.labels(self.label).set(len(self.waiting))
+                self.metrics.queue_depth.labels(*self.version_labels).set(len(self.waiting))
                 if not self.running:
                     self.idle.set()
                     self._gauges()
@@ -458,14 +461,14 @@ class _ModelLoop:
                 self._finish(job, result)
 
     def _gauges(self) -> None:
-        m, label = self.metrics, self.label
-        m.queue_depth.labels(label).set(len(self.waiting))
-        m.running_sequences.labels(label).set(len(self.running))
-        m.free_cache_slots.labels(label).set(self.config.max_batch_size - self.rows_used)
-        m.estimated_queue_wait.labels(label).set(self.estimate_wait(1))
+        m, labels = self.metrics, self.version_labels
+        m.queue_depth.labels(*labels).set(len(self.waiting))
+        m.running_sequences.labels(*labels).set(len(self.running))
+        m.free_cache_slots.labels(*labels).set(self.config.max_batch_size - self.rows_used)
+        m.estimated_queue_wait.labels(*labels).set(self.estimate_wait(1))
         graphs = self.engine.cuda_graphs
         if graphs is not None:
-            m.cuda_graphs.labels(self.entry.name, str(self.entry.version)).set(int(graphs))
+            m.cuda_graphs.labels(*labels).set(int(graphs))
 
     def _finish(
         self, job: _Job, result: SequenceResult | None, error: BaseException | None = None
@@ -539,8 +542,11 @@ class _ModelLoop:
             await asyncio.to_thread(self._worker.join)
         await asyncio.to_thread(self.engine.close)  # may wait for another model's capture
         self.metrics.model_ready.labels(self.entry.name, str(self.entry.version)).set(0)
-        with contextlib.suppress(KeyError):  # only GPU versions with graphs asked have it
-            self.metrics.cuda_graphs.remove(self.entry.name, str(self.entry.version))
+        m = self.metrics
+        gauges = (m.queue_depth, m.running_sequences, m.free_cache_slots)
+        for gauge in (*gauges, m.estimated_queue_wait, m.cuda_graphs):
+            with contextlib.suppress(KeyError):  # cuda_graphs: only GPU versions have it
+                gauge.remove(*self.version_labels)
 
 
 EngineFactory = Callable[[ModelVersion, EngineOptions], Engine]
@@ -610,7 +616,7 @@ class Scheduler:
         async with self._reload_lock:
             result = await asyncio.to_thread(self.repository.reload)
             loaded: list[str] = []
-            failed = dict(result.failed)
+            failed = {self._folder(path): why for path, why in result.failed.items()}
             for entry in result.loaded:
                 try:
                     await self._start_loop(entry)
@@ -618,10 +624,17 @@ class Scheduler:
                 except Exception as error:
                     log.exception("cannot start model %s", entry.key)
                     self.repository.discard(entry, str(error))
-                    failed[str(entry.path)] = f"{type(error).__name__}: {error}"
+                    failed[self._folder(entry.path)] = f"{type(error).__name__}: {error}"
             for entry in result.retired:
                 self._retire(entry)
             return ReloadSummary(loaded, [e.key for e in result.retired], failed)
+
+    def _folder(self, path: str | Path) -> str:
+        """A version folder as callers name it: relative to the repository ("en-es/2")."""
+        try:
+            return str(Path(path).relative_to(self.repository.root))
+        except ValueError:
+            return str(path)
 
     async def _start_loop(self, entry: ModelVersion) -> None:
         engine = await asyncio.to_thread(self.engine_factory, entry, self.engine_options)

@@ -26,6 +26,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from typing import Any, Protocol, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -37,6 +38,7 @@ from service.domain import (
     InvalidArgument,
     ModelStatus,
     ReloadSummary,
+    ResponseTooLarge,
     SequenceRequest,
     SequenceResult,
     ServiceError,
@@ -144,6 +146,7 @@ class Transport:
         self._idle.set()
         token = settings.auth_token.get_secret_value() if settings.auth_token else None
         self._token = token.encode() if token else None
+        self.max_message_bytes = settings.max_message_bytes
 
     # -- checks -----------------------------------------------------------------------
 
@@ -172,6 +175,18 @@ class Transport:
             raise Unavailable("server is shutting down; retry on another replica")
         if not self.ready:
             raise Unavailable("models are loading; retry shortly")
+
+    def fits(self, message: T) -> T:
+        """`message`, if it is within the max message size: refused here, with the reason,
+        rather than by grpc after the call was counted as answered."""
+        size = message.ByteSize()  # type: ignore[attr-defined]
+        if size > self.max_message_bytes:
+            raise ResponseTooLarge(
+                f"the answer is {size:,} bytes, over the server's max message size of "
+                f"{self.max_message_bytes:,} (SERVE_MAX_MESSAGE_BYTES): ask for fewer texts, "
+                "a smaller n_best, or no alignment"
+            )
+        return message
 
     @staticmethod
     def deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -272,7 +287,7 @@ class Transport:
     ) -> T:
         """Run a unary handler with the shared plumbing; abort with the mapped status."""
         async with self._call(method, context, public) as state:
-            return await handler(state)
+            return self.fits(await handler(state))
         raise AssertionError("unreachable: a failed call aborts")
 
     async def stream(
@@ -287,7 +302,7 @@ class Transport:
             contextlib.aclosing(handler(state)) as items,
         ):
             async for item in items:
-                yield item
+                yield self.fits(item)
 
 
 # --- protobuf ↔ domain --------------------------------------------------------------------
@@ -624,12 +639,75 @@ class ModelsServicer(_Servicer, pb_grpc.ModelsServicer):
             if self.transport.draining:
                 raise Unavailable("server is shutting down; reload refused")
             summary = await self._reload()
-            return pb.ReloadResponse(loaded=summary.loaded, retired=summary.retired)
+            return pb.ReloadResponse(
+                loaded=summary.loaded, retired=summary.retired, failed=summary.failed
+            )
 
         return await self.transport.unary("Reload", context, handle, public=True)
 
 
 # --- server assembly and lifecycle --------------------------------------------------------
+
+
+class MalformedRequest:
+    """What a request that is not valid protobuf deserializes to, so that its call is
+    answered (INVALID_ARGUMENT), counted and logged like any other, instead of grpc
+    answering UNKNOWN before the transport sees it."""
+
+    def __init__(self, message_type: str, error: Exception) -> None:
+        self.message_type = message_type
+        self.error = error
+
+    async def refuse(self, state: CallState) -> Any:
+        raise InvalidArgument(
+            "request",
+            f"not a valid {self.message_type} (a string that is not UTF-8, or bytes of "
+            f"another message): {self.error}",
+        )
+
+
+def _lenient(message: Any) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return message.FromString(data)
+        except DecodeError as error:
+            return MalformedRequest(message.DESCRIPTOR.full_name, error)
+
+    return deserialize
+
+
+def _checked(servicer: _Servicer, name: str) -> Callable[..., Awaitable[Any]]:
+    behavior = getattr(servicer, name)
+
+    async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, MalformedRequest):
+            return await servicer.transport.unary(name, context, request.refuse, public=True)
+        return await behavior(request, context)
+
+    return handler
+
+
+def add_servicer(server: grpc.aio.Server, service: str, servicer: _Servicer) -> None:
+    """Register `servicer` for `service` of inference.proto, as the generated
+    add_*Servicer_to_server does, but with requests that fail to parse answered by the
+    transport (MalformedRequest)."""
+    descriptor = pb.DESCRIPTOR.services_by_name[service]
+    handlers = {}
+    for method in descriptor.methods:
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make(
+            _checked(servicer, method.name),
+            request_deserializer=_lenient(getattr(pb, method.input_type.name)),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(descriptor.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(descriptor.full_name, handlers)
 
 
 def server_options(settings: Settings) -> list[tuple[str, Any]]:
@@ -670,14 +748,12 @@ class InferenceServer:
         self._stopped = asyncio.Event()
         self._drain_task: asyncio.Task[None] | None = None
 
-        pb_grpc.add_TranslatorServicer_to_server(
-            TranslatorServicer(backend, self.transport, settings), self.server
+        add_servicer(
+            self.server, "Translator", TranslatorServicer(backend, self.transport, settings)
         )
-        pb_grpc.add_GeneratorServicer_to_server(
-            GeneratorServicer(backend, self.transport, settings), self.server
-        )
-        pb_grpc.add_ModelsServicer_to_server(
-            ModelsServicer(backend, self.transport, settings, self.reload), self.server
+        add_servicer(self.server, "Generator", GeneratorServicer(backend, self.transport, settings))
+        add_servicer(
+            self.server, "Models", ModelsServicer(backend, self.transport, settings, self.reload)
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

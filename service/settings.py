@@ -105,7 +105,11 @@ class Settings(BaseSettings):
     )
     # --- lifecycle -----------------------------------------------------------------------
     drain_grace_s: float = Field(
-        30.0, ge=0.0, le=3600.0, description="After SIGTERM: seconds in-flight calls may finish."
+        30.0,
+        ge=0.0,
+        le=3600.0,
+        description="After SIGTERM: seconds in-flight calls may finish (the server then "
+        "takes up to 1 s more to send their last messages before it cancels the rest).",
     )
     max_connection_age_s: float = Field(
         300.0,
@@ -130,6 +134,18 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"default_max_new_tokens ({self.default_max_new_tokens}) must be ≤ "
                 f"max_new_tokens ({self.max_new_tokens}); lower it or raise max_new_tokens"
+            )
+        if self.max_beam_size > self.max_batch_size:
+            raise ValueError(
+                f"max_beam_size ({self.max_beam_size}) must be ≤ max_batch_size "
+                f"({self.max_batch_size}): a beam takes a row per hypothesis; lower "
+                "max_beam_size or raise max_batch_size"
+            )
+        if self.max_texts_per_request > self.max_queue:
+            raise ValueError(
+                f"max_texts_per_request ({self.max_texts_per_request}) must be ≤ max_queue "
+                f"({self.max_queue}): each text of a Translate call waits in the queue; lower "
+                "max_texts_per_request or raise max_queue"
             )
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together: set both or neither")

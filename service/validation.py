@@ -11,6 +11,7 @@ and an explicit 0 is seen and refused where it is out of range.
 from __future__ import annotations
 
 import math
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
 # texts longer than max_input_tokens * CHARS_PER_TOKEN_BOUND are refused before tokenizing.
 CHARS_PER_TOKEN_BOUND = 32
 MAX_TEMPERATURE = 100.0
+_INVISIBLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})  # Unicode categories with no glyph
+# Below this, logits / temperature overflows float32 (NaN probabilities): 0 is greedy.
+MIN_TEMPERATURE = 1e-6
 MAX_LENGTH_PENALTY = 10.0
 MAX_TOP_K = 1 << 20
 
@@ -112,6 +116,12 @@ def decoding_params(
         raise InvalidArgument(
             "options.temperature", f"{temperature} exceeds the limit {MAX_TEMPERATURE}"
         )
+    if 0.0 < temperature < MIN_TEMPERATURE:
+        raise InvalidArgument(
+            "options.temperature",
+            f"{temperature} is below the smallest sampling temperature {MIN_TEMPERATURE}; "
+            "use 0 for greedy decoding",
+        )
     sampling = temperature > 0.0
     if sampling and beam > 1:
         raise InvalidArgument(
@@ -177,9 +187,14 @@ def decoding_params(
 
 
 def text(field_name: str, value: str, limits: RequestLimits) -> str:
-    """Refuse an empty (or blank) text and one too long to be worth tokenizing."""
+    """Refuse an empty (or blank) text, one with nothing to read (only control or format
+    characters, such as NUL or zero-width spaces), and one too long to be worth tokenizing."""
     if not value.strip():
         raise InvalidArgument(field_name, "is empty")
+    if all(unicodedata.category(c) in _INVISIBLE for c in value):
+        raise InvalidArgument(
+            field_name, "has no visible characters (only spaces, control or format characters)"
+        )
     bound = limits.max_input_tokens * CHARS_PER_TOKEN_BOUND
     if len(value) > bound:
         raise InvalidArgument(

@@ -98,3 +98,21 @@ def test_cli_reports_errors(server: ServerHandle) -> None:
     result = _cli(server, "translate", "Amen.", "--beam-size", "99")
     assert result.returncode == 2
     assert "INVALID_ARGUMENT: options.beam_size" in result.stderr
+
+
+@pytest.mark.e2e
+def test_cli_streams_print_scores_and_json_and_refuse_a_plot(server: ServerHandle) -> None:
+    text = "In the beginning God created the heaven and the earth."
+    unary = _cli(server, "translate", text, "--scores", "--max-new-tokens", "6")
+    streamed = _cli(server, "translate", text, "--stream", "--scores", "--max-new-tokens", "6")
+    assert streamed.returncode == 0, streamed.stderr
+    words, score = streamed.stdout.rstrip("\n").rsplit("\t", 1)
+    assert unary.stdout.startswith(words + "\t")  # unary: text, score, normalized score
+    assert float(score) == pytest.approx(float(unary.stdout.split("\t")[1]), abs=1e-3)
+    as_json = _cli(server, "translate", text, "--stream", "--json", "--max-new-tokens", "6")
+    chunks = [json.loads(part) for part in as_json.stdout.replace("}\n{", "}\0{").split("\0")]
+    assert chunks[-1]["finished"] and not any(c.get("finished") for c in chunks[:-1])
+    assert "".join(c.get("text", "") for c in chunks) == words
+    plot = _cli(server, "translate", text, "--stream", "--plot-alignment", "/tmp/never.png")
+    assert plot.returncode == 2
+    assert "--plot-alignment" in plot.stderr and "drop --stream" in plot.stderr

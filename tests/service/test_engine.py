@@ -34,6 +34,7 @@ from service.engine import (
     top_in_order,
 )
 from service.tokenizer import find_stop, stable_prefix
+from service.validation import MIN_TEMPERATURE
 from tests.service._decoding import (
     JOIN_AT,
     PATHS,
@@ -198,6 +199,24 @@ def test_sample_rule_equals_reference(temperature: float, top_k: int, top_p: flo
         u,
     )
     np.testing.assert_array_equal(got, expected)
+
+
+def test_sampling_at_the_smallest_temperature_is_greedy() -> None:
+    """The lowest temperature a request may ask for (validation.MIN_TEMPERATURE) still
+    gives finite probabilities: every draw picks the most likely token (either of a tie)."""
+    rng = np.random.default_rng(1)
+    logits = (rng.normal(size=(32, 400)) * 20).astype(np.float32)
+    logits[5, [7, 90]] = logits[5].max() + 1
+    got = sample(
+        logits,
+        np.full(32, MIN_TEMPERATURE, dtype=np.float32),
+        np.zeros(32, dtype=np.int64),
+        np.ones(32),
+        rng.random(32),
+    )
+    others = np.arange(32) != 5
+    np.testing.assert_array_equal(got[others], logits.argmax(axis=-1)[others])
+    assert got[5] in (7, 90)
 
 
 # --- stop strings, streaming -----------------------------------------------------------------

@@ -126,7 +126,9 @@ def test_keep_versions_retires_older_ones(root: Path) -> None:
     assert [e.key for e in result.retired] == [f"{LM}:2"]
 
 
-def test_broken_versions_are_reported_once_and_retried_when_changed(root: Path) -> None:
+def test_broken_versions_are_reported_until_fixed_and_retried_when_changed(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     repo = ModelRepository(root)
     repo.reload()
     bad = copy_version(root, TRANSLATOR, 1, 2)
@@ -134,7 +136,19 @@ def test_broken_versions_are_reported_once_and_retried_when_changed(root: Path) 
     result = repo.reload()
     assert result.loaded == []
     assert "decoder.onnx" in result.failed[str(bad)] and "sha256" in result.failed[str(bad)]
-    assert repo.reload().failed == {}  # not retried until the folder changes
+    # Not checked again until its manifest changes, but still reported.
+    import service.repository as repository_module
+
+    checked: list[Path] = []
+    real = repository_module.load_manifest
+    monkeypatch.setattr(
+        repository_module,
+        "load_manifest",
+        lambda path, **kw: checked.append(path) or real(path, **kw),
+    )
+    again = repo.reload().failed[str(bad)]
+    assert "sha256" in again and again.endswith("(unchanged since it failed)")
+    assert bad not in checked
     assert repo.get(TRANSLATOR).version == 1
     shutil.rmtree(bad)
     copy_version(root, TRANSLATOR, 1, 2)

@@ -547,6 +547,13 @@ def test_a_version_that_stops_frees_its_engine_at_once(tmp_path: Path) -> None:
         await s.reload()
         await wait_until(lambda: f"{LM}:1" not in s.stats())
         assert closed == [f"{LM}:1"]
+        # Each version had gauges of its own; the stopped one's are gone.
+        registry = s.metrics.registry
+        assert registry.get_sample_value(
+            "inference_free_cache_slots", {"model": LM, "version": "2"}
+        )
+        for name in ("inference_free_cache_slots", "inference_queue_depth"):
+            assert registry.get_sample_value(name, {"model": LM, "version": "1"}) is None
 
     run(main, make_scheduler(root, factory=factory))
     assert sorted(closed) == sorted([f"{LM}:1", f"{LM}:2", f"{TRANSLATOR}:1"])
@@ -596,12 +603,12 @@ def test_metrics_follow_the_spec() -> None:
         "inference_requests_total": {"method", "model", "code"},
         "inference_input_tokens_total": {"model"},
         "inference_output_tokens_total": {"model"},
-        "inference_queue_depth": {"model"},
-        "inference_running_sequences": {"model"},
-        "inference_free_cache_slots": {"model"},
+        "inference_queue_depth": {"model", "version"},
+        "inference_running_sequences": {"model", "version"},
+        "inference_free_cache_slots": {"model", "version"},
         "inference_model_ready": {"model", "version"},
         "inference_cuda_graphs": {"model", "version"},
-        "inference_estimated_queue_wait_seconds": {"model"},
+        "inference_estimated_queue_wait_seconds": {"model", "version"},
         "inference_gpu_memory_used_bytes": {"device"},
     }
     metrics.observe_request("Translate", "en-es", "OK", 0.01)

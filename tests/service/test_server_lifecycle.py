@@ -7,6 +7,8 @@ import json
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -129,10 +131,24 @@ def test_sighup_and_reload_load_new_versions_without_failures(
             response = client.reload()
             assert list(response.loaded) == ["en-es:3"]
             assert list(response.retired) == ["en-es:1"]
+            assert dict(response.failed) == {}
             _wait_versions(client, "en-es", [2, 3])
             with pytest.raises(grpc.RpcError) as info:
                 client.translate("Amen.", version=1)
             assert info.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+            # A folder copied without its manifest's version rewritten: the caller is told
+            # why it did not load, and the serving versions go on.
+            shutil.copytree(repository / "en-es" / "3", repository / "en-es" / "4")
+            response = client.reload()
+            assert (list(response.loaded), list(response.retired)) == ([], [])
+            assert list(response.failed) == ["en-es/4"]
+            assert "version 3 but the folder is 4" in response.failed["en-es/4"]
+            assert client.translate("Amen.").version == 3
+            cli = subprocess.run(
+                [sys.executable, "-m", "service.client", "reload", "--target", server.address],
+                capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            assert cli.returncode == 1 and "failed: en-es/4: " in cli.stderr
     finally:
         stop.set()
         for t in threads:

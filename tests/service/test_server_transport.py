@@ -304,6 +304,8 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], str]] = [
     ("texts", {"texts": []}, "texts: is empty"),
     ("texts", {"texts": ["a"] * 5}, "5 texts exceed the limit 4"),
     ("texts[1]", {"texts": ["a", "  "]}, "texts[1]: is empty"),
+    ("texts[0]", {"texts": ["\u200b\ufeff\u200b"]}, "texts[0]: has no visible characters"),
+    ("texts[1]", {"texts": ["a", "\x00 \x07"]}, "texts[1]: has no visible characters"),
     ("texts[0]", {"texts": ["a" * 600]}, "cannot fit max_input_tokens 16"),
     ("max_new_tokens", {"max_new_tokens": 33}, "33 exceeds the limit 32"),
     ("max_new_tokens", {"max_new_tokens": 0}, "must be at least 1, got 0 (leave it unset"),
@@ -315,6 +317,7 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], str]] = [
     ("temperature", {"temperature": -0.5}, "must be ≥ 0"),
     ("temperature", {"temperature": math.nan}, "must be a finite number"),
     ("temperature", {"temperature": math.inf}, "must be a finite number"),
+    ("temperature", {"temperature": 1e-40}, "below the smallest sampling temperature 1e-06"),
     ("top_p", {"temperature": 1.0, "top_p": 0.0}, "must be in (0, 1]"),
     ("top_p", {"temperature": 1.0, "top_p": 1.5}, "must be in (0, 1]"),
     ("top_p", {"temperature": 1.0, "top_p": math.nan}, "finite"),
@@ -389,6 +392,62 @@ def test_metrics_count_calls_by_code(client: Client, fake: InProcessServer) -> N
         "inference_request_duration_seconds_count", {"method": "GenerateUnary", "model": "en-lm"}
     )
     assert count is not None and count >= 2
+
+
+@pytest.mark.parametrize(
+    ("path", "payload", "message"),
+    [
+        # texts[0] = b"\xff\xfeA": a string field that is not UTF-8
+        ("/inference.v1.Translator/Translate", b"\x1a\x03\xff\xfeA", "TranslateRequest"),
+        ("/inference.v1.Generator/Generate", b"\x1a\x02\xc3\x28", "GenerateRequest"),
+        ("/inference.v1.Models/DescribeModel", b"\xff\xff\xff", "DescribeModelRequest"),
+    ],
+)
+def test_a_request_that_is_not_valid_protobuf_is_invalid_argument(
+    fake: InProcessServer, path: str, payload: bytes, message: str
+) -> None:
+    """Answered, counted and logged by the transport like any bad input, not UNKNOWN
+    from grpc before the call is seen."""
+    method = path.rsplit("/", 1)[1]
+    before = fake.counter(method, "unknown", "INVALID_ARGUMENT")
+    with grpc.insecure_channel(fake.address) as channel:
+        streaming = method == "Generate"
+        call = (channel.unary_stream if streaming else channel.unary_unary)(
+            path, request_serializer=lambda b: b, response_deserializer=lambda b: b
+        )
+        with pytest.raises(grpc.RpcError) as error:
+            result = call(payload, timeout=5)
+            if streaming:
+                list(result)
+    assert _code(error) == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"request: not a valid inference.v1.{message}" in error.value.details()  # type: ignore[attr-defined]
+    assert fake.counter(method, "unknown", "INVALID_ARGUMENT") == before + 1
+
+
+def test_an_answer_over_the_max_message_size_is_refused_and_counted() -> None:
+    """grpc would fail such an answer on the wire after the call counted as OK: the
+    transport refuses it instead, naming the size, the limit and what to ask for."""
+    server = InProcessServer(max_message_bytes=1024)
+    text = " ".join(f"w{i}" for i in range(30))  # the fake aligns every word with every word
+    try:
+        with Client(server.address, timeout=10) as c:
+            assert c.translate(text).translations  # small enough without alignment
+            calls = [
+                lambda: c.translate(text, return_alignment=True, beam_size=4, n_best=4),
+                lambda: list(c.translate_stream(text, return_alignment=True)),
+            ]
+            for call in calls:
+                with pytest.raises(grpc.RpcError) as error:
+                    call()
+                assert _code(error) == grpc.StatusCode.RESOURCE_EXHAUSTED
+                details = error.value.details()  # type: ignore[attr-defined]
+                assert "over the server's max message size of 1,024" in details
+                assert "no alignment" in details
+        assert server.counter("Translate", "en-es", "RESOURCE_EXHAUSTED") == 1
+        assert server.counter("TranslateStream", "en-es", "RESOURCE_EXHAUSTED") == 1
+        assert server.counter("Translate", "en-es", "OK") == 1
+    finally:
+        server.stop()
 
 
 def test_client_cancellation_cancels_the_backend_task(fake: InProcessServer) -> None:

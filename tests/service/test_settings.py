@@ -49,7 +49,9 @@ def test_precedence_flags_over_env_over_yaml(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = tmp_path / "serve.yaml"
-    config.write_text("port: 1111\nmax_queue: 10\nlog_level: DEBUG\nmax-beam-size: 3\n")
+    config.write_text(
+        "port: 1111\nmax_queue: 10\nmax_texts_per_request: 4\nlog_level: DEBUG\nmax-beam-size: 3\n"
+    )
     monkeypatch.setenv("SERVE_MAX_QUEUE", "20")
     monkeypatch.setenv("SERVE_LOG_LEVEL", "WARNING")
     s = load_settings(config, log_level="ERROR")
@@ -73,6 +75,8 @@ def test_precedence_flags_over_env_over_yaml(
         ({"SERVE_CUDA_GRAPHS": "maybe"}, {}, "SERVE_CUDA_GRAPHS=maybe: must be true or false"),
         ({}, {"cuda_graphs": "perhaps"}, "--cuda-graphs perhaps: must be true or false"),
         ({}, {"default_max_new_tokens": 600}, "default_max_new_tokens (600) must be ≤"),
+        ({"SERVE_MAX_BATCH_SIZE": "2"}, {}, "max_beam_size (8) must be ≤ max_batch_size (2)"),
+        ({"SERVE_MAX_QUEUE": "2"}, {}, "max_texts_per_request (64) must be ≤ max_queue (2)"),
         ({}, {"tls_cert": Path("/nonexistent.pem")}, "tls_cert and tls_key go together"),
         ({"SERVE_AUTH_TOKEN": " "}, {}, "auth_token is empty"),
     ],
