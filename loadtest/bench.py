@@ -469,6 +469,14 @@ def _brief(summary: dict[str, Any]) -> dict[str, Any]:
     return {k: summary[k] for k in keep if k in summary}
 
 
+class ServerFailed(RuntimeError):
+    """One benchmark server did not come up: which, and why."""
+
+    def __init__(self, name: str, why: str) -> None:
+        super().__init__(f"the {name} server {why}")
+        self.name = name
+
+
 def run_served(
     names: list[str],
     repository: Path,
@@ -490,12 +498,12 @@ def run_served(
         for name, (process, address, log_path) in servers.items():
             while not _serving(address):
                 if process.poll() is not None:
-                    raise RuntimeError(f"{name} server exited with {process.returncode}")
+                    raise ServerFailed(name, f"exited with {process.returncode}")
                 failures = load_failures(log_path.read_text(errors="replace"))
                 if failures is not None:
-                    raise RuntimeError(f"{name} server could load no model: {failures}")
+                    raise ServerFailed(name, f"could load no model: {failures}")
                 if time.perf_counter() - start > args.server_start_s:
-                    raise RuntimeError(f"{name} server not SERVING after {args.server_start_s:g} s")
+                    raise ServerFailed(name, f"not SERVING after {args.server_start_s:g} s")
                 time.sleep(0.5)
             modes[name].startup_s = time.perf_counter() - start
             if reference_text:
@@ -512,10 +520,14 @@ def run_served(
             with contextlib.suppress(OSError, ProcessLookupError):
                 modes[name].peak_rss_bytes = peak_rss_bytes(process.pid)
     except Exception as error:
+        culprit = error.name if isinstance(error, ServerFailed) else None
         for name, mode in modes.items():
+            mode.status = "failed"
+            if culprit is not None and name != culprit:
+                mode.reason = f"not measured: the servers run side by side, and {error}"
+                continue
             log_path = work / f"server-{name}.log"
             tail = log_path.read_text(errors="replace")[-600:] if log_path.is_file() else ""
-            mode.status = "failed"
             mode.reason = f"{type(error).__name__}: {error}. Server log tail: {tail}"
     finally:
         for process, _, _ in servers.values():
