@@ -549,6 +549,7 @@ def bench_engine(
     fig.extra["outputs_sha256"] = hashlib.sha256(
         json.dumps([outputs[i] for i in range(len(srcs))]).encode()
     ).hexdigest()
+    engine.close()  # its device memory back now, before the next figure's engine loads
 
 
 PROBE_CACHE = 64  # cache length of the decoder-step probe
