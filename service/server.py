@@ -7,8 +7,9 @@ and logs — happens once, in `Transport.unary` / `Transport.stream`. Health
 
 Lifecycle (`serve`): bind the port with health NOT_SERVING, load and warm every model,
 then SERVING. SIGTERM/SIGINT: health NOT_SERVING, new calls UNAVAILABLE, in-flight calls
-get up to drain_grace_s to finish, then exit 0. SIGHUP (or Models.Reload) loads new
-model versions beside the running ones.
+get up to drain_grace_s to finish; what is left then ends (a stream with its answer so
+far, finish reason CANCELLED; a unary call UNAVAILABLE), and the process exits 0.
+SIGHUP (or Models.Reload) loads new model versions beside the running ones.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ FINISH_REASON_PB = {
 UNKNOWN_MODEL_LABEL = "unknown"
 # After the last in-flight call of a drain, how long new calls still get UNAVAILABLE.
 DRAIN_LINGER_S = 1.0
+# How long a failed write (or abort) waits for grpc.aio to report that the client has gone.
+WRITE_FAILURE_GRACE_S = 1.0
 T = TypeVar("T")
 
 
@@ -276,7 +279,16 @@ class Transport:
             self._finish(method, state, code, started, message)
             self._leave()
             request_id_var.reset(token)
-        await context.abort(code, message, trailing_metadata=trailer)
+        try:
+            await context.abort(code, message, trailing_metadata=trailer)
+        except grpc.aio.AbortError:
+            raise  # how an abort ends the handler
+        except Exception:
+            # The client went away before the status could go out (grpc's
+            # ExecuteBatchError): as after a failed write (_write_all), wait for grpc to
+            # cancel this task rather than have it log the failure as an ERROR.
+            await asyncio.sleep(WRITE_FAILURE_GRACE_S)
+            raise
 
     async def unary(
         self,
@@ -353,9 +365,6 @@ def _rename_text_field(exc: InvalidArgument, field_name: str) -> InvalidArgument
     return InvalidArgument(field_name, message)
 
 
-# How long a failed write waits for grpc.aio to report that the client has gone.
-WRITE_FAILURE_GRACE_S = 1.0
-
 
 async def _write_all(context: grpc.aio.ServicerContext, items: AsyncGenerator[Any]) -> None:
     """Send a server stream with `context.write`, closing `items` in this call's task.
@@ -369,15 +378,17 @@ async def _write_all(context: grpc.aio.ServicerContext, items: AsyncGenerator[An
     `Transport.stream` at once, in the call's own task, which also frees the rows.
 
     A write also fails (grpc's ExecuteBatchError) when the client went away while it was
-    pending; grpc.aio learns of the cancellation a moment later and cancels this task.
-    Waiting for that makes the call end CANCELLED instead of grpc logging the failed
-    write as an ERROR; a failure that is not a cancellation still propagates.
+    pending. The stream is closed at once (its row leaves the batch at the next step and
+    the call is counted CANCELLED); grpc.aio learns of the cancellation a moment later and
+    cancels this task. Waiting for that keeps grpc from logging the failed write as an
+    ERROR; a failure that is not a cancellation still propagates.
     """
     async with contextlib.aclosing(items) as stream:
         async for item in stream:
             try:
                 await context.write(item)
             except Exception:
+                await stream.aclose()
                 await asyncio.sleep(WRITE_FAILURE_GRACE_S)
                 raise
 
@@ -875,6 +886,11 @@ class InferenceServer:
             log.warning(
                 "drain grace over; cancelling calls", extra={"in_flight": self.transport.in_flight}
             )
+            # End what is left through the backend first: a stream gets its answer so far
+            # (finish reason CANCELLED), a unary call UNAVAILABLE, each counted as sent;
+            # grpc's own stop would cut them all with UNAVAILABLE counted as CANCELLED.
+            await self.backend.close()
+            await self.transport.wait_idle(DRAIN_LINGER_S)
         else:
             # Keep answering UNAVAILABLE a moment: a call racing the shutdown of the
             # listener would otherwise be cut with CANCELLED, which clients do not retry.

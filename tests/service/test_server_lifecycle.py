@@ -20,6 +20,7 @@ import pytest
 
 from service.client import Client
 from service.gen.inference.v1 import inference_pb2 as pb
+from service.metrics import Metrics
 from tests.conftest import ServerHandle
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -208,3 +209,52 @@ def test_a_busy_port_exits_1_saying_which_setting_to_change(
     log = server.log()
     assert f"{message} 127.0.0.1:{port}" in log and flag in log, log
     assert "Traceback" not in log, log
+
+
+def test_calls_left_at_the_end_of_the_grace_end_through_the_scheduler() -> None:
+    """When the drain grace runs out, a stream still decoding gets its answer so far
+    (finish reason CANCELLED) and a unary call UNAVAILABLE, each counted as it was sent:
+    not grpc's blanket UNAVAILABLE counted as CANCELLED."""
+    from service.engine import EngineOptions
+    from service.repository import ModelRepository
+    from service.scheduler import DEFAULT_MODELS, Scheduler, SchedulerConfig
+    from tests.service._engine_models import LM, LONG_PROMPT, slow_engine_factory
+    from tests.service._engine_models import model_repository as tiny_models
+    from tests.service.test_server_transport import InProcessServer
+
+    def scheduler(metrics: Metrics) -> Scheduler:
+        return Scheduler(
+            ModelRepository(tiny_models(), DEFAULT_MODELS),
+            SchedulerConfig(max_batch_size=8, max_batch_tokens=4096, max_queue=16),
+            EngineOptions(cpu_variant="fp32", intra_op_threads=1, warmup=False),
+            metrics,
+            slow_engine_factory(0.05),  # 100 tokens: 5 s, well past the grace
+        )
+
+    server = InProcessServer(scheduler, drain_grace_s=0.5, max_new_tokens=100)
+    try:
+        with Client(server.address, timeout=30) as c:
+            stream = c.generate(LONG_PROMPT, stream=True, max_new_tokens=100)
+            first = next(iter(stream))  # type: ignore[arg-type]
+            unary = c.generator.GenerateUnary.future(
+                pb.GenerateRequest(
+                    prompt=LONG_PROMPT, options=pb.DecodingOptions(max_new_tokens=100)
+                )
+            )
+            deadline = time.monotonic() + 10
+            while server.server.transport.in_flight < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            drained = server.submit(server.server.drain())
+            chunks = [first, *stream]  # type: ignore[misc]
+            assert chunks[-1].finished
+            assert chunks[-1].finish_reason == pb.FINISH_REASON_CANCELLED
+            assert 0 < chunks[-1].usage.output_tokens < 100
+            with pytest.raises(grpc.RpcError) as info:
+                unary.result(30)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+            drained.result(30)
+        assert server.counter("Generate", LM, "OK") == 1
+        assert server.counter("GenerateUnary", LM, "UNAVAILABLE") == 1
+        assert server.counter("Generate", LM, "CANCELLED") == 0
+    finally:
+        server.stop()

@@ -14,7 +14,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
@@ -145,15 +145,16 @@ class FakeBackend:
 class InProcessServer:
     """An InferenceServer on its own event-loop thread, for a synchronous test client."""
 
-    def __init__(self, **overrides: Any) -> None:
+    def __init__(self, backend: Callable[[Metrics], Any] | None = None, **overrides: Any) -> None:
+        """`backend`: made from the server's metrics (default: a FakeBackend)."""
         settings: dict[str, Any] = dict(
             port=0, metrics_port=0, max_texts_per_request=4, max_beam_size=4,
             max_new_tokens=32, default_max_new_tokens=8, max_input_tokens=16, drain_grace_s=5,
         )  # fmt: skip
         settings.update(overrides)
         self.settings = load_settings(**settings)
-        self.backend = FakeBackend()
         self.metrics = Metrics()
+        self.backend = FakeBackend() if backend is None else backend(self.metrics)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -491,6 +492,77 @@ def test_stream_cancelled_mid_write_ends_cleanly(
     assert fake.counter(method, label, "CANCELLED") == before + 1
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert not errors, errors
+
+
+def test_a_failed_write_frees_the_request_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that fails because the client went away (grpc's ExecuteBatchError) closes
+    the stream, and so frees its row, at once: not after the wait for grpc's cancel."""
+    from service import server as server_module
+
+    monkeypatch.setattr(server_module, "WRITE_FAILURE_GRACE_S", 0.5)
+    closed: list[float] = []
+
+    async def items() -> AsyncIterator[str]:
+        try:
+            while True:
+                yield "chunk"
+        finally:
+            closed.append(time.monotonic())
+
+    class GoneClient:
+        async def write(self, item: str) -> None:
+            raise RuntimeError("ExecuteBatchError: the client went away")
+
+    async def main() -> float:
+        start = time.monotonic()
+        with pytest.raises(RuntimeError):
+            await server_module._write_all(GoneClient(), items())  # type: ignore[arg-type]
+        assert time.monotonic() - start >= 0.5  # it still waited for grpc's cancel
+        return start
+
+    start = asyncio.run(main())
+    assert closed and closed[0] - start < 0.1
+
+
+def test_a_failed_abort_waits_for_grpc_to_cancel_the_call() -> None:
+    """When the status cannot go out because the client went away, the handler waits to
+    be cancelled (no ERROR from grpc) instead of raising grpc's error."""
+    settings = load_settings(port=0, metrics_port=0)
+    metrics = Metrics()
+
+    class GoneContext:
+        def invocation_metadata(self) -> tuple[()]:
+            return ()
+
+        def set_trailing_metadata(self, metadata: object) -> None:
+            pass
+
+        def time_remaining(self) -> float:
+            return 1.0
+
+        async def abort(self, *args: object, **kwargs: object) -> None:
+            raise RuntimeError("ExecuteBatchError: the client went away")
+
+    async def refused(state: object) -> None:
+        raise QueueFull("queue full (2 waiting); retry later")
+
+    async def main() -> None:
+        from service.server import Transport
+
+        transport = Transport(settings, metrics)
+        transport.ready = True
+        call = asyncio.create_task(transport.unary("Translate", GoneContext(), refused))  # type: ignore[arg-type]
+        await asyncio.sleep(0.2)
+        assert not call.done()  # waiting to be cancelled, not failing
+        call.cancel()  # what grpc does once it sees the client gone
+        with pytest.raises(asyncio.CancelledError):
+            await call
+
+    asyncio.run(main())
+    assert metrics.registry.get_sample_value(
+        "inference_requests_total",
+        {"method": "Translate", "model": "unknown", "code": "RESOURCE_EXHAUSTED"},
+    )
 
 
 def _wait(predicate: Any, timeout: float = 10.0) -> None:
