@@ -96,6 +96,8 @@ class EngineOptions:
     provider: "auto" picks CUDA (fp16) when onnxruntime has it, else CPU (`cpu_variant`).
     intra_op_threads: CPU threads per session (0 = the cores this process may use).
     max_batch_size: most rows (sequences + beams) in one batch; bounds the row buckets.
+    max_input_tokens: the server's limit on an input (0 = the model's own); bounds the
+      source buckets, and with them the encoder's largest warm-up (its memory).
     io_binding: None = on for CUDA only; True runs the device path on CPU (tests).
     cuda_graphs: on the device path, step on fixed buffers per shape bucket and, on CUDA,
       replay each step shape as a CUDA graph captured at its first step (checked once
@@ -108,6 +110,7 @@ class EngineOptions:
     cpu_variant: Literal["int8", "fp32"] = "int8"
     intra_op_threads: int = 0
     max_batch_size: int = 64
+    max_input_tokens: int = 0
     io_binding: bool | None = None
     cuda_graphs: bool = True
     warmup: bool = True
@@ -255,7 +258,10 @@ class Engine:
         self.head_dim = manifest.cache.head_dim
         self.vocab_size = manifest.vocab_size
         self.max_positions = manifest.limits.max_positions
-        self.max_input_tokens = manifest.limits.max_input_tokens
+        self.max_input_tokens = min(
+            manifest.limits.max_input_tokens,
+            self.options.max_input_tokens or manifest.limits.max_input_tokens,
+        )
         self.max_new_tokens = manifest.limits.max_new_tokens
         self.max_batch_size = self.options.max_batch_size
         ids = manifest.special_ids

@@ -141,6 +141,7 @@ def engine_options_from_settings(settings: Settings) -> EngineOptions:
         cpu_variant=settings.cpu_variant,
         intra_op_threads=settings.intra_op_threads,
         max_batch_size=settings.max_batch_size,
+        max_input_tokens=settings.max_input_tokens,
         cuda_graphs=settings.cuda_graphs,
     )
 

@@ -457,6 +457,21 @@ def test_warmup_runs_every_bucket_shape() -> None:
     assert engine.cache_buckets == [16, 32, 64, 128]
 
 
+def test_the_servers_input_limit_bounds_the_source_buckets() -> None:
+    """A server limit below the model's own caps the encoder's shapes (and the memory its
+    warm-up grows the arena to); a longer input is refused with that limit."""
+    own = engine_for(TRANSLATOR)
+    capped = make_engine(TRANSLATOR, max_batch_size=8, max_input_tokens=32)
+    assert own.source_buckets[-1] > 32
+    assert capped.source_buckets == [16, 32] and capped.max_input_tokens == 32
+    assert capped.warmup().shapes > 0
+    long = "In the beginning God created the heaven and the earth. " * 4
+    ids = capped.encode(long)
+    assert 32 < len(ids) <= own.max_input_tokens
+    with pytest.raises(InvalidArgument, match="max_input_tokens 32"):
+        capped.check(request(TRANSLATOR, long), ids)
+
+
 def test_check_refuses_what_the_model_cannot_do() -> None:
     lm, tr = engine_for(LM), engine_for(TRANSLATOR)
     long = "In the beginning " * 40

@@ -140,3 +140,12 @@ def test_cuda_graphs_reach_the_engine_options(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("SERVE_CUDA_GRAPHS", "false")
     assert engine_options_from_settings(load_settings()).cuda_graphs is False
     assert engine_options_from_settings(load_settings(cuda_graphs="true")).cuda_graphs is True
+
+
+def test_the_input_limit_reaches_the_engine_options() -> None:
+    """The engines size their source shapes (and warm-up memory) by the server's limit."""
+    from service.scheduler import engine_options_from_settings
+
+    assert engine_options_from_settings(load_settings()).max_input_tokens == 256
+    options = engine_options_from_settings(load_settings(max_input_tokens=100))
+    assert options.max_input_tokens == 100
