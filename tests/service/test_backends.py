@@ -348,42 +348,6 @@ class _FlakyReplay:
             logits.update_inplace(logits.numpy() + 1.0)
 
 
-@pytest.mark.parametrize("fail", ["none", "differ", "differ-later", "raise"])
-def test_cuda_graph_replays_are_checked_and_a_bad_one_falls_back(fail: str) -> None:
-    """The capture path's control flow, run on the CPU (where a graph id is ignored): each
-    new graph's first replay is checked against a plain run of the same bound step; a
-    replay that differs or a capture that raises turns graphs off for good, on a session
-    made without capture, and every answer still equals the reference."""
-    engine = make_engine(LM, **PATHS["fixed"])
-    bound = engine.backend
-    assert isinstance(bound, BoundBackend)
-    flaky = _FlakyReplay(bound.decoder_session, fail)
-    plain_sessions: list[ort.InferenceSession] = []
-
-    def plain() -> ort.InferenceSession:
-        plain_sessions.append(flaky.session)
-        return flaky.session
-
-    bound.decoder_session = flaky  # type: ignore[assignment]
-    bound.capture = bound._graph_session = True
-    bound._plain_decoder = plain
-    reqs = [request(LM, t, max_new_tokens=30) for t in PROMPTS]
-    results, _ = run_staggered(engine, reqs, JOIN_AT)
-    for result, exp in zip(
-        results, reference(LM, PROMPTS, DecodingOptions(max_new_tokens=30)), strict=True
-    ):
-        assert_same(result, exp)
-    if fail == "none":
-        assert bound.capture and not plain_sessions
-        assert len(bound._graph_ids) >= 3 and bound.verified_graphs == len(bound._graph_ids)
-        assert flaky.graph_runs > 2 * len(bound._graph_ids)  # replays beyond capture + check
-    else:
-        assert not bound.capture and not bound._graph_session and len(plain_sessions) == 1
-        assert bound.decoder_session is flaky.session
-        checked = {"differ": 1, "differ-later": 2, "raise": 0}  # the last one failed
-        assert bound.verified_graphs == checked[fail]
-
-
 def _flaky_engine(fail: str) -> tuple[Engine, BoundBackend, _FlakyReplay, list[object]]:
     """An LM engine on fixed buffers whose decoder runs as `_FlakyReplay`, capture on."""
     engine = make_engine(LM, **PATHS["fixed"])
@@ -400,6 +364,30 @@ def _flaky_engine(fail: str) -> tuple[Engine, BoundBackend, _FlakyReplay, list[o
     bound.capture = bound._graph_session = True
     bound._plain_decoder = plain
     return engine, bound, flaky, plain_sessions
+
+
+@pytest.mark.parametrize("fail", ["none", "differ", "differ-later", "raise"])
+def test_cuda_graph_replays_are_checked_and_a_bad_one_falls_back(fail: str) -> None:
+    """The capture path's control flow, run on the CPU (where a graph id is ignored): each
+    new graph's first replay is checked against a plain run of the same bound step; a
+    replay that differs or a capture that raises turns graphs off for good, on a session
+    made without capture, and every answer still equals the reference."""
+    engine, bound, flaky, plain_sessions = _flaky_engine(fail)
+    reqs = [request(LM, t, max_new_tokens=30) for t in PROMPTS]
+    results, _ = run_staggered(engine, reqs, JOIN_AT)
+    for result, exp in zip(
+        results, reference(LM, PROMPTS, DecodingOptions(max_new_tokens=30)), strict=True
+    ):
+        assert_same(result, exp)
+    if fail == "none":
+        assert bound.capture and not plain_sessions
+        assert len(bound._graph_ids) >= 3 and bound.verified_graphs == len(bound._graph_ids)
+        assert flaky.graph_runs > 2 * len(bound._graph_ids)  # replays beyond capture + check
+    else:
+        assert not bound.capture and not bound._graph_session and len(plain_sessions) == 1
+        assert bound.decoder_session is flaky.session
+        checked = {"differ": 1, "differ-later": 2, "raise": 0}  # the last one failed
+        assert bound.verified_graphs == checked[fail]
 
 
 def _items(engine: Engine, texts: list[str], first_key: int) -> list[BatchItem]:
