@@ -119,6 +119,16 @@ def main(
         raise typer.BadParameter(f"--per-message must be integers: {error}") from None
     if not sizes or min(sizes) < 1:
         raise typer.BadParameter(f"--per-message needs sizes >= 1, got {per_message!r}")
+    from loadtest.bench import git_commit, machine, versions
+
+    m = machine()
+    kept = {k: v for k, v in versions().items() if k in ("grpcio", "protobuf")}
+    typer.echo(
+        f"machine: {m.get('Model name', 'unknown CPU')}, {m.get('usable_cores')} usable cores, "
+        f"load average {' '.join(m.get('loadavg_at_start', []))}; Python {m.get('python')}, "
+        + ", ".join(f"{k} {v}" for k, v in kept.items())
+        + f"; commit {git_commit()}"
+    )
     typer.echo(f"command: {shlex.join(['python', '-m', 'loadtest.stream_cost', *sys.argv[1:]])}")
     typer.echo("| tokens/message | messages | server CPU µs/message | server CPU µs/token |")
     typer.echo("|---:|---:|---:|---:|")

@@ -142,10 +142,8 @@ class ModelRepository:
         self.verify_hashes = verify_hashes
         self._lock = threading.RLock()
         self._models: dict[str, dict[int, ModelVersion]] = {}
-        # Folders that failed to load, with their mtime, so a rescan does not retry them
-        # until they change (no log spam on every reload).
-        # Folders that failed to load: manifest mtime and why. Not retried until the
-        # manifest changes, but reported by every reload until then.
+        # Folders that failed to load: manifest mtime and why. A rescan does not retry
+        # them until the manifest changes (no log spam), but reports them every time.
         self._failed: dict[Path, tuple[float, str]] = {}
 
     # --- scanning --------------------------------------------------------------------

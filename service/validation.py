@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 CHARS_PER_TOKEN_BOUND = 32
 MAX_TEMPERATURE = 100.0
 _INVISIBLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})  # Unicode categories with no glyph
-# Below this, logits / temperature overflows float32 (NaN probabilities): 0 is greedy.
+# Sampling this cold is greedy but for ties; far colder, logits / temperature overflows
+# float32 (NaN probabilities). Greedy is temperature 0.
 MIN_TEMPERATURE = 1e-6
 MAX_LENGTH_PENALTY = 10.0
 MAX_TOP_K = 1 << 20
