@@ -109,6 +109,26 @@ def test_fuzz_generate_and_streams(
     _check(lambda: fuzz_client.translator.TranslateStream(stream, timeout=30))
 
 
+METHODS = [
+    (f"/{service.full_name}/{method.name}", method.server_streaming)
+    for service in pb.DESCRIPTOR.services_by_name.values()
+    for method in service.methods
+]
+
+
+@FUZZ
+@given(method=st.sampled_from(METHODS), payload=st.binary(max_size=200))
+def test_fuzz_raw_bytes(server: ServerHandle, method: tuple[str, bool], payload: bytes) -> None:
+    """Bytes that need not be a valid message at all (bad UTF-8, truncated fields, wrong
+    wire types) are answered like any bad input, never UNKNOWN from the parser."""
+    path, streaming = method
+    with server.channel() as channel:
+        call = (channel.unary_stream if streaming else channel.unary_unary)(
+            path, request_serializer=lambda b: b, response_deserializer=lambda b: b
+        )
+        _check(lambda: call(payload, timeout=30))
+
+
 def test_server_still_serves_after_fuzzing(server: ServerHandle, fuzz_client: Client) -> None:
     """Runs after the fuzz tests in this module (file order)."""
     assert server.alive()
