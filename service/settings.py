@@ -108,8 +108,9 @@ class Settings(BaseSettings):
         30.0,
         ge=0.0,
         le=3600.0,
-        description="After SIGTERM: seconds in-flight calls may finish (the server then "
-        "takes up to 1 s more to send their last messages before it cancels the rest).",
+        description="After SIGTERM: seconds in-flight calls may finish; what is left then "
+        "ends (a stream with its answer so far, a unary call UNAVAILABLE) and has up to "
+        "about 2 s more to reach its client.",
     )
     max_connection_age_s: float = Field(
         300.0,
