@@ -189,7 +189,8 @@ def test_a_stream_that_fell_behind_gets_its_waiting_tokens_in_one_event() -> Non
                     await wait_until(lambda: loop_stats(s, f"{LM}:1")["running"] == 0)
         return items, await s.submit(request)
 
-    items, unary = run(main, make_scheduler())
+    # Slow steps: the first event is read long before the row ends, even on a busy machine.
+    items, unary = run(main, make_scheduler(factory=slow_engine_factory(STEP_DELAY)))
     events = [i for i in items if isinstance(i, TokenEvent)]
     ids = unary.hypotheses[0].token_ids
     assert len(ids) > 2, "the model stopped too early for this test"
