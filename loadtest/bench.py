@@ -51,6 +51,7 @@ from loadtest.generator import RunResult, run_load
 from loadtest.sections import replace_section
 from loadtest.soak import peak_rss_bytes
 from loadtest.workload import GrpcCaller, Workload, load_texts, resolve_inputs
+from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 # Generated section of docs/benchmarks.md per provider: (marker name, title).
@@ -284,7 +285,7 @@ def start_server(
         "--max-batch-size",
         str(args.batch_size),
         "--max-beam-size",  # the bench decodes greedily; a beam may not outgrow a batch
-        str(min(8, args.batch_size)),
+        str(min(Settings.model_fields["max_beam_size"].default, args.batch_size)),
         "--max-queue",
         "4096",
         "--max-new-tokens",

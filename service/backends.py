@@ -10,7 +10,6 @@ as a CUDA graph. The engine (service/engine.py) drives either through the same m
 from __future__ import annotations
 
 import gc
-import itertools
 import logging
 import threading
 import time
@@ -22,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from packaging.version import Version
 
 from export.runtime import (
     STACKED,
@@ -71,11 +71,7 @@ MIN_GRAPH_ORT = (1, 31, 1)
 
 def graphs_supported(version: str) -> bool:
     """Whether this onnxruntime version may capture CUDA graphs (MIN_GRAPH_ORT)."""
-    parts = []
-    for part in version.split(".")[:3]:
-        digits = "".join(itertools.takewhile(str.isdigit, part))
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts) >= MIN_GRAPH_ORT
+    return Version(version).release >= MIN_GRAPH_ORT
 
 
 def providers_for(provider: str, device_id: int, cuda_graph: bool = False) -> list[Any]:

@@ -365,7 +365,6 @@ def _rename_text_field(exc: InvalidArgument, field_name: str) -> InvalidArgument
     return InvalidArgument(field_name, message)
 
 
-
 async def _write_all(context: grpc.aio.ServicerContext, items: AsyncGenerator[Any]) -> None:
     """Send a server stream with `context.write`, closing `items` in this call's task.
 

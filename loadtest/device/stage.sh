@@ -47,7 +47,7 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   -d "$stage/wheels" \
   grpcio==1.85.3 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 protobuf==7.36.2 \
   pydantic==2.14.4 pydantic-core==2.50.5 pydantic-settings==2.16.3 annotated-types==0.8.0 \
-  typing-inspection==0.4.5 typing-extensions==4.16.0 python-dotenv==1.2.4
+  typing-inspection==0.4.5 typing-extensions==4.16.0 python-dotenv==1.2.4 packaging==26.4
 
 parts=("$stage"/ort-part-*)
 {
