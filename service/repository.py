@@ -4,7 +4,8 @@ Layout (export/README.md): `<root>/<name>/<version>/manifest.json`; folders whos
 not a number (`checkpoint/`) are ignored. Every valid version found is loaded; the highest
 number of a name is its default. `reload()` rescans and loads new versions beside the
 running ones, so a deploy never has a moment without a model. A version that disappears
-from disk (or falls out of `keep_versions`) is *retired*: new requests no longer find it,
+from disk (or falls out of `keep_versions`) is *retired* (by `prune()`, which the
+scheduler calls only once the new versions take traffic): new requests no longer find it,
 requests already holding it (`acquire`/`release`) finish, and when the last one leaves its
 drain hooks run, so the scheduler can stop its loop and free its sessions.
 """
@@ -160,7 +161,16 @@ class ModelRepository:
         return found
 
     def reload(self) -> ReloadResult:
-        """Load versions new on disk; retire those gone from disk or beyond keep_versions."""
+        """Load versions new on disk, then retire those gone from disk or beyond
+        keep_versions (`load_new()` then `prune()`)."""
+        result = self.load_new()
+        result.retired = self.prune()
+        return result
+
+    def load_new(self) -> ReloadResult:
+        """Load the versions new on disk (within keep_versions); retire nothing yet. A
+        caller that must start a new version before the one it replaces stops taking
+        traffic (the scheduler) calls `prune()` once it has."""
         result = ReloadResult()
         found = self._scan()
         with self._lock:
@@ -175,23 +185,30 @@ class ModelRepository:
                     if entry is not None:
                         loaded[version] = entry
                         result.loaded.append(entry)
+                if not loaded:
+                    del self._models[name]
+        for entry in result.loaded:
+            log.info("loaded model %s (%s) from %s", entry.key, entry.task.value, entry.path)
+        return result
+
+    def prune(self) -> list[ModelVersion]:
+        """Retire the versions gone from disk or beyond keep_versions (of those loaded)."""
+        found = self._scan()
+        retired: list[ModelVersion] = []
+        with self._lock:
             for name, loaded in list(self._models.items()):
                 on_disk = set(found.get(name, []))
                 live = sorted(loaded)
                 keep = set(live if self.keep_versions is None else live[-self.keep_versions :])
                 for version in live:
                     if version not in on_disk or version not in keep:
-                        entry = loaded.pop(version)
-                        result.retired.append(entry)
+                        retired.append(loaded.pop(version))
                 if not loaded:
                     del self._models[name]
-        for entry in result.retired:
+        for entry in retired:
             entry.retire()
-        for entry in result.loaded:
-            log.info("loaded model %s (%s) from %s", entry.key, entry.task.value, entry.path)
-        for entry in result.retired:
             log.info("retired model %s (%d in flight)", entry.key, entry.in_flight)
-        return result
+        return retired
 
     def _load(
         self, name: str, version: int, path: Path, result: ReloadResult

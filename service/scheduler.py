@@ -23,11 +23,12 @@ Policy (read this before tuning the budgets):
   whose reader fell behind gets all its waiting tokens in one event (`_coalesce`), so a
   busy event loop writes fewer, larger messages instead of falling further behind.
 * Deadlines: admission estimates the queue wait (EWMA of the step time × the steps until
-  enough rows free up, simulated over the running and queued requests with an EWMA of
-  observed output lengths) and refuses with DeadlineUnmeetable when it exceeds the time
-  left. A request whose deadline passes, or whose caller goes away (CancelledError in the
-  awaiting task, or a stream closed early), is removed at the next step boundary and its
-  rows freed; the caller sees DeadlineExceeded (or its own cancellation) at once.
+  enough rows and cache tokens free up, simulated over the running and queued requests
+  with an EWMA of observed output lengths) and refuses with DeadlineUnmeetable when it
+  exceeds the time left. A request whose deadline passes, or whose caller goes away
+  (CancelledError in the awaiting task, or a stream closed early), is removed at the next
+  step boundary and its rows freed; the caller sees DeadlineExceeded (or its own
+  cancellation) at once.
 * stop(grace_s): new requests are refused (Unavailable); queued and running ones may
   finish within grace_s; the rest are then cancelled (streams get their partial result
   with finish reason CANCELLED, unary callers Unavailable).
@@ -39,8 +40,9 @@ Policy (read this before tuning the budgets):
   generator's loops step at the same time. A row freed by a step is therefore filled one
   step later, not at the very next step.
 * Reload loads new versions beside the running ones; a version takes traffic only once
-  its engine is warm, and a retired one finishes its in-flight requests before its loop
-  stops (the repository's refcount and drain hook).
+  its engine is warm, the versions it replaces (gone from disk or beyond keep_versions)
+  are retired only after that, and a retired one finishes its in-flight requests before
+  its loop stops (the repository's refcount and drain hook).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from service.domain import (
+    Cancelled,
     DeadlineExceeded,
     DeadlineUnmeetable,
     InvalidArgument,
@@ -214,6 +217,9 @@ class _ModelLoop:
         self.label = entry.name
         # The gauges of this version's own state: every loaded version of a model has them.
         self.version_labels = (entry.name, str(entry.version))
+        # False once a newer loop of the same name:version (re-added while this one still
+        # drains) took over those gauges.
+        self.owns_gauges = True
         self.waiting: deque[_Job] = deque()
         self.running: dict[_Job, _Job] = {}
         self._held: dict[_Job, SequenceResult] = {}  # static-hold: answers kept to batch end
@@ -251,7 +257,7 @@ class _ModelLoop:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise DeadlineExceeded(f"the deadline passed {-left:.3f}s before admission")
-            estimate = self.estimate_wait(job.rows)
+            estimate = self.estimate_wait(job.rows, job.cost)
             if estimate > left:
                 raise DeadlineUnmeetable(
                     f"model {self.entry.key}: estimated queue wait {estimate:.3f}s exceeds "
@@ -261,42 +267,48 @@ class _ModelLoop:
         self.idle.clear()
         self.metrics.request_input_tokens.labels(self.label).observe(len(job.input_ids))
         self.metrics.input_tokens.labels(self.label).inc(len(job.input_ids))
-        self.metrics.queue_depth.labels(*self.version_labels).set(len(self.waiting))
+        self._queue_gauge()
         self.wake.set()
 
     def _expected_steps(self, job: _Job) -> int:
         return max(1, math.ceil(self.length_ratio * job.request.params.max_new_tokens))
 
-    def estimate_wait(self, rows: int = 1) -> float:
-        """Seconds a request of `rows` rows arriving now would wait to join the batch."""
-        max_rows = self.config.max_batch_size
+    def estimate_wait(self, rows: int = 1, cost: int = 0) -> float:
+        """Seconds a request of `rows` rows and `cost` cache tokens (see max_batch_tokens)
+        arriving now would wait to join the batch."""
+        max_rows, max_tokens = self.config.max_batch_size, self.config.max_batch_tokens
         running = [
-            (max(1, self._expected_steps(j) - j.generated), j.rows) for j in self.running.values()
+            (max(1, self._expected_steps(j) - j.generated), j.rows, j.cost)
+            for j in self.running.values()
         ]
         t = 0
         if self.config.mode != "continuous":
-            t = max((steps for steps, _ in running), default=0)
-            rows_now, longest = 0, 0
+            t = max((steps for steps, _, _ in running), default=0)
+            rows_now, tokens_now, longest = 0, 0, 0
             for job in self.waiting:
-                if rows_now + job.rows > max_rows:
-                    t, rows_now, longest = t + longest, 0, 0
+                if rows_now + job.rows > max_rows or tokens_now + job.cost > max_tokens:
+                    t, rows_now, tokens_now, longest = t + longest, 0, 0, 0
                 rows_now += job.rows
+                tokens_now += job.cost
                 longest = max(longest, self._expected_steps(job))
-            if rows_now + rows > max_rows:
+            if rows_now + rows > max_rows or tokens_now + cost > max_tokens:
                 t += longest
         else:
-            free = max_rows - self.rows_used
+            free, free_tokens = max_rows - self.rows_used, max_tokens - self.tokens_used
             heapq.heapify(running)
             ahead: list[_Job | None] = [*self.waiting, None]  # None: the new request
             for queued in ahead:
-                need = rows if queued is None else queued.rows
-                while free < need and running:
-                    done_at, freed = heapq.heappop(running)
-                    t, free = max(t, done_at), free + freed
+                need, need_tokens = (rows, cost) if queued is None else (queued.rows, queued.cost)
+                while (free < need or free_tokens < need_tokens) and running:
+                    done_at, freed, freed_tokens = heapq.heappop(running)
+                    t, free, free_tokens = max(t, done_at), free + freed, free_tokens + freed_tokens
                 if queued is None:
                     break
                 free -= queued.rows
-                heapq.heappush(running, (t + self._expected_steps(queued), queued.rows))
+                free_tokens -= queued.cost
+                heapq.heappush(
+                    running, (t + self._expected_steps(queued), queued.rows, queued.cost)
+                )
         if self.running:
             t += 1  # the step in flight ends first
         return t * self.step_s
@@ -360,7 +372,7 @@ class _ModelLoop:
                     with self._inbox_ready:
                         self._inbox.append((removals, items))
                         self._inbox_ready.notify()
-                self.metrics.queue_depth.labels(*self.version_labels).set(len(self.waiting))
+                self._queue_gauge()
                 if not self.running:
                     self.idle.set()
                     self._gauges()
@@ -387,10 +399,17 @@ class _ModelLoop:
             try:
                 removed = batch.remove(removals)
                 added = batch.add(items)
+                # A request cancelled after its admission was posted may reach this thread
+                # in the same round as its admission: its removal above found nothing.
+                late = [key for key in removals if key in batch.seqs]
+                if late:
+                    removed += batch.remove(late)
                 out = batch.step() if len(batch) else StepOutput()
             except Exception as error:
                 log.exception("model %s: engine step failed", self.entry.key)
-                lost = [*batch.keys(), *(item.key for item in items)]
+                # Every request this round touched ends with the error, those removed
+                # before the failure too: their answers were in the lost round's output.
+                lost = [*removals, *batch.keys(), *(item.key for item in items)]
                 batch = self.engine.new_batch()
                 reply: tuple[Callable[..., None], tuple[object, ...]] = (
                     self._failed,
@@ -461,7 +480,13 @@ class _ModelLoop:
             for job, result in held.items():
                 self._finish(job, result)
 
+    def _queue_gauge(self) -> None:
+        if self.owns_gauges:
+            self.metrics.queue_depth.labels(*self.version_labels).set(len(self.waiting))
+
     def _gauges(self) -> None:
+        if not self.owns_gauges:
+            return
         m, labels = self.metrics, self.version_labels
         m.queue_depth.labels(*labels).set(len(self.waiting))
         m.running_sequences.labels(*labels).set(len(self.running))
@@ -521,7 +546,7 @@ class _ModelLoop:
             )
         if job.abort == "shutdown":
             return Unavailable("the server stopped before the request finished; retry")
-        return ServiceError("request cancelled by the caller")
+        return Cancelled("request cancelled by the caller")
 
     # --- shutdown --------------------------------------------------------------------
 
@@ -537,12 +562,16 @@ class _ModelLoop:
         self.closing = True
         self.wake.set()
         if self.task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
+            # wait() leaves the task alone when this caller is cancelled (it raises here).
+            await asyncio.wait({self.task})
+            if not self.task.cancelled():
+                self.task.result()  # the loop's own failure, if it had one
         if self._worker is not None:
             await asyncio.to_thread(self._worker.join)
         await asyncio.to_thread(self.engine.close)  # may wait for another model's capture
-        self.metrics.model_ready.labels(self.entry.name, str(self.entry.version)).set(0)
+        if not self.owns_gauges:
+            return
+        self.metrics.model_ready.labels(*self.version_labels).set(0)
         m = self.metrics
         gauges = (m.queue_depth, m.running_sequences, m.free_cache_slots)
         for gauge in (*gauges, m.estimated_queue_wait, m.cuda_graphs):
@@ -583,7 +612,9 @@ class Scheduler:
         )
         self.metrics = metrics or Metrics()
         self.engine_factory = engine_factory or _default_engine
-        self._loops: dict[str, _ModelLoop] = {}
+        self._loops: dict[str, _ModelLoop] = {}  # the loop of each live version
+        # Loops of retired versions, until their last request has left.
+        self._retiring: dict[ModelVersion, _ModelLoop] = {}
         self._stopping = False
         self._reload_lock: asyncio.Lock | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -615,7 +646,7 @@ class Scheduler:
         if self._reload_lock is None:
             self._reload_lock = asyncio.Lock()
         async with self._reload_lock:
-            result = await asyncio.to_thread(self.repository.reload)
+            result = await asyncio.to_thread(self.repository.load_new)
             loaded: list[str] = []
             failed = {self._folder(path): why for path, why in result.failed.items()}
             for entry in result.loaded:
@@ -623,12 +654,16 @@ class Scheduler:
                     await self._start_loop(entry)
                     loaded.append(entry.key)
                 except Exception as error:
-                    log.exception("cannot start model %s", entry.key)
+                    if not self._stopping:
+                        log.exception("cannot start model %s", entry.key)
                     self.repository.discard(entry, str(error))
                     failed[self._folder(entry.path)] = f"{type(error).__name__}: {error}"
-            for entry in result.retired:
+            # Only now, with the new versions taking traffic, do the ones they replace stop
+            # taking it: a deploy that swaps a version's folder has no gap.
+            retired = [] if self._stopping else self.repository.prune()
+            for entry in retired:
                 self._retire(entry)
-            return ReloadSummary(loaded, [e.key for e in result.retired], failed)
+            return ReloadSummary(loaded, [e.key for e in retired], failed)
 
     def _folder(self, path: str | Path) -> str:
         """A version folder as callers name it: relative to the repository ("en-es/2")."""
@@ -639,6 +674,9 @@ class Scheduler:
 
     async def _start_loop(self, entry: ModelVersion) -> None:
         engine = await asyncio.to_thread(self.engine_factory, entry, self.engine_options)
+        if self._stopping:  # stop() ran while it loaded: it would never close a loop now
+            await asyncio.to_thread(engine.close)
+            raise Unavailable(f"the scheduler stopped while {entry.key} loaded")
         if engine.provider == CUDA_PROVIDER and engine.options.device_id not in self._gpus:
             self._gpus.add(engine.options.device_id)
             try:
@@ -649,13 +687,18 @@ class Scheduler:
         loop.task = asyncio.get_running_loop().create_task(
             loop.run(), name=f"model-loop-{entry.key}"
         )
+        for old in self._retiring.values():
+            if old.entry.key == entry.key:  # the same version is back while this one drains
+                old.owns_gauges = False
         self._loops[entry.key] = loop
         self.metrics.model_ready.labels(entry.name, str(entry.version)).set(1)
 
     def _retire(self, entry: ModelVersion) -> None:
         loop = self._loops.get(entry.key)
-        if loop is None:
+        if loop is None or loop.entry is not entry:
             return
+        del self._loops[entry.key]
+        self._retiring[entry] = loop
         loop.accepting = False
         event_loop = asyncio.get_running_loop()
 
@@ -670,7 +713,7 @@ class Scheduler:
         entry.on_drained(drained)
 
     async def _close(self, entry: ModelVersion) -> None:
-        loop = self._loops.pop(entry.key, None)
+        loop = self._retiring.pop(entry, None)
         if loop is not None:
             await loop.close()
             log.info("model %s stopped", entry.key)
@@ -679,7 +722,7 @@ class Scheduler:
         """Refuse new requests, let in-flight ones finish within grace_s, cancel the rest,
         stop every loop."""
         self._stopping = True
-        loops = list(self._loops.values())
+        loops = [*self._loops.values(), *self._retiring.values()]
         for loop in loops:
             loop.accepting = False
         if not all(loop.idle.is_set() for loop in loops):
@@ -690,9 +733,12 @@ class Scheduler:
                 log.warning("stop: grace of %.1fs over; cancelling the rest", grace_s)
         for loop in loops:
             loop.abort_all("shutdown")
+        self._loops.clear()
+        self._retiring.clear()
         for loop in loops:
             await loop.close()
-        self._loops.clear()
+        if self._background:  # retired versions' loops closing on their own
+            await asyncio.wait(set(self._background))
 
     async def close(self) -> None:
         """Stop at once (the transport drains its calls before)."""
@@ -852,7 +898,12 @@ class Scheduler:
 
     def stats(self) -> dict[str, dict[str, float]]:
         """Per version: queue, running (held answers included), held, rows, step time
-        estimate, estimated wait (tests, logs)."""
+        estimate, estimated wait (tests, logs). A retired version still draining is listed
+        under its key, or "<key> (retiring)" if that version was loaded again meanwhile."""
+        loops: dict[str, _ModelLoop] = {}
+        for entry, loop in self._retiring.items():
+            loops[f"{entry.key} (retiring)" if entry.key in self._loops else entry.key] = loop
+        loops.update(self._loops)
         return {
             key: {
                 "waiting": len(loop.waiting),
@@ -863,7 +914,7 @@ class Scheduler:
                 "estimated_wait_s": loop.estimate_wait(1),
                 "steps": loop.steps,
             }
-            for key, loop in self._loops.items()
+            for key, loop in loops.items()
         }
 
 

@@ -140,6 +140,13 @@ def decoding_params(
                 f"must be in [0, {MAX_LENGTH_PENALTY}], got {length_penalty}",
             )
 
+    if options.HasField("length_penalty") and beam == 1:
+        raise InvalidArgument(
+            "options.length_penalty", "only applies to beam search; set beam_size > 1"
+        )
+    if options.HasField("seed") and not sampling:
+        raise InvalidArgument("options.seed", "only applies when sampling; set temperature > 0")
+
     top_p = 1.0
     if options.HasField("top_p"):
         top_p = _finite("options.top_p", options.top_p)

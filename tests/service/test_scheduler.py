@@ -224,6 +224,37 @@ def test_cancelled_request_frees_its_rows_at_the_next_step() -> None:
     run(main, make_scheduler(factory=slow_engine_factory(STEP_DELAY)))
 
 
+def test_a_request_cancelled_before_the_engine_took_it_leaves_at_the_next_step() -> None:
+    """Admitted while the engine thread is inside a long step, then cancelled: its
+    admission and its removal reach the engine thread together, and it still leaves."""
+    slow = [False]
+    sizes: list[int] = []
+
+    def step(batch: Batch) -> None:
+        sizes.append(len(batch.seqs))
+        time.sleep(0.4 if slow[0] else STEP_DELAY)
+
+    async def main(s: Scheduler) -> None:
+        key = f"{LM}:1"
+        first = asyncio.create_task(s.submit(generate(PROMPTS[0], max_new_tokens=120)))
+        await wait_until(lambda: loop_stats(s, key)["steps"] >= 2)
+        slow[0] = True
+        await asyncio.sleep(0.1)  # the engine thread is inside a slow step now
+        second = asyncio.create_task(s.submit(long_request()))
+        await wait_until(lambda: loop_stats(s, key)["running"] == 2)  # admitted
+        second.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await second
+        slow[0] = False
+        await wait_until(lambda: loop_stats(s, key)["running"] == 1, timeout=2.0)
+        assert loop_stats(s, key)["rows"] == 1
+        assert sizes.count(2) <= 1  # it joined at most the one step it was admitted to
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+
+    run(main, make_scheduler(factory=hooked_engine_factory(step)))
+
+
 def test_request_past_its_deadline_is_removed() -> None:
     async def main(s: Scheduler) -> None:
         key = f"{LM}:1"
@@ -297,6 +328,26 @@ def test_unmeetable_deadline_is_refused_with_the_estimate() -> None:
             await running
 
     run(main, make_scheduler(factory=slow_engine_factory(STEP_DELAY), max_batch_size=1))
+
+
+def test_a_deadline_the_token_budget_cannot_meet_is_refused_at_admission() -> None:
+    """Rows are free but max_batch_tokens is not: the estimate waits for the running
+    request's tokens, so a tight deadline is refused instead of expiring in the queue."""
+
+    async def main(s: Scheduler) -> None:
+        key = f"{LM}:1"
+        running = asyncio.create_task(s.submit(long_request()))
+        await wait_until(lambda: loop_stats(s, key)["steps"] >= 3)
+        big = SequenceRequest(
+            Task.GENERATION, PROMPTS[0], DecodingParams(max_new_tokens=120),
+            deadline=time.monotonic() + 0.2,
+        )  # fmt: skip
+        with pytest.raises(DeadlineUnmeetable, match="estimated queue wait"):
+            await s.submit(big)
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+
+    run(main, make_scheduler(factory=slow_engine_factory(STEP_DELAY), max_batch_tokens=200))
 
 
 def test_static_mode_runs_a_batch_to_completion_before_admitting_more() -> None:
@@ -415,6 +466,35 @@ def test_an_engine_failure_fails_its_requests_and_the_loop_goes_on() -> None:
     outcomes, answer = run(main, make_scheduler(factory=factory))
     assert [str(o) for o in outcomes] == ["device lost", "device lost"]
     assert answer.hypotheses[0].token_ids == alone(later).hypotheses[0].token_ids
+
+
+def test_a_failure_in_the_step_after_a_removal_ends_every_request_it_touched() -> None:
+    """The removal and the failing step run in one worker round: the removed request ends
+    too (its answer was in the lost round), so nothing is left holding rows and stop()
+    returns."""
+    armed = [False]
+
+    def fail_when_one_row_is_left(batch: Batch) -> None:
+        time.sleep(STEP_DELAY)
+        if armed[0] and len(batch.seqs) == 1:
+            armed[0] = False
+            raise RuntimeError("device lost")
+
+    async def main(s: Scheduler) -> None:
+        key = f"{LM}:1"
+        kept = asyncio.create_task(s.submit(generate(PROMPTS[0], max_new_tokens=100)))
+        cancelled = asyncio.create_task(s.submit(generate(PROMPTS[1], max_new_tokens=100)))
+        await wait_until(lambda: loop_stats(s, key)["running"] == 2)
+        await wait_until(lambda: loop_stats(s, key)["steps"] >= 2)
+        armed[0] = True
+        cancelled.cancel()
+        with pytest.raises(RuntimeError, match="device lost"):
+            await kept
+        await wait_until(lambda: loop_stats(s, key)["running"] == 0)
+        assert loop_stats(s, key)["rows"] == 0
+        await asyncio.wait_for(s.stop(0.0), 5.0)
+
+    run(main, make_scheduler(factory=hooked_engine_factory(fail_when_one_row_is_left)))
 
 
 # --- lifecycle ---------------------------------------------------------------------------------
@@ -558,6 +638,105 @@ def test_a_version_that_stops_frees_its_engine_at_once(tmp_path: Path) -> None:
 
     run(main, make_scheduler(root, factory=factory))
     assert sorted(closed) == sorted([f"{LM}:1", f"{LM}:2", f"{TRANSLATOR}:1"])
+
+
+def test_a_version_swapped_in_one_reload_has_no_gap(tmp_path: Path) -> None:
+    """en-lm/1 replaced by en-lm/2 in one deploy (old folder gone, new one there): version
+    1 takes the requests until version 2 is loaded and warm."""
+    root = tmp_path / "models"
+    shutil.copytree(model_repository(), root)
+    load_s = [0.0]
+
+    def slow_load(entry: ModelVersion, options: EngineOptions) -> Engine:
+        time.sleep(load_s[0])  # a real load and warm-up take seconds
+        return Engine(entry.path, entry.manifest, options)
+
+    async def main(s: Scheduler) -> None:
+        load_s[0] = 1.0
+        copy_version(root, LM, 1, 2)
+        shutil.rmtree(root / LM / "1")
+        reload = asyncio.create_task(s.reload())
+        await asyncio.sleep(0.3)  # version 2 is loading
+        assert not reload.done()
+        assert (await s.submit(generate(PROMPTS[0], max_new_tokens=5))).version == 1
+        summary = await reload
+        assert (summary.loaded, summary.retired) == ([f"{LM}:2"], [f"{LM}:1"])
+        assert (await s.submit(generate(PROMPTS[0], max_new_tokens=5))).version == 2
+
+    run(main, make_scheduler(root, factory=slow_load))
+
+
+def test_a_version_back_on_disk_while_it_drains_is_served_again(tmp_path: Path) -> None:
+    """Retired with a request in flight, then found again by the next reload: the new loop
+    serves it, and the old one, once drained, closes itself and leaves the new one's
+    gauges alone."""
+    root = tmp_path / "models"
+    shutil.copytree(model_repository(), root)
+    key = f"{LM}:1"
+
+    async def main(s: Scheduler) -> None:
+        old = asyncio.create_task(s.submit(long_request()))
+        await wait_until(lambda: loop_stats(s, key)["running"] == 1)
+        shutil.move(root / LM / "1", tmp_path / "away")
+        assert (await s.reload()).retired == [key]
+        shutil.move(tmp_path / "away", root / LM / "1")
+        assert (await s.reload()).loaded == [key]
+        assert f"{key} (retiring)" in s.stats()
+        assert (await old).version == 1
+        await wait_until(lambda: f"{key} (retiring)" not in s.stats())
+        answer = await asyncio.wait_for(s.submit(generate(PROMPTS[0], max_new_tokens=5)), 5.0)
+        assert answer.version == 1
+        labels = {"model": LM, "version": "1"}
+        assert sample_value(s.metrics, "inference_model_ready", labels) == 1.0
+        assert s.metrics.registry.get_sample_value("inference_free_cache_slots", labels) == 8.0
+
+    run(main, make_scheduler(root, factory=slow_engine_factory(STEP_DELAY)))
+
+
+def test_stop_during_start_leaves_no_model_running() -> None:
+    """SIGTERM while the models still load: the versions that finish loading after stop()
+    are closed, not started."""
+    built: list[Engine] = []
+    closed: list[Engine] = []
+
+    class SlowEngine(Engine):
+        def close(self) -> None:
+            closed.append(self)
+            super().close()
+
+    def slow_load(entry: ModelVersion, options: EngineOptions) -> Engine:
+        time.sleep(0.5)
+        built.append(SlowEngine(entry.path, entry.manifest, options))
+        return built[-1]
+
+    async def main() -> None:
+        s = make_scheduler(factory=slow_load)
+        start = asyncio.create_task(s.start())
+        await asyncio.sleep(0.2)  # the first version is loading
+        await s.stop(0.0)
+        summary = await start
+        assert summary.loaded == [] and s.stats() == {}
+        assert len(built) >= 1 and closed == built
+        for name in (TRANSLATOR, LM):
+            labels = {"model": name, "version": "1"}
+            assert sample_value(s.metrics, "inference_model_ready", labels) == 0.0
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_stop_raises_in_its_caller() -> None:
+    """stop() under a timeout that expires raises TimeoutError (its caller's
+    cancellation is not swallowed)."""
+
+    async def main(s: Scheduler) -> None:
+        job = asyncio.create_task(s.submit(long_request()))
+        await wait_until(lambda: loop_stats(s, f"{LM}:1")["running"] == 1)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(s.stop(0.0), 0.1)
+        with contextlib.suppress(Unavailable):
+            await job
+
+    run(main, make_scheduler(factory=slow_engine_factory(0.5)))
 
 
 def test_cuda_graphs_gauge_follows_the_engine_and_leaves_with_it() -> None:

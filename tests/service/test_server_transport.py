@@ -326,6 +326,8 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], str]] = [
     ("top_k", {"top_k": 5}, "only applies when sampling"),
     ("length_penalty", {"length_penalty": -1.0}, "must be in [0, 10"),
     ("length_penalty", {"length_penalty": math.inf}, "finite"),
+    ("length_penalty", {"length_penalty": 0.6}, "only applies to beam search"),
+    ("seed", {"seed": 7}, "only applies when sampling"),
     ("beam_size", {"temperature": 0.7, "beam_size": 2}, "sampling (temperature > 0)"),
     ("stop", {"stop": ["x"] * 9}, "9 strings exceed the limit 8"),
     ("stop[1]", {"stop": ["ok", "y" * 65]}, "65 characters exceed the limit 64"),
