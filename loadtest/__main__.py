@@ -4,6 +4,7 @@ Open loop (--rate, Poisson or constant arrivals) measures latency from each requ
 intended send time, so server queueing shows up in the numbers (no coordinated omission);
 closed loop (--concurrency) keeps N requests in flight. Every run is bounded by
 --duration and --max-requests and targets loopback unless --allow-remote is given.
+--ca (TLS), --server-name and --token (or SERVE_AUTH_TOKEN) reach a secured server.
 Results go to --out: result.json, summary.md, latency_cdf.png, latency_vs_load.png.
 """
 
@@ -35,6 +36,7 @@ from loadtest.soak import RssSampler, find_listening_pid, peak_rss_bytes
 from loadtest.workload import (
     DEFAULT_TARGET,
     Caller,
+    ChannelSecurity,
     GrpcCaller,
     TargetRefused,
     Workload,
@@ -66,6 +68,16 @@ Timeout = Annotated[float, typer.Option(help="Per-request gRPC deadline in secon
 Progress = Annotated[bool, typer.Option(help="Show a progress bar.")]
 Arrivals = Annotated[str, typer.Option(help="Arrival process: poisson or constant.")]
 MaxInFlight = Annotated[int, typer.Option(help="Open loop: client-side in-flight cap.")]
+Token = Annotated[
+    str | None, typer.Option(envvar="SERVE_AUTH_TOKEN", help="Bearer token (if auth is on).")
+]
+Ca = Annotated[
+    Path | None,
+    typer.Option(help="CA/certificate PEM to trust; enables TLS.", exists=True, dir_okay=False),
+]
+ServerName = Annotated[
+    str | None, typer.Option(help="TLS: the name the server's certificate carries.")
+]
 
 
 class _Fail(Exception):
@@ -150,8 +162,9 @@ async def _with_caller(
     max_new_tokens: int,
     wait_ready_s: float,
     body: Callable[[Caller], Any],
+    security: ChannelSecurity,
 ) -> Any:
-    caller = GrpcCaller(target, timeout_s=timeout, max_new_tokens=max_new_tokens)
+    caller = GrpcCaller(target, timeout_s=timeout, max_new_tokens=max_new_tokens, security=security)
     try:
         try:
             await caller.wait_ready(wait_ready_s)
@@ -201,6 +214,9 @@ def run(
         float, typer.Option(help="Seconds to wait for the server to be SERVING.")
     ] = 10.0,
     progress: Progress = True,
+    token: Token = None,
+    ca: Ca = None,
+    server_name: ServerName = None,
 ) -> None:
     """One bounded run, open loop (--rate; default 5 req/s) or closed loop (--concurrency)."""
     if rate is not None and concurrency is not None:
@@ -234,7 +250,14 @@ def run(
 
     try:
         result: RunResult = asyncio.run(
-            _with_caller(target, timeout, max_new_tokens, wait_ready, body)
+            _with_caller(
+                target,
+                timeout,
+                max_new_tokens,
+                wait_ready,
+                body,
+                ChannelSecurity(token, ca, server_name),
+            )
         )
     except _Fail as error:
         raise typer.BadParameter(str(error)) from error
@@ -293,6 +316,9 @@ def sweep(
         float, typer.Option(help="Seconds to wait for the server to be SERVING.")
     ] = 10.0,
     progress: Progress = True,
+    token: Token = None,
+    ca: Ca = None,
+    server_name: ServerName = None,
 ) -> None:
     """Open-loop steps at rising rates until the latency curve bends (the knee)."""
     rate_list = _parse_rates(rates, start_rate, factor, max_rate)
@@ -340,7 +366,14 @@ def sweep(
 
     try:
         results: list[RunResult] = asyncio.run(
-            _with_caller(target, timeout, max_new_tokens, wait_ready, body)
+            _with_caller(
+                target,
+                timeout,
+                max_new_tokens,
+                wait_ready,
+                body,
+                ChannelSecurity(token, ca, server_name),
+            )
         )
     except _Fail as error:
         raise typer.BadParameter(str(error)) from error
@@ -386,6 +419,9 @@ def soak(
         float, typer.Option(help="Seconds to wait for the server to be SERVING.")
     ] = 10.0,
     progress: Progress = True,
+    token: Token = None,
+    ca: Ca = None,
+    server_name: ServerName = None,
 ) -> None:
     """A fixed rate for N minutes, sampling the server's RSS (leaks, fragmentation)."""
     duration = minutes * 60.0
@@ -431,7 +467,14 @@ def soak(
 
     try:
         result: RunResult = asyncio.run(
-            _with_caller(target, timeout, max_new_tokens, wait_ready, body)
+            _with_caller(
+                target,
+                timeout,
+                max_new_tokens,
+                wait_ready,
+                body,
+                ChannelSecurity(token, ca, server_name),
+            )
         )
     except _Fail as error:
         raise typer.BadParameter(str(error)) from error

@@ -26,6 +26,15 @@ FALLBACK_INPUTS = ROOT / "tests" / "fixtures" / "verses.tsv"
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 
+@dataclass(frozen=True)
+class ChannelSecurity:
+    """How to reach a server with TLS or bearer auth on (the service's --tls-*, auth)."""
+
+    token: str | None = None
+    ca: Path | None = None  # PEM to trust; given, the channel uses TLS
+    server_name: str | None = None  # the name the certificate carries, if not the target's
+
+
 class TargetRefused(ValueError):
     """A non-loopback target without --allow-remote: a load test must not hit a shared host."""
 
@@ -192,6 +201,7 @@ class GrpcCaller:
         max_new_tokens: int = 0,
         translate_model: str = "",
         generate_model: str = "",
+        security: ChannelSecurity | None = None,
     ) -> None:
         import grpc
 
@@ -200,10 +210,17 @@ class GrpcCaller:
 
         self._grpc = grpc
         self.pb = pb
+        security = security or ChannelSecurity()
         # Many concurrent streams share one HTTP/2 connection; raise the stream limit.
-        self.channel = grpc.aio.insecure_channel(
-            target, options=[("grpc.max_concurrent_streams", 1 << 20)]
-        )
+        options: list[tuple[str, int | str]] = [("grpc.max_concurrent_streams", 1 << 20)]
+        if security.server_name:
+            options.append(("grpc.ssl_target_name_override", security.server_name))
+        if security.ca is not None:
+            credentials = grpc.ssl_channel_credentials(security.ca.read_bytes())
+            self.channel = grpc.aio.secure_channel(target, credentials, options=options)
+        else:
+            self.channel = grpc.aio.insecure_channel(target, options=options)
+        self.metadata = (("authorization", f"Bearer {security.token}"),) if security.token else None
         self.translator = pb_grpc.TranslatorStub(self.channel)
         self.generator = pb_grpc.GeneratorStub(self.channel)
         self.timeout_s = timeout_s
@@ -248,6 +265,7 @@ class GrpcCaller:
                         model=self.translate_model, texts=[item.text], options=self.options
                     ),
                     timeout=self.timeout_s,
+                    metadata=self.metadata,
                 )
                 out.input_tokens = response.usage.input_tokens
                 out.output_tokens = response.usage.output_tokens
@@ -258,6 +276,7 @@ class GrpcCaller:
                             model=self.translate_model, text=item.text, options=self.options
                         ),
                         timeout=self.timeout_s,
+                        metadata=self.metadata,
                     )
                 else:
                     call = self.generator.Generate(
@@ -265,6 +284,7 @@ class GrpcCaller:
                             model=self.generate_model, prompt=item.text, options=self.options
                         ),
                         timeout=self.timeout_s,
+                        metadata=self.metadata,
                     )
                 counted = 0
                 async for chunk in call:

@@ -5,9 +5,10 @@
     for chunk in client.generate("The Lord said", stream=True): print(chunk.text, end="")
 
 CLI: `python -m service.client translate "In the beginning..." --beam-size 4 --n-best 2`,
-`generate "The Lord said" --stream`, `models`, `--plot-alignment align.png` (translate:
-the cross-attention as a heatmap). `--target`, `--token` (bearer auth), `--ca` (TLS) and
-`--timeout` work on every command; SERVE_TARGET / SERVE_AUTH_TOKEN are read too.
+`generate "The Lord said" --stream`, `models`, `describe en-es`, `reload`,
+`--plot-alignment align.png` (translate: the cross-attention as a heatmap). `--target`,
+`--token` (bearer auth), `--ca` (TLS), `--server-name` and `--timeout` work on every
+command; SERVE_TARGET / SERVE_AUTH_TOKEN are read too.
 """
 
 from __future__ import annotations
@@ -26,6 +27,15 @@ from service.gen.inference.v1 import inference_pb2 as pb
 from service.gen.inference.v1 import inference_pb2_grpc as pb_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+# DecodingOptions fields that are unsigned on the wire, and their upper bounds.
+_UNSIGNED = {
+    "max_new_tokens": 2**32 - 1,
+    "beam_size": 2**32 - 1,
+    "n_best": 2**32 - 1,
+    "top_k": 2**32 - 1,
+    "seed": 2**64 - 1,
+}
+PLOT_FORMATS = (".png", ".svg", ".pdf")
 
 
 class Client:
@@ -56,6 +66,8 @@ class Client:
             options.append(("grpc.ssl_target_name_override", server_name))
         if ca is not None or tls:
             root = Path(ca).read_bytes() if ca is not None else None
+            if root is not None and b"-----BEGIN CERTIFICATE-----" not in root:
+                raise ValueError(f"{ca}: not a PEM certificate (-----BEGIN CERTIFICATE-----)")
             creds = grpc.ssl_channel_credentials(root_certificates=root)
             self.channel = grpc.secure_channel(target, creds, options=options)
         else:
@@ -167,7 +179,13 @@ def decoding_options(
     return_scores: bool = False,
     return_alignment: bool = False,
 ) -> pb.DecodingOptions:
-    """DecodingOptions from keyword arguments (None leaves an optional field unset)."""
+    """DecodingOptions from keyword arguments (None leaves an optional field unset).
+    Raises ValueError naming the field for a value its wire type cannot carry."""
+    given = locals()
+    for name, bound in _UNSIGNED.items():
+        value = given[name]
+        if value is not None and not 0 <= value <= bound:
+            raise ValueError(f"{name}: must be in [0, {bound}], got {value}")
     options = pb.DecodingOptions(
         max_new_tokens=max_new_tokens,
         beam_size=beam_size,
@@ -199,7 +217,10 @@ def plot_alignment(
 
     rows = [list(r) for r in weights]
     if not rows or not source_tokens:
-        raise ValueError("no alignment to plot: ask the server with return_alignment")
+        raise ValueError(
+            "no alignment to plot: the translation is empty, or the server was not asked "
+            "for it (return_alignment)"
+        )
     width = max(4.0, 0.45 * len(source_tokens) + 2)
     height = max(3.0, 0.4 * len(target_tokens) + 1.5)
     fig, ax = plt.subplots(figsize=(min(width, 40), min(height, 40)))
@@ -228,38 +249,69 @@ Target = Annotated[str, typer.Option(envvar="SERVE_TARGET", help="host:port of t
 Token = Annotated[
     str | None, typer.Option(envvar="SERVE_AUTH_TOKEN", help="Bearer token (if auth is on).")
 ]
-Ca = Annotated[Path | None, typer.Option(help="CA/certificate PEM to trust; enables TLS.")]
-Timeout = Annotated[float, typer.Option(help="Deadline in seconds.")]
-Model = Annotated[str, typer.Option(help="Model name (default: the server's for the task).")]
-Version = Annotated[int, typer.Option(help="Model version (0 = latest).")]
-MaxNew = Annotated[
-    int | None, typer.Option(help="Tokens to generate at most (default: the server's).")
+Ca = Annotated[
+    Path | None,
+    typer.Option(help="CA/certificate PEM to trust; enables TLS.", exists=True, dir_okay=False),
 ]
-Beam = Annotated[int | None, typer.Option(help="Beam width (default 1 = greedy).")]
-NBest = Annotated[int | None, typer.Option(help="Hypotheses to return, ≤ beam size (default 1).")]
+ServerName = Annotated[
+    str | None,
+    typer.Option(help="TLS: the name the server's certificate must carry (default: target's)."),
+]
+Timeout = Annotated[float, typer.Option(help="Deadline in seconds.", min=0.001)]
+Model = Annotated[str, typer.Option(help="Model name (default: the server's for the task).")]
+Version = Annotated[int, typer.Option(help="Model version (0 = latest).", min=0)]
+MaxNew = Annotated[
+    int | None, typer.Option(help="Tokens to generate at most (default: the server's).", min=1)
+]
+Beam = Annotated[int | None, typer.Option(help="Beam width (default 1 = greedy).", min=1)]
+NBest = Annotated[
+    int | None, typer.Option(help="Hypotheses to return, ≤ beam size (default 1).", min=1)
+]
 Temperature = Annotated[float, typer.Option(help="> 0 samples.")]
-TopK = Annotated[int, typer.Option(help="Sample among the k most likely (0 = off).")]
+TopK = Annotated[int, typer.Option(help="Sample among the k most likely (0 = off).", min=0)]
 TopP = Annotated[float | None, typer.Option(help="Nucleus mass in (0, 1].")]
-Seed = Annotated[int | None, typer.Option(help="Sampling seed.")]
+Seed = Annotated[int | None, typer.Option(help="Sampling seed.", min=0, max=2**64 - 1)]
 LengthPenalty = Annotated[float | None, typer.Option(help="Beam length penalty.")]
 Stop = Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")]
-Scores = Annotated[bool, typer.Option("--scores", help="Print hypothesis scores.")]
+Scores = Annotated[
+    bool, typer.Option("--scores", help="Print each hypothesis's score and normalized score.")
+]
 Json = Annotated[bool, typer.Option("--json", help="Print the raw response as JSON.")]
 
 
-def _client(target: str, token: str | None, ca: Path | None, timeout: float) -> Client:
-    return Client(target, token=token, ca=ca, timeout=timeout)
+def _client(
+    target: str, token: str | None, ca: Path | None, timeout: float, server_name: str | None
+) -> Client:
+    try:
+        return Client(target, token=token, ca=ca, timeout=timeout, server_name=server_name)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--ca") from None
 
 
-def _fail(error: grpc.RpcError) -> None:
+def _fail(error: grpc.RpcError, tls: bool) -> None:
     code = error.code() if hasattr(error, "code") else None
     details = error.details() if hasattr(error, "details") else str(error)
     typer.echo(f"error: {code.name if code else 'UNKNOWN'}: {details}", err=True)
+    if code == grpc.StatusCode.UNAVAILABLE and not tls:
+        typer.echo("(is the server up at --target? if it serves TLS, pass --ca)", err=True)
     raise typer.Exit(2)
 
 
 def _print_json(message: Any) -> None:
-    typer.echo(json_format.MessageToJson(message, preserving_proto_field_name=True))
+    typer.echo(
+        json_format.MessageToJson(message, preserving_proto_field_name=True, ensure_ascii=False)
+    )
+
+
+def _check_plot_path(path: Path) -> None:
+    """Refuse a plot file that cannot be written before the call, not after it."""
+    if path.suffix.lower() not in PLOT_FORMATS:
+        raise typer.BadParameter(
+            f"{path}: the file name must end in one of {', '.join(PLOT_FORMATS)}",
+            param_hint="--plot-alignment",
+        )
+    if not path.parent.is_dir():
+        raise typer.BadParameter(f"{path.parent} is not a folder", param_hint="--plot-alignment")
 
 
 def _print_stream(chunks: Iterable[Any], head: str, as_json: bool, scores: bool) -> None:
@@ -284,6 +336,7 @@ def translate(
     target: Target = DEFAULT_TARGET,
     token: Token = None,
     ca: Ca = None,
+    server_name: ServerName = None,
     timeout: Timeout = 60.0,
     model: Model = "",
     version: Version = 0,
@@ -311,6 +364,8 @@ def translate(
             "to label them): drop --stream",
             param_hint="--plot-alignment",
         )
+    if plot_alignment_to is not None:
+        _check_plot_path(plot_alignment_to)
     options: dict[str, Any] = dict(
         max_new_tokens=max_new_tokens,
         beam_size=beam_size,
@@ -324,7 +379,7 @@ def translate(
         return_scores=scores,
         return_alignment=plot_alignment_to is not None,
     )
-    with _client(target, token, ca, timeout) as client:
+    with _client(target, token, ca, timeout, server_name) as client:
         try:
             if stream:
                 for text in texts:
@@ -333,7 +388,7 @@ def translate(
                 return
             response = client.translate(texts, model, version, **options)
         except grpc.RpcError as error:
-            _fail(error)
+            _fail(error, ca is not None)
             return
     if as_json:
         _print_json(response)
@@ -346,6 +401,9 @@ def translate(
     if plot_alignment_to is not None:
         first = response.translations[0]
         best = first.hypotheses[0]
+        if not best.tokens:
+            typer.echo("error: the translation is empty: no alignment to plot", err=True)
+            raise typer.Exit(1)
         plot_alignment(
             list(first.source_tokens),
             list(best.tokens),
@@ -362,6 +420,7 @@ def generate(
     target: Target = DEFAULT_TARGET,
     token: Token = None,
     ca: Ca = None,
+    server_name: ServerName = None,
     timeout: Timeout = 60.0,
     model: Model = "",
     version: Version = 0,
@@ -392,7 +451,7 @@ def generate(
         stop=stop or (),
         return_scores=scores,
     )
-    with _client(target, token, ca, timeout) as client:
+    with _client(target, token, ca, timeout, server_name) as client:
         try:
             if stream:
                 chunks = client.generate(prompt, model, version, stream=True, **options)
@@ -401,7 +460,7 @@ def generate(
                 return
             response = client.generate(prompt, model, version, **options)
         except grpc.RpcError as error:
-            _fail(error)
+            _fail(error, ca is not None)
             return
     assert isinstance(response, pb.GenerateResponse)
     if as_json:
@@ -409,7 +468,7 @@ def generate(
         return
     for rank, hyp in enumerate(response.hypotheses):
         prefix = f"[{rank}] " if len(response.hypotheses) > 1 else ""
-        suffix = f"\t{hyp.score:.3f}" if scores else ""
+        suffix = f"\t{hyp.score:.3f}\t{hyp.normalized_score:.3f}" if scores else ""
         typer.echo(f"{prefix}{prompt}{hyp.text}{suffix}")
 
 
@@ -418,26 +477,63 @@ def models(
     target: Target = DEFAULT_TARGET,
     token: Token = None,
     ca: Ca = None,
+    server_name: ServerName = None,
     timeout: Timeout = 10.0,
     as_json: Json = False,
 ) -> None:
     """List the loaded models."""
-    with _client(target, token, ca, timeout) as client:
+    with _client(target, token, ca, timeout, server_name) as client:
         try:
             infos = client.list_models()
         except grpc.RpcError as error:
-            _fail(error)
+            _fail(error, ca is not None)
             return
+    if not as_json:
+        typer.echo("# name\tversion\ttask\tlanguages\tdtype\tprovider\tloaded versions\tready")
     for info in infos:
-        if as_json:
-            _print_json(info)
-        else:
-            versions = ",".join(str(v) for v in info.versions)
-            typer.echo(
-                f"{info.name}\tv{info.version}\t{info.task}\t"
-                f"{info.source_language}->{info.target_language}\t{info.dtype}\t"
-                f"{info.provider}\tversions={versions}\tready={info.ready}"
-            )
+        _print_model(info, as_json)
+
+
+@app.command()
+def describe(
+    name: Annotated[str, typer.Argument(help="Model name, e.g. en-es.")],
+    version: Version = 0,
+    target: Target = DEFAULT_TARGET,
+    token: Token = None,
+    ca: Ca = None,
+    server_name: ServerName = None,
+    timeout: Timeout = 10.0,
+    as_json: Json = False,
+) -> None:
+    """One model version (the latest by default): languages, limits, dtype, provider."""
+    with _client(target, token, ca, timeout, server_name) as client:
+        try:
+            info = client.describe_model(name, version)
+        except grpc.RpcError as error:
+            _fail(error, ca is not None)
+            return
+    if as_json:
+        _print_json(info)
+        return
+    _print_model(info, False)
+    limits = info.limits
+    typer.echo(
+        f"limits: max_input_tokens {limits.max_input_tokens}, "
+        f"max_new_tokens {limits.max_new_tokens}"
+    )
+    typer.echo(f"config: {info.config_json}")
+
+
+def _print_model(info: pb.ModelInfo, as_json: bool) -> None:
+    if as_json:
+        _print_json(info)
+        return
+    versions = ",".join(str(v) for v in info.versions)
+    typer.echo(
+        f"{info.name}\tv{info.version}\t{info.task}\t"
+        f"{info.source_language}->{info.target_language}\t{info.dtype}\t"
+        f"{info.provider}\tversions={versions}\tready={info.ready}"
+    )
 
 
 @app.command()
@@ -445,14 +541,15 @@ def reload(
     target: Target = DEFAULT_TARGET,
     token: Token = None,
     ca: Ca = None,
+    server_name: ServerName = None,
     timeout: Timeout = 120.0,
 ) -> None:
     """Ask the server to load new model versions from its repository."""
-    with _client(target, token, ca, timeout) as client:
+    with _client(target, token, ca, timeout, server_name) as client:
         try:
             response = client.reload()
         except grpc.RpcError as error:
-            _fail(error)
+            _fail(error, ca is not None)
             return
     typer.echo(f"loaded: {', '.join(response.loaded) or '-'}")
     typer.echo(f"retired: {', '.join(response.retired) or '-'}")

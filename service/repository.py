@@ -24,6 +24,22 @@ from service.domain import ModelNotFound, Task, Unavailable
 log = logging.getLogger(__name__)
 
 DrainHook = Callable[["ModelVersion"], None]
+FolderSignature = tuple[tuple[str, int, int], ...]
+
+
+def folder_signature(path: Path) -> FolderSignature:
+    """Every file under a version folder with its size and modification time: a failed
+    folder is tried again once any of them changes (a copy finished, an ONNX file
+    replaced), not only its manifest."""
+    files = []
+    for file in sorted(path.rglob("*")):
+        try:
+            stat = file.stat()
+        except OSError:  # removed while we looked
+            continue
+        if file.is_file():
+            files.append((str(file.relative_to(path)), stat.st_size, stat.st_mtime_ns))
+    return tuple(files)
 
 
 class ModelVersion:
@@ -143,9 +159,9 @@ class ModelRepository:
         self.verify_hashes = verify_hashes
         self._lock = threading.RLock()
         self._models: dict[str, dict[int, ModelVersion]] = {}
-        # Folders that failed to load: manifest mtime and why. A rescan does not retry
-        # them until the manifest changes (no log spam), but reports them every time.
-        self._failed: dict[Path, tuple[float, str]] = {}
+        # Folders that failed to load: their files' signature and why. A rescan does not
+        # retry them until a file in them changes (no log spam), but reports them each time.
+        self._failed: dict[Path, tuple[FolderSignature, str]] = {}
 
     # --- scanning --------------------------------------------------------------------
 
@@ -213,13 +229,10 @@ class ModelRepository:
     def _load(
         self, name: str, version: int, path: Path, result: ReloadResult
     ) -> ModelVersion | None:
-        try:
-            mtime = (path / "manifest.json").stat().st_mtime
-        except OSError:
-            mtime = -1.0
+        signature = folder_signature(path)
         known = self._failed.get(path)
-        if known is not None and known[0] == mtime:
-            result.failed[str(path)] = f"{known[1]} (unchanged since it failed)"
+        if known is not None and known[0] == signature:
+            result.failed[str(path)] = f"{known[1]} (no file in it changed since it failed)"
             return None
         try:
             manifest = load_manifest(
@@ -230,7 +243,7 @@ class ModelRepository:
                     f"{path}/manifest.json names model {manifest.name!r}, the folder is {name!r}"
                 )
         except (ManifestError, OSError) as error:
-            self._failed[path] = (mtime, str(error))
+            self._failed[path] = (signature, str(error))
             result.failed[str(path)] = str(error)
             log.error("cannot load %s: %s", path, error)
             return None
@@ -349,11 +362,7 @@ class ModelRepository:
                 del versions[entry.version]
                 if not versions:
                     del self._models[entry.name]
-            try:
-                mtime = (entry.path / "manifest.json").stat().st_mtime
-            except OSError:
-                mtime = -1.0
-            self._failed[entry.path] = (mtime, reason)
+            self._failed[entry.path] = (folder_signature(entry.path), reason)
         log.error("discarded model %s: %s", entry.key, reason)
         entry.retire()
 

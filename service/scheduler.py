@@ -55,7 +55,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Hashable
+from collections.abc import AsyncIterator, Callable, Hashable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -556,8 +556,10 @@ class _ModelLoop:
                 job.abort = reason
         self.wake.set()
 
-    async def close(self) -> None:
-        """Stop the task once nothing is running (call abort_all first to hurry it)."""
+    async def close(self, retired: bool = False) -> None:
+        """Stop the task once nothing is running (call abort_all first to hurry it).
+        retired: the version left the repository, so its series leave the scrape too
+        (model_ready 0 would read as a failed model); at shutdown it reads 0."""
         self.accepting = False
         self.closing = True
         self.wake.set()
@@ -571,8 +573,11 @@ class _ModelLoop:
         await asyncio.to_thread(self.engine.close)  # may wait for another model's capture
         if not self.owns_gauges:
             return
-        self.metrics.model_ready.labels(*self.version_labels).set(0)
         m = self.metrics
+        if retired:
+            m.model_ready.remove(*self.version_labels)
+        else:
+            m.model_ready.labels(*self.version_labels).set(0)
         gauges = (m.queue_depth, m.running_sequences, m.free_cache_slots)
         for gauge in (*gauges, m.estimated_queue_wait, m.cuda_graphs):
             with contextlib.suppress(KeyError):  # cuda_graphs: only GPU versions have it
@@ -618,6 +623,7 @@ class Scheduler:
         self._stopping = False
         self._reload_lock: asyncio.Lock | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._failed_labels: set[tuple[str, str]] = set()  # (model, version) that failed
         self._gpus: set[int] = set()  # CUDA devices in use, for the GPU memory metric
 
     @classmethod
@@ -663,7 +669,25 @@ class Scheduler:
             retired = [] if self._stopping else self.repository.prune()
             for entry in retired:
                 self._retire(entry)
+            self._mark_failed(failed)
             return ReloadSummary(loaded, [e.key for e in retired], failed)
+
+    def _mark_failed(self, folders: Iterable[str]) -> None:
+        """model_ready 0 for each version folder that failed to load (so
+        InferenceModelNotReady fires when no version of the model serves), until it loads
+        or leaves the disk."""
+        labels = set()
+        for folder in folders:
+            parts = Path(folder).parts
+            if len(parts) == 2 and parts[1].isdigit():
+                labels.add((parts[0], str(int(parts[1]))))
+        for name, version in self._failed_labels - labels:
+            if f"{name}:{version}" not in self._loops:
+                with contextlib.suppress(KeyError):
+                    self.metrics.model_ready.remove(name, version)
+        for name, version in labels:
+            self.metrics.model_ready.labels(name, version).set(0)
+        self._failed_labels = labels
 
     def _folder(self, path: str | Path) -> str:
         """A version folder as callers name it: relative to the repository ("en-es/2")."""
@@ -715,7 +739,7 @@ class Scheduler:
     async def _close(self, entry: ModelVersion) -> None:
         loop = self._retiring.pop(entry, None)
         if loop is not None:
-            await loop.close()
+            await loop.close(retired=True)
             log.info("model %s stopped", entry.key)
 
     async def stop(self, grace_s: float) -> None:

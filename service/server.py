@@ -841,6 +841,11 @@ class InferenceServer:
                 "metrics_port": self.metrics_port,
             },
         )
+        if self.settings.auth_token is not None and not self.settings.tls:
+            log.warning(
+                "the bearer token travels unencrypted: set --tls-cert and --tls-key, or keep "
+                "the port behind a proxy or mesh that terminates TLS"
+            )
         started = time.monotonic()
         await self.backend.start()
         self.transport.ready = True
@@ -912,6 +917,14 @@ async def serve(settings: Settings, backend: Backend | None = None) -> int:
     """Run the server until SIGTERM/SIGINT has drained it; returns the exit code (0)."""
     metrics = Metrics()
     if backend is None:
+        if not settings.model_repository.is_dir():
+            log.error(
+                "start failed: the model repository %s is not a folder; set --model-repository "
+                "/ %sMODEL_REPOSITORY (`make export` writes models/)",
+                settings.model_repository,
+                ENV_PREFIX,
+            )
+            return 1
         from service.scheduler import Scheduler  # imports onnxruntime
 
         backend = Scheduler.from_settings(settings, metrics)

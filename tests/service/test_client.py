@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ def _cli(server: ServerHandle, *args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         cwd=ROOT,
         timeout=120,
+        env={**os.environ, "COLUMNS": "300"},  # rich's error boxes: one line per message
     )
 
 
@@ -37,6 +39,9 @@ def test_decoding_options_leave_optionals_unset() -> None:
     options = decoding_options(top_p=0.9, seed=0, length_penalty=0.0)
     assert options.HasField("top_p") and options.HasField("seed")
     assert options.HasField("length_penalty") and options.length_penalty == 0.0
+    for name, value in (("max_new_tokens", -1), ("top_k", -3), ("seed", 2**64)):
+        with pytest.raises(ValueError, match=rf"{name}: must be in \[0, \d+\], got {value}"):
+            decoding_options(**{name: value})
 
 
 def test_plot_alignment_writes_a_png(tmp_path: Path) -> None:
@@ -87,17 +92,48 @@ def test_cli_generate_stream_json_and_models(server: ServerHandle) -> None:
     assert json.loads(as_json.stdout)["model"] == "en-es"
     models = _cli(server, "models")
     assert models.returncode == 0
-    assert [line.split("\t")[0] for line in models.stdout.strip().splitlines()] == [
-        "en-es",
-        "en-lm",
-    ]
+    header, *rows = models.stdout.strip().splitlines()
+    assert header.startswith("# name\tversion")
+    assert [line.split("\t")[0] for line in rows] == ["en-es", "en-lm"]
+    described = _cli(server, "describe", "en-lm")
+    assert described.returncode == 0, described.stderr
+    assert described.stdout.startswith("en-lm\tv1\tgeneration")
+    assert "limits: max_input_tokens " in described.stdout
+    missing = _cli(server, "describe", "xx")
+    assert missing.returncode == 2 and "NOT_FOUND" in missing.stderr
+    scored = _cli(server, "generate", "The Lord said", "--max-new-tokens", "5", "--scores")
+    text, score, normalized = scored.stdout.rstrip("\n").split("\t")
+    assert text == unary.stdout.strip() and float(score) == float(normalized) < 0
+    plain = _cli(server, "translate", "In the beginning God created the heaven and the earth.")
+    as_json = _cli(
+        server, "translate", "In the beginning God created the heaven and the earth.", "--json"
+    )
+    assert "\\u" not in as_json.stdout  # non-ASCII text printed as itself
+    reply = json.loads(as_json.stdout)
+    assert reply["translations"][0]["hypotheses"][0]["text"] == plain.stdout.strip()
 
 
 @pytest.mark.e2e
-def test_cli_reports_errors(server: ServerHandle) -> None:
+def test_cli_reports_errors(server: ServerHandle, tmp_path: Path) -> None:
     result = _cli(server, "translate", "Amen.", "--beam-size", "99")
     assert result.returncode == 2
     assert "INVALID_ARGUMENT: options.beam_size" in result.stderr
+    not_pem = tmp_path / "ca.txt"
+    not_pem.write_text("hello")
+    refused = [
+        (("--max-new-tokens", "-1"), "--max-new-tokens"),
+        (("--beam-size", "-1"), "--beam-size"),
+        (("--seed", "-1"), "--seed"),
+        (("--version", "-1"), "--version"),
+        (("--ca", str(tmp_path / "missing.pem")), "--ca"),
+        (("--ca", str(not_pem)), "not a PEM certificate"),
+        (("--plot-alignment", str(tmp_path / "a.txt")), "must end in one of .png"),
+        (("--plot-alignment", str(tmp_path / "no" / "a.png")), "is not a folder"),
+    ]
+    for args, message in refused:
+        result = _cli(server, "translate", "Amen.", *args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
 @pytest.mark.e2e

@@ -136,7 +136,7 @@ def test_broken_versions_are_reported_until_fixed_and_retried_when_changed(
     result = repo.reload()
     assert result.loaded == []
     assert "decoder.onnx" in result.failed[str(bad)] and "sha256" in result.failed[str(bad)]
-    # Not checked again until its manifest changes, but still reported.
+    # Not checked again until a file in it changes, but still reported.
     import service.repository as repository_module
 
     checked: list[Path] = []
@@ -147,12 +147,14 @@ def test_broken_versions_are_reported_until_fixed_and_retried_when_changed(
         lambda path, **kw: checked.append(path) or real(path, **kw),
     )
     again = repo.reload().failed[str(bad)]
-    assert "sha256" in again and again.endswith("(unchanged since it failed)")
+    assert "sha256" in again and again.endswith("(no file in it changed since it failed)")
     assert bad not in checked
     assert repo.get(TRANSLATOR).version == 1
-    shutil.rmtree(bad)
-    copy_version(root, TRANSLATOR, 1, 2)
+    # Fixed by replacing the broken file alone (the manifest untouched): tried again.
+    good = root / TRANSLATOR / "1" / "fp32" / "decoder.onnx"
+    shutil.copyfile(good, bad / "fp32" / "decoder.onnx")
     assert [e.key for e in repo.reload().loaded] == [f"{TRANSLATOR}:2"]
+    assert bad in checked
 
 
 def test_only_the_served_variant_is_hash_checked(root: Path) -> None:

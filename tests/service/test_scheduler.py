@@ -633,11 +633,44 @@ def test_a_version_that_stops_frees_its_engine_at_once(tmp_path: Path) -> None:
         assert registry.get_sample_value(
             "inference_free_cache_slots", {"model": LM, "version": "2"}
         )
-        for name in ("inference_free_cache_slots", "inference_queue_depth"):
+        for name in (
+            "inference_free_cache_slots",
+            "inference_queue_depth",
+            "inference_model_ready",
+        ):
             assert registry.get_sample_value(name, {"model": LM, "version": "1"}) is None
 
     run(main, make_scheduler(root, factory=factory))
     assert sorted(closed) == sorted([f"{LM}:1", f"{LM}:2", f"{TRANSLATOR}:1"])
+
+
+def test_model_ready_reads_0_for_a_failed_version_and_leaves_with_a_removed_one(
+    tmp_path: Path,
+) -> None:
+    """What InferenceModelNotReady reads: 0 while a version folder fails to load, no series
+    once the folder is gone (a model removed on purpose is not a failed one)."""
+    root = tmp_path / "models"
+    shutil.copytree(model_repository(), root)
+
+    def ready(name: str, version: str) -> float | None:
+        labels = {"model": name, "version": version}
+        return s.metrics.registry.get_sample_value("inference_model_ready", labels)
+
+    async def main(s: Scheduler) -> None:
+        broken = copy_version(root, LM, 1, 2)
+        (broken / "tokenizer.model").unlink()
+        assert f"{LM}/2" in (await s.reload()).failed
+        assert (ready(LM, "1"), ready(LM, "2")) == (1.0, 0.0)
+        shutil.rmtree(broken)
+        await s.reload()
+        assert (ready(LM, "1"), ready(LM, "2")) == (1.0, None)
+        shutil.rmtree(root / LM)
+        assert (await s.reload()).retired == [f"{LM}:1"]
+        await wait_until(lambda: f"{LM}:1" not in s.stats())
+        assert ready(LM, "1") is None and ready(TRANSLATOR, "1") == 1.0
+
+    s = make_scheduler(root)
+    run(main, s)
 
 
 def test_a_version_swapped_in_one_reload_has_no_gap(tmp_path: Path) -> None:

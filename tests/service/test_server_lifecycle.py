@@ -211,6 +211,16 @@ def test_a_busy_port_exits_1_saying_which_setting_to_change(
     assert "Traceback" not in log, log
 
 
+def test_a_missing_model_repository_exits_1_naming_the_setting(
+    start_server: Callable[..., ServerHandle], tmp_path: Path
+) -> None:
+    """A typo in the repository path is not an empty repository: the server says so."""
+    server = start_server(repository=tmp_path / "no-such-folder", wait=False)
+    assert server.process.wait(timeout=60) == 1
+    log = server.log()
+    assert "no-such-folder is not a folder" in log and "--model-repository" in log, log
+    assert "Traceback" not in log, log
+
 def test_calls_left_at_the_end_of_the_grace_end_through_the_scheduler() -> None:
     """When the drain grace runs out, a stream still decoding gets its answer so far
     (finish reason CANCELLED) and a unary call UNAVAILABLE, each counted as it was sent:

@@ -107,6 +107,7 @@ def test_token_required(secure_server: tuple[ServerHandle, Path]) -> None:
         chunks = list(client.generate("The Lord said", stream=True, max_new_tokens=4))
         assert chunks[-1].finished
         assert list(client.reload().loaded) == []
+    assert "unencrypted" not in server.log()  # the token warning is for servers without TLS
 
 
 def test_health_and_reflection_stay_open(secure_server: tuple[ServerHandle, Path]) -> None:
@@ -131,3 +132,32 @@ def test_plaintext_and_untrusted_clients_fail(secure_server: tuple[ServerHandle,
         with pytest.raises(grpc.RpcError) as info:
             untrusted.translate("Amen.")  # system roots do not trust a self-signed cert
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+
+
+def test_the_load_generator_reaches_a_secured_server(
+    secure_server: tuple[ServerHandle, Path], tmp_path: Path
+) -> None:
+    """`python -m loadtest run --ca --token` against TLS with auth: every request succeeds;
+    without the token none does."""
+    import json
+    import sys
+
+    from tests.conftest import ROOT
+
+    server, cert = secure_server
+
+    def load(*extra: str) -> subprocess.CompletedProcess[str]:
+        args = ["--target", server.address, "--ca", str(cert), "--rate", "5", "--duration", "1"]
+        args += ["--mix", "translate=1", "--max-new-tokens", "4", "--no-progress"]
+        return subprocess.run(
+            [sys.executable, "-m", "loadtest", "run", *args, *extra],
+            capture_output=True, text=True, cwd=ROOT, timeout=120,
+        )  # fmt: skip
+
+    ok = load("--token", TOKEN, "--out", str(tmp_path / "ok"))
+    assert ok.returncode == 0, ok.stderr
+    summary = json.loads((tmp_path / "ok" / "result.json").read_text())["summary"]
+    translate = summary["by_kind"]["translate"]
+    assert translate["errors"] == {} and translate["ok"] == translate["requests"] >= 3, summary
+    refused = load("--out", str(tmp_path / "refused"))
+    assert refused.returncode == 2 and "no request succeeded" in refused.stderr

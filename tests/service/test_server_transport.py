@@ -589,8 +589,9 @@ def test_health_per_service(fake: InProcessServer) -> None:
         assert _health(fake.address, service) == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_auth_token_required_except_health() -> None:
+def test_auth_token_required_except_health(caplog: pytest.LogCaptureFixture) -> None:
     server = InProcessServer(auth_token=TOKEN)
+    assert "the bearer token travels unencrypted" in caplog.text  # no TLS here
     try:
         for token, code in [
             (None, grpc.StatusCode.UNAUTHENTICATED),
