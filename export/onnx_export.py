@@ -122,6 +122,9 @@ def _export_graph(
     dtype = torch.float16 if variant == "fp16" else torch.float32
     inputs = example_inputs(config, graph, dtype)
     input_names, output_names = io_names(config, graph)
+    # The dynamo exporter logs a warning per torchvision op it cannot register; we use none.
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    registration.setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         if exporter == "dynamo":

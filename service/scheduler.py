@@ -385,7 +385,32 @@ class _ModelLoop:
                 self._inbox_ready.notify()
 
     def _drive(self, event_loop: asyncio.AbstractEventLoop) -> None:
-        """Worker thread: the only place the batch is touched. Steps while it has rows."""
+        """Worker thread: the only place the batch is touched. Steps while it has rows. A
+        failed step fails its requests and the worker goes on with a fresh batch; if the
+        engine cannot even make one, the worker ends and the version stops serving."""
+        try:
+            self._step_batches(event_loop)
+        except Exception as error:
+            log.exception("model %s: the engine worker stopped", self.entry.key)
+            with contextlib.suppress(RuntimeError):  # the event loop is closed already
+                event_loop.call_soon_threadsafe(self._worker_died, error)
+
+    def _worker_died(self, error: Exception) -> None:
+        """Nothing decodes for this version any more: refuse new requests and fail the
+        ones it holds with Unavailable (retried elsewhere); model_ready reads 0."""
+        self.accepting = False
+        failure = Unavailable(f"model {self.entry.key} stopped: its engine failed ({error})")
+        jobs = [*self.waiting, *self.running.values()]
+        self.waiting.clear()
+        self._held.clear()
+        for job in jobs:
+            self._finish(job, None, failure)
+        if self.owns_gauges:
+            self.metrics.model_ready.labels(*self.version_labels).set(0)
+        self._gauges()
+        self.wake.set()
+
+    def _step_batches(self, event_loop: asyncio.AbstractEventLoop) -> None:
         batch = self.engine.new_batch()
         while True:
             with self._inbox_ready:

@@ -468,6 +468,49 @@ def test_an_engine_failure_fails_its_requests_and_the_loop_goes_on() -> None:
     assert answer.hypotheses[0].token_ids == alone(later).hypotheses[0].token_ids
 
 
+def test_an_engine_that_cannot_start_a_batch_stops_its_version_and_fails_its_requests() -> None:
+    """The worker thread ends (a fresh batch cannot be made after a failed step): nothing
+    is left waiting for it. Its requests fail with Unavailable, new ones are refused, the
+    version reads not ready, and stop() returns."""
+
+    class BrokenEngine(Engine):
+        batches = 0
+
+        def new_batch(self) -> Batch:
+            BrokenEngine.batches += 1
+            if BrokenEngine.batches > 1:
+                raise MemoryError("no memory for a batch")
+            engine = self
+
+            class FailingBatch(Batch):
+                def step(self) -> Any:
+                    time.sleep(STEP_DELAY)
+                    if self.generated(next(iter(self.seqs))) == 2:
+                        raise RuntimeError("device lost")
+                    return super().step()
+
+            return FailingBatch(engine)
+
+    def factory(entry: ModelVersion, options: EngineOptions) -> Engine:
+        cls = BrokenEngine if entry.name == LM else Engine
+        return cls(entry.path, entry.manifest, options)
+
+    async def main(s: Scheduler) -> None:
+        first = asyncio.create_task(s.submit(generate(PROMPTS[0], max_new_tokens=50)))
+        await wait_until(lambda: loop_stats(s, f"{LM}:1")["running"] == 1)
+        queued = asyncio.create_task(s.submit(generate(PROMPTS[1], max_new_tokens=50)))
+        for task in (first, queued):
+            with pytest.raises(Unavailable, match="en-lm:1 stopped: its engine failed"):
+                await asyncio.wait_for(task, 5.0)
+        with pytest.raises(Unavailable):
+            await s.submit(generate(PROMPTS[2], max_new_tokens=5))
+        assert sample_value(s.metrics, "inference_model_ready", {"model": LM, "version": "1"}) == 0
+        assert Task.GENERATION not in s.tasks() and Task.TRANSLATION in s.tasks()
+        await asyncio.wait_for(s.stop(0.0), 5.0)
+
+    run(main, make_scheduler(factory=factory))
+
+
 def test_a_failure_in_the_step_after_a_removal_ends_every_request_it_touched() -> None:
     """The removal and the failing step run in one worker round: the removed request ends
     too (its answer was in the lost round), so nothing is left holding rows and stop()

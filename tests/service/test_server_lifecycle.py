@@ -221,6 +221,7 @@ def test_a_missing_model_repository_exits_1_naming_the_setting(
     assert "no-such-folder is not a folder" in log and "--model-repository" in log, log
     assert "Traceback" not in log, log
 
+
 def test_calls_left_at_the_end_of_the_grace_end_through_the_scheduler() -> None:
     """When the drain grace runs out, a stream still decoding gets its answer so far
     (finish reason CANCELLED) and a unary call UNAVAILABLE, each counted as it was sent:
