@@ -590,6 +590,7 @@ def test_health_per_service(fake: InProcessServer) -> None:
 
 
 def test_auth_token_required_except_health(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="service.server")  # whatever the root's level
     server = InProcessServer(auth_token=TOKEN)
     assert "the bearer token travels unencrypted" in caplog.text  # no TLS here
     try:
