@@ -620,6 +620,8 @@ class _Seq:
         self.input_ids = item.input_ids
         self.stream = item.stream
         self.slots = slots
+        # A language model's text follows its prompt: see Tokenizer.after.
+        self.tokenizer = tokenizer.after(item.request.text)
         self.beam = self.params.beam_size > 1
         k = len(slots)
         self.tokens: list[list[int]] = [[] for _ in range(k)]
@@ -627,13 +629,13 @@ class _Seq:
         self.scores = np.array([0.0] + [-np.inf] * (k - 1), dtype=np.float32)
         self.pool: list[_Hyp] = []
         self.steps = 0
-        self.stop = tuple(self.params.stop)
+        self.stop = tuple(tokenizer.output_form(s) for s in self.params.stop)
         self.stop_len = max((len(s) for s in self.stop), default=0)
         # Nothing to decode, search or stream per step: only EOS or the length ends it.
         self.plain = not (self.params.return_alignment or self.stop or self.stream)
         self.checked = 0  # text length already searched for stop strings
         # The text of the best row so far, for a row streamed or searched for stops.
-        self.text = TextSoFar(tokenizer)
+        self.text = TextSoFar(self.tokenizer)
         self.emitted_ids = 0
         self.emitted_text = ""
         self.rng: np.random.Generator | None = None
@@ -1059,7 +1061,7 @@ class Batch:
                     at = find_stop(text, seq.stop, max(0, seq.checked - seq.stop_len))
                     seq.checked = len(text)
                     if at >= 0:
-                        keep = self._kept(tokens, at)
+                        keep = self._kept(seq.tokenizer, tokens, at)
                         found = _Hyp(
                             tokens[:keep], score, score, FinishReason.STOP,
                             None if aligns is None else aligns[:keep], text[:at],
@@ -1079,10 +1081,11 @@ class Batch:
                 if event is not None:
                     out.events.append((seq.key, event))
 
-    def _kept(self, tokens: list[int], at: int) -> int:
+    @staticmethod
+    def _kept(tokenizer: Tokenizer, tokens: list[int], at: int) -> int:
         """How many leading tokens decode to text ending at or before `at` (the stop)."""
         keep = len(tokens)
-        while keep > 0 and len(self.engine.tokenizer.decode(tokens[:keep])) > at:
+        while keep > 0 and len(tokenizer.decode(tokens[:keep])) > at:
             keep -= 1
         return keep
 
@@ -1187,10 +1190,10 @@ class Batch:
                 None if aligns is None else aligns[:-1],
             )
         if seq.stop:
-            text = self.engine.tokenizer.decode(tokens)
+            text = seq.tokenizer.decode(tokens)
             at = find_stop(text, seq.stop)
             if at >= 0:
-                keep = self._kept(tokens, at)
+                keep = self._kept(seq.tokenizer, tokens, at)
                 return _Hyp(
                     tokens[:keep], score, normalized, FinishReason.STOP,
                     None if aligns is None else aligns[:keep], text[:at],
@@ -1214,7 +1217,7 @@ class Batch:
         return best
 
     def _result(self, seq: _Seq, hyps: list[_Hyp]) -> SequenceResult:
-        tok = self.engine.tokenizer
+        tok = seq.tokenizer
         out = []
         for h in hyps:
             out.append(

@@ -821,10 +821,15 @@ class Scheduler:
                 "options.beam_size",
                 f"{p.beam_size} exceeds max_batch_size {self.config.max_batch_size}",
             )
+        budget = self.config.max_batch_tokens // p.beam_size - len(input_ids)
+        if p.max_new_tokens_default and 1 <= budget < p.max_new_tokens:
+            # The server's default, lowered to what the token budget can hold (as `fit`
+            # lowers it to the model's limits); a value the caller set is refused below.
+            request = replace(request, params=replace(p, max_new_tokens=budget))
         job = _Job(request, input_ids, entry, stream, asyncio.get_running_loop())
         if job.cost > self.config.max_batch_tokens:
             raise InvalidArgument(
-                "options.max_new_tokens",
+                "options.max_new_tokens" if not p.max_new_tokens_default else "text",
                 f"beam_size {p.beam_size} × (input {len(input_ids)} + max_new_tokens "
                 f"{p.max_new_tokens}) = {job.cost} tokens exceed max_batch_tokens "
                 f"{self.config.max_batch_tokens}",

@@ -1,10 +1,13 @@
 """SentencePiece tokenization as the models were trained: translator sources end with EOS,
 language-model prompts start with BOS; text is rebuilt from whole id prefixes, never piece
 by piece, so a word split over several pieces (and the space before it) comes out right.
-A continuation keeps the space its first piece carries, so prompt + text reads right."""
+A continuation keeps the space its first piece carries (unless the prompt ended with one),
+so prompt + text reads right."""
 
 from __future__ import annotations
 
+import copy
+import unicodedata
 from pathlib import Path
 
 import sentencepiece as spm
@@ -28,6 +31,7 @@ class Tokenizer:
         self.bos_id = bos_id
         self.eos_id = eos_id
         self.continuation = continuation
+        self._after_space: Tokenizer | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -40,6 +44,17 @@ class Tokenizer:
     def encode_prompt(self, text: str) -> list[int]:
         """Language-model input: BOS then pieces (the model continues after them)."""
         return [self.bos_id, *self.sp.encode(text)]
+
+    def after(self, prompt: str) -> Tokenizer:
+        """The tokenizer of the text that follows `prompt`. A continuation keeps the space
+        its first piece carries, but after a prompt that ends with one (which encoding
+        dropped) it starts without it, so prompt + text never doubles the space."""
+        if not self.continuation or not prompt[-1:].isspace():
+            return self
+        if self._after_space is None:
+            self._after_space = copy.copy(self)  # the same processor
+            self._after_space.continuation = False
+        return self._after_space
 
     def decode(self, ids: list[int]) -> str:
         return self._decode(ids, self.continuation)
@@ -69,6 +84,13 @@ class Tokenizer:
             if rest:
                 break
         return n
+
+    @staticmethod
+    def output_form(text: str) -> str:
+        """`text` in the Unicode form decoded text takes (our tokenizers normalize with
+        nmt_nfkc), so a stop string typed in another form (an accent as a combining mark)
+        still matches the output."""
+        return unicodedata.normalize("NFKC", text)
 
     def pieces(self, ids: list[int]) -> list[str]:
         return [str(piece) for piece in self.sp.id_to_piece(list(ids))]  # one call for all

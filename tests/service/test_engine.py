@@ -246,6 +246,24 @@ def test_stop_string_ends_and_is_removed() -> None:
     assert len(engine.tokenizer.decode(h.token_ids)) <= cut
 
 
+def test_a_stop_string_in_another_unicode_form_still_stops() -> None:
+    """The output is NFKC (the tokenizer's normalization); a stop typed in another form of
+    the same text (here fullwidth letters and an ideographic space) matches it."""
+    engine = engine_for(LM)
+    prompt, full = _long_lm_output()
+    stop = full.hypotheses[0].text[10:13]
+    wide = "".join(
+        "\u3000" if c == " " else chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else c for c in stop
+    )
+    assert wide != stop
+    plain, typed = (
+        decode_all(engine, [request(LM, prompt, max_new_tokens=40, stop=(s,))])[0].hypotheses[0]
+        for s in (stop, wide)
+    )
+    assert typed.finish_reason is FinishReason.STOP
+    assert (typed.text, typed.token_ids) == (plain.text, plain.token_ids)
+
+
 def test_stop_string_in_beam_search() -> None:
     engine = engine_for(LM)
     prompt, _ = _long_lm_output()
@@ -284,6 +302,24 @@ def test_stream_events_add_up_to_the_result(name: str, with_stop: bool) -> None:
             assert all(stop[0] not in text for _, text in events[i])
     if with_stop:
         assert any(r.hypotheses[0].finish_reason is FinishReason.STOP for r in results)
+
+
+def test_a_prompt_that_ends_with_a_space_is_not_followed_by_another() -> None:
+    """Encoding drops a prompt's trailing space, so the continuation drops its leading one:
+    prompt + text reads the same whether or not the caller ended the prompt with a space,
+    in the answer and in the stream."""
+    engine = engine_for(LM)
+    prompt, full = _long_lm_output()
+    plain = full.hypotheses[0]
+    assert plain.text.startswith(" ") and not prompt.endswith(" ")
+    requests = [request(LM, prompt + end, max_new_tokens=40) for end in (" ", "\n")]
+    results, events = run_staggered(engine, requests, [0, 1], stream=True)
+    for i, result in enumerate(results):
+        spaced = result.hypotheses[0]
+        assert spaced.token_ids[: len(plain.token_ids)] == plain.token_ids[: len(spaced.token_ids)]
+        assert spaced.text == engine.tokenizer.decode(spaced.token_ids).lstrip(" ")
+        assert "".join(text for _, text in events[i]) == spaced.text
+    assert results[0].hypotheses[0].text == plain.text[1:]
 
 
 def test_streamed_words_keep_their_spaces() -> None:

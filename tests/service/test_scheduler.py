@@ -396,6 +396,25 @@ def test_an_unset_max_new_tokens_is_lowered_to_fit_the_model() -> None:
     assert "max_positions" in refusal
 
 
+def test_an_unset_max_new_tokens_is_lowered_to_fit_the_token_budget() -> None:
+    """The server's default is lowered to what max_batch_tokens holds after the input (and
+    its beams); the same value set by the caller is refused, naming the budget."""
+    prompt = PROMPTS[0]
+
+    async def main(s: Scheduler) -> tuple[SequenceResult, str, int]:
+        inputs = len(s._loops[f"{LM}:1"].engine.encode(prompt))
+        default = DecodingParams(max_new_tokens=100, max_new_tokens_default=True, beam_size=2)
+        result = await s.submit(SequenceRequest(Task.GENERATION, prompt, default))
+        with pytest.raises(InvalidArgument) as refused:
+            await s.submit(generate(prompt, max_new_tokens=100, beam_size=2))
+        return result, str(refused.value), 60 // 2 - inputs
+
+    result, refusal, room = run(main, make_scheduler(max_batch_tokens=60))
+    assert 1 <= room < 100
+    assert len(result.hypotheses[0].token_ids) <= room
+    assert refusal.startswith("options.max_new_tokens:") and "max_batch_tokens 60" in refusal
+
+
 def test_static_hold_answers_a_batch_together_when_it_ends() -> None:
     batch = [generate(p, max_new_tokens=n) for p, n in zip(PROMPTS[:3], (1, 8, 24), strict=True)]
 
