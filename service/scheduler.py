@@ -582,9 +582,9 @@ class _ModelLoop:
         self.wake.set()
 
     async def close(self, retired: bool = False) -> None:
-        """Stop the task once nothing is running (call abort_all first to hurry it).
-        retired: the version left the repository, so its series leave the scrape too
-        (model_ready 0 would read as a failed model); at shutdown it reads 0."""
+        """Stop the task once nothing is running (call abort_all first to hurry it), and
+        remove its gauges. model_ready reads 0 at shutdown; a retired version's was removed
+        when it retired (and may read 0 since for a broken folder of the same number)."""
         self.accepting = False
         self.closing = True
         self.wake.set()
@@ -599,9 +599,7 @@ class _ModelLoop:
         if not self.owns_gauges:
             return
         m = self.metrics
-        if retired:
-            m.model_ready.remove(*self.version_labels)
-        else:
+        if not retired:
             m.model_ready.labels(*self.version_labels).set(0)
         gauges = (m.queue_depth, m.running_sequences, m.free_cache_slots)
         for gauge in (*gauges, m.estimated_queue_wait, m.cuda_graphs):
@@ -665,7 +663,7 @@ class Scheduler:
     async def start(self) -> ReloadSummary:
         """Load, warm and start every version in the repository."""
         summary = await self.reload()
-        if not self._loops:
+        if not self._loops and not self._stopping:
             log.warning("no model could be loaded from %s", self.repository.root)
         return summary
 
@@ -681,12 +679,15 @@ class Scheduler:
             loaded: list[str] = []
             failed = {self._folder(path): why for path, why in result.failed.items()}
             for entry in result.loaded:
+                if self._stopping:  # stop() came while the versions loaded: load no more
+                    break
                 try:
                     await self._start_loop(entry)
                     loaded.append(entry.key)
                 except Exception as error:
-                    if not self._stopping:
-                        log.exception("cannot start model %s", entry.key)
+                    if self._stopping:
+                        break
+                    log.exception("cannot start model %s", entry.key)
                     self.repository.discard(entry, str(error))
                     failed[self._folder(entry.path)] = f"{type(error).__name__}: {error}"
             # Only now, with the new versions taking traffic, do the ones they replace stop
@@ -749,6 +750,9 @@ class Scheduler:
         del self._loops[entry.key]
         self._retiring[entry] = loop
         loop.accepting = False
+        # It takes no new requests: no model_ready series (0 would read as a failed load).
+        with contextlib.suppress(KeyError):
+            self.metrics.model_ready.remove(*loop.version_labels)
         event_loop = asyncio.get_running_loop()
 
         def close_soon() -> None:

@@ -75,6 +75,8 @@ UNKNOWN_MODEL_LABEL = "unknown"
 DRAIN_LINGER_S = 1.0
 # How long a failed write (or abort) waits for grpc.aio to report that the client has gone.
 WRITE_FAILURE_GRACE_S = 1.0
+# A cancellation in the last 5 % of a call's deadline is counted as DEADLINE_EXCEEDED.
+DEADLINE_SLACK = 0.05
 T = TypeVar("T")
 
 
@@ -239,10 +241,16 @@ class Transport:
             log.info("call refused: %s", error, extra={**extra, "error": error})
 
     @staticmethod
-    def _cancel_status(context: grpc.aio.ServicerContext) -> tuple[grpc.StatusCode, str]:
-        """Why grpc cancelled the handler: the deadline passed, or the client went away."""
+    def _cancel_status(
+        context: grpc.aio.ServicerContext, budget: float | None
+    ) -> tuple[grpc.StatusCode, str]:
+        """Why grpc cancelled the handler: the deadline passed, or the client went away.
+        The server's copy of a deadline ends later than the client's by the time the call
+        took to arrive (long in a burst), so a cancellation that close to it is the client's
+        deadline (within DEADLINE_SLACK of the `budget` the call arrived with, ≥ 0.1 s)."""
         remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
+        near = max(0.1, DEADLINE_SLACK * budget) if budget is not None else None
+        if remaining is not None and near is not None and remaining <= near:
             return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
         return grpc.StatusCode.CANCELLED, "cancelled by the client"
 
@@ -260,6 +268,7 @@ class Transport:
         trailer = ((REQUEST_ID_KEY, state.request_id),)
         context.set_trailing_metadata(trailer)
         started = time.monotonic()
+        budget = context.time_remaining()
         self._enter()
         code, message = grpc.StatusCode.OK, ""
         try:
@@ -269,7 +278,7 @@ class Transport:
             yield state
             return
         except (asyncio.CancelledError, GeneratorExit):
-            code, message = self._cancel_status(context)
+            code, message = self._cancel_status(context, budget)
             raise
         except Exception as exc:
             code, message = status_of(exc)
@@ -848,6 +857,8 @@ class InferenceServer:
             )
         started = time.monotonic()
         await self.backend.start()
+        if self.transport.draining:  # SIGTERM while the models loaded: the drain ends it
+            return
         self.transport.ready = True
         await self._set_health()
         log.info(

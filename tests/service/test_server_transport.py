@@ -38,7 +38,7 @@ from service.domain import (
 )
 from service.gen.inference.v1 import inference_pb2 as pb
 from service.metrics import Metrics
-from service.server import InferenceServer
+from service.server import InferenceServer, Transport
 from service.settings import load_settings
 
 TOKEN = "s3cret-token"
@@ -453,6 +453,30 @@ def test_an_answer_over_the_max_message_size_is_refused_and_counted() -> None:
         server.stop()
 
 
+@pytest.mark.parametrize(
+    ("budget", "remaining", "code"),
+    [
+        (30.0, 0.3, grpc.StatusCode.DEADLINE_EXCEEDED),  # the client's deadline, arrived late
+        (30.0, 0.0, grpc.StatusCode.DEADLINE_EXCEEDED),
+        (1.0, 0.08, grpc.StatusCode.DEADLINE_EXCEEDED),  # the 0.1 s floor
+        (30.0, 5.0, grpc.StatusCode.CANCELLED),  # the client went away
+        (1.0, 0.2, grpc.StatusCode.CANCELLED),
+        (None, None, grpc.StatusCode.CANCELLED),  # no deadline at all
+    ],
+)
+def test_a_cancellation_near_the_deadline_counts_as_deadline_exceeded(
+    budget: float | None, remaining: float | None, code: grpc.StatusCode
+) -> None:
+    """The server's copy of the deadline runs later than the client's by the call's time in
+    transit: a cancellation in the deadline's last 5 % is the client's deadline."""
+
+    class Context:
+        def time_remaining(self) -> float | None:
+            return remaining
+
+    assert Transport._cancel_status(Context(), budget)[0] == code  # type: ignore[arg-type]
+
+
 def test_client_cancellation_cancels_the_backend_task(fake: InProcessServer) -> None:
     with Client(fake.address, timeout=10) as c:
         future = c.translator.Translate.future(pb.TranslateRequest(texts=["block a", "block b"]))
@@ -616,6 +640,35 @@ def test_auth_token_required_except_health(caplog: pytest.LogCaptureFixture) -> 
         assert server.counter("Translate", "unknown", "UNAUTHENTICATED") == 2  # not yet parsed
     finally:
         server.stop()
+
+
+def test_sigterm_while_the_models_load_stops_without_serving(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A drain that starts before the models are loaded ends the server: start() returns
+    without SERVING or a "serving" line once the backend's start comes back."""
+    caplog.set_level(logging.INFO, logger="service.server")
+
+    class SlowStart(FakeBackend):
+        async def start(self) -> ReloadSummary:
+            await loaded.wait()
+            return await super().start()
+
+    async def main() -> None:
+        settings = load_settings(port=0, metrics_port=0, drain_grace_s=1)
+        server = InferenceServer(settings, SlowStart(), Metrics())  # type: ignore[arg-type]
+        starting = asyncio.create_task(server.start())
+        await asyncio.sleep(0.2)
+        server.request_drain()
+        await asyncio.wait_for(server.wait_stopped(), 10)
+        loaded.set()
+        await asyncio.wait_for(starting, 5)
+        assert not server.transport.ready
+
+    loaded = asyncio.Event()
+    asyncio.run(main())
+    messages = [r.getMessage() for r in caplog.records if r.name == "service.server"]
+    assert "stopped" in messages and "serving" not in messages, messages
 
 
 def test_drain_refuses_new_calls_and_finishes_in_flight_ones() -> None:
