@@ -135,7 +135,10 @@ class Metrics:
             registry=r,
         )
         self.model_ready = Gauge(
-            "inference_model_ready", "1 when the model version serves.", ["model", "version"],
+            "inference_model_ready",
+            "1 when the model version serves, 0 while its folder fails to load; no series once "
+            "it is retired.",
+            ["model", "version"],
             registry=r,
         )  # fmt: skip
         self.estimated_queue_wait = Gauge(
