@@ -161,3 +161,27 @@ def test_the_load_generator_reaches_a_secured_server(
     assert translate["errors"] == {} and translate["ok"] == translate["requests"] >= 3, summary
     refused = load("--out", str(tmp_path / "refused"))
     assert refused.returncode == 2 and "no request succeeded" in refused.stderr
+
+
+def test_the_cli_checks_the_certificate_name_it_is_given(
+    secure_server: tuple[ServerHandle, Path],
+) -> None:
+    """--server-name: the name the certificate must carry when the dialled address differs
+    (kubectl port-forward); a name the certificate lacks is refused by the handshake."""
+    import sys
+
+    from tests.conftest import ROOT
+
+    server, cert = secure_server
+
+    def models(name: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "service.client", "models", "--target", server.address,
+             "--ca", str(cert), "--token", TOKEN, "--server-name", name],
+            capture_output=True, text=True, cwd=ROOT, timeout=120,
+        )  # fmt: skip
+
+    good = models("localhost")
+    assert good.returncode == 0 and "en-es" in good.stdout, good.stderr
+    wrong = models("not-this-server.example")
+    assert wrong.returncode == 2 and "UNAVAILABLE" in wrong.stderr, wrong.stderr
