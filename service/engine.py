@@ -588,7 +588,8 @@ class AddOutput:
 @dataclass
 class StepOutput:
     """What one step produced. `events` only for streaming requests; `progressed` lists
-    every request that generated a token (for time-to-first-token and inter-token metrics)."""
+    every request that generated a token (for time-to-first-token and inter-token metrics;
+    a step that ends a request with EOS generated none)."""
 
     events: list[tuple[Hashable, TokenEvent]] = field(default_factory=list)
     finished: list[tuple[Hashable, SequenceResult]] = field(default_factory=list)
@@ -967,7 +968,8 @@ class Batch:
         for seq in beams:
             assert host is not None
             hyps = self._step_beam(seq, host, align, moves)
-            out.progressed.append(seq.key)
+            if hyps is None or hyps[0].reason is not FinishReason.EOS:
+                out.progressed.append(seq.key)
             if hyps is not None:
                 finished.append((seq, hyps))
         if moves:
@@ -1025,9 +1027,10 @@ class Batch:
         # Scores add up in float32, step by step (as the reference's do), all rows at once.
         scores = np.fromiter((s.scores[0] for s in seqs), np.float32, len(seqs)) + picked
         self.next_ids[slots] = chosen  # a row that finishes is reset when it is freed
-        out.progressed.extend(s.key for s in seqs)
+        picks = chosen.tolist()
+        out.progressed.extend(s.key for s, token in zip(seqs, picks, strict=True) if token != eos)
         for seq, token, score, slot in zip(
-            seqs, chosen.tolist(), scores.tolist(), slots.tolist(), strict=True
+            seqs, picks, scores.tolist(), slots.tolist(), strict=True
         ):
             tokens = seq.tokens[0]
             tokens.append(token)

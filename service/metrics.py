@@ -43,28 +43,32 @@ class Metrics:
         r = self.registry
         self.request_duration = Histogram(
             "inference_request_duration_seconds",
-            "Whole RPC duration.",
-            ["method", "model"],
+            'Whole RPC duration by gRPC status name (latency objectives read code="OK": '
+            "refusals answered at once would flatter them).",
+            ["method", "model", "code"],
             buckets=DURATION_BUCKETS,
             registry=r,
         )
         self.queue_duration = Histogram(
             "inference_queue_duration_seconds",
-            "From admission to the first step that runs the sequence.",
+            "From a sequence's arrival in the queue to the engine taking it in (its encoding "
+            "or prefill starts).",
             ["model"],
             buckets=DURATION_BUCKETS,
             registry=r,
         )
         self.time_to_first_token = Histogram(
             "inference_time_to_first_token_seconds",
-            "From admission to the first generated token.",
+            "From a sequence's arrival in the queue to the end of the step that generated its "
+            "first token (none for a sequence whose first step gave EOS).",
             ["model"],
             buckets=DURATION_BUCKETS,
             registry=r,
         )
         self.inter_token_latency = Histogram(
             "inference_inter_token_latency_seconds",
-            "Time between two generated tokens of one sequence.",
+            "Between the ends of the steps that generated two consecutive tokens of one "
+            "sequence (per token: a stream that fell behind gets several in one message).",
             ["model"],
             buckets=DURATION_BUCKETS,
             registry=r,
@@ -85,7 +89,15 @@ class Metrics:
         )
         self.batch_padding_ratio = Histogram(
             "inference_batch_padding_ratio",
-            "Padded / total tokens of a step.",
+            "Rows of a decode step that hold no sequence / rows it ran.",
+            ["model"],
+            buckets=RATIO_BUCKETS,
+            registry=r,
+        )
+        self.admission_padding_ratio = Histogram(
+            "inference_admission_padding_ratio",
+            "Padding tokens / tokens of the batch a translator encodes (or a generator "
+            "prefills) for the sequences that join one step.",
             ["model"],
             buckets=RATIO_BUCKETS,
             registry=r,
@@ -99,7 +111,8 @@ class Metrics:
         )
         self.request_output_tokens = Histogram(
             "inference_request_output_tokens",
-            "Output tokens per sequence.",
+            "Output tokens per sequence that reached the engine (one cancelled or past its "
+            "deadline counts what it had generated).",
             ["model"],
             buckets=TOKEN_BUCKETS,
             registry=r,
@@ -114,7 +127,11 @@ class Metrics:
             "inference_input_tokens", "Input tokens admitted.", ["model"], registry=r
         )
         self.output_tokens = Counter(
-            "inference_output_tokens", "Output tokens generated.", ["model"], registry=r
+            "inference_output_tokens",
+            "Output tokens generated, those of sequences cancelled or past their deadline "
+            "included.",
+            ["model"],
+            registry=r,
         )
         self.queue_depth = Gauge(
             "inference_queue_depth",
@@ -159,7 +176,7 @@ class Metrics:
 
     def observe_request(self, method: str, model: str, code: str, seconds: float) -> None:
         """One finished RPC (called by the transport)."""
-        self.request_duration.labels(method=method, model=model).observe(seconds)
+        self.request_duration.labels(method=method, model=model, code=code).observe(seconds)
         self.requests.labels(method=method, model=model, code=code).inc()
 
 

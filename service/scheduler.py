@@ -204,6 +204,18 @@ class _Job:
         return self.request.deadline is not None and now >= self.request.deadline
 
 
+@dataclass
+class _Round:
+    """What one round of the engine thread did (`_ModelLoop._drive`), with its times."""
+
+    removed: list[tuple[Hashable, SequenceResult]]
+    added: AddOutput
+    out: StepOutput
+    joined: list[Hashable]  # the requests it took in
+    taken: float  # time.monotonic() when it began taking them in (their queue time ends)
+    ended: float  # ... when its step ended (its tokens exist)
+
+
 class _ModelLoop:
     """Queue, running batch and decoding task of one model version."""
 
@@ -362,8 +374,6 @@ class _ModelLoop:
                         removals.append(job)
                 self._release_held()
                 admitted = self._admit()
-                for job in admitted:
-                    self.metrics.queue_duration.labels(self.label).observe(now - job.enqueued)
                 if removals or admitted:
                     items = [
                         BatchItem(job, job.request, job.input_ids, job.events is not None)
@@ -422,6 +432,7 @@ class _ModelLoop:
             removals = [key for keys, _ in posted for key in keys]
             items = [item for _, batch_items in posted for item in batch_items]
             try:
+                taken = time.monotonic()  # the newcomers' encode (or prefill) starts now
                 removed = batch.remove(removals)
                 added = batch.add(items)
                 # A request cancelled after its admission was posted may reach this thread
@@ -430,6 +441,7 @@ class _ModelLoop:
                 if late:
                     removed += batch.remove(late)
                 out = batch.step() if len(batch) else StepOutput()
+                ended = time.monotonic()  # when this step's tokens exist
             except Exception as error:
                 log.exception("model %s: engine step failed", self.entry.key)
                 # Every request this round touched ends with the error, those removed
@@ -441,7 +453,8 @@ class _ModelLoop:
                     (lost, error),
                 )
             else:
-                reply = (self._dispatch, (removed, added, out))
+                joined = [item.key for item in items]
+                reply = (self._dispatch, (_Round(removed, added, out, joined, taken, ended),))
             try:
                 event_loop.call_soon_threadsafe(reply[0], *reply[1])
             except RuntimeError:  # the event loop is closed: nobody is left to answer
@@ -453,14 +466,15 @@ class _ModelLoop:
         self._release_held()
         self.wake.set()
 
-    def _dispatch(
-        self,
-        removed: list[tuple[Hashable, SequenceResult]],
-        added: AddOutput,
-        out: StepOutput,
-    ) -> None:
+    def _dispatch(self, done: _Round) -> None:
+        """A worker round's outcome, on the event loop. Its times were taken by the worker
+        (when the engine took the newcomers, when the step's tokens existed), not now: the
+        event loop may reach this late, or two rounds back to back."""
         m, label = self.metrics, self.label
-        now = time.monotonic()
+        removed, added, out = done.removed, done.added, done.out
+        for key in done.joined:
+            job: _Job = key  # type: ignore[assignment]
+            m.queue_duration.labels(label).observe(done.taken - job.enqueued)
         for key, partial in removed:
             self._finish(key, partial)  # type: ignore[arg-type]
         if out.rows:
@@ -472,9 +486,10 @@ class _ModelLoop:
             m.batch_size.labels(label).observe(out.rows)
             m.batch_padding_ratio.labels(label).observe(out.padding_ratio)
         if added.rows:
-            m.batch_padding_ratio.labels(label).observe(added.padding_ratio)
+            m.admission_padding_ratio.labels(label).observe(added.padding_ratio)
+        now = done.ended
         for key in out.progressed:
-            job: _Job = key  # type: ignore[assignment]
+            job = key  # type: ignore[assignment]
             job.generated += 1
             if job.first_token is None:
                 job.first_token = now
@@ -527,7 +542,8 @@ class _ModelLoop:
         """Deliver the job's outcome once, free its budget and its model reference."""
         if job.state == "done":
             return
-        if job.state == "running":
+        ran = job.state == "running"
+        if ran:
             self.running.pop(job, None)
             self.rows_used -= job.rows
             self.tokens_used -= job.cost
@@ -535,18 +551,23 @@ class _ModelLoop:
         try:
             if job.abort is None and error is None and result is not None:
                 self._deliver(job, result)
-                outputs = result.output_tokens
-                self.metrics.request_output_tokens.labels(self.label).observe(outputs)
-                self.metrics.output_tokens.labels(self.label).inc(outputs)
+                self._count_output(result.output_tokens)
                 a = self.config.ewma_alpha
                 ratio = min(1.0, job.generated / max(1, job.request.params.max_new_tokens))
                 self.length_ratio = (1 - a) * self.length_ratio + a * ratio
             elif job.abort == "shutdown" and job.events is not None and result is not None:
                 self._deliver(job, result)  # a stream ends with what it has, CANCELLED
+                self._count_output(result.output_tokens)
             else:
                 self._fail(job, error or self._abort_error(job))
+                if ran:  # cancelled or past its deadline: what it had generated still counts
+                    self._count_output(job.generated)
         finally:
             job.entry.release()
+
+    def _count_output(self, tokens: int) -> None:
+        self.metrics.request_output_tokens.labels(self.label).observe(tokens)
+        self.metrics.output_tokens.labels(self.label).inc(tokens)
 
     @staticmethod
     def _deliver(job: _Job, result: SequenceResult) -> None:

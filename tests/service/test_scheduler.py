@@ -889,17 +889,84 @@ def test_cuda_graphs_gauge_follows_the_engine_and_leaves_with_it() -> None:
     assert s.metrics.registry.get_sample_value("inference_cuda_graphs", es) is None
 
 
+def test_token_metrics_count_generated_tokens() -> None:
+    """Time to first token once per sequence that generated one, an inter-token latency per
+    later token (the step that gives EOS generates none), a padding observation per decode
+    step, and the tokens of a cancelled sequence in the output counters."""
+    requests = [generate(p, max_new_tokens=20) for p in PROMPTS]
+    requests += [translate(t, max_new_tokens=20) for t in SOURCES[:3]]
+
+    def count(s: Scheduler, name: str, model: str) -> float:
+        return sample_value(s.metrics, f"inference_{name}_count", {"model": model})
+
+    async def main(s: Scheduler) -> None:
+        results = await asyncio.gather(*(s.submit(r) for r in requests))
+        for model, task in ((LM, Task.GENERATION), (TRANSLATOR, Task.TRANSLATION)):
+            lengths = [
+                len(res.hypotheses[0].token_ids)
+                for req, res in zip(requests, results, strict=True)
+                if req.task is task
+            ]
+            assert count(s, "time_to_first_token_seconds", model) == sum(n > 0 for n in lengths)
+            itl = sum(max(0, n - 1) for n in lengths)
+            assert count(s, "inter_token_latency_seconds", model) == itl
+            out = sample_value(s.metrics, "inference_output_tokens_total", {"model": model})
+            assert out == sum(lengths)
+            steps = loop_stats(s, f"{model}:1")["steps"]
+            assert count(s, "batch_padding_ratio", model) == steps
+            assert 1 <= count(s, "admission_padding_ratio", model) <= len(lengths)
+        before = sample_value(s.metrics, "inference_output_tokens_total", {"model": LM})
+        cancelled = asyncio.create_task(s.submit(long_request()))
+        await wait_until(lambda: loop_stats(s, f"{LM}:1")["running"] == 1)
+        await asyncio.sleep(0.2)
+        cancelled.cancel()
+        await asyncio.gather(cancelled, return_exceptions=True)
+        await wait_until(lambda: loop_stats(s, f"{LM}:1")["running"] == 0)
+        after = sample_value(s.metrics, "inference_output_tokens_total", {"model": LM})
+        assert after > before
+
+    run(main, make_scheduler(factory=slow_engine_factory(STEP_DELAY)))
+
+
+def test_queue_time_lasts_until_the_engine_takes_the_request_in() -> None:
+    """A request that arrives while the engine is inside a long step waits for that step:
+    its queue time says so (not the moment it was handed to the engine thread)."""
+    slow = [False]
+
+    def step(batch: Batch) -> None:
+        time.sleep(0.3 if slow[0] else STEP_DELAY)
+
+    async def main(s: Scheduler) -> None:
+        key = f"{LM}:1"
+        first = asyncio.create_task(s.submit(long_request()))
+        await wait_until(lambda: loop_stats(s, key)["steps"] >= 2)
+        queued = sample_value(s.metrics, "inference_queue_duration_seconds_sum", {"model": LM})
+        slow[0] = True
+        await asyncio.sleep(0.05)  # the engine thread is inside a slow step now
+        second = asyncio.create_task(s.submit(generate(PROMPTS[0], max_new_tokens=3)))
+        await wait_until(lambda: loop_stats(s, key)["running"] == 2)
+        slow[0] = False
+        await second
+        waited = sample_value(s.metrics, "inference_queue_duration_seconds_sum", {"model": LM})
+        assert waited - queued >= 0.15
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+
+    run(main, make_scheduler(factory=hooked_engine_factory(step)))
+
+
 def test_metrics_follow_the_spec() -> None:
     """Every metric of the spec is declared, with its labels, on a private registry."""
     metrics = Metrics()
     spec = {
-        "inference_request_duration_seconds": {"method", "model"},
+        "inference_request_duration_seconds": {"method", "model", "code"},
         "inference_queue_duration_seconds": {"model"},
         "inference_time_to_first_token_seconds": {"model"},
         "inference_inter_token_latency_seconds": {"model"},
         "inference_decode_step_duration_seconds": {"model"},
         "inference_batch_size": {"model"},
         "inference_batch_padding_ratio": {"model"},
+        "inference_admission_padding_ratio": {"model"},
         "inference_request_input_tokens": {"model"},
         "inference_request_output_tokens": {"model"},
         "inference_requests_total": {"method", "model", "code"},
@@ -921,7 +988,7 @@ def test_metrics_follow_the_spec() -> None:
     assert set(spec) <= set(declared)
     duration = metrics.registry.get_sample_value(
         "inference_request_duration_seconds_bucket",
-        {"method": "Translate", "model": "en-es", "le": "0.0005"},
+        {"method": "Translate", "model": "en-es", "code": "OK", "le": "0.0005"},
     )
     assert duration == 0.0  # buckets start at 0.5 ms
     assert Metrics().registry is not metrics.registry
