@@ -519,7 +519,7 @@ def describe(
     limits = info.limits
     typer.echo(
         f"limits: max_input_tokens {limits.max_input_tokens}, "
-        f"max_new_tokens {limits.max_new_tokens}"
+        f"max_new_tokens {limits.max_new_tokens}, max_positions {limits.max_positions}"
     )
     typer.echo(f"config: {info.config_json}")
 

@@ -111,6 +111,7 @@ class ModelStatus:
     versions: tuple[int, ...]  # every loaded version of this name
     ready: bool
     config: dict[str, Any] = field(default_factory=dict)
+    max_positions: int = 0  # a prompt and its output share them (language models)
 
 
 @dataclass(frozen=True)

@@ -107,7 +107,7 @@ class EngineOptions:
     """
 
     provider: Literal["auto", "cpu", "cuda"] = "auto"
-    cpu_variant: Literal["int8", "fp32"] = "int8"
+    cpu_variant: Literal["int8", "fp32"] = "fp32"
     intra_op_threads: int = 0
     max_batch_size: int = 64
     max_input_tokens: int = 0
@@ -445,7 +445,8 @@ class Engine:
             raise InvalidArgument(
                 "options.max_new_tokens",
                 f"prompt ({len(input_ids)} tokens) + max_new_tokens ({p.max_new_tokens}) - 1 "
-                f"exceeds the model's max_positions {self.max_positions}"
+                f"exceeds the model's max_positions {self.max_positions}: at most "
+                f"{self._positions_left(input_ids)} for this prompt"
                 if self.task is Task.GENERATION
                 else f"{p.max_new_tokens} exceeds the model's max_positions {self.max_positions}",
             )

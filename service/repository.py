@@ -191,16 +191,19 @@ class ModelRepository:
         found = self._scan()
         with self._lock:
             for name, versions in found.items():
-                wanted = versions if self.keep_versions is None else versions[-self.keep_versions :]
                 loaded = self._models.setdefault(name, {})
-                for version in wanted:
-                    if version in loaded:
-                        continue
-                    path = self.root / name / str(version)
-                    entry = self._load(name, version, path, result)
-                    if entry is not None:
+                kept = 0  # newest first, until keep_versions load: a broken newest version
+                for version in reversed(versions):  # leaves the one before it served
+                    if self.keep_versions is not None and kept >= self.keep_versions:
+                        break
+                    if version not in loaded:
+                        path = self.root / name / str(version)
+                        entry = self._load(name, version, path, result)
+                        if entry is None:
+                            continue
                         loaded[version] = entry
                         result.loaded.append(entry)
+                    kept += 1
                 if not loaded:
                     del self._models[name]
         for entry in result.loaded:

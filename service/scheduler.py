@@ -269,6 +269,11 @@ class _ModelLoop:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise DeadlineExceeded(f"the deadline passed {-left:.3f}s before admission")
+            if left < self.step_s:  # not even an idle server could answer in time
+                raise DeadlineExceeded(
+                    f"the {left:.3f}s left before the deadline are less than one decode step "
+                    f"of model {self.entry.key} ({self.step_s:.3f}s)"
+                )
             estimate = self.estimate_wait(job.rows, job.cost)
             if estimate > left:
                 raise DeadlineUnmeetable(
@@ -675,7 +680,10 @@ class Scheduler:
         """The scheduler a server with these settings runs (default models en-es, en-lm)."""
         options = engine_options_from_settings(settings)
         repository = ModelRepository(
-            settings.model_repository, DEFAULT_MODELS, variants=variant_preference(options)
+            settings.model_repository,
+            DEFAULT_MODELS,
+            keep_versions=settings.keep_versions or None,
+            variants=variant_preference(options),
         )
         return cls(repository, SchedulerConfig.from_settings(settings), options, metrics)
 
@@ -946,6 +954,7 @@ class Scheduler:
             versions=tuple(self.repository.versions(entry.name)),
             ready=loop is not None and loop.accepting and not self._stopping,
             config=dict(m.config),
+            max_positions=m.limits.max_positions,
         )
 
     def models(self) -> list[ModelStatus]:

@@ -359,6 +359,7 @@ def model_info_pb(status: ModelStatus, settings: Settings) -> pb.ModelInfo:
             max_new_tokens=min(status.max_new_tokens, settings.max_new_tokens),
             max_texts_per_request=settings.max_texts_per_request,
             max_beam_size=settings.max_beam_size,
+            max_positions=status.max_positions,
         ),
         versions=list(status.versions),
         ready=status.ready,

@@ -53,7 +53,6 @@ SERVER_START_TIMEOUT_S = 120.0
 # max_input_tokens is the tiny models' max_positions: every fixture verse fits.
 SERVER_FLAGS: tuple[str, ...] = (
     "--provider", "cpu",
-    "--cpu-variant", "int8",
     "--intra-op-threads", "1",
     "--max-batch-size", "16",
     "--max-queue", "256",

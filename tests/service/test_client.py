@@ -99,6 +99,7 @@ def test_cli_generate_stream_json_and_models(server: ServerHandle) -> None:
     assert described.returncode == 0, described.stderr
     assert described.stdout.startswith("en-lm\tv1\tgeneration")
     assert "limits: max_input_tokens " in described.stdout
+    assert "max_positions 128" in described.stdout
     missing = _cli(server, "describe", "xx")
     assert missing.returncode == 2 and "NOT_FOUND" in missing.stderr
     scored = _cli(server, "generate", "The Lord said", "--max-new-tokens", "5", "--scores")

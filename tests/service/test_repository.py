@@ -175,3 +175,14 @@ def test_discard_drops_a_version_that_cannot_serve(root: Path) -> None:
     repo.discard(entry, "engine failed")
     assert entry.retired and repo.names() == [TRANSLATOR]
     assert repo.reload().loaded == []  # not retried until its folder changes
+
+
+def test_keep_versions_falls_back_past_a_broken_newest_version(root: Path) -> None:
+    """Only the newest version is loaded, unless it does not load: then the one before."""
+    copy_version(root, LM, 1, 2)
+    broken = copy_version(root, LM, 1, 3)
+    (broken / "tokenizer.model").unlink()
+    repo = ModelRepository(root, keep_versions=1)
+    result = repo.reload()
+    assert str(broken) in result.failed
+    assert repo.versions(LM) == [2] and repo.versions(TRANSLATOR) == [1]

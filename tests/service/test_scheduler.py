@@ -330,6 +330,22 @@ def test_unmeetable_deadline_is_refused_with_the_estimate() -> None:
     run(main, make_scheduler(factory=slow_engine_factory(STEP_DELAY), max_batch_size=1))
 
 
+def test_a_deadline_shorter_than_a_step_is_exceeded_not_shed() -> None:
+    """On an idle server a deadline shorter than one decode step cannot be met whatever the
+    load: DeadlineExceeded saying so, not the load-shedding DeadlineUnmeetable."""
+
+    async def main(s: Scheduler) -> None:
+        assert loop_stats(s, f"{LM}:1")["running"] == 0
+        tight = SequenceRequest(
+            Task.GENERATION, PROMPTS[0], DecodingParams(max_new_tokens=5),
+            deadline=time.monotonic() + 0.001,
+        )  # fmt: skip
+        with pytest.raises(DeadlineExceeded, match="less than one decode step"):
+            await s.submit(tight)
+
+    run(main, make_scheduler(factory=slow_engine_factory(STEP_DELAY)))
+
+
 def test_a_deadline_the_token_budget_cannot_meet_is_refused_at_admission() -> None:
     """Rows are free but max_batch_tokens is not: the estimate waits for the running
     request's tokens, so a tight deadline is refused instead of expiring in the queue."""
@@ -393,7 +409,7 @@ def test_an_unset_max_new_tokens_is_lowered_to_fit_the_model() -> None:
     result, refusal, room = run(main, make_scheduler(max_new_tokens=128))
     assert 1 <= room < 120
     assert len(result.hypotheses[0].token_ids) <= room
-    assert "max_positions" in refusal
+    assert f"max_positions 128: at most {room} for this prompt" in refusal
 
 
 def test_an_unset_max_new_tokens_is_lowered_to_fit_the_token_budget() -> None:

@@ -120,12 +120,14 @@ def test_models_list_and_describe(client: Client) -> None:
     assert set(models) == {"en-es", "en-lm"}
     es = models["en-es"]
     assert (es.task, es.source_language, es.target_language) == ("translation", "en", "es")
-    assert es.dtype == "int8" and es.provider == "CPUExecutionProvider"
+    assert es.dtype == "fp32" and es.provider == "CPUExecutionProvider"  # the default
     assert list(es.versions) == [1] and es.ready
     assert es.limits.max_input_tokens == 128 and es.limits.max_new_tokens == 32
     assert es.limits.max_texts_per_request == 8 and es.limits.max_beam_size == 4
     assert json.loads(es.config_json)["arch"] == "encoder-decoder"
     assert models["en-lm"].task == "generation"
+    lm = models["en-lm"]  # a prompt and its output share the positions: published
+    assert lm.limits.max_positions == json.loads(lm.config_json)["max_positions"] > 0
     described = client.describe_model("en-lm", 1)
     assert described.name == "en-lm" and described.version == 1
 

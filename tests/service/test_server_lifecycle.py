@@ -103,8 +103,9 @@ def _wait_versions(client: Client, name: str, wanted: list[int], timeout: float 
 def test_sighup_and_reload_load_new_versions_without_failures(
     start_server: Callable[..., ServerHandle], model_repository: Path, tmp_path: Path
 ) -> None:
+    """Every version on disk served (--keep-versions 0): requests may name each one."""
     repository = _private_repository(model_repository, tmp_path)
-    server = start_server(repository=repository)
+    server = start_server("--keep-versions", "0", repository=repository)
     errors: list[str] = []
     stop = threading.Event()
 
@@ -155,6 +156,47 @@ def test_sighup_and_reload_load_new_versions_without_failures(
         for t in threads:
             t.join(30)
     assert errors == []
+    assert server.stop() == 0
+
+
+def test_a_new_version_replaces_the_running_one_without_failures(
+    start_server: Callable[..., ServerHandle], model_repository: Path, tmp_path: Path
+) -> None:
+    """The default (--keep-versions 1): SIGHUP serves a new version beside the running one,
+    which then retires once its in-flight requests finish; no request fails meanwhile."""
+    repository = _private_repository(model_repository, tmp_path)
+    server = start_server(repository=repository)
+    errors: list[str] = []
+    versions: set[int] = set()
+    stop = threading.Event()
+
+    def load() -> None:
+        with Client(server.address, timeout=30) as client:
+            while not stop.is_set():
+                try:
+                    versions.add(client.translate(["Amen.", VERSE], max_new_tokens=8).version)
+                except grpc.RpcError as error:
+                    errors.append(f"{error.code()}: {error.details()}")  # type: ignore[attr-defined]
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        with Client(server.address, timeout=30) as client:
+            _wait_versions(client, "en-es", [1])
+            _copy_version(repository, "en-es", 1, 2)
+            server.process.send_signal(signal.SIGHUP)
+            _wait_versions(client, "en-es", [2])
+            assert client.translate("Amen.").version == 2
+            with pytest.raises(grpc.RpcError) as info:
+                client.translate("Amen.", version=1)
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert errors == [] and versions == {1, 2}
+    assert '"retired": ["en-es:1"]' in server.log()
     assert server.stop() == 0
 
 

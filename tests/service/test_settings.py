@@ -28,7 +28,7 @@ def test_defaults_match_the_spec() -> None:
     s = load_settings()
     assert (s.host, s.port, s.metrics_port) == ("127.0.0.1", 50051, 8000)
     assert s.model_repository == Path("models")
-    assert s.provider == "auto" and s.cpu_variant == "int8" and s.batching == "continuous"
+    assert s.provider == "auto" and s.cpu_variant == "fp32" and s.batching == "continuous"
     assert s.auth_token is None and not s.tls
     assert s.default_max_new_tokens <= s.max_new_tokens
 
