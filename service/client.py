@@ -314,9 +314,10 @@ def _check_plot_path(path: Path) -> None:
         raise typer.BadParameter(f"{path.parent} is not a folder", param_hint="--plot-alignment")
 
 
-def _print_stream(chunks: Iterable[Any], head: str, as_json: bool, scores: bool) -> None:
+def _print_stream(chunks: Iterable[Any], head: str, as_json: bool, scores: bool) -> Any:
     """A stream as it comes: each chunk as JSON, or `head` then the text, and the score
-    (which the last chunk carries) after it."""
+    (which the last chunk carries) after it. Returns the last chunk."""
+    chunk = None
     for chunk in chunks:
         if as_json:
             _print_json(chunk)
@@ -328,6 +329,21 @@ def _print_stream(chunks: Iterable[Any], head: str, as_json: bool, scores: bool)
         sys.stdout.flush()
     if not as_json:
         typer.echo()
+    return chunk
+
+
+def _plot(
+    source_tokens: Sequence[str],
+    tokens: Sequence[str],
+    alignment: Iterable[Any],
+    path: Path,
+    title: str,
+) -> None:
+    if not tokens:
+        typer.echo("error: the translation is empty: no alignment to plot", err=True)
+        raise typer.Exit(1)
+    plot_alignment(source_tokens, tokens, [list(row.weights) for row in alignment], path, title)
+    typer.echo(f"alignment written to {path}", err=True)
 
 
 @app.command()
@@ -358,12 +374,6 @@ def translate(
     as_json: Json = False,
 ) -> None:
     """Translate English text(s) to Spanish."""
-    if stream and plot_alignment_to is not None:
-        raise typer.BadParameter(
-            "needs the unary call (a stream's last chunk has the weights, not the tokens "
-            "to label them): drop --stream",
-            param_hint="--plot-alignment",
-        )
     if plot_alignment_to is not None:
         _check_plot_path(plot_alignment_to)
     options: dict[str, Any] = dict(
@@ -382,14 +392,24 @@ def translate(
     with _client(target, token, ca, timeout, server_name) as client:
         try:
             if stream:
-                for text in texts:
-                    chunks = client.translate_stream(text, model, version, **options)
-                    _print_stream(chunks, "", as_json, scores)
-                return
-            response = client.translate(texts, model, version, **options)
+                lasts = [
+                    _print_stream(
+                        client.translate_stream(text, model, version, **options),
+                        "", as_json, scores,
+                    )
+                    for text in texts
+                ]  # fmt: skip
+            else:
+                response = client.translate(texts, model, version, **options)
         except grpc.RpcError as error:
             _fail(error, ca is not None)
             return
+    if stream:
+        if plot_alignment_to is not None:  # the last chunk carries the alignment and labels
+            last = lasts[0]
+            title = f"{last.model} v{last.version}: {texts[0][:60]}"
+            _plot(last.source_tokens, last.tokens, last.alignment, plot_alignment_to, title)
+        return
     if as_json:
         _print_json(response)
     else:
@@ -401,17 +421,8 @@ def translate(
     if plot_alignment_to is not None:
         first = response.translations[0]
         best = first.hypotheses[0]
-        if not best.tokens:
-            typer.echo("error: the translation is empty: no alignment to plot", err=True)
-            raise typer.Exit(1)
-        plot_alignment(
-            list(first.source_tokens),
-            list(best.tokens),
-            [list(row.weights) for row in best.alignment],
-            plot_alignment_to,
-            title=f"{response.model} v{response.version}: {texts[0][:60]}",
-        )
-        typer.echo(f"alignment written to {plot_alignment_to}", err=True)
+        title = f"{response.model} v{response.version}: {texts[0][:60]}"
+        _plot(first.source_tokens, best.tokens, best.alignment, plot_alignment_to, title)
 
 
 @app.command()

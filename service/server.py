@@ -169,9 +169,11 @@ class Transport:
         if self._token is None:
             return
         header = metadata.get("authorization", "")
+        if not header:
+            raise Unauthenticated("missing `authorization: Bearer <token>` metadata")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
-            raise Unauthenticated("missing `authorization: Bearer <token>` metadata")
+            raise Unauthenticated("the authorization metadata must read `Bearer <token>`")
         if not hmac.compare_digest(token.strip().encode(), self._token):
             raise Unauthenticated("invalid bearer token")
 
@@ -503,6 +505,8 @@ class _Servicer:
                     if request.params.return_alignment:
                         for row in best.alignment or ():
                             chunk.alignment.add(weights=row)
+                        chunk.source_tokens.extend(result.source_tokens)
+                        chunk.tokens.extend(best.tokens)
                     yield chunk
                     return
         except InvalidArgument as exc:

@@ -11,6 +11,7 @@ and an explicit 0 is seen and refused where it is out of range.
 from __future__ import annotations
 
 import math
+import re
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 CHARS_PER_TOKEN_BOUND = 32
 MAX_TEMPERATURE = 100.0
 _INVISIBLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})  # Unicode categories with no glyph
+_WHITESPACE_RUN = re.compile(r"\s+")
 # Sampling this cold is greedy but for ties; far colder, logits / temperature overflows
 # float32 (NaN probabilities). Greedy is temperature 0.
 MIN_TEMPERATURE = 1e-6
@@ -205,10 +207,14 @@ def text(field_name: str, value: str, limits: RequestLimits) -> str:
         )
     bound = limits.max_input_tokens * CHARS_PER_TOKEN_BOUND
     if len(value) > bound:
-        raise InvalidArgument(
-            field_name,
-            f"{len(value)} characters cannot fit max_input_tokens {limits.max_input_tokens}",
-        )
+        # The tokenizer reads a run of whitespace as one space: count it so.
+        size = len(_WHITESPACE_RUN.sub(" ", value))
+        if size > bound:
+            raise InvalidArgument(
+                field_name,
+                f"{size} characters (a run of spaces counted once) cannot fit max_input_tokens "
+                f"{limits.max_input_tokens}",
+            )
     return value
 
 

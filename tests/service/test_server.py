@@ -101,6 +101,19 @@ def test_translate_stream_matches_unary(client: Client) -> None:
     assert sum(len(c.token_ids) for c in chunks) == unary.output_tokens
 
 
+def test_a_streamed_alignment_comes_with_its_labels(client: Client) -> None:
+    """The last chunk of a stream asked for alignment carries the pieces that label it, the
+    same as a unary Translate's."""
+    unary = client.translate(VERSE, max_new_tokens=6, return_alignment=True).translations[0]
+    chunks = list(client.translate_stream(VERSE, max_new_tokens=6, return_alignment=True))
+    last = chunks[-1]
+    assert list(last.source_tokens) == list(unary.source_tokens)
+    assert list(last.tokens) == list(unary.hypotheses[0].tokens)
+    assert len(last.alignment) == len(last.tokens) == last.usage.output_tokens
+    assert all(len(row.weights) == len(last.source_tokens) for row in last.alignment)
+    assert not any(c.source_tokens or c.tokens for c in chunks[:-1])
+
+
 def test_generate_stream_and_unary(client: Client) -> None:
     unary = client.generate("The Lord said", max_new_tokens=10)
     assert isinstance(unary, pb.GenerateResponse)

@@ -308,6 +308,7 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], str]] = [
     ("texts[0]", {"texts": ["\u200b\ufeff\u200b"]}, "texts[0]: has no visible characters"),
     ("texts[1]", {"texts": ["a", "\x00 \x07"]}, "texts[1]: has no visible characters"),
     ("texts[0]", {"texts": ["a" * 600]}, "cannot fit max_input_tokens 16"),
+    ("texts[0]", {"texts": ["a b  " * 300]}, "1200 characters (a run of spaces counted once)"),
     ("max_new_tokens", {"max_new_tokens": 33}, "33 exceeds the limit 32"),
     ("max_new_tokens", {"max_new_tokens": 0}, "must be at least 1, got 0 (leave it unset"),
     ("beam_size", {"beam_size": 0}, "must be at least 1, got 0"),
@@ -347,6 +348,14 @@ def test_bad_translate_requests_are_invalid_argument(
     assert _code(error) == grpc.StatusCode.INVALID_ARGUMENT
     details = error.value.details()  # type: ignore[attr-defined]
     assert field in details and message in details, details
+
+
+def test_runs_of_spaces_do_not_count_against_the_length_bound(client: Client) -> None:
+    """The tokenizer reads a run of whitespace as one space: a short text padded with
+    thousands of spaces is not refused as too long."""
+    padded = "Hello" + " " * 2000 + "world."
+    assert len(padded) > 16 * 32  # over the bound, counted character by character
+    assert client.translate(padded).translations[0].hypotheses[0].text
 
 
 def test_bad_generate_and_stream_requests(client: Client) -> None:
@@ -639,6 +648,10 @@ def test_auth_token_required_except_health(caplog: pytest.LogCaptureFixture) -> 
 
             stub = pb_grpc.ModelsStub(channel)
             stub.ListModels(pb.ListModelsRequest(), metadata=[("authorization", f"bearer {TOKEN}")])
+            # A token without its scheme: told what the header must read.
+            with pytest.raises(grpc.RpcError) as error:
+                stub.ListModels(pb.ListModelsRequest(), metadata=[("authorization", TOKEN)])
+            assert "must read `Bearer <token>`" in error.value.details()  # type: ignore[attr-defined]
         assert _health(server.address) == health_pb2.HealthCheckResponse.SERVING
         assert server.counter("Translate", "unknown", "UNAUTHENTICATED") == 2  # not yet parsed
     finally:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cinference/v1/inference.proto\x12\x0cinference.v1\"\xd4\x02\n\x0f\x44\x65\x63odingOptions\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x16\n\tbeam_size\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x13\n\x06n_best\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x1b\n\x0elength_penalty\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\r\n\x05top_k\x18\x06 \x01(\r\x12\x12\n\x05top_p\x18\x07 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x15\n\rreturn_scores\x18\n \x01(\x08\x12\x18\n\x10return_alignment\x18\x0b \x01(\x08\x42\x11\n\x0f_max_new_tokensB\x0c\n\n_beam_sizeB\t\n\x07_n_bestB\x11\n\x0f_length_penaltyB\x08\n\x06_top_pB\x07\n\x05_seed\"\x1f\n\x0c\x41lignmentRow\x12\x0f\n\x07weights\x18\x01 \x03(\x02\"\xcc\x01\n\nHypothesis\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x18\n\x10normalized_score\x18\x03 \x01(\x02\x12\x15\n\routput_tokens\x18\x04 \x01(\r\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.inference.v1.FinishReason\x12\x0e\n\x06tokens\x18\x06 \x03(\t\x12-\n\talignment\x18\x07 \x03(\x0b\x32\x1a.inference.v1.AlignmentRow\"4\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\r\x12\x15\n\routput_tokens\x18\x02 \x01(\r\"q\n\x10TranslateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\r\n\x05texts\x18\x03 \x03(\t\x12.\n\x07options\x18\x04 \x01(\x0b\x32\x1d.inference.v1.DecodingOptions\"h\n\x0bTranslation\x12,\n\nhypotheses\x18\x01 \x03(\x0b\x32\x18.inference.v1.Hypothesis\x12\x14\n\x0cinput_tokens\x18\x02 \x01(\r\x12\x15\n\rsource_tokens\x18\x03 \x03(\t\"\x88\x01\n\x11TranslateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12/\n\x0ctranslations\x18\x03 \x03(\x0b\x32\x19.inference.v1.Translation\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.inference.v1.Usage\"v\n\x16TranslateStreamRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0c\n\x04text\x18\x03 \x01(\t\x12.\n\x07options\x18\x04 \x01(\x0b\x32\x1d.inference.v1.DecodingOptions\"\xf4\x01\n\nTokenChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.inference.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.inference.v1.Usage\x12\r\n\x05score\x18\x06 \x01(\x02\x12-\n\talignment\x18\x07 \x03(\x0b\x32\x1a.inference.v1.AlignmentRow\x12\r\n\x05model\x18\x08 \x01(\t\x12\x0f\n\x07version\x18\t \x01(\x04\"q\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12.\n\x07options\x18\x04 \x01(\x0b\x32\x1d.inference.v1.DecodingOptions\"\x84\x01\n\x10GenerateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12,\n\nhypotheses\x18\x03 \x03(\x0b\x32\x18.inference.v1.Hypothesis\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.inference.v1.Usage\"\x87\x01\n\x06Limits\x12\x18\n\x10max_input_tokens\x18\x01 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x1d\n\x15max_texts_per_request\x18\x03 \x01(\r\x12\x15\n\rmax_beam_size\x18\x04 \x01(\r\x12\x15\n\rmax_positions\x18\x05 \x01(\r\"\xe7\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x17\n\x0fsource_language\x18\x04 \x01(\t\x12\x17\n\x0ftarget_language\x18\x05 \x01(\t\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x10\n\x08provider\x18\x07 \x01(\t\x12$\n\x06limits\x18\x08 \x01(\x0b\x32\x14.inference.v1.Limits\x12\x10\n\x08versions\x18\t \x03(\x04\x12\r\n\x05ready\x18\n \x01(\x08\x12\x13\n\x0b\x63onfig_json\x18\x0b \x01(\t\"\x13\n\x11ListModelsRequest\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.inference.v1.ModelInfo\"5\n\x14\x44\x65scribeModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"\x0f\n\rReloadRequest\"\x9a\x01\n\x0eReloadResponse\x12\x0e\n\x06loaded\x18\x01 \x03(\t\x12\x0f\n\x07retired\x18\x02 \x03(\t\x12\x38\n\x06\x66\x61iled\x18\x03 \x03(\x0b\x32(.inference.v1.ReloadResponse.FailedEntry\x1a-\n\x0b\x46\x61iledEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xaf\x01\n\nTranslator\x12L\n\tTranslate\x12\x1e.inference.v1.TranslateRequest\x1a\x1f.inference.v1.TranslateResponse\x12S\n\x0fTranslateStream\x12$.inference.v1.TranslateStreamRequest\x1a\x18.inference.v1.TokenChunk0\x01\x32\xa2\x01\n\tGenerator\x12\x45\n\x08Generate\x12\x1d.inference.v1.GenerateRequest\x1a\x18.inference.v1.TokenChunk0\x01\x12N\n\rGenerateUnary\x12\x1d.inference.v1.GenerateRequest\x1a\x1e.inference.v1.GenerateResponse2\xec\x01\n\x06Models\x12O\n\nListModels\x12\x1f.inference.v1.ListModelsRequest\x1a .inference.v1.ListModelsResponse\x12L\n\rDescribeModel\x12\".inference.v1.DescribeModelRequest\x1a\x17.inference.v1.ModelInfo\x12\x43\n\x06Reload\x12\x1b.inference.v1.ReloadRequest\x1a\x1c.inference.v1.ReloadResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cinference/v1/inference.proto\x12\x0cinference.v1\"\xd4\x02\n\x0f\x44\x65\x63odingOptions\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x16\n\tbeam_size\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x13\n\x06n_best\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x1b\n\x0elength_penalty\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\r\n\x05top_k\x18\x06 \x01(\r\x12\x12\n\x05top_p\x18\x07 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x15\n\rreturn_scores\x18\n \x01(\x08\x12\x18\n\x10return_alignment\x18\x0b \x01(\x08\x42\x11\n\x0f_max_new_tokensB\x0c\n\n_beam_sizeB\t\n\x07_n_bestB\x11\n\x0f_length_penaltyB\x08\n\x06_top_pB\x07\n\x05_seed\"\x1f\n\x0c\x41lignmentRow\x12\x0f\n\x07weights\x18\x01 \x03(\x02\"\xcc\x01\n\nHypothesis\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x18\n\x10normalized_score\x18\x03 \x01(\x02\x12\x15\n\routput_tokens\x18\x04 \x01(\r\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.inference.v1.FinishReason\x12\x0e\n\x06tokens\x18\x06 \x03(\t\x12-\n\talignment\x18\x07 \x03(\x0b\x32\x1a.inference.v1.AlignmentRow\"4\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\r\x12\x15\n\routput_tokens\x18\x02 \x01(\r\"q\n\x10TranslateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\r\n\x05texts\x18\x03 \x03(\t\x12.\n\x07options\x18\x04 \x01(\x0b\x32\x1d.inference.v1.DecodingOptions\"h\n\x0bTranslation\x12,\n\nhypotheses\x18\x01 \x03(\x0b\x32\x18.inference.v1.Hypothesis\x12\x14\n\x0cinput_tokens\x18\x02 \x01(\r\x12\x15\n\rsource_tokens\x18\x03 \x03(\t\"\x88\x01\n\x11TranslateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12/\n\x0ctranslations\x18\x03 \x03(\x0b\x32\x19.inference.v1.Translation\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.inference.v1.Usage\"v\n\x16TranslateStreamRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0c\n\x04text\x18\x03 \x01(\t\x12.\n\x07options\x18\x04 \x01(\x0b\x32\x1d.inference.v1.DecodingOptions\"\x9b\x02\n\nTokenChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.inference.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.inference.v1.Usage\x12\r\n\x05score\x18\x06 \x01(\x02\x12-\n\talignment\x18\x07 \x03(\x0b\x32\x1a.inference.v1.AlignmentRow\x12\r\n\x05model\x18\x08 \x01(\t\x12\x0f\n\x07version\x18\t \x01(\x04\x12\x15\n\rsource_tokens\x18\n \x03(\t\x12\x0e\n\x06tokens\x18\x0b \x03(\t\"q\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12.\n\x07options\x18\x04 \x01(\x0b\x32\x1d.inference.v1.DecodingOptions\"\x84\x01\n\x10GenerateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12,\n\nhypotheses\x18\x03 \x03(\x0b\x32\x18.inference.v1.Hypothesis\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.inference.v1.Usage\"\x87\x01\n\x06Limits\x12\x18\n\x10max_input_tokens\x18\x01 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x1d\n\x15max_texts_per_request\x18\x03 \x01(\r\x12\x15\n\rmax_beam_size\x18\x04 \x01(\r\x12\x15\n\rmax_positions\x18\x05 \x01(\r\"\xe7\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x17\n\x0fsource_language\x18\x04 \x01(\t\x12\x17\n\x0ftarget_language\x18\x05 \x01(\t\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x10\n\x08provider\x18\x07 \x01(\t\x12$\n\x06limits\x18\x08 \x01(\x0b\x32\x14.inference.v1.Limits\x12\x10\n\x08versions\x18\t \x03(\x04\x12\r\n\x05ready\x18\n \x01(\x08\x12\x13\n\x0b\x63onfig_json\x18\x0b \x01(\t\"\x13\n\x11ListModelsRequest\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.inference.v1.ModelInfo\"5\n\x14\x44\x65scribeModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"\x0f\n\rReloadRequest\"\x9a\x01\n\x0eReloadResponse\x12\x0e\n\x06loaded\x18\x01 \x03(\t\x12\x0f\n\x07retired\x18\x02 \x03(\t\x12\x38\n\x06\x66\x61iled\x18\x03 \x03(\x0b\x32(.inference.v1.ReloadResponse.FailedEntry\x1a-\n\x0b\x46\x61iledEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xaf\x01\n\nTranslator\x12L\n\tTranslate\x12\x1e.inference.v1.TranslateRequest\x1a\x1f.inference.v1.TranslateResponse\x12S\n\x0fTranslateStream\x12$.inference.v1.TranslateStreamRequest\x1a\x18.inference.v1.TokenChunk0\x01\x32\xa2\x01\n\tGenerator\x12\x45\n\x08Generate\x12\x1d.inference.v1.GenerateRequest\x1a\x18.inference.v1.TokenChunk0\x01\x12N\n\rGenerateUnary\x12\x1d.inference.v1.GenerateRequest\x1a\x1e.inference.v1.GenerateResponse2\xec\x01\n\x06Models\x12O\n\nListModels\x12\x1f.inference.v1.ListModelsRequest\x1a .inference.v1.ListModelsResponse\x12L\n\rDescribeModel\x12\".inference.v1.DescribeModelRequest\x1a\x17.inference.v1.ModelInfo\x12\x43\n\x06Reload\x12\x1b.inference.v1.ReloadRequest\x1a\x1c.inference.v1.ReloadResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RELOADRESPONSE_FAILEDENTRY']._loaded_options = None
   _globals['_RELOADRESPONSE_FAILEDENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2346
-  _globals['_FINISHREASON']._serialized_end=2493
+  _globals['_FINISHREASON']._serialized_start=2385
+  _globals['_FINISHREASON']._serialized_end=2532
   _globals['_DECODINGOPTIONS']._serialized_start=47
   _globals['_DECODINGOPTIONS']._serialized_end=387
   _globals['_ALIGNMENTROW']._serialized_start=389
@@ -52,31 +52,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRANSLATESTREAMREQUEST']._serialized_start=1043
   _globals['_TRANSLATESTREAMREQUEST']._serialized_end=1161
   _globals['_TOKENCHUNK']._serialized_start=1164
-  _globals['_TOKENCHUNK']._serialized_end=1408
-  _globals['_GENERATEREQUEST']._serialized_start=1410
-  _globals['_GENERATEREQUEST']._serialized_end=1523
-  _globals['_GENERATERESPONSE']._serialized_start=1526
-  _globals['_GENERATERESPONSE']._serialized_end=1658
-  _globals['_LIMITS']._serialized_start=1661
-  _globals['_LIMITS']._serialized_end=1796
-  _globals['_MODELINFO']._serialized_start=1799
-  _globals['_MODELINFO']._serialized_end=2030
-  _globals['_LISTMODELSREQUEST']._serialized_start=2032
-  _globals['_LISTMODELSREQUEST']._serialized_end=2051
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2053
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2114
-  _globals['_DESCRIBEMODELREQUEST']._serialized_start=2116
-  _globals['_DESCRIBEMODELREQUEST']._serialized_end=2169
-  _globals['_RELOADREQUEST']._serialized_start=2171
-  _globals['_RELOADREQUEST']._serialized_end=2186
-  _globals['_RELOADRESPONSE']._serialized_start=2189
-  _globals['_RELOADRESPONSE']._serialized_end=2343
-  _globals['_RELOADRESPONSE_FAILEDENTRY']._serialized_start=2298
-  _globals['_RELOADRESPONSE_FAILEDENTRY']._serialized_end=2343
-  _globals['_TRANSLATOR']._serialized_start=2496
-  _globals['_TRANSLATOR']._serialized_end=2671
-  _globals['_GENERATOR']._serialized_start=2674
-  _globals['_GENERATOR']._serialized_end=2836
-  _globals['_MODELS']._serialized_start=2839
-  _globals['_MODELS']._serialized_end=3075
+  _globals['_TOKENCHUNK']._serialized_end=1447
+  _globals['_GENERATEREQUEST']._serialized_start=1449
+  _globals['_GENERATEREQUEST']._serialized_end=1562
+  _globals['_GENERATERESPONSE']._serialized_start=1565
+  _globals['_GENERATERESPONSE']._serialized_end=1697
+  _globals['_LIMITS']._serialized_start=1700
+  _globals['_LIMITS']._serialized_end=1835
+  _globals['_MODELINFO']._serialized_start=1838
+  _globals['_MODELINFO']._serialized_end=2069
+  _globals['_LISTMODELSREQUEST']._serialized_start=2071
+  _globals['_LISTMODELSREQUEST']._serialized_end=2090
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2092
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2153
+  _globals['_DESCRIBEMODELREQUEST']._serialized_start=2155
+  _globals['_DESCRIBEMODELREQUEST']._serialized_end=2208
+  _globals['_RELOADREQUEST']._serialized_start=2210
+  _globals['_RELOADREQUEST']._serialized_end=2225
+  _globals['_RELOADRESPONSE']._serialized_start=2228
+  _globals['_RELOADRESPONSE']._serialized_end=2382
+  _globals['_RELOADRESPONSE_FAILEDENTRY']._serialized_start=2337
+  _globals['_RELOADRESPONSE_FAILEDENTRY']._serialized_end=2382
+  _globals['_TRANSLATOR']._serialized_start=2535
+  _globals['_TRANSLATOR']._serialized_end=2710
+  _globals['_GENERATOR']._serialized_start=2713
+  _globals['_GENERATOR']._serialized_end=2875
+  _globals['_MODELS']._serialized_start=2878
+  _globals['_MODELS']._serialized_end=3114
 # @@protoc_insertion_point(module_scope)
