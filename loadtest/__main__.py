@@ -46,6 +46,7 @@ from loadtest.workload import (
     resolve_inputs,
     split_target,
 )
+from service.client import Ca, ServerName, Token  # the same options as the client's
 
 app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True)
 
@@ -68,16 +69,6 @@ Timeout = Annotated[float, typer.Option(help="Per-request gRPC deadline in secon
 Progress = Annotated[bool, typer.Option(help="Show a progress bar.")]
 Arrivals = Annotated[str, typer.Option(help="Arrival process: poisson or constant.")]
 MaxInFlight = Annotated[int, typer.Option(help="Open loop: client-side in-flight cap.")]
-Token = Annotated[
-    str | None, typer.Option(envvar="SERVE_AUTH_TOKEN", help="Bearer token (if auth is on).")
-]
-Ca = Annotated[
-    Path | None,
-    typer.Option(help="CA/certificate PEM to trust; enables TLS.", exists=True, dir_okay=False),
-]
-ServerName = Annotated[
-    str | None, typer.Option(help="TLS: the name the server's certificate carries.")
-]
 
 
 class _Fail(Exception):

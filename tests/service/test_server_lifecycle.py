@@ -100,62 +100,73 @@ def _wait_versions(client: Client, name: str, wanted: list[int], timeout: float 
     raise AssertionError(f"{name} versions never became {wanted}")
 
 
+class _Load:
+    """Translations sent back to back by 3 threads while a test reloads the server."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.errors: list[str] = []
+        self.versions: set[int] = set()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run) for _ in range(3)]
+
+    def _run(self) -> None:
+        with Client(self.address, timeout=30) as client:
+            while not self._stop.is_set():
+                try:
+                    reply = client.translate(["Amen.", VERSE], max_new_tokens=8)
+                    self.versions.add(reply.version)
+                except grpc.RpcError as error:
+                    self.errors.append(f"{error.code()}: {error.details()}")  # type: ignore[attr-defined]
+
+    def __enter__(self) -> _Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(30)
+
+
 def test_sighup_and_reload_load_new_versions_without_failures(
     start_server: Callable[..., ServerHandle], model_repository: Path, tmp_path: Path
 ) -> None:
     """Every version on disk served (--keep-versions 0): requests may name each one."""
     repository = _private_repository(model_repository, tmp_path)
     server = start_server("--keep-versions", "0", repository=repository)
-    errors: list[str] = []
-    stop = threading.Event()
-
-    def load() -> None:
-        with Client(server.address, timeout=30) as client:
-            while not stop.is_set():
-                try:
-                    client.translate(["Amen.", VERSE], max_new_tokens=8)
-                except grpc.RpcError as error:
-                    errors.append(f"{error.code()}: {error.details()}")  # type: ignore[attr-defined]
-
-    threads = [threading.Thread(target=load) for _ in range(3)]
-    for t in threads:
-        t.start()
-    try:
-        with Client(server.address, timeout=30) as client:
-            _copy_version(repository, "en-es", 1, 2)
-            server.process.send_signal(signal.SIGHUP)
-            _wait_versions(client, "en-es", [1, 2])
-            assert client.translate("Amen.").version == 2  # the newest is the default
-            assert client.translate("Amen.", version=1).version == 1
-            # Reload RPC: version 3 appears, version 1 is retired (gone from disk).
-            _copy_version(repository, "en-es", 1, 3)
-            shutil.rmtree(repository / "en-es" / "1")
-            response = client.reload()
-            assert list(response.loaded) == ["en-es:3"]
-            assert list(response.retired) == ["en-es:1"]
-            assert dict(response.failed) == {}
-            _wait_versions(client, "en-es", [2, 3])
-            with pytest.raises(grpc.RpcError) as info:
-                client.translate("Amen.", version=1)
-            assert info.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
-            # A folder copied without its manifest's version rewritten: the caller is told
-            # why it did not load, and the serving versions go on.
-            shutil.copytree(repository / "en-es" / "3", repository / "en-es" / "4")
-            response = client.reload()
-            assert (list(response.loaded), list(response.retired)) == ([], [])
-            assert list(response.failed) == ["en-es/4"]
-            assert "version 3 but the folder is 4" in response.failed["en-es/4"]
-            assert client.translate("Amen.").version == 3
-            cli = subprocess.run(
-                [sys.executable, "-m", "service.client", "reload", "--target", server.address],
-                capture_output=True, text=True, timeout=120,
-            )  # fmt: skip
-            assert cli.returncode == 1 and "failed: en-es/4: " in cli.stderr
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(30)
-    assert errors == []
+    with _Load(server.address) as load, Client(server.address, timeout=30) as client:
+        _copy_version(repository, "en-es", 1, 2)
+        server.process.send_signal(signal.SIGHUP)
+        _wait_versions(client, "en-es", [1, 2])
+        assert client.translate("Amen.").version == 2  # the newest is the default
+        assert client.translate("Amen.", version=1).version == 1
+        # Reload RPC: version 3 appears, version 1 is retired (gone from disk).
+        _copy_version(repository, "en-es", 1, 3)
+        shutil.rmtree(repository / "en-es" / "1")
+        response = client.reload()
+        assert list(response.loaded) == ["en-es:3"]
+        assert list(response.retired) == ["en-es:1"]
+        assert dict(response.failed) == {}
+        _wait_versions(client, "en-es", [2, 3])
+        with pytest.raises(grpc.RpcError) as info:
+            client.translate("Amen.", version=1)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+        # A folder copied without its manifest's version rewritten: the caller is told
+        # why it did not load, and the serving versions go on.
+        shutil.copytree(repository / "en-es" / "3", repository / "en-es" / "4")
+        response = client.reload()
+        assert (list(response.loaded), list(response.retired)) == ([], [])
+        assert list(response.failed) == ["en-es/4"]
+        assert "version 3 but the folder is 4" in response.failed["en-es/4"]
+        assert client.translate("Amen.").version == 3
+        cli = subprocess.run(
+            [sys.executable, "-m", "service.client", "reload", "--target", server.address],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert cli.returncode == 1 and "failed: en-es/4: " in cli.stderr
+    assert load.errors == []
     assert server.stop() == 0
 
 
@@ -166,36 +177,19 @@ def test_a_new_version_replaces_the_running_one_without_failures(
     which then retires once its in-flight requests finish; no request fails meanwhile."""
     repository = _private_repository(model_repository, tmp_path)
     server = start_server(repository=repository)
-    errors: list[str] = []
-    versions: set[int] = set()
-    stop = threading.Event()
-
-    def load() -> None:
-        with Client(server.address, timeout=30) as client:
-            while not stop.is_set():
-                try:
-                    versions.add(client.translate(["Amen.", VERSE], max_new_tokens=8).version)
-                except grpc.RpcError as error:
-                    errors.append(f"{error.code()}: {error.details()}")  # type: ignore[attr-defined]
-
-    threads = [threading.Thread(target=load) for _ in range(3)]
-    for t in threads:
-        t.start()
-    try:
-        with Client(server.address, timeout=30) as client:
-            _wait_versions(client, "en-es", [1])
-            _copy_version(repository, "en-es", 1, 2)
-            server.process.send_signal(signal.SIGHUP)
-            _wait_versions(client, "en-es", [2])
-            assert client.translate("Amen.").version == 2
-            with pytest.raises(grpc.RpcError) as info:
-                client.translate("Amen.", version=1)
-            assert info.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(30)
-    assert errors == [] and versions == {1, 2}
+    with _Load(server.address) as load, Client(server.address, timeout=30) as client:
+        _wait_versions(client, "en-es", [1])
+        _copy_version(repository, "en-es", 1, 2)
+        server.process.send_signal(signal.SIGHUP)
+        _wait_versions(client, "en-es", [2])
+        assert client.translate("Amen.").version == 2
+        with pytest.raises(grpc.RpcError) as info:
+            client.translate("Amen.", version=1)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 30
+        while 2 not in load.versions and time.monotonic() < deadline:
+            time.sleep(0.05)  # the load's own calls reach version 2 too
+    assert load.errors == [] and load.versions == {1, 2}
     assert '"retired": ["en-es:1"]' in server.log()
     assert server.stop() == 0
 
