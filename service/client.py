@@ -209,7 +209,8 @@ def plot_alignment(
     path: str | Path,
     title: str = "",
 ) -> Path:
-    """Draw cross-attention [target × source] as a labelled heatmap PNG."""
+    """Draw cross-attention [target × source] as a labelled heatmap (PNG, or the format
+    the file name's suffix names)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
@@ -369,7 +370,10 @@ def translate(
     stream: Annotated[bool, typer.Option("--stream", help="Print tokens as decoded.")] = False,
     plot_alignment_to: Annotated[
         Path | None,
-        typer.Option("--plot-alignment", help="Write the first text's cross-attention PNG."),
+        typer.Option(
+            "--plot-alignment",
+            help="Write the first text's cross-attention heatmap (.png, .svg or .pdf).",
+        ),
     ] = None,
     as_json: Json = False,
 ) -> None:

@@ -7,7 +7,8 @@ the transport aborts with the result. Choices worth knowing:
   at admission because this replica is too busy to answer in the time left. It is load
   shedding, like QueueFull, and a client (or proxy) may retry it on another replica at
   once; DEADLINE_EXCEEDED would claim the caller's deadline passed, which it has not.
-* DeadlineExceeded (the deadline passed while decoding) → DEADLINE_EXCEEDED.
+* DeadlineExceeded (the deadline passed, or what is left of it is shorter than one decode
+  step, so not even an idle server could answer) → DEADLINE_EXCEEDED.
 * Cancelled → CANCELLED (the client went away; nobody reads the answer).
 * Unavailable (loading, draining) → UNAVAILABLE, which clients retry.
 * ResponseTooLarge → RESOURCE_EXHAUSTED, what grpc itself answers for a message over the

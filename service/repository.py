@@ -1,9 +1,11 @@
 """The model repository: which model versions exist on disk and which are served.
 
 Layout (export/README.md): `<root>/<name>/<version>/manifest.json`; folders whose name is
-not a number (`checkpoint/`) are ignored. Every valid version found is loaded; the highest
-number of a name is its default. `reload()` rescans and loads new versions beside the
-running ones, so a deploy never has a moment without a model. A version that disappears
+not a number (`checkpoint/`) are ignored. The newest `keep_versions` valid versions of each
+name are loaded (every one when it is None), newest first, so a broken newest version
+leaves the one before it; the highest number of a name is its default. `reload()` rescans
+and loads new versions beside the running ones, so a deploy never has a moment without a
+model. A version that disappears
 from disk (or falls out of `keep_versions`) is *retired* (by `prune()`, which the
 scheduler calls only once the new versions take traffic): new requests no longer find it,
 requests already holding it (`acquire`/`release`) finish, and when the last one leaves its

@@ -25,10 +25,10 @@ Policy (read this before tuning the budgets):
 * Deadlines: admission estimates the queue wait (EWMA of the step time × the steps until
   enough rows and cache tokens free up, simulated over the running and queued requests
   with an EWMA of observed output lengths) and refuses with DeadlineUnmeetable when it
-  exceeds the time left. A request whose deadline passes, or whose caller goes away
-  (CancelledError in the awaiting task, or a stream closed early), is removed at the next
-  step boundary and its rows freed; the caller sees DeadlineExceeded (or its own
-  cancellation) at once.
+  exceeds the time left (DeadlineExceeded when the time left is under one step). A
+  request whose deadline passes, or whose caller goes away (CancelledError in the awaiting
+  task, or a stream closed early), is removed at the next step boundary and its rows
+  freed; the caller sees DeadlineExceeded (or its own cancellation) at once.
 * stop(grace_s): new requests are refused (Unavailable); queued and running ones may
   finish within grace_s; the rest are then cancelled (streams get their partial result
   with finish reason CANCELLED, unary callers Unavailable).

@@ -9,7 +9,8 @@ Lifecycle (`serve`): bind the port with health NOT_SERVING, load and warm every 
 then SERVING. SIGTERM/SIGINT: health NOT_SERVING, new calls UNAVAILABLE, in-flight calls
 get up to drain_grace_s to finish; what is left then ends (a stream with its answer so
 far, finish reason CANCELLED; a unary call UNAVAILABLE), and the process exits 0.
-SIGHUP (or Models.Reload) loads new model versions beside the running ones.
+SIGHUP (or Models.Reload) loads new model versions beside the running ones, which retire
+once the new ones serve (beyond keep_versions) and their in-flight calls have finished.
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ class Backend(Protocol):
         """TokenEvents as decoded, then the SequenceResult (closing the iterator cancels)."""
 
     async def reload(self) -> ReloadSummary:
-        """Load new versions from the repository beside the running ones."""
+        """Load new versions from the repository beside the running ones (those they
+        replace retire once the new ones serve)."""
 
     def models(self) -> list[ModelStatus]:
         """Every loaded version, by name then version."""
@@ -875,7 +877,8 @@ class InferenceServer:
         )
 
     async def reload(self) -> ReloadSummary:
-        """Load new versions beside the running ones (one reload at a time)."""
+        """Load new versions beside the running ones, retiring those they replace (one
+        reload at a time)."""
         async with self._reload_lock:
             summary = await self.backend.reload()
             await self._set_health()

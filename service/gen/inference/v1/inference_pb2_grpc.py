@@ -299,8 +299,9 @@ class ModelsServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Reload(self, request, context):
-        """Rescan the model repository and load new versions beside the running ones
-        (requires the auth token when auth is on).
+        """Rescan the model repository and load new versions beside the running ones, which
+        retire once the new ones serve (beyond the server's keep_versions) and their requests
+        have finished (requires the auth token when auth is on).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
