@@ -153,8 +153,8 @@ class Metrics:
         )
         self.model_ready = Gauge(
             "inference_model_ready",
-            "1 when the model version serves, 0 while its folder fails to load; no series once "
-            "it is retired.",
+            "1 when the model version serves; 0 while its folder fails to load, after its "
+            "engine stopped, and at shutdown; no series once it is retired.",
             ["model", "version"],
             registry=r,
         )  # fmt: skip
