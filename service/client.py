@@ -13,11 +13,12 @@ command; SERVE_TARGET / SERVE_AUTH_TOKEN are read too.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import grpc
 import typer
@@ -280,16 +281,23 @@ Scores = Annotated[
 Json = Annotated[bool, typer.Option("--json", help="Print the raw response as JSON.")]
 
 
-def _client(
+@contextlib.contextmanager
+def _connected(
     target: str, token: str | None, ca: Path | None, timeout: float, server_name: str | None
-) -> Client:
+) -> Iterator[Client]:
+    """A client for one command; a call that fails ends the command with its status."""
     try:
-        return Client(target, token=token, ca=ca, timeout=timeout, server_name=server_name)
+        client = Client(target, token=token, ca=ca, timeout=timeout, server_name=server_name)
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--ca") from None
+    with client:
+        try:
+            yield client
+        except grpc.RpcError as error:
+            _fail(error, ca is not None)
 
 
-def _fail(error: grpc.RpcError, tls: bool) -> None:
+def _fail(error: grpc.RpcError, tls: bool) -> NoReturn:
     code = error.code() if hasattr(error, "code") else None
     details = error.details() if hasattr(error, "details") else str(error)
     typer.echo(f"error: {code.name if code else 'UNKNOWN'}: {details}", err=True)
@@ -393,21 +401,16 @@ def translate(
         return_scores=scores,
         return_alignment=plot_alignment_to is not None,
     )
-    with _client(target, token, ca, timeout, server_name) as client:
-        try:
-            if stream:
-                lasts = [
-                    _print_stream(
-                        client.translate_stream(text, model, version, **options),
-                        "", as_json, scores,
-                    )
-                    for text in texts
-                ]  # fmt: skip
-            else:
-                response = client.translate(texts, model, version, **options)
-        except grpc.RpcError as error:
-            _fail(error, ca is not None)
-            return
+    with _connected(target, token, ca, timeout, server_name) as client:
+        if stream:
+            lasts = [
+                _print_stream(
+                    client.translate_stream(text, model, version, **options), "", as_json, scores
+                )
+                for text in texts
+            ]
+        else:
+            response = client.translate(texts, model, version, **options)
     if stream:
         if plot_alignment_to is not None:  # the last chunk carries the alignment and labels
             last = lasts[0]
@@ -466,17 +469,13 @@ def generate(
         stop=stop or (),
         return_scores=scores,
     )
-    with _client(target, token, ca, timeout, server_name) as client:
-        try:
-            if stream:
-                chunks = client.generate(prompt, model, version, stream=True, **options)
-                assert not isinstance(chunks, pb.GenerateResponse)
-                _print_stream(chunks, "" if as_json else prompt, as_json, scores)
-                return
-            response = client.generate(prompt, model, version, **options)
-        except grpc.RpcError as error:
-            _fail(error, ca is not None)
+    with _connected(target, token, ca, timeout, server_name) as client:
+        if stream:
+            chunks = client.generate(prompt, model, version, stream=True, **options)
+            assert not isinstance(chunks, pb.GenerateResponse)
+            _print_stream(chunks, "" if as_json else prompt, as_json, scores)
             return
+        response = client.generate(prompt, model, version, **options)
     assert isinstance(response, pb.GenerateResponse)
     if as_json:
         _print_json(response)
@@ -497,12 +496,8 @@ def models(
     as_json: Json = False,
 ) -> None:
     """List the loaded models."""
-    with _client(target, token, ca, timeout, server_name) as client:
-        try:
-            infos = client.list_models()
-        except grpc.RpcError as error:
-            _fail(error, ca is not None)
-            return
+    with _connected(target, token, ca, timeout, server_name) as client:
+        infos = client.list_models()
     if not as_json:
         typer.echo("# name\tversion\ttask\tlanguages\tdtype\tprovider\tloaded versions\tready")
     for info in infos:
@@ -521,12 +516,8 @@ def describe(
     as_json: Json = False,
 ) -> None:
     """One model version (the latest by default): languages, limits, dtype, provider."""
-    with _client(target, token, ca, timeout, server_name) as client:
-        try:
-            info = client.describe_model(name, version)
-        except grpc.RpcError as error:
-            _fail(error, ca is not None)
-            return
+    with _connected(target, token, ca, timeout, server_name) as client:
+        info = client.describe_model(name, version)
     if as_json:
         _print_json(info)
         return
@@ -560,12 +551,8 @@ def reload(
     timeout: Timeout = 120.0,
 ) -> None:
     """Ask the server to load new model versions from its repository."""
-    with _client(target, token, ca, timeout, server_name) as client:
-        try:
-            response = client.reload()
-        except grpc.RpcError as error:
-            _fail(error, ca is not None)
-            return
+    with _connected(target, token, ca, timeout, server_name) as client:
+        response = client.reload()
     typer.echo(f"loaded: {', '.join(response.loaded) or '-'}")
     typer.echo(f"retired: {', '.join(response.retired) or '-'}")
     for folder, why in sorted(response.failed.items()):
