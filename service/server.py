@@ -33,7 +33,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from service import validation
+from service import signals, validation
 from service.domain import (
     FinishReason,
     HypothesisResult,
@@ -961,6 +961,12 @@ async def serve(settings: Settings, backend: Backend | None = None) -> int:
             task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    # A SIGTERM or SIGINT held before the loop ran (service.signals) stops it before it
+    # binds: nothing was accepted. A held SIGHUP needs nothing: start() loads the newest.
+    if set(signals.held()) & {signal.SIGTERM, signal.SIGINT}:
+        log.info("stopped before serving: a stop signal came while starting")
+        await backend.close()
+        return 0
     try:
         await server.start()
     except StartupError as error:

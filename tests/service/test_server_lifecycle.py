@@ -21,7 +21,7 @@ import pytest
 from service.client import Client
 from service.gen.inference.v1 import inference_pb2 as pb
 from service.metrics import Metrics
-from tests.conftest import ServerHandle
+from tests.conftest import ServerHandle, wait_serving
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -256,6 +256,39 @@ def test_a_missing_model_repository_exits_1_naming_the_setting(
     log = server.log()
     assert "no-such-folder is not a folder" in log and "--model-repository" in log, log
     assert "Traceback" not in log, log
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Whether process `pid` has a handler for `sig` (SigCgt in /proc/<pid>/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_while_python_still_imports_is_held_not_fatal(
+    start_server: Callable[..., ServerHandle], model_repository: Path, sig: int
+) -> None:
+    """SIGTERM before the event loop runs stops the server cleanly (exit 0, never bound);
+    SIGHUP then is not fatal either: the server starts and serves the newest versions."""
+    server = start_server(repository=model_repository, wait=False)
+    deadline = time.monotonic() + 30
+    while not _catches(server.process.pid, sig):
+        assert server.alive() and time.monotonic() < deadline, server.log()
+        time.sleep(0.002)
+    assert "listening" not in server.log()  # the signal comes before the loop's handlers
+    server.process.send_signal(sig)
+    if sig == signal.SIGTERM:
+        assert server.process.wait(timeout=60) == 0, server.log()
+        log = server.log()
+        assert "a stop signal came while starting" in log and "listening" not in log, log
+        return
+    wait_serving(server)
+    with Client(server.address) as client:
+        assert client.translate(VERSE).translations[0].hypotheses[0].text
+    assert server.stop() == 0
 
 
 def test_calls_left_at_the_end_of_the_grace_end_through_the_scheduler() -> None:
