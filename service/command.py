@@ -3,7 +3,8 @@ setting).
 
 Every field of `service.settings.Settings` is a flag (`--max-queue 256`); flags override
 environment variables (SERVE_MAX_QUEUE=256), which override the YAML file given with
-`--config` (or SERVE_CONFIG), which overrides the defaults.
+`--config` (or SERVE_CONFIG), which overrides the defaults. A SERVE_ variable that names no
+setting is refused: misspelt, it would leave the default in force without a word.
 """
 
 from __future__ import annotations

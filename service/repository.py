@@ -269,6 +269,10 @@ class ModelRepository:
 
     # --- lookup ----------------------------------------------------------------------
 
+    def names_on_disk(self) -> set[str]:
+        """Model folders that hold at least one numbered version folder, loaded or not."""
+        return set(self._scan())
+
     def names(self) -> list[str]:
         with self._lock:
             return sorted(self._models)

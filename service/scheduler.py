@@ -242,6 +242,7 @@ class _ModelLoop:
         self.idle.set()
         self.accepting = True
         self.closing = False
+        self.on_failure: Callable[[], None] | None = None  # after the worker died
         # What the event loop posts to the worker thread, which owns the batch (`_drive`).
         self._inbox: list[tuple[list[Hashable], list[BatchItem]]] = []
         self._inbox_ready = threading.Condition()
@@ -424,6 +425,8 @@ class _ModelLoop:
             self.metrics.model_ready.labels(*self.version_labels).set(0)
         self._gauges()
         self.wake.set()
+        if self.on_failure is not None:
+            self.on_failure()
 
     def _step_batches(self, event_loop: asyncio.AbstractEventLoop) -> None:
         batch = self.engine.new_batch()
@@ -673,6 +676,11 @@ class Scheduler:
         self._reload_lock: asyncio.Lock | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._failed_labels: set[tuple[str, str]] = set()  # (model, version) that failed
+        # Models readiness waits for: those on disk at start and those served since (a
+        # model folder that first appears in a reload and fails does not unready a server
+        # that serves the rest; model_ready 0 says it failed).
+        self._required: set[str] = set()
+        self._watchers: list[Callable[[], None]] = []
         self._gpus: set[int] = set()  # CUDA devices in use, for the GPU memory metric
 
     @classmethod
@@ -691,6 +699,7 @@ class Scheduler:
 
     async def start(self) -> ReloadSummary:
         """Load, warm and start every version in the repository."""
+        self._required = await asyncio.to_thread(self.repository.names_on_disk)
         summary = await self.reload()
         if not self._loops and not self._stopping:
             log.warning("no model could be loaded from %s", self.repository.root)
@@ -713,6 +722,7 @@ class Scheduler:
                 try:
                     await self._start_loop(entry)
                     loaded.append(entry.key)
+                    self._required.add(entry.name)
                 except Exception as error:
                     if self._stopping:
                         break
@@ -763,6 +773,7 @@ class Scheduler:
             except GpuMemoryUnavailable as error:
                 log.warning("no inference_gpu_memory_used_bytes: %s", error)
         loop = _ModelLoop(entry, engine, self.config, self.metrics)
+        loop.on_failure = self._serving_changed
         loop.task = asyncio.get_running_loop().create_task(
             loop.run(), name=f"model-loop-{entry.key}"
         )
@@ -983,6 +994,23 @@ class Scheduler:
             if not self._stopping
             else set()
         )
+
+    def watch(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (on the event loop) when a version stops serving on its own: its
+        engine worker died. start() and reload() report their changes by returning."""
+        self._watchers.append(callback)
+
+    def _serving_changed(self) -> None:
+        for callback in self._watchers:
+            callback()
+
+    def missing(self) -> list[str]:
+        """Models readiness waits for that have no version taking traffic: still on disk,
+        and there at start or served since."""
+        if self._stopping:
+            return sorted(self._required)
+        serving = {e.name for e in self.repository.all() if self._usable(e)}
+        return sorted((self._required & self.repository.names_on_disk()) - serving)
 
     def stats(self) -> dict[str, dict[str, float]]:
         """Per version: queue, running (held answers included), held, rows, step time

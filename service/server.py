@@ -117,6 +117,12 @@ class Backend(Protocol):
     def tasks(self) -> set[Task]:
         """Tasks with at least one loaded model (for per-service health)."""
 
+    def missing(self) -> list[str]:
+        """Models that must serve for the server to be ready ("" health) but do not."""
+
+    def watch(self, callback: Callable[[], None]) -> None:
+        """Call `callback` on the event loop when a version stops serving on its own."""
+
     async def close(self) -> None:
         """Stop decoding loops and free sessions."""
 
@@ -773,6 +779,8 @@ class InferenceServer:
         self._reload_lock = asyncio.Lock()
         self._stopped = asyncio.Event()
         self._drain_task: asyncio.Task[None] | None = None
+        self._health_updates: set[asyncio.Task[None]] = set()  # strong references
+        backend.watch(self._serving_changed)
 
         add_servicer(
             self.server, "Translator", TranslatorServicer(backend, self.transport, settings)
@@ -791,6 +799,12 @@ class InferenceServer:
             self.server,
         )
 
+    def _serving_changed(self) -> None:
+        """A version stopped serving on its own (its engine failed): health follows."""
+        task = asyncio.get_running_loop().create_task(self._set_health())
+        self._health_updates.add(task)
+        task.add_done_callback(self._health_updates.discard)
+
     async def _set_health(self) -> None:
         serving = health_pb2.HealthCheckResponse.SERVING
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -803,7 +817,14 @@ class InferenceServer:
         }
         for name, ok in per_service.items():
             await self.health.set(name, serving if ok else not_serving)
-        await self.health.set("", serving if ready and tasks else not_serving)
+        missing = self.backend.missing() if ready else []
+        if missing:
+            log.warning(
+                "not ready: no version of %s serves (model_ready and the reload's log say "
+                "why); the other services' health is per service",
+                ", ".join(missing),
+            )
+        await self.health.set("", serving if ready and tasks and not missing else not_serving)
 
     def _bind(self) -> int:
         address = f"{self.settings.host}:{self.settings.port}"

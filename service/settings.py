@@ -8,6 +8,7 @@ where it came from and what to change, e.g. "SERVE_PORT=70000: must be ≤ 65535
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -246,6 +247,7 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     Raises SettingsError with one line per problem.
     """
     given = {k: v for k, v in overrides.items() if v is not None}
+    _refuse_unknown_env()
     path = config
     if path is None and os.environ.get(CONFIG_ENV):
         path = Path(os.environ[CONFIG_ENV])
@@ -260,6 +262,31 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
         ]
         raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None
     return settings
+
+
+# SERVE_ variables that are not settings: the YAML file's path, the client's server
+# address (service.client), and `make serve`'s extra flags (make puts a variable given on
+# its command line in the environment).
+_OTHER_ENV = {CONFIG_ENV, f"{ENV_PREFIX}TARGET", f"{ENV_PREFIX}ARGS"}
+
+
+def _refuse_unknown_env() -> None:
+    """A misspelt SERVE_ variable would be ignored and its default served in silence."""
+    fields = {f"{ENV_PREFIX}{name}".upper() for name in Settings.model_fields}
+    unknown = sorted(
+        key
+        for key in os.environ
+        if key.upper().startswith(ENV_PREFIX) and key.upper() not in fields | _OTHER_ENV
+    )
+    if not unknown:
+        return
+    names = sorted(name.upper() for name in Settings.model_fields)
+    lines = []
+    for key in unknown:
+        close = difflib.get_close_matches(key[len(ENV_PREFIX) :].upper(), names, n=1)
+        hint = f"did you mean {ENV_PREFIX}{close[0]}? " if close else ""
+        lines.append(f"{key} is not a setting: {hint}`python -m service --help` lists them")
+    raise SettingsError("invalid settings:\n  " + "\n  ".join(lines))
 
 
 def _with_defaults(values: dict[str, Any]) -> type[Settings]:

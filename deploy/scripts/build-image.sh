@@ -22,7 +22,7 @@ BASE_IMAGE=${BASE_IMAGE:-localhost/transformer-serving-base:bookworm}
 PIP_CA=${PIP_CA:-/etc/ssl/certs/ca-certificates.crt}
 WHEELS_DIR=${WHEELS_DIR:-/opt/wheels}
 
-command -v buildah >/dev/null || { echo "build-image: buildah is missing (make deploy-tools)" >&2; exit 2; }
+command -v buildah >/dev/null || { echo "build-image: buildah is missing (make image-tools)" >&2; exit 2; }
 [[ -f $REPO/deploy/Dockerfile.$FLAVOUR ]] || { echo "build-image: FLAVOUR must be cpu or gpu" >&2; exit 2; }
 
 if ! buildah inspect --type image "$BASE_IMAGE" >/dev/null 2>&1; then

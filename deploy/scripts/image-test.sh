@@ -34,7 +34,7 @@ log() { printf '\n== image-test: %s\n' "$*"; }
 die() { printf 'image-test: FAILED: %s\n' "$*" >&2; exit 1; }
 
 for tool in buildah podman; do
-  command -v "$tool" >/dev/null || die "$tool is missing (make deploy-tools)"
+  command -v "$tool" >/dev/null || die "$tool is missing (make image-tools)"
 done
 
 work=$(mktemp -d /var/tmp/image-test.XXXXXX)

@@ -16,7 +16,7 @@ MIRROR=${MIRROR:-http://deb.debian.org/debian}
 PACKAGES=${PACKAGES:-python3,python3-venv,ca-certificates}
 
 for tool in debootstrap buildah; do
-  command -v "$tool" >/dev/null || { echo "make-base: $tool is missing (make deploy-tools)" >&2; exit 2; }
+  command -v "$tool" >/dev/null || { echo "make-base: $tool is missing (make image-tools)" >&2; exit 2; }
 done
 if [[ $(id -u) -ne 0 ]]; then
   echo "make-base: debootstrap needs root" >&2; exit 2

@@ -751,6 +751,59 @@ def test_model_ready_reads_0_for_a_failed_version_and_leaves_with_a_removed_one(
     run(main, s)
 
 
+def test_readiness_waits_for_every_model_on_disk_at_start_not_for_one_added_later(
+    tmp_path: Path,
+) -> None:
+    """missing() ("" health): a model whose folder was there at start and does not serve
+    keeps the server unready until a reload serves it; a model folder that first appears
+    in a reload and fails does not unready a server that serves the rest; a model removed
+    from disk is no longer waited for."""
+    root = tmp_path / "models"
+    shutil.copytree(model_repository(), root)
+    (root / LM / "1" / "tokenizer.model").rename(tmp_path / "lm-tokenizer.model")
+
+    async def main(s: Scheduler) -> None:
+        assert s.missing() == [LM]
+        (tmp_path / "lm-tokenizer.model").rename(root / LM / "1" / "tokenizer.model")
+        assert (await s.reload()).loaded == [f"{LM}:1"]
+        assert s.missing() == []
+        newcomer = root / "en-xx"
+        shutil.copytree(root / LM, newcomer)
+        assert "en-xx/1" in (await s.reload()).failed  # its manifest names en-lm
+        assert s.missing() == []
+        shutil.rmtree(newcomer)
+        shutil.rmtree(root / LM)
+        await s.reload()
+        assert s.missing() == []
+        assert Task.GENERATION not in s.tasks()
+
+    run(main, make_scheduler(root))
+
+
+def test_an_engine_that_dies_unreadies_the_server_and_tells_its_watchers() -> None:
+    """The worker of en-lm ends for good: watch() callbacks run on the event loop, and
+    missing() names the model, so health turns NOT_SERVING without a reload."""
+
+    class BrokenEngine(Engine):
+        def new_batch(self) -> Batch:
+            raise RuntimeError("device lost")
+
+    def factory(entry: ModelVersion, options: EngineOptions) -> Engine:
+        cls = BrokenEngine if entry.name == LM else Engine
+        return cls(entry.path, entry.manifest, options)
+
+    told: list[bool] = []
+
+    async def main(s: Scheduler) -> None:
+        event_loop = asyncio.get_running_loop()
+        s.watch(lambda: told.append(asyncio.get_running_loop() is event_loop))
+        await wait_until(lambda: bool(told))
+        assert told == [True]
+        assert s.missing() == [LM]
+
+    run(main, make_scheduler(factory=factory))
+
+
 def test_a_retired_version_has_no_model_ready_and_a_broken_copy_of_it_reads_0(
     tmp_path: Path,
 ) -> None:

@@ -227,6 +227,38 @@ def test_starts_not_serving_without_models(
     assert server.stop() == 0
 
 
+def test_a_model_that_fails_at_start_keeps_readiness_off_but_serves_the_other(
+    start_server: Callable[..., ServerHandle], model_repository: Path, tmp_path: Path
+) -> None:
+    """The readiness probe reads "": a rollout whose generator does not load never takes
+    traffic, while the translator's own health and calls work (and say why in the log)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    repository = _private_repository(model_repository, tmp_path)
+    for version in (repository / "en-lm").iterdir():
+        (version / "tokenizer.model").unlink()
+    server = start_server(repository=repository, wait=False)
+
+    def health(service: str) -> int | None:
+        with grpc.insecure_channel(server.address) as channel:
+            try:
+                request = health_pb2.HealthCheckRequest(service=service)
+                return int(health_pb2_grpc.HealthStub(channel).Check(request, timeout=2).status)
+            except grpc.RpcError:
+                return None
+
+    deadline = time.monotonic() + 60
+    while health("inference.v1.Translator") != health_pb2.HealthCheckResponse.SERVING:
+        assert server.alive() and time.monotonic() < deadline, server.log()
+        time.sleep(0.2)
+    assert health("") == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert health("inference.v1.Generator") == health_pb2.HealthCheckResponse.NOT_SERVING
+    with Client(server.address) as client:
+        assert client.translate(VERSE).translations[0].hypotheses[0].text
+    assert "not ready: no version of en-lm serves" in server.log()
+    assert server.stop() == 0
+
+
 @pytest.mark.parametrize(
     ("flag", "message"),
     [("--port", "cannot listen for gRPC on"), ("--metrics-port", "cannot serve metrics on")],

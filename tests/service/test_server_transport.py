@@ -52,6 +52,8 @@ class FakeBackend:
         self.cancelled: list[str] = []
         self.release = asyncio.Event()
         self.closed = False
+        self.down: list[str] = []  # what missing() reports
+        self.watchers: list[Callable[[], None]] = []
 
     async def start(self) -> ReloadSummary:
         self.release = asyncio.Event()
@@ -136,7 +138,14 @@ class FakeBackend:
         return "unknown"
 
     def tasks(self) -> set[Task]:
-        return {Task.TRANSLATION, Task.GENERATION}
+        tasks = {Task.TRANSLATION, Task.GENERATION}
+        return tasks - {Task.GENERATION} if "en-lm" in self.down else tasks
+
+    def missing(self) -> list[str]:
+        return list(self.down)
+
+    def watch(self, callback: Callable[[], None]) -> None:
+        self.watchers.append(callback)
 
     async def close(self) -> None:
         self.closed = True
@@ -623,6 +632,25 @@ def _health(address: str, service: str = "") -> int:
 def test_health_per_service(fake: InProcessServer) -> None:
     for service in ("", "inference.v1.Translator", "inference.v1.Generator", "inference.v1.Models"):
         assert _health(fake.address, service) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_model_that_stops_serving_unreadies_the_server_but_not_the_other_service() -> None:
+    """"" (readiness) needs every model; each service's own health needs its task. A
+    version that stops on its own (its engine died) tells the server through watch()."""
+    serving = health_pb2.HealthCheckResponse.SERVING
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+    server = InProcessServer()
+    try:
+        assert _health(server.address) == serving
+        server.backend.down = ["en-lm"]
+        for callback in server.backend.watchers:
+            server.loop.call_soon_threadsafe(callback)
+        _wait(lambda: _health(server.address) == not_serving)
+        assert _health(server.address, "inference.v1.Generator") == not_serving
+        assert _health(server.address, "inference.v1.Translator") == serving
+        assert _health(server.address, "inference.v1.Models") == serving
+    finally:
+        server.stop()
 
 
 def test_auth_token_required_except_health(caplog: pytest.LogCaptureFixture) -> None:

@@ -63,6 +63,26 @@ def test_precedence_flags_over_env_over_yaml(
     assert load_settings().port == 1111
 
 
+def test_a_misspelt_environment_variable_is_refused_with_the_name_it_meant(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ignored, SERVE_MAX_BATCH=3 would serve the default batch size in silence."""
+    monkeypatch.setenv("SERVE_MAX_BATCH", "3")
+    monkeypatch.setenv("serve_zzz", "1")
+    with pytest.raises(SettingsError) as error:
+        load_settings()
+    lines = str(error.value).splitlines()[1:]
+    assert lines[0].strip().startswith("SERVE_MAX_BATCH is not a setting: did you mean")
+    assert "SERVE_MAX_BATCH_SIZE?" in lines[0]
+    assert lines[1].strip().startswith("serve_zzz is not a setting: `python -m service --help`")
+    # Not settings, yet not mistakes: the client's address and `make serve`'s extra flags.
+    monkeypatch.delenv("SERVE_MAX_BATCH")
+    monkeypatch.delenv("serve_zzz")
+    monkeypatch.setenv("SERVE_TARGET", "127.0.0.1:50052")
+    monkeypatch.setenv("SERVE_ARGS", "--port 1")
+    assert load_settings(port=1234).port == 1234
+
+
 @pytest.mark.parametrize(
     ("env", "flags", "expected"),
     [
