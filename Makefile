@@ -66,8 +66,10 @@ proto: setup
 	$(PY) -m service.gen
 
 # ONNX model repository models/<name>/<version>/ from models/<name>/checkpoint/ (skips if up to date).
+# Here version 1 is the build output of the checkpoint `make train` rewrites: --replace. Publish
+# a new model beside a running one as a new version instead (deploy/README.md).
 export: setup
-	$(PY) -m export --repository models
+	$(PY) -m export --repository models --replace
 
 # ONNX vs PyTorch on the held-out test verses (needs `make data`): docs/parity.md.
 parity: export

@@ -1,12 +1,16 @@
 """`python -m export`: export models/<name>/checkpoint/ to models/<name>/<version>/.
 
 With no options every checkpoint in the repository is exported (skipped when its version
-folder is already up to date: same checkpoint, settings and export code).
+folder is already up to date: same checkpoint, name, languages, variants, options and
+EXPORT_VERSION). A version folder that holds another model is not rewritten without
+--replace: publish a new version number instead.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -43,6 +47,10 @@ def main(
         "fp32,fp16,int8"
     ),
     force: Annotated[bool, typer.Option(help="Rebuild even when up to date.")] = False,
+    replace: Annotated[
+        bool,
+        typer.Option(help="Rewrite a version folder that holds another model (new weights)."),
+    ] = False,
     exporter: Annotated[
         str, typer.Option(help="torch.onnx path: dynamo (default) or torchscript (faster).")
     ] = "dynamo",
@@ -59,8 +67,11 @@ def main(
     if exporter not in ("dynamo", "torchscript"):
         raise typer.BadParameter(f"--exporter must be dynamo or torchscript, got {exporter!r}")
     logging.getLogger().setLevel(logging.ERROR)  # quantization's advice to pre-process
+    # SIGTERM unwinds like Ctrl-C: the half-built version folder is removed on the way out.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     from export.onnx_export import ExportError, export_model, find_checkpoints
+    from transformer.config import ConfigError
 
     if checkpoint is not None:
         if name and len(name) > 1:
@@ -73,7 +84,10 @@ def main(
         except ExportError as error:
             raise typer.BadParameter(str(error)) from error
         if not targets:
-            typer.echo(f"no checkpoints under {repository}/<name>/checkpoint/: nothing to export")
+            typer.echo(
+                f"no checkpoints under {repository}/<name>/checkpoint/: nothing to export",
+                err=True,
+            )
             raise typer.Exit(1)
     for model_name, ckpt in targets.items():
         out = repository / model_name / str(version)
@@ -84,6 +98,7 @@ def main(
                 out,
                 chosen,
                 force=force,
+                replace=replace,
                 name=model_name,
                 version=version,
                 source_language=source_language,
@@ -91,8 +106,11 @@ def main(
                 exporter=exporter,  # type: ignore[arg-type]
                 optimize=optimize,
             )
-        except ExportError as error:
+        except (ExportError, ConfigError) as error:
             typer.echo(f"{model_name}: {error}", err=True)
+            raise typer.Exit(1) from error
+        except OSError as error:  # a folder that cannot be written, a path that is a file
+            typer.echo(f"{model_name}: cannot write {out}: {error}", err=True)
             raise typer.Exit(1) from error
         what = "exported" if rebuilt else "up to date"
         typer.echo(

@@ -5,9 +5,11 @@ Pipeline per graph (export/README.md is the contract):
 * fp32: torch.onnx.export of the export.graphs wrapper, then onnxruntime's offline
   optimizations (ORT_ENABLE_EXTENDED on the CPU provider: LayerNorm/Gelu/MatMul fusions;
   every fused op it emits also has a CUDA kernel).
-* int8: onnxruntime.quantization.quantize_dynamic of the fp32 export (int8 weights,
-  activations quantized per call), then the same offline optimizations (which fuse
-  DynamicQuantizeMatMul for the CPU).
+* int8: the fp32 export, constant-folded (ORT_ENABLE_BASIC), with every MatMul weight
+  quantized to 8 bits in blocks of 32 (onnxruntime's MatMulNBits, symmetric) at accuracy
+  level 4: the CPU kernel quantizes each row of activations by itself, so an answer does
+  not depend on the rows that share its batch (quantize_dynamic scales them over the
+  whole batch); then the same offline optimizations.
 * fp16: exported from a half-precision copy of the model, so the graph's float inputs and
   outputs (cache included) are float16 and no Cast sits at the cache; no offline
   optimization: a CPU session inserts float32 Casts around every op it has no fp16
@@ -72,11 +74,16 @@ from transformer.checkpoint import CONFIG, TOKENIZER, WEIGHTS, load_checkpoint
 from transformer.config import TransformerConfig
 from transformer.model import Model
 
+log = logging.getLogger(__name__)
+
 # Bumped when the graphs change (2: cache write as ScatterND; 3: the decoder returns the
 # new keys and values only, the caller writes its cache; 4: per-layer cache inputs, fp16
-# saved without CPU casts),
+# saved without CPU casts; 5: int8 as MatMulNBits with activations quantized per row),
 # so `make export` rebuilds versions made by older code.
-EXPORT_VERSION = "4"
+EXPORT_VERSION = "5"
+# int8 (MatMulNBits): weight bits, weights per scale, and accuracy level 4 = int8 compute
+# with each activation row quantized in blocks of its own.
+INT8_BITS, INT8_BLOCK, INT8_ACCURACY = 8, 32, 4
 OPSET = 18
 EXPORT_SETTINGS = "export.json"
 Exporter = Literal["dynamo", "torchscript"]
@@ -208,16 +215,24 @@ def _ort_optimize(src: Path, dst: Path, level: ort.GraphOptimizationLevel) -> No
 
 
 def _quantize_int8(src: Path, dst: Path) -> None:
-    """Dynamic quantization: int8 weights of MatMul (and the embedding Gather), float I/O."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
+    """int8 weights of every MatMul with constant weights (MatMulNBits), float I/O."""
     root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # silence its advice to run shape pre-processing
+    level, handlers = root.level, list(root.handlers)
+    # Its import calls logging.basicConfig(level=INFO): undone below, with its line per node.
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    root.handlers[:] = handlers
+    root.setLevel(logging.ERROR)
     try:
-        quantize_dynamic(
-            src, dst, weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True}
+        quantizer = MatMulNBitsQuantizer(
+            onnx.load(str(src)),
+            bits=INT8_BITS,
+            block_size=INT8_BLOCK,
+            is_symmetric=True,
+            accuracy_level=INT8_ACCURACY,
         )
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
     finally:
         root.setLevel(level)
 
@@ -294,10 +309,20 @@ def _limits(config: TransformerConfig, settings: ExportSettings) -> Limits:
     return Limits(**base)
 
 
+# The fingerprint keys that say which model a version holds; the others say how it was built.
+MODEL_KEYS = (CONFIG, WEIGHTS, TOKENIZER, EXPORT_SETTINGS, "name", "languages")
+
+
 def fingerprint(
-    checkpoint_dir: Path, variants: Sequence[str], exporter: Exporter, optimize: bool
+    checkpoint_dir: Path,
+    variants: Sequence[str],
+    exporter: Exporter,
+    optimize: bool,
+    name: str,
+    languages: tuple[str | None, str | None] = (None, None),
 ) -> dict[str, str]:
-    """What a version is built from: when it changes, the version is out of date."""
+    """What a version is built from: when it changes, the version is out of date. The
+    languages are the overrides asked for (unset ones come from export.json or the name)."""
     ckpt = Path(checkpoint_dir)
     result = {
         name: file_sha256(ckpt / name)
@@ -308,22 +333,13 @@ def fingerprint(
         if (folder / EXPORT_SETTINGS).is_file():
             result[EXPORT_SETTINGS] = file_sha256(folder / EXPORT_SETTINGS)
             break
+    result["name"] = name
+    result["languages"] = "->".join(language or "" for language in languages)
     result["export_version"] = EXPORT_VERSION
     result["variants"] = ",".join(sorted(variants))
     result["exporter"] = exporter
     result["optimize"] = str(optimize)
     return result
-
-
-def is_up_to_date(version_dir: Path, expected_source: dict[str, str]) -> bool:
-    """A version folder that loads cleanly and was built from exactly these inputs."""
-    if not (version_dir / MANIFEST).is_file():
-        return False
-    try:
-        manifest = load_manifest(version_dir)
-    except ManifestError:
-        return False
-    return manifest.source == expected_source
 
 
 def _tools(exporter: Exporter) -> dict[str, str]:
@@ -406,10 +422,13 @@ def _export_checkpoint(
     source, target = _languages(task, name, settings, source_language, target_language)
     limits = _limits(config, settings)
     tokenizer_sha = file_sha256(ckpt / TOKENIZER)
-    source_fp = fingerprint(ckpt, chosen, exporter, optimize)
+    source_fp = fingerprint(
+        ckpt, chosen, exporter, optimize, name, (source_language, target_language)
+    )
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    _remove_stale(out)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     work.chmod(0o755)  # mkdtemp makes it private; the server may run as another user
     try:
         raw = work / ".raw"
@@ -425,17 +444,21 @@ def _export_checkpoint(
             for variant in chosen:
                 rel = f"{variant}/{graph}.onnx"
                 dst = work / rel
-                level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
                 if variant == "fp32":
                     src = fp32_raw
                 elif variant == "int8":
+                    # Constant folding first: a tied output projection reaches its MatMul
+                    # through a Transpose, and MatMulNBits needs a constant weight; before
+                    # the fusions, which would hide some MatMuls in FusedMatMul.
+                    folded = raw / f"{graph}.fp32.folded.onnx"
+                    _ort_optimize(fp32_raw, folded, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
                     src = raw / f"{graph}.int8.onnx"
-                    _quantize_int8(fp32_raw, src)
+                    _quantize_int8(folded, src)
                 else:
                     src = raw / f"{graph}.fp16.onnx"
                     _export_graph(half[graph], config, graph, src, "fp16", exporter)
                 if optimize and variant != "fp16":
-                    _ort_optimize(src, dst, level)
+                    _ort_optimize(src, dst, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
                 else:
                     shutil.copyfile(src, dst)
                 expected = graph_io(
@@ -498,6 +521,23 @@ def _export_checkpoint(
     return manifest
 
 
+def _remove_stale(out: Path) -> None:
+    """Remove the hidden build and swap folders of `out` left by exports that died (their
+    names carry the exporting process's id)."""
+    for path in out.parent.glob(f".{out.name}.*-*-*"):
+        kind, _, rest = path.name[len(out.name) + 2 :].partition("-")
+        pid = rest.partition("-")[0]
+        if kind not in ("tmp", "old") or not pid.isdigit() or not path.is_dir():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            log.info("removing %s, left by an export that did not finish", path)
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:
+            pass  # another user's process is alive with that id
+
+
 def _replace_dir(new: Path, target: Path) -> None:
     """Move `new` to `target`, replacing an older folder with two renames."""
     old = None
@@ -533,15 +573,45 @@ def export_model(
     version_dir: Path,
     variants: Sequence[str] = VARIANTS,
     force: bool = False,
+    replace: bool = False,
     **kwargs: Any,
 ) -> tuple[Manifest, bool]:
-    """export_checkpoint unless version_dir is already up to date; (manifest, rebuilt)."""
+    """export_checkpoint unless version_dir is already up to date; (manifest, rebuilt).
+
+    A version number names one model: a folder built from another checkpoint, name or
+    languages is not rewritten unless `replace` (a server that loaded it would go on
+    serving the old one under the same number). One built from the same model by other
+    code or options is rebuilt in place."""
     exporter = kwargs.get("exporter", DEFAULT_EXPORTER)
     optimize = kwargs.get("optimize", True)
-    expected = fingerprint(checkpoint_dir, list(dict.fromkeys(variants)), exporter, optimize)
-    if not force and is_up_to_date(version_dir, expected):
+    name = kwargs.get("name") or Path(version_dir).resolve().parent.name
+    languages = (kwargs.get("source_language"), kwargs.get("target_language"))
+    expected = fingerprint(
+        checkpoint_dir, list(dict.fromkeys(variants)), exporter, optimize, name, languages
+    )
+    existing = _existing_source(Path(version_dir))
+    if not force and existing == expected:
         return load_manifest(version_dir), False
+    changed = [k for k in MODEL_KEYS if existing is not None and existing.get(k) != expected.get(k)]
+    if changed and not replace:
+        version = Path(version_dir).name
+        raise ExportError(
+            f"{version_dir} holds another model (changed: {', '.join(changed)}); a version "
+            "number is published once: export it as a new version (--version "
+            f"{int(version) + 1 if version.isdigit() else 'N+1'}), or pass --replace to "
+            "rewrite this one"
+        )
     return export_checkpoint(checkpoint_dir, version_dir, variants, **kwargs), True
+
+
+def _existing_source(version_dir: Path) -> dict[str, str] | None:
+    """The fingerprint a version folder was built from (None: none there, or unreadable)."""
+    if not (version_dir / MANIFEST).is_file():
+        return None
+    try:
+        return load_manifest(version_dir).source
+    except ManifestError:
+        return None
 
 
 __all__ = [
@@ -555,6 +625,5 @@ __all__ = [
     "export_model",
     "find_checkpoints",
     "fingerprint",
-    "is_up_to_date",
     "read_settings",
 ]

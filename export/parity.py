@@ -100,7 +100,7 @@ def check_model(
         greedy_translate,
         teacher_forced_logits,
     )
-    from transformer.checkpoint import load_checkpoint
+    from transformer.checkpoint import CONFIG, TOKENIZER, WEIGHTS, file_sha256, load_checkpoint
     from transformer.data import load_lines, load_pairs
     from transformer.decoding import DecodingOptions, generate, translate
 
@@ -109,11 +109,17 @@ def check_model(
             typer.echo(message, err=True)
 
     manifest = load_manifest(version_dir)
-    model = load_checkpoint(checkpoint_dir)
-    if model.config.to_dict() != manifest.config:
+    stale = [
+        name
+        for name in (CONFIG, WEIGHTS, TOKENIZER)
+        if manifest.source.get(name) != file_sha256(Path(checkpoint_dir) / name)
+    ]
+    if stale:
         raise typer.BadParameter(
-            f"{checkpoint_dir} no longer matches {version_dir} (config differs): re-export"
+            f"{checkpoint_dir} no longer matches {version_dir} ({', '.join(stale)} changed "
+            "since the export): re-export"
         )
+    model = load_checkpoint(checkpoint_dir)
     if threads:
         torch.set_num_threads(threads)
     sp = spm.SentencePieceProcessor(model_file=str(version_dir / manifest.tokenizer.path))

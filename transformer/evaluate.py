@@ -52,6 +52,13 @@ def translate_texts(
     return [out[i] for i in range(len(texts))]
 
 
+def _trained(checkpoint: Path) -> str:
+    """The card's line on how little training went in, from training.json."""
+    training = _training(checkpoint)
+    minutes = training.get("wall_time_s", 0) / 60
+    return f"Small model, trained for {minutes:.0f} min ({training.get('hardware', '?')})."
+
+
 def _card_header(name: str, checkpoint: Path, model: torch.nn.Module) -> list[str]:
     training = _training(checkpoint)
     config = json.loads((checkpoint / "config.json").read_text())
@@ -160,7 +167,7 @@ def evaluate_translator(
         "## Limits",
         "",
         "Bible-domain only: archaic register, verse-length inputs (longer inputs are refused "
-        "by the service, never truncated). Small model trained briefly on 2 CPU cores.",
+        f"by the service, never truncated). {_trained(checkpoint)}",
         "",
     ]
     (name_dir / "README.md").write_text("\n".join(lines))
@@ -204,7 +211,7 @@ def evaluate_lm(
         "verses": len(lines_text),
         "tokens": total_tokens,
         "perplexity": round(ppl, 2),
-        "sampling": "temperature 0.8, top_p 0.9, seed 0, 40 new tokens",
+        "sampling": f"temperature 0.8, top_p 0.9, seed {seed}, 40 new tokens",
     }
     name_dir = checkpoint.parent
     (name_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -224,7 +231,7 @@ def evaluate_lm(
     ]
     for prompt, cont in zip(prompts, continuations, strict=True):
         card.append(f"- *{prompt}* → {cont}")
-    card += ["", "## Limits", "", "Bible-domain English only; small and briefly trained.", ""]
+    card += ["", "## Limits", "", f"Bible-domain English only. {_trained(checkpoint)}", ""]
     (name_dir / "README.md").write_text("\n".join(card))
     typer.echo(json.dumps(result, indent=2))
 

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import onnxruntime as ort
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from export.__main__ import app as export_app
@@ -44,12 +50,80 @@ def test_export_skips_when_up_to_date_and_force_rebuilds(exported, tmp_path: Pat
     forced = runner.invoke(export_app, [*args, "--force", "--version", "2"])
     assert forced.exit_code == 0 and "exported" in forced.output
     assert load_manifest(repo / "en-lm" / "2").version == 2
-    # A new checkpoint (here: a changed export.json) makes version 1 out of date.
+    # Other variants of the same model: version 1 is rebuilt in place.
+    more = runner.invoke(export_app, [*args[:-4], "--variants", "fp32,int8", *args[-2:]])
+    assert more.exit_code == 0 and "exported" in more.output
+    assert sorted(load_manifest(repo / "en-lm" / "1").variants) == ["fp32", "int8"]
+    # Another model (here: a changed export.json) is not written over version 1 ...
     (repo / "en-lm" / "export.json").write_text(json.dumps({"limits": {"max_new_tokens": 8}}))
     third = runner.invoke(export_app, args)
-    assert "exported" in third.output
+    assert third.exit_code == 1
+    assert "holds another model (changed: export.json)" in third.output
+    assert "--version 2" in third.output and "--replace" in third.output
+    assert load_manifest(repo / "en-lm" / "1").limits.max_new_tokens != 8
+    # ... unless asked to.
+    replaced = runner.invoke(export_app, [*args, "--replace"])
+    assert replaced.exit_code == 0 and "exported" in replaced.output
     assert load_manifest(repo / "en-lm" / "1").limits.max_new_tokens == 8
     assert not [p for p in (repo / "en-lm").iterdir() if p.name.startswith(".")]
+
+
+def test_language_overrides_are_part_of_what_a_version_is_built_from(
+    exported, tmp_path: Path
+) -> None:
+    """Asking for other languages is asking for another model, not an up-to-date one."""
+    repo = tmp_path / "models"
+    shutil.copytree(exported("translator-pre").checkpoint, repo / "en-es" / "checkpoint")
+    args = ["--repository", str(repo), "--variants", "fp32", "--exporter", "torchscript"]
+    assert runner.invoke(export_app, args).exit_code == 0
+    other = [*args, "--source-language", "fr", "--target-language", "de"]
+    refused = runner.invoke(export_app, other)
+    assert refused.exit_code == 1 and "changed: languages" in refused.output
+    assert runner.invoke(export_app, [*other, "--replace"]).exit_code == 0
+    manifest = load_manifest(repo / "en-es" / "1")
+    assert (manifest.source_language, manifest.target_language) == ("fr", "de")
+    assert "up to date" in runner.invoke(export_app, other).output
+
+
+def test_export_errors_are_one_line_not_a_traceback(exported, tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    checkpoint = repo / "en-lm" / "checkpoint"
+    shutil.copytree(exported("lm-post").checkpoint, checkpoint)
+    args = ["--repository", str(repo), "--variants", "fp32", "--exporter", "torchscript"]
+    (repo / "lm-xx").write_text("a file where the model folder goes")
+    blocked = runner.invoke(export_app, [*args, "--checkpoint", str(checkpoint), "--name", "lm-xx"])
+    assert blocked.exit_code == 1 and blocked.output.startswith("lm-xx: cannot write")
+    assert "Traceback" not in blocked.output and len(blocked.output.splitlines()) == 1
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps({**config, "arch": "nope"}))
+    bad = runner.invoke(export_app, args)
+    assert bad.exit_code == 1 and bad.output.startswith("en-lm: ") and "arch" in bad.output
+    assert "Traceback" not in bad.output and len(bad.output.splitlines()) == 1
+
+
+def test_a_killed_export_leaves_nothing_behind(exported, tmp_path: Path) -> None:
+    """SIGTERM unwinds the export (its build folder goes); a build folder left by an export
+    that died harder (SIGKILL) is removed by the next export of that version."""
+    repo = tmp_path / "models"
+    shutil.copytree(exported("lm-post").checkpoint, repo / "en-lm" / "checkpoint")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = repo / "en-lm" / f".1.tmp-{dead.pid}-abc"
+    stale.mkdir()
+    alive = repo / "en-lm" / f".1.tmp-{os.getpid()}-abc"  # an export still running
+    alive.mkdir()
+    command = [sys.executable, "-m", "export", "--repository", str(repo), "--variants",
+               "fp32,int8", "--exporter", "torchscript"]  # fmt: skip
+    process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any(p.name.startswith(".1.tmp-") and p not in (stale, alive)
+                  for p in (repo / "en-lm").iterdir()):  # fmt: skip
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(60) == 128 + signal.SIGTERM
+    left = sorted(p.name for p in (repo / "en-lm").iterdir())
+    assert left == sorted(["checkpoint", alive.name]), left
 
 
 def test_export_unknown_name_fails_clearly(tmp_path: Path) -> None:
@@ -96,6 +170,22 @@ def test_gpu_check_iobinding_path_on_cpu(exported, kind: str) -> None:
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "| fp32 | 0.00e+00 | 6/6 |" in result.output
+
+
+def test_parity_refuses_a_checkpoint_changed_since_the_export(exported, tmp_path: Path) -> None:
+    """Stale exports are named as such, not reported as a parity failure."""
+    e = exported("lm-post")
+    version_dir = tmp_path / "en-lm" / "1"
+    shutil.copytree(e.version_dir, version_dir)
+    checkpoint = tmp_path / "en-lm" / "checkpoint"
+    shutil.copytree(e.checkpoint, checkpoint)
+    with (checkpoint / "model.safetensors").open("ab") as weights:
+        weights.write(b" ")
+    with pytest.raises(typer.BadParameter, match=r"model.safetensors changed .*re-export"):
+        check_model(
+            version_dir, checkpoint, tmp_path, verses=2, logit_verses=1, variants=None,
+            batch_size=2, max_new_tokens=4, threads=1, log=False,
+        )  # fmt: skip
 
 
 def test_parity_report_on_fixture_verses(exported, tmp_path: Path) -> None:
