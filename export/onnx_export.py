@@ -5,11 +5,9 @@ Pipeline per graph (export/README.md is the contract):
 * fp32: torch.onnx.export of the export.graphs wrapper, then onnxruntime's offline
   optimizations (ORT_ENABLE_EXTENDED on the CPU provider: LayerNorm/Gelu/MatMul fusions;
   every fused op it emits also has a CUDA kernel).
-* int8: the fp32 export, constant-folded (ORT_ENABLE_BASIC), with every MatMul weight
-  quantized to 8 bits in blocks of 32 (onnxruntime's MatMulNBits, symmetric) at accuracy
-  level 4: the CPU kernel quantizes each row of activations by itself, so an answer does
-  not depend on the rows that share its batch (quantize_dynamic scales them over the
-  whole batch); then the same offline optimizations.
+* int8: onnxruntime.quantization.quantize_dynamic of the fp32 export (int8 weights,
+  activations quantized per call), then the same offline optimizations (which fuse
+  DynamicQuantizeMatMul for the CPU).
 * fp16: exported from a half-precision copy of the model, so the graph's float inputs and
   outputs (cache included) are float16 and no Cast sits at the cache; no offline
   optimization: a CPU session inserts float32 Casts around every op it has no fp16
@@ -78,12 +76,9 @@ log = logging.getLogger(__name__)
 
 # Bumped when the graphs change (2: cache write as ScatterND; 3: the decoder returns the
 # new keys and values only, the caller writes its cache; 4: per-layer cache inputs, fp16
-# saved without CPU casts; 5: int8 as MatMulNBits with activations quantized per row),
+# saved without CPU casts),
 # so `make export` rebuilds versions made by older code.
-EXPORT_VERSION = "5"
-# int8 (MatMulNBits): weight bits, weights per scale, and accuracy level 4 = int8 compute
-# with each activation row quantized in blocks of its own.
-INT8_BITS, INT8_BLOCK, INT8_ACCURACY = 8, 32, 4
+EXPORT_VERSION = "4"
 OPSET = 18
 EXPORT_SETTINGS = "export.json"
 Exporter = Literal["dynamo", "torchscript"]
@@ -215,24 +210,16 @@ def _ort_optimize(src: Path, dst: Path, level: ort.GraphOptimizationLevel) -> No
 
 
 def _quantize_int8(src: Path, dst: Path) -> None:
-    """int8 weights of every MatMul with constant weights (MatMulNBits), float I/O."""
-    root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
-    # Its import calls logging.basicConfig(level=INFO): undone below, with its line per node.
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    """Dynamic quantization: int8 weights of MatMul (and the embedding Gather), float I/O."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    root.handlers[:] = handlers
-    root.setLevel(logging.ERROR)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # silence its advice to run shape pre-processing
     try:
-        quantizer = MatMulNBitsQuantizer(
-            onnx.load(str(src)),
-            bits=INT8_BITS,
-            block_size=INT8_BLOCK,
-            is_symmetric=True,
-            accuracy_level=INT8_ACCURACY,
+        quantize_dynamic(
+            src, dst, weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True}
         )
-        quantizer.process()
-        quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
     finally:
         root.setLevel(level)
 
@@ -447,13 +434,8 @@ def _export_checkpoint(
                 if variant == "fp32":
                     src = fp32_raw
                 elif variant == "int8":
-                    # Constant folding first: a tied output projection reaches its MatMul
-                    # through a Transpose, and MatMulNBits needs a constant weight; before
-                    # the fusions, which would hide some MatMuls in FusedMatMul.
-                    folded = raw / f"{graph}.fp32.folded.onnx"
-                    _ort_optimize(fp32_raw, folded, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
                     src = raw / f"{graph}.int8.onnx"
-                    _quantize_int8(folded, src)
+                    _quantize_int8(fp32_raw, src)
                 else:
                     src = raw / f"{graph}.fp16.onnx"
                     _export_graph(half[graph], config, graph, src, "fp16", exporter)
@@ -590,6 +572,8 @@ def export_model(
         checkpoint_dir, list(dict.fromkeys(variants)), exporter, optimize, name, languages
     )
     existing = _existing_source(Path(version_dir))
+    if existing is not None:  # exported before the fingerprint had these: taken as asked
+        existing = {key: expected[key] for key in ("name", "languages")} | existing
     if not force and existing == expected:
         return load_manifest(version_dir), False
     changed = [k for k in MODEL_KEYS if existing is not None and existing.get(k) != expected.get(k)]

@@ -83,6 +83,14 @@ def test_language_overrides_are_part_of_what_a_version_is_built_from(
     manifest = load_manifest(repo / "en-es" / "1")
     assert (manifest.source_language, manifest.target_language) == ("fr", "de")
     assert "up to date" in runner.invoke(export_app, other).output
+    # A version exported before the fingerprint had the name and languages is taken as
+    # built with those asked for now: up to date, not refused as another model.
+    manifest_file = repo / "en-es" / "1" / "manifest.json"
+    written = json.loads(manifest_file.read_text())
+    del written["source"]["name"], written["source"]["languages"]
+    manifest_file.write_text(json.dumps(written))
+    again = runner.invoke(export_app, other)
+    assert again.exit_code == 0 and "up to date" in again.output
 
 
 def test_export_errors_are_one_line_not_a_traceback(exported, tmp_path: Path) -> None:
