@@ -230,12 +230,6 @@ def texts(values: Sequence[str], limits: RequestLimits) -> list[str]:
     return [text(f"texts[{i}]", v, limits) for i, v in enumerate(values)]
 
 
-def input_tokens(field_name: str, count: int, limit: int) -> None:
-    """Refuse a tokenized input longer than the limit (settings or the model's, the lower)."""
-    if count > limit:
-        raise InvalidArgument(field_name, f"{count} tokens exceed max_input_tokens {limit}")
-
-
 def version(value: int) -> int | None:
     """proto version 0 means the latest loaded."""
     return value or None
