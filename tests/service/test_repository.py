@@ -186,3 +186,56 @@ def test_keep_versions_falls_back_past_a_broken_newest_version(root: Path) -> No
     result = repo.reload()
     assert str(broken) in result.failed
     assert repo.versions(LM) == [2] and repo.versions(TRANSLATOR) == [1]
+
+
+def test_keep_versions_loads_only_the_newest_at_first_scan(root: Path) -> None:
+    """With keep_versions=1 and versions 1 and 2 on disk, the first scan loads version 2
+    alone: version 1 is never loaded (nor loaded and retired at once)."""
+    copy_version(root, LM, 1, 2)
+    repo = ModelRepository(root, keep_versions=1)
+    result = repo.reload()
+    assert sorted(e.key for e in result.loaded) == [f"{TRANSLATOR}:1", f"{LM}:2"]
+    assert result.retired == [] and result.failed == {}
+    assert repo.versions(LM) == [2]
+
+
+def test_a_manifest_naming_another_model_is_not_loaded(root: Path) -> None:
+    """other/1 holding en-es's manifest is reported (naming both) and not served as
+    "other" (nor as en-es)."""
+    shutil.copytree(root / TRANSLATOR / "1", root / "other" / "1")
+    repo = ModelRepository(root)
+    result = repo.reload()
+    folder = str(root / "other" / "1")
+    assert list(result.failed) == [folder]
+    assert f"names model '{TRANSLATOR}', the folder is 'other'" in result.failed[folder]
+    assert sorted(e.key for e in result.loaded) == [f"{TRANSLATOR}:1", f"{LM}:1"]
+    assert repo.names() == [TRANSLATOR, LM]
+    assert "other" in repo.names_on_disk()
+
+
+@pytest.mark.parametrize("held", [False, True])
+def test_a_failing_drain_hook_does_not_stop_the_others(
+    root: Path, held: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A drain hook that raises is logged; the hooks after it still run, and neither
+    retire() nor the last release() raises."""
+    repo = ModelRepository(root)
+    repo.reload()
+    entry = repo.get(LM)
+    if held:
+        entry.acquire()
+    called: list[str] = []
+
+    def failing(version: ModelVersion) -> None:
+        called.append("failing")
+        raise RuntimeError("hook broke")
+
+    entry.on_drained(failing)
+    entry.on_drained(lambda version: called.append(version.key))
+    entry.retire()
+    if held:
+        assert called == []  # still in flight
+        entry.release()
+    assert called == ["failing", f"{LM}:1"]
+    assert entry.drained
+    assert f"drain hook of {LM}:1 failed" in caplog.text

@@ -342,6 +342,13 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], str]] = [
     ("stop", {"stop": ["x"] * 9}, "9 strings exceed the limit 8"),
     ("stop[1]", {"stop": ["ok", "y" * 65]}, "65 characters exceed the limit 64"),
     ("stop[0]", {"stop": [""]}, "stop[0]: is empty"),
+    # One beyond each upper limit, named with the limit (those values themselves are
+    # accepted: test_options_at_their_limits_are_accepted_and_kept).
+    ("temperature", {"temperature": 101.0}, "101.0 exceeds the limit 100.0"),
+    # float32's next value above 100: the limit is tight, not "about 100".
+    ("temperature", {"temperature": 100.00001}, "exceeds the limit 100.0"),
+    ("top_k", {"temperature": 1.0, "top_k": (1 << 20) + 1}, "1048577 exceeds the limit 1048576"),
+    ("length_penalty", {"beam_size": 2, "length_penalty": 10.5}, "must be in [0, 10.0], got 10.5"),
 ]
 
 
@@ -357,6 +364,30 @@ def test_bad_translate_requests_are_invalid_argument(
     assert _code(error) == grpc.StatusCode.INVALID_ARGUMENT
     details = error.value.details()  # type: ignore[attr-defined]
     assert field in details and message in details, details
+
+
+# Each option at its documented limit: accepted, and the value reaches the backend as given.
+AT_THE_LIMIT: list[tuple[dict[str, Any], dict[str, Any]]] = [
+    ({"max_new_tokens": 32}, {"max_new_tokens": 32}),  # the server's max_new_tokens
+    ({"beam_size": 4, "n_best": 4}, {"beam_size": 4, "n_best": 4}),  # max_beam_size
+    ({"beam_size": 2, "length_penalty": 0.0}, {"beam_size": 2, "length_penalty": 0.0}),
+    ({"beam_size": 2, "length_penalty": 10.0}, {"beam_size": 2, "length_penalty": 10.0}),
+    ({"temperature": 100.0}, {"temperature": 100.0}),
+    ({"temperature": 1.0, "top_k": 1 << 20}, {"top_k": 1 << 20}),
+]
+
+
+@pytest.mark.parametrize(("request_args", "expected"), AT_THE_LIMIT)
+def test_options_at_their_limits_are_accepted_and_kept(
+    client: Client, fake: InProcessServer, request_args: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    response = client.translator.Translate(
+        pb.TranslateRequest(texts=["In the beginning"], options=decoding_options(**request_args)),
+        timeout=5,
+    )
+    assert response.translations[0].hypotheses[0].text == "IN THE BEGINNING"
+    params = fake.backend.requests[-1].params
+    assert {key: getattr(params, key) for key in expected} == expected
 
 
 def test_runs_of_spaces_do_not_count_against_the_length_bound(client: Client) -> None:
@@ -470,6 +501,34 @@ def test_an_answer_over_the_max_message_size_is_refused_and_counted() -> None:
         assert server.counter("Translate", "en-es", "RESOURCE_EXHAUSTED") == 1
         assert server.counter("TranslateStream", "en-es", "RESOURCE_EXHAUSTED") == 1
         assert server.counter("Translate", "en-es", "OK") == 1
+    finally:
+        server.stop()
+
+
+def test_the_max_message_size_is_a_tight_bound(fake: InProcessServer) -> None:
+    """An answer of exactly max_message_bytes goes out; one byte more is refused by the
+    transport (RESOURCE_EXHAUSTED, counted as such), not only answers far over it."""
+
+    def texts(n: int) -> list[str]:
+        return ["a" * 400, "b" * 400, "c" * n]
+
+    with Client(fake.address, timeout=10) as c:  # the module's server: a 4 MiB limit
+        size = c.translate(texts(300)).ByteSize()
+        assert c.translate(texts(301)).ByteSize() == size + 1 and size >= 1024
+    server = InProcessServer(max_message_bytes=size)
+    try:
+        with Client(server.address, timeout=10) as c:
+            assert c.translate(texts(300)).ByteSize() == size  # exactly the limit
+            with pytest.raises(grpc.RpcError) as error:
+                c.translate(texts(301))
+            assert _code(error) == grpc.StatusCode.RESOURCE_EXHAUSTED
+            details = error.value.details()  # type: ignore[attr-defined]
+            assert (
+                f"the answer is {size + 1:,} bytes, over the server's max message size of {size:,}"
+                in details
+            )
+        assert server.counter("Translate", "en-es", "OK") == 1
+        assert server.counter("Translate", "en-es", "RESOURCE_EXHAUSTED") == 1
     finally:
         server.stop()
 
@@ -686,6 +745,92 @@ def test_auth_token_required_except_health(caplog: pytest.LogCaptureFixture) -> 
         server.stop()
 
 
+@pytest.mark.parametrize("header", [f"Basic {TOKEN}", f"Token {TOKEN}", "Bearer", f"Bearer{TOKEN}"])
+def test_the_right_token_under_another_scheme_is_unauthenticated(header: str) -> None:
+    """Only `Bearer <token>` authenticates: the right token after another scheme (or with
+    no scheme separated from it) does not reach the backend."""
+    server = InProcessServer(auth_token=TOKEN)
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            from service.gen.inference.v1 import inference_pb2_grpc as pb_grpc
+
+            stub = pb_grpc.TranslatorStub(channel)
+            with pytest.raises(grpc.RpcError) as error:
+                stub.Translate(
+                    pb.TranslateRequest(texts=["x"]),
+                    metadata=[("authorization", header)],
+                    timeout=5,
+                )
+            assert _code(error) == grpc.StatusCode.UNAUTHENTICATED
+            assert "must read `Bearer <token>`" in error.value.details()  # type: ignore[attr-defined]
+            # The same token as a bearer token is accepted.
+            stub.Translate(
+                pb.TranslateRequest(texts=["x"]),
+                metadata=[("authorization", f"Bearer {TOKEN}")],
+                timeout=5,
+            )
+        assert [r.text for r in server.backend.requests] == ["x"]
+        assert server.counter("Translate", "unknown", "UNAUTHENTICATED") == 1
+    finally:
+        server.stop()
+
+
+def test_before_the_models_load_inference_is_unavailable_and_model_calls_answer() -> None:
+    """Until the backend's start() returns, Translate answers UNAVAILABLE ("models are
+    loading") without reaching the backend; the public Models calls skip that admission
+    and answer OK. Once started, Translate serves."""
+
+    class SlowStart(FakeBackend):
+        def __init__(self) -> None:
+            super().__init__()
+            self.starting = threading.Event()
+            self.loaded = threading.Event()
+
+        async def start(self) -> ReloadSummary:
+            self.starting.set()
+            while not self.loaded.is_set():
+                await asyncio.sleep(0.01)
+            return await super().start()
+
+    backend = SlowStart()
+    settings = load_settings(port=0, metrics_port=0, drain_grace_s=1)
+    metrics = Metrics()
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def make() -> InferenceServer:
+        return InferenceServer(settings, backend, metrics)  # type: ignore[arg-type]
+
+    server = asyncio.run_coroutine_threadsafe(make(), loop).result(10)
+    started = asyncio.run_coroutine_threadsafe(server.start(), loop)
+    try:
+        assert backend.starting.wait(10)  # listening; the backend is loading
+        with Client(f"127.0.0.1:{server.port}", timeout=5) as c:
+            with pytest.raises(grpc.RpcError) as error:
+                c.translate("x")
+            assert _code(error) == grpc.StatusCode.UNAVAILABLE
+            assert "models are loading" in error.value.details()  # type: ignore[attr-defined]
+            with pytest.raises(grpc.RpcError) as error:
+                list(c.generate("x", stream=True))
+            assert _code(error) == grpc.StatusCode.UNAVAILABLE
+            assert backend.requests == []  # never called
+            assert [m.name for m in c.list_models()] == ["en-es", "en-lm"]
+            assert c.describe_model("en-es").name == "en-es"
+            assert list(c.reload().loaded) == ["en-es:2"]
+            assert not server.transport.ready
+            backend.loaded.set()
+            started.result(10)
+            assert c.translate("x").translations[0].hypotheses[0].text == "X"
+        labels = {"method": "Translate", "model": "unknown", "code": "UNAVAILABLE"}
+        assert metrics.registry.get_sample_value("inference_requests_total", labels) == 1
+    finally:
+        backend.loaded.set()
+        asyncio.run_coroutine_threadsafe(server.drain(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
 def test_sigterm_while_the_models_load_stops_without_serving(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -732,6 +877,34 @@ def test_drain_refuses_new_calls_and_finishes_in_flight_ones() -> None:
             assert in_flight.result(10).translations[0].hypotheses[0].text == "BLOCK ME"
             drained.result(10)
             assert server.backend.closed
+    finally:
+        server.stop()
+
+
+def test_model_calls_answer_while_draining_but_reload_is_refused() -> None:
+    """ListModels and DescribeModel skip the drain's refusal (public calls); Reload is
+    public too, but refuses itself while the server drains."""
+    server = InProcessServer()
+    try:
+        with Client(server.address, timeout=10) as c:
+            in_flight = c.translator.Translate.future(pb.TranslateRequest(texts=["block me"]))
+            _wait(lambda: any(r.text == "block me" for r in server.backend.requests))
+            drained = server.submit(server.server.drain())
+            _wait(lambda: server.server.transport.draining)
+            assert [m.name for m in c.list_models()] == ["en-es", "en-lm"]
+            assert c.describe_model("en-lm").task == "generation"
+            with pytest.raises(grpc.RpcError) as error:
+                c.reload()
+            assert _code(error) == grpc.StatusCode.UNAVAILABLE
+            assert "reload refused" in error.value.details()  # type: ignore[attr-defined]
+            with pytest.raises(grpc.RpcError) as error:
+                c.translate("new call")
+            assert _code(error) == grpc.StatusCode.UNAVAILABLE
+            server.unblock()
+            assert in_flight.result(10).translations
+            drained.result(10)
+        assert server.counter("ListModels", "all", "OK") == 1
+        assert server.counter("DescribeModel", "en-lm", "OK") == 1
     finally:
         server.stop()
 
