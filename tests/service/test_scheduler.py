@@ -8,6 +8,7 @@ import contextlib
 import shutil
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -62,15 +63,33 @@ def make_scheduler(
     return Scheduler(repository, SchedulerConfig(**base), OPTIONS, Metrics(), factory)
 
 
+RUN_TIMEOUT_S = 60.0
+
+
+async def bounded(what: str, coroutine: Coroutine[Any, Any, T]) -> T:
+    """`coroutine`'s result; AssertionError if it runs past RUN_TIMEOUT_S (a stall)."""
+    try:
+        async with asyncio.timeout(RUN_TIMEOUT_S) as limit:
+            return await coroutine
+    except TimeoutError:
+        if limit.expired():  # ours, not a TimeoutError the test raised itself
+            raise AssertionError(
+                f"{what} did not end within {RUN_TIMEOUT_S:.0f}s: something stalled"
+            ) from None
+        raise
+
+
 def run(main: Callable[[Scheduler], Coroutine[Any, Any, T]], scheduler: Scheduler) -> T:
-    """Start the scheduler, run `main`, always stop it (one event loop per test)."""
+    """Start the scheduler, run `main`, always stop it (one event loop per test). A test
+    whose main (or the stop after it) stalls fails after RUN_TIMEOUT_S instead of hanging
+    the suite (a request never admitted, rows never freed)."""
 
     async def wrapper() -> T:
         await scheduler.start()
         try:
-            return await main(scheduler)
+            return await bounded("the test", main(scheduler))
         finally:
-            await scheduler.stop(0.0)
+            await bounded("Scheduler.stop", scheduler.stop(0.0))
 
     return asyncio.run(wrapper())
 
@@ -575,6 +594,247 @@ def test_a_failure_in_the_step_after_a_removal_ends_every_request_it_touched() -
     run(main, make_scheduler(factory=hooked_engine_factory(fail_when_one_row_is_left)))
 
 
+def test_a_request_that_overflows_the_token_budget_waits_for_the_running_one() -> None:
+    """Rows are free (1 of 8 used) but two requests of ~100 tokens each do not fit
+    max_batch_tokens 150 together: the second waits until the first leaves."""
+
+    async def main(s: Scheduler) -> None:
+        key = f"{LM}:1"
+        first = asyncio.create_task(s.submit(long_request()))
+        await wait_until(lambda: loop_stats(s, key)["running"] == 1)
+        second = asyncio.create_task(s.submit(long_request()))
+        await wait_until(lambda: loop_stats(s, key)["running"] + loop_stats(s, key)["waiting"] == 2)
+        steps = loop_stats(s, key)["steps"]
+        await wait_until(lambda: loop_stats(s, key)["steps"] >= steps + 5)
+        stats = loop_stats(s, key)
+        assert (stats["running"], stats["waiting"], stats["rows"]) == (1, 1, 1)
+        assert not first.done()
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        await wait_until(lambda: loop_stats(s, key)["waiting"] == 0)
+        assert loop_stats(s, key)["running"] == 1  # the second took the freed budget
+        second.cancel()
+        await asyncio.gather(second, return_exceptions=True)
+
+    run(main, make_scheduler(factory=slow_engine_factory(STEP_DELAY), max_batch_tokens=150))
+
+
+def test_static_mode_admits_nothing_while_a_batch_runs() -> None:
+    """A request arriving after a static batch started waits (rows free) while the batch
+    runs, and starts only once the batch has ended."""
+    first = generate(LONG_PROMPT, max_new_tokens=40)
+    late = generate(PROMPTS[0], max_new_tokens=5)
+
+    async def main(s: Scheduler) -> tuple[float, float, SequenceResult]:
+        key = f"{LM}:1"
+        done: dict[str, float] = {}
+
+        async def timed(name: str, r: SequenceRequest) -> SequenceResult:
+            result = await s.submit(r)
+            done[name] = time.monotonic()
+            return result
+
+        batch = asyncio.create_task(timed("first", first))
+        await wait_until(lambda: loop_stats(s, key)["running"] == 1)
+        later = asyncio.create_task(timed("late", late))
+        await wait_until(lambda: loop_stats(s, key)["running"] + loop_stats(s, key)["waiting"] == 2)
+        steps = loop_stats(s, key)["steps"]
+        await wait_until(lambda: loop_stats(s, key)["steps"] >= steps + 5)
+        stats = loop_stats(s, key)
+        assert (stats["running"], stats["waiting"]) == (1, 1)
+        assert not batch.done()
+        result = await batch
+        assert len(result.hypotheses[0].token_ids) == 40  # the batch ran to its end
+        await later
+        return done["first"], done["late"], result
+
+    first_done, late_done, _ = run(
+        main, make_scheduler(factory=slow_engine_factory(STEP_DELAY), mode="static")
+    )
+    assert late_done > first_done
+
+
+def test_a_beam_wider_than_the_batch_is_refused_naming_both() -> None:
+    """beam_size > max_batch_size could never be admitted (it would block the queue behind
+    it for ever): refused at once, also with an engine whose own row limit is larger."""
+
+    def roomy(entry: ModelVersion, options: EngineOptions) -> Engine:
+        return Engine(entry.path, entry.manifest, replace(options, max_batch_size=8))
+
+    async def main(s: Scheduler) -> None:
+        request = translate(SOURCES[2], max_new_tokens=5, beam_size=3)
+        refusal = r"^options\.beam_size: 3 exceeds max_batch_size 2$"
+        with pytest.raises(InvalidArgument, match=refusal):
+            await asyncio.wait_for(s.submit(request), 5.0)
+        assert loop_stats(s, f"{TRANSLATOR}:1")["waiting"] == 0
+
+    run(main, make_scheduler(factory=roomy, max_batch_size=2))
+
+
+def test_a_request_refused_at_admission_releases_its_model_version() -> None:
+    """A refusal from the queue (deadline already passed, queue full) leaves no hold on
+    the version: a retired version would otherwise never drain."""
+
+    async def main(s: Scheduler) -> None:
+        key = f"{LM}:1"
+        entry = s.repository.get(LM)
+        assert entry.in_flight == 0
+        past = SequenceRequest(
+            Task.GENERATION, PROMPTS[0], DecodingParams(max_new_tokens=5),
+            deadline=time.monotonic() - 1.0,
+        )  # fmt: skip
+        with pytest.raises(DeadlineExceeded, match="before admission"):
+            await s.submit(past)
+        assert entry.in_flight == 0
+        running = asyncio.create_task(s.submit(long_request()))
+        await wait_until(lambda: loop_stats(s, key)["running"] == 1)
+        queued = asyncio.create_task(s.submit(long_request()))
+        await wait_until(lambda: loop_stats(s, key)["waiting"] == 1)
+        assert entry.in_flight == 2
+        with pytest.raises(QueueFull):
+            await s.submit(long_request())
+        assert entry.in_flight == 2
+        for task in (running, queued):
+            task.cancel()
+        await asyncio.gather(running, queued, return_exceptions=True)
+        await wait_until(lambda: loop_stats(s, key)["running"] + loop_stats(s, key)["waiting"] == 0)
+        assert entry.in_flight == 0
+
+    run(
+        main, make_scheduler(factory=slow_engine_factory(STEP_DELAY), max_batch_size=1, max_queue=1)
+    )
+
+
+def test_a_stream_closed_early_leaves_within_a_step_or_two() -> None:
+    """Closing a stream after its first event aborts its request: its row is freed a few
+    steps later, and only the tokens it had generated are counted."""
+
+    async def main(s: Scheduler) -> tuple[int, float]:
+        key = f"{LM}:1"
+        before = sample_value(s.metrics, "inference_output_tokens_total", {"model": LM})
+        stream = s.stream(long_request())
+        first = await anext(stream)
+        assert isinstance(first, TokenEvent)
+        closed_at = loop_stats(s, key)["steps"]
+        await stream.aclose()  # type: ignore[attr-defined]
+        await wait_until(lambda: loop_stats(s, key)["running"] == 0)
+        assert loop_stats(s, key)["rows"] == 0
+        extra = int(loop_stats(s, key)["steps"] - closed_at)
+        after = sample_value(s.metrics, "inference_output_tokens_total", {"model": LM})
+        return extra, after - before
+
+    extra, counted = run(main, make_scheduler(factory=slow_engine_factory(STEP_DELAY)))
+    assert extra <= 5  # not the 100 steps of its max_new_tokens
+    assert 0 < counted <= 20
+
+
+def test_a_job_expired_by_the_loop_fails_with_deadline_exceeded() -> None:
+    """The loop's own abort at the deadline (no caller-side timer racing it: the job's
+    future is awaited directly) ends the job with DeadlineExceeded, not Cancelled."""
+
+    async def main(s: Scheduler) -> None:
+        key = f"{LM}:1"
+        request = SequenceRequest(
+            Task.GENERATION, LONG_PROMPT, DecodingParams(max_new_tokens=100),
+            deadline=time.monotonic() + 0.3,
+        )  # fmt: skip
+        job, _ = s._prepare(request, stream=False)
+        expired = r"deadline passed after .*\(\d+ tokens generated\)"
+        with pytest.raises(DeadlineExceeded, match=expired):
+            await asyncio.wait_for(job.future, 10.0)
+        await wait_until(lambda: loop_stats(s, key)["running"] == 0)
+
+    run(main, make_scheduler(factory=slow_engine_factory(STEP_DELAY)))
+
+
+def test_free_cache_slots_counts_rows_not_requests() -> None:
+    """inference_free_cache_slots: max_batch_size less the rows in use (a beam of 2 takes
+    2), max_batch_size again once idle."""
+    labels = {"model": LM, "version": "1"}
+
+    async def main(s: Scheduler) -> None:
+        key = f"{LM}:1"
+
+        def free() -> float | None:
+            return s.metrics.registry.get_sample_value("inference_free_cache_slots", labels)
+
+        await wait_until(lambda: free() == 8)
+        task = asyncio.create_task(s.submit(generate(LONG_PROMPT, max_new_tokens=100, beam_size=2)))
+        await wait_until(lambda: loop_stats(s, key)["rows"] == 2)
+        steps = loop_stats(s, key)["steps"]
+        await wait_until(lambda: loop_stats(s, key)["steps"] >= steps + 2)
+        assert loop_stats(s, key)["rows"] == 2 and not task.done()
+        assert free() == 6
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await wait_until(lambda: loop_stats(s, key)["running"] == 0)
+        await wait_until(lambda: free() == 8, timeout=2.0)
+
+    run(main, make_scheduler(factory=slow_engine_factory(STEP_DELAY)))
+
+
+def test_the_estimated_wait_counts_the_step_in_flight() -> None:
+    """Rows and tokens are free, but a step is running: a newcomer joins after it, so the
+    estimate is one step time, not 0 (0 when idle)."""
+
+    async def main(s: Scheduler) -> None:
+        key = f"{LM}:1"
+        assert loop_stats(s, key)["estimated_wait_s"] == 0
+        task = asyncio.create_task(s.submit(long_request()))
+        await wait_until(lambda: loop_stats(s, key)["steps"] >= 2)
+        stats = loop_stats(s, key)
+        assert stats["rows"] == 1 and stats["waiting"] == 0
+        assert stats["estimated_wait_s"] > 0
+        assert stats["estimated_wait_s"] == pytest.approx(stats["step_s"])
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    run(main, make_scheduler(factory=slow_engine_factory(STEP_DELAY)))
+
+
+def timed_slow_engine_factory(delay_s: float) -> EngineFactory:
+    """Batches whose steps take `delay_s` longer, measured as part of the step (as a slow
+    device's step would be), unlike slow_engine_factory's delay before the step."""
+    from service.engine import StepOutput
+
+    class SlowBatch(Batch):
+        def step(self) -> StepOutput:
+            start = time.perf_counter()
+            time.sleep(delay_s)
+            out = super().step()
+            out.seconds = time.perf_counter() - start
+            return out
+
+    class SlowEngine(Engine):
+        def new_batch(self) -> Batch:
+            return SlowBatch(self)
+
+    def factory(entry: ModelVersion, options: EngineOptions) -> Engine:
+        return SlowEngine(entry.path, entry.manifest, options)
+
+    return factory
+
+
+def test_the_step_time_estimate_follows_the_observed_steps() -> None:
+    """stats()["step_s"] (the EWMA behind every wait estimate) moves to the step time the
+    engine reports: from its 10 ms start to near 50 ms after ten 50 ms steps."""
+    delay = 0.05
+
+    async def main(s: Scheduler) -> tuple[float, float]:
+        key = f"{LM}:1"
+        initial = loop_stats(s, key)["step_s"]
+        task = asyncio.create_task(s.submit(long_request()))
+        await wait_until(lambda: loop_stats(s, key)["steps"] >= 10)
+        later = loop_stats(s, key)["step_s"]
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return initial, later
+
+    initial, later = run(main, make_scheduler(factory=timed_slow_engine_factory(delay)))
+    assert initial < 0.5 * delay
+    assert later >= 0.5 * delay
+
+
 # --- lifecycle ---------------------------------------------------------------------------------
 
 
@@ -928,6 +1188,23 @@ def test_a_cancelled_stop_raises_in_its_caller() -> None:
             await job
 
     run(main, make_scheduler(factory=slow_engine_factory(0.5)))
+
+
+def test_stop_sets_model_ready_to_0_for_every_version() -> None:
+    """After stop(), every stopped version's inference_model_ready reads 0 (close():
+    "model_ready reads 0 at shutdown"), and its other gauges are gone."""
+
+    async def main(s: Scheduler) -> Scheduler:
+        for name in (TRANSLATOR, LM):
+            labels = {"model": name, "version": "1"}
+            assert s.metrics.registry.get_sample_value("inference_model_ready", labels) == 1.0
+        return s
+
+    s = run(main, make_scheduler())
+    for name in (TRANSLATOR, LM):
+        labels = {"model": name, "version": "1"}
+        assert s.metrics.registry.get_sample_value("inference_model_ready", labels) == 0.0
+        assert s.metrics.registry.get_sample_value("inference_free_cache_slots", labels) is None
 
 
 def test_cuda_graphs_gauge_follows_the_engine_and_leaves_with_it() -> None:
