@@ -973,6 +973,10 @@ class Batch:
                 out.progressed.append(seq.key)
             if hyps is not None:
                 finished.append((seq, hyps))
+            elif seq.stream:
+                event = self._settled_beam_event(seq)
+                if event is not None:
+                    out.events.append((seq.key, event))
         if moves:
             dst = np.array([d for d, _ in moves], dtype=np.int64)
             src = np.array([s for _, s in moves], dtype=np.int64)
@@ -1093,19 +1097,43 @@ class Batch:
             keep -= 1
         return keep
 
-    def _stream_event(self, seq: _Seq, text: str) -> TokenEvent | None:
-        """New streamable text; token ids go out only with their whole text (nothing held
-        back), so the streamed ids never include the tokens of a stop string."""
+    def _stream_event(
+        self, seq: _Seq, text: str, tokens: list[int] | None = None
+    ) -> TokenEvent | None:
+        """New streamable text of `tokens` (default: the row's); token ids go out only with
+        their whole text (nothing held back), so the streamed ids never include the tokens
+        of a stop string."""
+        tokens = seq.tokens[0] if tokens is None else tokens
         safe = stable_prefix(text, seq.stop)
         ids: list[int] = []
         if safe == text:
-            ids = seq.tokens[0][seq.emitted_ids :]
-            seq.emitted_ids = len(seq.tokens[0])
+            ids = tokens[seq.emitted_ids :]
+            seq.emitted_ids = len(tokens)
         delta = ""
         if len(safe) > len(seq.emitted_text) and safe.startswith(seq.emitted_text):
             delta = safe[len(seq.emitted_text) :]
             seq.emitted_text = safe
         return TokenEvent(ids, delta) if ids or delta else None
+
+    def _settled_beam_event(self, seq: _Seq) -> TokenEvent | None:
+        """A beam search's settled tokens: those every live beam and the best finished
+        hypothesis share (a stream has one answer, and finished ones rank for good). The
+        answer is one of them or extends a live beam, so they are its start whatever comes;
+        they only grow."""
+        settled = seq.tokens[0]
+        contenders = seq.tokens[1:]
+        if seq.pool:
+            contenders = [*contenders, max(seq.pool, key=lambda h: h.normalized).tokens]
+        for other in contenders:
+            n = 0
+            for a, b in zip(settled, other):
+                if a != b:
+                    break
+                n += 1
+            settled = settled[:n]
+        if len(settled) <= seq.emitted_ids:
+            return None
+        return self._stream_event(seq, seq.text(settled), settled)
 
     def _final_event(self, seq: _Seq, result: SequenceResult) -> TokenEvent | None:
         """The rest of the answer, so a stream's pieces add up to the unary answer."""

@@ -304,6 +304,26 @@ def test_stream_events_add_up_to_the_result(name: str, with_stop: bool) -> None:
         assert any(r.hypotheses[0].finish_reason is FinishReason.STOP for r in results)
 
 
+@pytest.mark.parametrize("name", [TRANSLATOR, LM])
+def test_a_beam_stream_sends_its_settled_tokens_before_the_end(name: str) -> None:
+    """A beam search streams the tokens every live beam and finished hypothesis share as
+    soon as they settle, not the whole answer at the end; the stream's answer is the
+    unary one, and what it sent before the end never has to be taken back."""
+    engine = engine_for(name)
+    requests = [request(name, t, max_new_tokens=40, beam_size=3) for t in TEXTS[name]]
+    unary = decode_all(engine, requests)
+    results, events = run_staggered(engine, requests, [0] * len(requests), stream=True)
+    early = 0
+    for i, (result, expected) in enumerate(zip(results, unary, strict=True)):
+        h = result.hypotheses[0]
+        assert (h.token_ids, h.text) == (expected.hypotheses[0].token_ids, expected.hypotheses[0].text)
+        assert [t for ids, _ in events[i] for t in ids] == h.token_ids
+        assert "".join(text for _, text in events[i]) == h.text
+        before_the_end = [t for ids, _ in events[i][:-1] for t in ids]
+        early += len(before_the_end)
+    assert early > 0, "every beam stream held its whole answer to the end"
+
+
 def test_a_prompt_that_ends_with_a_space_is_not_followed_by_another() -> None:
     """Encoding drops a prompt's trailing space, so the continuation drops its leading one:
     prompt + text reads the same whether or not the caller ended the prompt with a space,
