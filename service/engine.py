@@ -1126,7 +1126,7 @@ class Batch:
             contenders = [*contenders, max(seq.pool, key=lambda h: h.normalized).tokens]
         for other in contenders:
             n = 0
-            for a, b in zip(settled, other):
+            for a, b in zip(settled, other, strict=False):
                 if a != b:
                     break
                 n += 1

@@ -315,8 +315,8 @@ def test_a_beam_stream_sends_its_settled_tokens_before_the_end(name: str) -> Non
     results, events = run_staggered(engine, requests, [0] * len(requests), stream=True)
     early = 0
     for i, (result, expected) in enumerate(zip(results, unary, strict=True)):
-        h = result.hypotheses[0]
-        assert (h.token_ids, h.text) == (expected.hypotheses[0].token_ids, expected.hypotheses[0].text)
+        h, want = result.hypotheses[0], expected.hypotheses[0]
+        assert (h.token_ids, h.text) == (want.token_ids, want.text)
         assert [t for ids, _ in events[i] for t in ids] == h.token_ids
         assert "".join(text for _, text in events[i]) == h.text
         before_the_end = [t for ids, _ in events[i][:-1] for t in ids]
