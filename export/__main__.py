@@ -8,10 +8,12 @@ EXPORT_VERSION). A version folder that holds another model is not rewritten with
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -28,6 +30,17 @@ def _variants(value: str) -> list[str]:
     if bad or not chosen:
         raise typer.BadParameter(f"variants must be a comma list of {VARIANTS}, got {value!r}")
     return chosen
+
+
+@contextlib.contextmanager
+def _unwinding_on_sigterm() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C (the half-built version folder is removed on the way
+    out), while the export runs."""
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @app.command()
@@ -67,57 +80,55 @@ def main(
     if exporter not in ("dynamo", "torchscript"):
         raise typer.BadParameter(f"--exporter must be dynamo or torchscript, got {exporter!r}")
     logging.getLogger().setLevel(logging.ERROR)  # quantization's advice to pre-process
-    # SIGTERM unwinds like Ctrl-C: the half-built version folder is removed on the way out.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-
     from export.onnx_export import ExportError, export_model, find_checkpoints
     from transformer.config import ConfigError
 
-    if checkpoint is not None:
-        if name and len(name) > 1:
-            raise typer.BadParameter("--checkpoint exports one model: give at most one --name")
-        model_name = name[0] if name else checkpoint.resolve().parent.name
-        targets = {model_name: checkpoint}
-    else:
-        try:
-            targets = find_checkpoints(repository, name or [])
-        except ExportError as error:
-            raise typer.BadParameter(str(error)) from error
-        if not targets:
+    with _unwinding_on_sigterm():
+        if checkpoint is not None:
+            if name and len(name) > 1:
+                raise typer.BadParameter("--checkpoint exports one model: give at most one --name")
+            model_name = name[0] if name else checkpoint.resolve().parent.name
+            targets = {model_name: checkpoint}
+        else:
+            try:
+                targets = find_checkpoints(repository, name or [])
+            except ExportError as error:
+                raise typer.BadParameter(str(error)) from error
+            if not targets:
+                typer.echo(
+                    f"no checkpoints under {repository}/<name>/checkpoint/: nothing to export",
+                    err=True,
+                )
+                raise typer.Exit(1)
+        for model_name, ckpt in targets.items():
+            out = repository / model_name / str(version)
+            start = time.perf_counter()
+            try:
+                manifest, rebuilt = export_model(
+                    ckpt,
+                    out,
+                    chosen,
+                    force=force,
+                    replace=replace,
+                    name=model_name,
+                    version=version,
+                    source_language=source_language,
+                    target_language=target_language,
+                    exporter=exporter,  # type: ignore[arg-type]
+                    optimize=optimize,
+                )
+            except (ExportError, ConfigError) as error:
+                typer.echo(f"{model_name}: {error}", err=True)
+                raise typer.Exit(1) from error
+            except OSError as error:  # a folder that cannot be written, a path that is a file
+                typer.echo(f"{model_name}: cannot export to {out}: {error}", err=True)
+                raise typer.Exit(1) from error
+            what = "exported" if rebuilt else "up to date"
             typer.echo(
-                f"no checkpoints under {repository}/<name>/checkpoint/: nothing to export",
-                err=True,
+                f"{out}: {what} ({manifest.task}, {manifest.source_language}->"
+                f"{manifest.target_language}, variants {','.join(manifest.variants)}, "
+                f"{time.perf_counter() - start:.1f} s)"
             )
-            raise typer.Exit(1)
-    for model_name, ckpt in targets.items():
-        out = repository / model_name / str(version)
-        start = time.perf_counter()
-        try:
-            manifest, rebuilt = export_model(
-                ckpt,
-                out,
-                chosen,
-                force=force,
-                replace=replace,
-                name=model_name,
-                version=version,
-                source_language=source_language,
-                target_language=target_language,
-                exporter=exporter,  # type: ignore[arg-type]
-                optimize=optimize,
-            )
-        except (ExportError, ConfigError) as error:
-            typer.echo(f"{model_name}: {error}", err=True)
-            raise typer.Exit(1) from error
-        except OSError as error:  # a folder that cannot be written, a path that is a file
-            typer.echo(f"{model_name}: cannot write {out}: {error}", err=True)
-            raise typer.Exit(1) from error
-        what = "exported" if rebuilt else "up to date"
-        typer.echo(
-            f"{out}: {what} ({manifest.task}, {manifest.source_language}->"
-            f"{manifest.target_language}, variants {','.join(manifest.variants)}, "
-            f"{time.perf_counter() - start:.1f} s)"
-        )
 
 
 if __name__ == "__main__":

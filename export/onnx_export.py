@@ -27,10 +27,12 @@ checkpoint folder or in the model folder above it ({"source_language": "en",
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 import warnings
@@ -81,6 +83,8 @@ log = logging.getLogger(__name__)
 EXPORT_VERSION = "4"
 OPSET = 18
 EXPORT_SETTINGS = "export.json"
+# In a hidden build folder: the host and process building it (see _remove_stale).
+BUILD_OWNER = ".owner.json"
 Exporter = Literal["dynamo", "torchscript"]
 DEFAULT_EXPORTER: Exporter = "dynamo"
 
@@ -306,10 +310,10 @@ def fingerprint(
     exporter: Exporter,
     optimize: bool,
     name: str,
-    languages: tuple[str | None, str | None] = (None, None),
+    languages: tuple[str, str],
 ) -> dict[str, str]:
-    """What a version is built from: when it changes, the version is out of date. The
-    languages are the overrides asked for (unset ones come from export.json or the name)."""
+    """What a version is built from: when it changes, the version is out of date.
+    `languages`: the (source, target) the version gets (resolved_languages)."""
     ckpt = Path(checkpoint_dir)
     result = {
         name: file_sha256(ckpt / name)
@@ -321,7 +325,7 @@ def fingerprint(
             result[EXPORT_SETTINGS] = file_sha256(folder / EXPORT_SETTINGS)
             break
     result["name"] = name
-    result["languages"] = "->".join(language or "" for language in languages)
+    result["languages"] = "->".join(languages)
     result["export_version"] = EXPORT_VERSION
     result["variants"] = ",".join(sorted(variants))
     result["exporter"] = exporter
@@ -376,9 +380,7 @@ def export_checkpoint(
     name = name or out.resolve().parent.name
     if version is None:
         version = int(out.name) if out.name.isdigit() else 1
-    for required in (CONFIG, WEIGHTS, TOKENIZER):
-        if not (ckpt / required).is_file():
-            raise ExportError(f"checkpoint {ckpt} has no {required}")
+    _require_files(ckpt)
     threads = torch.get_num_threads()
     # Tracing computes little; on a busy machine more threads only spin (10x slower).
     torch.set_num_threads(1)
@@ -409,15 +411,13 @@ def _export_checkpoint(
     source, target = _languages(task, name, settings, source_language, target_language)
     limits = _limits(config, settings)
     tokenizer_sha = file_sha256(ckpt / TOKENIZER)
-    source_fp = fingerprint(
-        ckpt, chosen, exporter, optimize, name, (source_language, target_language)
-    )
+    source_fp = fingerprint(ckpt, chosen, exporter, optimize, name, (source, target))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(out)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-    work.chmod(0o755)  # mkdtemp makes it private; the server may run as another user
+    work: Path | None = None
     try:
+        work = _build_folder(out)
         raw = work / ".raw"
         raw.mkdir()
         for variant in chosen:
@@ -498,21 +498,50 @@ def _export_checkpoint(
         load_manifest(work)  # what the server will do: fail here rather than there
         _replace_dir(work, out)
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
         raise
     return manifest
 
 
+def _require_files(ckpt: Path) -> None:
+    for required in (CONFIG, WEIGHTS, TOKENIZER):
+        if not (ckpt / required).is_file():
+            raise ExportError(f"checkpoint {ckpt} has no {required}")
+
+
+def resolved_languages(
+    ckpt: Path, name: str, source: str | None = None, target: str | None = None
+) -> tuple[str, str]:
+    """The (source, target) languages a version of `name` exported from `ckpt` gets: the
+    overrides, else export.json, else the name (ExportError when none tells)."""
+    task = task_of(TransformerConfig.load(ckpt / CONFIG))
+    return _languages(task, name, read_settings(ckpt), source, target)
+
+
+def _build_folder(out: Path) -> Path:
+    """A new hidden folder beside `out` to build it in, marked with this host and process
+    so that a later export can tell one left by an export that died."""
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    work.chmod(0o755)  # mkdtemp makes it private; the server may run as another user
+    (work / BUILD_OWNER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+    return work
+
+
 def _remove_stale(out: Path) -> None:
-    """Remove the hidden build and swap folders of `out` left by exports that died (their
-    names carry the exporting process's id)."""
-    for path in out.parent.glob(f".{out.name}.*-*-*"):
-        kind, _, rest = path.name[len(out.name) + 2 :].partition("-")
-        pid = rest.partition("-")[0]
-        if kind not in ("tmp", "old") or not pid.isdigit() or not path.is_dir():
+    """Remove the hidden build and swap folders of `out` left by exports that died: those
+    whose owner file names this host and a process that is gone."""
+    host = socket.gethostname()
+    for path in [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.old-*")]:
+        try:
+            owner = json.loads((path / BUILD_OWNER).read_text())
+            pid = int(owner["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not ours to judge: no owner file, or one we cannot read
+        if owner.get("host") != host or pid == os.getpid():
             continue
         try:
-            os.kill(int(pid), 0)
+            os.kill(pid, 0)
         except ProcessLookupError:
             log.info("removing %s, left by an export that did not finish", path)
             shutil.rmtree(path, ignore_errors=True)
@@ -521,14 +550,22 @@ def _remove_stale(out: Path) -> None:
 
 
 def _replace_dir(new: Path, target: Path) -> None:
-    """Move `new` to `target`, replacing an older folder with two renames."""
+    """Move `new` to `target`, replacing an older folder with two renames (the owner file
+    goes from the one to the other: what is published carries none)."""
+    owner = new / BUILD_OWNER
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.monotonic_ns()}")
         target.rename(old)
+        if old.is_dir():
+            (old / BUILD_OWNER).write_text(owner.read_text())
+    owner.unlink()
     new.rename(target)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
 
 
 # --- a repository ---------------------------------------------------------------------------
@@ -567,10 +604,13 @@ def export_model(
     exporter = kwargs.get("exporter", DEFAULT_EXPORTER)
     optimize = kwargs.get("optimize", True)
     name = kwargs.get("name") or Path(version_dir).resolve().parent.name
-    languages = (kwargs.get("source_language"), kwargs.get("target_language"))
-    expected = fingerprint(
-        checkpoint_dir, list(dict.fromkeys(variants)), exporter, optimize, name, languages
+    ckpt = Path(checkpoint_dir)
+    _require_files(ckpt)
+    _remove_stale(Path(version_dir))
+    languages = resolved_languages(
+        ckpt, name, kwargs.get("source_language"), kwargs.get("target_language")
     )
+    expected = fingerprint(ckpt, list(dict.fromkeys(variants)), exporter, optimize, name, languages)
     existing = _existing_source(Path(version_dir))
     if existing is not None:  # exported before the fingerprint had these: taken as asked
         existing = {key: expected[key] for key in ("name", "languages")} | existing

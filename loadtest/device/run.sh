@@ -82,7 +82,7 @@ run_stage nvml 40 python3 -m pytest -q -m gpu -p no:cacheprovider tests/service/
 
 # gpu_check and the served benchmark read exported versions (build outputs, not carried);
 # the device's torch is not the one we pin, so fall back to the TorchScript exporter.
-export_cmd="python3 -m export --repository $repo --variants fp32,fp16"
+export_cmd="python3 -m export --repository $repo --variants fp32,fp16 --replace"
 run_stage export 90 sh -c "$export_cmd || $export_cmd --exporter torchscript --force"
 
 mkdir -p /tmp/verses && cp tests/fixtures/verses.tsv /tmp/verses/pairs.test.tsv

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ from typer.testing import CliRunner
 from export.__main__ import app as export_app
 from export.gpu_check import app as gpu_app
 from export.manifest import load_manifest
-from export.onnx_export import ExportError, export_checkpoint
+from export.onnx_export import BUILD_OWNER, ExportError, export_checkpoint
 from export.parity import app as parity_app
 from export.parity import check_model, render_report
 from tests.fixtures import VERSES
@@ -76,6 +77,9 @@ def test_language_overrides_are_part_of_what_a_version_is_built_from(
     shutil.copytree(exported("translator-pre").checkpoint, repo / "en-es" / "checkpoint")
     args = ["--repository", str(repo), "--variants", "fp32", "--exporter", "torchscript"]
     assert runner.invoke(export_app, args).exit_code == 0
+    # Asking for the languages it gets anyway (from its name) is asking for the same model.
+    explicit = [*args, "--source-language", "en", "--target-language", "es"]
+    assert "up to date" in runner.invoke(export_app, explicit).output
     other = [*args, "--source-language", "fr", "--target-language", "de"]
     refused = runner.invoke(export_app, other)
     assert refused.exit_code == 1 and "changed: languages" in refused.output
@@ -100,7 +104,7 @@ def test_export_errors_are_one_line_not_a_traceback(exported, tmp_path: Path) ->
     args = ["--repository", str(repo), "--variants", "fp32", "--exporter", "torchscript"]
     (repo / "lm-xx").write_text("a file where the model folder goes")
     blocked = runner.invoke(export_app, [*args, "--checkpoint", str(checkpoint), "--name", "lm-xx"])
-    assert blocked.exit_code == 1 and blocked.output.startswith("lm-xx: cannot write")
+    assert blocked.exit_code == 1 and blocked.output.startswith("lm-xx: cannot export to")
     assert "Traceback" not in blocked.output and len(blocked.output.splitlines()) == 1
     config = json.loads((checkpoint / "config.json").read_text())
     (checkpoint / "config.json").write_text(json.dumps({**config, "arch": "nope"}))
@@ -109,29 +113,64 @@ def test_export_errors_are_one_line_not_a_traceback(exported, tmp_path: Path) ->
     assert "Traceback" not in bad.output and len(bad.output.splitlines()) == 1
 
 
+def _left_by(folder: Path, host: str, pid: int) -> Path:
+    """A build folder as an export on `host` with process `pid` leaves it."""
+    folder.mkdir()
+    (folder / BUILD_OWNER).write_text(json.dumps({"host": host, "pid": pid}))
+    return folder
+
+
 def test_a_killed_export_leaves_nothing_behind(exported, tmp_path: Path) -> None:
-    """SIGTERM unwinds the export (its build folder goes); a build folder left by an export
-    that died harder (SIGKILL) is removed by the next export of that version."""
+    """SIGTERM unwinds the export (its build folder goes). A build folder left by an export
+    of this host that died harder (SIGKILL) is removed by the next export of that version,
+    even one that finds it up to date; what another host's export, a live process or a
+    person left there is kept."""
     repo = tmp_path / "models"
     shutil.copytree(exported("lm-post").checkpoint, repo / "en-lm" / "checkpoint")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = repo / "en-lm" / f".1.tmp-{dead.pid}-abc"
-    stale.mkdir()
-    alive = repo / "en-lm" / f".1.tmp-{os.getpid()}-abc"  # an export still running
-    alive.mkdir()
+    host = socket.gethostname()
+    stale = _left_by(repo / "en-lm" / ".1.tmp-dead", host, dead.pid)
+    kept = [
+        _left_by(repo / "en-lm" / ".1.tmp-alive", host, os.getpid()),  # still exporting
+        _left_by(repo / "en-lm" / ".1.tmp-elsewhere", host + "-other", dead.pid),
+        repo / "en-lm" / ".1.tmp-by-hand",  # no owner file: not an export's
+    ]
+    kept[-1].mkdir()
     command = [sys.executable, "-m", "export", "--repository", str(repo), "--variants",
                "fp32,int8", "--exporter", "torchscript"]  # fmt: skip
     process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not any(p.name.startswith(".1.tmp-") and p not in (stale, alive)
-                  for p in (repo / "en-lm").iterdir()):  # fmt: skip
+    ours = lambda: [p for p in (repo / "en-lm").glob(".1.tmp-*") if p != stale and p not in kept]  # noqa: E731
+    while not ours():
         assert process.poll() is None and time.monotonic() < deadline, process.stderr
         time.sleep(0.01)
+    assert not stale.exists()
     process.send_signal(signal.SIGTERM)
     assert process.wait(60) == 128 + signal.SIGTERM
-    left = sorted(p.name for p in (repo / "en-lm").iterdir())
-    assert left == sorted(["checkpoint", alive.name]), left
+    assert sorted(p.name for p in (repo / "en-lm").iterdir()) == sorted(
+        ["checkpoint", *(p.name for p in kept)]
+    )
+    # Up to date: nothing to build, yet the leftovers of a dead export of this host go.
+    args = ["--repository", str(repo), "--variants", "fp32", "--exporter", "torchscript"]
+    assert runner.invoke(export_app, args).exit_code == 0
+    stale = _left_by(repo / "en-lm" / ".1.tmp-dead", host, dead.pid)
+    again = runner.invoke(export_app, args)
+    assert again.exit_code == 0 and "up to date" in again.output
+    assert not stale.exists() and all(p.exists() for p in kept)
+    published = repo / "en-lm" / "1"
+    assert not (published / BUILD_OWNER).exists()
+
+
+def test_the_export_command_leaves_sigterm_as_it_found_it(exported, tmp_path: Path) -> None:
+    """Its SIGTERM handler (unwind, removing the build folder) is for the export only: a
+    program that runs it in process gets its own handler back."""
+    repo = tmp_path / "models"
+    shutil.copytree(exported("lm-post").checkpoint, repo / "en-lm" / "checkpoint")
+    before = signal.getsignal(signal.SIGTERM)
+    args = ["--repository", str(repo), "--variants", "fp32", "--exporter", "torchscript"]
+    assert runner.invoke(export_app, args).exit_code == 0
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_export_unknown_name_fails_clearly(tmp_path: Path) -> None:
