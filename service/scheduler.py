@@ -242,6 +242,7 @@ class _ModelLoop:
         self.idle.set()
         self.accepting = True
         self.closing = False
+        self.dead = False  # its worker died: nothing decodes for it any more
         self.on_failure: Callable[[], None] | None = None  # after the worker died
         # What the event loop posts to the worker thread, which owns the batch (`_drive`).
         self._inbox: list[tuple[list[Hashable], list[BatchItem]]] = []
@@ -407,7 +408,11 @@ class _ModelLoop:
         try:
             self._step_batches(event_loop)
         except Exception as error:
-            log.exception("model %s: the engine worker stopped", self.entry.key)
+            log.exception(
+                "model %s: the engine worker stopped; this process cannot serve it again "
+                "(liveness, inference.v1.Models health, now reads NOT_SERVING): restart it",
+                self.entry.key,
+            )
             with contextlib.suppress(RuntimeError):  # the event loop is closed already
                 event_loop.call_soon_threadsafe(self._worker_died, error)
 
@@ -415,6 +420,7 @@ class _ModelLoop:
         """Nothing decodes for this version any more: refuse new requests and fail the
         ones it holds with Unavailable (retried elsewhere); model_ready reads 0."""
         self.accepting = False
+        self.dead = True
         failure = Unavailable(f"model {self.entry.key} stopped: its engine failed ({error})")
         jobs = [*self.waiting, *self.running.values()]
         self.waiting.clear()
@@ -1003,6 +1009,10 @@ class Scheduler:
     def _serving_changed(self) -> None:
         for callback in self._watchers:
             callback()
+
+    def broken(self) -> list[str]:
+        """Live versions whose engine worker died: only a restart serves them again."""
+        return sorted(key for key, loop in self._loops.items() if loop.dead)
 
     def missing(self) -> list[str]:
         """Models readiness waits for that have no version taking traffic: still on disk,

@@ -123,6 +123,9 @@ class Backend(Protocol):
     def watch(self, callback: Callable[[], None]) -> None:
         """Call `callback` on the event loop when a version stops serving on its own."""
 
+    def broken(self) -> list[str]:
+        """Versions whose engine failed for good: the process needs a restart."""
+
     async def close(self) -> None:
         """Stop decoding loops and free sessions."""
 
@@ -813,7 +816,8 @@ class InferenceServer:
         per_service = {
             SERVICE_NAMES["translator"]: Task.TRANSLATION in tasks,
             SERVICE_NAMES["generator"]: Task.GENERATION in tasks,
-            SERVICE_NAMES["models"]: ready,
+            # The liveness probe's: a failed engine needs a new process.
+            SERVICE_NAMES["models"]: ready and not self.backend.broken(),
         }
         for name, ok in per_service.items():
             await self.health.set(name, serving if ok else not_serving)

@@ -1060,6 +1060,9 @@ def test_an_engine_that_dies_unreadies_the_server_and_tells_its_watchers() -> No
         await wait_until(lambda: bool(told))
         assert told == [True]
         assert s.missing() == [LM]
+        assert s.broken() == [f"{LM}:1"]
+        await s.reload()  # the folder is fine: a reload does not bring the engine back
+        assert s.broken() == [f"{LM}:1"]
 
     run(main, make_scheduler(factory=factory))
 

@@ -53,6 +53,7 @@ class FakeBackend:
         self.release = asyncio.Event()
         self.closed = False
         self.down: list[str] = []  # what missing() reports
+        self.failed: list[str] = []  # what broken() reports
         self.watchers: list[Callable[[], None]] = []
 
     async def start(self) -> ReloadSummary:
@@ -146,6 +147,9 @@ class FakeBackend:
 
     def watch(self, callback: Callable[[], None]) -> None:
         self.watchers.append(callback)
+
+    def broken(self) -> list[str]:
+        return list(self.failed)
 
     async def close(self) -> None:
         self.closed = True
@@ -695,7 +699,9 @@ def test_health_per_service(fake: InProcessServer) -> None:
 
 def test_a_model_that_stops_serving_unreadies_the_server_but_not_the_other_service() -> None:
     """"" (readiness) needs every model; each service's own health needs its task. A
-    version that stops on its own (its engine died) tells the server through watch()."""
+    version that stops on its own (its engine died) tells the server through watch(), and
+    then inference.v1.Models (the liveness probe's) reads NOT_SERVING: only a restart
+    brings that engine back."""
     serving = health_pb2.HealthCheckResponse.SERVING
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
     server = InProcessServer()
@@ -708,6 +714,12 @@ def test_a_model_that_stops_serving_unreadies_the_server_but_not_the_other_servi
         assert _health(server.address, "inference.v1.Generator") == not_serving
         assert _health(server.address, "inference.v1.Translator") == serving
         assert _health(server.address, "inference.v1.Models") == serving
+        # Its engine died (not a failed load): the liveness probe's service says so too.
+        server.backend.failed = ["en-lm:1"]
+        for callback in server.backend.watchers:
+            server.loop.call_soon_threadsafe(callback)
+        _wait(lambda: _health(server.address, "inference.v1.Models") == not_serving)
+        assert _health(server.address, "inference.v1.Translator") == serving
     finally:
         server.stop()
 
