@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -270,13 +271,32 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
 _OTHER_ENV = {CONFIG_ENV, f"{ENV_PREFIX}TARGET", f"{ENV_PREFIX}ARGS"}
 
 
+# What Kubernetes puts in a pod's environment for each Service in its namespace (unless
+# enableServiceLinks is false, as in deploy/k8s): a Service named serve-<x> gives
+# SERVE_<X>_SERVICE_HOST, ..._SERVICE_PORT[_<NAME>], ..._PORT_<N>_<PROTO>[_PROTO|_PORT|_ADDR],
+# and ..._PORT=tcp://<ip>:<port>.
+_SERVICE_LINK = re.compile(
+    r"[A-Z0-9_]+_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT_\d+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)"
+)
+_SERVICE_LINK_URL = re.compile(r"(tcp|udp|sctp)://[^\s]+:\d+")
+
+
+def _service_link(key: str, value: str) -> bool:
+    name = key.upper()
+    if _SERVICE_LINK.fullmatch(name):
+        return True
+    return name.endswith("_PORT") and _SERVICE_LINK_URL.fullmatch(value) is not None
+
+
 def _refuse_unknown_env() -> None:
     """A misspelt SERVE_ variable would be ignored and its default served in silence."""
     fields = {f"{ENV_PREFIX}{name}".upper() for name in Settings.model_fields}
     unknown = sorted(
         key
-        for key in os.environ
-        if key.upper().startswith(ENV_PREFIX) and key.upper() not in fields | _OTHER_ENV
+        for key, value in os.environ.items()
+        if key.upper().startswith(ENV_PREFIX)
+        and key.upper() not in fields | _OTHER_ENV
+        and not _service_link(key, value)
     )
     if not unknown:
         return

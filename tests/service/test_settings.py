@@ -80,7 +80,24 @@ def test_a_misspelt_environment_variable_is_refused_with_the_name_it_meant(
     monkeypatch.delenv("serve_zzz")
     monkeypatch.setenv("SERVE_TARGET", "127.0.0.1:50052")
     monkeypatch.setenv("SERVE_ARGS", "--port 1")
+    # What Kubernetes injects for a Service named serve-cache in the namespace.
+    links = {
+        "SERVE_CACHE_SERVICE_HOST": "10.0.0.7",
+        "SERVE_CACHE_SERVICE_PORT": "6379",
+        "SERVE_CACHE_SERVICE_PORT_REDIS": "6379",
+        "SERVE_CACHE_PORT": "tcp://10.0.0.7:6379",
+        "SERVE_CACHE_PORT_6379_TCP": "tcp://10.0.0.7:6379",
+        "SERVE_CACHE_PORT_6379_TCP_PROTO": "tcp",
+        "SERVE_CACHE_PORT_6379_TCP_PORT": "6379",
+        "SERVE_CACHE_PORT_6379_TCP_ADDR": "10.0.0.7",
+    }
+    for key, value in links.items():
+        monkeypatch.setenv(key, value)
     assert load_settings(port=1234).port == 1234
+    # A misspelt port setting is no service link, though its name ends the same way.
+    monkeypatch.setenv("SERVE_METRIC_PORT", "8001")
+    with pytest.raises(SettingsError, match="SERVE_METRIC_PORT is not a setting"):
+        load_settings()
 
 
 @pytest.mark.parametrize(
