@@ -988,10 +988,13 @@ async def serve(settings: Settings, backend: Backend | None = None) -> int:
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     # A SIGTERM or SIGINT held before the loop ran (service.signals) stops it before it
     # binds: nothing was accepted. A held SIGHUP needs nothing: start() loads the newest.
-    if set(signals.held()) & {signal.SIGTERM, signal.SIGINT}:
+    held = set(signals.held())
+    if held & {signal.SIGTERM, signal.SIGINT}:
         log.info("stopped before serving: a stop signal came while starting")
         await backend.close()
         return 0
+    if signal.SIGHUP in held:
+        log.info("a reload signal came while starting: the versions it loads are the newest")
     try:
         await server.start()
     except StartupError as error:

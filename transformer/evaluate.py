@@ -55,7 +55,9 @@ def translate_texts(
 def _trained(checkpoint: Path) -> str:
     """The card's line on how little training went in, from training.json."""
     training = _training(checkpoint)
-    minutes = training.get("wall_time_s", 0) / 60
+    if "wall_time_s" not in training:
+        return "Small model; its training record (training.json) is missing."
+    minutes = training["wall_time_s"] / 60
     return f"Small model, trained for {minutes:.0f} min ({training.get('hardware', '?')})."
 
 

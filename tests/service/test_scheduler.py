@@ -817,8 +817,9 @@ def timed_slow_engine_factory(delay_s: float) -> EngineFactory:
 
 def test_the_step_time_estimate_follows_the_observed_steps() -> None:
     """stats()["step_s"] (the EWMA behind every wait estimate) moves to the step time the
-    engine reports: from its 10 ms start to near 50 ms after ten 50 ms steps."""
-    delay = 0.05
+    engine reports: from its start (10 ms, or one warm-up step) to near 100 ms after ten
+    100 ms steps."""
+    delay = 0.1
 
     async def main(s: Scheduler) -> tuple[float, float]:
         key = f"{LM}:1"

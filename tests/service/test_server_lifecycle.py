@@ -299,28 +299,42 @@ def _catches(pid: int, sig: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+@pytest.mark.parametrize(
+    ("sig", "held"),
+    [
+        (signal.SIGTERM, "a stop signal came while starting"),
+        (signal.SIGHUP, "a reload signal came while starting"),
+    ],
+)
 def test_a_signal_while_python_still_imports_is_held_not_fatal(
-    start_server: Callable[..., ServerHandle], model_repository: Path, sig: int
+    start_server: Callable[..., ServerHandle], model_repository: Path, sig: int, held: str
 ) -> None:
     """SIGTERM before the event loop runs stops the server cleanly (exit 0, never bound);
-    SIGHUP then is not fatal either: the server starts and serves the newest versions."""
-    server = start_server(repository=model_repository, wait=False)
-    deadline = time.monotonic() + 30
-    while not _catches(server.process.pid, sig):
-        assert server.alive() and time.monotonic() < deadline, server.log()
-        time.sleep(0.002)
-    assert "listening" not in server.log()  # the signal comes before the loop's handlers
-    server.process.send_signal(sig)
-    if sig == signal.SIGTERM:
-        assert server.process.wait(timeout=60) == 0, server.log()
+    SIGHUP then is not fatal either: the server starts and serves the newest versions.
+    The signal is sent as soon as the process catches it; on a busy machine the event loop
+    may be up by then (the ordinary path), so a few tries must see the early one."""
+    early = False
+    for _ in range(5):
+        server = start_server(repository=model_repository, wait=False)
+        deadline = time.monotonic() + 30
+        while not _catches(server.process.pid, sig):
+            assert server.alive() and time.monotonic() < deadline, server.log()
+            time.sleep(0.002)
+        server.process.send_signal(sig)
+        if sig == signal.SIGTERM:
+            assert server.process.wait(timeout=60) == 0, server.log()
+        else:
+            wait_serving(server)
+            with Client(server.address) as client:
+                assert client.translate(VERSE).translations[0].hypotheses[0].text
+            assert server.stop() == 0
         log = server.log()
-        assert "a stop signal came while starting" in log and "listening" not in log, log
-        return
-    wait_serving(server)
-    with Client(server.address) as client:
-        assert client.translate(VERSE).translations[0].hypotheses[0].text
-    assert server.stop() == 0
+        if held in log:
+            early = True
+            if sig == signal.SIGTERM:
+                assert "listening" not in log, log  # stopped before it bound
+            break
+    assert early, "the signal never came before the event loop took over"
 
 
 def test_calls_left_at_the_end_of_the_grace_end_through_the_scheduler() -> None:
