@@ -5,7 +5,8 @@ intended send time, so server queueing shows up in the numbers (no coordinated o
 closed loop (--concurrency) keeps N requests in flight. Every run is bounded by
 --duration and --max-requests and targets loopback unless --allow-remote is given.
 --ca (TLS), --server-name and --token (or SERVE_AUTH_TOKEN) reach a secured server.
-Results go to --out: result.json, summary.md, latency_cdf.png, latency_vs_load.png.
+Results go to --out: result.json, records.jsonl (one line per request), summary.md,
+latency_cdf.png, latency_vs_load.png; each names the machine, package versions and commit.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import math
+import platform
 import shlex
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,10 +24,11 @@ from typing import Annotated, Any
 
 import typer
 
-from loadtest import report
+from loadtest import provenance, report
 from loadtest.generator import (
     ARRIVALS,
     DEFAULT_MAX_IN_FLIGHT,
+    MAX_REQUESTS_CAP,
     BoundsError,
     RequestRecord,
     RunResult,
@@ -82,35 +85,63 @@ def _out_dir(out: Path | None, kind: str) -> Path:
     return Path("runs") / "loadtest" / f"{kind}-{stamp}"
 
 
-def _git_commit() -> str:
-    try:
-        return (
-            subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"],
-                capture_output=True,
-                text=True,
-                timeout=5,
-                check=False,
-            ).stdout.strip()
-            or "unknown"
-        )
-    except OSError:
-        return "unknown"
+def _now() -> str:
+    return dt.datetime.now().isoformat(timespec="milliseconds")
 
 
 def _meta(
     target: str, inputs: Path, mix: dict[str, float], seed: int, **extra: Any
 ) -> dict[str, Any]:
+    """Provenance of a run; call it before the run starts (its time, the load average)."""
     return {
         "command": "python -m loadtest " + shlex.join(sys.argv[1:]),
         "target": target,
         "inputs": str(inputs),
         "mix": mix,
         "seed": seed,
-        "git_commit": _git_commit(),
-        "started": dt.datetime.now().isoformat(timespec="seconds"),
+        "git_commit": provenance.git_commit(),
+        "machine": provenance.machine(),
+        "versions": {"python": platform.python_version(), **provenance.versions()},
         **extra,
+        "started": _now(),
     }
+
+
+# --- option checks: refused before any connection, as one-line usage errors (exit 2) ------
+
+# DecodingOptions.max_new_tokens is a proto uint32; 0 leaves it unset (the server default).
+MAX_NEW_TOKENS_LIMIT = 2**32 - 1
+# Requests/s at most: beyond this no schedule can be kept or bounded (and rate x duration
+# would pass the request cap anyway).
+MAX_RATE = float(MAX_REQUESTS_CAP)
+
+
+def _positive(name: str, value: float | None, upper: float = math.inf) -> None:
+    """A finite number > 0, at most `upper` (None: the option is not in use)."""
+    if value is None:
+        return
+    if not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"{name} must be a finite number > 0, got {value}")
+    if value > upper:
+        raise typer.BadParameter(f"{name} must be <= {upper:g}, got {value:g}")
+
+
+def _at_least(name: str, value: int | None, low: int, note: str = "") -> None:
+    if value is not None and value < low:
+        raise typer.BadParameter(f"{name} must be >= {low}{note}, got {value}")
+
+
+def _check_common(
+    max_new_tokens: int, timeout: float, max_in_flight: int, wait_ready: float
+) -> None:
+    _at_least("--max-new-tokens", max_new_tokens, 0, " (0 = the server's default)")
+    if max_new_tokens > MAX_NEW_TOKENS_LIMIT:
+        raise typer.BadParameter(
+            f"--max-new-tokens must be <= {MAX_NEW_TOKENS_LIMIT}, got {max_new_tokens}"
+        )
+    _positive("--timeout", timeout)
+    _at_least("--max-in-flight", max_in_flight, 1)
+    _positive("--wait-ready", wait_ready)
 
 
 def _prepare(
@@ -210,6 +241,9 @@ def run(
     server_name: ServerName = None,
 ) -> None:
     """One bounded run, open loop (--rate; default 5 req/s) or closed loop (--concurrency)."""
+    _positive("--rate", rate, MAX_RATE)
+    _at_least("--concurrency", concurrency, 1)
+    _check_common(max_new_tokens, timeout, max_in_flight, wait_ready)
     if rate is not None and concurrency is not None:
         raise typer.BadParameter("give --rate (open loop) or --concurrency (closed loop), not both")
     if rate is None and concurrency is None:
@@ -222,6 +256,7 @@ def run(
         raise typer.BadParameter(str(error)) from error
     path, weights, workload = _prepare(target, allow_remote, inputs, mix, seed)
     out_dir = _out_dir(out, "run")
+    meta = _meta(target, path, weights, seed, max_new_tokens=max_new_tokens)
     update, close = _progress(_expected(rate, duration, max_requests), progress, "loadtest")
 
     async def body(caller: Caller) -> RunResult:
@@ -254,7 +289,7 @@ def run(
         raise typer.BadParameter(str(error)) from error
     finally:
         close()
-    meta = _meta(target, path, weights, seed, max_new_tokens=max_new_tokens)
+    meta["finished"] = _now()
     paths = report.write_run_report(out_dir, result, meta)
     typer.echo(report.markdown_run(report.summarize(result)))
     _echo_paths(paths)
@@ -267,8 +302,13 @@ def _parse_rates(rates: str | None, start: float, factor: float, max_rate: float
             values = [float(r) for r in rates.split(",") if r.strip()]
         except ValueError as error:
             raise typer.BadParameter(f"--rates must be comma-separated numbers: {error}") from error
+        for value in values:
+            _positive("--rates", value, MAX_RATE)
     else:
-        if start <= 0 or factor <= 1 or max_rate < start:
+        _positive("--start-rate", start, MAX_RATE)
+        _positive("--max-rate", max_rate, MAX_RATE)
+        _positive("--factor", factor)
+        if factor <= 1 or max_rate < start:
             raise typer.BadParameter("need --start-rate > 0, --factor > 1, --max-rate >= start")
         values, r = [], start
         while r <= max_rate * (1 + 1e-9) and len(values) < 64:
@@ -312,6 +352,9 @@ def sweep(
     server_name: ServerName = None,
 ) -> None:
     """Open-loop steps at rising rates until the latency curve bends (the knee)."""
+    _check_common(max_new_tokens, timeout, max_in_flight, wait_ready)
+    _positive("--slo-p99-ms", slo_p99_ms)
+    _at_least("--stop-after-unhealthy", stop_after_unhealthy, 1)
     rate_list = _parse_rates(rates, start_rate, factor, max_rate)
     try:
         check_bounds(step_duration, max_requests)
@@ -322,6 +365,16 @@ def sweep(
     path, weights, workload = _prepare(target, allow_remote, inputs, mix, seed)
     out_dir = _out_dir(out, "sweep")
     slo = slo_p99_ms / 1000 if slo_p99_ms is not None else None
+    meta = _meta(
+        target,
+        path,
+        weights,
+        seed,
+        rates=rate_list,
+        step_duration_s=step_duration,
+        slo_p99_ms=slo_p99_ms,
+        arrivals=arrivals,
+    )
 
     async def body(caller: Caller) -> list[RunResult]:
         results: list[RunResult] = []
@@ -348,6 +401,14 @@ def sweep(
                 close()
             results.append(result)
             steps.append(report.summarize(result))
+            if steps[-1]["client_limited"]:
+                # Higher rates would only put this client further behind its schedule.
+                typer.echo(
+                    f"stopping the sweep at {rate:g} req/s: client-limited (median send lag "
+                    f"{steps[-1]['send_lag_s']['p50'] * 1000:.1f} ms), not the server's limit",
+                    err=True,
+                )
+                break
             knee = report.find_knee(steps, slo)
             if knee["saturated"]:
                 unhealthy += 1
@@ -368,16 +429,7 @@ def sweep(
         )
     except _Fail as error:
         raise typer.BadParameter(str(error)) from error
-    meta = _meta(
-        target,
-        path,
-        weights,
-        seed,
-        rates=rate_list,
-        step_duration_s=step_duration,
-        slo_p99_ms=slo_p99_ms,
-        arrivals=arrivals,
-    )
+    meta["finished"] = _now()
     paths = report.write_sweep_report(out_dir, results, meta, slo)
     steps = [report.summarize(r) for r in results]
     typer.echo(report.markdown_sweep(steps, report.find_knee(steps, slo)))
@@ -415,8 +467,17 @@ def soak(
     server_name: ServerName = None,
 ) -> None:
     """A fixed rate for N minutes, sampling the server's RSS (leaks, fragmentation)."""
+    _positive("--rate", rate, MAX_RATE)
+    _positive("--minutes", minutes)
+    _positive("--sample-interval", sample_interval)
+    _check_common(max_new_tokens, timeout, max_in_flight, wait_ready)
     duration = minutes * 60.0
-    cap = max_requests if max_requests is not None else int(rate * duration) + 1
+    # Without --max-requests, rate x duration; past the cap, check_bounds refuses it.
+    cap = (
+        max_requests
+        if max_requests is not None
+        else int(min(rate * duration, MAX_REQUESTS_CAP)) + 1
+    )
     try:
         check_bounds(duration, cap)
     except BoundsError as error:
@@ -433,6 +494,7 @@ def soak(
                 f"cannot find the process listening on {target}; pass --server-pid"
             )
     out_dir = _out_dir(out, "soak")
+    meta = _meta(target, path, weights, seed, server_pid=pid, minutes=minutes)
     sampler = RssSampler(pid, sample_interval)
     update, close = _progress(_expected(rate, duration, cap), progress, "soak")
 
@@ -474,10 +536,13 @@ def soak(
     rss = sampler.summary()
     with contextlib.suppress(OSError, ProcessLookupError):
         rss["peak_hwm_bytes"] = peak_rss_bytes(pid)
-    meta = _meta(target, path, weights, seed, server_pid=pid, minutes=minutes)
+    meta["finished"] = _now()
     paths = report.write_run_report(out_dir, result, meta)
     summary = report.summarize(result)
-    report.write_json(out_dir / "result.json", {"meta": meta, "summary": summary, "rss": rss})
+    report.write_json(
+        out_dir / "result.json",
+        {"meta": meta, "summary": summary, "rss": rss, "records": report.RECORDS_FILE},
+    )
     if sampler.rss:
         paths["rss"] = report.plot_series(
             out_dir / "server_rss.png",

@@ -28,7 +28,6 @@ import datetime as dt
 import itertools
 import json
 import os
-import platform
 import random
 import shlex
 import shutil
@@ -39,7 +38,6 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -48,6 +46,7 @@ import typer
 from loadtest import report
 from loadtest.baselines import PhaseConfig
 from loadtest.generator import RunResult, run_load
+from loadtest.provenance import git_commit, machine, versions
 from loadtest.sections import replace_section
 from loadtest.soak import peak_rss_bytes
 from loadtest.workload import GrpcCaller, Workload, load_texts, resolve_inputs
@@ -91,17 +90,6 @@ LABELS: dict[str, tuple[str, str]] = {
     "static-hold": ("served, static, answers at batch end", "gRPC, closed loop"),
     "continuous": ("served, continuous batching", "gRPC, closed loop"),
 }
-PACKAGES = (
-    "onnxruntime",
-    "onnxruntime-gpu",
-    "torch",
-    "transformers",
-    "ctranslate2",
-    "grpcio",
-    "numpy",
-    "sentencepiece",
-    "protobuf",
-)
 
 
 @dataclass
@@ -120,65 +108,6 @@ class ServedMode:
     agreement: dict[str, int] = field(default_factory=dict)
     # Device 0 in use with both servers loaded (CUDA runs; NVML's device-wide figure).
     gpu_memory_used_bytes: int | None = None
-
-
-# --- machine and provenance ----------------------------------------------------------------
-
-
-def machine() -> dict[str, Any]:
-    """CPU model, cores, memory, load at start (shared machines skew numbers), OS."""
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-    }
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5, check=False)
-        for line in out.stdout.splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("Model name", "Thread(s) per core", "Core(s) per socket"):
-                info[key.strip()] = value.strip()
-    except OSError:
-        pass
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-        if out.returncode == 0 and out.stdout.strip():
-            info["gpu"] = out.stdout.strip().splitlines()[0]
-    try:
-        info["loadavg_at_start"] = Path("/proc/loadavg").read_text().split()[:3]
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                info["mem_total_gib"] = round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    return info
-
-
-def versions() -> dict[str, str]:
-    found = {}
-    for name in PACKAGES:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return found
-
-
-def git_commit() -> str:
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False
-        ).stdout.strip()
-
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -465,6 +394,8 @@ def _brief(summary: dict[str, Any]) -> dict[str, Any]:
         "elapsed_s",
         "concurrency",
         "send_lag_s",
+        "sent_rate",
+        "client_limited",
         "tokens_per_message",
     )
     return {k: summary[k] for k in keep if k in summary}
@@ -702,7 +633,7 @@ def markdown(data: dict[str, Any]) -> str:
         f"{s['batch_size']}, {s['threads']} threads per engine, {s['phase_s']:g} s budget per "
         "offline engine.",
         "",
-        "| engine | how | status | requests | tokens/s | p50 ms | p99 ms | latency of | "
+        "| engine | how | status | requests ok | tokens/s | p50 ms | p99 ms | latency of | "
         "peak RSS MiB | same output as reference |",
         "|---|---|---|---:|---:|---:|---:|---|---:|---|",
     ]

@@ -10,6 +10,7 @@ this command, into its own section of docs/benchmarks.md.
 
 from __future__ import annotations
 
+import os
 import shlex
 import statistics
 import sys
@@ -146,7 +147,8 @@ def main(
     ] = None,
 ) -> None:
     """Time the serving engine's decoder step at fixed shapes."""
-    from loadtest.bench import git_commit, latest_version, machine, versions
+    from loadtest.bench import latest_version
+    from loadtest.provenance import git_commit, machine, versions
 
     if variant not in ("fp32", "int8"):
         raise typer.BadParameter(f"variant must be fp32 or int8 on the CPU, got {variant!r}")
@@ -158,6 +160,10 @@ def main(
         ) from None
     if not lengths or min(lengths) < 1:
         raise typer.BadParameter(f"--caches needs lengths >= 1, got {caches!r}")
+    # 0 means every usable core: resolve it, so the engine and the report name the count.
+    threads = threads or (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    )
     version_dir = latest_version(repository / model)
     from export.manifest import load_manifest
 

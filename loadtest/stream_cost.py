@@ -119,7 +119,7 @@ def main(
         raise typer.BadParameter(f"--per-message must be integers: {error}") from None
     if not sizes or min(sizes) < 1:
         raise typer.BadParameter(f"--per-message needs sizes >= 1, got {per_message!r}")
-    from loadtest.bench import git_commit, machine, versions
+    from loadtest.provenance import git_commit, machine, versions
 
     m = machine()
     kept = {k: v for k, v in versions().items() if k in ("grpcio", "protobuf")}

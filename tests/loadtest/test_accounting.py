@@ -205,3 +205,21 @@ def test_run_load_needs_exactly_one_mode() -> None:
         asyncio.run(run_load(fast, workload, rate=1.0, concurrency=1))
     with pytest.raises(ValueError, match="exactly one"):
         asyncio.run(run_load(fast, workload, rate=None))
+
+
+def test_a_client_that_falls_behind_is_reported_client_limited() -> None:
+    # Each call blocks the event loop 20 ms: at most ~50 req/s leave against 100 offered.
+    from loadtest.report import summarize
+
+    async def blocking(item: WorkItem) -> CallOutcome:
+        time.sleep(0.02)  # blocks the loop on purpose
+        return CallOutcome()
+
+    workload = Workload(["a b c"], {"translate": 1.0}, seed=0)
+    result = asyncio.run(
+        run_load(blocking, workload, rate=100.0, arrivals="constant", duration_s=0.3)
+    )
+    summary = summarize(result)
+    assert summary["arrival_rate"] == pytest.approx(100.0)
+    assert summary["sent_rate"] < 0.7 * summary["arrival_rate"]
+    assert summary["client_limited"] is True

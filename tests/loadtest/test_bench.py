@@ -451,3 +451,11 @@ def test_a_skipped_baseline_gives_no_rows() -> None:
     names = [r["ratio"] for r in ratios({}, modes)]
     assert "continuous / static (closed-loop tokens/s)" in names
     assert not any("static-hold" in name for name in names)
+
+
+def test_served_rows_count_ok_requests_under_a_header_that_says_so(tmp_path: Path) -> None:
+    data = bench_data(tmp_path)
+    data["served"]["static"]["closed"] = {"requests": 12, "ok": 9, "concurrency": 4}
+    text = markdown(data)
+    assert "| engine | how | status | requests ok | tokens/s |" in text
+    assert "| served, static batching | gRPC, closed loop, concurrency 4 | ok | 9 |" in text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -29,6 +30,9 @@ def test_times_each_cache_length_and_records_its_own_section(tmp_path: Path) -> 
         best, median = (float(x) for x in row.strip("|").split("|")[1:3])
         assert 0 < best <= median
     assert "Reproduce: `python -m loadtest.step_bench" in text
+    # --threads 0 (the default) is every usable core, and the section names that count.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert " 0 threads" not in text and f", {cores} threads:" in text
 
 
 def test_bad_cache_lengths_are_refused_naming_the_limit() -> None:

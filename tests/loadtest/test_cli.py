@@ -1,0 +1,271 @@
+"""`python -m loadtest run|sweep|soak` end to end against a fake in-process caller: the
+provenance every report carries, records.jsonl, the client-limited sweep stop, and bad
+options refused before any connection."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import os
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+import loadtest.__main__ as cli
+from loadtest import provenance
+from loadtest.report import percentile
+from loadtest.workload import CallOutcome, WorkItem
+
+TARGET = "127.0.0.1:1"  # never reached: the fake caller stands in for the channel
+COMMIT = re.compile(r"^([0-9a-f]{4,40}(-dirty)?|unknown)$")
+
+
+class FakeCaller:
+    """GrpcCaller's shape, serving in-process; records the wall time of every call."""
+
+    calls: ClassVar[list[float]] = []
+    block_s: ClassVar[float] = 0.0  # blocks the event loop per call (a client that cannot keep up)
+
+    def __init__(self, target: str, **_: Any) -> None:
+        self.target = target
+
+    async def wait_ready(self, timeout_s: float = 10.0) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def __call__(self, item: WorkItem) -> CallOutcome:
+        FakeCaller.calls.append(time.time())
+        if self.block_s:
+            time.sleep(self.block_s)  # on purpose: the loop cannot send on schedule
+        await asyncio.sleep(0.002)
+        return CallOutcome(input_tokens=4, output_tokens=3)
+
+
+class NoConnection:
+    """Stands in for GrpcCaller where the command must fail before connecting."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise AssertionError("connected despite a bad option")
+
+
+def verses(path: Path) -> Path:
+    path.write_text("".join(f"verse number {i} of the test\n" for i in range(20)))
+    return path
+
+
+def invoke(args: list[str], caller: type = FakeCaller, block_s: float = 0.0) -> Any:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cli, "GrpcCaller", caller)
+        mp.setattr(FakeCaller, "calls", [])
+        mp.setattr(FakeCaller, "block_s", block_s)
+        result = CliRunner().invoke(cli.app, args)
+        calls = list(FakeCaller.calls)
+    return result, calls
+
+
+def common(tmp: Path, out: Path) -> list[str]:
+    return [
+        "--target",
+        TARGET,
+        "--inputs",
+        str(verses(tmp / "verses.txt")),
+        "--mix",
+        "translate=1",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--wait-ready",
+        "1",
+    ]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """One run (constant 20 req/s for 1.05 s: its sends span a full second), one sweep and
+    one soak, each written to its own folder."""
+    tmp = tmp_path_factory.mktemp("cli")
+    done: dict[str, Any] = {}
+    args = {
+        "run": ["run", "--rate", "20", "--arrivals", "constant", "--duration", "1.05"],
+        "sweep": ["sweep", "--rates", "20,30", "--step-duration", "0.3"],
+        "soak": [
+            "soak",
+            "--rate",
+            "20",
+            "--minutes",
+            "0.004",
+            "--server-pid",
+            str(os.getpid()),
+            "--sample-interval",
+            "0.05",
+        ],
+    }
+    for name, head in args.items():
+        out = tmp / name
+        result, calls = invoke([*head, *common(tmp, out)])
+        assert result.exit_code == 0, result.output
+        done[name] = {"out": out, "calls": calls, "output": result.output}
+    yield done
+
+
+def test_meta_started_is_taken_before_the_run(runs: dict[str, Any]) -> None:
+    run = runs["run"]
+    meta = json.loads((run["out"] / "result.json").read_text())["meta"]
+    calls = run["calls"]
+    # The sends span a second, so even a whole-second stamp taken at the end would be
+    # later than the first request.
+    assert calls[-1] - calls[0] >= 0.95
+    started = dt.datetime.fromisoformat(meta["started"]).timestamp()
+    assert started <= calls[0] + 1e-3  # before the first request (ms precision)
+    finished = dt.datetime.fromisoformat(meta["finished"]).timestamp()
+    assert finished >= calls[-1] - 1e-3
+
+
+@pytest.mark.parametrize("name", ["run", "sweep", "soak"])
+def test_every_report_names_machine_versions_and_commit(runs: dict[str, Any], name: str) -> None:
+    out = runs[name]["out"]
+    meta = json.loads((out / "result.json").read_text())["meta"]
+    machine = meta["machine"]
+    assert machine["usable_cores"] >= 1 and machine["cpu_count"] >= 1
+    assert len(machine["loadavg_at_start"]) == 3
+    assert machine == {**provenance.machine(), "loadavg_at_start": machine["loadavg_at_start"]}
+    versions = meta["versions"]
+    assert versions["python"] and versions["grpcio"] and versions["protobuf"]
+    assert COMMIT.match(meta["git_commit"]), meta["git_commit"]
+    assert meta["git_commit"] == provenance.git_commit()
+    md = (out / "summary.md").read_text()
+    assert "- machine: `" in md and "usable_cores" in md and "grpcio" in md
+
+
+def test_git_commit_flags_a_dirty_tree(tmp_path: Path) -> None:
+    def git(*args: str) -> None:
+        subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+            cwd=tmp_path,
+            check=True,
+            capture_output=True,
+        )
+
+    git("init", "-q")
+    (tmp_path / "f.txt").write_text("a\n")
+    git("add", "f.txt")
+    git("commit", "-q", "-m", "one")
+    clean = provenance.git_commit(tmp_path)
+    assert re.fullmatch(r"[0-9a-f]{4,40}", clean), clean
+    (tmp_path / "f.txt").write_text("b\n")
+    assert provenance.git_commit(tmp_path) == clean + "-dirty"
+    (tmp_path / "untracked.txt").write_text("new\n")  # untracked files do not count
+    (tmp_path / "f.txt").write_text("a\n")
+    assert provenance.git_commit(tmp_path) == clean
+
+
+def rows(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("name", ["run", "soak"])
+def test_runs_write_one_record_per_request(runs: dict[str, Any], name: str) -> None:
+    out = runs[name]["out"]
+    summary = json.loads((out / "result.json").read_text())["summary"]
+    records = rows(out)
+    assert len(records) == summary["requests"] == len(runs[name]["calls"])
+    for r in records:
+        assert r["code"] == "OK" and r["input_tokens"] == 4 and r["output_tokens"] == 3
+        assert r["intended_s"] <= r["sent_s"] <= r["done_s"]
+        assert r["latency_s"] == pytest.approx(r["done_s"] - r["intended_s"])
+        assert {"ttft_s", "messages", "kind"} <= set(r)
+    # The summary's figures follow from the records alone.
+    latencies = [r["latency_s"] for r in records if r["code"] == "OK"]
+    assert percentile(latencies, 99) == pytest.approx(summary["latency_s"]["p99"])
+    assert "records.jsonl" in (out / "summary.md").read_text()
+    assert "records.jsonl" in runs[name]["output"]  # the printed paths name it
+
+
+def test_sweep_records_carry_their_step(runs: dict[str, Any]) -> None:
+    out = runs["sweep"]["out"]
+    data = json.loads((out / "result.json").read_text())
+    records = rows(out)
+    assert [sum(r["step"] == i for r in records) for i in range(2)] == [
+        s["requests"] for s in data["steps"]
+    ]
+    assert {r["offered_rate"] for r in records} == {20.0, 30.0}
+
+
+def test_sweep_stops_at_a_client_limited_step(tmp_path: Path) -> None:
+    # Every call blocks the loop for 40 ms, so at most 25 req/s leave against 100 offered:
+    # the client, not the (instant) server, is the limit, and the sweep must say so.
+    out = tmp_path / "sweep"
+    args = ["sweep", "--rates", "100,200", "--step-duration", "0.4", *common(tmp_path, out)]
+    result, _ = invoke(args, block_s=0.04)
+    assert result.exit_code == 0, result.output
+    assert "client-limited" in result.output
+    data = json.loads((out / "result.json").read_text())
+    assert len(data["steps"]) == 1  # stopped there: 200 req/s was not run
+    step = data["steps"][0]
+    assert step["client_limited"] is True
+    assert step["sent_rate"] < 0.6 * step["arrival_rate"]
+    knee = data["knee"]
+    assert knee["client_limited_rate"] == 100
+    assert knee["saturated"] is False and knee["first_unhealthy_rate"] is None
+    assert "100 (client-limited)" in (out / "summary.md").read_text()
+
+
+BAD_OPTIONS: list[tuple[list[str], str]] = [
+    (["run", "--rate", "0"], "--rate must be a finite number > 0"),
+    (["run", "--rate", "-2"], "--rate must be a finite number > 0"),
+    (["run", "--rate", "nan"], "--rate must be a finite number > 0"),
+    (["run", "--rate", "inf"], "--rate must be a finite number > 0"),
+    (["run", "--rate", "1e300"], "--rate must be <="),
+    (["run", "--concurrency", "0"], "--concurrency must be >= 1"),
+    (["run", "--concurrency", "-1"], "--concurrency must be >= 1"),
+    (["run", "--max-new-tokens", "-1"], "--max-new-tokens must be >= 0"),
+    (["run", "--max-new-tokens", str(2**32)], "--max-new-tokens must be <="),
+    (["run", "--timeout", "0"], "--timeout must be a finite number > 0"),
+    (["run", "--timeout", "nan"], "--timeout must be a finite number > 0"),
+    (["run", "--max-in-flight", "0"], "--max-in-flight must be >= 1"),
+    (["run", "--wait-ready", "-1"], "--wait-ready must be a finite number > 0"),
+    (["sweep", "--rates", "1,nan"], "--rates must be a finite number > 0"),
+    (["sweep", "--rates", "1,inf"], "--rates must be a finite number > 0"),
+    (["sweep", "--start-rate", "nan"], "--start-rate must be a finite number > 0"),
+    (["sweep", "--max-rate", "inf"], "--max-rate must be a finite number > 0"),
+    (["sweep", "--timeout", "0"], "--timeout must be a finite number > 0"),
+    (["sweep", "--max-in-flight", "0"], "--max-in-flight must be >= 1"),
+    (["sweep", "--max-new-tokens", "-5"], "--max-new-tokens must be >= 0"),
+    (["sweep", "--slo-p99-ms", "0"], "--slo-p99-ms must be a finite number > 0"),
+    (["soak", "--rate", "0"], "--rate must be a finite number > 0"),
+    (["soak", "--rate", "nan"], "--rate must be a finite number > 0"),
+    (["soak", "--minutes", "nan"], "--minutes must be a finite number > 0"),
+    (["soak", "--sample-interval", "0"], "--sample-interval must be a finite number > 0"),
+    (["soak", "--timeout", "-1"], "--timeout must be a finite number > 0"),
+    (["soak", "--max-in-flight", "0"], "--max-in-flight must be >= 1"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_OPTIONS)
+def test_bad_options_are_refused_before_connecting(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    full = [args[0], *common(tmp_path, tmp_path / "out"), *args[1:]]  # the bad value last
+    if args[0] == "soak":
+        full += ["--server-pid", str(os.getpid())]
+    # A usage error (exit 2), and NoConnection proves no channel was opened.
+    result, _ = invoke(full, caller=NoConnection)
+    assert result.exit_code == 2, result.output
+    # The error itself is one line naming the option and the bound.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cli, "GrpcCaller", NoConnection)
+        raw = CliRunner().invoke(cli.app, full, standalone_mode=False)
+    assert isinstance(raw.exception, typer.BadParameter), raw.exception
+    text = raw.exception.format_message()
+    assert message in text and "\n" not in text
+    assert not (tmp_path / "out").exists()
