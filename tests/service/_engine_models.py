@@ -122,16 +122,21 @@ LONG_PROMPT = "The"
 
 
 def hooked_engine_factory(
-    before_step: Callable[[Batch], None],
+    before_step: Callable[[Batch], None], timed: bool = False
 ) -> Callable[[ModelVersion, EngineOptions], Engine]:
     """An engine factory whose batches call `before_step(batch)` before every step (to
-    slow the engine down, or to make a step fail)."""
+    slow the engine down, or to make a step fail). `timed`: the hook's time counts in the
+    step's reported seconds (as a slow device's step would)."""
     from service.engine import Batch, Engine, StepOutput
 
     class HookedBatch(Batch):
         def step(self) -> StepOutput:
+            start = time.perf_counter()
             before_step(self)
-            return super().step()
+            out = super().step()
+            if timed:
+                out.seconds = time.perf_counter() - start
+            return out
 
     class HookedEngine(Engine):
         def new_batch(self) -> Batch:
@@ -143,7 +148,9 @@ def hooked_engine_factory(
     return factory
 
 
-def slow_engine_factory(delay_s: float) -> Callable[[ModelVersion, EngineOptions], Engine]:
+def slow_engine_factory(
+    delay_s: float, timed: bool = False
+) -> Callable[[ModelVersion, EngineOptions], Engine]:
     """Batches sleep `delay_s` per step, so requests stay in flight long enough to cancel,
-    expire or queue behind them."""
-    return hooked_engine_factory(lambda _: time.sleep(delay_s))
+    expire or queue behind them; `timed`: the sleep counts in the step's reported time."""
+    return hooked_engine_factory(lambda _: time.sleep(delay_s), timed)

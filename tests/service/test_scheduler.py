@@ -792,29 +792,6 @@ def test_the_estimated_wait_counts_the_step_in_flight() -> None:
     run(main, make_scheduler(factory=slow_engine_factory(STEP_DELAY)))
 
 
-def timed_slow_engine_factory(delay_s: float) -> EngineFactory:
-    """Batches whose steps take `delay_s` longer, measured as part of the step (as a slow
-    device's step would be), unlike slow_engine_factory's delay before the step."""
-    from service.engine import StepOutput
-
-    class SlowBatch(Batch):
-        def step(self) -> StepOutput:
-            start = time.perf_counter()
-            time.sleep(delay_s)
-            out = super().step()
-            out.seconds = time.perf_counter() - start
-            return out
-
-    class SlowEngine(Engine):
-        def new_batch(self) -> Batch:
-            return SlowBatch(self)
-
-    def factory(entry: ModelVersion, options: EngineOptions) -> Engine:
-        return SlowEngine(entry.path, entry.manifest, options)
-
-    return factory
-
-
 def test_the_step_time_estimate_follows_the_observed_steps() -> None:
     """stats()["step_s"] (the EWMA behind every wait estimate) moves to the step time the
     engine reports: from its start (10 ms, or one warm-up step) to near 100 ms after ten
@@ -831,7 +808,7 @@ def test_the_step_time_estimate_follows_the_observed_steps() -> None:
         await asyncio.gather(task, return_exceptions=True)
         return initial, later
 
-    initial, later = run(main, make_scheduler(factory=timed_slow_engine_factory(delay)))
+    initial, later = run(main, make_scheduler(factory=slow_engine_factory(delay, timed=True)))
     assert initial < 0.5 * delay
     assert later >= 0.5 * delay
 
