@@ -27,6 +27,7 @@ checkpoint folder or in the model folder above it ({"source_language": "en",
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -550,17 +551,26 @@ def _remove_stale(out: Path) -> None:
 
 
 def _replace_dir(new: Path, target: Path) -> None:
-    """Move `new` to `target`, replacing an older folder with two renames (the owner file
-    goes from the one to the other: what is published carries none)."""
+    """Move `new` to `target`, replacing an older folder with two renames; if the second
+    fails, the older one is put back. The owner file goes from the one to the other (what
+    is published carries none; a replaced folder that cannot take it, read-only, is left
+    for a person should this process die before removing it)."""
     owner = new / BUILD_OWNER
+    mark = owner.read_text()
+    owner.unlink()
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.monotonic_ns()}")
         target.rename(old)
         if old.is_dir():
-            (old / BUILD_OWNER).write_text(owner.read_text())
-    owner.unlink()
-    new.rename(target)
+            with contextlib.suppress(OSError):
+                (old / BUILD_OWNER).write_text(mark)
+    try:
+        new.rename(target)
+    except BaseException:
+        if old is not None:
+            old.rename(target)
+        raise
     if old is not None:
         if old.is_dir():
             shutil.rmtree(old, ignore_errors=True)

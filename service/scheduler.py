@@ -242,7 +242,6 @@ class _ModelLoop:
         self.idle.set()
         self.accepting = True
         self.closing = False
-        self.dead = False  # its worker died: nothing decodes for it any more
         self.on_failure: Callable[[], None] | None = None  # after the worker died
         # What the event loop posts to the worker thread, which owns the batch (`_drive`).
         self._inbox: list[tuple[list[Hashable], list[BatchItem]]] = []
@@ -420,7 +419,6 @@ class _ModelLoop:
         """Nothing decodes for this version any more: refuse new requests and fail the
         ones it holds with Unavailable (retried elsewhere); model_ready reads 0."""
         self.accepting = False
-        self.dead = True
         failure = Unavailable(f"model {self.entry.key} stopped: its engine failed ({error})")
         jobs = [*self.waiting, *self.running.values()]
         self.waiting.clear()
@@ -687,6 +685,7 @@ class Scheduler:
         # that serves the rest; model_ready 0 says it failed).
         self._required: set[str] = set()
         self._watchers: list[Callable[[], None]] = []
+        self._died: set[str] = set()  # versions whose engine worker died (broken())
         self._gpus: set[int] = set()  # CUDA devices in use, for the GPU memory metric
 
     @classmethod
@@ -779,7 +778,7 @@ class Scheduler:
             except GpuMemoryUnavailable as error:
                 log.warning("no inference_gpu_memory_used_bytes: %s", error)
         loop = _ModelLoop(entry, engine, self.config, self.metrics)
-        loop.on_failure = self._serving_changed
+        loop.on_failure = lambda: self._engine_died(entry.key)
         loop.task = asyncio.get_running_loop().create_task(
             loop.run(), name=f"model-loop-{entry.key}"
         )
@@ -1006,13 +1005,16 @@ class Scheduler:
         engine worker died. start() and reload() report their changes by returning."""
         self._watchers.append(callback)
 
-    def _serving_changed(self) -> None:
+    def _engine_died(self, key: str) -> None:
+        self._died.add(key)
         for callback in self._watchers:
             callback()
 
     def broken(self) -> list[str]:
-        """Live versions whose engine worker died: only a restart serves them again."""
-        return sorted(key for key, loop in self._loops.items() if loop.dead)
+        """Versions whose engine worker died in this process, retired since or not: what
+        killed it (a lost device, memory) may outlive the version, so only a restart
+        clears this."""
+        return sorted(self._died)
 
     def missing(self) -> list[str]:
         """Models readiness waits for that have no version taking traffic: still on disk,

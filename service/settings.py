@@ -248,6 +248,7 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     Raises SettingsError with one line per problem.
     """
     given = {k: v for k, v in overrides.items() if v is not None}
+    _refuse_service_links()
     _refuse_unknown_env()
     path = config
     if path is None and os.environ.get(CONFIG_ENV):
@@ -286,6 +287,21 @@ def _service_link(key: str, value: str) -> bool:
     if _SERVICE_LINK.fullmatch(name):
         return True
     return name.endswith("_PORT") and _SERVICE_LINK_URL.fullmatch(value) is not None
+
+
+def _refuse_service_links() -> None:
+    """A Service named `serve` or `serve-metrics` makes Kubernetes set SERVE_PORT or
+    SERVE_METRICS_PORT to tcp://<ip>:<port>: say so, rather than "not an integer"."""
+    for name in ("port", "metrics_port"):
+        key = f"{ENV_PREFIX}{name.upper()}"
+        value = next((v for k, v in os.environ.items() if k.upper() == key), "")
+        if _SERVICE_LINK_URL.fullmatch(value):
+            service = key.removesuffix("_PORT").lower().replace("_", "-")
+            raise SettingsError(
+                f"invalid settings:\n  {key}={value}: Kubernetes sets this for a Service "
+                f"named {service} in the namespace (service links); set enableServiceLinks: "
+                "false in the pod spec (deploy/k8s does), or rename that Service"
+            )
 
 
 def _refuse_unknown_env() -> None:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import onnxruntime as ort
 import pytest
@@ -160,6 +161,46 @@ def test_a_killed_export_leaves_nothing_behind(exported, tmp_path: Path) -> None
     assert not stale.exists() and all(p.exists() for p in kept)
     published = repo / "en-lm" / "1"
     assert not (published / BUILD_OWNER).exists()
+
+
+def test_a_replace_that_fails_halfway_puts_the_published_version_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The build folder cannot take the version's place: the version it was to replace is
+    back under its number (not left as a hidden folder). And a replaced folder that cannot
+    take the owner file (read-only) does not stop the replace."""
+    from export import onnx_export
+
+    target = tmp_path / "1"
+    target.mkdir()
+    (target / "manifest.json").write_text("old")
+    build = _left_by(tmp_path / ".1.tmp-x", socket.gethostname(), os.getpid())
+    (build / "manifest.json").write_text("new")
+    rename = Path.rename
+
+    def failing_rename(self: Path, to: Path) -> Path:
+        if self == build:
+            raise OSError(28, "No space left on device")
+        return rename(self, to)
+
+    monkeypatch.setattr(Path, "rename", failing_rename)
+    with pytest.raises(OSError, match="No space left"):
+        onnx_export._replace_dir(build, target)
+    assert (target / "manifest.json").read_text() == "old"
+    assert not list(tmp_path.glob(".1.old-*"))
+    monkeypatch.setattr(Path, "rename", rename)
+    write_text = Path.write_text
+
+    def read_only_old(self: Path, data: str, *args: Any, **kwargs: Any) -> int:
+        if self.parent.name.startswith(".1.old-"):
+            raise PermissionError(13, "Permission denied")
+        return write_text(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", read_only_old)
+    (build / BUILD_OWNER).write_text(json.dumps({"host": socket.gethostname(), "pid": 1}))
+    onnx_export._replace_dir(build, target)
+    assert (target / "manifest.json").read_text() == "new"
+    assert not (target / BUILD_OWNER).exists() and not list(tmp_path.glob(".1.*"))
 
 
 def test_the_export_command_leaves_sigterm_as_it_found_it(exported, tmp_path: Path) -> None:

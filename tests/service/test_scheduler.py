@@ -1018,9 +1018,14 @@ def test_readiness_waits_for_every_model_on_disk_at_start_not_for_one_added_late
     run(main, make_scheduler(root))
 
 
-def test_an_engine_that_dies_unreadies_the_server_and_tells_its_watchers() -> None:
-    """The worker of en-lm ends for good: watch() callbacks run on the event loop, and
-    missing() names the model, so health turns NOT_SERVING without a reload."""
+def test_an_engine_that_dies_unreadies_the_server_and_tells_its_watchers(
+    tmp_path: Path,
+) -> None:
+    """The worker of en-lm ends for good: watch() callbacks run on the event loop,
+    missing() names the model and broken() the version, so health turns NOT_SERVING
+    without a reload; broken() (liveness) stays until the process restarts."""
+    root = tmp_path / "models"
+    shutil.copytree(model_repository(), root)
 
     class BrokenEngine(Engine):
         def new_batch(self) -> Batch:
@@ -1041,8 +1046,12 @@ def test_an_engine_that_dies_unreadies_the_server_and_tells_its_watchers() -> No
         assert s.broken() == [f"{LM}:1"]
         await s.reload()  # the folder is fine: a reload does not bring the engine back
         assert s.broken() == [f"{LM}:1"]
+        # Nor does retiring the version: what killed its engine may outlive it.
+        shutil.rmtree(root / LM / "1")
+        assert (await s.reload()).retired == [f"{LM}:1"]
+        assert s.broken() == [f"{LM}:1"]
 
-    run(main, make_scheduler(factory=factory))
+    run(main, make_scheduler(root, factory=factory))
 
 
 def test_a_retired_version_has_no_model_ready_and_a_broken_copy_of_it_reads_0(

@@ -94,6 +94,12 @@ def test_a_misspelt_environment_variable_is_refused_with_the_name_it_meant(
     for key, value in links.items():
         monkeypatch.setenv(key, value)
     assert load_settings(port=1234).port == 1234
+    # A Service named serve-metrics sets a real setting's variable: said so, not "not an
+    # integer".
+    monkeypatch.setenv("SERVE_METRICS_PORT", "tcp://10.0.0.9:9090")
+    with pytest.raises(SettingsError, match=r"Service named serve-metrics .*enableServiceLinks"):
+        load_settings()
+    monkeypatch.delenv("SERVE_METRICS_PORT")
     # A misspelt port setting is no service link, though its name ends the same way.
     monkeypatch.setenv("SERVE_METRIC_PORT", "8001")
     with pytest.raises(SettingsError, match="SERVE_METRIC_PORT is not a setting"):
