@@ -248,7 +248,7 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     Raises SettingsError with one line per problem.
     """
     given = {k: v for k, v in overrides.items() if v is not None}
-    _refuse_service_links()
+    _refuse_service_links(given)
     _refuse_unknown_env()
     path = config
     if path is None and os.environ.get(CONFIG_ENV):
@@ -289,10 +289,13 @@ def _service_link(key: str, value: str) -> bool:
     return name.endswith("_PORT") and _SERVICE_LINK_URL.fullmatch(value) is not None
 
 
-def _refuse_service_links() -> None:
+def _refuse_service_links(given: dict[str, Any]) -> None:
     """A Service named `serve` or `serve-metrics` makes Kubernetes set SERVE_PORT or
-    SERVE_METRICS_PORT to tcp://<ip>:<port>: say so, rather than "not an integer"."""
+    SERVE_METRICS_PORT to tcp://<ip>:<port>: say so, rather than "not an integer" (unless
+    a flag sets that port: it wins over the environment)."""
     for name in ("port", "metrics_port"):
+        if name in given:
+            continue
         key = f"{ENV_PREFIX}{name.upper()}"
         value = next((v for k, v in os.environ.items() if k.upper() == key), "")
         if _SERVICE_LINK_URL.fullmatch(value):

@@ -99,6 +99,7 @@ def test_a_misspelt_environment_variable_is_refused_with_the_name_it_meant(
     monkeypatch.setenv("SERVE_METRICS_PORT", "tcp://10.0.0.9:9090")
     with pytest.raises(SettingsError, match=r"Service named serve-metrics .*enableServiceLinks"):
         load_settings()
+    assert load_settings(metrics_port=9100).metrics_port == 9100  # a flag wins over it
     monkeypatch.delenv("SERVE_METRICS_PORT")
     # A misspelt port setting is no service link, though its name ends the same way.
     monkeypatch.setenv("SERVE_METRIC_PORT", "8001")
