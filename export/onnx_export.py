@@ -314,7 +314,7 @@ def fingerprint(
     languages: tuple[str, str],
 ) -> dict[str, str]:
     """What a version is built from: when it changes, the version is out of date.
-    `languages`: the (source, target) the version gets (resolved_languages)."""
+    `languages`: the (source, target) the version gets (_resolved_languages)."""
     ckpt = Path(checkpoint_dir)
     result = {
         name: file_sha256(ckpt / name)
@@ -511,7 +511,7 @@ def _require_files(ckpt: Path) -> None:
             raise ExportError(f"checkpoint {ckpt} has no {required}")
 
 
-def resolved_languages(
+def _resolved_languages(
     ckpt: Path, name: str, source: str | None = None, target: str | None = None
 ) -> tuple[str, str]:
     """The (source, target) languages a version of `name` exported from `ckpt` gets: the
@@ -617,7 +617,7 @@ def export_model(
     ckpt = Path(checkpoint_dir)
     _require_files(ckpt)
     _remove_stale(Path(version_dir))
-    languages = resolved_languages(
+    languages = _resolved_languages(
         ckpt, name, kwargs.get("source_language"), kwargs.get("target_language")
     )
     expected = fingerprint(ckpt, list(dict.fromkeys(variants)), exporter, optimize, name, languages)
