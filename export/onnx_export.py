@@ -15,7 +15,8 @@ Pipeline per graph (export/README.md is the contract):
   The GPU session does its own fusions at load.
 
 The I/O of every file is checked against export.manifest.graph_io, the metadata
-(config, tokenizer_sha256, variant, graph, export_version) is written, and the manifest
+(config, tokenizer_sha256, variant, graph, export_version, model_name, model_version) is
+written, and the manifest
 records every file's sha256. A version is built in a hidden temporary folder and moved
 into place when complete, so a half-written version never looks like one.
 

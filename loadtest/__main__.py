@@ -2,11 +2,13 @@
 
 Open loop (--rate, Poisson or constant arrivals) measures latency from each request's
 intended send time, so server queueing shows up in the numbers (no coordinated omission);
-closed loop (--concurrency) keeps N requests in flight. Every run is bounded by
---duration and --max-requests and targets loopback unless --allow-remote is given.
+closed loop (--concurrency) keeps N requests in flight. Every run is bounded (run:
+--duration and --max-requests; sweep: --step-duration per step; soak: --minutes) and
+targets loopback unless --allow-remote is given.
 --ca (TLS), --server-name and --token (or SERVE_AUTH_TOKEN) reach a secured server.
 Results go to --out: result.json, records.jsonl (one line per request), summary.md,
-latency_cdf.png, latency_vs_load.png; each names the machine, package versions and commit.
+latency_cdf.png, latency_vs_load.png (soak: server_rss.png); result.json and summary.md
+name the machine, package versions and commit.
 """
 
 from __future__ import annotations
@@ -66,7 +68,9 @@ Inputs = Annotated[
 ]
 Mix = Annotated[str, typer.Option(help="Request mix, e.g. translate=0.6,stream=0.2,generate=0.2.")]
 Seed = Annotated[int, typer.Option(help="Seed for arrivals, kinds and inputs.")]
-Out = Annotated[Path | None, typer.Option(help="Output folder (default: runs/loadtest/<time>).")]
+Out = Annotated[
+    Path | None, typer.Option(help="Output folder (default: runs/loadtest/<kind>-<time>).")
+]
 MaxNewTokens = Annotated[int, typer.Option(help="DecodingOptions.max_new_tokens (0 = default).")]
 Timeout = Annotated[float, typer.Option(help="Per-request gRPC deadline in seconds.")]
 Progress = Annotated[bool, typer.Option(help="Show a progress bar.")]
@@ -333,7 +337,10 @@ def sweep(
         float | None, typer.Option(help="p99 bound for a healthy step (default: 5x lowest p99).")
     ] = None,
     stop_after_unhealthy: Annotated[
-        int, typer.Option(help="Stop after this many unhealthy steps (bounds the sweep).")
+        int,
+        typer.Option(
+            help="Stop after this many steps from the first unhealthy one (bounds the sweep)."
+        ),
     ] = 1,
     arrivals: Arrivals = "poisson",
     mix: Mix = DEFAULT_MIX,

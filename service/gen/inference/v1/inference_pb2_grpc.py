@@ -165,7 +165,8 @@ class GeneratorServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
-        """Streams the continuation of the prompt token by token.
+        """Streams the continuation of the prompt as it is decoded (see TokenChunk: a beam
+        search sends its tokens as they settle).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
