@@ -828,7 +828,10 @@ class Scheduler:
             try:
                 await asyncio.wait_for(idle, max(0.0, grace_s))
             except TimeoutError:
-                log.warning("stop: grace of %.1fs over; cancelling the rest", grace_s)
+                if grace_s > 0:
+                    log.warning("stop: grace of %.1fs over; cancelling the rest", grace_s)
+                else:  # close(): the transport's own drain grace is over already
+                    log.warning("stop: cancelling the requests still running")
         for loop in loops:
             loop.abort_all("shutdown")
         self._loops.clear()

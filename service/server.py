@@ -482,13 +482,16 @@ class _Servicer:
     async def _stream_chunks(
         self, request: SequenceRequest, state: CallState, field_name: str
     ) -> AsyncGenerator[pb.TokenChunk]:
-        """TokenEvents → TokenChunks; the last chunk carries finish reason, usage, score."""
-        sent = ""
+        """TokenEvents → TokenChunks; the last chunk carries finish reason, usage, score,
+        and whatever of the answer the events did not send (an answer cut short by a
+        cancellation or the drain has not been through the engine's last event)."""
+        sent, sent_ids = "", []
         try:
             async with _closing(self.backend.stream(request)) as events:
                 async for event in events:
                     if isinstance(event, TokenEvent):
                         sent += event.text
+                        sent_ids += event.token_ids
                         # Counted as they go out: the log line of a stream cut short.
                         state.output_tokens = (state.output_tokens or 0) + len(event.token_ids)
                         yield pb.TokenChunk(text=event.text, token_ids=event.token_ids)
@@ -497,9 +500,11 @@ class _Servicer:
                     state.model = result.model
                     best = result.hypotheses[0]
                     state.usage(result.input_tokens, len(best.token_ids))
+                    ids = best.token_ids
                     chunk = pb.TokenChunk(
                         # Anything the events did not send yet (e.g. held back for stop).
                         text=best.text[len(sent) :] if best.text.startswith(sent) else "",
+                        token_ids=ids[len(sent_ids) :] if ids[: len(sent_ids)] == sent_ids else [],
                         finished=True,
                         finish_reason=FINISH_REASON_PB.get(
                             best.finish_reason, pb.FINISH_REASON_UNSPECIFIED

@@ -340,7 +340,9 @@ def test_a_signal_while_python_still_imports_is_held_not_fatal(
 def test_calls_left_at_the_end_of_the_grace_end_through_the_scheduler() -> None:
     """When the drain grace runs out, a stream still decoding gets its answer so far
     (finish reason CANCELLED) and a unary call UNAVAILABLE, each counted as it was sent:
-    not grpc's blanket UNAVAILABLE counted as CANCELLED."""
+    not grpc's blanket UNAVAILABLE counted as CANCELLED. A beam stream's last chunk
+    carries the ids its events had not sent, with their text: the stream's ids add up to
+    its answer."""
     from service.engine import EngineOptions
     from service.repository import ModelRepository
     from service.scheduler import DEFAULT_MODELS, Scheduler, SchedulerConfig
@@ -362,24 +364,30 @@ def test_calls_left_at_the_end_of_the_grace_end_through_the_scheduler() -> None:
         with Client(server.address, timeout=30) as c:
             stream = c.generate(LONG_PROMPT, stream=True, max_new_tokens=100)
             first = next(iter(stream))  # type: ignore[arg-type]
+            beams = c.generate(LONG_PROMPT, stream=True, max_new_tokens=100, beam_size=3)
             unary = c.generator.GenerateUnary.future(
                 pb.GenerateRequest(
                     prompt=LONG_PROMPT, options=pb.DecodingOptions(max_new_tokens=100)
                 )
             )
             deadline = time.monotonic() + 10
-            while server.server.transport.in_flight < 2 and time.monotonic() < deadline:
+            while server.server.transport.in_flight < 3 and time.monotonic() < deadline:
                 time.sleep(0.01)
+            time.sleep(0.3)  # a few steps: each stream has tokens, settled or not
             drained = server.submit(server.server.drain())
             chunks = [first, *stream]  # type: ignore[misc]
             assert chunks[-1].finished
             assert chunks[-1].finish_reason == pb.FINISH_REASON_CANCELLED
             assert 0 < chunks[-1].usage.output_tokens < 100
+            beam_chunks = list(beams)  # type: ignore[call-overload]
+            assert beam_chunks[-1].finish_reason == pb.FINISH_REASON_CANCELLED
+            ids = [t for chunk in beam_chunks for t in chunk.token_ids]
+            assert 0 < len(ids) == beam_chunks[-1].usage.output_tokens < 100
             with pytest.raises(grpc.RpcError) as info:
                 unary.result(30)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
             drained.result(30)
-        assert server.counter("Generate", LM, "OK") == 1
+        assert server.counter("Generate", LM, "OK") == 2
         assert server.counter("GenerateUnary", LM, "UNAVAILABLE") == 1
         assert server.counter("Generate", LM, "CANCELLED") == 0
     finally:
