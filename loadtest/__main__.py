@@ -182,7 +182,7 @@ def _progress(
     return update, bar.close
 
 
-async def _with_caller(
+def _drive(
     target: str,
     timeout: float,
     max_new_tokens: int,
@@ -190,17 +190,28 @@ async def _with_caller(
     body: Callable[[Caller], Any],
     security: ChannelSecurity,
 ) -> Any:
-    caller = GrpcCaller(target, timeout_s=timeout, max_new_tokens=max_new_tokens, security=security)
-    try:
+    """Run `body` with a caller connected to a SERVING server; a server that never came up
+    is a usage error."""
+
+    async def connected() -> Any:
+        caller = GrpcCaller(
+            target, timeout_s=timeout, max_new_tokens=max_new_tokens, security=security
+        )
         try:
-            await caller.wait_ready(wait_ready_s)
-        except TimeoutError as error:
-            raise _Fail(
-                f"no server SERVING (grpc.health.v1) at {target} within {wait_ready_s:g} s"
-            ) from error
-        return await body(caller)
-    finally:
-        await caller.close()
+            try:
+                await caller.wait_ready(wait_ready_s)
+            except TimeoutError as error:
+                raise _Fail(
+                    f"no server SERVING (grpc.health.v1) at {target} within {wait_ready_s:g} s"
+                ) from error
+            return await body(caller)
+        finally:
+            await caller.close()
+
+    try:
+        return asyncio.run(connected())
+    except _Fail as error:
+        raise typer.BadParameter(str(error)) from error
 
 
 def _expected(rate: float | None, duration: float, max_requests: int) -> int:
@@ -279,18 +290,14 @@ def run(
         )
 
     try:
-        result: RunResult = asyncio.run(
-            _with_caller(
-                target,
-                timeout,
-                max_new_tokens,
-                wait_ready,
-                body,
-                ChannelSecurity(token, ca, server_name),
-            )
+        result: RunResult = _drive(
+            target,
+            timeout,
+            max_new_tokens,
+            wait_ready,
+            body,
+            ChannelSecurity(token, ca, server_name),
         )
-    except _Fail as error:
-        raise typer.BadParameter(str(error)) from error
     finally:
         close()
     meta["finished"] = _now()
@@ -423,19 +430,9 @@ def sweep(
                     break
         return results
 
-    try:
-        results: list[RunResult] = asyncio.run(
-            _with_caller(
-                target,
-                timeout,
-                max_new_tokens,
-                wait_ready,
-                body,
-                ChannelSecurity(token, ca, server_name),
-            )
-        )
-    except _Fail as error:
-        raise typer.BadParameter(str(error)) from error
+    results: list[RunResult] = _drive(
+        target, timeout, max_new_tokens, wait_ready, body, ChannelSecurity(token, ca, server_name)
+    )
     meta["finished"] = _now()
     paths = report.write_sweep_report(out_dir, results, meta, slo)
     steps = [report.summarize(r) for r in results]
@@ -526,18 +523,14 @@ def soak(
             await sampling
 
     try:
-        result: RunResult = asyncio.run(
-            _with_caller(
-                target,
-                timeout,
-                max_new_tokens,
-                wait_ready,
-                body,
-                ChannelSecurity(token, ca, server_name),
-            )
+        result: RunResult = _drive(
+            target,
+            timeout,
+            max_new_tokens,
+            wait_ready,
+            body,
+            ChannelSecurity(token, ca, server_name),
         )
-    except _Fail as error:
-        raise typer.BadParameter(str(error)) from error
     finally:
         close()
     rss = sampler.summary()

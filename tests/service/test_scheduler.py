@@ -98,8 +98,10 @@ def translate(text: str, **params: Any) -> SequenceRequest:
     return SequenceRequest(Task.TRANSLATION, text, DecodingParams(**params))
 
 
-def generate(text: str, **params: Any) -> SequenceRequest:
-    return SequenceRequest(Task.GENERATION, text, DecodingParams(**params))
+def generate(text: str, within: float | None = None, **params: Any) -> SequenceRequest:
+    """A generation request; `within`: its deadline, seconds from now."""
+    deadline = None if within is None else time.monotonic() + within
+    return SequenceRequest(Task.GENERATION, text, DecodingParams(**params), deadline=deadline)
 
 
 def alone(request: SequenceRequest) -> SequenceResult:
@@ -287,10 +289,7 @@ def test_request_past_its_deadline_is_removed() -> None:
         assert time.monotonic() - started < 1.0
         await wait_until(lambda: loop_stats(s, key)["running"] == 0)
         # A stream's deadline ends the stream the same way.
-        request = SequenceRequest(
-            Task.GENERATION, LONG_PROMPT, DecodingParams(max_new_tokens=100),
-            deadline=time.monotonic() + 0.3,
-        )  # fmt: skip
+        request = generate(LONG_PROMPT, within=0.3, max_new_tokens=100)
         with pytest.raises(DeadlineExceeded):
             async for _ in s.stream(request):
                 pass
@@ -326,18 +325,12 @@ def test_unmeetable_deadline_is_refused_with_the_estimate() -> None:
         running = asyncio.create_task(s.submit(long_request()))
         await wait_until(lambda: loop_stats(s, key)["steps"] >= 3)
         assert loop_stats(s, key)["estimated_wait_s"] > 0.2
-        tight = SequenceRequest(
-            Task.GENERATION, PROMPTS[0], DecodingParams(max_new_tokens=5),
-            deadline=time.monotonic() + 0.05,
-        )  # fmt: skip
+        tight = generate(PROMPTS[0], within=0.05, max_new_tokens=5)
         with pytest.raises(
             DeadlineUnmeetable, match=r"estimated queue wait .*s exceeds the .*s left"
         ):
             await s.submit(tight)
-        generous = SequenceRequest(
-            Task.GENERATION, PROMPTS[0], DecodingParams(max_new_tokens=5),
-            deadline=time.monotonic() + 60,
-        )  # fmt: skip
+        generous = generate(PROMPTS[0], within=60, max_new_tokens=5)
         accepted = asyncio.create_task(s.submit(generous))
         await wait_until(lambda: loop_stats(s, key)["waiting"] == 1)
         running.cancel()
@@ -355,10 +348,7 @@ def test_a_deadline_shorter_than_a_step_is_exceeded_not_shed() -> None:
 
     async def main(s: Scheduler) -> None:
         assert loop_stats(s, f"{LM}:1")["running"] == 0
-        tight = SequenceRequest(
-            Task.GENERATION, PROMPTS[0], DecodingParams(max_new_tokens=5),
-            deadline=time.monotonic() + 0.001,
-        )  # fmt: skip
+        tight = generate(PROMPTS[0], within=0.001, max_new_tokens=5)
         with pytest.raises(DeadlineExceeded, match="less than one decode step"):
             await s.submit(tight)
 
@@ -373,10 +363,7 @@ def test_a_deadline_the_token_budget_cannot_meet_is_refused_at_admission() -> No
         key = f"{LM}:1"
         running = asyncio.create_task(s.submit(long_request()))
         await wait_until(lambda: loop_stats(s, key)["steps"] >= 3)
-        big = SequenceRequest(
-            Task.GENERATION, PROMPTS[0], DecodingParams(max_new_tokens=120),
-            deadline=time.monotonic() + 0.2,
-        )  # fmt: skip
+        big = generate(PROMPTS[0], within=0.2, max_new_tokens=120)
         with pytest.raises(DeadlineUnmeetable, match="estimated queue wait"):
             await s.submit(big)
         running.cancel()
@@ -679,10 +666,7 @@ def test_a_request_refused_at_admission_releases_its_model_version() -> None:
         key = f"{LM}:1"
         entry = s.repository.get(LM)
         assert entry.in_flight == 0
-        past = SequenceRequest(
-            Task.GENERATION, PROMPTS[0], DecodingParams(max_new_tokens=5),
-            deadline=time.monotonic() - 1.0,
-        )  # fmt: skip
+        past = generate(PROMPTS[0], within=-1.0, max_new_tokens=5)
         with pytest.raises(DeadlineExceeded, match="before admission"):
             await s.submit(past)
         assert entry.in_flight == 0
@@ -734,10 +718,7 @@ def test_a_job_expired_by_the_loop_fails_with_deadline_exceeded() -> None:
 
     async def main(s: Scheduler) -> None:
         key = f"{LM}:1"
-        request = SequenceRequest(
-            Task.GENERATION, LONG_PROMPT, DecodingParams(max_new_tokens=100),
-            deadline=time.monotonic() + 0.3,
-        )  # fmt: skip
+        request = generate(LONG_PROMPT, within=0.3, max_new_tokens=100)
         job, _ = s._prepare(request, stream=False)
         expired = r"deadline passed after .*\(\d+ tokens generated\)"
         with pytest.raises(DeadlineExceeded, match=expired):
