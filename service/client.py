@@ -7,18 +7,24 @@
 CLI: `python -m service.client translate "In the beginning..." --beam-size 4 --n-best 2`,
 `generate "The Lord said" --stream`, `models`, `describe en-es`, `reload`,
 `--plot-alignment align.png` (translate: the cross-attention as a heatmap). `--target`,
-`--token` (bearer auth), `--ca` (TLS), `--server-name` and `--timeout` work on every
-command; SERVE_TARGET / SERVE_AUTH_TOKEN are read too.
+`--token` (bearer auth), `--ca` or `--tls` (TLS), `--server-name` and `--timeout` work on
+every command; SERVE_TARGET / SERVE_AUTH_TOKEN are read too.
+
+Every call raises grpc.RpcError with the server's status (INVALID_ARGUMENT names the field
+and its limit), and ValueError for a value the wire cannot carry.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import os
+import struct
 import sys
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, Literal, NoReturn, overload
 
 import grpc
 import typer
@@ -36,6 +42,11 @@ _UNSIGNED = {
     "top_k": 2**32 - 1,
     "seed": 2**64 - 1,
 }
+# DecodingOptions fields that are 32-bit floats on the wire.
+_FLOAT32 = ("length_penalty", "temperature", "top_p")
+# The longest deadline a call may ask for: grpc turns a far larger one into an instant
+# DEADLINE_EXCEEDED.
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
 PLOT_FORMATS = (".png", ".svg", ".pdf")
 
 
@@ -43,8 +54,10 @@ class Client:
     """Synchronous client of Translator, Generator and Models (one channel, reusable).
 
     token: sent as `authorization: Bearer <token>`. ca: PEM file of the CA (or self-signed
-    certificate) to trust; given (or tls=True), the channel uses TLS. timeout: seconds per
-    call (the gRPC deadline the server decodes within), None for no deadline.
+    certificate) to trust; given (or tls=True: the system's trusted CAs), the channel uses
+    TLS. timeout: seconds per call (the gRPC deadline the server decodes within), at most
+    MAX_TIMEOUT_S, None for no deadline. request_id (each call): sent as x-request-id, which
+    the server logs; a fresh one when unset, kept in last_request_id.
     """
 
     def __init__(
@@ -57,6 +70,11 @@ class Client:
         server_name: str | None = None,
         max_message_bytes: int = 64 << 20,
     ) -> None:
+        if timeout is not None and not 0 < timeout <= MAX_TIMEOUT_S:
+            raise ValueError(
+                f"timeout: must be in (0, {MAX_TIMEOUT_S:g}] seconds, or None for no "
+                f"deadline; got {timeout}"
+            )
         options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -87,6 +105,7 @@ class Client:
         self.close()
 
     def close(self) -> None:
+        """Close the channel (a `with` block does it on leaving)."""
         self.channel.close()
 
     def _metadata(self, request_id: str | None = None) -> list[tuple[str, str]]:
@@ -119,18 +138,54 @@ class Client:
         return response
 
     def translate_stream(
-        self, text: str, model: str = "", version: int = 0, **options: Any
+        self,
+        text: str,
+        model: str = "",
+        version: int = 0,
+        request_id: str | None = None,
+        **options: Any,
     ) -> Iterator[pb.TokenChunk]:
+        """One translation's TokenChunks as decoded; the last one carries finished, usage,
+        score and alignment. Iterating raises grpc.RpcError; `.cancel()` ends the call."""
         request = pb.TranslateStreamRequest(
             model=model, version=version, text=text, options=decoding_options(**options)
         )
         stream: Iterator[pb.TokenChunk] = self.translator.TranslateStream(
-            request, timeout=self.timeout, metadata=self._metadata()
+            request, timeout=self.timeout, metadata=self._metadata(request_id)
         )
         return stream
 
+    @overload
     def generate(
-        self, prompt: str, model: str = "", version: int = 0, stream: bool = False, **options: Any
+        self,
+        prompt: str,
+        model: str = ...,
+        version: int = ...,
+        stream: Literal[False] = ...,
+        request_id: str | None = ...,
+        **options: Any,
+    ) -> pb.GenerateResponse: ...
+
+    @overload
+    def generate(
+        self,
+        prompt: str,
+        model: str = ...,
+        version: int = ...,
+        *,
+        stream: Literal[True],
+        request_id: str | None = ...,
+        **options: Any,
+    ) -> Iterator[pb.TokenChunk]: ...
+
+    def generate(
+        self,
+        prompt: str,
+        model: str = "",
+        version: int = 0,
+        stream: bool = False,
+        request_id: str | None = None,
+        **options: Any,
     ) -> pb.GenerateResponse | Iterator[pb.TokenChunk]:
         """The continuation of `prompt`: one answer, or (stream=True) TokenChunks as decoded."""
         request = pb.GenerateRequest(
@@ -138,31 +193,36 @@ class Client:
         )
         if stream:
             chunks: Iterator[pb.TokenChunk] = self.generator.Generate(
-                request, timeout=self.timeout, metadata=self._metadata()
+                request, timeout=self.timeout, metadata=self._metadata(request_id)
             )
             return chunks
         response: pb.GenerateResponse = self.generator.GenerateUnary(
-            request, timeout=self.timeout, metadata=self._metadata()
+            request, timeout=self.timeout, metadata=self._metadata(request_id)
         )
         return response
 
-    def list_models(self) -> list[pb.ModelInfo]:
+    def list_models(self, request_id: str | None = None) -> list[pb.ModelInfo]:
+        """Every loaded model, at its latest version (ModelInfo.versions lists the rest)."""
         response = self.models_stub.ListModels(
-            pb.ListModelsRequest(), timeout=self.timeout, metadata=self._metadata()
+            pb.ListModelsRequest(), timeout=self.timeout, metadata=self._metadata(request_id)
         )
         return list(response.models)
 
-    def describe_model(self, name: str, version: int = 0) -> pb.ModelInfo:
+    def describe_model(
+        self, name: str, version: int = 0, request_id: str | None = None
+    ) -> pb.ModelInfo:
+        """One model version (0 = latest): languages, limits, dtype, provider."""
         info: pb.ModelInfo = self.models_stub.DescribeModel(
             pb.DescribeModelRequest(name=name, version=version),
             timeout=self.timeout,
-            metadata=self._metadata(),
+            metadata=self._metadata(request_id),
         )
         return info
 
-    def reload(self) -> pb.ReloadResponse:
+    def reload(self, request_id: str | None = None) -> pb.ReloadResponse:
+        """Load new versions from the server's repository (needs the token when auth is on)."""
         response: pb.ReloadResponse = self.models_stub.Reload(
-            pb.ReloadRequest(), timeout=self.timeout, metadata=self._metadata()
+            pb.ReloadRequest(), timeout=self.timeout, metadata=self._metadata(request_id)
         )
         return response
 
@@ -176,17 +236,25 @@ def decoding_options(
     top_k: int = 0,
     top_p: float | None = None,
     seed: int | None = None,
-    stop: Sequence[str] = (),
+    stop: str | Sequence[str] = (),
     return_scores: bool = False,
     return_alignment: bool = False,
 ) -> pb.DecodingOptions:
-    """DecodingOptions from keyword arguments (None leaves an optional field unset).
-    Raises ValueError naming the field for a value its wire type cannot carry."""
+    """DecodingOptions from keyword arguments (None leaves an optional field unset; a
+    string `stop` is one stop string). Raises ValueError naming the field for a value its
+    wire type cannot carry; the server checks the rest against its limits."""
     given = locals()
     for name, bound in _UNSIGNED.items():
         value = given[name]
         if value is not None and not 0 <= value <= bound:
             raise ValueError(f"{name}: must be in [0, {bound}], got {value}")
+    for name in _FLOAT32:
+        value = given[name]
+        if value is not None and math.isfinite(value) and not _fits_float32(value):
+            raise ValueError(
+                f"{name}: {value} is outside the range of a 32-bit float (the field's wire "
+                "type), where it would arrive as 0 or infinity"
+            )
     options = pb.DecodingOptions(
         max_new_tokens=max_new_tokens,
         beam_size=beam_size,
@@ -196,11 +264,20 @@ def decoding_options(
         seed=seed,
         temperature=temperature,
         top_k=top_k,
-        stop=list(stop),
+        stop=[stop] if isinstance(stop, str) else list(stop),
         return_scores=return_scores,
         return_alignment=return_alignment,
     )
     return options
+
+
+def _fits_float32(value: float) -> bool:
+    """Whether a finite value survives as a float32 without becoming 0 or infinity."""
+    try:
+        stored: float = struct.unpack("<f", struct.pack("<f", value))[0]
+    except OverflowError:
+        return False
+    return stored != 0.0 or value == 0.0
 
 
 def plot_alignment(
@@ -227,14 +304,15 @@ def plot_alignment(
     height = max(3.0, 0.4 * len(target_tokens) + 1.5)
     fig, ax = plt.subplots(figsize=(min(width, 40), min(height, 40)))
     image = ax.imshow(rows, cmap="viridis", aspect="auto", vmin=0.0)
+    # parse_math off: a `$` in a text or token is a dollar sign, not mathtext.
     ax.set_xticks(range(len(source_tokens)))
-    ax.set_xticklabels(list(source_tokens), rotation=60, ha="right", fontsize=8)
+    ax.set_xticklabels(list(source_tokens), rotation=60, ha="right", fontsize=8, parse_math=False)
     ax.set_yticks(range(len(target_tokens)))
-    ax.set_yticklabels(list(target_tokens), fontsize=8)
+    ax.set_yticklabels(list(target_tokens), fontsize=8, parse_math=False)
     ax.set_xlabel("source tokens")
     ax.set_ylabel("target tokens")
     if title:
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title, fontsize=9, parse_math=False)
     fig.colorbar(image, ax=ax, label="attention")
     fig.tight_layout()
     out = Path(path)
@@ -245,7 +323,12 @@ def plot_alignment(
 
 # --- CLI ------------------------------------------------------------------------------------
 
-app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True)
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Client of the inference service. `COMMAND --help` lists a command's options; "
+    "SERVE_TARGET and SERVE_AUTH_TOKEN set --target and --token.",
+)
 
 Target = Annotated[str, typer.Option(envvar="SERVE_TARGET", help="host:port of the server.")]
 Token = Annotated[
@@ -255,46 +338,83 @@ Ca = Annotated[
     Path | None,
     typer.Option(help="CA/certificate PEM to trust; enables TLS.", exists=True, dir_okay=False),
 ]
+Tls = Annotated[
+    bool,
+    typer.Option("--tls", help="TLS, trusting the system's CAs (--ca implies TLS).", metavar=""),
+]
 ServerName = Annotated[
     str | None,
     typer.Option(help="TLS: the name the server's certificate must carry (default: target's)."),
 ]
-Timeout = Annotated[float, typer.Option(help="Deadline in seconds.", min=0.001)]
+Timeout = Annotated[float, typer.Option(help="Deadline in seconds.", min=0.001, max=MAX_TIMEOUT_S)]
 Model = Annotated[str, typer.Option(help="Model name (default: the server's for the task).")]
-Version = Annotated[int, typer.Option(help="Model version (0 = latest).", min=0)]
+Version = Annotated[int, typer.Option(help="Model version (0 = latest).", min=0, max=2**64 - 1)]
 MaxNew = Annotated[
-    int | None, typer.Option(help="Tokens to generate at most (default: the server's).", min=1)
+    int | None,
+    typer.Option(help="Tokens to generate at most (default: the server's).", min=1, max=2**32 - 1),
 ]
-Beam = Annotated[int | None, typer.Option(help="Beam width (default 1 = greedy).", min=1)]
+Beam = Annotated[
+    int | None, typer.Option(help="Beam width (default 1 = greedy).", min=1, max=2**32 - 1)
+]
 NBest = Annotated[
-    int | None, typer.Option(help="Hypotheses to return, ≤ beam size (default 1).", min=1)
+    int | None,
+    typer.Option(help="Hypotheses to return, ≤ beam size (default 1).", min=1, max=2**32 - 1),
 ]
 Temperature = Annotated[float, typer.Option(help="> 0 samples.")]
-TopK = Annotated[int, typer.Option(help="Sample among the k most likely (0 = off).", min=0)]
+TopK = Annotated[
+    int, typer.Option(help="Sample among the k most likely (0 = off).", min=0, max=2**32 - 1)
+]
 TopP = Annotated[float | None, typer.Option(help="Nucleus mass in (0, 1].")]
 Seed = Annotated[int | None, typer.Option(help="Sampling seed.", min=0, max=2**64 - 1)]
 LengthPenalty = Annotated[float | None, typer.Option(help="Beam length penalty.")]
 Stop = Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")]
 Scores = Annotated[
-    bool, typer.Option("--scores", help="Print each hypothesis's score and normalized score.")
+    bool,
+    typer.Option(
+        "--scores", help="Print each hypothesis's score and normalized score.", metavar=""
+    ),
 ]
-Json = Annotated[bool, typer.Option("--json", help="Print the raw response as JSON.")]
+Json = Annotated[
+    bool,
+    typer.Option(
+        "--json",
+        help="Print the raw reply as JSON, one object per line (a stream: one per chunk).",
+        metavar="",
+    ),
+]
+Stream = Annotated[bool, typer.Option("--stream", help="Print tokens as decoded.", metavar="")]
 
 
 @contextlib.contextmanager
 def _connected(
-    target: str, token: str | None, ca: Path | None, timeout: float, server_name: str | None
+    target: str,
+    token: str | None,
+    ca: Path | None,
+    timeout: float,
+    server_name: str | None,
+    tls: bool = False,
 ) -> Iterator[Client]:
     """A client for one command; a call that fails ends the command with its status."""
+    secure = tls or ca is not None
     try:
-        client = Client(target, token=token, ca=ca, timeout=timeout, server_name=server_name)
+        client = Client(
+            target, token=token, ca=ca, tls=secure, timeout=timeout, server_name=server_name
+        )
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--ca") from None
     with client:
         try:
             yield client
         except grpc.RpcError as error:
-            _fail(error, ca is not None)
+            _fail(error, secure)
+        except ValueError as error:  # a value the wire cannot carry (decoding_options)
+            raise typer.BadParameter(str(error)) from None
+
+
+_HINTS = {
+    grpc.StatusCode.UNAUTHENTICATED: "(the server wants a token: --token or SERVE_AUTH_TOKEN)",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "(the call ran past --timeout: raise it)",
+}
 
 
 def _fail(error: grpc.RpcError, tls: bool) -> NoReturn:
@@ -303,42 +423,76 @@ def _fail(error: grpc.RpcError, tls: bool) -> NoReturn:
     typer.echo(f"error: {code.name if code else 'UNKNOWN'}: {details}", err=True)
     if code == grpc.StatusCode.UNAVAILABLE and not tls:
         typer.echo("(is the server up at --target? if it serves TLS, pass --ca)", err=True)
+    elif code in _HINTS:
+        typer.echo(_HINTS[code], err=True)
     raise typer.Exit(2)
 
 
 def _print_json(message: Any) -> None:
     typer.echo(
-        json_format.MessageToJson(message, preserving_proto_field_name=True, ensure_ascii=False)
+        json_format.MessageToJson(
+            message, preserving_proto_field_name=True, ensure_ascii=False, indent=None
+        )
     )
+
+
+def _check_texts(texts: Sequence[str], field: str) -> None:
+    """Refuse an argument that is not valid UTF-8 (the shell passed bytes as surrogates)."""
+    for i, text in enumerate(texts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            where = f"{field}[{i}]" if len(texts) > 1 else field
+            raise typer.BadParameter(
+                f"{where} is not valid UTF-8 (at character {error.start})"
+            ) from None
 
 
 def _check_plot_path(path: Path) -> None:
     """Refuse a plot file that cannot be written before the call, not after it."""
+    hint = "--plot-alignment"
     if path.suffix.lower() not in PLOT_FORMATS:
         raise typer.BadParameter(
             f"{path}: the file name must end in one of {', '.join(PLOT_FORMATS)}",
-            param_hint="--plot-alignment",
+            param_hint=hint,
         )
     if not path.parent.is_dir():
-        raise typer.BadParameter(f"{path.parent} is not a folder", param_hint="--plot-alignment")
+        raise typer.BadParameter(f"{path.parent} is not a folder", param_hint=hint)
+    if path.is_dir():
+        raise typer.BadParameter(f"{path} is a folder", param_hint=hint)
+    writable = os.access(path, os.W_OK) if path.exists() else os.access(path.parent, os.W_OK)
+    if not writable:
+        raise typer.BadParameter(f"{path}: not writable here", param_hint=hint)
 
 
 def _print_stream(chunks: Iterable[Any], head: str, as_json: bool, scores: bool) -> Any:
     """A stream as it comes: each chunk as JSON, or `head` then the text, and the score
-    (which the last chunk carries) after it. Returns the last chunk."""
+    (which the last chunk carries) after it. Returns the last chunk (None if none came)."""
     chunk = None
-    for chunk in chunks:
-        if as_json:
-            _print_json(chunk)
-            continue
-        typer.echo(head + chunk.text, nl=False)
-        head = ""
-        if chunk.finished and scores:
-            typer.echo(f"\t{chunk.score:.3f}", nl=False)
-        sys.stdout.flush()
-    if not as_json:
-        typer.echo()
+    try:
+        for chunk in chunks:
+            if as_json:
+                _print_json(chunk)
+                continue
+            typer.echo(head + chunk.text, nl=False)
+            head = ""
+            if chunk.finished and scores:
+                typer.echo(f"\t{chunk.score:.3f}", nl=False)
+            sys.stdout.flush()
+    finally:  # an error ends the stream: its message goes on a line of its own
+        if not as_json:
+            typer.echo()
     return chunk
+
+
+def _note_if_cut(finish_reason: int, tokens: int, what: str) -> None:
+    """Say on stderr when an answer stopped at max_new_tokens: its text is cut short."""
+    if finish_reason == pb.FINISH_REASON_LENGTH:
+        typer.echo(
+            f"note: {what} stopped at max_new_tokens ({tokens} tokens): raise "
+            "--max-new-tokens for more (the model's limit: `describe`)",
+            err=True,
+        )
 
 
 def _plot(
@@ -351,7 +505,11 @@ def _plot(
     if not tokens:
         typer.echo("error: the translation is empty: no alignment to plot", err=True)
         raise typer.Exit(1)
-    plot_alignment(source_tokens, tokens, [list(row.weights) for row in alignment], path, title)
+    try:
+        plot_alignment(source_tokens, tokens, [list(row.weights) for row in alignment], path, title)
+    except OSError as error:
+        typer.echo(f"error: cannot write {path}: {error.strerror or error}", err=True)
+        raise typer.Exit(1) from None
     typer.echo(f"alignment written to {path}", err=True)
 
 
@@ -361,6 +519,7 @@ def translate(
     target: Target = DEFAULT_TARGET,
     token: Token = None,
     ca: Ca = None,
+    tls: Tls = False,
     server_name: ServerName = None,
     timeout: Timeout = 60.0,
     model: Model = "",
@@ -375,7 +534,7 @@ def translate(
     seed: Seed = None,
     stop: Stop = None,
     scores: Scores = False,
-    stream: Annotated[bool, typer.Option("--stream", help="Print tokens as decoded.")] = False,
+    stream: Stream = False,
     plot_alignment_to: Annotated[
         Path | None,
         typer.Option(
@@ -386,6 +545,7 @@ def translate(
     as_json: Json = False,
 ) -> None:
     """Translate English text(s) to Spanish."""
+    _check_texts(texts, "texts")
     if plot_alignment_to is not None:
         _check_plot_path(plot_alignment_to)
     options: dict[str, Any] = dict(
@@ -401,7 +561,7 @@ def translate(
         return_scores=scores,
         return_alignment=plot_alignment_to is not None,
     )
-    with _connected(target, token, ca, timeout, server_name) as client:
+    with _connected(target, token, ca, timeout, server_name, tls) as client:
         if stream:
             lasts = [
                 _print_stream(
@@ -412,19 +572,28 @@ def translate(
         else:
             response = client.translate(texts, model, version, **options)
     if stream:
+        if not as_json:
+            for i, last in enumerate(lasts):
+                if last is not None:
+                    _note_if_cut(last.finish_reason, last.usage.output_tokens, f"text {i + 1}")
         if plot_alignment_to is not None:  # the last chunk carries the alignment and labels
             last = lasts[0]
+            if last is None:
+                typer.echo("error: the stream ended without a chunk: nothing to plot", err=True)
+                raise typer.Exit(1)
             title = f"{last.model} v{last.version}: {texts[0][:60]}"
             _plot(last.source_tokens, last.tokens, last.alignment, plot_alignment_to, title)
         return
     if as_json:
         _print_json(response)
     else:
-        for translation in response.translations:
+        for i, translation in enumerate(response.translations):
             for rank, hyp in enumerate(translation.hypotheses):
                 prefix = f"[{rank}] " if len(translation.hypotheses) > 1 else ""
                 suffix = f"\t{hyp.score:.3f}\t{hyp.normalized_score:.3f}" if scores else ""
                 typer.echo(f"{prefix}{hyp.text}{suffix}")
+            best = translation.hypotheses[0]
+            _note_if_cut(best.finish_reason, best.output_tokens, f"text {i + 1}")
     if plot_alignment_to is not None:
         first = response.translations[0]
         best = first.hypotheses[0]
@@ -438,6 +607,7 @@ def generate(
     target: Target = DEFAULT_TARGET,
     token: Token = None,
     ca: Ca = None,
+    tls: Tls = False,
     server_name: ServerName = None,
     timeout: Timeout = 60.0,
     model: Model = "",
@@ -452,11 +622,12 @@ def generate(
     seed: Seed = None,
     stop: Stop = None,
     scores: Scores = False,
-    stream: Annotated[bool, typer.Option("--stream", help="Print tokens as decoded.")] = False,
+    stream: Stream = False,
     as_json: Json = False,
 ) -> None:
     """Continue a prompt with the language model (prints the prompt, then its continuation;
     --json prints the replies, whose text is the continuation alone)."""
+    _check_texts([prompt], "prompt")
     options: dict[str, Any] = dict(
         max_new_tokens=max_new_tokens,
         beam_size=beam_size,
@@ -469,14 +640,14 @@ def generate(
         stop=stop or (),
         return_scores=scores,
     )
-    with _connected(target, token, ca, timeout, server_name) as client:
+    with _connected(target, token, ca, timeout, server_name, tls) as client:
         if stream:
             chunks = client.generate(prompt, model, version, stream=True, **options)
-            assert not isinstance(chunks, pb.GenerateResponse)
-            _print_stream(chunks, "" if as_json else prompt, as_json, scores)
+            last = _print_stream(chunks, "" if as_json else prompt, as_json, scores)
+            if last is not None and not as_json:
+                _note_if_cut(last.finish_reason, last.usage.output_tokens, "the generation")
             return
         response = client.generate(prompt, model, version, **options)
-    assert isinstance(response, pb.GenerateResponse)
     if as_json:
         _print_json(response)
         return
@@ -484,6 +655,8 @@ def generate(
         prefix = f"[{rank}] " if len(response.hypotheses) > 1 else ""
         suffix = f"\t{hyp.score:.3f}\t{hyp.normalized_score:.3f}" if scores else ""
         typer.echo(f"{prefix}{prompt}{hyp.text}{suffix}")
+    best = response.hypotheses[0]
+    _note_if_cut(best.finish_reason, best.output_tokens, "the generation")
 
 
 @app.command()
@@ -491,17 +664,20 @@ def models(
     target: Target = DEFAULT_TARGET,
     token: Token = None,
     ca: Ca = None,
+    tls: Tls = False,
     server_name: ServerName = None,
     timeout: Timeout = 10.0,
     as_json: Json = False,
 ) -> None:
     """List the loaded models."""
-    with _connected(target, token, ca, timeout, server_name) as client:
+    with _connected(target, token, ca, timeout, server_name, tls) as client:
         infos = client.list_models()
-    if not as_json:
-        typer.echo("# name\tversion\ttask\tlanguages\tdtype\tprovider\tloaded versions\tready")
+    if as_json:
+        _print_json(pb.ListModelsResponse(models=infos))
+        return
+    typer.echo("# name\tversion\ttask\tlanguages\tdtype\tprovider\tloaded versions\tready")
     for info in infos:
-        _print_model(info, as_json)
+        _print_model(info)
 
 
 @app.command()
@@ -511,29 +687,29 @@ def describe(
     target: Target = DEFAULT_TARGET,
     token: Token = None,
     ca: Ca = None,
+    tls: Tls = False,
     server_name: ServerName = None,
     timeout: Timeout = 10.0,
     as_json: Json = False,
 ) -> None:
     """One model version (the latest by default): languages, limits, dtype, provider."""
-    with _connected(target, token, ca, timeout, server_name) as client:
+    with _connected(target, token, ca, timeout, server_name, tls) as client:
         info = client.describe_model(name, version)
     if as_json:
         _print_json(info)
         return
-    _print_model(info, False)
+    _print_model(info)
     limits = info.limits
     typer.echo(
         f"limits: max_input_tokens {limits.max_input_tokens}, "
-        f"max_new_tokens {limits.max_new_tokens}, max_positions {limits.max_positions}"
+        f"max_new_tokens {limits.max_new_tokens}, max_positions {limits.max_positions}, "
+        f"max_texts_per_request {limits.max_texts_per_request}, "
+        f"max_beam_size {limits.max_beam_size}"
     )
     typer.echo(f"config: {info.config_json}")
 
 
-def _print_model(info: pb.ModelInfo, as_json: bool) -> None:
-    if as_json:
-        _print_json(info)
-        return
+def _print_model(info: pb.ModelInfo) -> None:
     versions = ",".join(str(v) for v in info.versions)
     typer.echo(
         f"{info.name}\tv{info.version}\t{info.task}\t"
@@ -547,12 +723,17 @@ def reload(
     target: Target = DEFAULT_TARGET,
     token: Token = None,
     ca: Ca = None,
+    tls: Tls = False,
     server_name: ServerName = None,
     timeout: Timeout = 120.0,
+    as_json: Json = False,
 ) -> None:
     """Ask the server to load new model versions from its repository."""
-    with _connected(target, token, ca, timeout, server_name) as client:
+    with _connected(target, token, ca, timeout, server_name, tls) as client:
         response = client.reload()
+    if as_json:
+        _print_json(response)
+        raise typer.Exit(1 if response.failed else 0)
     typer.echo(f"loaded: {', '.join(response.loaded) or '-'}")
     typer.echo(f"retired: {', '.join(response.retired) or '-'}")
     for folder, why in sorted(response.failed.items()):

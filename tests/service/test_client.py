@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from service.client import Client, decoding_options, plot_alignment
+from service.client import MAX_TIMEOUT_S, Client, decoding_options, plot_alignment
 from tests.conftest import ROOT, ServerHandle
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _cli(server: ServerHandle, *args: str) -> subprocess.CompletedProcess[str]:
+def _cli(server: ServerHandle, *args: str | bytes) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "service.client", *args, "--target", server.address],
         capture_output=True,
@@ -44,6 +44,25 @@ def test_decoding_options_leave_optionals_unset() -> None:
             decoding_options(**{name: value})
 
 
+def test_decoding_options_take_one_stop_string_and_refuse_what_float32_loses() -> None:
+    assert list(decoding_options(stop="you").stop) == ["you"]
+    assert list(decoding_options(stop=["a", "bc"]).stop) == ["a", "bc"]
+    for name, value in (("temperature", 1e39), ("top_p", 1e-50), ("length_penalty", -1e40)):
+        with pytest.raises(ValueError, match=rf"{name}: .* 32-bit float"):
+            decoding_options(**{name: value})
+    # what the server itself refuses, with its limit, still goes out as given
+    assert decoding_options(temperature=float("nan")).temperature != 0.0
+    assert decoding_options(top_p=1e-30).top_p > 0.0 and decoding_options(top_p=0.0).top_p == 0
+
+
+def test_client_refuses_a_deadline_grpc_cannot_keep() -> None:
+    for timeout in (float("inf"), 0.0, -1.0, float("nan"), MAX_TIMEOUT_S * 2):
+        with pytest.raises(ValueError, match="timeout: must be in"):
+            Client("127.0.0.1:1", timeout=timeout)
+    Client("127.0.0.1:1", timeout=None).close()
+    Client("127.0.0.1:1", timeout=MAX_TIMEOUT_S).close()
+
+
 def test_plot_alignment_writes_a_png(tmp_path: Path) -> None:
     out = plot_alignment(
         ["▁In", "▁the", "▁beginning", "</s>"],
@@ -55,6 +74,12 @@ def test_plot_alignment_writes_a_png(tmp_path: Path) -> None:
     assert out.read_bytes().startswith(PNG_MAGIC)
     with pytest.raises(ValueError, match="return_alignment"):
         plot_alignment([], [], [], tmp_path / "b.png")
+    # a `$` is a dollar sign, not mathtext (unbalanced markup raised, balanced went italic)
+    dollars = plot_alignment(
+        ["▁$x^{", "▁$\\frac{", "</s>"], ["▁$5"], [[0.5, 0.3, 0.2]], tmp_path / "c.png",
+        title="Pay $x^{ and $\\frac{ now",
+    )  # fmt: skip
+    assert dollars.read_bytes().startswith(PNG_MAGIC)
 
 
 @pytest.mark.e2e
@@ -63,8 +88,12 @@ def test_library_round_trip(server: ServerHandle) -> None:
         response = client.translate(["Amen.", "Jesus wept."], beam_size=2, n_best=2)
         assert [len(t.hypotheses) for t in response.translations] == [2, 2]
         assert len(client.last_request_id) == 32
-        info = client.describe_model("en-es")
-        assert info.task == "translation"
+        info = client.describe_model("en-es", request_id="describe-1")
+        assert info.task == "translation" and client.last_request_id == "describe-1"
+        reply = client.generate("The Lord said", max_new_tokens=3, request_id="gen-1")
+        assert client.last_request_id == "gen-1" and reply.hypotheses[0].output_tokens <= 3
+        chunks = list(client.translate_stream("Amen.", request_id="stream-1", max_new_tokens=3))
+        assert client.last_request_id == "stream-1" and chunks[-1].finished
 
 
 @pytest.mark.e2e
@@ -90,6 +119,8 @@ def test_cli_generate_stream_json_and_models(server: ServerHandle) -> None:
     assert streamed.stdout.strip() == unary.stdout.strip()
     as_json = _cli(server, "translate", "Amen.", "--json")
     assert json.loads(as_json.stdout)["model"] == "en-es"
+    listed = json.loads(_cli(server, "models", "--json").stdout)  # one document
+    assert [m["name"] for m in listed["models"]] == ["en-es", "en-lm"]
     models = _cli(server, "models")
     assert models.returncode == 0
     header, *rows = models.stdout.strip().splitlines()
@@ -100,6 +131,7 @@ def test_cli_generate_stream_json_and_models(server: ServerHandle) -> None:
     assert described.stdout.startswith("en-lm\tv1\tgeneration")
     assert "limits: max_input_tokens " in described.stdout
     assert "max_positions 128" in described.stdout
+    assert "max_texts_per_request " in described.stdout and "max_beam_size " in described.stdout
     missing = _cli(server, "describe", "xx")
     assert missing.returncode == 2 and "NOT_FOUND" in missing.stderr
     scored = _cli(server, "generate", "The Lord said", "--max-new-tokens", "5", "--scores")
@@ -121,6 +153,8 @@ def test_cli_reports_errors(server: ServerHandle, tmp_path: Path) -> None:
     assert "INVALID_ARGUMENT: options.beam_size" in result.stderr
     not_pem = tmp_path / "ca.txt"
     not_pem.write_text("hello")
+    folder = tmp_path / "plot.png"
+    folder.mkdir()
     refused = [
         (("--max-new-tokens", "-1"), "--max-new-tokens"),
         (("--beam-size", "-1"), "--beam-size"),
@@ -130,11 +164,36 @@ def test_cli_reports_errors(server: ServerHandle, tmp_path: Path) -> None:
         (("--ca", str(not_pem)), "not a PEM certificate"),
         (("--plot-alignment", str(tmp_path / "a.txt")), "must end in one of .png"),
         (("--plot-alignment", str(tmp_path / "no" / "a.png")), "is not a folder"),
+        (("--plot-alignment", str(folder)), "is a folder"),
+        (("--beam-size", str(2**32)), "less than or equal to 4294967295"),
+        (("--top-k", str(2**32)), "less than or equal to 4294967295"),
+        (("--version", str(2**64)), "less than or equal to 18446744073709551615"),
+        (("--timeout", "inf"), "less than or equal to 604800"),
+        (("--temperature", "1e39"), "temperature: 1e+39 is outside the range of a 32-bit"),
     ]
     for args, message in refused:
         result = _cli(server, "translate", "Amen.", *args)
         assert result.returncode == 2, (args, result.stderr)
         assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    not_utf8 = _cli(server, "translate", "Amen.", b"bad \xff bytes")  # as a shell passes it
+    assert not_utf8.returncode == 2 and "texts[1] is not valid UTF-8" in not_utf8.stderr
+    assert "Traceback" not in not_utf8.stderr
+
+
+@pytest.mark.e2e
+def test_cli_says_when_an_answer_stopped_at_max_new_tokens(server: ServerHandle) -> None:
+    """A cut answer is not passed off as whole: a note on stderr, the text alone on stdout."""
+    text = "In the beginning God created the heaven and the earth."
+    for args in (("translate", text), ("translate", text, "--stream")):
+        cut = _cli(server, *args, "--max-new-tokens", "2")
+        assert cut.returncode == 0, cut.stderr
+        assert "note: text 1 stopped at max_new_tokens (2 tokens)" in cut.stderr
+        assert "note" not in cut.stdout and cut.stdout.strip()
+        stopped = _cli(server, *args, "--stop", cut.stdout.strip()[:1])  # finishes by STOP
+        assert stopped.returncode == 0 and "note:" not in stopped.stderr, stopped.stderr
+    for args in (("generate", "The Lord said"), ("generate", "The Lord said", "--stream")):
+        cut = _cli(server, *args, "--max-new-tokens", "2")
+        assert "note: the generation stopped at max_new_tokens (2 tokens)" in cut.stderr
 
 
 @pytest.mark.e2e
@@ -147,7 +206,7 @@ def test_cli_streams_print_scores_and_json_and_a_plot(server: ServerHandle, tmp_
     assert unary.stdout.startswith(words + "\t")  # unary: text, score, normalized score
     assert float(score) == pytest.approx(float(unary.stdout.split("\t")[1]), abs=1e-3)
     as_json = _cli(server, "translate", text, "--stream", "--json", "--max-new-tokens", "6")
-    chunks = [json.loads(part) for part in as_json.stdout.replace("}\n{", "}\0{").split("\0")]
+    chunks = [json.loads(line) for line in as_json.stdout.splitlines()]  # JSON Lines
     assert chunks[-1]["finished"] and not any(c.get("finished") for c in chunks[:-1])
     assert "".join(c.get("text", "") for c in chunks) == words
     png = tmp_path / "streamed.png"  # the last chunk carries the alignment and its labels

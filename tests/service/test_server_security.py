@@ -185,3 +185,34 @@ def test_the_cli_checks_the_certificate_name_it_is_given(
     assert good.returncode == 0 and "en-es" in good.stdout, good.stderr
     wrong = models("not-this-server.example")
     assert wrong.returncode == 2 and "UNAVAILABLE" in wrong.stderr, wrong.stderr
+
+
+def test_the_cli_trusts_the_system_roots_with_tls_and_names_the_token(
+    secure_server: tuple[ServerHandle, Path],
+) -> None:
+    """--tls without --ca: TLS with the roots grpc trusts by default (here made our
+    certificate); a call without the token is told which option carries it."""
+    import os
+    import sys
+
+    from tests.conftest import ROOT
+
+    server, cert = secure_server
+
+    def models(*extra: str, roots: Path | None = None) -> subprocess.CompletedProcess[str]:
+        env = dict(os.environ)
+        if roots is not None:
+            env["GRPC_DEFAULT_SSL_ROOTS_FILE_PATH"] = str(roots)
+        return subprocess.run(
+            [sys.executable, "-m", "service.client", "models", "--target", server.address,
+             "--server-name", "localhost", "--timeout", "10", *extra],
+            capture_output=True, text=True, cwd=ROOT, timeout=120, env=env,
+        )  # fmt: skip
+
+    trusted = models("--tls", "--token", TOKEN, roots=cert)
+    assert trusted.returncode == 0 and "en-es" in trusted.stdout, trusted.stderr
+    plaintext = models("--token", TOKEN, roots=cert)
+    assert plaintext.returncode == 2 and "pass --ca" in plaintext.stderr, plaintext.stderr
+    no_token = models("--tls", roots=cert)
+    assert no_token.returncode == 2 and "UNAUTHENTICATED" in no_token.stderr
+    assert "--token or SERVE_AUTH_TOKEN" in no_token.stderr, no_token.stderr
