@@ -434,6 +434,11 @@ class Engine:
             raise InvalidArgument(
                 "text", f"{len(input_ids)} tokens exceed max_input_tokens {limit}"
             )
+        specials = (self.tokenizer.bos_id, self.tokenizer.eos_id)
+        if all(i in specials for i in input_ids):  # e.g. only U+FFFD or U+2581
+            raise InvalidArgument(
+                "text", "is empty once tokenized: the tokenizer drops every character of it"
+            )
         if p.max_new_tokens < 1:
             raise InvalidArgument("options.max_new_tokens", f"must be >= 1, got {p.max_new_tokens}")
         if p.max_new_tokens > self.max_new_tokens:

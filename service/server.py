@@ -450,7 +450,7 @@ class _Servicer:
             task=task,
             text=text,
             params=params,
-            model=model,
+            model=validation.model_name("model", model),
             version=validation.version(version),
             request_id=state.request_id,
             deadline=self.transport.deadline(context),
@@ -666,7 +666,8 @@ class ModelsServicer(_Servicer, pb_grpc.ModelsServicer):
             state.model = self.backend.model_label(None, request.name)
             if not request.name:
                 raise InvalidArgument("name", "is empty; give a model name (see ListModels)")
-            status = self.backend.describe(request.name, validation.version(request.version))
+            name = validation.model_name("name", request.name)
+            status = self.backend.describe(name, validation.version(request.version))
             return model_info_pb(status, self.settings)
 
         return await self.transport.unary("DescribeModel", context, handle, public=True)

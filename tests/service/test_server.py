@@ -214,6 +214,8 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("too many texts", {"texts": ["a"] * 9}, "texts"),
     ("too many tokens", {"texts": [" ".join(["earth"] * 140)]}, "texts[0]"),
     ("too many characters", {"texts": ["x" * 5000]}, "texts[0]"),
+    ("tokenizes to nothing", {"texts": ["ok", "\ufffd"]}, "texts[1]"),
+    ("only word marks", {"texts": ["\u2581\u2581"]}, "texts[0]"),
     ("beam 0", {"beam_size": 0}, "options.beam_size"),
     ("beam too large", {"beam_size": 5}, "options.beam_size"),
     ("n_best > beam", {"beam_size": 2, "n_best": 3}, "options.n_best"),
@@ -251,6 +253,9 @@ def test_invalid_generate_requests(client: Client) -> None:
         (lambda: client.generate("x", return_alignment=True), "options.return_alignment"),
         (lambda: client.generate("x", stream=True, beam_size=2, n_best=2), "options.n_best"),
         (lambda: client.translate_stream(""), "text"),
+        (lambda: client.generate("\ufffd"), "prompt"),  # no pieces: BOS alone is no prompt
+        (lambda: list(client.generate("\ufffd \u2581", stream=True)), "prompt"),
+        (lambda: list(client.translate_stream("\ufffd")), "text"),
     ]
     for call, field in cases:
         error = _error(call)

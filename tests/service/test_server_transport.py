@@ -320,8 +320,10 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], str]] = [
     ("texts[1]", {"texts": ["a", "  "]}, "texts[1]: is empty"),
     ("texts[0]", {"texts": ["\u200b\ufeff\u200b"]}, "texts[0]: has no visible characters"),
     ("texts[1]", {"texts": ["a", "\x00 \x07"]}, "texts[1]: has no visible characters"),
-    ("texts[0]", {"texts": ["a" * 600]}, "cannot fit max_input_tokens 16"),
-    ("texts[0]", {"texts": ["a b  " * 300]}, "1200 characters (a run of spaces counted once)"),
+    ("texts[0]", {"texts": ["a" * 600]}, "600 characters exceed the limit 512 (max_input_tok"),
+    ("texts[0]", {"texts": ["a b  " * 300]}, "at least 820 characters exceed the limit 512"),
+    # NFKC makes 18 characters of U+FDFA: the bound counts what the tokenizer reads
+    ("texts[0]", {"texts": ["\ufdfa" * 40]}, "720 characters exceed the limit 512"),
     ("max_new_tokens", {"max_new_tokens": 33}, "33 exceeds the limit 32"),
     ("max_new_tokens", {"max_new_tokens": 0}, "must be at least 1, got 0 (leave it unset"),
     ("beam_size", {"beam_size": 0}, "must be at least 1, got 0"),
@@ -333,6 +335,7 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], str]] = [
     ("temperature", {"temperature": math.nan}, "must be a finite number"),
     ("temperature", {"temperature": math.inf}, "must be a finite number"),
     ("temperature", {"temperature": 1e-40}, "below the smallest sampling temperature 1e-06"),
+    ("temperature", {"temperature": 9.9e-7}, "below the smallest sampling temperature 1e-06"),
     ("top_p", {"temperature": 1.0, "top_p": 0.0}, "must be in (0, 1]"),
     ("top_p", {"temperature": 1.0, "top_p": 1.5}, "must be in (0, 1]"),
     ("top_p", {"temperature": 1.0, "top_p": math.nan}, "finite"),
@@ -377,6 +380,8 @@ AT_THE_LIMIT: list[tuple[dict[str, Any], dict[str, Any]]] = [
     ({"beam_size": 2, "length_penalty": 0.0}, {"beam_size": 2, "length_penalty": 0.0}),
     ({"beam_size": 2, "length_penalty": 10.0}, {"beam_size": 2, "length_penalty": 10.0}),
     ({"temperature": 100.0}, {"temperature": 100.0}),
+    # what the float32 field makes of the smallest temperature the refusal names
+    ({"temperature": 1e-6}, {"temperature": pytest.approx(1e-6, rel=1e-6)}),
     ({"temperature": 1.0, "top_k": 1 << 20}, {"top_k": 1 << 20}),
 ]
 
@@ -409,6 +414,11 @@ def test_bad_generate_and_stream_requests(client: Client) -> None:
         (lambda: list(client.generate("x", stream=True, beam_size=2, n_best=2)), "a stream"),
         (lambda: list(client.translate_stream("")), "text: is empty"),
         (lambda: client.describe_model(""), "name: is empty"),
+        # a name no model folder can have, refused before it is echoed in an error: a
+        # long one in a NOT_FOUND message overflowed grpc's metadata limit
+        (lambda: client.describe_model("é" * 3000), "name: 3000 characters exceed the limit 255"),
+        (lambda: client.translate("x", model="m" * 256), "model: 256 characters exceed"),
+        (lambda: client.generate("x", model="m" * 20000), "model: 20000 characters exceed"),
     ]
     for call, message in cases:
         with pytest.raises(grpc.RpcError) as error:
@@ -698,7 +708,7 @@ def test_health_per_service(fake: InProcessServer) -> None:
 
 
 def test_a_model_that_stops_serving_unreadies_the_server_but_not_the_other_service() -> None:
-    """"" (readiness) needs every model; each service's own health needs its task. A
+    """ "" (readiness) needs every model; each service's own health needs its task. A
     version that stops on its own (its engine died) tells the server through watch(), and
     then inference.v1.Models (the liveness probe's) reads NOT_SERVING: only a restart
     brings that engine back."""
