@@ -137,6 +137,10 @@ class ResponseTooLarge(ServiceError):
     """The answer is over the server's max message size (known only once decoded)."""
 
 
+class RequestTooLarge(ServiceError):
+    """The request is over the server's max message size."""
+
+
 class ModelNotFound(ServiceError):
     pass
 

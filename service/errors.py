@@ -11,8 +11,8 @@ the transport aborts with the result. Choices worth knowing:
   step, so not even an idle server could answer) → DEADLINE_EXCEEDED.
 * Cancelled → CANCELLED (the client went away; nobody reads the answer).
 * Unavailable (loading, draining) → UNAVAILABLE, which clients retry.
-* ResponseTooLarge → RESOURCE_EXHAUSTED, what grpc itself answers for a message over the
-  size limit; the message says which limit and what to ask for instead.
+* ResponseTooLarge and RequestTooLarge → RESOURCE_EXHAUSTED, what grpc itself answers for
+  a message over the size limit; the message says which limit and what to do instead.
 * Anything else is a bug: INTERNAL with a generic message (details only in the logs).
 """
 
@@ -27,6 +27,7 @@ from service.domain import (
     InvalidArgument,
     ModelNotFound,
     QueueFull,
+    RequestTooLarge,
     ResponseTooLarge,
     ServiceError,
     Unauthenticated,
@@ -39,6 +40,7 @@ STATUS_OF: dict[type[ServiceError], grpc.StatusCode] = {
     QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineUnmeetable: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ResponseTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    RequestTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Cancelled: grpc.StatusCode.CANCELLED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,

@@ -40,6 +40,7 @@ from service.domain import (
     InvalidArgument,
     ModelStatus,
     ReloadSummary,
+    RequestTooLarge,
     ResponseTooLarge,
     SequenceRequest,
     SequenceResult,
@@ -65,6 +66,13 @@ SERVICE_NAMES: dict[str, str] = {
 }
 REQUEST_ID_KEY = "x-request-id"
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+# What the caller of each RPC can change when its answer is over the max message size.
+_TOO_LARGE_HINTS = {
+    "Translate": "ask for fewer texts, a smaller n_best, or no alignment",
+    "TranslateStream": "ask for no alignment (the last chunk carries it)",
+    "GenerateUnary": "ask for a smaller n_best or fewer max_new_tokens",
+    "Generate": "ask for fewer max_new_tokens",
+}
 FINISH_REASON_PB = {
     FinishReason.EOS: pb.FINISH_REASON_EOS,
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
@@ -194,15 +202,16 @@ class Transport:
         if not self.ready:
             raise Unavailable("models are loading; retry shortly")
 
-    def fits(self, message: T) -> T:
-        """`message`, if it is within the max message size: refused here, with the reason,
-        rather than by grpc after the call was counted as answered."""
+    def fits(self, message: T, method: str) -> T:
+        """`message`, if it is within the max message size: refused here, with the reason
+        and what the caller of `method` can change, rather than by grpc after the call
+        was counted as answered."""
         size = message.ByteSize()  # type: ignore[attr-defined]
         if size > self.max_message_bytes:
+            hint = _TOO_LARGE_HINTS.get(method, "the server's limit is too small for it")
             raise ResponseTooLarge(
                 f"the answer is {size:,} bytes, over the server's max message size of "
-                f"{self.max_message_bytes:,} (SERVE_MAX_MESSAGE_BYTES): ask for fewer texts, "
-                "a smaller n_best, or no alignment"
+                f"{self.max_message_bytes:,} (SERVE_MAX_MESSAGE_BYTES): {hint}"
             )
         return message
 
@@ -321,7 +330,7 @@ class Transport:
     ) -> T:
         """Run a unary handler with the shared plumbing; abort with the mapped status."""
         async with self._call(method, context, public) as state:
-            return self.fits(await handler(state))
+            return self.fits(await handler(state), method)
         raise AssertionError("unreachable: a failed call aborts")
 
     async def stream(
@@ -336,7 +345,7 @@ class Transport:
             contextlib.aclosing(handler(state)) as items,
         ):
             async for item in items:
-                yield self.fits(item)
+                yield self.fits(item, method)
 
 
 # --- protobuf ↔ domain --------------------------------------------------------------------
@@ -690,29 +699,37 @@ class ModelsServicer(_Servicer, pb_grpc.ModelsServicer):
 # --- server assembly and lifecycle --------------------------------------------------------
 
 
-class MalformedRequest:
-    """What a request that is not valid protobuf deserializes to, so that its call is
-    answered (INVALID_ARGUMENT), counted and logged like any other, instead of grpc
-    answering UNKNOWN before the transport sees it."""
+class UnreadableRequest:
+    """What a request that cannot be read deserializes to (not valid protobuf, or over the
+    max message size), so that its call is answered, counted and logged like any other,
+    instead of grpc answering (UNKNOWN, RESOURCE_EXHAUSTED) before the transport sees it."""
 
-    def __init__(self, message_type: str, error: Exception) -> None:
-        self.message_type = message_type
+    def __init__(self, error: ServiceError) -> None:
         self.error = error
 
     async def refuse(self, state: CallState) -> Any:
-        raise InvalidArgument(
-            "request",
-            f"not a valid {self.message_type} (a string that is not UTF-8, or bytes of "
-            f"another message): {self.error}",
-        )
+        raise self.error
 
 
-def _lenient(message: Any) -> Callable[[bytes], Any]:
+def _lenient(message: Any, max_bytes: int) -> Callable[[bytes], Any]:
     def deserialize(data: bytes) -> Any:
+        if len(data) > max_bytes:
+            return UnreadableRequest(
+                RequestTooLarge(
+                    f"the request is {len(data):,} bytes, over the server's max message size "
+                    f"of {max_bytes:,} (SERVE_MAX_MESSAGE_BYTES): send fewer or shorter texts"
+                )
+            )
         try:
             return message.FromString(data)
         except DecodeError as error:
-            return MalformedRequest(message.DESCRIPTOR.full_name, error)
+            return UnreadableRequest(
+                InvalidArgument(
+                    "request",
+                    f"not a valid {message.DESCRIPTOR.full_name} (a string that is not UTF-8, "
+                    f"or bytes of another message): {error}",
+                )
+            )
 
     return deserialize
 
@@ -721,7 +738,7 @@ def _checked(servicer: _Servicer, name: str) -> Callable[..., Awaitable[Any]]:
     behavior = getattr(servicer, name)
 
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        if isinstance(request, MalformedRequest):
+        if isinstance(request, UnreadableRequest):
             return await servicer.transport.unary(name, context, request.refuse, public=True)
         return await behavior(request, context)
 
@@ -731,7 +748,7 @@ def _checked(servicer: _Servicer, name: str) -> Callable[..., Awaitable[Any]]:
 def add_servicer(server: grpc.aio.Server, service: str, servicer: _Servicer) -> None:
     """Register `servicer` for `service` of inference.proto, as the generated
     add_*Servicer_to_server does, but with requests that fail to parse answered by the
-    transport (MalformedRequest)."""
+    transport (UnreadableRequest)."""
     descriptor = pb.DESCRIPTOR.services_by_name[service]
     handlers = {}
     for method in descriptor.methods:
@@ -742,7 +759,9 @@ def add_servicer(server: grpc.aio.Server, service: str, servicer: _Servicer) -> 
         )
         handlers[method.name] = make(
             _checked(servicer, method.name),
-            request_deserializer=_lenient(getattr(pb, method.input_type.name)),
+            request_deserializer=_lenient(
+                getattr(pb, method.input_type.name), servicer.transport.max_message_bytes
+            ),
             response_serializer=getattr(pb, method.output_type.name).SerializeToString,
         )
     server.add_generic_rpc_handlers(
@@ -754,7 +773,9 @@ def add_servicer(server: grpc.aio.Server, service: str, servicer: _Servicer) -> 
 def server_options(settings: Settings) -> list[tuple[str, Any]]:
     """Channel arguments of the server: message sizes, connection age, no port sharing."""
     options: list[tuple[str, Any]] = [
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        # grpc reads requests up to twice the limit, so that the transport refuses one over
+        # it (named, counted and logged: `_lenient`); beyond that grpc refuses it itself.
+        ("grpc.max_receive_message_length", min(2 * settings.max_message_bytes, 2**31 - 1)),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         # Refuse to share the port with another process (a stale server must not steal
         # half the connections).

@@ -11,11 +11,19 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import ssl
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "SERVE_"
@@ -34,6 +42,7 @@ class Settings(BaseSettings):
         extra="forbid",
         validate_default=True,
         case_sensitive=False,
+        allow_inf_nan=False,
     )
 
     # --- network -------------------------------------------------------------------------
@@ -136,11 +145,44 @@ class Settings(BaseSettings):
     tls_key: Path | None = Field(None, description="PEM private key of tls_cert.")
     auth_token: SecretStr | None = Field(
         None,
-        description="If set, calls need `authorization: Bearer <token>` (health stays open).",
+        description="If set, calls need `authorization: Bearer <token>` (health stays open). "
+        "Visible ASCII; surrounding whitespace (a secret file's newline) is dropped. Prefer "
+        "SERVE_AUTH_TOKEN or the YAML file to the flag, which `ps` shows.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Threshold of the JSON logs on stderr."
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_not_booleans(cls, value: Any, info: ValidationInfo) -> Any:
+        """YAML's `yes`/`true` would pass as 1 for an integer setting."""
+        name = info.field_name or ""
+        if isinstance(value, bool) and cls.model_fields[name].annotation in (int, float):
+            raise ValueError(f"must be a number, got {str(value).lower()}")
+        return value
+
+    @field_validator("tls_cert", "tls_key", mode="before")
+    @classmethod
+    def _empty_path_is_unset(cls, value: Any) -> Any:
+        """SERVE_TLS_CERT= (a template's empty value) means no file, not the folder "."."""
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("auth_token")
+    @classmethod
+    def _header_safe_token(cls, value: SecretStr | None) -> SecretStr | None:
+        """The token as a header carries it: surrounding whitespace dropped (clients' is
+        too), nothing a header cannot carry. Messages never show the token."""
+        if value is None:
+            return None
+        token = value.get_secret_value().strip()
+        if not token:
+            raise ValueError("is empty: unset it to disable auth or give a token")
+        if not all("!" <= c <= "~" for c in token):
+            raise ValueError(
+                "has characters a gRPC header cannot carry: use visible ASCII, no spaces"
+            )
+        return SecretStr(token)
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -155,6 +197,13 @@ class Settings(BaseSettings):
                 f"({self.max_batch_size}): a beam takes a row per hypothesis; lower "
                 "max_beam_size or raise max_batch_size"
             )
+        if self.max_batch_tokens < self.max_input_tokens + self.default_max_new_tokens:
+            raise ValueError(
+                f"max_batch_tokens ({self.max_batch_tokens}) must be ≥ max_input_tokens "
+                f"({self.max_input_tokens}) + default_max_new_tokens "
+                f"({self.default_max_new_tokens}): the longest input must fit the batch with "
+                "the default output length; raise max_batch_tokens or lower the others"
+            )
         if self.max_texts_per_request > self.max_queue:
             raise ValueError(
                 f"max_texts_per_request ({self.max_texts_per_request}) must be ≤ max_queue "
@@ -163,12 +212,8 @@ class Settings(BaseSettings):
             )
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together: set both or neither")
-        for name in ("tls_cert", "tls_key"):
-            path = getattr(self, name)
-            if path is not None and not Path(path).is_file():
-                raise ValueError(f"{name} {path} is not a readable file")
-        if self.auth_token is not None and not self.auth_token.get_secret_value().strip():
-            raise ValueError("auth_token is empty: unset it to disable auth or give a token")
+        if self.tls_cert is not None and self.tls_key is not None:
+            _check_key_pair(self.tls_cert, self.tls_key)
         return self
 
     @classmethod
@@ -188,23 +233,47 @@ class Settings(BaseSettings):
         return self.tls_cert is not None
 
 
+def _check_key_pair(cert: Path, key: Path) -> None:
+    """Read the TLS files as the server will, so a bad one fails here with its name, not
+    at bind time as a port that cannot be listened on."""
+    for name, path in (("tls_cert", cert), ("tls_key", key)):
+        try:
+            path.read_bytes()
+        except OSError as exc:
+            raise ValueError(f"{name} {path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password="")
+    except ssl.SSLError as exc:
+        raise ValueError(
+            f"tls_cert {cert} and tls_key {key} are not a PEM certificate chain and its "
+            f"unencrypted private key ({exc.reason or exc})"
+        ) from None
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except OSError as exc:
         raise SettingsError(f"--config {path}: cannot read ({exc.strerror})") from exc
     except yaml.YAMLError as exc:
-        raise SettingsError(f"--config {path}: not valid YAML ({exc})") from exc
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "cannot parse"
+        raise SettingsError(f"--config {path}: not valid YAML{where}: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise SettingsError(f"--config {path}: must be a mapping of setting: value")
-    known = set(Settings.model_fields)
-    unknown = sorted(str(k) for k in data if str(k).replace("-", "_") not in known)
-    if unknown:
-        raise SettingsError(
-            f"--config {path}: unknown setting(s) {unknown}; known: {sorted(known)}"
+    known = sorted(Settings.model_fields)
+    lines = []
+    for key in sorted(str(k) for k in data if str(k).replace("-", "_") not in known):
+        close = difflib.get_close_matches(key.replace("-", "_"), known, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        lines.append(
+            f"--config {path}: {key} is not a setting: {hint}`python -m service --help` lists them"
         )
+    if lines:
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(lines))
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
@@ -224,6 +293,8 @@ def _describe_error(
         rule = f"must be one of {ctx.get('expected')}"
     elif kind == "bool_parsing":
         rule = "must be true or false"
+    elif kind == "finite_number":
+        rule = "must be a finite number"
     elif kind == "extra_forbidden":
         rule = f"unknown setting; known: {', '.join(sorted(Settings.model_fields))}"
     else:
@@ -231,15 +302,25 @@ def _describe_error(
     if not name:
         return rule
     env_name = f"{ENV_PREFIX}{name.upper()}"
+    env_key = next((k for k in os.environ if k.upper() == env_name), None)
+    secret = name in _SECRETS
+
+    def shown(value: Any) -> str:
+        return "<hidden>" if secret else str(value)
+
     if name in overrides:
-        where = f"--{name.replace('_', '-')} {overrides[name]}"
-    elif env_name in {k.upper() for k in os.environ}:
-        where = f"{env_name}={os.environ.get(env_name, '')}"
+        where = f"--{name.replace('_', '-')} {shown(overrides[name])}"
+    elif env_key is not None:
+        where = f"{env_key}={shown(os.environ[env_key])}"
     elif name in yaml_data:
-        where = f"{name}: {yaml_data[name]} in {yaml_path}"
+        where = f"{name}: {shown(yaml_data[name])} in {yaml_path}"
     else:
-        where = f"{name}={error.get('input')!r}"
+        where = f"{name}={'<hidden>' if secret else repr(error.get('input'))}"
     return f"{where}: {rule}"
+
+
+# Settings whose values no message shows.
+_SECRETS = frozenset({"auth_token"})
 
 
 def load_settings(config: Path | None = None, **overrides: Any) -> Settings:

@@ -493,6 +493,30 @@ def test_a_request_that_is_not_valid_protobuf_is_invalid_argument(
     assert fake.counter(method, "unknown", "INVALID_ARGUMENT") == before + 1
 
 
+def test_a_request_over_the_max_message_size_is_refused_and_counted() -> None:
+    """Named with the limit and counted like any refusal, instead of grpc's uncounted
+    RESOURCE_EXHAUSTED; grpc still refuses by itself one over twice the limit."""
+    server = InProcessServer(max_message_bytes=1024)
+    try:
+        with Client(server.address, timeout=10) as c:
+            assert c.translate(["a" * 400] * 2).translations  # 8xx bytes: within it
+            for texts, counted in ((["a" * 500] * 4, 1), (["a" * 3000], 0)):
+                with pytest.raises(grpc.RpcError) as error:
+                    c.translate(texts)
+                assert _code(error) == grpc.StatusCode.RESOURCE_EXHAUSTED
+                details = error.value.details()  # type: ignore[attr-defined]
+                if counted:
+                    assert "over the server's max message size of 1,024" in details
+                    assert "(SERVE_MAX_MESSAGE_BYTES): send fewer or shorter texts" in details
+            with pytest.raises(grpc.RpcError) as error:
+                list(c.translate_stream("a" * 1500))
+            assert _code(error) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert server.counter("Translate", "unknown", "RESOURCE_EXHAUSTED") == 1
+        assert server.counter("TranslateStream", "unknown", "RESOURCE_EXHAUSTED") == 1
+    finally:
+        server.stop()
+
+
 def test_an_answer_over_the_max_message_size_is_refused_and_counted() -> None:
     """grpc would fail such an answer on the wire after the call counted as OK: the
     transport refuses it instead, naming the size, the limit and what to ask for."""
@@ -920,7 +944,8 @@ def test_server_options_bound_messages_and_connection_age() -> None:
     options = dict(
         server_options(load_settings(max_message_bytes=1 << 20, max_connection_age_s=60))
     )
-    assert options["grpc.max_receive_message_length"] == 1 << 20
+    # grpc reads up to twice the limit: the transport refuses what is over it, counted
+    assert options["grpc.max_receive_message_length"] == 2 << 20
     assert options["grpc.max_send_message_length"] == 1 << 20
     assert options["grpc.max_connection_age_ms"] == 60_000
     assert options["grpc.so_reuseport"] == 0

@@ -122,7 +122,18 @@ def test_a_misspelt_environment_variable_is_refused_with_the_name_it_meant(
         ({"SERVE_MAX_BATCH_SIZE": "2"}, {}, "max_beam_size (8) must be ≤ max_batch_size (2)"),
         ({"SERVE_MAX_QUEUE": "2"}, {}, "max_texts_per_request (64) must be ≤ max_queue (2)"),
         ({}, {"tls_cert": Path("/nonexistent.pem")}, "tls_cert and tls_key go together"),
-        ({"SERVE_AUTH_TOKEN": " "}, {}, "auth_token is empty"),
+        ({"SERVE_AUTH_TOKEN": " "}, {}, "SERVE_AUTH_TOKEN=<hidden>: is empty"),
+        ({"SERVE_AUTH_TOKEN": "a b"}, {}, "SERVE_AUTH_TOKEN=<hidden>: has characters a gRPC"),
+        ({}, {"auth_token": "tök"}, "--auth-token <hidden>: has characters a gRPC header"),
+        ({"serve_port": "70000"}, {}, "serve_port=70000: must be ≤ 65535"),  # as spelt
+        ({"SERVE_DRAIN_GRACE_S": "nan"}, {}, "SERVE_DRAIN_GRACE_S=nan: must be a finite number"),
+        ({"SERVE_DRAIN_GRACE_S": "inf"}, {}, "SERVE_DRAIN_GRACE_S=inf: must be a finite number"),
+        (
+            {"SERVE_MAX_BATCH_TOKENS": "300"},
+            {},
+            "max_batch_tokens (300) must be ≥ max_input_tokens (256) + default_max_new_tokens "
+            "(128)",
+        ),
     ],
 )
 def test_bad_values_say_what_to_change(
@@ -141,8 +152,22 @@ def test_yaml_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match=r"max_batch_size: 0 in .*bad.yaml: must be ≥ 1"):
         load_settings(config)
     config.write_text("max_bach_size: 8\n")
-    with pytest.raises(SettingsError, match=r"unknown setting\(s\) \['max_bach_size'\]"):
+    with pytest.raises(SettingsError, match=r"max_bach_size is not a setting: did you mean max_ba"):
         load_settings(config)
+    config.write_text("port: 50051\nmax_queue: [1\n")
+    with pytest.raises(SettingsError) as info:
+        load_settings(config)
+    assert str(info.value).startswith(f"--config {config}: not valid YAML at line 3, column 1")
+    assert "\n" not in str(info.value) and "unicode string" not in str(info.value)
+    # YAML's booleans are no numbers: `port: true` would have served on port 1
+    for line, name in (("port: true", "port"), ("max_batch_size: yes", "max_batch_size")):
+        config.write_text(line + "\n")
+        with pytest.raises(SettingsError, match=rf"{name}: True in .*: must be a number, got true"):
+            load_settings(config)
+    config.write_text("auth_token: 12345\n")  # an integer: refused, and not shown
+    with pytest.raises(SettingsError) as info:
+        load_settings(config)
+    assert "auth_token: <hidden> in" in str(info.value) and "12345" not in str(info.value)
     config.write_text("- a list\n")
     with pytest.raises(SettingsError, match="must be a mapping"):
         load_settings(config)
@@ -150,18 +175,38 @@ def test_yaml_errors_name_the_file(tmp_path: Path) -> None:
         load_settings(tmp_path / "missing.yaml")
 
 
-def test_tls_needs_existing_files(tmp_path: Path) -> None:
-    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
-    with pytest.raises(SettingsError, match="is not a readable file"):
-        load_settings(tls_cert=cert, tls_key=key)
-    cert.write_text("x")
-    key.write_text("y")
+def test_tls_files_are_read_and_matched_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bad certificate or key fails with its name, not at bind time as a busy port."""
+    from tests.service.test_server_security import self_signed
+
+    cert, key = self_signed(tmp_path)
+    (tmp_path / "other").mkdir()
+    other_cert, other_key = self_signed(tmp_path / "other")
     assert load_settings(tls_cert=cert, tls_key=key).tls
+    missing = tmp_path / "missing.pem"
+    with pytest.raises(SettingsError, match=rf"tls_cert {missing}: cannot read \(No such file"):
+        load_settings(tls_cert=missing, tls_key=key)
+    with pytest.raises(SettingsError, match=rf"tls_key {tmp_path}: cannot read"):
+        load_settings(tls_cert=cert, tls_key=tmp_path)  # a folder
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("x")
+    for pair in ((garbage, key), (cert, garbage), (cert, other_key), (key, cert)):
+        with pytest.raises(SettingsError, match="are not a PEM certificate chain and its"):
+            load_settings(tls_cert=pair[0], tls_key=pair[1])
+    assert load_settings(tls_cert=other_cert, tls_key=other_key).tls
+    monkeypatch.setenv("SERVE_TLS_CERT", "")  # a template's empty value: no TLS
+    monkeypatch.setenv("SERVE_TLS_KEY", " ")
+    assert not load_settings().tls
 
 
-def test_auth_token_is_secret() -> None:
+def test_auth_token_is_secret_and_kept_as_a_header_carries_it() -> None:
     s = load_settings(auth_token="s3cret")
     assert "s3cret" not in repr(s)
+    assert s.auth_token is not None and s.auth_token.get_secret_value() == "s3cret"
+    # a secret file's trailing newline: clients send the token without it
+    s = load_settings(auth_token=" s3cret\n")
     assert s.auth_token is not None and s.auth_token.get_secret_value() == "s3cret"
 
 
