@@ -104,7 +104,7 @@ class Metrics:
         )
         self.request_input_tokens = Histogram(
             "inference_request_input_tokens",
-            "Input tokens per sequence.",
+            "Input tokens per sequence admitted to a batch.",
             ["model"],
             buckets=TOKEN_BUCKETS,
             registry=r,
@@ -124,7 +124,10 @@ class Metrics:
             registry=r,
         )
         self.input_tokens = Counter(
-            "inference_input_tokens", "Input tokens admitted.", ["model"], registry=r
+            "inference_input_tokens",
+            "Input tokens of the sequences admitted to a batch.",
+            ["model"],
+            registry=r,
         )
         self.output_tokens = Counter(
             "inference_output_tokens",
@@ -160,7 +163,8 @@ class Metrics:
         )  # fmt: skip
         self.estimated_queue_wait = Gauge(
             "inference_estimated_queue_wait_seconds",
-            "Admission estimate of the queue wait of a request arriving now.",
+            "Admission estimate of the queue wait of a request arriving now (one row, "
+            "costing the token budget what recent requests did).",
             ["model", "version"],
             registry=r,
         )

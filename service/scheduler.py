@@ -6,7 +6,9 @@ Policy (read this before tuning the budgets):
   - `max_batch_size`: rows per decoder step; a beam-search request takes beam_size rows.
   - `max_batch_tokens`: tokens the running batch may hold in its caches, each request
     counted at the worst case it can reach: rows × (input tokens + max_new_tokens), so an
-    admitted request can never run out of cache.
+    admitted request can never run out of cache. It bounds the requests, not memory: the
+    engine's cache holds every row at the longest row's length, its row count rounded up
+    to a power of two (memory is bounded by max_batch_size × max_positions).
   - `max_queue`: sequences waiting for admission; one more is refused with QueueFull at
     once (the queue is never unbounded).
 * Admission happens at step boundaries, first come first served: before every step the
@@ -55,7 +57,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Hashable, Iterable
+from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -251,6 +253,9 @@ class _ModelLoop:
         report = engine.warmup_report
         self.step_s = report.step_seconds if report is not None else 0.01
         self.length_ratio = config.initial_length_ratio
+        # EWMA of what one row of a queued request costs the token budget (its cache
+        # tokens at worst): the request the wait gauge estimates for.
+        self.row_cost = 0.0
         self.steps = 0
         self.task: asyncio.Task[None] | None = None
 
@@ -283,10 +288,15 @@ class _ModelLoop:
                 )
         self.waiting.append(job)
         self.idle.clear()
-        self.metrics.request_input_tokens.labels(self.label).observe(len(job.input_ids))
-        self.metrics.input_tokens.labels(self.label).inc(len(job.input_ids))
+        per_row = job.cost / job.rows
+        self.row_cost = per_row if not self.row_cost else 0.9 * self.row_cost + 0.1 * per_row
         self._queue_gauge()
         self.wake.set()
+
+    def typical_wait(self) -> float:
+        """The queue wait of a typical request arriving now: one row at the recent requests'
+        cost, so a token budget held by long requests shows, not only the rows."""
+        return self.estimate_wait(1, round(self.row_cost))
 
     def _expected_steps(self, job: _Job) -> int:
         return max(1, math.ceil(self.length_ratio * job.request.params.max_new_tokens))
@@ -349,6 +359,8 @@ class _ModelLoop:
             self.rows_used += job.rows
             self.tokens_used += job.cost
             admitted.append(job)
+            self.metrics.request_input_tokens.labels(self.label).observe(len(job.input_ids))
+            self.metrics.input_tokens.labels(self.label).inc(len(job.input_ids))
         return admitted
 
     # --- the loop --------------------------------------------------------------------
@@ -543,7 +555,7 @@ class _ModelLoop:
         m.queue_depth.labels(*labels).set(len(self.waiting))
         m.running_sequences.labels(*labels).set(len(self.running))
         m.free_cache_slots.labels(*labels).set(self.config.max_batch_size - self.rows_used)
-        m.estimated_queue_wait.labels(*labels).set(self.estimate_wait(1))
+        m.estimated_queue_wait.labels(*labels).set(self.typical_wait())
         graphs = self.engine.cuda_graphs
         if graphs is not None:
             m.cuda_graphs.labels(*labels).set(int(graphs))
@@ -950,6 +962,21 @@ class Scheduler:
                 job.abort = job.abort or "cancelled"
                 loop.wake.set()
 
+    def check_room(self, requests: Sequence[SequenceRequest]) -> None:
+        """Refuse (QueueFull) a call whose sequences cannot all wait in their model's
+        queue, before any is queued: a multi-text call is taken whole or not at all."""
+        if len(requests) < 2:
+            return
+        first = requests[0]
+        entry = self.repository.get(first.model, first.version, first.task, self._usable)
+        free = self.config.max_queue - len(self._loops[entry.key].waiting)
+        if len(requests) > free:
+            raise QueueFull(
+                f"model {entry.key}: this call's {len(requests)} texts need as many queue "
+                f"places and {free} of max_queue {self.config.max_queue} are free; retry "
+                "later, on another replica, or in smaller calls"
+            )
+
     def count_tokens(self, request: SequenceRequest) -> int:
         """Input tokens of a request's text for the model it would run on."""
         entry = self.repository.get(request.model, request.version, request.task, self._usable)
@@ -1042,7 +1069,7 @@ class Scheduler:
                 "held": len(loop._held),
                 "rows": loop.rows_used,
                 "step_s": loop.step_s,
-                "estimated_wait_s": loop.estimate_wait(1),
+                "estimated_wait_s": loop.typical_wait(),
                 "steps": loop.steps,
             }
             for key, loop in loops.items()

@@ -105,6 +105,9 @@ class Backend(Protocol):
     async def submit(self, request: SequenceRequest) -> SequenceResult:
         """Decode one sequence to its end (cancelling the awaiting task cancels the work)."""
 
+    def check_room(self, requests: Sequence[SequenceRequest]) -> None:
+        """Refuse (QueueFull) a call whose sequences cannot all be queued, before any is."""
+
     def stream(self, request: SequenceRequest) -> AsyncIterator[TokenEvent | SequenceResult]:
         """TokenEvents as decoded, then the SequenceResult (closing the iterator cancels)."""
 
@@ -596,6 +599,7 @@ async def _gather_texts(
 
     if len(requests) == 1:
         return [await one(0, requests[0])]
+    backend.check_room(requests)
     try:
         async with asyncio.TaskGroup() as group:
             tasks = [group.create_task(one(i, seq)) for i, seq in enumerate(requests)]

@@ -92,7 +92,12 @@ class Settings(BaseSettings):
         64, ge=1, le=4096, description="Sequences (rows, beams included) decoded per step."
     )
     max_batch_tokens: int = Field(
-        16384, ge=1, le=1 << 24, description="Cached tokens (prompt + generated) per batch."
+        16384,
+        ge=1,
+        le=1 << 24,
+        description="Tokens the running requests may reach (rows × (input + max_new_tokens) "
+        "each), an admission budget; the cache itself is rows × the longest row, rows "
+        "rounded up to a power of two, up to max_batch_size × max_positions.",
     )
     max_queue: int = Field(
         256, ge=1, le=1 << 20, description="Waiting sequences before RESOURCE_EXHAUSTED."

@@ -319,6 +319,63 @@ def test_full_queue_is_refused_at_once() -> None:
     )
 
 
+def test_a_multi_text_call_is_queued_whole_or_refused_and_only_admitted_input_counts() -> None:
+    """check_room: a call's texts all fit the queue, or none is queued (the message names
+    the call's need); input tokens count once a sequence joins a batch, not in the queue."""
+
+    async def main(s: Scheduler) -> None:
+        key, m = f"{LM}:1", s.metrics
+        running = asyncio.create_task(s.submit(long_request()))
+        await wait_until(lambda: loop_stats(s, key)["running"] == 1)
+        counted = sample_value(m, "inference_input_tokens_total", {"model": LM})
+        assert counted > 0
+        queued = asyncio.create_task(s.submit(long_request()))
+        await wait_until(lambda: loop_stats(s, key)["waiting"] == 1)
+        with pytest.raises(
+            QueueFull,
+            match="this call's 3 texts need as many queue places and 2 of max_queue 3 are free",
+        ):
+            s.check_room([long_request()] * 3)
+        s.check_room([long_request()] * 2)  # room for two
+        assert loop_stats(s, key)["waiting"] == 1  # nothing queued by the checks
+        assert sample_value(m, "inference_input_tokens_total", {"model": LM}) == counted
+        queued.cancel()  # leaves the queue never admitted: its input never counted
+        await asyncio.gather(queued, return_exceptions=True)
+        await wait_until(lambda: loop_stats(s, key)["waiting"] == 0)
+        assert sample_value(m, "inference_input_tokens_total", {"model": LM}) == counted
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+
+    run(
+        main, make_scheduler(factory=slow_engine_factory(STEP_DELAY), max_batch_size=1, max_queue=3)
+    )
+
+
+def test_the_wait_gauge_sees_a_full_token_budget() -> None:
+    """Rows are free but long requests hold the token budget: the gauge estimates for a
+    request like the recent ones, which waits for one of them to end, not for the step in
+    flight alone (as a request costing no tokens would)."""
+
+    async def main(s: Scheduler) -> None:
+        key = f"{LM}:1"
+        tasks = [asyncio.create_task(s.submit(long_request())) for _ in range(3)]
+        await wait_until(lambda: loop_stats(s, key)["running"] == 3)
+        await wait_until(lambda: loop_stats(s, key)["steps"] >= 3)
+        stats = loop_stats(s, key)
+        assert stats["rows"] == 3 and stats["waiting"] == 0  # 5 of 8 rows free
+        assert stats["estimated_wait_s"] > 10 * stats["step_s"]
+        gauge = sample_value(
+            s.metrics, "inference_estimated_queue_wait_seconds", {"model": LM, "version": "1"}
+        )
+        assert gauge > 10 * stats["step_s"]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # each long request counts about 110 tokens: three fill a budget of 340
+    run(main, make_scheduler(factory=slow_engine_factory(STEP_DELAY), max_batch_tokens=340))
+
+
 def test_unmeetable_deadline_is_refused_with_the_estimate() -> None:
     async def main(s: Scheduler) -> None:
         key = f"{LM}:1"

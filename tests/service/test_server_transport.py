@@ -14,7 +14,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -55,6 +55,7 @@ class FakeBackend:
         self.down: list[str] = []  # what missing() reports
         self.failed: list[str] = []  # what broken() reports
         self.watchers: list[Callable[[], None]] = []
+        self.queue_room = 64  # what check_room lets a call queue at once
 
     async def start(self) -> ReloadSummary:
         self.release = asyncio.Event()
@@ -96,6 +97,10 @@ class FakeBackend:
             except asyncio.CancelledError:
                 self.cancelled.append(request.text)
                 raise
+
+    def check_room(self, requests: Sequence[SequenceRequest]) -> None:
+        if len(requests) > self.queue_room:
+            raise QueueFull(f"{len(requests)} texts, {self.queue_room} queue places free")
 
     async def submit(self, request: SequenceRequest) -> SequenceResult:
         name = self._check(request)
@@ -444,6 +449,22 @@ def test_domain_errors_map_to_status_codes(client: Client, fake: InProcessServer
     # An unknown model name never becomes a metric label.
     assert fake.counter("Translate", "unknown", "NOT_FOUND") >= 1
     assert fake.counter("Translate", "en-es", "RESOURCE_EXHAUSTED") >= 2
+
+
+def test_a_multi_text_call_without_queue_room_queues_none_of_its_texts(
+    client: Client, fake: InProcessServer
+) -> None:
+    fake.backend.queue_room = 2
+    try:
+        submitted = len(fake.backend.requests)
+        with pytest.raises(grpc.RpcError) as error:
+            client.translate(["a", "b", "c"])
+        assert _code(error) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "3 texts, 2 queue places free" in error.value.details()  # type: ignore[attr-defined]
+        assert len(fake.backend.requests) == submitted  # checked before any was submitted
+        assert len(client.translate(["a", "b"]).translations) == 2
+    finally:
+        fake.backend.queue_room = 64
 
 
 def test_metrics_count_calls_by_code(client: Client, fake: InProcessServer) -> None:
