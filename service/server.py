@@ -807,8 +807,11 @@ class InferenceServer:
         self.transport = Transport(settings, metrics)
         self.health = HealthServicer()
         self.server = grpc.aio.server(options=server_options(settings))
+        # Health alone, in plaintext, for probes that cannot speak the main port's TLS.
+        self.health_server = grpc.aio.server() if settings.health_port else None
         self.port = 0
         self.metrics_port = 0
+        self.health_port = 0
         self._metrics_server: Any = None
         self._reload_lock = asyncio.Lock()
         self._stopped = asyncio.Event()
@@ -824,6 +827,8 @@ class InferenceServer:
             self.server, "Models", ModelsServicer(backend, self.transport, settings, self.reload)
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        if self.health_server is not None:
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
         reflection.enable_server_reflection(
             [
                 *SERVICE_NAMES.values(),
@@ -881,6 +886,20 @@ class InferenceServer:
             )
         return port
 
+    def _bind_health(self) -> None:
+        if self.health_server is None:
+            return
+        address = f"{self.settings.host}:{self.settings.health_port}"
+        try:
+            self.health_port = self.health_server.add_insecure_port(address)
+        except RuntimeError:
+            self.health_port = 0
+        if self.health_port == 0:
+            raise StartupError(
+                f"cannot listen for health checks on {address}: the port is in use; choose "
+                f"another with --health-port / {ENV_PREFIX}HEALTH_PORT (0 = none)"
+            )
+
     def _start_metrics(self) -> None:
         if self.settings.metrics_port == 0:
             return
@@ -902,8 +921,11 @@ class InferenceServer:
         """Bind (health NOT_SERVING), load and warm the models, then SERVING."""
         await self._set_health()
         self.port = self._bind()
+        self._bind_health()
         self._start_metrics()
         await self.server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
         log.info(
             "listening",
             extra={
@@ -911,6 +933,7 @@ class InferenceServer:
                 "tls": self.settings.tls,
                 "auth": self.settings.auth_token is not None,
                 "metrics_port": self.metrics_port,
+                "health_port": self.health_port,
             },
         )
         if self.settings.auth_token is not None and not self.settings.tls:
@@ -977,12 +1000,20 @@ class InferenceServer:
         # Handlers are done, but their last messages and status may still be on the way
         # out: stop() waits for those (rejecting new calls), at most the grace left (≥ 1 s).
         await self.server.stop(grace=max(1.0, grace - (time.monotonic() - started)))
+        if self.health_server is not None:
+            await self.health_server.stop(grace=None)
         await self.backend.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
         log.info("stopped")
         self._stopped.set()
+
+    async def close_ports(self) -> None:
+        """After a failed start: stop listening at once (nothing was served)."""
+        await self.server.stop(0)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
@@ -1030,12 +1061,12 @@ async def serve(settings: Settings, backend: Backend | None = None) -> int:
         await server.start()
     except StartupError as error:
         log.error("start failed: %s", error)
-        await server.server.stop(0)
+        await server.close_ports()
         await backend.close()
         return 1
     except Exception:
         log.exception("start failed")
-        await server.server.stop(0)
+        await server.close_ports()
         await backend.close()
         return 1
     await server.wait_stopped()

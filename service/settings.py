@@ -57,6 +57,13 @@ class Settings(BaseSettings):
     metrics_port: int = Field(
         8000, ge=0, le=65535, description="Prometheus /metrics HTTP port (0 = no metrics server)."
     )
+    health_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="A plaintext port serving grpc.health.v1 alone, for Kubernetes probes "
+        "when the gRPC port serves TLS (the kubelet's gRPC probes speak no TLS); 0 = none.",
+    )
     # --- models --------------------------------------------------------------------------
     model_repository: Path = Field(
         Path("models"),
@@ -214,6 +221,13 @@ class Settings(BaseSettings):
                 f"max_texts_per_request ({self.max_texts_per_request}) must be ≤ max_queue "
                 f"({self.max_queue}): each text of a Translate call waits in the queue; lower "
                 "max_texts_per_request or raise max_queue"
+            )
+        ports = {"port": self.port, "metrics_port": self.metrics_port}
+        if self.health_port and self.health_port in ports.values():
+            same = next(name for name, port in ports.items() if port == self.health_port)
+            raise ValueError(
+                f"health_port ({self.health_port}) must differ from {same}: give it a port "
+                "of its own, or 0 for none"
             )
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together: set both or neither")
@@ -379,7 +393,7 @@ def _refuse_service_links(given: dict[str, Any]) -> None:
     """A Service named `serve` or `serve-metrics` makes Kubernetes set SERVE_PORT or
     SERVE_METRICS_PORT to tcp://<ip>:<port>: say so, rather than "not an integer" (unless
     a flag sets that port: it wins over the environment)."""
-    for name in ("port", "metrics_port"):
+    for name in ("port", "metrics_port", "health_port"):
         if name in given:
             continue
         key = f"{ENV_PREFIX}{name.upper()}"

@@ -50,19 +50,21 @@ def run(args: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
 
 
 @cache
-def _render(kubectl: str, overlay: str) -> str:
-    result = run([kubectl, "kustomize", str(K8S / "overlays" / overlay)])
+def _render(kubectl: str, folder: str) -> str:
+    result = run([kubectl, "kustomize", folder])
     if result.returncode != 0:
-        raise AssertionError(f"kubectl kustomize overlays/{overlay} failed:\n{result.stderr}")
+        raise AssertionError(f"kubectl kustomize {folder} failed:\n{result.stderr}")
     return result.stdout
 
 
-def render(overlay: str) -> list[dict[str, Any]]:
-    """The overlay rendered by `kubectl kustomize` (or a standalone `kustomize build`)."""
+def render(overlay: str, folder: Path | None = None) -> list[dict[str, Any]]:
+    """The overlay rendered by `kubectl kustomize` (or a standalone `kustomize build`);
+    `folder`: a kustomization elsewhere instead."""
+    path = str(folder or K8S / "overlays" / overlay)
     if shutil.which("kubectl"):
-        text = _render(shutil.which("kubectl") or "kubectl", overlay)
+        text = _render(shutil.which("kubectl") or "kubectl", path)
     elif shutil.which("kustomize"):
-        result = run(["kustomize", "build", str(K8S / "overlays" / overlay)])
+        result = run(["kustomize", "build", path])
         assert result.returncode == 0, result.stderr
         text = result.stdout
     else:

@@ -174,6 +174,55 @@ def test_probes_use_grpc_health(overlay: str) -> None:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_tls_component_mounts_the_secret_and_probes_the_health_port(
+    overlay: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """components/tls on an overlay: the server reads its certificate from the Secret, and
+    the probes (which speak no TLS) move to the plaintext health port."""
+    import os
+    import shutil
+
+    from service.settings import ENV_PREFIX, load_settings
+    from tests.service.test_server_security import self_signed
+
+    shutil.copytree(DEPLOY, tmp_path / "deploy")
+    folder = tmp_path / "deploy" / "k8s" / "overlays" / f"{overlay}-tls"
+    folder.mkdir()
+    (folder / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources:\n  - ../{overlay}\ncomponents:\n  - ../../components/tls\n"
+    )
+    docs = render(overlay, folder)
+    container = server_container(docs)
+    data = settings_data(docs)
+    health = int(data["SERVE_HEALTH_PORT"])
+    assert {p["name"]: p["containerPort"] for p in container["ports"]}["health"] == health
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == health, probe
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v.get("secret"))
+    assert volume["secret"]["secretName"] == "inference-tls"
+    assert volume["secret"]["defaultMode"] == 0o440 and pod["securityContext"]["fsGroup"]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == volume["name"])
+    cert, key = Path(data["SERVE_TLS_CERT"]), Path(data["SERVE_TLS_KEY"])
+    assert cert.parent == key.parent == Path(mount["mountPath"]) and mount["readOnly"]
+    assert (cert.name, key.name) == ("tls.crt", "tls.key")  # a kubernetes.io/tls Secret's
+    # The settings start a server, with a certificate where the Secret would be.
+    made_cert, made_key = self_signed(tmp_path)
+    for name in list(os.environ):
+        if name.startswith(ENV_PREFIX):
+            monkeypatch.delenv(name)
+    for name, value in {
+        **data,
+        "SERVE_TLS_CERT": str(made_cert),
+        "SERVE_TLS_KEY": str(made_key),
+    }.items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings()
+    assert settings.tls and settings.health_port == health != settings.port
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_termination_grace_covers_pre_stop_and_drain(overlay: str) -> None:
     docs = render(overlay)
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]

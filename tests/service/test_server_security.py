@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from service.client import Client
-from tests.conftest import ServerHandle
+from tests.conftest import ServerHandle, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -79,6 +79,9 @@ def _with_cryptography(cert_path: Path, key_path: Path) -> None:
     )
 
 
+HEALTH_PORT = free_port()
+
+
 @pytest.fixture(scope="module")
 def secure_server(
     start_server: Callable[..., ServerHandle], tmp_path_factory: pytest.TempPathFactory
@@ -86,10 +89,30 @@ def secure_server(
     cert, key = self_signed(tmp_path_factory.mktemp("tls"))
     credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
     server = start_server(
-        "--tls-cert", str(cert), "--tls-key", str(key), credentials=credentials,
+        "--tls-cert", str(cert), "--tls-key", str(key), "--health-port", str(HEALTH_PORT),
+        credentials=credentials,
         env={"SERVE_AUTH_TOKEN": TOKEN},  # the token from the environment, not argv
     )  # fmt: skip
     return server, cert
+
+
+def test_the_health_port_answers_probes_in_plaintext_and_nothing_else(
+    secure_server: tuple[ServerHandle, Path],
+) -> None:
+    """What the kubelet's gRPC probe (no TLS, no token) reaches when the API serves TLS."""
+    from service.gen.inference.v1 import inference_pb2 as pb
+    from service.gen.inference.v1 import inference_pb2_grpc as pb_grpc
+
+    server, _ = secure_server
+    with grpc.insecure_channel(f"127.0.0.1:{HEALTH_PORT}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "inference.v1.Translator", "inference.v1.Models"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
+        with pytest.raises(grpc.RpcError) as info:
+            pb_grpc.TranslatorStub(channel).Translate(pb.TranslateRequest(texts=["x"]), timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
+    assert f'"health_port": {HEALTH_PORT}' in server.log()
 
 
 def test_token_required(secure_server: tuple[ServerHandle, Path]) -> None:
