@@ -199,7 +199,10 @@ def test_the_tls_component_mounts_the_secret_and_probes_the_health_port(
     assert {p["name"]: p["containerPort"] for p in container["ports"]}["health"] == health
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == health, probe
-    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    deployment = one(docs, "Deployment")
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
+    pod = deployment["spec"]["template"]["spec"]
     volume = next(v for v in pod["volumes"] if v.get("secret"))
     assert volume["secret"]["secretName"] == "inference-tls"
     assert volume["secret"]["defaultMode"] == 0o440 and pod["securityContext"]["fsGroup"]
