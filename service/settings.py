@@ -460,11 +460,3 @@ class _DictSource(PydanticBaseSettingsSource):
 
     def __call__(self) -> dict[str, Any]:
         return dict(self._values)
-
-
-def describe_fields() -> str:
-    """One line per setting: env name, default and description (for docs and --help)."""
-    lines = []
-    for name, info in Settings.model_fields.items():
-        lines.append(f"{ENV_PREFIX}{name.upper():<28} {info.default!s:<12} {info.description}")
-    return "\n".join(lines)
