@@ -145,9 +145,6 @@ class Manifest(_Strict):
             raise ManifestError(f"{self.name}/{self.version}/{variant}: no {graph!r} graph")
         return files[graph]  # type: ignore[index]
 
-    def graphs_of_task(self) -> tuple[Graph, ...]:
-        return required_graphs(self.task)
-
     def write(self, version_dir: str | Path) -> Path:
         path = Path(version_dir) / MANIFEST
         path.write_text(self.model_dump_json(indent=2) + "\n")
@@ -333,11 +330,6 @@ def version_dirs(model_dir: str | Path) -> list[int]:
     if not root.is_dir():
         return []
     return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit())
-
-
-def manifest_json_schema() -> dict[str, Any]:
-    """JSON schema of manifest.json (for docs and non-Python readers)."""
-    return Manifest.model_json_schema()
 
 
 __all__ = [

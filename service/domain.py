@@ -7,7 +7,6 @@ mapped to one gRPC status code in one place (service/errors.py).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -167,7 +166,3 @@ class Unavailable(ServiceError):
 
 class Unauthenticated(ServiceError):
     pass
-
-
-def finite(value: float) -> bool:
-    return not (math.isnan(value) or math.isinf(value))

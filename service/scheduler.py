@@ -977,11 +977,6 @@ class Scheduler:
                 "later, on another replica, or in smaller calls"
             )
 
-    def count_tokens(self, request: SequenceRequest) -> int:
-        """Input tokens of a request's text for the model it would run on."""
-        entry = self.repository.get(request.model, request.version, request.task, self._usable)
-        return len(self._loops[entry.key].engine.encode(request.text))
-
     # --- model information -----------------------------------------------------------
 
     def _status(self, entry: ModelVersion) -> ModelStatus:
