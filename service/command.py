@@ -25,11 +25,14 @@ HELP = (
     "Serve the exported models over gRPC (health, reflection; Prometheus /metrics). "
     f"Flags override env ({ENV_PREFIX}<FIELD>), which overrides --config YAML, then defaults."
 )
-_TYPES: dict[Any, type] = {int: int, float: float, str: str, Path: Path}
+# Paths stay strings on the command line: typer makes "" the folder ".", where the settings
+# read an empty path (a template's `--tls-cert "$CERT"`) as unset.
+_TYPES: dict[Any, type] = {int: int, float: float, str: str}
 
 
 def _flag_type(annotation: Any) -> type:
-    """The CLI type of a settings field: Literal and SecretStr become str; Optional unwrapped."""
+    """The CLI type of a settings field: Literal, SecretStr and Path become str; Optional
+    unwrapped."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if typing.get_origin(annotation) is typing.Literal:
         return str
@@ -59,6 +62,7 @@ def _parameters() -> list[inspect.Parameter]:
         )
         default = "unset" if info.default is None else info.default
         help_text = f"{info.description}{hint} (env {ENV_PREFIX}{name.upper()}, default {default})"
+        is_path = Path in (info.annotation, *typing.get_args(info.annotation))
         params.append(
             inspect.Parameter(
                 name,
@@ -66,7 +70,9 @@ def _parameters() -> list[inspect.Parameter]:
                 default=None,
                 annotation=Annotated[
                     _flag_type(info.annotation) | None,  # type: ignore[operator]
-                    typer.Option(help=help_text, show_default=False),
+                    typer.Option(
+                        help=help_text, show_default=False, metavar="<path>" if is_path else None
+                    ),
                 ],
             )
         )

@@ -130,6 +130,8 @@ class InvalidArgument(ServiceError):
     def __init__(self, field_name: str, message: str) -> None:
         super().__init__(f"{field_name}: {message}")
         self.field = field_name
+        # Which sequence of a call it concerns (Scheduler.submit_all), when there are several.
+        self.index: int | None = None
 
 
 class ResponseTooLarge(ServiceError):

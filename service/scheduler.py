@@ -910,6 +910,43 @@ class Scheduler:
         """Decode one sequence to its end. Cancelling the awaiting task removes it from
         the batch at the next step; past its deadline it raises DeadlineExceeded."""
         job, loop = self._prepare(request, stream=False)
+        return await self._answer(job, loop)
+
+    async def submit_all(self, requests: Sequence[SequenceRequest]) -> list[SequenceResult]:
+        """Decode a call's sequences (a multi-text Translate) together. They are queued in
+        one go, with no await between (no other call's sequences slip in), or none is: a
+        queue without room for them all gives QueueFull naming the call's need, and the
+        first refusal (InvalidArgument with `index` set) withdraws those queued before it.
+        The first failure while decoding cancels the others."""
+        prepared: list[tuple[_Job, _ModelLoop]] = []
+        try:
+            self._check_room(requests)
+            for i, request in enumerate(requests):
+                try:
+                    prepared.append(self._prepare(request, stream=False))
+                except InvalidArgument as error:
+                    error.index = i
+                    raise
+        except BaseException:
+            for job, loop in prepared:
+                job.abort = "cancelled"
+                job.future.cancel()  # nobody awaits it: what it would get is dropped
+                loop.wake.set()
+            raise
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(self._answer(job, loop)) for job, loop in prepared]
+        except BaseExceptionGroup as failures:
+            # The first real error (the others are its cancellations or the same cause).
+            for failure in failures.exceptions:
+                if isinstance(failure, ServiceError):
+                    raise failure from None
+            raise failures.exceptions[0] from None
+        return [task.result() for task in tasks]
+
+    async def _answer(self, job: _Job, loop: _ModelLoop) -> SequenceResult:
+        """A queued job's result; its deadline or the caller's cancellation withdraws it."""
+        request = job.request
         try:
             if request.deadline is None:
                 return await job.future
@@ -962,9 +999,9 @@ class Scheduler:
                 job.abort = job.abort or "cancelled"
                 loop.wake.set()
 
-    def check_room(self, requests: Sequence[SequenceRequest]) -> None:
+    def _check_room(self, requests: Sequence[SequenceRequest]) -> None:
         """Refuse (QueueFull) a call whose sequences cannot all wait in their model's
-        queue, before any is queued: a multi-text call is taken whole or not at all."""
+        queue, before any is queued."""
         if len(requests) < 2:
             return
         first = requests[0]

@@ -105,8 +105,9 @@ class Backend(Protocol):
     async def submit(self, request: SequenceRequest) -> SequenceResult:
         """Decode one sequence to its end (cancelling the awaiting task cancels the work)."""
 
-    def check_room(self, requests: Sequence[SequenceRequest]) -> None:
-        """Refuse (QueueFull) a call whose sequences cannot all be queued, before any is."""
+    async def submit_all(self, requests: Sequence[SequenceRequest]) -> list[SequenceResult]:
+        """Decode a call's sequences together: all queued at once or none (QueueFull; an
+        InvalidArgument's `index` names the sequence), the first failure cancels the rest."""
 
     def stream(self, request: SequenceRequest) -> AsyncIterator[TokenEvent | SequenceResult]:
         """TokenEvents as decoded, then the SequenceResult (closing the iterator cancels)."""
@@ -589,27 +590,16 @@ class TranslatorServicer(_Servicer, pb_grpc.TranslatorServicer):
 async def _gather_texts(
     backend: Backend, requests: Sequence[SequenceRequest]
 ) -> list[SequenceResult]:
-    """Submit every text at once; the first failure cancels the others and names texts[i]."""
-
-    async def one(i: int, seq: SequenceRequest) -> SequenceResult:
-        try:
-            return await backend.submit(seq)
-        except InvalidArgument as exc:
-            raise _rename_text_field(exc, f"texts[{i}]") from None
-
-    if len(requests) == 1:
-        return [await one(0, requests[0])]
-    backend.check_room(requests)
+    """Submit a call's texts together (all queued or none); a refusal names texts[i]."""
     try:
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(one(i, seq)) for i, seq in enumerate(requests)]
-    except BaseExceptionGroup as group_error:
-        # Report the first real error (the others are its cancellations or the same cause).
-        for exc in group_error.exceptions:
-            if isinstance(exc, ServiceError):
-                raise exc from None
-        raise group_error.exceptions[0] from None
-    return [t.result() for t in tasks]
+        if len(requests) == 1:
+            return [await backend.submit(requests[0])]
+        return await backend.submit_all(requests)
+    except InvalidArgument as exc:
+        index = 0 if len(requests) == 1 else exc.index
+        if index is None:
+            raise
+        raise _rename_text_field(exc, f"texts[{index}]") from None
 
 
 class GeneratorServicer(_Servicer, pb_grpc.GeneratorServicer):
@@ -808,7 +798,9 @@ class InferenceServer:
         self.health = HealthServicer()
         self.server = grpc.aio.server(options=server_options(settings))
         # Health alone, in plaintext, for probes that cannot speak the main port's TLS.
-        self.health_server = grpc.aio.server() if settings.health_port else None
+        self.health_server = (
+            grpc.aio.server(options=[("grpc.so_reuseport", 0)]) if settings.health_port else None
+        )
         self.port = 0
         self.metrics_port = 0
         self.health_port = 0

@@ -271,14 +271,17 @@ def _check_key_pair(cert: Path, key: Path) -> None:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        with path.open() as file:
+            data = yaml.safe_load(file)
     except OSError as exc:
         raise SettingsError(f"--config {path}: cannot read ({exc.strerror})") from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "cannot parse"
-        raise SettingsError(f"--config {path}: not valid YAML{where}: {problem}") from None
+        if mark is not None:
+            reason = f" at line {mark.line + 1}, column {mark.column + 1}: {exc.problem}"  # type: ignore[attr-defined]
+        else:  # e.g. a character YAML does not allow: PyYAML's text says which, and where
+            reason = ": " + " ".join(str(exc).split())
+        raise SettingsError(f"--config {path}: not valid YAML{reason}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

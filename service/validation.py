@@ -220,12 +220,18 @@ def text(field_name: str, value: str, limits: RequestLimits) -> str:
         )
     bound = limits.max_input_tokens * CHARS_PER_TOKEN_BOUND
     if len(value) * _NFKC_MAX_GROWTH > bound:
-        size = 0
-        for start in range(0, len(value), _NFKC_CHUNK):
-            chunk = unicodedata.normalize("NFKC", value[start : start + _NFKC_CHUNK])
+        size, start = 0, 0
+        while start < len(value):
+            end = min(start + _NFKC_CHUNK, len(value))
+            # A run of spaces, or a letter and its combining marks, stay in one chunk: the
+            # chunks then count what the whole text does.
+            while end < len(value) and (value[end].isspace() or unicodedata.combining(value[end])):
+                end += 1
+            chunk = unicodedata.normalize("NFKC", value[start:end])
             size += len(_WHITESPACE_RUN.sub(" ", chunk))
+            start = end
             if size > bound:
-                counted = "" if start + _NFKC_CHUNK >= len(value) else "at least "
+                counted = "" if end == len(value) else "at least "
                 raise InvalidArgument(
                     field_name,
                     f"{counted}{size} characters exceed the limit {bound} (max_input_tokens "

@@ -55,6 +55,17 @@ def test_decoding_options_take_one_stop_string_and_refuse_what_float32_loses() -
     assert decoding_options(top_p=1e-30).top_p > 0.0 and decoding_options(top_p=0.0).top_p == 0
 
 
+def test_the_token_is_sent_as_a_header_carries_it() -> None:
+    """As the server keeps it: a secret file's newline dropped; a space refused (grpc
+    itself failed such a call with INTERNAL "Invalid metadata")."""
+    with Client("127.0.0.1:1", token=" s3cret\n") as client:
+        assert ("authorization", "Bearer s3cret") in client._metadata()
+    with Client("127.0.0.1:1", token=" \n") as client:  # blank: no token at all
+        assert all(key != "authorization" for key, _ in client._metadata())
+    with pytest.raises(ValueError, match="has characters a gRPC header cannot carry"):
+        Client("127.0.0.1:1", token="s3 cret")
+
+
 def test_client_refuses_a_deadline_grpc_cannot_keep() -> None:
     for timeout in (float("inf"), 0.0, -1.0, float("nan"), MAX_TIMEOUT_S * 2):
         with pytest.raises(ValueError, match="timeout: must be in"):
@@ -170,6 +181,7 @@ def test_cli_reports_errors(server: ServerHandle, tmp_path: Path) -> None:
         (("--version", str(2**64)), "less than or equal to 18446744073709551615"),
         (("--timeout", "inf"), "less than or equal to 604800"),
         (("--temperature", "1e39"), "temperature: 1e+39 is outside the range of a 32-bit"),
+        (("--token", "a b"), "Invalid value for --token: has characters a gRPC header"),
     ]
     for args, message in refused:
         result = _cli(server, "translate", "Amen.", *args)

@@ -320,8 +320,9 @@ def test_full_queue_is_refused_at_once() -> None:
 
 
 def test_a_multi_text_call_is_queued_whole_or_refused_and_only_admitted_input_counts() -> None:
-    """check_room: a call's texts all fit the queue, or none is queued (the message names
-    the call's need); input tokens count once a sequence joins a batch, not in the queue."""
+    """submit_all: a call's texts all go in the queue at once, or none does (the message
+    names the call's need), even when two calls race for the last places; a refused text
+    withdraws the ones before it; input tokens count once a sequence joins a batch."""
 
     async def main(s: Scheduler) -> None:
         key, m = f"{LM}:1", s.metrics
@@ -335,9 +336,24 @@ def test_a_multi_text_call_is_queued_whole_or_refused_and_only_admitted_input_co
             QueueFull,
             match="this call's 3 texts need as many queue places and 2 of max_queue 3 are free",
         ):
-            s.check_room([long_request()] * 3)
-        s.check_room([long_request()] * 2)  # room for two
-        assert loop_stats(s, key)["waiting"] == 1  # nothing queued by the checks
+            await s.submit_all([long_request()] * 3)
+        assert loop_stats(s, key)["waiting"] == 1  # none of its texts was queued
+        # Two calls racing for the 2 places left: one is queued whole, one refused whole.
+        calls = [asyncio.create_task(s.submit_all([long_request()] * 2)) for _ in range(2)]
+        await wait_until(lambda: any(c.done() for c in calls))
+        refused = next(c for c in calls if c.done())
+        with pytest.raises(QueueFull, match="this call's 2 texts need as many queue places"):
+            refused.result()
+        assert loop_stats(s, key)["waiting"] == 3  # the other call's two, and `queued`
+        accepted = next(c for c in calls if c is not refused)
+        accepted.cancel()
+        await asyncio.gather(accepted, return_exceptions=True)
+        await wait_until(lambda: loop_stats(s, key)["waiting"] == 1)
+        # A text the model refuses withdraws the texts queued before it.
+        with pytest.raises(InvalidArgument, match="tokens exceed max_input_tokens") as info:
+            await s.submit_all([long_request(), generate("word " * 200, max_new_tokens=5)])
+        assert info.value.index == 1
+        await wait_until(lambda: loop_stats(s, key)["waiting"] == 1)
         assert sample_value(m, "inference_input_tokens_total", {"model": LM}) == counted
         queued.cancel()  # leaves the queue never admitted: its input never counted
         await asyncio.gather(queued, return_exceptions=True)

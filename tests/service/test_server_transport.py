@@ -27,6 +27,7 @@ from service.domain import (
     DeadlineUnmeetable,
     FinishReason,
     HypothesisResult,
+    InvalidArgument,
     ModelNotFound,
     ModelStatus,
     QueueFull,
@@ -38,8 +39,9 @@ from service.domain import (
 )
 from service.gen.inference.v1 import inference_pb2 as pb
 from service.metrics import Metrics
-from service.server import InferenceServer, Transport
+from service.server import InferenceServer, StartupError, Transport
 from service.settings import load_settings
+from tests.conftest import free_port
 
 TOKEN = "s3cret-token"
 
@@ -98,9 +100,10 @@ class FakeBackend:
                 self.cancelled.append(request.text)
                 raise
 
-    def check_room(self, requests: Sequence[SequenceRequest]) -> None:
+    async def submit_all(self, requests: Sequence[SequenceRequest]) -> list[SequenceResult]:
         if len(requests) > self.queue_room:
             raise QueueFull(f"{len(requests)} texts, {self.queue_room} queue places free")
+        return list(await asyncio.gather(*(self.submit(r) for r in requests)))
 
     async def submit(self, request: SequenceRequest) -> SequenceResult:
         name = self._check(request)
@@ -410,6 +413,39 @@ def test_runs_of_spaces_do_not_count_against_the_length_bound(client: Client) ->
     padded = "Hello" + " " * 2000 + "world."
     assert len(padded) > 16 * 32  # over the bound, counted character by character
     assert client.translate(padded).translations[0].hypotheses[0].text
+
+
+def test_the_length_bound_counts_the_whole_text_across_chunks() -> None:
+    """Normalized a chunk at a time, a text counts what it does whole: a run of spaces or
+    a letter's combining mark across a chunk boundary is not counted twice."""
+    from service.validation import RequestLimits, text
+
+    small = RequestLimits(max_input_tokens=16)  # 512 characters
+    assert text("t", "x" * 500 + " " * 1000 + "y" * 11, small)  # 500 + 1 + 11 = 512
+    with pytest.raises(InvalidArgument, match="t: 514 characters exceed the limit 512"):
+        text("t", "x" * 511 + " " * 1000 + "y" * 2, small)
+    large = RequestLimits(max_input_tokens=64)  # 2,048: e + U+0301 composes to one é
+    assert text("t", "a" * 1023 + "e\u0301" + "b" * 1024, large)
+    with pytest.raises(InvalidArgument, match="t: 2049 characters exceed the limit 2048"):
+        text("t", "a" * 1023 + "e\u0301" + "b" * 1025, large)
+
+
+def test_the_health_port_is_not_shared_with_another_server() -> None:
+    """As the gRPC port: a second server on the same health port fails to start, rather
+    than splitting the kubelet's probes with it."""
+    first = InProcessServer(health_port=free_port())
+    try:
+        settings = first.settings.model_copy(update={"port": 0})
+
+        async def second() -> InferenceServer:
+            return InferenceServer(settings, FakeBackend(), Metrics())  # type: ignore[arg-type]
+
+        other = first.call(second())
+        with pytest.raises(StartupError, match=r"cannot listen for health checks on .* in use"):
+            first.call(other.start())
+        first.call(other.close_ports())
+    finally:
+        first.stop()
 
 
 def test_bad_generate_and_stream_requests(client: Client) -> None:

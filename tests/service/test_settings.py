@@ -161,6 +161,11 @@ def test_yaml_errors_name_the_file(tmp_path: Path) -> None:
         load_settings(config)
     assert str(info.value).startswith(f"--config {config}: not valid YAML at line 3, column 1")
     assert "\n" not in str(info.value) and "unicode string" not in str(info.value)
+    config.write_bytes(b"port: 5\x07\n")  # a character YAML refuses: PyYAML's reason kept
+    with pytest.raises(SettingsError) as info:
+        load_settings(config)
+    assert "not valid YAML: unacceptable character #x0007" in str(info.value)
+    assert "\n" not in str(info.value)
     # YAML's booleans are no numbers: `port: true` would have served on port 1
     for line, name in (("port: true", "port"), ("max_batch_size: yes", "max_batch_size")):
         config.write_text(line + "\n")
@@ -201,6 +206,7 @@ def test_tls_files_are_read_and_matched_at_start(
     monkeypatch.setenv("SERVE_TLS_CERT", "")  # a template's empty value: no TLS
     monkeypatch.setenv("SERVE_TLS_KEY", " ")
     assert not load_settings().tls
+    assert not load_settings(tls_cert="", tls_key="").tls  # flags: the same
 
 
 def test_auth_token_is_secret_and_kept_as_a_header_carries_it() -> None:
@@ -221,6 +227,10 @@ def test_cli_help_and_errors() -> None:
     bad = subprocess.run([*run, "--port", "70000"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2
     assert "--port 70000: must be ≤ 65535" in bad.stderr
+    # An empty path flag (`--tls-cert "$CERT"` with CERT unset) is unset, not the folder "."
+    empty = [*run, "--tls-cert", "", "--tls-key", "", "--port", "70000"]
+    bad = subprocess.run(empty, capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "tls" not in bad.stderr, bad.stderr
 
 
 def test_cuda_graphs_reach_the_engine_options(monkeypatch: pytest.MonkeyPatch) -> None:
