@@ -393,9 +393,10 @@ def _service_link(key: str, value: str) -> bool:
 
 
 def _refuse_service_links(given: dict[str, Any]) -> None:
-    """A Service named `serve` or `serve-metrics` makes Kubernetes set SERVE_PORT or
-    SERVE_METRICS_PORT to tcp://<ip>:<port>: say so, rather than "not an integer" (unless
-    a flag sets that port: it wins over the environment)."""
+    """A Service named `serve`, `serve-metrics` or `serve-health` makes Kubernetes set
+    SERVE_PORT, SERVE_METRICS_PORT or SERVE_HEALTH_PORT to tcp://<ip>:<port>: say so,
+    rather than "not an integer" (unless a flag sets that port: it wins over the
+    environment)."""
     for name in ("port", "metrics_port", "health_port"):
         if name in given:
             continue
