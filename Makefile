@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e '.[train,dev,peers]'
+	$(PY) -m pip install -q -e '.[train,dev,peers,plot]'
 	touch $@
 
 setup: $(STAMP)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import importlib.util
 import math
 import platform
 import shlex
@@ -146,6 +147,10 @@ def _check_common(
     _positive("--timeout", timeout)
     _at_least("--max-in-flight", max_in_flight, 1)
     _positive("--wait-ready", wait_ready)
+    if importlib.util.find_spec("matplotlib") is None:  # before the run, not after it
+        raise typer.BadParameter(
+            "the report's charts need matplotlib: pip install 'transformer-serving[plot]'"
+        )
 
 
 def _prepare(

@@ -17,6 +17,7 @@ and its limit), and ValueError for a value the wire cannot carry.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import os
 import struct
@@ -48,6 +49,10 @@ _FLOAT32 = ("length_penalty", "temperature", "top_p")
 # DEADLINE_EXCEEDED.
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 PLOT_FORMATS = (".png", ".svg", ".pdf")
+PLOT_NEEDS = (
+    "drawing needs matplotlib, which the serving image leaves out: "
+    "pip install 'transformer-serving[plot]' (or matplotlib)"
+)
 
 
 class Client:
@@ -299,7 +304,9 @@ def plot_alignment(
     title: str = "",
 ) -> Path:
     """Draw cross-attention [target × source] as a labelled heatmap (PNG, or the format
-    the file name's suffix names)."""
+    the file name's suffix names). Needs matplotlib (the `plot` extra)."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ImportError(PLOT_NEEDS)
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
@@ -466,6 +473,8 @@ def _check_texts(texts: Sequence[str], field: str) -> None:
 def _check_plot_path(path: Path) -> None:
     """Refuse a plot file that cannot be written before the call, not after it."""
     hint = "--plot-alignment"
+    if importlib.util.find_spec("matplotlib") is None:
+        raise typer.BadParameter(PLOT_NEEDS, param_hint=hint)
     if path.suffix.lower() not in PLOT_FORMATS:
         raise typer.BadParameter(
             f"{path}: the file name must end in one of {', '.join(PLOT_FORMATS)}",

@@ -269,3 +269,25 @@ def test_bad_options_are_refused_before_connecting(
     text = raw.exception.format_message()
     assert message in text and "\n" not in text
     assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_matplotlib_is_refused_before_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The charts come last: without matplotlib (the `plot` extra) a run is refused at
+    once, not after its load went out."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        cli.importlib.util,  # type: ignore[attr-defined]
+        "find_spec",
+        lambda name, *args: None if name == "matplotlib" else real(name, *args),
+    )
+    monkeypatch.setattr(cli, "GrpcCaller", NoConnection)
+    raw = CliRunner().invoke(
+        cli.app, ["run", *common(tmp_path, tmp_path / "out")], standalone_mode=False
+    )
+    assert isinstance(raw.exception, typer.BadParameter), raw.exception
+    assert "transformer-serving[plot]" in raw.exception.format_message()
+    assert not (tmp_path / "out").exists()

@@ -93,6 +93,29 @@ def test_plot_alignment_writes_a_png(tmp_path: Path) -> None:
     assert dollars.read_bytes().startswith(PNG_MAGIC)
 
 
+def test_plotting_without_matplotlib_says_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The serving image leaves matplotlib out (the `plot` extra): the library and the CLI
+    say so, the CLI before it calls the server."""
+    import importlib.util
+
+    import typer
+
+    from service import client
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        client.importlib.util,  # type: ignore[attr-defined]
+        "find_spec",
+        lambda name, *args: None if name == "matplotlib" else real(name, *args),
+    )
+    with pytest.raises(ImportError, match=r"transformer-serving\[plot\]"):
+        plot_alignment(["a"], ["b"], [[1.0]], tmp_path / "a.png")
+    with pytest.raises(typer.BadParameter, match="drawing needs matplotlib"):
+        client._check_plot_path(tmp_path / "a.png")
+
+
 @pytest.mark.e2e
 def test_library_round_trip(server: ServerHandle) -> None:
     with Client(server.address) as client:
