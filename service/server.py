@@ -819,8 +819,15 @@ class InferenceServer:
             self.server, "Models", ModelsServicer(backend, self.transport, settings, self.reload)
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        if self.health_server is not None:
+        if self.health_server is not None:  # with reflection, so grpcurl needs no proto
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            reflection.enable_server_reflection(
+                [
+                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                    reflection.SERVICE_NAME,
+                ],
+                self.health_server,
+            )
         reflection.enable_server_reflection(
             [
                 *SERVICE_NAMES.values(),

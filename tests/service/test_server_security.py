@@ -112,6 +112,9 @@ def test_the_health_port_answers_probes_in_plaintext_and_nothing_else(
         with pytest.raises(grpc.RpcError) as info:
             pb_grpc.TranslatorStub(channel).Translate(pb.TranslateRequest(texts=["x"]), timeout=10)
         assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
+        # reflection lists what is there, so `grpcurl -plaintext` needs no proto file
+        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+        assert services == {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
     assert f'"health_port": {HEALTH_PORT}' in server.log()
 
 
