@@ -380,7 +380,8 @@ class _ModelLoop:
                 for job in list(self.waiting):
                     if job.abort is None and job.expired(now):
                         job.abort = "deadline"
-                    if job.abort is not None:
+                    if job.abort is not None:  # it waited, unserved: that wait counts too
+                        self.metrics.queue_duration.labels(self.label).observe(now - job.enqueued)
                         self.waiting.remove(job)
                         self._finish(job, None)
                 removals: list[Hashable] = []
@@ -515,14 +516,12 @@ class _ModelLoop:
         for key in out.progressed:
             job = key  # type: ignore[assignment]
             job.generated += 1
-            if job.first_token is None:
-                job.first_token = now
-                m.time_to_first_token.labels(label).observe(now - job.enqueued)
-            elif job.last_token is not None:
-                m.inter_token_latency.labels(label).observe(now - job.last_token)
-            job.last_token = now
+            if job.rows == 1:  # a beam's tokens are final only as they settle (below)
+                self._token_times(job, now, 1)
         for key, event in out.events:
             job = key  # type: ignore[assignment]
+            if job.rows > 1 and event.token_ids:
+                self._token_times(job, now, len(event.token_ids))
             if job.events is not None and job.state != "done":
                 job.events.put_nowait(event)
         for key, result in out.finished:
@@ -533,6 +532,26 @@ class _ModelLoop:
         self._release_held()
         self._gauges()
         self.wake.set()
+
+    def _token_times(self, job: _Job, now: float, tokens: int) -> None:
+        """Time to first token and inter-token latency of `tokens` final at `now`."""
+        m, label = self.metrics, self.label
+        if job.first_token is None:
+            job.first_token = now
+            m.time_to_first_token.labels(label).observe(now - job.enqueued)
+            tokens -= 1
+        elif job.last_token is not None:
+            m.inter_token_latency.labels(label).observe(now - job.last_token)
+            tokens -= 1
+        for _ in range(tokens):  # final together with the one before them
+            m.inter_token_latency.labels(label).observe(0.0)
+        job.last_token = now
+
+    def withdraw(self, job: _Job) -> None:
+        """Take a job that never waited out of the queue at once (a refused call's)."""
+        self.waiting.remove(job)
+        self._finish(job, None)
+        self._queue_gauge()
 
     def _release_held(self) -> None:
         """static-hold: the answers go out together once every running job has one; a held
@@ -930,8 +949,8 @@ class Scheduler:
         except BaseException:
             for job, loop in prepared:
                 job.abort = "cancelled"
-                job.future.cancel()  # nobody awaits it: what it would get is dropped
-                loop.wake.set()
+                job.future.cancel()  # nobody awaits it
+                loop.withdraw(job)
             raise
         try:
             async with asyncio.TaskGroup() as group:

@@ -1317,6 +1317,63 @@ def test_token_metrics_count_generated_tokens() -> None:
     run(main, make_scheduler(factory=slow_engine_factory(STEP_DELAY)))
 
 
+def test_a_beam_search_is_timed_by_its_settled_tokens() -> None:
+    """A beam's tokens are final only as they settle: a streamed beam search is timed by
+    the tokens its stream gets (one first token, then one inter-token latency per token),
+    not by its decode steps; a unary one by neither."""
+
+    def count(s: Scheduler, name: str) -> float:
+        return sample_value(s.metrics, f"inference_{name}_count", {"model": TRANSLATOR})
+
+    async def main(s: Scheduler) -> None:
+        request = translate(SOURCES[1], max_new_tokens=30, beam_size=4)
+        answer = await s.submit(request)
+        assert count(s, "time_to_first_token_seconds") == 0  # unary: nothing observed
+        assert count(s, "inter_token_latency_seconds") == 0
+        ids = [
+            i
+            async for item in s.stream(request)
+            if isinstance(item, TokenEvent)
+            for i in item.token_ids
+        ]
+        assert ids == list(answer.hypotheses[0].token_ids) and len(ids) > 2
+        assert count(s, "time_to_first_token_seconds") == 1
+        assert count(s, "inter_token_latency_seconds") == len(ids) - 1  # not its steps
+        loop = s._loops[f"{TRANSLATOR}:1"]
+        assert loop.steps > len(ids)  # the beam ran more steps than its answer has tokens
+
+    run(main, make_scheduler())
+
+
+def test_a_wait_that_ends_unserved_counts_as_queue_time() -> None:
+    """A request whose deadline passes in the queue waited too: its wait is observed, not
+    left out of the queue-time histogram (a call refused before it waited is not)."""
+
+    async def main(s: Scheduler) -> None:
+        key, labels = f"{LM}:1", {"model": LM}
+        running = asyncio.create_task(s.submit(long_request()))
+        await wait_until(lambda: loop_stats(s, key)["steps"] >= 2)
+        before = sample_value(s.metrics, "inference_queue_duration_seconds_count", labels)
+        with pytest.raises(InvalidArgument):  # its first text is withdrawn, not waited
+            await s.submit_all([long_request(), generate("word " * 200, max_new_tokens=5)])
+        assert loop_stats(s, key)["waiting"] == 0  # withdrawn at once
+        expiring = asyncio.create_task(s.submit(long_request()))
+        await wait_until(lambda: loop_stats(s, key)["waiting"] == 1)
+        loop = s._loops[key]
+        loop.waiting[0].abort = "deadline"  # as the loop marks a job past its deadline
+        loop.wake.set()
+        with pytest.raises(DeadlineExceeded):
+            await expiring
+        after = sample_value(s.metrics, "inference_queue_duration_seconds_count", labels)
+        assert after == before + 1
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+
+    run(
+        main, make_scheduler(factory=slow_engine_factory(STEP_DELAY), max_batch_size=1, max_queue=2)
+    )
+
+
 def test_queue_time_lasts_until_the_engine_takes_the_request_in() -> None:
     """A request that arrives while the engine is inside a long step waits for that step:
     its queue time says so (not the moment it was handed to the engine thread)."""
