@@ -418,6 +418,8 @@ class BoundBackend(_Timed):
         return self._value(np.zeros(shape, dtype=self.dtype))
 
     def _bind_inputs(self, io: Any, feeds: dict[str, Any]) -> None:
+        """Bind feeds; the caller holds the device lock: onnxruntime copies a host array
+        to the device as it is bound, not when the session runs."""
         for name, value in feeds.items():
             if isinstance(value, np.ndarray):
                 io.bind_cpu_input(name, value)
@@ -498,11 +500,12 @@ class BoundBackend(_Timed):
                 for name in (GREEDY_PREFIX + "ids", GREEDY_PREFIX + "picked"):
                     outputs[name] = self._output(buffers, name, (rows,))
             io = self.decoder_session.io_binding()
-            for name, value in small.items():
-                io.bind_ortvalue_input(name, value)
-            bind_layers(io, feeds, self.device, self.device_id)
-            for name, value in outputs.items():
-                io.bind_ortvalue_output(name, value)
+            with self._shared():
+                for name, value in small.items():
+                    io.bind_ortvalue_input(name, value)
+                bind_layers(io, feeds, self.device, self.device_id)
+                for name, value in outputs.items():
+                    io.bind_ortvalue_output(name, value)
             buffers.bindings[key] = (self.decoder_session, io, outputs)
         return key, io, outputs
 
@@ -601,14 +604,14 @@ class BoundBackend(_Timed):
         # arena, which captured graphs reuse for their intermediates. The caller copies
         # them into its caches before a replay could overwrite them.
         io = self.decoder_session.io_binding()
-        self._bind_inputs(io, {k: v for k, v in feeds.items() if k not in STACKED})
-        bind_layers(io, feeds, self.device, self.device_id)
-        io.bind_output("logits", self.device, self.device_id)
-        io.bind_output("new_k", self.device, self.device_id)
-        io.bind_output("new_v", self.device, self.device_id)
-        if self.alignment:
-            io.bind_output("cross_attention", self.device, self.device_id)
         with self._shared():
+            self._bind_inputs(io, {k: v for k, v in feeds.items() if k not in STACKED})
+            bind_layers(io, feeds, self.device, self.device_id)
+            io.bind_output("logits", self.device, self.device_id)
+            io.bind_output("new_k", self.device, self.device_id)
+            io.bind_output("new_v", self.device, self.device_id)
+            if self.alignment:
+                io.bind_output("cross_attention", self.device, self.device_id)
             self._run_bound(self.decoder_session, io, self._plain_options())
             outputs = io.get_outputs()
             align = outputs[3].numpy() if self.alignment and want_alignment else None
@@ -652,14 +655,14 @@ class BoundBackend(_Timed):
         idx = grid.copy()
         idx[..., 3] += positions[None, :, None, None]
         io, fresh = self._bound_helper("write_kv", shape, (past_k, past_v, new_k, new_v), buffers)
-        if fresh:
-            self._bind_inputs(
-                io, {"cache_k": past_k, "cache_v": past_v, "new_k": new_k, "new_v": new_v}
-            )
-            io.bind_ortvalue_output("y_k", past_k)
-            io.bind_ortvalue_output("y_v", past_v)
-        io.bind_cpu_input("idx", idx)
         with self._shared():
+            if fresh:
+                self._bind_inputs(
+                    io, {"cache_k": past_k, "cache_v": past_v, "new_k": new_k, "new_v": new_v}
+                )
+                io.bind_ortvalue_output("y_k", past_k)
+                io.bind_ortvalue_output("y_v", past_v)
+            io.bind_cpu_input("idx", idx)
             self._run_bound(self.helpers["write_kv"], io)
         return past_k, past_v
 
@@ -675,11 +678,11 @@ class BoundBackend(_Timed):
                 return ids_value.numpy()[rows], picked_value.numpy()[rows]
         session = self.helpers["greedy"]
         io, fresh = self._bound_helper("greedy", tuple(logits.shape()), (logits,), buffers)
-        if fresh:
-            io.bind_ortvalue_input("logits", logits)
-            io.bind_output("ids", "cpu")
-            io.bind_output("picked", "cpu")
         with self._shared():
+            if fresh:
+                io.bind_ortvalue_input("logits", logits)
+                io.bind_output("ids", "cpu")
+                io.bind_output("picked", "cpu")
             self._run_bound(session, io)
             ids, picked = io.get_outputs()
             return ids.numpy()[rows], picked.numpy()[rows]
@@ -693,11 +696,11 @@ class BoundBackend(_Timed):
     def encode(self, src_ids: np.ndarray, src_mask: np.ndarray) -> tuple[Any, Any]:
         assert self.encoder_session is not None
         io = self.encoder_session.io_binding()
-        io.bind_cpu_input("src_ids", src_ids)
-        io.bind_cpu_input("src_mask", src_mask)
-        io.bind_output("cross_k", self.device, self.device_id)
-        io.bind_output("cross_v", self.device, self.device_id)
         with self._shared():
+            io.bind_cpu_input("src_ids", src_ids)
+            io.bind_cpu_input("src_mask", src_mask)
+            io.bind_output("cross_k", self.device, self.device_id)
+            io.bind_output("cross_v", self.device, self.device_id)
             self._run_bound(self.encoder_session, io)
             out = io.get_outputs()
         return out[0], out[1]
@@ -705,12 +708,12 @@ class BoundBackend(_Timed):
     def _helper(self, name: str, feeds: dict[str, Any], out: Any = None) -> Any:
         session = self.helpers[name]
         io = session.io_binding()
-        self._bind_inputs(io, feeds)
-        if out is None:
-            io.bind_output("y", self.device, self.device_id)
-        else:
-            io.bind_ortvalue_output("y", out)
         with self._shared():
+            self._bind_inputs(io, feeds)
+            if out is None:
+                io.bind_output("y", self.device, self.device_id)
+            else:
+                io.bind_ortvalue_output("y", out)
             self._run_bound(session, io)
             return io.get_outputs()[0]
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -29,6 +30,7 @@ from service.engine import BatchItem, Engine
 from tests.service._decoding import (
     JOIN_AT,
     PATHS,
+    TEXTS,
     assert_same,
     engine_for,
     make_engine,
@@ -462,3 +464,53 @@ def test_close_frees_the_sessions_and_the_device_buffers_now() -> None:
 )
 def test_graphs_need_an_onnxruntime_with_the_replay_fix(version: str, supported: bool) -> None:
     assert graphs_supported(version) is supported
+
+
+@pytest.mark.parametrize("path", ["iobinding", "fixed"])
+@pytest.mark.parametrize("name", [TRANSLATOR, LM])
+def test_every_binding_is_made_under_the_device_lock(
+    path: str, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """onnxruntime copies a host array to the device when it is bound, not when the
+    session runs: a bind outside the lock could break another thread's graph capture."""
+    from contextlib import contextmanager
+
+    from onnxruntime.capi.onnxruntime_inference_collection import IOBinding
+
+    engine = make_engine(name, **PATHS[path])
+    bound = engine.backend
+    assert isinstance(bound, BoundBackend)
+    depth = [0]
+    outside: list[str] = []
+
+    @contextmanager
+    def shared() -> Iterator[None]:
+        depth[0] += 1
+        try:
+            yield
+        finally:
+            depth[0] -= 1
+
+    monkeypatch.setattr(bound, "_shared", shared)
+    for method in ("bind_cpu_input", "bind_ortvalue_input", "bind_output", "bind_ortvalue_output"):
+        real = getattr(IOBinding, method)
+
+        def checked(self: object, *args: object, _real: Any = real, _name: str = method) -> Any:
+            if not depth[0]:
+                outside.append(_name)
+            return _real(self, *args)
+
+        monkeypatch.setattr(IOBinding, method, checked)
+    texts = TEXTS[name][:3]
+    batch = engine.new_batch()
+    batch.add(
+        [
+            BatchItem(i, request(name, t, max_new_tokens=8), engine.encode(t))
+            for i, t in enumerate(texts)
+        ]
+    )
+    finished = 0
+    while len(batch):
+        finished += len(batch.step().finished)
+    assert finished == len(texts)
+    assert not outside, sorted(set(outside))
