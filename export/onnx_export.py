@@ -80,9 +80,9 @@ log = logging.getLogger(__name__)
 
 # Bumped when the graphs change (2: cache write as ScatterND; 3: the decoder returns the
 # new keys and values only, the caller writes its cache; 4: per-layer cache inputs, fp16
-# saved without CPU casts),
+# saved without CPU casts; 5: sinusoidal positions looked up with Gather, not GatherND),
 # so `make export` rebuilds versions made by older code.
-EXPORT_VERSION = "4"
+EXPORT_VERSION = "5"
 OPSET = 18
 EXPORT_SETTINGS = "export.json"
 # In a hidden build folder: the host and process building it (see _remove_stale).

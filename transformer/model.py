@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from transformer.config import TransformerConfig
 
@@ -241,7 +242,10 @@ class Embeddings(nn.Module):
         if self.position is not None:
             x = x + self.position(positions)
         else:
-            x = x + self.sinusoid[positions]
+            # A table lookup, as an embedding's: it exports as Gather. Indexing exports as
+            # GatherND, which onnxruntime's CUDA kernel fed from a host buffer a captured
+            # CUDA graph re-reads after it is gone (fixed by onnxruntime PR #32120).
+            x = x + F.embedding(positions, self.sinusoid)
         return self.dropout(x)
 
 
