@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,11 +232,22 @@ class Settings:
     new_tokens: int = 32
     repeats: int = 3
     work_dir: Path | None = None  # checkpoints and exports; a temp dir removed at the end
+    # Rewritten after every figure, so a run cut short (the device call's time) keeps what
+    # it measured; `--record --from-json` turns it into the GPU section.
+    partial_out: Path | None = None
+    command: str = "python -m loadtest.gpu_bench"
 
 
 @contextlib.contextmanager
-def stage(figures: list[Figure], config: str, engine: str, batch: int) -> Iterator[Figure]:
-    """Run one measurement; a failure becomes a figure with its reason, not a crash."""
+def stage(
+    figures: list[Figure],
+    config: str,
+    engine: str,
+    batch: int,
+    saved: Callable[[], None] | None = None,
+) -> Iterator[Figure]:
+    """Run one measurement; a failure becomes a figure with its reason, not a crash.
+    `saved` runs once the figure is in `figures` (the partial result's writer)."""
     fig = Figure(config, engine, batch)
     try:
         yield fig
@@ -247,6 +258,8 @@ def stage(figures: list[Figure], config: str, engine: str, batch: int) -> Iterat
         traceback.print_exc(file=sys.stderr)
     figures.append(fig)
     print(fig.line(), flush=True)
+    if saved is not None:
+        saved()
 
 
 class Skip(Exception):
@@ -711,6 +724,18 @@ def _run(s: Settings, dev: Device) -> dict[str, Any]:
         flush=True,
     )
     figures: list[Figure] = []
+
+    def save() -> None:
+        if s.partial_out is not None:
+            partial = {
+                "header": header,
+                "figures": [_fig_json(f) for f in figures],
+                "summary": ratios(figures),
+                "partial": True,
+                "command": f"{s.command} (cut short: the figures measured before it ended)",
+            }
+            s.partial_out.write_text(json.dumps(partial, indent=2, default=str) + "\n")
+
     for name in s.configs:
         try:
             checkpoint = checkpoint_for(name, s.work_dir)
@@ -718,16 +743,16 @@ def _run(s: Settings, dev: Device) -> dict[str, Any]:
             print(f"{name:6} skipped: {skip}", flush=True)
             continue
         for batch in s.batches:
-            with stage(figures, name, "pytorch eager", batch) as fig:
+            with stage(figures, name, "pytorch eager", batch, save) as fig:
                 bench_torch(dev, fig, checkpoint, s, bw)
         for batch in s.hf_batches:
-            with stage(figures, name, "hf generate", batch) as fig:
+            with stage(figures, name, "hf generate", batch, save) as fig:
                 bench_hf(dev, fig, checkpoint, s, bw)
         why = engine_available(dev)
         version_dir: Path | None = None
         export_error: Exception | None = None
         for batch in s.batches:
-            with stage(figures, name, "serving engine", batch) as fig:
+            with stage(figures, name, "serving engine", batch, save) as fig:
                 if why:
                     raise Skip(why)
                 if export_error is not None:
@@ -739,12 +764,12 @@ def _run(s: Settings, dev: Device) -> dict[str, Any]:
                     raise
                 bench_engine(dev, fig, version_dir, s, bw)
         probe_batch = 64 if 64 in s.batches else max(s.batches)
-        with stage(figures, name, "serving engine, no CUDA graphs", probe_batch) as fig:
+        with stage(figures, name, "serving engine, no CUDA graphs", probe_batch, save) as fig:
             if why or version_dir is None:
                 raise Skip(why or "no exported version (see the serving engine rows)")
             bench_engine(dev, fig, version_dir, s, bw, cuda_graphs=False)
         for engine, graph in (("decoder step", False), ("decoder step, CUDA graph", True)):
-            with stage(figures, name, engine, probe_batch) as fig:
+            with stage(figures, name, engine, probe_batch, save) as fig:
                 if why or version_dir is None:
                     raise Skip(why or "no exported version (see the serving engine rows)")
                 probe_decoder_step(dev, fig, version_dir, s, bw, graph)
@@ -876,6 +901,12 @@ def main(argv: list[str] | None = None) -> int:
         saved = json.loads(args.from_json.read_text())
         record(args.record, saved, saved.get("command", "python -m loadtest.gpu_bench"))
         return 0
+    out = args.out or (
+        Path(os.environ["OUT"]) / "gpu_bench.json" if os.environ.get("OUT") else None
+    )
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    command = "python -m loadtest.gpu_bench " + " ".join(sys.argv[1:] if argv is None else argv)
     settings = Settings(
         configs=[c.strip() for c in args.configs.split(",") if c.strip()],
         batches=_ints(args.batches),
@@ -883,6 +914,8 @@ def main(argv: list[str] | None = None) -> int:
         source_len=args.source_len,
         new_tokens=args.new_tokens,
         repeats=args.repeats,
+        partial_out=out,
+        command=command,
     )
     start = time.perf_counter()
     try:
@@ -891,13 +924,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     result["seconds"] = time.perf_counter() - start
-    command = "python -m loadtest.gpu_bench " + " ".join(sys.argv[1:] if argv is None else argv)
     result["command"] = command
-    out = args.out or (
-        Path(os.environ["OUT"]) / "gpu_bench.json" if os.environ.get("OUT") else None
-    )
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     if args.record is not None:
         record(args.record, result, command)

@@ -3,8 +3,10 @@
 # 15 minutes, one command at most 10): run as the last of the calls .gpustage/CALLS lists
 # (made by loadtest/device/stage.sh), in the repository root, with $OUT set by the tool.
 #
-# Stages, in order, each bounded by what is left of RUN_BUDGET_S; a stage that fails or
-# times out is logged and the next one runs:
+# Stages, in order, each bounded by what is left of RUN_BUDGET_S (their own limits add up
+# to less than it, so the last gets its share); a stage that fails or times out is logged
+# and the next one runs, and those cut short keep what they measured (gpu_bench rewrites
+# its JSON after every figure; the served benchmark gets the time left as its own budget):
 #   1. NVML: the real-device test of inference_gpu_memory_used_bytes (pytest -m gpu);
 #   2. export of both models (fp32, fp16) with the device's torch;
 #   3. export.gpu_check: fp16/fp32 CUDA + IOBinding parity against onnxruntime CPU fp32
@@ -15,9 +17,12 @@
 #      with rooflines, and the bare decoder step plain and as a CUDA graph;
 #   5. loadtest.bench --provider cuda: served static vs continuous batching on the GPU.
 # What comes back in $OUT: run.log, benchmarks.md (docs/benchmarks.md with the GPU
-# sections filled), gpu_bench.json, bench_gpu.json, gpu_check.md, gpu_check.json. Here,
-# afterwards: copy benchmarks.md over docs/benchmarks.md, gpu_check.md to docs/, and the
-# JSON files to docs/ beside them.
+# sections filled), gpu_bench.json, bench_gpu.json, gpu_check.md, gpu_check.json, and
+# bench-logs/ (the ends of the served benchmark's phase and server logs: a CUDA graph
+# fallback is logged there).
+# Here, afterwards: copy benchmarks.md over docs/benchmarks.md, gpu_check.md to docs/, and
+# the JSON files to docs/ beside them (a gpu_bench.json marked "partial": record it with
+# `python -m loadtest.gpu_bench --record docs/benchmarks.md --from-json FILE`).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 : "${OUT:?run this through the device tool, which sets OUT}"
@@ -78,7 +83,7 @@ fi
 python3 -c 'import onnxruntime as o; o.preload_dlls(); print("onnxruntime", o.__version__, o.get_available_providers())' 2>&1 | tee -a "$logf"
 cp docs/benchmarks.md "$OUT/benchmarks.md"
 
-run_stage nvml 40 python3 -m pytest -q -m gpu -p no:cacheprovider tests/service/test_gpu.py
+run_stage nvml 30 python3 -m pytest -q -m gpu -p no:cacheprovider tests/service/test_gpu.py
 
 # gpu_check and the served benchmark read exported versions (build outputs, not carried);
 # the device's torch is not the one we pin, so fall back to the TorchScript exporter.
@@ -86,16 +91,26 @@ export_cmd="python3 -m export --repository $repo --variants fp32,fp16 --replace"
 run_stage export 90 sh -c "$export_cmd || $export_cmd --exporter torchscript --force"
 
 mkdir -p /tmp/verses && cp tests/fixtures/verses.tsv /tmp/verses/pairs.test.tsv
-run_stage gpu_check 75 python3 -m export.gpu_check --version-dir "$repo/en-es/1" \
+run_stage gpu_check 70 python3 -m export.gpu_check --version-dir "$repo/en-es/1" \
   --data /tmp/verses --verses 100 --batches 1,64 --out "$OUT/gpu_check.md" \
   --json-out "$OUT/gpu_check.json"
 
-run_stage gpu_bench 240 python3 -m loadtest.gpu_bench --configs base,en-es --hf-batches 64 \
-  --repeats 2 --out "$OUT/gpu_bench.json" --record "$OUT/benchmarks.md"
+run_stage gpu_bench 170 python3 -m loadtest.gpu_bench --configs base,en-es --batches 1,64 \
+  --hf-batches 64 --repeats 2 --out "$OUT/gpu_bench.json" --record "$OUT/benchmarks.md"
 
-run_stage served 220 python3 -m loadtest.bench --provider cuda --repository "$repo" \
+# The served benchmark skips the phases that would not fit its own budget: the time left,
+# less a margin to stop its servers and write its results before the stage's limit.
+rm -rf /tmp/bench-work
+served_s=$(($(left) - 10))
+served_min=$(awk -v s="$served_s" 'BEGIN { m = (s - 40) / 60; printf "%.2f", m < 0.5 ? 0.5 : m }')
+run_stage served "$served_s" python3 -m loadtest.bench --provider cuda --repository "$repo" \
   --skip static-hold --batch-size 64 --served-s 10 --poisson-s 6 --poisson-fractions 0.4,0.8 \
-  --generate-fractions 0.5 --max-minutes 3.5 --out-md "$OUT/benchmarks.md" \
-  --out-json "$OUT/bench_gpu.json"
+  --generate-fractions 0.5 --max-minutes "$served_min" --work-dir /tmp/bench-work \
+  --out-md "$OUT/benchmarks.md" --out-json "$OUT/bench_gpu.json"
+# Its logs' ends only: its scratch also holds converted models, too big to bring back.
+mkdir -p "$OUT/bench-logs"
+for f in /tmp/bench-work/*.log; do
+  [ -f "$f" ] && tail -c 100000 "$f" >"$OUT/bench-logs/$(basename "$f")"
+done
 
 log "done"

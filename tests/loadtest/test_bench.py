@@ -437,6 +437,35 @@ def test_gpu_bench_cpu_dry_run(tmp_path: Path) -> None:
     assert all(f["tokens_per_s"] > 0 for f in figures if f["status"] == "ok")
 
 
+@pytest.mark.slow
+def test_gpu_bench_keeps_what_it_measured_when_cut_short(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The device call's time can run out mid-run: the figures measured by then are in the
+    result file (marked partial) and can still be recorded."""
+    pytest.importorskip("torch")
+
+    class Cut(BaseException):  # what a kill is to the script: nothing catches it
+        pass
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise Cut
+
+    monkeypatch.setattr(gpu_bench, "bench_engine", killed)
+    out = tmp_path / "gpu.json"
+    args = ["--cpu-dry-run", "--configs", "tiny", "--batches", "2", "--hf-batches", ""]
+    args += ["--new-tokens", "4", "--source-len", "6", "--repeats", "1", "--out", str(out)]
+    with pytest.raises(Cut):
+        gpu_bench.main(args)
+    saved = json.loads(out.read_text())
+    assert saved["partial"] and "cut short" in saved["command"]
+    assert [(f["engine"], f["status"]) for f in saved["figures"]] == [("pytorch eager", "ok")]
+    md = tmp_path / "benchmarks.md"
+    md.write_text("# Benchmarks\n")
+    assert gpu_bench.main(["--from-json", str(out), "--record", str(md)]) == 0
+    assert "| tiny | pytorch eager | 2 |" in md.read_text()
+
+
 def test_modules_import_without_side_effects() -> None:
     for name in ("loadtest.bench", "loadtest.baselines", "loadtest.gpu_bench"):
         assert name in sys.modules

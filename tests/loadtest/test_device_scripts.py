@@ -87,3 +87,17 @@ def test_a_rehearsal_exports_into_a_scratch_repository(tmp_path: Path) -> None:
     assert f"--version-dir {repo}/en-es/1" in check
     served = next(line for line in lines if line.startswith("-m loadtest.bench"))
     assert f"--repository {repo}" in served
+
+
+def test_the_fixed_stages_leave_the_served_benchmark_its_share() -> None:
+    """The stages' own limits add up to less than the run's budget, so the last stage is
+    not squeezed to nothing (it once asked for 665 s of 570), and it is given the time
+    left as its own budget, so that it ends and writes its results before its limit."""
+    import re
+
+    text = SCRIPTS[1].read_text()
+    budget = int(re.search(r"RUN_BUDGET_S:-(\d+)", text).group(1))  # type: ignore[union-attr]
+    fixed = {m[0]: int(m[1]) for m in re.findall(r"run_stage (\w+) (\d+) ", text)}
+    assert set(fixed) == set(STAGES) - {"served"}
+    assert budget - sum(fixed.values()) >= 180, fixed
+    assert 'run_stage served "$served_s"' in text and '--max-minutes "$served_min"' in text
