@@ -216,7 +216,8 @@ def _ort_optimize(src: Path, dst: Path, level: ort.GraphOptimizationLevel) -> No
 
 
 def _quantize_int8(src: Path, dst: Path) -> None:
-    """Dynamic quantization: int8 weights of MatMul (and the embedding Gather), float I/O."""
+    """Dynamic quantization: int8 weights of MatMul and of the tables a Gather looks up
+    (token embeddings; sinusoidal positions since export version 5), float I/O."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     root = logging.getLogger()

@@ -62,7 +62,8 @@ class Metrics:
         self.queue_duration = Histogram(
             "inference_queue_duration_seconds",
             "From a sequence's arrival in the queue to the engine taking it in (its encoding "
-            "or prefill starts), or to its leaving the queue unserved (cancelled, deadline).",
+            "or prefill starts), or to its leaving the queue unserved (cancelled, deadline, "
+            "shutdown).",
             ["model"],
             buckets=DURATION_BUCKETS,
             registry=r,

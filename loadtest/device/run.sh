@@ -88,14 +88,14 @@ run_stage nvml 30 python3 -m pytest -q -m gpu -p no:cacheprovider tests/service/
 # gpu_check and the served benchmark read exported versions (build outputs, not carried);
 # the device's torch is not the one we pin, so fall back to the TorchScript exporter.
 export_cmd="python3 -m export --repository $repo --variants fp32,fp16 --replace"
-run_stage export 90 sh -c "$export_cmd || $export_cmd --exporter torchscript --force"
+run_stage export 80 sh -c "$export_cmd || $export_cmd --exporter torchscript --force"
 
 mkdir -p /tmp/verses && cp tests/fixtures/verses.tsv /tmp/verses/pairs.test.tsv
-run_stage gpu_check 70 python3 -m export.gpu_check --version-dir "$repo/en-es/1" \
+run_stage gpu_check 60 python3 -m export.gpu_check --version-dir "$repo/en-es/1" \
   --data /tmp/verses --verses 100 --batches 1,64 --out "$OUT/gpu_check.md" \
   --json-out "$OUT/gpu_check.json"
 
-run_stage gpu_bench 170 python3 -m loadtest.gpu_bench --configs base,en-es --batches 1,64 \
+run_stage gpu_bench 150 python3 -m loadtest.gpu_bench --configs base,en-es --batches 1,64 \
   --hf-batches 64 --repeats 2 --out "$OUT/gpu_bench.json" --record "$OUT/benchmarks.md"
 
 # The served benchmark skips the phases that would not fit its own budget: the time left,

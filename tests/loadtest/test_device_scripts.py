@@ -99,5 +99,8 @@ def test_the_fixed_stages_leave_the_served_benchmark_its_share() -> None:
     budget = int(re.search(r"RUN_BUDGET_S:-(\d+)", text).group(1))  # type: ignore[union-attr]
     fixed = {m[0]: int(m[1]) for m in re.findall(r"run_stage (\w+) (\d+) ", text)}
     assert set(fixed) == set(STAGES) - {"served"}
-    assert budget - sum(fixed.values()) >= 180, fixed
+    # loadtest.bench skips every served mode below its need at these arguments (2 modes ×
+    # (10 + 10) s, 10 Poisson steps of 6 s, 60 s: 160 s), and the stage keeps 50 s of
+    # margin; the setup before the first stage takes some 20 s more.
+    assert budget - sum(fixed.values()) >= 160 + 50 + 30, fixed
     assert 'run_stage served "$served_s"' in text and '--max-minutes "$served_min"' in text
