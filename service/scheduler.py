@@ -10,7 +10,8 @@ Policy (read this before tuning the budgets):
     engine's cache holds every row at the longest row's length, its row count rounded up
     to a power of two (memory is bounded by max_batch_size × max_positions).
   - `max_queue`: sequences waiting for admission; one more is refused with QueueFull at
-    once (the queue is never unbounded).
+    once (the queue is never unbounded). A multi-text call's sequences are queued
+    together or not at all (`submit_all`).
 * Admission happens at step boundaries, first come first served: before every step the
   loop admits waiting requests from the head of the queue while they fit both budgets
   (no overtaking, so a large request is never starved by small ones). Newcomers are
