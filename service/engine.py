@@ -26,8 +26,9 @@ Why it is built this way:
   (rows, cache length, source length) is captured as a CUDA graph at its first step and
   replayed after: the batch keeps, per shape, fixed device buffers the graph was bound to
   (`Batch.buffers`, service/device.py), writes its caches in place and copies into them
-  what a relayout or an admission produced. Each graph's first replay is checked against
-  a plain run; any failure turns graphs off and decoding goes on without them. Warm-up
+  what a relayout or an admission produced. Each graph's first replay, and its
+  RECHECK_REPLAY-th run, are checked against a plain run; any failure turns graphs off
+  and decoding goes on without them. Warm-up
   runs every shape plainly (kernel choice, allocations) but captures none: a graph and
   its buffers cost device memory, so only the shapes a batch reaches get them, each for a
   few runs' time at its first step.

@@ -18,6 +18,7 @@ import torch
 from export.manifest import load_manifest
 from service.backends import (
     CUDA,
+    RECHECK_REPLAY,
     BoundBackend,
     decoder_with_greedy,
     graphs_supported,
@@ -327,10 +328,12 @@ def test_a_host_input_is_copied_to_its_fixed_buffer_only_when_it_changed(
 
 class _FlakyReplay:
     """A decoder session whose graph runs (gpu_graph_id > 0) go wrong: they add noise to
-    the logits (every graph's, or those after the first), or raise."""
+    the logits (every graph's, those after the first, or every graph's runs after its
+    fourth: a replay on memory its capture left behind), or raise."""
 
     def __init__(self, session: ort.InferenceSession, fail: str) -> None:
         self.session, self.fail, self.graph_runs = session, fail, 0
+        self.runs_of: dict[int, int] = {}
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.session, name)
@@ -340,12 +343,16 @@ class _FlakyReplay:
         graph = graph_id > 0
         if graph:
             self.graph_runs += 1
+            self.runs_of[graph_id] = self.runs_of.get(graph_id, 0) + 1
             if self.fail == "raise":
                 raise RuntimeError(
                     "CUDA error 900: operation not permitted when stream is capturing"
                 )
         self.session.run_with_iobinding(io, options)  # type: ignore[arg-type]
-        if graph and (self.fail == "differ" or (self.fail == "differ-later" and graph_id > 1)):
+        late = self.fail == "differ-after-4" and graph and self.runs_of[graph_id] > 4
+        if late or (
+            graph and (self.fail == "differ" or (self.fail == "differ-later" and graph_id > 1))
+        ):
             logits = io.get_outputs()[0]  # type: ignore[attr-defined]
             logits.update_inplace(logits.numpy() + 1.0)
 
@@ -368,12 +375,13 @@ def _flaky_engine(fail: str) -> tuple[Engine, BoundBackend, _FlakyReplay, list[o
     return engine, bound, flaky, plain_sessions
 
 
-@pytest.mark.parametrize("fail", ["none", "differ", "differ-later", "raise"])
+@pytest.mark.parametrize("fail", ["none", "differ", "differ-later", "differ-after-4", "raise"])
 def test_cuda_graph_replays_are_checked_and_a_bad_one_falls_back(fail: str) -> None:
     """The capture path's control flow, run on the CPU (where a graph id is ignored): each
-    new graph's first replay is checked against a plain run of the same bound step; a
-    replay that differs or a capture that raises turns graphs off for good, on a session
-    made without capture, and every answer still equals the reference."""
+    new graph's first replay, and its RECHECK_REPLAY-th run, are checked against a plain
+    run of the same bound step; a replay that differs or a capture that raises turns
+    graphs off for good, on a session made without capture, and every answer still
+    equals the reference (the noise here shifts every logit alike)."""
     engine, bound, flaky, plain_sessions = _flaky_engine(fail)
     reqs = [request(LM, t, max_new_tokens=30) for t in PROMPTS]
     results, _ = run_staggered(engine, reqs, JOIN_AT)
@@ -383,13 +391,19 @@ def test_cuda_graph_replays_are_checked_and_a_bad_one_falls_back(fail: str) -> N
         assert_same(result, exp)
     if fail == "none":
         assert bound.capture and not plain_sessions
-        assert len(bound._graph_ids) >= 3 and bound.verified_graphs == len(bound._graph_ids)
+        rechecked = sum(runs >= RECHECK_REPLAY for runs in bound._replays.values())
+        assert len(bound._graph_ids) >= 3 and rechecked >= 1
+        assert bound.verified_graphs == len(bound._graph_ids) + rechecked
         assert flaky.graph_runs > 2 * len(bound._graph_ids)  # replays beyond capture + check
     else:
         assert not bound.capture and not bound._graph_session and len(plain_sessions) == 1
         assert bound.decoder_session is flaky.session
-        checked = {"differ": 1, "differ-later": 2, "raise": 0}  # the last one failed
-        assert bound.verified_graphs == checked[fail]
+        if fail == "differ-after-4":  # right at capture, caught at its recheck
+            # its runs, and the replays of the check at capture and of the recheck
+            assert max(flaky.runs_of.values()) == RECHECK_REPLAY + 2
+        else:
+            checked = {"differ": 1, "differ-later": 2, "raise": 0}  # the last one failed
+            assert bound.verified_graphs == checked[fail]
 
 
 def _items(engine: Engine, texts: list[str], first_key: int) -> list[BatchItem]:
