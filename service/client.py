@@ -31,6 +31,7 @@ import grpc
 import typer
 from google.protobuf import json_format
 
+from service.domain import bearer_token
 from service.gen.inference.v1 import inference_pb2 as pb
 from service.gen.inference.v1 import inference_pb2_grpc as pb_grpc
 
@@ -96,7 +97,7 @@ class Client:
             self.channel = grpc.secure_channel(target, creds, options=options)
         else:
             self.channel = grpc.insecure_channel(target, options=options)
-        self.token = clean_token(token)
+        self.token = None if token is None else bearer_token(token)
         self.timeout = timeout
         self.translator = pb_grpc.TranslatorStub(self.channel)
         self.generator = pb_grpc.GeneratorStub(self.channel)
@@ -230,17 +231,6 @@ class Client:
             pb.ReloadRequest(), timeout=self.timeout, metadata=self._metadata(request_id)
         )
         return response
-
-
-def clean_token(token: str | None) -> str | None:
-    """The bearer token as a header carries it: surrounding whitespace (a secret file's
-    newline) dropped, as the server drops it; ValueError for what a header cannot carry."""
-    if token is None or not token.strip():
-        return None
-    token = token.strip()
-    if not all("!" <= c <= "~" for c in token):
-        raise ValueError("has characters a gRPC header cannot carry: use visible ASCII, no spaces")
-    return token
 
 
 def decoding_options(
@@ -415,7 +405,7 @@ def _connected(
     """A client for one command; a call that fails ends the command with its status."""
     secure = tls or ca is not None
     try:
-        token = clean_token(token)
+        token = None if token is None else bearer_token(token)
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--token") from None
     try:

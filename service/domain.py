@@ -168,3 +168,13 @@ class Unavailable(ServiceError):
 
 class Unauthenticated(ServiceError):
     pass
+
+
+def bearer_token(value: str) -> str | None:
+    """A bearer token as a header carries it, for the server and the client alike:
+    surrounding whitespace (a secret file's newline) dropped, None when nothing is left;
+    ValueError for a character a header cannot carry (the message never shows the token)."""
+    token = value.strip()
+    if not all("!" <= c <= "~" for c in token):
+        raise ValueError("has characters a gRPC header cannot carry: use visible ASCII, no spaces")
+    return token or None

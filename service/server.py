@@ -592,14 +592,11 @@ async def _gather_texts(
 ) -> list[SequenceResult]:
     """Submit a call's texts together (all queued or none); a refusal names texts[i]."""
     try:
-        if len(requests) == 1:
-            return [await backend.submit(requests[0])]
         return await backend.submit_all(requests)
     except InvalidArgument as exc:
-        index = 0 if len(requests) == 1 else exc.index
-        if index is None:
+        if exc.index is None:
             raise
-        raise _rename_text_field(exc, f"texts[{index}]") from None
+        raise _rename_text_field(exc, f"texts[{exc.index}]") from None
 
 
 class GeneratorServicer(_Servicer, pb_grpc.GeneratorServicer):

@@ -26,6 +26,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from service.domain import bearer_token
+
 ENV_PREFIX = "SERVE_"
 CONFIG_ENV = "SERVE_CONFIG"
 
@@ -187,13 +189,9 @@ class Settings(BaseSettings):
         too), nothing a header cannot carry. Messages never show the token."""
         if value is None:
             return None
-        token = value.get_secret_value().strip()
-        if not token:
+        token = bearer_token(value.get_secret_value())
+        if token is None:
             raise ValueError("is empty: unset it to disable auth or give a token")
-        if not all("!" <= c <= "~" for c in token):
-            raise ValueError(
-                "has characters a gRPC header cannot carry: use visible ASCII, no spaces"
-            )
         return SecretStr(token)
 
     @model_validator(mode="after")

@@ -183,7 +183,7 @@ def test_the_tls_component_mounts_the_secret_and_probes_the_health_port(
     import shutil
 
     from service.settings import ENV_PREFIX, load_settings
-    from tests.service.test_server_security import self_signed
+    from tests._tls import self_signed
 
     shutil.copytree(DEPLOY, tmp_path / "deploy")
     folder = tmp_path / "deploy" / "k8s" / "overlays" / f"{overlay}-tls"

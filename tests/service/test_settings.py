@@ -186,7 +186,7 @@ def test_tls_files_are_read_and_matched_at_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A bad certificate or key fails with its name, not at bind time as a busy port."""
-    from tests.service.test_server_security import self_signed
+    from tests._tls import self_signed
 
     cert, key = self_signed(tmp_path)
     (tmp_path / "other").mkdir()
