@@ -224,7 +224,7 @@ class Settings(BaseSettings):
         if self.health_port and self.health_port in ports.values():
             same = next(name for name, port in ports.items() if port == self.health_port)
             raise ValueError(
-                f"health_port ({self.health_port}) must differ from {same}: give it a port "
+                f"health_port ({self.health_port}) must differ from {same}: give it one "
                 "of its own, or 0 for none"
             )
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -319,24 +319,33 @@ def _describe_error(
         rule = f"unknown setting; known: {', '.join(sorted(Settings.model_fields))}"
     else:
         rule = str(error.get("msg", "invalid")).removeprefix("Value error, ")
-    if not name:
-        return rule
+    if not name:  # a rule relating settings: say where each one it names was set
+        named = [n for n in Settings.model_fields if re.search(rf"\b{n}\b", rule)]
+        given = [w for n in named if (w := _source(n, overrides, yaml_data, yaml_path))]
+        return f"{rule} (given: {'; '.join(given)})" if given else rule
+    where = _source(name, overrides, yaml_data, yaml_path)
+    if where is None:
+        where = f"{name}={'<hidden>' if name in _SECRETS else repr(error.get('input'))}"
+    return f"{where}: {rule}"
+
+
+def _source(
+    name: str, overrides: dict[str, Any], yaml_data: dict[str, Any], yaml_path: Any
+) -> str | None:
+    """The flag, environment variable or YAML line that set `name` (None: its default)."""
     env_name = f"{ENV_PREFIX}{name.upper()}"
     env_key = next((k for k in os.environ if k.upper() == env_name), None)
-    secret = name in _SECRETS
 
     def shown(value: Any) -> str:
-        return "<hidden>" if secret else str(value)
+        return "<hidden>" if name in _SECRETS else str(value)
 
     if name in overrides:
-        where = f"--{name.replace('_', '-')} {shown(overrides[name])}"
-    elif env_key is not None:
-        where = f"{env_key}={shown(os.environ[env_key])}"
-    elif name in yaml_data:
-        where = f"{name}: {shown(yaml_data[name])} in {yaml_path}"
-    else:
-        where = f"{name}={'<hidden>' if secret else repr(error.get('input'))}"
-    return f"{where}: {rule}"
+        return f"--{name.replace('_', '-')} {shown(overrides[name])}"
+    if env_key is not None:
+        return f"{env_key}={shown(os.environ[env_key])}"
+    if name in yaml_data:
+        return f"{name}: {shown(yaml_data[name])} in {yaml_path}"
+    return None
 
 
 # Settings whose values no message shows.

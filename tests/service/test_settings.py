@@ -148,6 +148,27 @@ def test_bad_values_say_what_to_change(
     assert expected in str(info.value)
 
 
+def test_rules_relating_settings_say_where_each_was_set(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A rule broken by several settings names each one's source, not only its value."""
+    config = tmp_path / "serve.yaml"
+    config.write_text("max_input_tokens: 300\n")
+    monkeypatch.setenv("SERVE_MAX_BATCH_TOKENS", "400")
+    with pytest.raises(SettingsError) as info:
+        load_settings(config, default_max_new_tokens=120)
+    message = str(info.value)
+    assert message.endswith(
+        "(given: SERVE_MAX_BATCH_TOKENS=400; max_input_tokens: 300 in "
+        f"{config}; --default-max-new-tokens 120)"
+    )
+    monkeypatch.setenv("SERVE_HEALTH_PORT", "8000")  # a default is no source: not listed
+    monkeypatch.delenv("SERVE_MAX_BATCH_TOKENS")
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    assert str(info.value).endswith("or 0 for none (given: SERVE_HEALTH_PORT=8000)")
+
+
 def test_yaml_errors_name_the_file(tmp_path: Path) -> None:
     config = tmp_path / "bad.yaml"
     config.write_text("max_batch_size: 0\n")
