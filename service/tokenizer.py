@@ -49,12 +49,22 @@ class Tokenizer:
         """The tokenizer of the text that follows `prompt`. A continuation keeps the space
         its first piece carries, but after a prompt that ends with one (which encoding
         dropped) it starts without it, so prompt + text never doubles the space."""
-        if not self.continuation or not prompt[-1:].isspace():
+        if not self.continuation or not self._ends_with_space(prompt):
             return self
         if self._after_space is None:
             self._after_space = copy.copy(self)  # the same processor
             self._after_space.continuation = False
         return self._after_space
+
+    def _ends_with_space(self, prompt: str) -> bool:
+        """Whether the prompt's last character that encoding keeps is whitespace: one it
+        deletes (a zero-width space, a byte-order mark) does not hide the space before."""
+        for char in reversed(prompt):
+            if char.isspace():
+                return True
+            if self.sp.normalize(char):
+                return False
+        return False
 
     def decode(self, ids: list[int]) -> str:
         return self._decode(ids, self.continuation)

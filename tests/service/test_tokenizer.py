@@ -78,3 +78,24 @@ def test_a_continuation_keeps_its_spaces_after_control_and_unknown_ids() -> None
     before = sp.encode("And God said")
     for tail in ([0, word], [EOS, space, unknown], [unknown, word]):
         assert tok.decode(before + tail) == tok.decode(before) + tok.decode(tail)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "spaced"),
+    [
+        ("And God said", True),
+        ("And God said ", False),
+        ("And God said\n", False),
+        ("And God said \u200b", False),  # encoding deletes the zero-width space...
+        ("And God said \ufeff\u200b", False),  # ... and the byte-order mark
+        ("And God said\u200b", True),  # the last kept character is no space
+        ("\u200b", True),
+    ],
+)
+def test_a_continuation_starts_without_a_space_after_a_prompt_ending_in_one(
+    prompt: str, spaced: bool
+) -> None:
+    """prompt + text never doubles a space, even behind characters encoding deletes."""
+    tok = tokenizer("en-lm").after(prompt)
+    word = tok.sp.piece_to_id(SPACE + "the")
+    assert tok.decode([word]) == (" the" if spaced else "the")
