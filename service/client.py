@@ -433,6 +433,11 @@ def _fail(error: grpc.RpcError, tls: bool) -> NoReturn:
     code = error.code() if hasattr(error, "code") else None
     details = error.details() if hasattr(error, "details") else str(error)
     typer.echo(f"error: {code.name if code else 'UNKNOWN'}: {details}", err=True)
+    # The id the server logged the call under (INTERNAL's message points to it).
+    trailer = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    request_id = dict(trailer or ()).get("x-request-id")
+    if request_id:
+        typer.echo(f"(request id: {request_id})", err=True)
     if code == grpc.StatusCode.UNAVAILABLE and not tls:
         typer.echo("(is the server up at --target? if it serves TLS, pass --ca)", err=True)
     elif code in _HINTS:

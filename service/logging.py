@@ -1,7 +1,8 @@
 """Structured JSON logs, one object per line on stderr, tagged with the request id.
 
 The request id lives in a context variable set by the transport for each call, so any
-log record emitted while serving that call (scheduler and engine included) carries it.
+log record emitted while serving that call on the event loop carries it; the engine's
+worker thread serves many calls at once and names their ids itself (`request_ids`).
 """
 
 from __future__ import annotations

@@ -164,6 +164,13 @@ class Metrics:
             ["model", "version"],
             registry=r,
         )
+        self.running_rows = Gauge(
+            "inference_running_rows",
+            "Rows of the running batch: one per greedy or sampled sequence, beam_size per "
+            "beam search (what a step's cost grows with; the autoscaler's signal).",
+            ["model", "version"],
+            registry=r,
+        )
         self.free_cache_slots = Gauge(
             "inference_free_cache_slots",
             "Rows the running batch can still take (max_batch_size - running rows).",

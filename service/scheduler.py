@@ -469,10 +469,14 @@ class _ModelLoop:
                 out = batch.step() if len(batch) else StepOutput()
                 ended = time.monotonic()  # when this step's tokens exist
             except Exception as error:
-                log.exception("model %s: engine step failed", self.entry.key)
                 # Every request this round touched ends with the error, those removed
                 # before the failure too: their answers were in the lost round's output.
                 lost = [*removals, *batch.keys(), *(item.key for item in items)]
+                # This thread has no call's request id: the line names every lost one.
+                ids = sorted({job.request.request_id for job in lost if isinstance(job, _Job)})
+                log.exception(
+                    "model %s: engine step failed", self.entry.key, extra={"request_ids": ids}
+                )
                 batch = self.engine.new_batch()
                 reply: tuple[Callable[..., None], tuple[object, ...]] = (
                     self._failed,
@@ -574,6 +578,7 @@ class _ModelLoop:
         m, labels = self.metrics, self.version_labels
         m.queue_depth.labels(*labels).set(len(self.waiting))
         m.running_sequences.labels(*labels).set(len(self.running))
+        m.running_rows.labels(*labels).set(self.rows_used)
         m.free_cache_slots.labels(*labels).set(self.config.max_batch_size - self.rows_used)
         m.estimated_queue_wait.labels(*labels).set(self.typical_wait())
         graphs = self.engine.cuda_graphs
@@ -666,7 +671,7 @@ class _ModelLoop:
         m = self.metrics
         if not retired:
             m.model_ready.labels(*self.version_labels).set(0)
-        gauges = (m.queue_depth, m.running_sequences, m.free_cache_slots)
+        gauges = (m.queue_depth, m.running_sequences, m.running_rows, m.free_cache_slots)
         for gauge in (*gauges, m.estimated_queue_wait, m.cuda_graphs):
             with contextlib.suppress(KeyError):  # cuda_graphs: only GPU versions have it
                 gauge.remove(*self.version_labels)

@@ -65,7 +65,17 @@ SERVICE_NAMES: dict[str, str] = {
     "models": pb.DESCRIPTOR.services_by_name["Models"].full_name,
 }
 REQUEST_ID_KEY = "x-request-id"
-_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+# Refusals that say the service could not serve a valid call, logged at WARNING.
+_SERVER_SIDE = frozenset(
+    {
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    }
+)
+# Matched whole (fullmatch): `$` would let a trailing newline through, which grpc then
+# refuses to send back in the trailer (the call fails with INTERNAL, counted as OK).
+_REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 # What the caller of each RPC can change when its answer is over the max message size.
 _TOO_LARGE_HINTS = {
     "Translate": "ask for fewer texts, a smaller n_best, or no alignment",
@@ -147,15 +157,20 @@ class Backend(Protocol):
 
 class CallState:
     """What one call's handler reports back to the transport: the model label and, for
-    inference calls, the tokens read and written (for the call's log line)."""
+    inference calls, the version that answered and the tokens read and written (for the
+    call's log line: during a reload it tells which version served the call)."""
 
-    __slots__ = ("input_tokens", "model", "output_tokens", "request_id")
+    __slots__ = ("input_tokens", "model", "output_tokens", "request_id", "version")
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
         self.model = ""
+        self.version: int | None = None
         self.input_tokens: int | None = None
         self.output_tokens: int | None = None
+
+    def served(self, model: str, version: int) -> None:
+        self.model, self.version = model, version
 
     def usage(self, input_tokens: int, output_tokens: int) -> None:
         self.input_tokens, self.output_tokens = input_tokens, output_tokens
@@ -186,7 +201,7 @@ class Transport:
 
     def request_id(self, metadata: dict[str, str]) -> str:
         given = metadata.get(REQUEST_ID_KEY, "")
-        return given if _REQUEST_ID_OK.match(given) else uuid.uuid4().hex
+        return given if _REQUEST_ID_OK.fullmatch(given) else uuid.uuid4().hex
 
     def authenticate(self, metadata: dict[str, str]) -> None:
         if self._token is None:
@@ -256,15 +271,16 @@ class Transport:
             "code": code_name(code),
             "duration_ms": round(seconds * 1000, 2),
         }
-        for key in ("input_tokens", "output_tokens"):
+        for key in ("version", "input_tokens", "output_tokens"):
             if getattr(state, key) is not None:
                 extra[key] = getattr(state, key)
         if code == grpc.StatusCode.INTERNAL:
             log.error("call failed: %s", error, extra=extra)
         elif code in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
             log.info("call finished", extra=extra)
-        else:
-            log.info("call refused: %s", error, extra={**extra, "error": error})
+        else:  # the server's own refusals (overload, drain, deadline) warn; bad calls inform
+            level = logging.WARNING if code in _SERVER_SIDE else logging.INFO
+            log.log(level, "call refused: %s", error, extra={**extra, "error": error})
 
     @staticmethod
     def _cancel_status(
@@ -510,7 +526,7 @@ class _Servicer:
                         yield pb.TokenChunk(text=event.text, token_ids=event.token_ids)
                         continue
                     result = event
-                    state.model = result.model
+                    state.served(result.model, result.version)
                     best = result.hypotheses[0]
                     state.usage(result.input_tokens, len(best.token_ids))
                     ids = best.token_ids
@@ -558,7 +574,7 @@ class TranslatorServicer(_Servicer, pb_grpc.TranslatorServicer):
             ]
             results = await _gather_texts(self.backend, requests)
             response = pb.TranslateResponse(model=results[0].model, version=results[0].version)
-            state.model = results[0].model
+            state.served(results[0].model, results[0].version)
             usage_in = usage_out = 0
             for result in results:
                 translation = response.translations.add(
@@ -621,7 +637,7 @@ class GeneratorServicer(_Servicer, pb_grpc.GeneratorServicer):
                 result = await self.backend.submit(seq)
             except InvalidArgument as exc:
                 raise _rename_text_field(exc, "prompt") from None
-            state.model = result.model
+            state.served(result.model, result.version)
             state.usage(result.input_tokens, result.output_tokens)
             return pb.GenerateResponse(
                 model=result.model,

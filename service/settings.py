@@ -167,6 +167,12 @@ class Settings(BaseSettings):
         "INFO", description="Threshold of the JSON logs on stderr."
     )
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_in_any_case(cls, value: Any) -> Any:
+        """`debug` names the same level as `DEBUG` (Python's logging takes either)."""
+        return value.upper() if isinstance(value, str) else value
+
     @field_validator("*", mode="before")
     @classmethod
     def _numbers_are_not_booleans(cls, value: Any, info: ValidationInfo) -> Any:

@@ -8,9 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import pytest
+import typer
 
-from service.client import MAX_TIMEOUT_S, Client, decoding_options, plot_alignment
+from service.client import MAX_TIMEOUT_S, Client, _fail, decoding_options, plot_alignment
 from tests.conftest import ROOT, ServerHandle
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -64,6 +66,27 @@ def test_the_token_is_sent_as_a_header_carries_it() -> None:
         assert all(key != "authorization" for key, _ in client._metadata())
     with pytest.raises(ValueError, match="has characters a gRPC header cannot carry"):
         Client("127.0.0.1:1", token="s3 cret")
+
+
+def test_cli_error_names_the_request_id_the_server_logged(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """INTERNAL says "the server log has the details under this request id": the CLI
+    prints the id from the call's trailer."""
+
+    class Failed(grpc.RpcError):
+        def code(self) -> grpc.StatusCode:
+            return grpc.StatusCode.INTERNAL
+
+        def details(self) -> str:
+            return "internal error; the server log has the details under this request id"
+
+        def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+            return (("x-request-id", "0123abcd"),)
+
+    with pytest.raises(typer.Exit):
+        _fail(Failed(), tls=False)
+    assert "(request id: 0123abcd)" in capsys.readouterr().err
 
 
 def test_client_refuses_a_deadline_grpc_cannot_keep() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import shutil
 import time
 from collections.abc import Callable, Coroutine
@@ -558,9 +559,11 @@ def test_static_hold_a_held_answer_cancelled_meanwhile_ends_at_once() -> None:
     assert after.hypotheses[0].token_ids == alone(later).hypotheses[0].token_ids
 
 
-def test_an_engine_failure_fails_its_requests_and_the_loop_goes_on() -> None:
+def test_an_engine_failure_fails_its_requests_and_the_loop_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """A step that raises fails the requests in its batch (not the queued ones) and leaves
-    the worker decoding later requests in a fresh batch."""
+    the worker decoding later requests in a fresh batch; its log line names them."""
     failures = [RuntimeError("device lost")]
 
     def fail_once_at_the_third_step(batch: Batch) -> None:
@@ -569,7 +572,10 @@ def test_an_engine_failure_fails_its_requests_and_the_loop_goes_on() -> None:
             raise failures.pop()
 
     factory = hooked_engine_factory(fail_once_at_the_third_step)
-    doomed = [generate(p, max_new_tokens=20) for p in PROMPTS[:2]]
+    doomed = [
+        replace(generate(p, max_new_tokens=20), request_id=f"doomed-{i}")
+        for i, p in enumerate(PROMPTS[:2])
+    ]
     later = generate(PROMPTS[3], max_new_tokens=20)
 
     async def main(s: Scheduler) -> tuple[list[BaseException | SequenceResult], SequenceResult]:
@@ -577,8 +583,11 @@ def test_an_engine_failure_fails_its_requests_and_the_loop_goes_on() -> None:
         assert loop_stats(s, f"{LM}:1")["running"] == 0  # their rows are free again
         return outcomes, await s.submit(later)
 
-    outcomes, answer = run(main, make_scheduler(factory=factory))
+    with caplog.at_level(logging.ERROR, logger="service.scheduler"):
+        outcomes, answer = run(main, make_scheduler(factory=factory))
     assert [str(o) for o in outcomes] == ["device lost", "device lost"]
+    [line] = [r for r in caplog.records if "engine step failed" in r.getMessage()]
+    assert line.__dict__["request_ids"] == ["doomed-0", "doomed-1"]
     assert answer.hypotheses[0].token_ids == alone(later).hypotheses[0].token_ids
 
 
@@ -801,16 +810,19 @@ def test_a_job_expired_by_the_loop_fails_with_deadline_exceeded() -> None:
     run(main, make_scheduler(factory=slow_engine_factory(STEP_DELAY)))
 
 
-def test_free_cache_slots_counts_rows_not_requests() -> None:
+def test_free_cache_slots_and_running_rows_count_rows_not_requests() -> None:
     """inference_free_cache_slots: max_batch_size less the rows in use (a beam of 2 takes
-    2), max_batch_size again once idle."""
+    2), max_batch_size again once idle; inference_running_rows: those rows."""
     labels = {"model": LM, "version": "1"}
 
     async def main(s: Scheduler) -> None:
         key = f"{LM}:1"
 
+        def gauge(name: str) -> float | None:
+            return s.metrics.registry.get_sample_value(name, labels)
+
         def free() -> float | None:
-            return s.metrics.registry.get_sample_value("inference_free_cache_slots", labels)
+            return gauge("inference_free_cache_slots")
 
         await wait_until(lambda: free() == 8)
         task = asyncio.create_task(s.submit(generate(LONG_PROMPT, max_new_tokens=100, beam_size=2)))
@@ -819,10 +831,13 @@ def test_free_cache_slots_counts_rows_not_requests() -> None:
         await wait_until(lambda: loop_stats(s, key)["steps"] >= steps + 2)
         assert loop_stats(s, key)["rows"] == 2 and not task.done()
         assert free() == 6
+        assert gauge("inference_running_rows") == 2
+        assert gauge("inference_running_sequences") == 1
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await wait_until(lambda: loop_stats(s, key)["running"] == 0)
         await wait_until(lambda: free() == 8, timeout=2.0)
+        assert gauge("inference_running_rows") == 0
 
     run(main, make_scheduler(factory=slow_engine_factory(STEP_DELAY)))
 
@@ -1004,6 +1019,7 @@ def test_a_version_that_stops_frees_its_engine_at_once(tmp_path: Path) -> None:
         )
         for name in (
             "inference_free_cache_slots",
+            "inference_running_rows",
             "inference_queue_depth",
             "inference_model_ready",
         ):
@@ -1420,6 +1436,7 @@ def test_metrics_follow_the_spec() -> None:
         "inference_output_tokens_total": {"model"},
         "inference_queue_depth": {"model", "version"},
         "inference_running_sequences": {"model", "version"},
+        "inference_running_rows": {"model", "version"},
         "inference_free_cache_slots": {"model", "version"},
         "inference_model_ready": {"model", "version"},
         "inference_cuda_graphs": {"model", "version"},

@@ -244,6 +244,8 @@ def test_call_log_lines_carry_the_tokens(client: Client, caplog: pytest.LogCaptu
     finished = {
         r.__dict__["method"]: r.__dict__ for r in caplog.records if r.msg == "call finished"
     }
+    assert finished["Translate"]["version"] == unary.version == 1
+    assert finished["TranslateStream"]["version"] == chunks[-1].version
     assert finished["Translate"]["input_tokens"] == unary.usage.input_tokens == 5
     assert finished["Translate"]["output_tokens"] == unary.usage.output_tokens
     last = chunks[-1].usage
@@ -294,6 +296,17 @@ def test_request_id_is_echoed_or_generated(fake: InProcessServer) -> None:
         generated = dict(call.trailing_metadata())["x-request-id"]
         assert len(generated) == 32
         assert fake.backend.requests[-1].request_id == generated
+
+
+def test_a_request_id_is_echoed_only_if_it_is_a_valid_header_value_whole() -> None:
+    """A raw HTTP/2 client can send "abc\\n": echoed in the trailer, grpc refused to send
+    it (the call failed with INTERNAL "Invalid metadata" while it was counted as OK)."""
+    transport = Transport(load_settings(), Metrics())
+    for given in ("abc-123", "a" * 128, "x/y:z+1=2.3_4"):
+        assert transport.request_id({"x-request-id": given}) == given
+    for given in ("abc\n", "abc\r\n", "a" * 129, "a b", "", "é", 'x","level":"ERROR'):
+        generated = transport.request_id({"x-request-id": given})
+        assert generated != given and len(generated) == 32 and generated.isalnum()
 
 
 def test_deadline_reaches_the_sequence_request(fake: InProcessServer) -> None:
@@ -468,7 +481,9 @@ def test_bad_generate_and_stream_requests(client: Client) -> None:
         assert message in error.value.details()  # type: ignore[attr-defined]
 
 
-def test_domain_errors_map_to_status_codes(client: Client, fake: InProcessServer) -> None:
+def test_domain_errors_map_to_status_codes(
+    client: Client, fake: InProcessServer, caplog: pytest.LogCaptureFixture
+) -> None:
     cases = [
         (lambda: client.translate("x", model="xx-yy"), grpc.StatusCode.NOT_FOUND),
         (lambda: client.describe_model("xx-yy"), grpc.StatusCode.NOT_FOUND),
@@ -477,11 +492,19 @@ def test_domain_errors_map_to_status_codes(client: Client, fake: InProcessServer
         (lambda: client.translate("too late"), grpc.StatusCode.RESOURCE_EXHAUSTED),
         (lambda: client.translate(["ok", "bug"]), grpc.StatusCode.INTERNAL),
     ]
-    for call, code in cases:
-        with pytest.raises(grpc.RpcError) as error:
-            call()
-        assert _code(error) == code
+    with caplog.at_level(logging.INFO, logger="service.server"):
+        for call, code in cases:
+            with pytest.raises(grpc.RpcError) as error:
+                call()
+            assert _code(error) == code
     assert "secret" not in error.value.details()  # type: ignore[attr-defined]
+    # The server's own refusals warn (they stay in logs at level WARNING); bad calls inform.
+    levels = {(r.__dict__.get("code"), r.levelname) for r in caplog.records if "code" in r.__dict__}
+    assert levels == {
+        ("NOT_FOUND", "INFO"),
+        ("RESOURCE_EXHAUSTED", "WARNING"),
+        ("INTERNAL", "ERROR"),
+    }
     # An unknown model name never becomes a metric label.
     assert fake.counter("Translate", "unknown", "NOT_FOUND") >= 1
     assert fake.counter("Translate", "en-es", "RESOURCE_EXHAUSTED") >= 2

@@ -148,6 +148,14 @@ def test_bad_values_say_what_to_change(
     assert expected in str(info.value)
 
 
+def test_log_level_in_any_case(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SERVE_LOG_LEVEL", "debug")
+    assert load_settings().log_level == "DEBUG"
+    assert load_settings(log_level="Warning").log_level == "WARNING"
+    with pytest.raises(SettingsError, match="--log-level verbose: must be one of"):
+        load_settings(log_level="verbose")
+
+
 def test_rules_relating_settings_say_where_each_was_set(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
