@@ -191,23 +191,23 @@ class ModelRepository:
         traffic (the scheduler) calls `prune()` once it has."""
         result = ReloadResult()
         found = self._scan()
-        with self._lock:
-            for name, versions in found.items():
-                loaded = self._models.setdefault(name, {})
-                kept = 0  # newest first, until keep_versions load: a broken newest version
-                for version in reversed(versions):  # leaves the one before it served
-                    if self.keep_versions is not None and kept >= self.keep_versions:
-                        break
-                    if version not in loaded:
-                        path = self.root / name / str(version)
-                        entry = self._load(name, version, path, result)
-                        if entry is None:
-                            continue
-                        loaded[version] = entry
-                        result.loaded.append(entry)
-                    kept += 1
-                if not loaded:
-                    del self._models[name]
+        for name, versions in found.items():
+            kept = 0  # newest first, until keep_versions load: a broken newest version
+            for version in reversed(versions):  # leaves the one before it served
+                if self.keep_versions is not None and kept >= self.keep_versions:
+                    break
+                with self._lock:
+                    present = version in self._models.get(name, {})
+                if not present:
+                    # Checked without the lock: hashing a version's files takes long, and
+                    # lookups (every call, on the event loop) must not wait for it.
+                    entry = self._load(name, version, self.root / name / str(version), result)
+                    if entry is None:
+                        continue
+                    with self._lock:
+                        self._models.setdefault(name, {})[version] = entry
+                    result.loaded.append(entry)
+                kept += 1
         for entry in result.loaded:
             log.info("loaded model %s (%s) from %s", entry.key, entry.task.value, entry.path)
         return result
@@ -218,11 +218,13 @@ class ModelRepository:
         retired: list[ModelVersion] = []
         with self._lock:
             for name, loaded in list(self._models.items()):
+                # The newest keep_versions of those still on disk: a removed newest
+                # version must not push out the older one loaded to replace it.
                 on_disk = set(found.get(name, []))
-                live = sorted(loaded)
+                live = sorted(v for v in loaded if v in on_disk)
                 keep = set(live if self.keep_versions is None else live[-self.keep_versions :])
-                for version in live:
-                    if version not in on_disk or version not in keep:
+                for version in sorted(loaded):
+                    if version not in keep:
                         retired.append(loaded.pop(version))
                 if not loaded:
                     del self._models[name]

@@ -27,11 +27,13 @@ Policy (read this before tuning the budgets):
   busy event loop writes fewer, larger messages instead of falling further behind.
 * Deadlines: admission estimates the queue wait (EWMA of the step time × the steps until
   enough rows and cache tokens free up, simulated over the running and queued requests
-  with an EWMA of observed output lengths) and refuses with DeadlineUnmeetable when it
-  exceeds the time left (DeadlineExceeded when the time left is under one step). A
-  request whose deadline passes, or whose caller goes away (CancelledError in the awaiting
-  task, or a stream closed early), is removed at the next step boundary and its rows
-  freed; the caller sees DeadlineExceeded (or its own cancellation) at once.
+  with an EWMA of observed output lengths; a request running past that length counts to
+  its max_new_tokens) and refuses with DeadlineUnmeetable when it exceeds the time left
+  (DeadlineExceeded when the time left is under one step: the last step time, or a fresh
+  batch's when nothing runs). A request whose deadline passes, or whose caller goes away
+  (CancelledError in the awaiting task, or a stream closed early), is removed at the next
+  step boundary and its rows freed; the caller sees DeadlineExceeded (or its own
+  cancellation) at once.
 * stop(grace_s): new requests are refused (Unavailable); queued and running ones may
   finish within grace_s; the rest are then cancelled (streams get their partial result
   with finish reason CANCELLED, unary callers Unavailable).
@@ -253,6 +255,10 @@ class _ModelLoop:
         self._worker: threading.Thread | None = None
         report = engine.warmup_report
         self.step_s = report.step_seconds if report is not None else 0.01
+        # A fresh batch's step, for a request that finds nothing running: the EWMA moves
+        # only when steps run, so it keeps a past busy batch's step time while idle (and
+        # would refuse every deadline shorter than that, none admitted to lower it).
+        self.fresh_step_s = self.step_s
         self.length_ratio = config.initial_length_ratio
         # EWMA of what one row of a queued request costs the token budget (its cache
         # tokens at worst): the request the wait gauge estimates for.
@@ -276,16 +282,18 @@ class _ModelLoop:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise DeadlineExceeded(f"the deadline passed {-left:.3f}s before admission")
-            if left < self.step_s:  # not even an idle server could answer in time
+            step = self.step_s if self.running else min(self.step_s, self.fresh_step_s)
+            if left < step:  # not even an idle server could answer in time
                 raise DeadlineExceeded(
                     f"the {left:.3f}s left before the deadline are less than one decode step "
-                    f"of model {self.entry.key} ({self.step_s:.3f}s)"
+                    f"of model {self.entry.key} ({step:.3f}s)"
                 )
             estimate = self.estimate_wait(job.rows, job.cost)
             if estimate > left:
                 raise DeadlineUnmeetable(
-                    f"model {self.entry.key}: estimated queue wait {estimate:.3f}s exceeds "
-                    f"the {left:.3f}s left before the deadline"
+                    f"refused at admission: model {self.entry.key}: estimated queue wait "
+                    f"{estimate:.3f}s exceeds the {left:.3f}s left before the deadline; retry "
+                    "with a longer deadline or on another replica"
                 )
         self.waiting.append(job)
         self.idle.clear()
@@ -302,14 +310,21 @@ class _ModelLoop:
     def _expected_steps(self, job: _Job) -> int:
         return max(1, math.ceil(self.length_ratio * job.request.params.max_new_tokens))
 
+    def _steps_left(self, job: _Job) -> int:
+        """Steps a running job is expected to take still: to the typical length, or, once
+        past it, to its max_new_tokens (all that is known of one that ran long: counting
+        it as ending at the next step would admit requests to expire behind it)."""
+        if job in self._held:  # static-hold: decoded, it only waits for its batch
+            return 1
+        expected = self._expected_steps(job)
+        end = expected if job.generated < expected else job.request.params.max_new_tokens
+        return max(1, end - job.generated)
+
     def estimate_wait(self, rows: int = 1, cost: int = 0) -> float:
         """Seconds a request of `rows` rows and `cost` cache tokens (see max_batch_tokens)
         arriving now would wait to join the batch."""
         max_rows, max_tokens = self.config.max_batch_size, self.config.max_batch_tokens
-        running = [
-            (max(1, self._expected_steps(j) - j.generated), j.rows, j.cost)
-            for j in self.running.values()
-        ]
+        running = [(self._steps_left(j), j.rows, j.cost) for j in self.running.values()]
         t = 0
         if self.config.mode != "continuous":
             t = max((steps for steps, _, _ in running), default=0)
@@ -755,22 +770,31 @@ class Scheduler:
         if self._reload_lock is None:
             self._reload_lock = asyncio.Lock()
         async with self._reload_lock:
-            result = await asyncio.to_thread(self.repository.load_new)
             loaded: list[str] = []
-            failed = {self._folder(path): why for path, why in result.failed.items()}
-            for entry in result.loaded:
-                if self._stopping:  # stop() came while the versions loaded: load no more
-                    break
-                try:
-                    await self._start_loop(entry)
-                    loaded.append(entry.key)
-                    self._required.add(entry.name)
-                except Exception as error:
-                    if self._stopping:
+            failed: dict[str, str] = {}
+            discarded = True
+            # A version whose engine does not start took a keep_versions place from the one
+            # before it: scan again without it (the repository skips a failed folder).
+            while discarded and not self._stopping:
+                discarded = False
+                result = await asyncio.to_thread(self.repository.load_new)
+                for path, why in result.failed.items():
+                    failed.setdefault(self._folder(path), why)  # the first, real, reason
+                for entry in result.loaded:
+                    if self._stopping:  # stop() came while the versions loaded: load no more
                         break
-                    log.exception("cannot start model %s", entry.key)
-                    self.repository.discard(entry, str(error))
-                    failed[self._folder(entry.path)] = f"{type(error).__name__}: {error}"
+                    try:
+                        await self._start_loop(entry)
+                        loaded.append(entry.key)
+                        self._required.add(entry.name)
+                    except Exception as error:
+                        if self._stopping:
+                            break
+                        log.exception("cannot start model %s", entry.key)
+                        why = f"{type(error).__name__}: {error}"
+                        self.repository.discard(entry, why)
+                        failed[self._folder(entry.path)] = why
+                        discarded = True
             # Only now, with the new versions taking traffic, do the ones they replace stop
             # taking it: a deploy that swaps a version's folder has no gap.
             retired = [] if self._stopping else self.repository.prune()

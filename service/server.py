@@ -1054,7 +1054,9 @@ async def serve(settings: Settings, backend: Backend | None = None) -> int:
     reloads: set[asyncio.Task[None]] = set()  # keep references until done
 
     def on_hup() -> None:
-        if server.transport.ready and not server.transport.draining:
+        # While the models load too: a version published after their scan would otherwise
+        # wait for the next SIGHUP (the scheduler runs one load at a time).
+        if not server.transport.draining:
             task = loop.create_task(_reload_logged(server))
             reloads.add(task)
             task.add_done_callback(reloads.discard)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -175,6 +177,54 @@ def test_discard_drops_a_version_that_cannot_serve(root: Path) -> None:
     repo.discard(entry, "engine failed")
     assert entry.retired and repo.names() == [TRANSLATOR]
     assert repo.reload().loaded == []  # not retried until its folder changes
+
+
+def test_removing_the_newest_version_serves_the_one_before(root: Path) -> None:
+    """keep_versions=1, version 2 serving: removing its folder (a rollback) loads version 1
+    and retires version 2 alone, not the version just loaded to replace it."""
+    copy_version(root, LM, 1, 2)
+    repo = ModelRepository(root, keep_versions=1)
+    repo.reload()
+    shutil.rmtree(root / LM / "2")
+    result = repo.reload()
+    assert [e.key for e in result.loaded] == [f"{LM}:1"]
+    assert [e.key for e in result.retired] == [f"{LM}:2"]
+    assert repo.versions(LM) == [1] and repo.get(LM).version == 1
+
+
+def test_lookups_do_not_wait_for_a_new_version_being_checked(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """load_new runs in a worker thread while every call looks up its model on the event
+    loop: hashing a new version's files (seconds for a large model) must not hold the
+    lock those lookups take."""
+    import service.repository as repository_module
+
+    repo = ModelRepository(root)
+    repo.reload()
+    copy_version(root, LM, 1, 2)
+    checking, release = threading.Event(), threading.Event()
+    real = repository_module.load_manifest
+
+    def slow(path: Path, **kw: Any) -> Any:
+        checking.set()
+        release.wait(30)
+        return real(path, **kw)
+
+    monkeypatch.setattr(repository_module, "load_manifest", slow)
+    loader = threading.Thread(target=repo.load_new)
+    loader.start()
+    try:
+        assert checking.wait(30)
+        found: list[int] = []
+        lookup = threading.Thread(target=lambda: found.append(repo.get(LM).version))
+        lookup.start()
+        lookup.join(5)
+        assert found == [1], "the lookup waited for the version being checked"
+    finally:
+        release.set()
+        loader.join(30)
+    assert repo.versions(LM) == [1, 2]
 
 
 def test_keep_versions_falls_back_past_a_broken_newest_version(root: Path) -> None:

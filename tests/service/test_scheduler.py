@@ -401,7 +401,8 @@ def test_unmeetable_deadline_is_refused_with_the_estimate() -> None:
         assert loop_stats(s, key)["estimated_wait_s"] > 0.2
         tight = generate(PROMPTS[0], within=0.05, max_new_tokens=5)
         with pytest.raises(
-            DeadlineUnmeetable, match=r"estimated queue wait .*s exceeds the .*s left"
+            DeadlineUnmeetable,
+            match=r"refused at admission: .* estimated queue wait .*s exceeds the .*s left",
         ):
             await s.submit(tight)
         generous = generate(PROMPTS[0], within=60, max_new_tokens=5)
@@ -427,6 +428,43 @@ def test_a_deadline_shorter_than_a_step_is_exceeded_not_shed() -> None:
             await s.submit(tight)
 
     run(main, make_scheduler(factory=slow_engine_factory(STEP_DELAY)))
+
+
+def test_a_request_running_past_the_typical_length_counts_to_its_limit() -> None:
+    """The running request has outrun the typical output length: the estimate waits for
+    its max_new_tokens, so a deadline it would outlast is refused at admission instead of
+    expiring in the queue behind it."""
+
+    async def main(s: Scheduler) -> None:
+        key = f"{LM}:1"
+        running = asyncio.create_task(s.submit(long_request()))  # typical length: 5 steps
+        await wait_until(lambda: loop_stats(s, key)["steps"] >= 10)
+        with pytest.raises(DeadlineUnmeetable, match="estimated queue wait"):
+            await s.submit(generate(PROMPTS[0], within=0.5, max_new_tokens=5))
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+
+    factory = slow_engine_factory(STEP_DELAY, timed=True)
+    run(main, make_scheduler(factory=factory, max_batch_size=1, initial_length_ratio=0.05))
+
+
+def test_a_slow_batch_that_ended_leaves_no_step_time_refusing_short_deadlines() -> None:
+    """The step-time EWMA moves only when steps run: once a slow batch has ended, a deadline
+    shorter than its steps but ample for a fresh batch is admitted, not refused as shorter
+    than a step for good (nothing admitted, nothing to lower the estimate)."""
+    slow = [True]
+
+    def step(_: Batch) -> None:
+        time.sleep(0.3 if slow[0] else 0.0)
+
+    async def main(s: Scheduler) -> None:
+        await s.submit(generate(PROMPTS[0], max_new_tokens=1))
+        assert loop_stats(s, f"{LM}:1")["step_s"] >= 0.3
+        slow[0] = False
+        result = await s.submit(generate(PROMPTS[0], within=0.2, max_new_tokens=2))
+        assert result.hypotheses
+
+    run(main, make_scheduler(factory=hooked_engine_factory(step, timed=True), ewma_alpha=1.0))
 
 
 def test_a_deadline_the_token_budget_cannot_meet_is_refused_at_admission() -> None:
@@ -1010,10 +1048,17 @@ def test_a_version_that_stops_frees_its_engine_at_once(tmp_path: Path) -> None:
         await s.reload()
         shutil.rmtree(root / LM / "1")
         await s.reload()
-        await wait_until(lambda: f"{LM}:1" not in s.stats())
-        assert closed == [f"{LM}:1"]
-        # Each version had gauges of its own; the stopped one's are gone.
         registry = s.metrics.registry
+        v1 = {"model": LM, "version": "1"}
+        # The loop leaves stats() before its engine closes and its gauges go: wait for both.
+        await wait_until(
+            lambda: (
+                closed == [f"{LM}:1"]
+                and registry.get_sample_value("inference_free_cache_slots", v1) is None
+            )
+        )
+        assert f"{LM}:1" not in s.stats()
+        # Each version had gauges of its own; the stopped one's are gone.
         assert registry.get_sample_value(
             "inference_free_cache_slots", {"model": LM, "version": "2"}
         )
@@ -1023,10 +1068,40 @@ def test_a_version_that_stops_frees_its_engine_at_once(tmp_path: Path) -> None:
             "inference_queue_depth",
             "inference_model_ready",
         ):
-            assert registry.get_sample_value(name, {"model": LM, "version": "1"}) is None
+            assert registry.get_sample_value(name, v1) is None
 
     run(main, make_scheduler(root, factory=factory))
     assert sorted(closed) == sorted([f"{LM}:1", f"{LM}:2", f"{TRANSLATOR}:1"])
+
+
+def test_a_newest_version_whose_engine_fails_at_start_leaves_the_one_before(
+    tmp_path: Path,
+) -> None:
+    """keep_versions=1: version 2's manifest checks out but its engine does not start, so
+    version 1 serves from the start (not only after a reload), and the reload says why."""
+    root = tmp_path / "models"
+    shutil.copytree(model_repository(), root)
+    copy_version(root, LM, 1, 2)
+
+    def factory(entry: ModelVersion, options: EngineOptions) -> Engine:
+        if entry.key == f"{LM}:2":
+            raise RuntimeError("cannot load the decoder")
+        return Engine(entry.path, entry.manifest, options)
+
+    repository = ModelRepository(root, DEFAULT_MODELS, keep_versions=1)
+    s = Scheduler(repository, SchedulerConfig(), OPTIONS, Metrics(), factory)
+
+    async def main() -> None:
+        summary = await s.start()
+        try:
+            assert sorted(summary.loaded) == [f"{TRANSLATOR}:1", f"{LM}:1"]
+            assert "cannot load the decoder" in summary.failed[f"{LM}/2"]
+            assert s.missing() == [] and Task.GENERATION in s.tasks()
+            assert (await s.submit(generate(PROMPTS[0], max_new_tokens=3))).version == 1
+        finally:
+            await s.stop(0.0)
+
+    asyncio.run(main())
 
 
 def test_model_ready_reads_0_for_a_failed_version_and_leaves_with_a_removed_one(

@@ -12,6 +12,8 @@ import gc
 import itertools
 import logging
 import math
+import os
+import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -984,6 +986,45 @@ def test_sigterm_while_the_models_load_stops_without_serving(
     asyncio.run(main())
     messages = [r.getMessage() for r in caplog.records if r.name == "service.server"]
     assert "stopped" in messages and "serving" not in messages, messages
+
+
+def test_a_sighup_while_the_models_load_is_not_dropped() -> None:
+    """A version published while the models load (after their scan) and its SIGHUP: the
+    reload runs, it is not dropped until the next SIGHUP."""
+    from service.server import serve
+
+    class SlowStart(FakeBackend):
+        def __init__(self) -> None:
+            super().__init__()
+            self.loaded = asyncio.Event()
+            self.reloads = 0
+
+        async def start(self) -> ReloadSummary:
+            await self.loaded.wait()
+            return await super().start()
+
+        async def reload(self) -> ReloadSummary:
+            self.reloads += 1
+            return await super().reload()
+
+    async def main() -> int:
+        backend = SlowStart()
+        serving = asyncio.create_task(
+            serve(load_settings(port=0, metrics_port=0, drain_grace_s=1), backend)  # type: ignore[arg-type]
+        )
+        await asyncio.sleep(0.2)  # loading
+        os.kill(os.getpid(), signal.SIGHUP)
+        await asyncio.sleep(0.2)
+        backend.loaded.set()
+        for _ in range(100):
+            if backend.reloads:
+                break
+            await asyncio.sleep(0.05)
+        assert backend.reloads == 1
+        os.kill(os.getpid(), signal.SIGTERM)
+        return await asyncio.wait_for(serving, 10)
+
+    assert asyncio.run(main()) == 0
 
 
 def test_drain_refuses_new_calls_and_finishes_in_flight_ones() -> None:
