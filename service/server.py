@@ -820,6 +820,7 @@ class InferenceServer:
         self._metrics_server: Any = None
         self._reload_lock = asyncio.Lock()
         self._stopped = asyncio.Event()
+        self._drain_failed = False
         self._drain_task: asyncio.Task[None] | None = None
         self._health_updates: set[asyncio.Task[None]] = set()  # strong references
         backend.watch(self._serving_changed)
@@ -989,6 +990,19 @@ class InferenceServer:
             self._drain_task = asyncio.get_running_loop().create_task(self.drain())
 
     async def drain(self) -> None:
+        """Stop gracefully (`_drain`); whatever happens there, the process then ends, with
+        exit code 1 if the drain failed, rather than hanging until the kubelet's SIGKILL."""
+        try:
+            await self._drain()
+        except Exception:
+            log.exception("drain failed; stopping now")
+            self._drain_failed = True
+            with contextlib.suppress(Exception):
+                await self.server.stop(0)
+        finally:
+            self._stopped.set()
+
+    async def _drain(self) -> None:
         """NOT_SERVING, refuse new calls, let in-flight ones finish (≤ drain_grace_s), stop."""
         grace = self.settings.drain_grace_s
         started = time.monotonic()
@@ -1019,7 +1033,6 @@ class InferenceServer:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
         log.info("stopped")
-        self._stopped.set()
 
     async def close_ports(self) -> None:
         """After a failed start: stop listening at once (nothing was served)."""
@@ -1027,8 +1040,10 @@ class InferenceServer:
         if self.health_server is not None:
             await self.health_server.stop(0)
 
-    async def wait_stopped(self) -> None:
+    async def wait_stopped(self) -> bool:
+        """Wait for the drain to end: True if it ended cleanly."""
         await self._stopped.wait()
+        return not self._drain_failed
 
 
 async def serve(settings: Settings, backend: Backend | None = None) -> int:
@@ -1083,8 +1098,7 @@ async def serve(settings: Settings, backend: Backend | None = None) -> int:
         await server.close_ports()
         await backend.close()
         return 1
-    await server.wait_stopped()
-    return 0
+    return 0 if await server.wait_stopped() else 1
 
 
 async def _reload_logged(server: InferenceServer) -> None:

@@ -41,7 +41,7 @@ from service.domain import (
 )
 from service.gen.inference.v1 import inference_pb2 as pb
 from service.metrics import Metrics
-from service.server import InferenceServer, StartupError, Transport
+from service.server import InferenceServer, StartupError, Transport, serve
 from service.settings import load_settings
 from tests.conftest import free_port
 
@@ -991,7 +991,6 @@ def test_sigterm_while_the_models_load_stops_without_serving(
 def test_a_sighup_while_the_models_load_is_not_dropped() -> None:
     """A version published while the models load (after their scan) and its SIGHUP: the
     reload runs, it is not dropped until the next SIGHUP."""
-    from service.server import serve
 
     class SlowStart(FakeBackend):
         def __init__(self) -> None:
@@ -1025,6 +1024,30 @@ def test_a_sighup_while_the_models_load_is_not_dropped() -> None:
         return await asyncio.wait_for(serving, 10)
 
     assert asyncio.run(main()) == 0
+
+
+def test_a_drain_that_fails_still_ends_the_process_with_exit_code_1(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A backend whose close raises: the drain is logged as failed and serve returns 1,
+    instead of waiting forever for a stop that never comes (then SIGKILL)."""
+
+    class BrokenClose(FakeBackend):
+        async def close(self) -> None:
+            raise RuntimeError("model loop died")
+
+    async def main() -> int:
+        serving = asyncio.create_task(
+            serve(load_settings(port=0, metrics_port=0, drain_grace_s=0.2), BrokenClose())  # type: ignore[arg-type]
+        )
+        await asyncio.sleep(0.5)  # serving
+        os.kill(os.getpid(), signal.SIGTERM)
+        return await asyncio.wait_for(serving, 10)
+
+    with caplog.at_level(logging.INFO, logger="service.server"):
+        assert asyncio.run(main()) == 1
+    messages = [r.getMessage() for r in caplog.records if r.name == "service.server"]
+    assert "serving" in messages and "drain failed; stopping now" in messages, messages
 
 
 def test_drain_refuses_new_calls_and_finishes_in_flight_ones() -> None:
