@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup test test-fast lint data train evaluate proto export parity gpu-check serve deploy-tools image-tools image image-test bench loadtest gpu-bench
+.PHONY: help setup test test-fast lint data train evaluate proto export parity gpu-check serve deploy-tools image-tools image image-test bench loadtest gpu-bench gpu-stage
 .DEFAULT_GOAL := help
 
 help:
@@ -22,6 +22,9 @@ help:
 	@echo "make gpu-stage - stage the GPU checks for the device tool (.gpustage/CALLS)"
 	@echo "make data    - build the Bible corpus, splits and tokenizers under data/"
 	@echo "make train   - train the default models into models/"
+	@echo "make proto   - regenerate service/gen/ from proto/"
+	@echo "make deploy-tools - promtool and yamllint for the deploy tests (as root)"
+	@echo "make image / make image-test - build the CPU image / build it and check it with podman (deploy/README.md)"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -60,9 +60,13 @@ def _parameters() -> list[inspect.Parameter]:
             if typing.get_origin(info.annotation) is typing.Literal
             else ""
         )
+        is_bool = info.annotation is bool  # a string flag: `--cuda-graphs false` reads false
         default = "unset" if info.default is None else info.default
+        if is_bool:
+            default = str(default).lower()
         help_text = f"{info.description}{hint} (env {ENV_PREFIX}{name.upper()}, default {default})"
         is_path = Path in (info.annotation, *typing.get_args(info.annotation))
+        metavar = "<path>" if is_path else "true|false" if is_bool else None
         params.append(
             inspect.Parameter(
                 name,
@@ -70,9 +74,7 @@ def _parameters() -> list[inspect.Parameter]:
                 default=None,
                 annotation=Annotated[
                     _flag_type(info.annotation) | None,  # type: ignore[operator]
-                    typer.Option(
-                        help=help_text, show_default=False, metavar="<path>" if is_path else None
-                    ),
+                    typer.Option(help=help_text, show_default=False, metavar=metavar),
                 ],
             )
         )

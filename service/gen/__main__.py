@@ -58,7 +58,10 @@ def generate(out_dir: Path) -> list[Path]:
 
 
 def main() -> None:
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_OUT
+    args = sys.argv[1:]
+    if len(args) > 1 or any(arg.startswith("-") for arg in args):
+        raise SystemExit(f"usage: python -m service.gen [OUT_DIR] (default {DEFAULT_OUT})")
+    out = Path(args[0]) if args else DEFAULT_OUT
     for path in generate(out):
         print(path.relative_to(out))
 

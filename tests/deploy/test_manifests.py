@@ -2,8 +2,9 @@
 Kubernetes version, the Prometheus Operator objects, yamllint, promtool, the dashboard's
 queries, the images' Dockerfiles, and the metric names against service/metrics.py.
 
-Tools (kubectl, kubernetes-validate, yamllint, promtool) are installed by `make deploy-tools`;
-a test whose tool is missing skips and says so. No cluster, no network.
+Tools: `make deploy-tools` installs yamllint and promtool, kubernetes-validate comes with
+the dev extra, kubectl is installed by hand; a test whose tool is missing skips and says
+so. No cluster, no network.
 """
 
 from __future__ import annotations

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,3 +37,17 @@ def test_generated_imports_resolve_from_the_package() -> None:
     assert "service.gen.inference.v1" in inference_pb2_grpc.__name__
     source = Path(inference_pb2_grpc.__file__).read_text()
     assert "from service.gen.inference.v1 import inference_pb2" in source
+
+
+def test_the_generator_refuses_a_flag_instead_of_writing_into_a_folder_named_after_it(
+    tmp_path: Path,
+) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "service.gen", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(DEFAULT_OUT.parents[1])},
+    )
+    assert run.returncode == 1 and "usage: python -m service.gen [OUT_DIR]" in run.stderr
+    assert not (tmp_path / "--help").exists()

@@ -3,6 +3,7 @@ what to change."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -253,6 +254,8 @@ def test_cli_help_and_errors() -> None:
     assert help_text.returncode == 0
     for flag in ("--port", "--max-queue", "--auth-token", "--config", "SERVE_MAX_QUEUE"):
         assert flag in help_text.stdout
+    # A boolean setting is a string flag: its help says what it reads, not "<str>".
+    assert re.search(r"--cuda-graphs +true\|false", help_text.stdout), help_text.stdout
     bad = subprocess.run([*run, "--port", "70000"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2
     assert "--port 70000: must be ≤ 65535" in bad.stderr
