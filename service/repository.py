@@ -236,8 +236,11 @@ class ModelRepository:
     def _load(
         self, name: str, version: int, path: Path, result: ReloadResult
     ) -> ModelVersion | None:
+        """Check one version folder (its manifest and file hashes), without the lock but
+        for the failed-folder record, which discard() writes from the event loop."""
         signature = folder_signature(path)
-        known = self._failed.get(path)
+        with self._lock:
+            known = self._failed.get(path)
         if known is not None and known[0] == signature:
             result.failed[str(path)] = f"{known[1]} (no file in it changed since it failed)"
             return None
@@ -250,11 +253,13 @@ class ModelRepository:
                     f"{path}/manifest.json names model {manifest.name!r}, the folder is {name!r}"
                 )
         except (ManifestError, OSError) as error:
-            self._failed[path] = (signature, str(error))
+            with self._lock:
+                self._failed[path] = (signature, str(error))
             result.failed[str(path)] = str(error)
             log.error("cannot load %s: %s", path, error)
             return None
-        self._failed.pop(path, None)
+        with self._lock:
+            self._failed.pop(path, None)
         return ModelVersion(name, version, path, manifest)
 
     def _variants_of(self, path: Path) -> list[str] | None:

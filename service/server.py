@@ -65,7 +65,8 @@ SERVICE_NAMES: dict[str, str] = {
     "models": pb.DESCRIPTOR.services_by_name["Models"].full_name,
 }
 REQUEST_ID_KEY = "x-request-id"
-# Refusals that say the service could not serve a valid call, logged at WARNING.
+# Refusals an operator watches for, logged at WARNING: overload (a full queue, a deadline
+# the queue cannot meet; an over-size request shares the code), drain, deadlines passed.
 _SERVER_SIDE = frozenset(
     {
         grpc.StatusCode.RESOURCE_EXHAUSTED,
