@@ -99,7 +99,7 @@ def _meta(
 ) -> dict[str, Any]:
     """Provenance of a run; call it before the run starts (its time, the load average)."""
     return {
-        "command": "python -m loadtest " + shlex.join(sys.argv[1:]),
+        "command": shlex.join(["python", "-m", "loadtest", *sys.argv[1:]]),
         "target": target,
         "inputs": str(inputs),
         "mix": mix,

@@ -984,7 +984,7 @@ def main(
     data: dict[str, Any] = {
         "finished": dt.datetime.now().isoformat(timespec="seconds"),
         "seconds": time.perf_counter() - started,
-        "command": "python -m loadtest.bench " + shlex.join(sys.argv[1:]),
+        "command": shlex.join(["python", "-m", "loadtest.bench", *sys.argv[1:]]),
         "git_commit": git_commit(),
         "machine": info,
         "versions": versions(),

@@ -99,7 +99,7 @@ def main(
         raise typer.BadParameter(f"{version_dir} has no manifest.json (run `make export`)")
     rows = [compare(version_dir, v, texts, max_new_tokens, threads) for v in chosen]
     result = {
-        "command": "python -m loadtest.invariance " + shlex.join(sys.argv[1:]),
+        "command": shlex.join(["python", "-m", "loadtest.invariance", *sys.argv[1:]]),
         "version_dir": str(version_dir),
         "max_new_tokens": max_new_tokens,
         "machine": provenance.machine(),
