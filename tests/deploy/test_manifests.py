@@ -10,6 +10,7 @@ so. No cluster, no network.
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from tests.deploy.helpers import (
     CRD_KINDS,
     DEPLOY,
     GPU_ONLY,
+    K8S,
     KUBERNETES_VERSION,
     MONITORING,
     OVERLAYS,
@@ -224,6 +226,52 @@ def test_the_tls_component_mounts_the_secret_and_probes_the_health_port(
         monkeypatch.setenv(name, value)
     settings = load_settings()
     assert settings.tls and settings.health_port == health != settings.port
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_tls_component_inside_an_overlay(overlay: str, tmp_path: Path) -> None:
+    """components/tls added to the overlay's own kustomization.yaml, as deploy/README.md
+    says: the overlay's patches run after the component, and must not move a probe back
+    to the TLS port (where the kubelet's plaintext probe fails) or leave the Services
+    announcing h2c (cleartext HTTP/2) for a port that speaks TLS."""
+    shutil.copytree(DEPLOY, tmp_path / "deploy")
+    folder = tmp_path / "deploy" / "k8s" / "overlays" / overlay
+    with (folder / "kustomization.yaml").open("a") as file:
+        file.write("\ncomponents:\n  - ../../components/tls\n")
+    docs = render(overlay, folder)
+    container = server_container(docs)
+    health = int(settings_data(docs)["SERVE_HEALTH_PORT"])
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == health, probe
+    for service in (d for d in docs if d["kind"] == "Service"):
+        grpc_port = next(p for p in service["spec"]["ports"] if p["name"] == "grpc")
+        assert grpc_port.get("appProtocol") != "kubernetes.io/h2c", service["metadata"]["name"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlays_leave_the_probe_targets_to_the_base(overlay: str) -> None:
+    """An overlay's Deployment patch may tune a probe's timing, not restate its port or
+    service: a restated port silently undoes a component that moved it."""
+    patches = (K8S / "overlays" / overlay).glob("*.yaml")
+    for path in patches:
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not doc or doc.get("kind") != "Deployment":
+                continue
+            for container in doc["spec"]["template"]["spec"].get("containers", []):
+                for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                    assert "grpc" not in container.get(probe, {}), f"{path.name}: {probe}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_rollout_deadline_outlasts_the_startup_probe(overlay: str) -> None:
+    """A pod still within its startup budget must not fail the rollout (progress resets
+    as each new pod becomes available; pulling the image and scheduling come on top)."""
+    docs = render(overlay)
+    startup = server_container(docs)["startupProbe"]
+    period, failures = startup.get("periodSeconds", 10), startup.get("failureThreshold", 3)
+    budget = startup.get("initialDelaySeconds", 0) + period * failures
+    deadline = one(docs, "Deployment")["spec"].get("progressDeadlineSeconds", 600)
+    assert deadline >= budget + 120, (deadline, budget)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
