@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import math
 import os
 import struct
@@ -49,6 +50,12 @@ _FLOAT32 = ("length_penalty", "temperature", "top_p")
 # The longest deadline a call may ask for: grpc turns a far larger one into an instant
 # DEADLINE_EXCEEDED.
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
+_ROUND_ROBIN = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+# gRPC client-side health checking: calls go only to replicas whose health ("") reads
+# SERVING, so one that drains (or loses a model) stops getting them at once.
+_HEALTH_CHECKED = json.dumps(
+    {"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": ""}}
+)
 PLOT_FORMATS = (".png", ".svg", ".pdf")
 PLOT_NEEDS = (
     "drawing needs matplotlib, which the serving image leaves out: "
@@ -63,7 +70,11 @@ class Client:
     certificate) to trust; given (or tls=True: the system's trusted CAs), the channel uses
     TLS. timeout: seconds per call (the gRPC deadline the server decodes within), at most
     MAX_TIMEOUT_S, None for no deadline. request_id (each call): sent as x-request-id, which
-    the server logs; a fresh one when unset, kept in last_request_id.
+    the server logs; a fresh one when unset, kept in last_request_id. health_checked: for a
+    target of several replicas (`dns:///` of a headless Service), call only those whose
+    health reads SERVING, so a draining one stops getting calls at once; off by default,
+    as a lone server's own refusal (and its reason) then becomes the client's "backend
+    unhealthy", and model listing while it loads or drains is refused too.
     """
 
     def __init__(
@@ -75,6 +86,7 @@ class Client:
         timeout: float | None = 60.0,
         server_name: str | None = None,
         max_message_bytes: int = 64 << 20,
+        health_checked: bool = False,
     ) -> None:
         if timeout is not None and not 0 < timeout <= MAX_TIMEOUT_S:
             raise ValueError(
@@ -85,7 +97,7 @@ class Client:
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             # Several server replicas behind one DNS name: spread calls, not connections.
-            ("grpc.lb_policy_name", "round_robin"),
+            ("grpc.service_config", _HEALTH_CHECKED if health_checked else _ROUND_ROBIN),
         ]
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))

@@ -1082,6 +1082,51 @@ def test_drain_refuses_new_calls_and_finishes_in_flight_ones() -> None:
         server.stop()
 
 
+@pytest.mark.parametrize("health_checked", [True, False])
+def test_a_health_checked_client_stops_calling_a_draining_replica(health_checked: bool) -> None:
+    """Two replicas, one draining (its health NOT_SERVING, its new calls UNAVAILABLE): a
+    client with client-side health checks sends every call to the other at once; a plain
+    round_robin client keeps picking the draining one."""
+    draining, serving = InProcessServer(), InProcessServer()
+    target = f"ipv4:{draining.address},{serving.address}"
+    try:
+        with Client(target, timeout=10, health_checked=health_checked) as c:
+            for _ in range(50):  # until both replicas take calls (both connected)
+                c.translate("warm")
+                if draining.backend.requests and serving.backend.requests:
+                    break
+            assert draining.backend.requests and serving.backend.requests
+            # A call in flight keeps the draining replica up, refusing new calls, meanwhile.
+            with Client(draining.address, timeout=10) as direct:
+                in_flight = direct.translator.Translate.future(
+                    pb.TranslateRequest(texts=["block me"])
+                )
+                _wait(lambda: any(r.text == "block me" for r in draining.backend.requests))
+                drained = draining.submit(draining.server.drain())
+                _wait(
+                    lambda: _health(draining.address) == health_pb2.HealthCheckResponse.NOT_SERVING
+                )
+                time.sleep(0.5)  # the client's health watch sees it
+                codes = []
+                for _ in range(6):
+                    try:
+                        c.translate("after")
+                        codes.append(grpc.StatusCode.OK)
+                    except grpc.RpcError as error:
+                        codes.append(error.code())  # type: ignore[attr-defined]
+                assert not drained.done()
+                draining.unblock()
+                in_flight.result(10)
+                drained.result(15)
+        if health_checked:
+            assert codes == [grpc.StatusCode.OK] * 6
+        else:
+            assert grpc.StatusCode.UNAVAILABLE in codes
+    finally:
+        draining.stop()
+        serving.stop()
+
+
 def test_server_options_bound_messages_and_connection_age() -> None:
     from service.server import server_options
 
