@@ -84,6 +84,12 @@ from service.tokenizer import TextSoFar, Tokenizer, find_stop, stable_prefix
 log = logging.getLogger(__name__)
 
 MIN_CACHE = 16  # smallest cache capacity / source / prefill bucket
+# Prompt tokens (rows × width) one CPU prefill run takes at most; more are prefilled a
+# group of rows at a time. The decoder returns logits at every position, [rows, width,
+# vocab]: 64 prompts of 256 tokens in one run grew en-lm's CPU arena by 1.5 GB at their
+# first sight; its warm-up of the largest group at the widest prompt (8 × 256) grows it by
+# 0.13 GB, and the 64 prompts take as long in groups.
+PREFILL_TOKENS = 2048
 _NEG_INF = np.float32(-np.inf)
 
 
@@ -386,6 +392,15 @@ class Engine:
     def source_for(self, n: int) -> int:
         return self._length_for(n, self.max_input_tokens)
 
+    def prefill_rows(self, width: int) -> int:
+        """Most prompts one prefill run takes at `width`: the largest row bucket, or on the
+        CPU a power of two of PREFILL_TOKENS tokens at most (one row at least). A GPU has
+        the memory, and each run there costs its launches: it prefills them all at once."""
+        rows = bucket(self.max_batch_size, 1, 1 << 30)
+        while self.provider != CUDA and rows > 1 and rows * width > PREFILL_TOKENS:
+            rows //= 2
+        return rows
+
     def _length_for(self, n: int, maximum: int) -> int:
         smallest = min(MIN_CACHE, maximum)
         if self.io_binding:
@@ -528,9 +543,9 @@ class Engine:
                 count += 1
         else:
             pre = (
-                [(n, t) for n in rows for t in caches]
+                [(n, t) for n in rows for t in caches if n <= self.prefill_rows(t)]
                 if full
-                else [(1, t) for t in caches] + [(rows[-1], caches[0])]
+                else [(1, t) for t in caches] + [(rows[-1], caches[0])] + [self._widest_prefill()]
             )
             for n, t in pre:
                 if time.perf_counter() - start > budget:
@@ -554,6 +569,11 @@ class Engine:
             step * 1e3,
         )
         return self.warmup_report
+
+    def _widest_prefill(self) -> tuple[int, int]:
+        """(rows, width) of the largest prefill run: the most rows at the widest prompt."""
+        width = self.cache_for(max(1, self.max_input_tokens - 1))
+        return self.prefill_rows(width), width
 
     def _run_decoder_zeros(self, r: int, c: int, s: int, t: int) -> None:
         b = self.backend
@@ -863,33 +883,38 @@ class Batch:
         if not todo:
             return 0.0
         width = e.cache_for(max(len(seqs[i].input_ids) - 1 for i in todo))
-        n = bucket(len(todo), 1, bucket(e.max_batch_size, 1, 1 << 30))
-        ids = np.full((n, width), e.pad_id, dtype=np.int64)
-        for row, i in enumerate(todo):
-            prompt = seqs[i].input_ids[:-1]
-            ids[row, : len(prompt)] = prompt
-        L, H, D = self._cache_shape
-        feeds = {
-            "input_ids": ids,
-            "positions": np.zeros(n, dtype=np.int64),
-            "past_k": self.backend.zeros((L, n, H, width, D)),
-            "past_v": self.backend.zeros((L, n, H, width, D)),
-        }
-        _, pk, pv, _ = self.backend.decode(feeds, want_alignment=False)
         self._grow_cache(width)
-        if width < self.cache_len:
-            pk = self.backend.resize(pk, self.cache_len)
-            pv = self.backend.resize(pv, self.cache_len)
-        row_of = {i: row for row, i in enumerate(todo)}
-        pairs = [
-            (int(d), row_of[int(s)]) for d, s in zip(dst, src, strict=True) if int(s) in row_of
-        ]
-        pd = np.array([d for d, _ in pairs], dtype=np.int64)
-        ps = np.array([s for _, s in pairs], dtype=np.int64)
-        self.past_k = self.backend.assign(self.past_k, pd, pk, ps)
-        self.past_v = self.backend.assign(self.past_v, pd, pv, ps)
+        group = e.prefill_rows(width)
+        L, H, D = self._cache_shape
+        padded = 0
+        for first in range(0, len(todo), group):
+            part = todo[first : first + group]
+            n = bucket(len(part), 1, group)
+            padded += n * width
+            ids = np.full((n, width), e.pad_id, dtype=np.int64)
+            for row, i in enumerate(part):
+                prompt = seqs[i].input_ids[:-1]
+                ids[row, : len(prompt)] = prompt
+            feeds = {
+                "input_ids": ids,
+                "positions": np.zeros(n, dtype=np.int64),
+                "past_k": self.backend.zeros((L, n, H, width, D)),
+                "past_v": self.backend.zeros((L, n, H, width, D)),
+            }
+            _, pk, pv, _ = self.backend.decode(feeds, want_alignment=False)
+            if width < self.cache_len:
+                pk = self.backend.resize(pk, self.cache_len)
+                pv = self.backend.resize(pv, self.cache_len)
+            row_of = {i: row for row, i in enumerate(part)}
+            pairs = [
+                (int(d), row_of[int(s)]) for d, s in zip(dst, src, strict=True) if int(s) in row_of
+            ]
+            pd = np.array([d for d, _ in pairs], dtype=np.int64)
+            ps = np.array([s for _, s in pairs], dtype=np.int64)
+            self.past_k = self.backend.assign(self.past_k, pd, pk, ps)
+            self.past_v = self.backend.assign(self.past_v, pd, pv, ps)
         real = sum(len(seqs[i].input_ids) - 1 for i in todo)
-        return 1.0 - real / float(n * width)
+        return 1.0 - real / float(padded)
 
     # --- removal -------------------------------------------------------------------------
 

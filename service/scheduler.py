@@ -961,12 +961,18 @@ class Scheduler:
         job, loop = self._prepare(request, stream=False)
         return await self._answer(job, loop)
 
-    async def submit_all(self, requests: Sequence[SequenceRequest]) -> list[SequenceResult]:
+    async def submit_all(
+        self,
+        requests: Sequence[SequenceRequest],
+        check: Callable[[int, SequenceResult], None] | None = None,
+    ) -> list[SequenceResult]:
         """Decode a call's sequences (a multi-text Translate) together. They are queued in
         one go, with no await between (no other call's sequences slip in), or none is: a
         queue without room for them all gives QueueFull naming the call's need, and the
         first refusal (InvalidArgument with `index` set) withdraws those queued before it.
-        The first failure while decoding cancels the others."""
+        The first failure while decoding cancels the others. `check(i, result)` sees each
+        result as it comes: what it raises fails the call the same way (the transport
+        refuses an answer over the max message size before the rest is decoded)."""
         prepared: list[tuple[_Job, _ModelLoop]] = []
         try:
             self._check_room(requests)
@@ -982,9 +988,19 @@ class Scheduler:
                 job.future.cancel()  # nobody awaits it
                 loop.withdraw(job)
             raise
+
+        async def answer(i: int, job: _Job, loop: _ModelLoop) -> SequenceResult:
+            result = await self._answer(job, loop)
+            if check is not None:
+                check(i, result)
+            return result
+
         try:
             async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(self._answer(job, loop)) for job, loop in prepared]
+                tasks = [
+                    group.create_task(answer(i, job, loop))
+                    for i, (job, loop) in enumerate(prepared)
+                ]
         except BaseExceptionGroup as failures:
             # The first real error (the others are its cancellations or the same cause).
             for failure in failures.exceptions:

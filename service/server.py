@@ -35,6 +35,7 @@ from grpc_reflection.v1alpha import reflection
 
 from service import signals, validation
 from service.domain import (
+    DecodingParams,
     FinishReason,
     HypothesisResult,
     InvalidArgument,
@@ -116,9 +117,14 @@ class Backend(Protocol):
     async def submit(self, request: SequenceRequest) -> SequenceResult:
         """Decode one sequence to its end (cancelling the awaiting task cancels the work)."""
 
-    async def submit_all(self, requests: Sequence[SequenceRequest]) -> list[SequenceResult]:
+    async def submit_all(
+        self,
+        requests: Sequence[SequenceRequest],
+        check: Callable[[int, SequenceResult], None] | None = None,
+    ) -> list[SequenceResult]:
         """Decode a call's sequences together: all queued at once or none (QueueFull; an
-        InvalidArgument's `index` names the sequence), the first failure cancels the rest."""
+        InvalidArgument's `index` names the sequence), the first failure cancels the rest,
+        as does what `check(i, result)` raises for a result as it comes."""
 
     def stream(self, request: SequenceRequest) -> AsyncIterator[TokenEvent | SequenceResult]:
         """TokenEvents as decoded, then the SequenceResult (closing the iterator cancels)."""
@@ -226,14 +232,19 @@ class Transport:
         """`message`, if it is within the max message size: refused here, with the reason
         and what the caller of `method` can change, rather than by grpc after the call
         was counted as answered."""
-        size = message.ByteSize()  # type: ignore[attr-defined]
+        self.within(message.ByteSize(), method)  # type: ignore[attr-defined]
+        return message
+
+    def within(self, size: int, method: str, part: str = "") -> None:
+        """Refuse an answer of `size` bytes over the max message size; `part` says what
+        share of the answer `size` counts, when it is a lower bound (refused early)."""
         if size > self.max_message_bytes:
             hint = _TOO_LARGE_HINTS.get(method, "the server's limit is too small for it")
             raise ResponseTooLarge(
-                f"the answer is {size:,} bytes, over the server's max message size of "
-                f"{self.max_message_bytes:,} (SERVE_MAX_MESSAGE_BYTES): {hint}"
+                f"the answer is {'at least ' if part else ''}{size:,} bytes{part}, over the "
+                f"server's max message size of {self.max_message_bytes:,} "
+                f"(SERVE_MAX_MESSAGE_BYTES): {hint}"
             )
-        return message
 
     @staticmethod
     def deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -386,6 +397,19 @@ def hypothesis_pb(h: HypothesisResult, scores: bool, alignment: bool) -> pb.Hypo
         for row in h.alignment or ():
             message.alignment.add(weights=row)
     return message
+
+
+def translation_pb(result: SequenceResult, params: DecodingParams) -> pb.Translation:
+    translation = pb.Translation(
+        input_tokens=result.input_tokens,
+        hypotheses=[
+            hypothesis_pb(h, params.return_scores, params.return_alignment)
+            for h in result.hypotheses
+        ],
+    )
+    if params.return_alignment:
+        translation.source_tokens.extend(result.source_tokens)
+    return translation
 
 
 def model_info_pb(status: ModelStatus, settings: Settings) -> pb.ModelInfo:
@@ -573,20 +597,26 @@ class TranslatorServicer(_Servicer, pb_grpc.TranslatorServicer):
                 )
                 for t in texts
             ]
-            results = await _gather_texts(self.backend, requests)
+            built: dict[int, pb.Translation] = {}
+            size = 0
+
+            def fits(i: int, result: SequenceResult) -> None:
+                """Each text's answer as it comes: once those decoded are over the max
+                message size, the call is refused and the texts left are cancelled (the
+                whole answer's exact size is checked once every text is in)."""
+                nonlocal size
+                built[i] = translation_pb(result, params)
+                size += built[i].ByteSize()
+                if len(built) < len(requests):
+                    part = f" with {len(built)} of {len(requests)} texts decoded"
+                    self.transport.within(size, "Translate", part)
+
+            results = await _gather_texts(self.backend, requests, fits)
             response = pb.TranslateResponse(model=results[0].model, version=results[0].version)
             state.served(results[0].model, results[0].version)
+            response.translations.extend(built[i] for i in range(len(results)))
             usage_in = usage_out = 0
             for result in results:
-                translation = response.translations.add(
-                    input_tokens=result.input_tokens,
-                    hypotheses=[
-                        hypothesis_pb(h, params.return_scores, params.return_alignment)
-                        for h in result.hypotheses
-                    ],
-                )
-                if params.return_alignment:
-                    translation.source_tokens.extend(result.source_tokens)
                 usage_in += result.input_tokens
                 usage_out += result.output_tokens
             response.usage.input_tokens = usage_in
@@ -605,11 +635,13 @@ class TranslatorServicer(_Servicer, pb_grpc.TranslatorServicer):
 
 
 async def _gather_texts(
-    backend: Backend, requests: Sequence[SequenceRequest]
+    backend: Backend,
+    requests: Sequence[SequenceRequest],
+    check: Callable[[int, SequenceResult], None],
 ) -> list[SequenceResult]:
     """Submit a call's texts together (all queued or none); a refusal names texts[i]."""
     try:
-        return await backend.submit_all(requests)
+        return await backend.submit_all(requests, check)
     except InvalidArgument as exc:
         if exc.index is None:
             raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Hashable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from service.domain import (
     Task,
 )
 from service.engine import (
+    PREFILL_TOKENS,
     BatchItem,
     Engine,
     EngineOptions,
@@ -511,6 +513,37 @@ def test_warmup_runs_every_bucket_shape() -> None:
     assert report.step_seconds > 0
     assert engine.row_buckets == [1, 2, 4, 8]
     assert engine.cache_buckets == [16, 32, 64, 128]
+
+
+def test_many_long_prompts_are_prefilled_in_groups_the_warm_up_ran() -> None:
+    """The decoder returns logits at every prompt position, [rows, width, vocab]: a prefill
+    run takes PREFILL_TOKENS tokens at most (64 prompts of 256 tokens in one run grew
+    en-lm's CPU arena by 1.5 GB at their first sight, after its warm-up), the warm-up runs
+    the largest group at the widest prompt, and the answers are those of each alone."""
+    engine = make_engine(LM, max_batch_size=64)
+    runs: list[tuple[int, ...]] = []
+    decode = engine.backend.decode
+
+    def spy(feeds: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        runs.append(feeds["input_ids"].shape)
+        return decode(feeds, *args, **kwargs)
+
+    engine.backend.decode = spy  # type: ignore[method-assign]
+    engine.warmup()
+    widest = engine.cache_for(engine.max_input_tokens - 1)
+    assert (engine.prefill_rows(widest), widest) in runs
+    runs.clear()
+    words = " ".join(PROMPTS * 8).split()
+    prompts = [" ".join(words[i : i + 30]) for i in range(64)]
+    requests = [request(LM, p, max_new_tokens=3) for p in prompts]
+    batched = decode_all(engine, requests)
+    prefills = [(rows, width) for rows, width in runs if width > 1]
+    assert len(prefills) > 1
+    assert all(rows * width <= PREFILL_TOKENS for rows, width in prefills)
+    alone = [decode_all(engine, [r])[0] for r in requests]
+    assert [r.hypotheses[0].token_ids for r in batched] == [
+        r.hypotheses[0].token_ids for r in alone
+    ]
 
 
 def test_the_servers_input_limit_bounds_the_source_buckets() -> None:

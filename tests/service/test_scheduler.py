@@ -23,6 +23,7 @@ from service.domain import (
     InvalidArgument,
     ModelNotFound,
     QueueFull,
+    ResponseTooLarge,
     SequenceRequest,
     SequenceResult,
     Task,
@@ -362,6 +363,33 @@ def test_a_multi_text_call_is_queued_whole_or_refused_and_only_admitted_input_co
         assert sample_value(m, "inference_input_tokens_total", {"model": LM}) == counted
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
+
+
+def test_what_check_raises_for_a_text_fails_the_call_and_cancels_the_texts_left() -> None:
+    """submit_all's `check` sees each result as it comes (the transport refuses an answer
+    over the max message size there): what it raises fails the call at once, and the
+    texts still running or queued leave instead of being decoded for nothing."""
+
+    async def main(s: Scheduler) -> None:
+        key = f"{LM}:1"
+        seen: list[int] = []
+
+        def check(i: int, result: SequenceResult) -> None:
+            seen.append(i)
+            raise ResponseTooLarge(f"text {i}: {result.output_tokens} tokens")
+
+        requests = [generate(PROMPTS[0], max_new_tokens=1), long_request(), long_request()]
+        started = time.monotonic()
+        with pytest.raises(ResponseTooLarge, match="text 0: 1 tokens"):
+            await s.submit_all(requests, check)
+        assert seen == [0]
+        await wait_until(lambda: loop_stats(s, key)["waiting"] == 0)
+        await wait_until(lambda: loop_stats(s, key)["running"] == 0)
+        # Each long text would take 100 steps of STEP_DELAY: none ran to its end.
+        assert loop_stats(s, key)["steps"] < 50
+        assert time.monotonic() - started < 100 * STEP_DELAY
+
+    run(main, make_scheduler(factory=slow_engine_factory(STEP_DELAY), max_batch_size=1))
 
     run(
         main, make_scheduler(factory=slow_engine_factory(STEP_DELAY), max_batch_size=1, max_queue=3)

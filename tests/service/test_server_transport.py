@@ -102,10 +102,26 @@ class FakeBackend:
                 self.cancelled.append(request.text)
                 raise
 
-    async def submit_all(self, requests: Sequence[SequenceRequest]) -> list[SequenceResult]:
+    async def submit_all(
+        self,
+        requests: Sequence[SequenceRequest],
+        check: Callable[[int, SequenceResult], None] | None = None,
+    ) -> list[SequenceResult]:
         if len(requests) > self.queue_room:
             raise QueueFull(f"{len(requests)} texts, {self.queue_room} queue places free")
-        return list(await asyncio.gather(*(self.submit(r) for r in requests)))
+
+        async def one(i: int, request: SequenceRequest) -> SequenceResult:
+            result = await self.submit(request)
+            if check is not None:
+                check(i, result)
+            return result
+
+        tasks = [asyncio.ensure_future(one(i, r)) for i, r in enumerate(requests)]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:  # the first failure cancels the rest, as the scheduler's does
+            for task in tasks:
+                task.cancel()
 
     async def submit(self, request: SequenceRequest) -> SequenceResult:
         name = self._check(request)
@@ -621,6 +637,26 @@ def test_an_answer_over_the_max_message_size_is_refused_and_counted() -> None:
         assert server.counter("Translate", "en-es", "RESOURCE_EXHAUSTED") == 1
         assert server.counter("TranslateStream", "en-es", "RESOURCE_EXHAUSTED") == 1
         assert server.counter("Translate", "en-es", "OK") == 1
+    finally:
+        server.stop()
+
+
+def test_a_multi_text_answer_over_the_max_message_size_is_refused_before_the_rest_decodes() -> None:
+    """Once the texts decoded are over the max message size the call is refused (their
+    size a lower bound), and the texts left are cancelled, not decoded for nothing."""
+    server = InProcessServer(max_message_bytes=1024)
+    text = " ".join(f"w{i}" for i in range(30))  # the fake aligns every word with every word
+    try:
+        with Client(server.address, timeout=10) as c:
+            with pytest.raises(grpc.RpcError) as error:
+                c.translate([text, "block until released"], return_alignment=True)
+            assert _code(error) == grpc.StatusCode.RESOURCE_EXHAUSTED
+            details = error.value.details()  # type: ignore[attr-defined]
+            assert "the answer is at least " in details
+            assert "bytes with 1 of 2 texts decoded, over the server's max message size" in details
+            assert "no alignment" in details
+        assert server.backend.cancelled == ["block until released"]
+        assert server.counter("Translate", "en-es", "RESOURCE_EXHAUSTED") == 1
     finally:
         server.stop()
 
