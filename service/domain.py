@@ -135,7 +135,7 @@ class InvalidArgument(ServiceError):
 
 
 class ResponseTooLarge(ServiceError):
-    """The answer is over the server's max message size (known only once decoded)."""
+    """The answer is over the server's max message size (known as its texts decode)."""
 
 
 class RequestTooLarge(ServiceError):

@@ -393,9 +393,9 @@ class Engine:
         return self._length_for(n, self.max_input_tokens)
 
     def prefill_rows(self, width: int) -> int:
-        """Most prompts one prefill run takes at `width`: the largest row bucket, or on the
-        CPU a power of two of PREFILL_TOKENS tokens at most (one row at least). A GPU has
-        the memory, and each run there costs its launches: it prefills them all at once."""
+        """Most prompts one prefill run takes at `width`: the largest row bucket on a GPU
+        (it has the memory, and each run costs its launches), on the CPU the largest power
+        of two whose rows × width stay within PREFILL_TOKENS (one row at least)."""
         rows = bucket(self.max_batch_size, 1, 1 << 30)
         while self.provider != CUDA and rows > 1 and rows * width > PREFILL_TOKENS:
             rows //= 2
@@ -542,10 +542,14 @@ class Engine:
                 self.backend.encode(ids, np.ones((n, s), dtype=bool))
                 count += 1
         else:
+            # On the CPU the most rows a prefill takes at the narrowest width (not the row
+            # bucket: past PREFILL_TOKENS it is never run, and would grow the arena the
+            # groups keep small) and the widest group.
             pre = (
                 [(n, t) for n in rows for t in caches if n <= self.prefill_rows(t)]
                 if full
-                else [(1, t) for t in caches] + [(rows[-1], caches[0])] + [self._widest_prefill()]
+                else [(1, t) for t in caches]
+                + [(self.prefill_rows(caches[0]), caches[0]), self._widest_prefill()]
             )
             for n, t in pre:
                 if time.perf_counter() - start > budget:

@@ -314,7 +314,7 @@ class _ModelLoop:
         """Steps a running job is expected to take still: to the typical length, or, once
         past it, to its max_new_tokens (all that is known of one that ran long: counting
         it as ending at the next step would admit requests to expire behind it)."""
-        if job in self._held:  # static-hold: decoded, it only waits for its batch
+        if job in self._held or job.abort is not None:  # decoded, or leaving at the next step
             return 1
         expected = self._expected_steps(job)
         end = expected if job.generated < expected else job.request.params.max_new_tokens

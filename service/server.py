@@ -600,7 +600,7 @@ class TranslatorServicer(_Servicer, pb_grpc.TranslatorServicer):
             built: dict[int, pb.Translation] = {}
             size = 0
 
-            def fits(i: int, result: SequenceResult) -> None:
+            def collect(i: int, result: SequenceResult) -> None:
                 """Each text's answer as it comes: once those decoded are over the max
                 message size, the call is refused and the texts left are cancelled (the
                 whole answer's exact size is checked once every text is in)."""
@@ -611,7 +611,7 @@ class TranslatorServicer(_Servicer, pb_grpc.TranslatorServicer):
                     part = f" with {len(built)} of {len(requests)} texts decoded"
                     self.transport.within(size, "Translate", part)
 
-            results = await _gather_texts(self.backend, requests, fits)
+            results = await _gather_texts(self.backend, requests, collect)
             response = pb.TranslateResponse(model=results[0].model, version=results[0].version)
             state.served(results[0].model, results[0].version)
             response.translations.extend(built[i] for i in range(len(results)))
@@ -1030,10 +1030,23 @@ class InferenceServer:
         except Exception:
             log.exception("drain failed; stopping now")
             self._drain_failed = True
-            with contextlib.suppress(Exception):
-                await self.server.stop(0)
+            await self._stop_now()
         finally:
             self._stopped.set()
+
+    async def _stop_now(self) -> None:
+        """After a failed drain: close what is still open, each step whatever the others do."""
+        with contextlib.suppress(Exception):
+            await self.server.stop(0)
+        if self.health_server is not None:
+            with contextlib.suppress(Exception):
+                await self.health_server.stop(0)
+        with contextlib.suppress(Exception):
+            await self.backend.close()
+        if self._metrics_server is not None:
+            with contextlib.suppress(Exception):
+                self._metrics_server.shutdown()
+                self._metrics_server.server_close()
 
     async def _drain(self) -> None:
         """NOT_SERVING, refuse new calls, let in-flight ones finish (≤ drain_grace_s), stop."""
@@ -1080,7 +1093,8 @@ class InferenceServer:
 
 
 async def serve(settings: Settings, backend: Backend | None = None) -> int:
-    """Run the server until SIGTERM/SIGINT has drained it; returns the exit code (0)."""
+    """Run the server until SIGTERM/SIGINT has drained it; returns the exit code (0, or 1
+    when the start or the drain failed)."""
     metrics = Metrics()
     if backend is None:
         if not settings.model_repository.is_dir():

@@ -26,6 +26,7 @@ from service.domain import (
     Task,
 )
 from service.engine import (
+    MIN_CACHE,
     PREFILL_TOKENS,
     BatchItem,
     Engine,
@@ -544,6 +545,25 @@ def test_many_long_prompts_are_prefilled_in_groups_the_warm_up_ran() -> None:
     assert [r.hypotheses[0].token_ids for r in batched] == [
         r.hypotheses[0].token_ids for r in alone
     ]
+
+
+def test_the_cpu_warm_up_prefills_no_more_than_a_group() -> None:
+    """max_batch_size 256 on the CPU: 256 rows at the narrowest prompt width are 4096
+    tokens, more than a prefill group takes. The warm-up runs only the prefill shapes
+    requests use, so it grows the arena no more than the groups do."""
+    engine = make_engine(LM, max_batch_size=256)
+    runs: list[tuple[int, ...]] = []
+    decode = engine.backend.decode
+
+    def spy(feeds: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        runs.append(feeds["input_ids"].shape)
+        return decode(feeds, *args, **kwargs)
+
+    engine.backend.decode = spy  # type: ignore[method-assign]
+    engine.warmup()
+    prefills = [(rows, width) for rows, width in runs if width > 1]
+    assert (engine.prefill_rows(MIN_CACHE), MIN_CACHE) in prefills
+    assert all(rows * width <= PREFILL_TOKENS for rows, width in prefills), prefills
 
 
 def test_the_servers_input_limit_bounds_the_source_buckets() -> None:

@@ -364,6 +364,10 @@ def test_a_multi_text_call_is_queued_whole_or_refused_and_only_admitted_input_co
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
 
+    run(
+        main, make_scheduler(factory=slow_engine_factory(STEP_DELAY), max_batch_size=1, max_queue=3)
+    )
+
 
 def test_what_check_raises_for_a_text_fails_the_call_and_cancels_the_texts_left() -> None:
     """submit_all's `check` sees each result as it comes (the transport refuses an answer
@@ -390,10 +394,6 @@ def test_what_check_raises_for_a_text_fails_the_call_and_cancels_the_texts_left(
         assert time.monotonic() - started < 100 * STEP_DELAY
 
     run(main, make_scheduler(factory=slow_engine_factory(STEP_DELAY), max_batch_size=1))
-
-    run(
-        main, make_scheduler(factory=slow_engine_factory(STEP_DELAY), max_batch_size=1, max_queue=3)
-    )
 
 
 def test_the_wait_gauge_sees_a_full_token_budget() -> None:

@@ -827,6 +827,15 @@ def test_a_failed_abort_waits_for_grpc_to_cancel_the_call() -> None:
     )
 
 
+async def _until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """`_wait` on the event loop: polls, where a fixed sleep is too short on a loaded machine."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)
+
+
 def _wait(predicate: Any, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -1044,10 +1053,13 @@ def test_a_sighup_while_the_models_load_is_not_dropped() -> None:
 
     async def main() -> int:
         backend = SlowStart()
+        default = signal.getsignal(signal.SIGHUP)
         serving = asyncio.create_task(
             serve(load_settings(port=0, metrics_port=0, drain_grace_s=1), backend)  # type: ignore[arg-type]
         )
-        await asyncio.sleep(0.2)  # loading
+        # Loading (start() waits for `loaded`) once serve() has its handler: before it, a
+        # SIGHUP would end the test process.
+        await _until(lambda: signal.getsignal(signal.SIGHUP) is not default)
         os.kill(os.getpid(), signal.SIGHUP)
         await asyncio.sleep(0.2)
         backend.loaded.set()
@@ -1076,7 +1088,9 @@ def test_a_drain_that_fails_still_ends_the_process_with_exit_code_1(
         serving = asyncio.create_task(
             serve(load_settings(port=0, metrics_port=0, drain_grace_s=0.2), BrokenClose())  # type: ignore[arg-type]
         )
-        await asyncio.sleep(0.5)  # serving
+        # Serving, its SIGTERM handler installed: a fixed sleep may end before (and the
+        # SIGTERM the test process).
+        await _until(lambda: any(r.getMessage() == "serving" for r in caplog.records))
         os.kill(os.getpid(), signal.SIGTERM)
         return await asyncio.wait_for(serving, 10)
 
