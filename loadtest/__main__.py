@@ -94,12 +94,32 @@ def _now() -> str:
     return dt.datetime.now().isoformat(timespec="milliseconds")
 
 
+# Options whose value must not reach a report (result.json and summary.md get shared).
+SECRET_OPTIONS = ("--token",)
+
+
+def recorded_command(argv: list[str]) -> str:
+    """The command as run, for the report, with the value of --token replaced by REDACTED."""
+    args: list[str] = []
+    hide = False
+    for arg in argv:
+        name = arg.partition("=")[0]
+        if hide:
+            args.append("REDACTED")
+        elif name in SECRET_OPTIONS and "=" in arg:
+            args.append(f"{name}=REDACTED")
+        else:
+            args.append(arg)
+        hide = not hide and arg in SECRET_OPTIONS
+    return shlex.join(["python", "-m", "loadtest", *args])
+
+
 def _meta(
     target: str, inputs: Path, mix: dict[str, float], seed: int, **extra: Any
 ) -> dict[str, Any]:
     """Provenance of a run; call it before the run starts (its time, the load average)."""
     return {
-        "command": shlex.join(["python", "-m", "loadtest", *sys.argv[1:]]),
+        "command": recorded_command(sys.argv[1:]),
         "target": target,
         "inputs": str(inputs),
         "mix": mix,

@@ -314,10 +314,12 @@ async def measure_served(
     }
     workload = Workload(texts, {"translate": 1.0}, seed=args.seed)
 
-    async def poisson(caller: GrpcCaller, work: Workload, rate: float, seed: int) -> dict[str, Any]:
+    async def poisson(caller: GrpcCaller, kind: str, rate: float, seed: int) -> dict[str, Any]:
+        # Its own workload, seeded like the arrivals: every mode gets the same requests at
+        # the same times in a step, so the modes are compared on the same inputs.
         step: RunResult = await run_load(
             caller,
-            work,
+            Workload(texts, {kind: 1.0}, seed=seed),
             rate=rate,
             arrivals="poisson",
             duration_s=args.poisson_s,
@@ -347,7 +349,7 @@ async def measure_served(
             typer.echo(f"[bench] {name}: closed loop {args.served_s:g} s", err=True)
             closed = await run_load(
                 caller,
-                workload,
+                Workload(texts, {"translate": 1.0}, seed=args.seed),  # the same for every mode
                 rate=None,
                 concurrency=2 * args.batch_size,
                 duration_s=args.served_s,
@@ -362,18 +364,17 @@ async def measure_served(
                 if rate > 1.05 * capacity[name]:
                     continue  # beyond what this mode serves: only queue growth to measure
                 typer.echo(f"[bench] {name}: Poisson {rate:.2f} req/s", err=True)
-                modes[name].poisson.append(await poisson(caller, workload, rate, args.seed + i))
+                modes[name].poisson.append(await poisson(caller, "translate", rate, args.seed + i))
         # Streamed generations (the other served model, its own length mix, time to first
         # token) at fractions of the first mode's translate capacity, the same rates for
         # every mode, each rate on every server in turn.
-        generations = Workload(texts, {"generate": 1.0}, seed=args.seed)
         first = next(iter(capacity.values()))
         for i, rate in enumerate(poisson_rates(args.generate_fractions, [first])):
             for name, caller in callers.items():
                 if name not in MAIN_MODES:
                     continue
                 typer.echo(f"[bench] {name}: generate, Poisson {rate:.2f} req/s", err=True)
-                step = await poisson(caller, generations, rate, args.seed + i)
+                step = await poisson(caller, "generate", rate, args.seed + i)
                 modes[name].generate.append(step)
     finally:
         for caller in callers.values():

@@ -122,6 +122,9 @@ class RunResult:
     concurrency: int | None = None
     duration_s: float = 0.0
     max_requests: int = 0
+    # Open loop: the span of the arrival schedule, duration_s unless --max-requests ended
+    # it first (then the last arrival plus one mean gap); None: duration_s.
+    schedule_s: float | None = None
 
 
 def make_record(
@@ -199,7 +202,11 @@ async def run_open_loop(
             await asyncio.sleep(delay)
         if len(in_flight) >= max_in_flight:
             now = clock()
-            finish(make_record(item, CallOutcome(code="CLIENT_BACKLOG"), t0, intended, now, now))
+            backlog = CallOutcome(
+                code="CLIENT_BACKLOG",
+                detail=f"not sent: {max_in_flight} requests already in flight (--max-in-flight)",
+            )
+            finish(make_record(item, backlog, t0, intended, now, now))
             continue
         task = asyncio.create_task(one(item, intended))
         in_flight.add(task)
@@ -296,8 +303,12 @@ async def run_load(
         raise ValueError("give exactly one of rate (open loop) or concurrency (closed loop)")
     check_bounds(duration_s, max_requests)
     start = time.perf_counter()
+    schedule_s: float | None = None
     if rate is not None:
         offsets = arrival_offsets(arrivals, rate, duration_s, max_requests, seed)
+        schedule_s = duration_s
+        if offsets and len(offsets) >= max_requests:
+            schedule_s = min(duration_s, offsets[-1] + 1.0 / rate)
         items = workload.take(len(offsets))
         records = await run_open_loop(
             caller,
@@ -322,8 +333,10 @@ async def run_load(
         mode = "closed"
     elapsed = time.perf_counter() - start
     if records:
-        # Throughput is over the time the run took to finish its work, not the schedule.
-        elapsed = max(max(r.done for r in records), 1e-9)
+        # Throughput is over the time the run took to finish its work, and in open loop at
+        # least its arrival schedule, a quiet tail after the last arrival included (else a
+        # short Poisson run would serve more req/s than arrived).
+        elapsed = max(max(r.done for r in records), schedule_s or 0.0, 1e-9)
     records.sort(key=lambda r: r.intended)
     return RunResult(
         mode=mode,
@@ -334,4 +347,5 @@ async def run_load(
         concurrency=concurrency,
         duration_s=duration_s,
         max_requests=max_requests,
+        schedule_s=schedule_s,
     )

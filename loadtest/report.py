@@ -124,6 +124,8 @@ def _summarize_records(records: Sequence[RequestRecord], elapsed: float) -> dict
 def summarize(result: RunResult) -> dict[str, Any]:
     """The JSON-ready summary of one run, overall and by request kind."""
     records = result.records
+    # The arrivals' span: shorter than the duration when --max-requests ended them.
+    window = result.schedule_s or result.duration_s
     summary: dict[str, Any] = {
         "mode": result.mode,
         "offered_rate": result.offered_rate,
@@ -133,15 +135,11 @@ def summarize(result: RunResult) -> dict[str, Any]:
         "max_requests": result.max_requests,
         "elapsed_s": result.elapsed_s,
         # Realised arrival rate (a short Poisson run offers more or less than its rate).
-        "arrival_rate": (
-            len(records) / result.duration_s
-            if result.mode == "open" and result.duration_s > 0
-            else None
-        ),
+        "arrival_rate": (len(records) / window if result.mode == "open" and window > 0 else None),
         **_summarize_records(records, result.elapsed_s),
         # What this client actually sent, beside the offered and the arrival rate: lower
         # than the arrival rate when the client fell behind its schedule.
-        "sent_rate": sent_rate(records, result.duration_s),
+        "sent_rate": sent_rate(records, window),
         # How late requests left versus their schedule: large values mean the client, not
         # the server, was the bottleneck (latency still counts from the schedule).
         "send_lag_s": distribution([r.lag for r in records]),

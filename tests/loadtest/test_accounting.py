@@ -223,3 +223,54 @@ def test_a_client_that_falls_behind_is_reported_client_limited() -> None:
     assert summary["arrival_rate"] == pytest.approx(100.0)
     assert summary["sent_rate"] < 0.7 * summary["arrival_rate"]
     assert summary["client_limited"] is True
+
+
+def test_open_loop_throughput_is_over_the_whole_window() -> None:
+    # Constant 4 req/s for 0.7 s: sends at 0, 0.25 and 0.5 s, each answered at once. The
+    # window is 0.7 s (3 arrivals in it, 4.3 req/s), so no more than that can be served;
+    # over the last answer alone (~0.5 s) it would read 6 req/s.
+    from loadtest.report import summarize
+
+    async def fast(item: WorkItem) -> CallOutcome:
+        return CallOutcome(output_tokens=2)
+
+    workload = Workload(["a"], {"translate": 1.0})
+    result = asyncio.run(run_load(fast, workload, rate=4.0, arrivals="constant", duration_s=0.7))
+    summary = summarize(result)
+    assert summary["requests"] == 3
+    assert result.elapsed_s == pytest.approx(0.7)
+    assert summary["throughput_rps"] == pytest.approx(3 / 0.7)
+    assert summary["throughput_rps"] <= summary["arrival_rate"] + 1e-9
+    assert summary["tokens_per_s"] == pytest.approx(6 / 0.7)
+
+
+def test_backlog_errors_say_why() -> None:
+    async def hung(item: WorkItem) -> CallOutcome:
+        await asyncio.sleep(3600)
+        return CallOutcome()
+
+    offsets = arrival_offsets("constant", 1000.0, 1.0, 4)
+    records = asyncio.run(
+        run_open_loop(hung, items(4), offsets, drain_timeout_s=0.05, max_in_flight=2)
+    )
+    backlog = [r for r in records if r.code == "CLIENT_BACKLOG"]
+    assert len(backlog) == 2
+    assert all("2 requests already in flight" in r.detail for r in backlog)
+
+
+def test_rates_are_over_the_schedule_when_the_count_ends_it() -> None:
+    # 100 req/s for up to 10 s, at most 50 requests: they arrive within 0.5 s, so 100 req/s
+    # arrived and were sent (not 50 over the 10 s bound: 5 req/s).
+    from loadtest.report import summarize
+
+    async def fast(item: WorkItem) -> CallOutcome:
+        return CallOutcome()
+
+    workload = Workload(["a"], {"translate": 1.0})
+    result = asyncio.run(
+        run_load(fast, workload, rate=100.0, arrivals="constant", duration_s=10.0, max_requests=50)
+    )
+    summary = summarize(result)
+    assert summary["arrival_rate"] == pytest.approx(100.0)
+    assert summary["sent_rate"] == pytest.approx(100.0, rel=0.1)
+    assert summary["throughput_rps"] == pytest.approx(100.0, rel=0.1)

@@ -488,3 +488,63 @@ def test_served_rows_count_ok_requests_under_a_header_that_says_so(tmp_path: Pat
     text = markdown(data)
     assert "| engine | how | status | requests ok | tokens/s |" in text
     assert "| served, static batching | gRPC, closed loop, concurrency 4 | ok | 9 |" in text
+
+
+def test_every_served_mode_gets_the_same_requests_at_each_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The equal-p50 comparison holds only if a step sends each mode the same inputs, not
+    the next ones of a stream the modes share (a different length mix per mode)."""
+    import asyncio
+
+    from loadtest import bench
+    from loadtest.workload import CallOutcome, WorkItem
+
+    sent: dict[str, list[WorkItem]] = {}
+
+    class Fake:
+        def __init__(self, address: str, **_: Any) -> None:
+            self.address = address
+            sent[address] = []
+
+        async def wait_ready(self, timeout_s: float = 10.0) -> None:
+            return None
+
+        async def close(self) -> None:
+            return None
+
+        async def __call__(self, item: WorkItem) -> CallOutcome:
+            sent[self.address].append(item)
+            # The static server is slower: its closed loop takes fewer requests.
+            await asyncio.sleep(0.02 if self.address == "static" else 0.01)
+            return CallOutcome(output_tokens=len(item.text.split()))
+
+    monkeypatch.setattr(bench, "GrpcCaller", Fake)
+    args = BenchArgs(
+        repository=tmp_path,
+        model="en-es",
+        variant="fp32",
+        provider="cpu",
+        inputs=tmp_path / "unused.tsv",
+        n_inputs=20,
+        max_new_tokens=4,
+        batch_size=2,
+        threads=1,
+        phase_s=1.0,
+        served_s=0.3,
+        poisson_s=0.4,
+        poisson_fractions=[0.2],
+        server_start_s=1.0,
+        generate_fractions=[0.2],
+        seed=0,
+        skip=[],
+    )
+    texts = [f"verse {'word ' * i}{i}" for i in range(20)]
+    modes = {name: ServedMode(name) for name in ("static", "continuous")}
+    asyncio.run(bench.measure_served({m: m for m in modes}, texts, args, modes))
+    for attr in ("poisson", "generate"):
+        assert len(getattr(modes["static"], attr)) == len(getattr(modes["continuous"], attr)) > 0
+    n_step = sum(p["requests"] for p in modes["static"].poisson + modes["static"].generate)
+    # The Poisson steps are the last requests each server got: the same ones, in order.
+    static, continuous = sent["static"][-n_step:], sent["continuous"][-n_step:]
+    assert [(i.kind, i.text) for i in static] == [(i.kind, i.text) for i in continuous]

@@ -291,3 +291,17 @@ def test_a_missing_matplotlib_is_refused_before_the_run(
     assert isinstance(raw.exception, typer.BadParameter), raw.exception
     assert "transformer-serving[plot]" in raw.exception.format_message()
     assert not (tmp_path / "out").exists()
+
+
+def test_the_recorded_command_hides_the_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    argv = ["run", "--token", "s3cret", "--rate", "5", "--token=s3cret2", "--mix", "translate=1"]
+    monkeypatch.setattr("sys.argv", ["loadtest", *argv])
+    meta = cli._meta(TARGET, Path("verses.tsv"), {"translate": 1.0}, 0)
+    assert "s3cret" not in json.dumps(meta)
+    assert meta["command"] == (
+        "python -m loadtest run --token REDACTED --rate 5 --token=REDACTED --mix translate=1"
+    )
+    # Everything else is kept as it was run.
+    assert (
+        cli.recorded_command(["sweep", "--rates", "1,2"]) == "python -m loadtest sweep --rates 1,2"
+    )
