@@ -516,12 +516,8 @@ def test_warmup_runs_every_bucket_shape() -> None:
     assert engine.cache_buckets == [16, 32, 64, 128]
 
 
-def test_many_long_prompts_are_prefilled_in_groups_the_warm_up_ran() -> None:
-    """The decoder returns logits at every prompt position, [rows, width, vocab]: a prefill
-    run takes PREFILL_TOKENS tokens at most (64 prompts of 256 tokens in one run grew
-    en-lm's CPU arena by 1.5 GB at their first sight, after its warm-up), the warm-up runs
-    the largest group at the widest prompt, and the answers are those of each alone."""
-    engine = make_engine(LM, max_batch_size=64)
+def _decoder_shapes(engine: Engine) -> list[tuple[int, ...]]:
+    """The (rows, width) of every decoder run of `engine` from now on."""
     runs: list[tuple[int, ...]] = []
     decode = engine.backend.decode
 
@@ -530,6 +526,16 @@ def test_many_long_prompts_are_prefilled_in_groups_the_warm_up_ran() -> None:
         return decode(feeds, *args, **kwargs)
 
     engine.backend.decode = spy  # type: ignore[method-assign]
+    return runs
+
+
+def test_many_long_prompts_are_prefilled_in_groups_the_warm_up_ran() -> None:
+    """The decoder returns logits at every prompt position, [rows, width, vocab]: a prefill
+    run takes PREFILL_TOKENS tokens at most (64 prompts of 256 tokens in one run grew
+    en-lm's CPU arena by 1.5 GB at their first sight, after its warm-up), the warm-up runs
+    the largest group at the widest prompt, and the answers are those of each alone."""
+    engine = make_engine(LM, max_batch_size=64)
+    runs = _decoder_shapes(engine)
     engine.warmup()
     widest = engine.cache_for(engine.max_input_tokens - 1)
     assert (engine.prefill_rows(widest), widest) in runs
@@ -552,14 +558,7 @@ def test_the_cpu_warm_up_prefills_no_more_than_a_group() -> None:
     tokens, more than a prefill group takes. The warm-up runs only the prefill shapes
     requests use, so it grows the arena no more than the groups do."""
     engine = make_engine(LM, max_batch_size=256)
-    runs: list[tuple[int, ...]] = []
-    decode = engine.backend.decode
-
-    def spy(feeds: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-        runs.append(feeds["input_ids"].shape)
-        return decode(feeds, *args, **kwargs)
-
-    engine.backend.decode = spy  # type: ignore[method-assign]
+    runs = _decoder_shapes(engine)
     engine.warmup()
     prefills = [(rows, width) for rows, width in runs if width > 1]
     assert (engine.prefill_rows(MIN_CACHE), MIN_CACHE) in prefills
