@@ -8,7 +8,9 @@ targets loopback unless --allow-remote is given.
 --ca (TLS), --server-name and --token (or SERVE_AUTH_TOKEN) reach a secured server.
 Results go to --out: result.json, records.jsonl (one line per request), summary.md,
 latency_cdf.png, latency_vs_load.png (soak: server_rss.png); result.json and summary.md
-name the machine, package versions and commit.
+name the machine, package versions and commit. The first Ctrl-C stops sending, lets the
+requests in flight finish, writes the report of what ran (marked interrupted) and exits
+130; a second one interrupts at once.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import importlib.util
 import math
 import platform
 import shlex
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -207,6 +210,13 @@ def _progress(
     return update, bar.close
 
 
+def _interrupt(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """The first Ctrl-C stops the run gracefully; the handler goes, so a second one raises
+    KeyboardInterrupt at once."""
+    stop.set()
+    loop.remove_signal_handler(signal.SIGINT)
+
+
 def _drive(
     target: str,
     timeout: float,
@@ -214,9 +224,11 @@ def _drive(
     wait_ready_s: float,
     body: Callable[[Caller], Any],
     security: ChannelSecurity,
+    stop: asyncio.Event,
 ) -> Any:
     """Run `body` with a caller connected to a SERVING server; a server that never came up
-    is a usage error."""
+    is a usage error. Ctrl-C while `body` runs sets `stop` instead of cancelling it, so
+    the report of what ran can still be written."""
 
     async def connected() -> Any:
         caller = GrpcCaller(
@@ -229,7 +241,12 @@ def _drive(
                 raise _Fail(
                     f"no server SERVING (grpc.health.v1) at {target} within {wait_ready_s:g} s"
                 ) from error
-            return await body(caller)
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGINT, _interrupt, loop, stop)
+            try:
+                return await body(caller)
+            finally:
+                loop.remove_signal_handler(signal.SIGINT)
         finally:
             await caller.close()
 
@@ -248,7 +265,11 @@ def _echo_paths(paths: dict[str, Path]) -> None:
         typer.echo(f"{name}: {path}")
 
 
-def _exit_for(records: list[RequestRecord]) -> None:
+def _exit_for(records: list[RequestRecord], stop: asyncio.Event) -> None:
+    """130 after Ctrl-C (as a shell reports it), so scripts see the run was cut short."""
+    if stop.is_set():
+        typer.echo("interrupted by Ctrl-C: the report covers the part that ran", err=True)
+        raise typer.Exit(130)
     if not any(r.ok for r in records):
         typer.echo("no request succeeded", err=True)
         raise typer.Exit(2)
@@ -298,6 +319,7 @@ def run(
     out_dir = _out_dir(out, "run")
     meta = _meta(target, path, weights, seed, max_new_tokens=max_new_tokens)
     update, close = _progress(_expected(rate, duration, max_requests), progress, "loadtest")
+    stop = asyncio.Event()
 
     async def body(caller: Caller) -> RunResult:
         return await run_load(
@@ -312,6 +334,7 @@ def run(
             drain_timeout_s=timeout + 5.0,
             max_in_flight=max_in_flight,
             on_done=update,
+            stop=stop,
         )
 
     try:
@@ -322,6 +345,7 @@ def run(
             wait_ready,
             body,
             ChannelSecurity(token, ca, server_name),
+            stop,
         )
     finally:
         close()
@@ -329,7 +353,7 @@ def run(
     paths = report.write_run_report(out_dir, result, meta)
     typer.echo(report.markdown_run(report.summarize(result)))
     _echo_paths(paths)
-    _exit_for(result.records)
+    _exit_for(result.records, stop)
 
 
 def _parse_rates(rates: str | None, start: float, factor: float, max_rate: float) -> list[float]:
@@ -414,6 +438,7 @@ def sweep(
         slo_p99_ms=slo_p99_ms,
         arrivals=arrivals,
     )
+    stop = asyncio.Event()
 
     async def body(caller: Caller) -> list[RunResult]:
         results: list[RunResult] = []
@@ -435,11 +460,14 @@ def sweep(
                     drain_timeout_s=timeout + 5.0,
                     max_in_flight=max_in_flight,
                     on_done=update,
+                    stop=stop,
                 )
             finally:
                 close()
             results.append(result)
             steps.append(report.summarize(result))
+            if stop.is_set():  # Ctrl-C ended this step early: report the steps so far
+                break
             if steps[-1]["client_limited"]:
                 # Higher rates would only put this client further behind its schedule.
                 typer.echo(
@@ -456,14 +484,20 @@ def sweep(
         return results
 
     results: list[RunResult] = _drive(
-        target, timeout, max_new_tokens, wait_ready, body, ChannelSecurity(token, ca, server_name)
+        target,
+        timeout,
+        max_new_tokens,
+        wait_ready,
+        body,
+        ChannelSecurity(token, ca, server_name),
+        stop,
     )
     meta["finished"] = _now()
     paths = report.write_sweep_report(out_dir, results, meta, slo)
     steps = [report.summarize(r) for r in results]
     typer.echo(report.markdown_sweep(steps, report.find_knee(steps, slo)))
     _echo_paths(paths)
-    _exit_for([rec for r in results for rec in r.records])
+    _exit_for([rec for r in results for rec in r.records], stop)
 
 
 @app.command()
@@ -526,10 +560,11 @@ def soak(
     meta = _meta(target, path, weights, seed, server_pid=pid, minutes=minutes)
     sampler = RssSampler(pid, sample_interval)
     update, close = _progress(_expected(rate, duration, cap), progress, "soak")
+    stop = asyncio.Event()
 
     async def body(caller: Caller) -> RunResult:
-        stop = asyncio.Event()
-        sampling = asyncio.create_task(sampler.run(stop))
+        finished = asyncio.Event()
+        sampling = asyncio.create_task(sampler.run(finished))
         try:
             return await run_load(
                 caller,
@@ -542,9 +577,10 @@ def soak(
                 drain_timeout_s=timeout + 5.0,
                 max_in_flight=max_in_flight,
                 on_done=update,
+                stop=stop,
             )
         finally:
-            stop.set()
+            finished.set()
             await sampling
 
     try:
@@ -555,6 +591,7 @@ def soak(
             wait_ready,
             body,
             ChannelSecurity(token, ca, server_name),
+            stop,
         )
     finally:
         close()
@@ -581,7 +618,7 @@ def soak(
     md.write_text(md.read_text() + _rss_md(rss))
     typer.echo(report.markdown_run(summary, "Soak") + _rss_md(rss))
     _echo_paths(paths)
-    _exit_for(result.records)
+    _exit_for(result.records, stop)
 
 
 def _rss_md(rss: dict[str, Any]) -> str:

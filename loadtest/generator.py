@@ -9,18 +9,21 @@ there the intended time is the moment a worker became free.
 
 Every run is bounded twice: a request count and a wall-clock duration, and in-flight work
 is given a drain timeout after the last send; what is still running then is cancelled and
-counted as an error (CLIENT_CANCELLED), never silently dropped.
+counted as an error (CLIENT_CANCELLED), never silently dropped. An optional `stop` event
+(the CLI sets it on Ctrl-C) ends the sending early the same way, so a cut-short run still
+has its records.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from loadtest.workload import Caller, CallOutcome, WorkItem, Workload
 
@@ -122,9 +125,12 @@ class RunResult:
     concurrency: int | None = None
     duration_s: float = 0.0
     max_requests: int = 0
-    # Open loop: the span of the arrival schedule, duration_s unless --max-requests ended
-    # it first (then the last arrival plus one mean gap); None: duration_s.
+    # The span of sending: open loop, the arrival schedule, duration_s unless --max-requests
+    # ended it first (then the last arrival plus one mean gap); either loop, at most
+    # interrupted_at_s; None: duration_s.
     schedule_s: float | None = None
+    # Seconds into the run when `stop` ended the sending early (Ctrl-C); None: it was not.
+    interrupted_at_s: float | None = None
 
 
 def make_record(
@@ -157,6 +163,18 @@ def make_record(
 OnDone = Callable[[RequestRecord], None]
 
 
+async def _stopped_after(delay: float, stop: asyncio.Event | None) -> bool:
+    """Sleep `delay` seconds, cut short when `stop` is set; True when it is (send no more)."""
+    if stop is None:
+        if delay > 0:
+            await asyncio.sleep(delay)
+        return False
+    if delay > 0 and not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+    return stop.is_set()
+
+
 # --- open loop -----------------------------------------------------------------------------
 
 
@@ -169,8 +187,10 @@ async def run_open_loop(
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     on_done: OnDone | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    stop: asyncio.Event | None = None,
 ) -> list[RequestRecord]:
-    """Send items[i] at t0 + offsets[i] regardless of how earlier requests are doing."""
+    """Send items[i] at t0 + offsets[i] regardless of how earlier requests are doing, until
+    `stop` is set."""
     if len(items) < len(offsets):
         raise ValueError(f"need one item per arrival: {len(items)} items, {len(offsets)} arrivals")
     records: list[RequestRecord] = []
@@ -197,9 +217,8 @@ async def run_open_loop(
 
     for item, offset in zip(items, offsets, strict=False):
         intended = t0 + offset
-        delay = intended - clock()
-        if delay > 0:
-            await asyncio.sleep(delay)
+        if await _stopped_after(intended - clock(), stop):
+            break
         if len(in_flight) >= max_in_flight:
             now = clock()
             backlog = CallOutcome(
@@ -239,8 +258,10 @@ async def run_closed_loop(
     drain_timeout_s: float = 30.0,
     on_done: OnDone | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    stop: asyncio.Event | None = None,
 ) -> list[RequestRecord]:
-    """`concurrency` workers, each sending its next request when the last one returns."""
+    """`concurrency` workers, each sending its next request when the last one returns,
+    until `stop` is set."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     check_bounds(duration_s, max_requests)
@@ -248,10 +269,11 @@ async def run_closed_loop(
     t0 = clock()
     deadline = t0 + duration_s
     claimed = 0
+    stopping = stop if stop is not None else asyncio.Event()  # never set: run to the bounds
 
     async def worker() -> None:
         nonlocal claimed
-        while claimed < max_requests and clock() < deadline:
+        while claimed < max_requests and clock() < deadline and not stopping.is_set():
             claimed += 1
             item = workload.next()
             intended = clock()
@@ -272,16 +294,23 @@ async def run_closed_loop(
                 on_done(record)
 
     tasks = {asyncio.create_task(worker()) for _ in range(concurrency)}
-    # Workers stop sending at the deadline; give in-flight calls the drain timeout.
-    _, pending = await asyncio.wait(tasks, timeout=duration_s + max(0.0, drain_timeout_s))
-    for task in pending:
-        task.cancel()
-    if pending:
-        await asyncio.gather(*pending, return_exceptions=True)
+    # Workers stop claiming at the deadline or when `stop` is set; from then on, in-flight
+    # calls get the drain timeout.
+    stopped = asyncio.create_task(stopping.wait())
+    sending: set[asyncio.Future[Any]] = {asyncio.gather(*tasks, return_exceptions=True), stopped}
+    await asyncio.wait(sending, timeout=duration_s, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    await _drain({task for task in tasks if not task.done()}, drain_timeout_s)
     return records
 
 
 # --- one run -------------------------------------------------------------------------------
+
+
+async def _set_at(event: asyncio.Event) -> float:
+    """The perf_counter time `event` was set: when an interruption stopped the sending."""
+    await event.wait()
+    return time.perf_counter()
 
 
 async def run_load(
@@ -297,8 +326,13 @@ async def run_load(
     drain_timeout_s: float = 30.0,
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     on_done: OnDone | None = None,
+    stop: asyncio.Event | None = None,
 ) -> RunResult:
-    """Open loop when `rate` is given, closed loop when `concurrency` is; never both."""
+    """Open loop when `rate` is given, closed loop when `concurrency` is; never both.
+
+    Setting `stop` ends the sending early (in-flight requests still get the drain timeout);
+    the result then covers the span that ran and says when it was interrupted.
+    """
     if (rate is None) == (concurrency is None):
         raise ValueError("give exactly one of rate (open loop) or concurrency (closed loop)")
     check_bounds(duration_s, max_requests)
@@ -310,18 +344,19 @@ async def run_load(
         if offsets and len(offsets) >= max_requests:
             schedule_s = min(duration_s, offsets[-1] + 1.0 / rate)
         items = workload.take(len(offsets))
-        records = await run_open_loop(
+        sending = run_open_loop(
             caller,
             items,
             offsets,
             drain_timeout_s=drain_timeout_s,
             max_in_flight=max_in_flight,
             on_done=on_done,
+            stop=stop,
         )
         mode: Literal["open", "closed"] = "open"
     else:
         assert concurrency is not None
-        records = await run_closed_loop(
+        sending = run_closed_loop(
             caller,
             workload,
             concurrency,
@@ -329,8 +364,19 @@ async def run_load(
             max_requests,
             drain_timeout_s=drain_timeout_s,
             on_done=on_done,
+            stop=stop,
         )
         mode = "closed"
+    watch = asyncio.create_task(_set_at(stop)) if stop is not None else None
+    begun = time.perf_counter()  # the loops' t0 follows within microseconds
+    records = await sending
+    interrupted_at: float | None = None
+    if watch is not None and stop is not None and stop.is_set():
+        # The watcher may not have run yet when the event was set as the run ended.
+        interrupted_at = (watch.result() if watch.done() else time.perf_counter()) - begun
+        schedule_s = min(schedule_s or duration_s, interrupted_at)
+    if watch is not None:
+        watch.cancel()
     elapsed = time.perf_counter() - start
     if records:
         # Throughput is over the time the run took to finish its work, and in open loop at
@@ -348,4 +394,5 @@ async def run_load(
         duration_s=duration_s,
         max_requests=max_requests,
         schedule_s=schedule_s,
+        interrupted_at_s=interrupted_at,
     )

@@ -124,7 +124,7 @@ def _summarize_records(records: Sequence[RequestRecord], elapsed: float) -> dict
 def summarize(result: RunResult) -> dict[str, Any]:
     """The JSON-ready summary of one run, overall and by request kind."""
     records = result.records
-    # The arrivals' span: shorter than the duration when --max-requests ended them.
+    # The span of sending: shorter than the duration when --max-requests or Ctrl-C ended it.
     window = result.schedule_s or result.duration_s
     summary: dict[str, Any] = {
         "mode": result.mode,
@@ -134,6 +134,7 @@ def summarize(result: RunResult) -> dict[str, Any]:
         "duration_s": result.duration_s,
         "max_requests": result.max_requests,
         "elapsed_s": result.elapsed_s,
+        "interrupted_at_s": result.interrupted_at_s,
         # Realised arrival rate (a short Poisson run offers more or less than its rate).
         "arrival_rate": (len(records) / window if result.mode == "open" and window > 0 else None),
         **_summarize_records(records, result.elapsed_s),
@@ -255,6 +256,15 @@ def _client_limited_md(summary: dict[str, Any]) -> list[str]:
     ]
 
 
+def _interrupted_md(summary: dict[str, Any]) -> list[str]:
+    if summary.get("interrupted_at_s") is None:
+        return []
+    return [
+        f"- **interrupted**: stopped by Ctrl-C after {summary['interrupted_at_s']:.1f} s; "
+        "the rates cover that span, not the whole duration"
+    ]
+
+
 def markdown_run(summary: dict[str, Any], title: str = "Load test") -> str:
     """A Markdown summary of one run: throughput, latency table by kind, errors."""
     sent = _rate_2(summary.get("sent_rate"))
@@ -270,6 +280,7 @@ def markdown_run(summary: dict[str, Any], title: str = "Load test") -> str:
         f"{load}; {summary['requests']} requests in {summary['elapsed_s']:.1f} s "
         f"(bounds: {summary['duration_s']:g} s, {summary['max_requests']} requests).",
         "",
+        *_interrupted_md(summary),
         f"- throughput: **{summary['throughput_rps']:.2f} req/s**, "
         f"**{summary['tokens_per_s']:.1f} output tokens/s**",
         f"- errors: {summary['errors'] or 'none'} (rate {summary['error_rate']:.2%})",
@@ -312,6 +323,8 @@ def markdown_sweep(steps: Sequence[dict[str, Any]], knee: dict[str, Any]) -> str
         )
     elif knee["saturated"]:
         ending = f"; first unhealthy step at {_rate(knee['first_unhealthy_rate'])} req/s."
+    elif steps and steps[-1].get("interrupted_at_s") is not None:
+        ending = "; the sweep was stopped by Ctrl-C before saturation (later rates not run)."
     else:
         ending = "; the sweep ended before saturation (raise --max-rate)."
     lines = [
@@ -330,6 +343,8 @@ def markdown_sweep(steps: Sequence[dict[str, Any]], knee: dict[str, Any]) -> str
         offered = _rate(s["offered_rate"])
         if s.get("client_limited"):
             offered += " (client-limited)"
+        if s.get("interrupted_at_s") is not None:
+            offered += f" (Ctrl-C after {s['interrupted_at_s']:.1f} s)"
         lines.append(
             f"| {offered} | {_rate_2(s.get('arrival_rate'))} | {_rate_2(s.get('sent_rate'))} "
             f"| {s['throughput_rps']:.2f} | {s['tokens_per_s']:.1f} | {s['ok']} "

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 
 from loadtest.generator import (
+    RunResult,
     arrival_offsets,
     make_record,
     run_closed_loop,
     run_load,
     run_open_loop,
 )
+from loadtest.report import summarize
 from loadtest.workload import CallOutcome, WorkItem, Workload
 
 SERVICE_S = 0.05
@@ -274,3 +277,70 @@ def test_rates_are_over_the_schedule_when_the_count_ends_it() -> None:
     assert summary["arrival_rate"] == pytest.approx(100.0)
     assert summary["sent_rate"] == pytest.approx(100.0, rel=0.1)
     assert summary["throughput_rps"] == pytest.approx(100.0, rel=0.1)
+
+
+async def answered_after_200_ms(item: WorkItem) -> CallOutcome:
+    await asyncio.sleep(0.2)
+    return CallOutcome(output_tokens=1)
+
+
+def stopped_run(stop_after_s: float, **kwargs: Any) -> RunResult:
+    """run_load with `stop` set stop_after_s into the run (what Ctrl-C does in the CLI)."""
+
+    async def main() -> RunResult:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().call_later(stop_after_s, stop.set)
+        workload = Workload(["a"], {"translate": 1.0})
+        return await run_load(answered_after_200_ms, workload, stop=stop, **kwargs)
+
+    return asyncio.run(main())
+
+
+def test_stop_ends_the_arrivals_and_lets_in_flight_requests_finish() -> None:
+    # Constant 20 req/s for up to 10 s, stopped 0.5 s in: the arrivals so far went out,
+    # none after, and the ones in flight at the stop were answered (not cancelled).
+    start = time.perf_counter()
+    result = stopped_run(0.5, rate=20.0, arrivals="constant", duration_s=10.0)
+    assert time.perf_counter() - start < 2.0
+    stopped = result.interrupted_at_s
+    assert stopped == pytest.approx(0.5, abs=0.1)
+    records = result.records
+    assert all(r.ok for r in records)
+    assert all(r.intended <= stopped for r in records)
+    assert len(records) >= int(stopped * 20) - 1
+    assert max(r.done for r in records) > stopped
+    # The rates are over the 0.5 s that ran, not the 10 s bound.
+    assert result.schedule_s == stopped
+    summary = summarize(result)
+    assert summary["interrupted_at_s"] == stopped
+    assert summary["arrival_rate"] == pytest.approx(len(records) / stopped)
+    assert summary["arrival_rate"] == pytest.approx(20.0, rel=0.25)
+    assert summary["throughput_rps"] == pytest.approx(len(records) / result.elapsed_s)
+    assert result.elapsed_s == pytest.approx(max(r.done for r in records))
+
+
+def test_stop_ends_the_closed_loop_claims_and_lets_in_flight_requests_finish() -> None:
+    # 3 workers, answers after 0.2 s, stopped 0.3 s in: the requests then in flight are
+    # answered, and no worker claims another.
+    start = time.perf_counter()
+    result = stopped_run(0.3, rate=None, concurrency=3, duration_s=10.0)
+    assert time.perf_counter() - start < 2.0
+    stopped = result.interrupted_at_s
+    assert stopped == pytest.approx(0.3, abs=0.1)
+    records = result.records
+    assert 3 <= len(records) <= 6 and all(r.ok for r in records)
+    assert all(r.sent <= stopped for r in records)
+    assert max(r.done for r in records) > stopped
+    summary = summarize(result)
+    assert summary["interrupted_at_s"] == stopped
+    assert summary["sent_rate"] == pytest.approx(len(records) / stopped)
+
+
+def test_without_stop_a_run_is_not_marked_interrupted() -> None:
+    result = asyncio.run(
+        run_load(
+            answered_after_200_ms, Workload(["a"], {"translate": 1.0}), rate=10.0, duration_s=0.2
+        )
+    )
+    assert result.interrupted_at_s is None
+    assert summarize(result)["interrupted_at_s"] is None

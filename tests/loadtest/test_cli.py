@@ -9,7 +9,9 @@ import datetime as dt
 import json
 import os
 import re
+import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -291,6 +293,82 @@ def test_a_missing_matplotlib_is_refused_before_the_run(
     assert isinstance(raw.exception, typer.BadParameter), raw.exception
     assert "transformer-serving[plot]" in raw.exception.format_message()
     assert not (tmp_path / "out").exists()
+
+
+# The CLI in a child process with FakeCaller for the channel; the first request creates the
+# file $SENDING, so the test interrupts a run that is under way.
+CHILD = """
+import os, pathlib
+import loadtest.__main__ as cli
+from tests.loadtest.test_cli import FakeCaller
+
+class Announcing(FakeCaller):
+    async def __call__(self, item):
+        pathlib.Path(os.environ["SENDING"]).touch()
+        return await super().__call__(item)
+
+cli.GrpcCaller = Announcing
+cli.main()
+"""
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def ctrl_c(tmp: Path, head: list[str], after_s: float = 1.0) -> tuple[int, str, Path]:
+    """Run `python -m loadtest <head>`, press Ctrl-C after_s into the sending; the exit
+    code, the output and the output folder."""
+    out, sending = tmp / "out", tmp / "sending"
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, *head, *common(tmp, out)],
+        cwd=ROOT,
+        env={**os.environ, "SENDING": str(sending)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not sending.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(after_s)
+        child.send_signal(signal.SIGINT)
+        output, _ = child.communicate(timeout=30)
+    finally:
+        child.kill()
+    return child.returncode, output, out
+
+
+def test_ctrl_c_ends_a_run_with_its_report(tmp_path: Path) -> None:
+    code, output, out = ctrl_c(tmp_path, ["run", "--rate", "20", "--duration", "60"])
+    assert code == 130, output
+    assert "interrupted by Ctrl-C" in output
+    summary = json.loads((out / "result.json").read_text())["summary"]
+    stopped = summary["interrupted_at_s"]
+    assert 1.0 <= stopped < 30
+    assert summary["requests"] == len(rows(out)) > 0 and summary["errors"] == {}
+    # Rates over the span that ran: ~20 req/s arrived, not a 60 s window's fraction of it.
+    assert summary["arrival_rate"] == pytest.approx(summary["requests"] / stopped)
+    assert summary["arrival_rate"] > 10
+    assert f"stopped by Ctrl-C after {stopped:.1f} s" in (out / "summary.md").read_text()
+
+
+def test_ctrl_c_ends_a_sweep_at_its_current_step(tmp_path: Path) -> None:
+    code, output, out = ctrl_c(tmp_path, ["sweep", "--rates", "20,40", "--step-duration", "60"])
+    assert code == 130, output
+    steps = json.loads((out / "result.json").read_text())["steps"]
+    assert len(steps) == 1  # 40 req/s was not run
+    assert steps[0]["interrupted_at_s"] >= 1.0
+    assert "stopped by Ctrl-C" in (out / "summary.md").read_text()
+
+
+def test_ctrl_c_ends_a_soak_with_its_rss_so_far(tmp_path: Path) -> None:
+    soak = ["soak", "--rate", "20", "--minutes", "1", "--server-pid", str(os.getpid())]
+    code, output, out = ctrl_c(tmp_path, [*soak, "--sample-interval", "0.2"])
+    assert code == 130, output
+    data = json.loads((out / "result.json").read_text())
+    assert data["summary"]["interrupted_at_s"] >= 1.0
+    assert data["rss"]["samples"] >= 2
+    assert (out / "server_rss.png").exists()
+    assert "stopped by Ctrl-C" in (out / "summary.md").read_text()
 
 
 def test_the_recorded_command_hides_the_token(monkeypatch: pytest.MonkeyPatch) -> None:
