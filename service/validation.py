@@ -34,6 +34,10 @@ _NFKC_MAX_GROWTH = 18
 # Longer ones are normalized a chunk at a time, stopping once past the bound: normalizing
 # costs by the characters it makes (13 ms for 8,192 × U+FDFA), on the event loop.
 _NFKC_CHUNK = 1024
+# A run of spaces counts as one, but counting it costs by the characters sent: a text may
+# be at most this many times the bound as sent (4 MB of spaces and a letter took 0.7 s of
+# the event loop to count, 2 M combining marks 0.5 s).
+SENT_CHARS_FACTOR = 4
 # A model's name is its folder's, which common file systems keep to 255 bytes; a longer
 # request field names no model, and echoing it would swell the status message.
 MAX_MODEL_NAME_CHARS = 255
@@ -214,11 +218,18 @@ def text(field_name: str, value: str, limits: RequestLimits) -> str:
     characters, such as NUL or zero-width spaces), and one too long to be worth tokenizing."""
     if not value.strip():
         raise InvalidArgument(field_name, "is empty")
+    bound = limits.max_input_tokens * CHARS_PER_TOKEN_BOUND
+    if len(value) > SENT_CHARS_FACTOR * bound:  # before any per-character look
+        raise InvalidArgument(
+            field_name,
+            f"{len(value)} characters exceed the limit {SENT_CHARS_FACTOR * bound} as sent "
+            f"({SENT_CHARS_FACTOR} × max_input_tokens {limits.max_input_tokens} × "
+            f"{CHARS_PER_TOKEN_BOUND}, whitespace included)",
+        )
     if all(unicodedata.category(c) in _INVISIBLE for c in value):
         raise InvalidArgument(
             field_name, "has no visible characters (only spaces, control or format characters)"
         )
-    bound = limits.max_input_tokens * CHARS_PER_TOKEN_BOUND
     if len(value) * _NFKC_MAX_GROWTH > bound:
         size, start = 0, 0
         while start < len(value):

@@ -446,6 +446,28 @@ def test_runs_of_spaces_do_not_count_against_the_length_bound(client: Client) ->
     assert client.translate(padded).translations[0].hypotheses[0].text
 
 
+def test_a_text_far_over_the_bound_as_sent_is_refused_before_it_is_counted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Runs of spaces count as one, but a megabyte of them (or of combining marks) took
+    the event loop most of a second to look at character by character: past
+    SENT_CHARS_FACTOR × the bound as sent, a text is refused before any such look."""
+    import service.validation as validation
+
+    limits = validation.RequestLimits()  # 256 tokens: 8,192 characters, 32,768 as sent
+    sent = validation.SENT_CHARS_FACTOR * limits.max_input_tokens * 32
+    assert validation.text("t", "a" + " " * (sent - 2) + "b", limits)  # one run: counted
+
+    class Untouched:
+        def __getattr__(self, name: str) -> None:
+            raise AssertionError(f"unicodedata.{name} called on a text over the limit")
+
+    monkeypatch.setattr(validation, "unicodedata", Untouched())
+    for huge in (" " * 4_000_000 + "a", "a" + "\u0301" * 2_000_000):
+        with pytest.raises(InvalidArgument, match=f"characters exceed the limit {sent} as sent"):
+            validation.text("t", huge, limits)
+
+
 def test_the_length_bound_counts_the_whole_text_across_chunks() -> None:
     """Normalized a chunk at a time, a text counts what it does whole: a run of spaces or
     a letter's combining mark across a chunk boundary is not counted twice."""
