@@ -25,6 +25,7 @@ import shlex
 import signal
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -217,29 +218,36 @@ def _interrupt(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
     loop.remove_signal_handler(signal.SIGINT)
 
 
-def _drive(
-    target: str,
-    timeout: float,
-    max_new_tokens: int,
-    wait_ready_s: float,
-    body: Callable[[Caller], Any],
-    security: ChannelSecurity,
-    stop: asyncio.Event,
-) -> Any:
+@dataclass(frozen=True)
+class _Server:
+    """The server a command loads and how its calls are made (the shared options)."""
+
+    target: str
+    timeout: float
+    max_new_tokens: int
+    wait_ready_s: float
+    security: ChannelSecurity
+
+
+def _drive(server: _Server, body: Callable[[Caller], Any], stop: asyncio.Event) -> Any:
     """Run `body` with a caller connected to a SERVING server; a server that never came up
     is a usage error. Ctrl-C while `body` runs sets `stop` instead of cancelling it, so
     the report of what ran can still be written."""
 
     async def connected() -> Any:
         caller = GrpcCaller(
-            target, timeout_s=timeout, max_new_tokens=max_new_tokens, security=security
+            server.target,
+            timeout_s=server.timeout,
+            max_new_tokens=server.max_new_tokens,
+            security=server.security,
         )
         try:
             try:
-                await caller.wait_ready(wait_ready_s)
+                await caller.wait_ready(server.wait_ready_s)
             except TimeoutError as error:
                 raise _Fail(
-                    f"no server SERVING (grpc.health.v1) at {target} within {wait_ready_s:g} s"
+                    f"no server SERVING (grpc.health.v1) at {server.target} within "
+                    f"{server.wait_ready_s:g} s"
                 ) from error
             loop = asyncio.get_running_loop()
             loop.add_signal_handler(signal.SIGINT, _interrupt, loop, stop)
@@ -320,6 +328,9 @@ def run(
     meta = _meta(target, path, weights, seed, max_new_tokens=max_new_tokens)
     update, close = _progress(_expected(rate, duration, max_requests), progress, "loadtest")
     stop = asyncio.Event()
+    server = _Server(
+        target, timeout, max_new_tokens, wait_ready, ChannelSecurity(token, ca, server_name)
+    )
 
     async def body(caller: Caller) -> RunResult:
         return await run_load(
@@ -338,15 +349,7 @@ def run(
         )
 
     try:
-        result: RunResult = _drive(
-            target,
-            timeout,
-            max_new_tokens,
-            wait_ready,
-            body,
-            ChannelSecurity(token, ca, server_name),
-            stop,
-        )
+        result: RunResult = _drive(server, body, stop)
     finally:
         close()
     meta["finished"] = _now()
@@ -439,6 +442,9 @@ def sweep(
         arrivals=arrivals,
     )
     stop = asyncio.Event()
+    server = _Server(
+        target, timeout, max_new_tokens, wait_ready, ChannelSecurity(token, ca, server_name)
+    )
 
     async def body(caller: Caller) -> list[RunResult]:
         results: list[RunResult] = []
@@ -483,15 +489,7 @@ def sweep(
                     break
         return results
 
-    results: list[RunResult] = _drive(
-        target,
-        timeout,
-        max_new_tokens,
-        wait_ready,
-        body,
-        ChannelSecurity(token, ca, server_name),
-        stop,
-    )
+    results: list[RunResult] = _drive(server, body, stop)
     meta["finished"] = _now()
     paths = report.write_sweep_report(out_dir, results, meta, slo)
     steps = [report.summarize(r) for r in results]
@@ -561,6 +559,9 @@ def soak(
     sampler = RssSampler(pid, sample_interval)
     update, close = _progress(_expected(rate, duration, cap), progress, "soak")
     stop = asyncio.Event()
+    server = _Server(
+        target, timeout, max_new_tokens, wait_ready, ChannelSecurity(token, ca, server_name)
+    )
 
     async def body(caller: Caller) -> RunResult:
         finished = asyncio.Event()
@@ -584,15 +585,7 @@ def soak(
             await sampling
 
     try:
-        result: RunResult = _drive(
-            target,
-            timeout,
-            max_new_tokens,
-            wait_ready,
-            body,
-            ChannelSecurity(token, ca, server_name),
-            stop,
-        )
+        result: RunResult = _drive(server, body, stop)
     finally:
         close()
     rss = sampler.summary()
