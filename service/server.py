@@ -1037,16 +1037,16 @@ class InferenceServer:
     async def _stop_now(self) -> None:
         """After a failed drain: close what is still open, each step whatever the others do."""
         with contextlib.suppress(Exception):
-            await self.server.stop(0)
-        if self.health_server is not None:
-            with contextlib.suppress(Exception):
-                await self.health_server.stop(0)
+            await self.close_ports()
         with contextlib.suppress(Exception):
             await self.backend.close()
+        with contextlib.suppress(Exception):
+            self._stop_metrics()
+
+    def _stop_metrics(self) -> None:
         if self._metrics_server is not None:
-            with contextlib.suppress(Exception):
-                self._metrics_server.shutdown()
-                self._metrics_server.server_close()
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
 
     async def _drain(self) -> None:
         """NOT_SERVING, refuse new calls, let in-flight ones finish (≤ drain_grace_s), stop."""
@@ -1075,13 +1075,11 @@ class InferenceServer:
         if self.health_server is not None:
             await self.health_server.stop(grace=None)
         await self.backend.close()
-        if self._metrics_server is not None:
-            self._metrics_server.shutdown()
-            self._metrics_server.server_close()
+        self._stop_metrics()
         log.info("stopped")
 
     async def close_ports(self) -> None:
-        """After a failed start: stop listening at once (nothing was served)."""
+        """After a failed start or drain: stop listening at once."""
         await self.server.stop(0)
         if self.health_server is not None:
             await self.health_server.stop(0)
