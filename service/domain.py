@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 
 class Task(StrEnum):
@@ -123,10 +123,19 @@ class ReloadSummary:
 
 
 class ServiceError(Exception):
-    """Base of the errors a caller can be told about; message names the cause and limit."""
+    """Base of the errors a caller can be told about; message names the cause and limit.
+
+    `reason` is why the call failed, in a word: the `reason` label of
+    inference_request_failures_total and of the call's log line. A status code alone
+    cannot tell a full queue from an over-size answer (both RESOURCE_EXHAUSTED), nor a
+    drain from a failed engine (both UNAVAILABLE)."""
+
+    reason: str = "unknown"
 
 
 class InvalidArgument(ServiceError):
+    reason = "invalid_argument"
+
     def __init__(self, field_name: str, message: str) -> None:
         super().__init__(f"{field_name}: {message}")
         self.field = field_name
@@ -137,37 +146,54 @@ class InvalidArgument(ServiceError):
 class ResponseTooLarge(ServiceError):
     """The answer is over the server's max message size (known as its texts decode)."""
 
+    reason = "response_too_large"
+
 
 class RequestTooLarge(ServiceError):
     """The request is over the server's max message size."""
 
+    reason = "request_too_large"
+
 
 class ModelNotFound(ServiceError):
-    pass
+    reason = "model_not_found"
 
 
 class QueueFull(ServiceError):
-    pass
+    reason = "queue_full"
 
 
 class DeadlineUnmeetable(ServiceError):
     """Refused at admission: the estimated queue wait exceeds the time left."""
 
+    reason = "deadline_unmeetable"
+
 
 class DeadlineExceeded(ServiceError):
-    pass
+    reason = "deadline_exceeded"
 
 
 class Cancelled(ServiceError):
-    pass
+    reason = "cancelled"
+
+
+UnavailableReason = Literal["loading", "draining", "retired", "engine_failed"]
 
 
 class Unavailable(ServiceError):
-    """Not ready yet or draining for shutdown."""
+    """Not serving this call now; a retry (here later, or on another replica) may succeed.
+
+    `reason`: loading (models not warm yet), draining (shutdown, or the model version's
+    loop is stopping), retired (the version a call resolved was retired by a reload in the
+    meantime), engine_failed (the version's engine died)."""
+
+    def __init__(self, message: str, *, reason: UnavailableReason) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class Unauthenticated(ServiceError):
-    pass
+    reason = "unauthenticated"
 
 
 def bearer_token(value: str) -> str | None:

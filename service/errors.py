@@ -10,10 +10,16 @@ the transport aborts with the result. Choices worth knowing:
 * DeadlineExceeded (the deadline passed, or what is left of it is shorter than one decode
   step, so not even an idle server could answer) → DEADLINE_EXCEEDED.
 * Cancelled → CANCELLED (the client went away; nobody reads the answer).
-* Unavailable (loading, draining) → UNAVAILABLE, which clients retry.
+* Unavailable (loading, draining, a retired version, a failed engine) → UNAVAILABLE, which
+  clients retry.
 * ResponseTooLarge and RequestTooLarge → RESOURCE_EXHAUSTED, what grpc itself answers for
   a message over the size limit; the message says which limit and what to do instead.
 * Anything else is a bug: INTERNAL with a generic message (details only in the logs).
+
+Beside its code, every failed call has a reason (`ServiceError.reason`; "internal" for a
+bug, "cancelled" or "deadline_exceeded" when grpc cancels the handler): the label that
+tells apart failures sharing a code. SERVER_SIDE_REASONS are the ones an operator answers
+for (overload, drain, failures); CLIENT_SIDE_REASONS the caller's to fix.
 """
 
 from __future__ import annotations
@@ -48,17 +54,49 @@ STATUS_OF: dict[type[ServiceError], grpc.StatusCode] = {
 }
 
 INTERNAL_MESSAGE = "internal error; the server log has the details under this request id"
+INTERNAL_REASON = "internal"
+# The failures an operator answers for: the error-ratio recording rule in
+# deploy/monitoring/alerts.rules.yml counts these (a test keeps the two equal). An answer
+# over the max message size is among them: what clients ask for needs a larger
+# SERVE_MAX_MESSAGE_BYTES.
+SERVER_SIDE_REASONS: frozenset[str] = frozenset(
+    {
+        "queue_full",
+        "response_too_large",
+        "deadline_unmeetable",
+        "deadline_exceeded",
+        "loading",
+        "draining",
+        "retired",
+        "engine_failed",
+        INTERNAL_REASON,
+        ServiceError.reason,
+    }
+)
+# The caller's: a bad or over-size request, an unknown model, no credentials, or a client
+# that went away. The transport logs these at INFO, any other failure at WARNING (INTERNAL
+# at ERROR).
+CLIENT_SIDE_REASONS: frozenset[str] = frozenset(
+    {
+        "invalid_argument",
+        "model_not_found",
+        "unauthenticated",
+        "request_too_large",
+        "cancelled",
+    }
+)
 
 
-def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """Status code and caller-facing message for an exception (INTERNAL if unexpected)."""
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
+    """Status code, caller-facing message and reason label for an exception (INTERNAL if
+    unexpected)."""
     if isinstance(exc, ServiceError):
         for cls in type(exc).__mro__:
             code = STATUS_OF.get(cls)  # type: ignore[arg-type]
             if code is not None:
-                return code, str(exc) or cls.__name__
-        return grpc.StatusCode.UNKNOWN, str(exc) or type(exc).__name__
-    return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+                return code, str(exc) or cls.__name__, exc.reason
+        return grpc.StatusCode.UNKNOWN, str(exc) or type(exc).__name__, exc.reason
+    return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE, INTERNAL_REASON
 
 
 def code_name(code: grpc.StatusCode) -> str:

@@ -139,6 +139,16 @@ class Metrics:
             ["method", "model", "code"],
             registry=r,
         )
+        self.request_failures = Counter(
+            "inference_request_failures",  # exposed as inference_request_failures_total
+            "Calls that did not end OK, by why (one word; what a status code alone cannot "
+            "tell apart). The server's side: queue_full, response_too_large, "
+            "deadline_unmeetable, deadline_exceeded, loading, draining, retired, "
+            "engine_failed, internal. The caller's: invalid_argument, model_not_found, "
+            "unauthenticated, request_too_large, cancelled.",
+            ["method", "model", "reason"],
+            registry=r,
+        )
         self.input_tokens = Counter(
             "inference_input_tokens",
             "Input tokens of the sequences admitted to a batch.",
@@ -201,10 +211,15 @@ class Metrics:
         self.gpu_memory_used = GpuMemoryCollector()
         r.register(self.gpu_memory_used)
 
-    def observe_request(self, method: str, model: str, code: str, seconds: float) -> None:
-        """One finished RPC (called by the transport)."""
+    def observe_request(
+        self, method: str, model: str, code: str, seconds: float, reason: str | None = None
+    ) -> None:
+        """One finished RPC (called by the transport); `reason` is why it failed, None
+        when it ended OK."""
         self.request_duration.labels(method=method, model=model, code=code).observe(seconds)
         self.requests.labels(method=method, model=model, code=code).inc()
+        if reason is not None:
+            self.request_failures.labels(method=method, model=model, reason=reason).inc()
 
 
 class GpuMemoryCollector(Collector):

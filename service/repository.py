@@ -80,7 +80,9 @@ class ModelVersion:
         """Hold the version for one request; refused once it is retired."""
         with self._lock:
             if self._retired:
-                raise Unavailable(f"model {self.key} was retired by a reload; retry")
+                raise Unavailable(
+                    f"model {self.key} was retired by a reload; retry", reason="retired"
+                )
             self._in_flight += 1
 
     def release(self) -> None:
@@ -368,7 +370,7 @@ class ModelRepository:
             for entry in candidates:
                 if usable(entry):
                     return entry
-            raise Unavailable(f"model {newest.key} is loading; retry shortly")
+            raise Unavailable(f"model {newest.key} is loading; retry shortly", reason="loading")
 
     def discard(self, entry: ModelVersion, reason: str) -> None:
         """Drop a version that could not be served (its engine failed to load)."""

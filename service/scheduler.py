@@ -271,7 +271,7 @@ class _ModelLoop:
     def enqueue(self, job: _Job) -> None:
         """Queue a job or refuse it now (QueueFull, DeadlineExceeded, DeadlineUnmeetable)."""
         if not self.accepting:
-            raise Unavailable(f"model {self.entry.key} is stopping; retry")
+            raise Unavailable(f"model {self.entry.key} is stopping; retry", reason="draining")
         if len(self.waiting) >= self.config.max_queue:
             raise QueueFull(
                 f"model {self.entry.key}: {len(self.waiting)} sequences already waiting "
@@ -448,7 +448,9 @@ class _ModelLoop:
         """Nothing decodes for this version any more: refuse new requests and fail the
         ones it holds with Unavailable (retried elsewhere); model_ready reads 0."""
         self.accepting = False
-        failure = Unavailable(f"model {self.entry.key} stopped: its engine failed ({error})")
+        failure = Unavailable(
+            f"model {self.entry.key} stopped: its engine failed ({error})", reason="engine_failed"
+        )
         jobs = [*self.waiting, *self.running.values()]
         self.waiting.clear()
         self._held.clear()
@@ -655,7 +657,9 @@ class _ModelLoop:
                 f"({job.generated} tokens generated)"
             )
         if job.abort == "shutdown":
-            return Unavailable("the server stopped before the request finished; retry")
+            return Unavailable(
+                "the server stopped before the request finished; retry", reason="draining"
+            )
         return Cancelled("request cancelled by the caller")
 
     # --- shutdown --------------------------------------------------------------------
@@ -766,7 +770,7 @@ class Scheduler:
         """Rescan the repository: start new versions beside the running ones (they take
         traffic once warm), drain and stop the retired ones."""
         if self._stopping:
-            raise Unavailable("the scheduler is stopping; reload refused")
+            raise Unavailable("the scheduler is stopping; reload refused", reason="draining")
         if self._reload_lock is None:
             self._reload_lock = asyncio.Lock()
         async with self._reload_lock:
@@ -831,7 +835,7 @@ class Scheduler:
         engine = await asyncio.to_thread(self.engine_factory, entry, self.engine_options)
         if self._stopping:  # stop() ran while it loaded: it would never close a loop now
             await asyncio.to_thread(engine.close)
-            raise Unavailable(f"the scheduler stopped while {entry.key} loaded")
+            raise Unavailable(f"the scheduler stopped while {entry.key} loaded", reason="draining")
         if engine.provider == CUDA_PROVIDER and engine.options.device_id not in self._gpus:
             self._gpus.add(engine.options.device_id)
             try:
@@ -916,7 +920,9 @@ class Scheduler:
         """Resolve the model, tokenize, check limits and budgets, queue: the refusals
         all happen here, before anything is decoded."""
         if self._stopping:
-            raise Unavailable("the server is shutting down; retry on another replica")
+            raise Unavailable(
+                "the server is shutting down; retry on another replica", reason="draining"
+            )
         entry = self.repository.get(request.model, request.version, request.task, self._usable)
         loop = self._loops[entry.key]
         engine = loop.engine

@@ -35,6 +35,8 @@ from grpc_reflection.v1alpha import reflection
 
 from service import signals, validation
 from service.domain import (
+    Cancelled,
+    DeadlineExceeded,
     DecodingParams,
     FinishReason,
     HypothesisResult,
@@ -51,7 +53,7 @@ from service.domain import (
     Unauthenticated,
     Unavailable,
 )
-from service.errors import code_name, status_of
+from service.errors import CLIENT_SIDE_REASONS, code_name, status_of
 from service.gen.inference.v1 import inference_pb2 as pb
 from service.gen.inference.v1 import inference_pb2_grpc as pb_grpc
 from service.logging import request_id_var
@@ -66,15 +68,6 @@ SERVICE_NAMES: dict[str, str] = {
     "models": pb.DESCRIPTOR.services_by_name["Models"].full_name,
 }
 REQUEST_ID_KEY = "x-request-id"
-# Refusals an operator watches for, logged at WARNING: overload (a full queue, a deadline
-# the queue cannot meet; an over-size request shares the code), drain, deadlines passed.
-_SERVER_SIDE = frozenset(
-    {
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-    }
-)
 # Matched whole (fullmatch): `$` would let a trailing newline through, which grpc then
 # refuses to send back in the trailer (the call fails with INTERNAL, counted as OK).
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
@@ -224,9 +217,11 @@ class Transport:
 
     def admit(self) -> None:
         if self.draining:
-            raise Unavailable("server is shutting down; retry on another replica")
+            raise Unavailable(
+                "server is shutting down; retry on another replica", reason="draining"
+            )
         if not self.ready:
-            raise Unavailable("models are loading; retry shortly")
+            raise Unavailable("models are loading; retry shortly", reason="loading")
 
     def fits(self, message: T, method: str) -> T:
         """`message`, if it is within the max message size: refused here, with the reason
@@ -272,17 +267,25 @@ class Transport:
         return True
 
     def _finish(
-        self, method: str, state: CallState, code: grpc.StatusCode, started: float, error: str
+        self,
+        method: str,
+        state: CallState,
+        code: grpc.StatusCode,
+        started: float,
+        error: str,
+        reason: str | None,
     ) -> None:
         seconds = time.monotonic() - started
         label = state.model or UNKNOWN_MODEL_LABEL
-        self.metrics.observe_request(method, label, code_name(code), seconds)
+        self.metrics.observe_request(method, label, code_name(code), seconds, reason)
         extra: dict[str, object] = {
             "method": method,
             "model": label,
             "code": code_name(code),
             "duration_ms": round(seconds * 1000, 2),
         }
+        if reason is not None:
+            extra["reason"] = reason
         for key in ("version", "input_tokens", "output_tokens"):
             if getattr(state, key) is not None:
                 extra[key] = getattr(state, key)
@@ -291,13 +294,13 @@ class Transport:
         elif code in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
             log.info("call finished", extra=extra)
         else:  # the server's own refusals (overload, drain, deadline) warn; bad calls inform
-            level = logging.WARNING if code in _SERVER_SIDE else logging.INFO
+            level = logging.INFO if reason in CLIENT_SIDE_REASONS else logging.WARNING
             log.log(level, "call refused: %s", error, extra={**extra, "error": error})
 
     @staticmethod
     def _cancel_status(
         context: grpc.aio.ServicerContext, budget: float | None
-    ) -> tuple[grpc.StatusCode, str]:
+    ) -> tuple[grpc.StatusCode, str, str]:
         """Why grpc cancelled the handler: the deadline passed, or the client went away.
         The server's copy of a deadline ends later than the client's by the time the call
         took to arrive (long in a burst), so a cancellation that close to it is the client's
@@ -305,8 +308,8 @@ class Transport:
         remaining = context.time_remaining()
         near = max(0.1, DEADLINE_SLACK * budget) if budget is not None else None
         if remaining is not None and near is not None and remaining <= near:
-            return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
-        return grpc.StatusCode.CANCELLED, "cancelled by the client"
+            return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded", DeadlineExceeded.reason
+        return grpc.StatusCode.CANCELLED, "cancelled by the client", Cancelled.reason
 
     # -- wrappers ---------------------------------------------------------------------
 
@@ -324,7 +327,7 @@ class Transport:
         started = time.monotonic()
         budget = context.time_remaining()
         self._enter()
-        code, message = grpc.StatusCode.OK, ""
+        code, message, reason = grpc.StatusCode.OK, "", None
         try:
             self.authenticate(metadata)
             if not public:
@@ -332,14 +335,14 @@ class Transport:
             yield state
             return
         except (asyncio.CancelledError, GeneratorExit):
-            code, message = self._cancel_status(context, budget)
+            code, message, reason = self._cancel_status(context, budget)
             raise
         except Exception as exc:
-            code, message = status_of(exc)
+            code, message, reason = status_of(exc)
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("unexpected error in %s", method)
         finally:
-            self._finish(method, state, code, started, message)
+            self._finish(method, state, code, started, message, reason)
             self._leave()
             request_id_var.reset(token)
         try:
@@ -727,7 +730,7 @@ class ModelsServicer(_Servicer, pb_grpc.ModelsServicer):
         async def handle(state: CallState) -> pb.ReloadResponse:
             state.model = "all"
             if self.transport.draining:
-                raise Unavailable("server is shutting down; reload refused")
+                raise Unavailable("server is shutting down; reload refused", reason="draining")
             summary = await self._reload()
             return pb.ReloadResponse(
                 loaded=summary.loaded, retired=summary.retired, failed=summary.failed

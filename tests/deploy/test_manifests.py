@@ -39,6 +39,7 @@ from tests.deploy.helpers import (
     recorded_names,
     render,
     rule_groups,
+    rules_exprs,
     run,
     tool,
     used_series,
@@ -432,6 +433,23 @@ def test_dashboard_shape() -> None:
 
 
 # --- metric names --------------------------------------------------------------------------------
+
+
+def test_the_error_ratio_counts_the_server_side_reasons_of_the_service() -> None:
+    """The recording rule and the dashboard's ratio count exactly the failures
+    service/errors.py calls the server's own: a reason added there and not here would
+    never alert."""
+    from service.errors import SERVER_SIDE_REASONS
+
+    def reasons(expr: str) -> set[str]:
+        found = re.findall(r'inference_request_failures_total\{[^}]*reason=~"([^"]+)"', expr)
+        assert len(found) == 1, expr
+        return set(found[0].split("|"))
+
+    assert reasons(rules_exprs()["model:inference_requests_errors:ratio_rate5m"]) == set(
+        SERVER_SIDE_REASONS
+    )
+    assert reasons(dashboard_exprs()["Server-side error ratio [A]"]) == set(SERVER_SIDE_REASONS)
 
 
 def test_used_metrics_are_declared_by_the_service() -> None:

@@ -336,6 +336,12 @@ def test_metrics_endpoint(server: ServerHandle, client: Client) -> None:
     }
     assert requests[("Translate", "en-es", "OK")] >= 1
     assert requests[("Translate", "en-es", "INVALID_ARGUMENT")] >= 1
+    failures = {
+        (s.labels["method"], s.labels["model"], s.labels["reason"]): s.value
+        for s in families["inference_request_failures"].samples
+        if s.name == "inference_request_failures_total"
+    }
+    assert failures[("Translate", "en-es", "invalid_argument")] >= 1
     ready = {
         (s.labels["model"], s.labels["version"]): s.value
         for s in families["inference_model_ready"].samples

@@ -225,6 +225,13 @@ class InProcessServer:
         )
         return value or 0.0
 
+    def failures(self, method: str, model: str, reason: str) -> float:
+        value = self.metrics.registry.get_sample_value(
+            "inference_request_failures_total",
+            {"method": method, "model": model, "reason": reason},
+        )
+        return value or 0.0
+
 
 @pytest.fixture(scope="module")
 def fake() -> Iterator[InProcessServer]:
@@ -539,15 +546,26 @@ def test_domain_errors_map_to_status_codes(
             assert _code(error) == code
     assert "secret" not in error.value.details()  # type: ignore[attr-defined]
     # The server's own refusals warn (they stay in logs at level WARNING); bad calls inform.
-    levels = {(r.__dict__.get("code"), r.levelname) for r in caplog.records if "code" in r.__dict__}
+    # Each line names the reason, which the code alone does not tell.
+    levels = {
+        (r.__dict__["code"], r.__dict__.get("reason"), r.levelname)
+        for r in caplog.records
+        if "code" in r.__dict__
+    }
     assert levels == {
-        ("NOT_FOUND", "INFO"),
-        ("RESOURCE_EXHAUSTED", "WARNING"),
-        ("INTERNAL", "ERROR"),
+        ("NOT_FOUND", "model_not_found", "INFO"),
+        ("RESOURCE_EXHAUSTED", "queue_full", "WARNING"),
+        ("RESOURCE_EXHAUSTED", "deadline_unmeetable", "WARNING"),
+        ("INTERNAL", "internal", "ERROR"),
     }
     # An unknown model name never becomes a metric label.
     assert fake.counter("Translate", "unknown", "NOT_FOUND") >= 1
     assert fake.counter("Translate", "en-es", "RESOURCE_EXHAUSTED") >= 2
+    # The failures counter tells the two RESOURCE_EXHAUSTED apart.
+    assert fake.failures("Translate", "unknown", "model_not_found") >= 1
+    assert fake.failures("Translate", "en-es", "queue_full") >= 1
+    assert fake.failures("Translate", "en-es", "deadline_unmeetable") >= 1
+    assert fake.failures("Translate", "en-es", "internal") >= 1
 
 
 def test_a_multi_text_call_without_queue_room_queues_none_of_its_texts(
@@ -574,6 +592,16 @@ def test_metrics_count_calls_by_code(client: Client, fake: InProcessServer) -> N
     with pytest.raises(grpc.RpcError):
         client.generate("x", temperature=-1)
     assert fake.counter("GenerateUnary", "en-lm", "INVALID_ARGUMENT") == invalid + 1
+    assert fake.failures("GenerateUnary", "en-lm", "invalid_argument") == invalid + 1
+    # Every call that did not end OK is counted once among the failures, under one reason.
+    samples = [s for m in fake.metrics.registry.collect() for s in m.samples]
+    not_ok = sum(
+        s.value
+        for s in samples
+        if s.name == "inference_requests_total" and s.labels["code"] != "OK"
+    )
+    failed = sum(s.value for s in samples if s.name == "inference_request_failures_total")
+    assert not_ok == failed > 0
     # Durations by status too: a refusal answered at once stays out of the OK latencies.
     for code in ("OK", "INVALID_ARGUMENT"):
         labels = {"method": "GenerateUnary", "model": "en-lm", "code": code}
@@ -633,6 +661,8 @@ def test_a_request_over_the_max_message_size_is_refused_and_counted() -> None:
             assert _code(error) == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert server.counter("Translate", "unknown", "RESOURCE_EXHAUSTED") == 1
         assert server.counter("TranslateStream", "unknown", "RESOURCE_EXHAUSTED") == 1
+        assert server.failures("Translate", "unknown", "request_too_large") == 1
+        assert server.failures("TranslateStream", "unknown", "request_too_large") == 1
     finally:
         server.stop()
 
@@ -659,6 +689,8 @@ def test_an_answer_over_the_max_message_size_is_refused_and_counted() -> None:
         assert server.counter("Translate", "en-es", "RESOURCE_EXHAUSTED") == 1
         assert server.counter("TranslateStream", "en-es", "RESOURCE_EXHAUSTED") == 1
         assert server.counter("Translate", "en-es", "OK") == 1
+        assert server.failures("Translate", "en-es", "response_too_large") == 1
+        assert server.failures("TranslateStream", "en-es", "response_too_large") == 1
     finally:
         server.stop()
 
@@ -732,7 +764,9 @@ def test_a_cancellation_near_the_deadline_counts_as_deadline_exceeded(
         def time_remaining(self) -> float | None:
             return remaining
 
-    assert Transport._cancel_status(Context(), budget)[0] == code  # type: ignore[arg-type]
+    status, _, reason = Transport._cancel_status(Context(), budget)  # type: ignore[arg-type]
+    assert status == code
+    assert reason == code.name.lower()  # deadline_exceeded or cancelled
 
 
 def test_client_cancellation_cancels_the_backend_task(fake: InProcessServer) -> None:
