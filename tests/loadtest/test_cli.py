@@ -203,6 +203,43 @@ def test_sweep_records_carry_their_step(runs: dict[str, Any]) -> None:
     assert {r["offered_rate"] for r in records} == {20.0, 30.0}
 
 
+class DyingServer(FakeCaller):
+    """Answers the first calls, then fails every one as a server that went away would."""
+
+    async def __call__(self, item: WorkItem) -> CallOutcome:
+        if len(FakeCaller.calls) < 5:
+            return await super().__call__(item)
+        FakeCaller.calls.append(time.time())
+        return CallOutcome(code="UNAVAILABLE", detail="failed to connect to all addresses")
+
+
+class SheddingServer(FakeCaller):
+    """Refuses every other call for load, as an overloaded server does."""
+
+    async def __call__(self, item: WorkItem) -> CallOutcome:
+        outcome = await super().__call__(item)
+        return outcome if len(FakeCaller.calls) % 2 else CallOutcome(code="RESOURCE_EXHAUSTED")
+
+
+def test_a_run_whose_server_went_away_fails_with_its_report(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ["run", "--rate", "40", "--duration", "0.5", *common(tmp_path, out)]
+    result, calls = invoke(args, caller=DyingServer)
+    assert result.exit_code == 1, result.output
+    failed = len(calls) - 5
+    assert f"{failed} of {len(calls)} requests failed (UNAVAILABLE {failed})" in result.output
+    summary = json.loads((out / "result.json").read_text())["summary"]
+    assert summary["errors"]["UNAVAILABLE"] == failed > 0
+
+
+def test_load_shedding_does_not_fail_a_run(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ["run", "--rate", "40", "--duration", "0.5", *common(tmp_path, out)]
+    result, _ = invoke(args, caller=SheddingServer)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "result.json").read_text())["summary"]["errors"]["RESOURCE_EXHAUSTED"]
+
+
 def test_sweep_stops_at_a_client_limited_step(tmp_path: Path) -> None:
     # Every call blocks the loop for 40 ms, so at most 25 req/s leave against 100 offered:
     # the client, not the (instant) server, is the limit, and the sweep must say so.
