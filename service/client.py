@@ -50,17 +50,37 @@ _FLOAT32 = ("length_penalty", "temperature", "top_p")
 # The longest deadline a call may ask for: grpc turns a far larger one into an instant
 # DEADLINE_EXCEEDED.
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
-_ROUND_ROBIN = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
-# gRPC client-side health checking: calls go only to replicas whose health ("") reads
-# SERVING, so one that drains (or loses a model) stops getting them at once.
-_HEALTH_CHECKED = json.dumps(
-    {"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": ""}}
-)
+# grpc caps a retry policy's maxAttempts at 5: the first attempt and 4 retries.
+MAX_RETRIES = 4
 PLOT_FORMATS = (".png", ".svg", ".pdf")
 PLOT_NEEDS = (
     "drawing needs matplotlib, which the serving image leaves out: "
     "pip install 'transformer-serving[plot]' (or matplotlib)"
 )
+
+
+def service_config(health_checked: bool = False, retries: int = 0) -> str:
+    """The channel's gRPC service config (JSON): round_robin, so that several replicas
+    behind one DNS name share the calls, not just the connections; with health_checked,
+    client-side health checking (only replicas whose "" health reads SERVING get calls);
+    with retries, a retry policy on UNAVAILABLE for every method."""
+    config: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}]}
+    if health_checked:
+        config["healthCheckConfig"] = {"serviceName": ""}
+    if retries:
+        config["methodConfig"] = [
+            {
+                "name": [{}],  # every method of every service
+                "retryPolicy": {
+                    "maxAttempts": retries + 1,
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    return json.dumps(config)
 
 
 class Client:
@@ -74,7 +94,12 @@ class Client:
     target of several replicas (`dns:///` of a headless Service), call only those whose
     health reads SERVING, so a draining one stops getting calls at once; off by default,
     as a lone server's own refusal (and its reason) then becomes the client's "backend
-    unhealthy", and model listing while it loads or drains is refused too.
+    unhealthy", and model listing while it loads or drains is refused too. retries: how
+    often grpc retries a call refused with UNAVAILABLE (a replica draining, loading, or
+    whose engine failed; a lost connection), after 0.1 s, 0.2 s, ... (randomized, at most
+    1 s) and within the call's deadline; over several replicas each retry goes to the next
+    one. A stream is retried only before its first message, so no token comes twice. Off
+    by default: every attempt is a call the server counts and logs.
     """
 
     def __init__(
@@ -87,17 +112,19 @@ class Client:
         server_name: str | None = None,
         max_message_bytes: int = 64 << 20,
         health_checked: bool = False,
+        retries: int = 0,
     ) -> None:
         if timeout is not None and not 0 < timeout <= MAX_TIMEOUT_S:
             raise ValueError(
                 f"timeout: must be in (0, {MAX_TIMEOUT_S:g}] seconds, or None for no "
                 f"deadline; got {timeout}"
             )
+        if not 0 <= retries <= MAX_RETRIES:
+            raise ValueError(f"retries: must be in [0, {MAX_RETRIES}] (grpc's cap); got {retries}")
         options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
-            # Several server replicas behind one DNS name: spread calls, not connections.
-            ("grpc.service_config", _HEALTH_CHECKED if health_checked else _ROUND_ROBIN),
+            ("grpc.service_config", service_config(health_checked, retries)),
         ]
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
@@ -367,6 +394,14 @@ ServerName = Annotated[
     typer.Option(help="TLS: the name the server's certificate must carry (default: target's)."),
 ]
 Timeout = Annotated[float, typer.Option(help="Deadline in seconds.", min=0.001, max=MAX_TIMEOUT_S)]
+Retries = Annotated[
+    int,
+    typer.Option(
+        help="Retry a call refused with UNAVAILABLE (draining, loading) up to this often.",
+        min=0,
+        max=MAX_RETRIES,
+    ),
+]
 Model = Annotated[str, typer.Option(help="Model name (default: the server's for the task).")]
 Version = Annotated[int, typer.Option(help="Model version (0 = latest).", min=0, max=2**64 - 1)]
 MaxNew = Annotated[
@@ -413,6 +448,7 @@ def _connected(
     timeout: float,
     server_name: str | None,
     tls: bool = False,
+    retries: int = 0,
 ) -> Iterator[Client]:
     """A client for one command; a call that fails ends the command with its status."""
     secure = tls or ca is not None
@@ -422,7 +458,13 @@ def _connected(
         raise typer.BadParameter(str(error), param_hint="--token") from None
     try:
         client = Client(
-            target, token=token, ca=ca, tls=secure, timeout=timeout, server_name=server_name
+            target,
+            token=token,
+            ca=ca,
+            tls=secure,
+            timeout=timeout,
+            server_name=server_name,
+            retries=retries,
         )
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--ca") from None
@@ -553,6 +595,7 @@ def translate(
     tls: Tls = False,
     server_name: ServerName = None,
     timeout: Timeout = 60.0,
+    retries: Retries = 0,
     model: Model = "",
     version: Version = 0,
     max_new_tokens: MaxNew = None,
@@ -592,7 +635,7 @@ def translate(
         return_scores=scores,
         return_alignment=plot_alignment_to is not None,
     )
-    with _connected(target, token, ca, timeout, server_name, tls) as client:
+    with _connected(target, token, ca, timeout, server_name, tls, retries) as client:
         if stream:
             lasts = [
                 _print_stream(
@@ -641,6 +684,7 @@ def generate(
     tls: Tls = False,
     server_name: ServerName = None,
     timeout: Timeout = 60.0,
+    retries: Retries = 0,
     model: Model = "",
     version: Version = 0,
     max_new_tokens: MaxNew = None,
@@ -671,7 +715,7 @@ def generate(
         stop=stop or (),
         return_scores=scores,
     )
-    with _connected(target, token, ca, timeout, server_name, tls) as client:
+    with _connected(target, token, ca, timeout, server_name, tls, retries) as client:
         if stream:
             chunks = client.generate(prompt, model, version, stream=True, **options)
             last = _print_stream(chunks, "" if as_json else prompt, as_json, scores)
@@ -698,10 +742,11 @@ def models(
     tls: Tls = False,
     server_name: ServerName = None,
     timeout: Timeout = 10.0,
+    retries: Retries = 0,
     as_json: Json = False,
 ) -> None:
     """List the loaded models."""
-    with _connected(target, token, ca, timeout, server_name, tls) as client:
+    with _connected(target, token, ca, timeout, server_name, tls, retries) as client:
         infos = client.list_models()
     if as_json:
         _print_json(pb.ListModelsResponse(models=infos))
@@ -721,10 +766,11 @@ def describe(
     tls: Tls = False,
     server_name: ServerName = None,
     timeout: Timeout = 10.0,
+    retries: Retries = 0,
     as_json: Json = False,
 ) -> None:
     """One model version (the latest by default): languages, limits, dtype, provider."""
-    with _connected(target, token, ca, timeout, server_name, tls) as client:
+    with _connected(target, token, ca, timeout, server_name, tls, retries) as client:
         info = client.describe_model(name, version)
     if as_json:
         _print_json(info)
@@ -757,10 +803,11 @@ def reload(
     tls: Tls = False,
     server_name: ServerName = None,
     timeout: Timeout = 120.0,
+    retries: Retries = 0,
     as_json: Json = False,
 ) -> None:
     """Ask the server to load new model versions from its repository."""
-    with _connected(target, token, ca, timeout, server_name, tls) as client:
+    with _connected(target, token, ca, timeout, server_name, tls, retries) as client:
         response = client.reload()
     if as_json:
         _print_json(response)

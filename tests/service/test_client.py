@@ -159,7 +159,7 @@ def test_cli_translate_with_plot(server: ServerHandle, tmp_path: Path) -> None:
     result = _cli(
         server, "translate", "In the beginning God created the heaven and the earth.",
         "--beam-size", "2", "--n-best", "2", "--scores", "--max-new-tokens", "6",
-        "--plot-alignment", str(png),
+        "--plot-alignment", str(png), "--retries", "2",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
@@ -226,6 +226,7 @@ def test_cli_reports_errors(server: ServerHandle, tmp_path: Path) -> None:
         (("--top-k", str(2**32)), "less than or equal to 4294967295"),
         (("--version", str(2**64)), "less than or equal to 18446744073709551615"),
         (("--timeout", "inf"), "less than or equal to 604800"),
+        (("--retries", "5"), "less than or equal to 4"),
         (("--temperature", "1e39"), "temperature: 1e+39 is outside the range of a 32-bit"),
         (("--token", "a b"), "Invalid value for --token: has characters a gRPC header"),
     ]

@@ -38,6 +38,7 @@ from service.domain import (
     SequenceResult,
     Task,
     TokenEvent,
+    Unavailable,
 )
 from service.gen.inference.v1 import inference_pb2 as pb
 from service.metrics import Metrics
@@ -60,6 +61,7 @@ class FakeBackend:
         self.failed: list[str] = []  # what broken() reports
         self.watchers: list[Callable[[], None]] = []
         self.queue_room = 64  # what check_room lets a call queue at once
+        self.refuse = 0  # how many of the next calls are refused as by a draining replica
 
     async def start(self) -> ReloadSummary:
         self.release = asyncio.Event()
@@ -76,6 +78,11 @@ class FakeBackend:
             raise DeadlineUnmeetable("estimated wait 9s exceeds the 1s left")
         if request.text == "bug":
             raise RuntimeError("secret internal detail")
+        if self.refuse > 0:
+            self.refuse -= 1
+            raise Unavailable(
+                "server is shutting down; retry on another replica", reason="draining"
+            )
         return name
 
     def _result(self, name: str, request: SequenceRequest) -> SequenceResult:
@@ -1188,15 +1195,18 @@ def test_drain_refuses_new_calls_and_finishes_in_flight_ones() -> None:
         server.stop()
 
 
-@pytest.mark.parametrize("health_checked", [True, False])
-def test_a_health_checked_client_stops_calling_a_draining_replica(health_checked: bool) -> None:
+@pytest.mark.parametrize(("health_checked", "retries"), [(True, 0), (False, 0), (False, 1)])
+def test_a_health_checked_client_stops_calling_a_draining_replica(
+    health_checked: bool, retries: int
+) -> None:
     """Two replicas, one draining (its health NOT_SERVING, its new calls UNAVAILABLE): a
     client with client-side health checks sends every call to the other at once; a plain
-    round_robin client keeps picking the draining one."""
+    round_robin client keeps picking the draining one, unless it retries UNAVAILABLE (the
+    retry goes to the next replica)."""
     draining, serving = InProcessServer(), InProcessServer()
     target = f"ipv4:{draining.address},{serving.address}"
     try:
-        with Client(target, timeout=10, health_checked=health_checked) as c:
+        with Client(target, timeout=10, health_checked=health_checked, retries=retries) as c:
             for _ in range(50):  # until both replicas take calls (both connected)
                 c.translate("warm")
                 if draining.backend.requests and serving.backend.requests:
@@ -1224,13 +1234,49 @@ def test_a_health_checked_client_stops_calling_a_draining_replica(health_checked
                 draining.unblock()
                 in_flight.result(10)
                 drained.result(15)
-        if health_checked:
+        if health_checked or retries:
             assert codes == [grpc.StatusCode.OK] * 6
         else:
             assert grpc.StatusCode.UNAVAILABLE in codes
+        if retries:  # the draining replica refused some attempts, each one counted
+            assert draining.failures("Translate", "unknown", "draining") >= 1
     finally:
         draining.stop()
         serving.stop()
+
+
+def test_a_retrying_client_gets_past_unavailable_and_streams_no_token_twice(
+    fake: InProcessServer,
+) -> None:
+    refused = fake.failures("Translate", "en-es", "draining")
+    stream_refused = fake.failures("TranslateStream", "en-es", "draining")
+    with Client(fake.address, timeout=10, retries=2) as c:
+        fake.backend.refuse = 2
+        assert c.translate("in the beginning").translations[0].hypotheses[0].text == (
+            "IN THE BEGINNING"
+        )
+        fake.backend.refuse = 1
+        chunks = list(c.translate_stream("let there be light"))
+        assert "".join(chunk.text for chunk in chunks) == "LET THERE BE LIGHT"
+        fake.backend.refuse = 3  # one more than it retries
+        with pytest.raises(grpc.RpcError) as error:
+            c.translate("darkness")
+        assert _code(error) == grpc.StatusCode.UNAVAILABLE
+    with Client(fake.address, timeout=10) as c:  # no retries by default
+        fake.backend.refuse = 1
+        with pytest.raises(grpc.RpcError) as error:
+            c.translate("darkness")
+        assert _code(error) == grpc.StatusCode.UNAVAILABLE
+    assert fake.backend.refuse == 0
+    assert fake.failures("Translate", "en-es", "draining") == refused + 2 + 3 + 1
+    assert fake.failures("TranslateStream", "en-es", "draining") == stream_refused + 1
+
+
+def test_retries_are_bounded_by_grpcs_cap() -> None:
+    for retries in (-1, 5):
+        with pytest.raises(ValueError, match=r"retries: must be in \[0, 4\]"):
+            Client("127.0.0.1:1", retries=retries)
+    Client("127.0.0.1:1", retries=4).close()
 
 
 def test_server_options_bound_messages_and_connection_age() -> None:
