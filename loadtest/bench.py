@@ -74,10 +74,10 @@ BEGIN, END = markers("cpu")
 WORKLOADS: dict[str, str] = {"translations": "poisson", "streamed generations": "generate"}
 # Served batching modes, each one server; continuous batching is compared with each
 # baseline. The main modes set the Poisson rates (fractions of their capacities) and run
-# the generation sweep too; static-hold (answers held to the batch end) runs translations
-# only, at the same rates.
-SERVED_MODES: tuple[str, ...] = ("static", "static-hold", "continuous")
-BASELINES: tuple[str, ...] = ("static", "static-hold")
+# the generation sweep too; static-hold (answers held to the batch end) and static-padded
+# (also computing finished rows to the batch end) run translations only, at the same rates.
+SERVED_MODES: tuple[str, ...] = ("static", "static-hold", "static-padded", "continuous")
+BASELINES: tuple[str, ...] = ("static", "static-hold", "static-padded")
 MAIN_MODES: tuple[str, ...] = ("static", "continuous")
 OFFLINE_PHASES: tuple[str, ...] = ("pytorch", "hf", "ct2", "ort", "engine")
 LABELS: dict[str, tuple[str, str]] = {
@@ -88,6 +88,7 @@ LABELS: dict[str, tuple[str, str]] = {
     "engine": ("serving engine offline", "service.engine, refilled every step, no server"),
     "static": ("served, static batching", "gRPC, closed loop"),
     "static-hold": ("served, static, answers at batch end", "gRPC, closed loop"),
+    "static-padded": ("served, static, padded to batch end", "gRPC, closed loop"),
     "continuous": ("served, continuous batching", "gRPC, closed loop"),
 }
 
@@ -851,7 +852,10 @@ def main(
     ] = "0.2,0.4,0.6,0.8",
     skip: Annotated[
         str,
-        typer.Option(help="Comma list: pytorch,hf,ct2,ort,engine,static,static-hold,continuous."),
+        typer.Option(
+            help="Comma list: pytorch,hf,ct2,ort,engine,static,static-hold,static-padded,"
+            "continuous."
+        ),
     ] = "",
     seed: Annotated[int, typer.Option(help="Input sampling seed.")] = 0,
     out_md: Annotated[Path, typer.Option(help="Markdown to update.")] = Path("docs/benchmarks.md"),

@@ -488,8 +488,8 @@ class Engine:
                 "options.beam_size", "sampling (temperature > 0) needs beam_size 1"
             )
 
-    def new_batch(self) -> Batch:
-        return Batch(self)
+    def new_batch(self, compact: bool = True) -> Batch:
+        return Batch(self, compact)
 
     def close(self) -> None:
         """Free the sessions and device buffers now (a retired version): see
@@ -676,10 +676,16 @@ class _Seq:
 
 
 class Batch:
-    """The running rows of one model version. Not thread-safe: one thread drives it."""
+    """The running rows of one model version. Not thread-safe: one thread drives it.
 
-    def __init__(self, engine: Engine) -> None:
+    compact: shrink the rows, cache length and source width to what the live rows need as
+    requests leave. False keeps every row and the longest lengths in each step until the
+    batch empties, a finished request's rows computed as padding, as a batched generate
+    call does (the static-padded baseline)."""
+
+    def __init__(self, engine: Engine, compact: bool = True) -> None:
         self.engine = engine
+        self.compact = compact
         self.backend = engine.backend
         e = engine
         self._cache_shape = (e.layers, e.heads, e.head_dim)
@@ -960,7 +966,7 @@ class Batch:
         active_rows = self.rows
         max_rows = bucket(e.max_batch_size, 1, 1 << 30)
         target = bucket(active_rows, 1, max_rows)
-        if target * 2 <= self.capacity or self._oversized():
+        if self.compact and (target * 2 <= self.capacity or self._oversized()):
             # Every step costs what its shapes cost, live or not: keep rows, cache length
             # and source width at what the live rows need, not the largest ever reached.
             self._relayout(target if target * 2 <= self.capacity else self.capacity)

@@ -22,6 +22,9 @@ Policy (read this before tuning the budgets):
   and runs to completion before anything else is admitted. mode="static-hold" also holds
   every answer until its whole batch has ended, as a batched generate call (or
   CTranslate2's translate_batch) returns them: the textbook request-level baseline.
+  mode="static-padded" is static-hold computed as a batched generate call (Hugging Face
+  `generate`) computes it: a finished request's rows stay in every step as padding, at
+  the batch's longest lengths, until the whole batch has ended.
 * Streams get each step's tokens as that step's output reaches the event loop. A stream
   whose reader fell behind gets all its waiting tokens in one event (`_coalesce`), so a
   busy event loop writes fewer, larger messages instead of falling further behind.
@@ -98,8 +101,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Mode = Literal["continuous", "static", "static-hold"]
-MODES: tuple[Mode, ...] = ("continuous", "static", "static-hold")
+Mode = Literal["continuous", "static", "static-hold", "static-padded"]
+MODES: tuple[Mode, ...] = ("continuous", "static", "static-hold", "static-padded")
+# Modes that hold every answer until the batch ends.
+HOLDING: frozenset[Mode] = frozenset({"static-hold", "static-padded"})
 StreamItem = TokenEvent | SequenceResult
 # The model served when a request names none (the API's defaults).
 DEFAULT_MODELS: dict[Task, str] = {Task.TRANSLATION: "en-es", Task.GENERATION: "en-lm"}
@@ -239,7 +244,7 @@ class _ModelLoop:
         self.owns_gauges = True
         self.waiting: deque[_Job] = deque()
         self.running: dict[_Job, _Job] = {}
-        self._held: dict[_Job, SequenceResult] = {}  # static-hold: answers kept to batch end
+        self._held: dict[_Job, SequenceResult] = {}  # HOLDING: answers kept to batch end
         self.rows_used = 0
         self.tokens_used = 0
         self.wake = asyncio.Event()
@@ -464,7 +469,7 @@ class _ModelLoop:
             self.on_failure()
 
     def _step_batches(self, event_loop: asyncio.AbstractEventLoop) -> None:
-        batch = self.engine.new_batch()
+        batch = self.engine.new_batch(compact=self.config.mode != "static-padded")
         while True:
             with self._inbox_ready:
                 while not self._inbox and not len(batch) and not self._stop_worker:
@@ -494,7 +499,7 @@ class _ModelLoop:
                 log.exception(
                     "model %s: engine step failed", self.entry.key, extra={"request_ids": ids}
                 )
-                batch = self.engine.new_batch()
+                batch = self.engine.new_batch(compact=self.config.mode != "static-padded")
                 reply: tuple[Callable[..., None], tuple[object, ...]] = (
                     self._failed,
                     (lost, error),
@@ -547,7 +552,7 @@ class _ModelLoop:
             if job.events is not None and job.state != "done":
                 job.events.put_nowait(event)
         for key, result in out.finished:
-            if self.config.mode == "static-hold":
+            if self.config.mode in HOLDING:
                 self._held[key] = result  # type: ignore[index]
             else:
                 self._finish(key, result)  # type: ignore[arg-type]
@@ -576,7 +581,7 @@ class _ModelLoop:
         self._queue_gauge()
 
     def _release_held(self) -> None:
-        """static-hold: the answers go out together once every running job has one; a held
+        """HOLDING modes: the answers go out together once every running job has one; a held
         job aborted meanwhile (cancelled, deadline, shutdown) ends at once."""
         for job in [j for j in self._held if j.abort is not None]:
             self._finish(job, self._held.pop(job))

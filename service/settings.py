@@ -111,10 +111,11 @@ class Settings(BaseSettings):
     max_queue: int = Field(
         256, ge=1, le=1 << 20, description="Waiting sequences before RESOURCE_EXHAUSTED."
     )
-    batching: Literal["continuous", "static", "static-hold"] = Field(
+    batching: Literal["continuous", "static", "static-hold", "static-padded"] = Field(
         "continuous",
         description="continuous: admit at every step; static: a batch runs to its end "
-        "(benchmark baseline); static-hold: static, answers held until the batch ends.",
+        "(benchmark baseline); static-hold: static, answers held until the batch ends; "
+        "static-padded: static-hold, finished rows computed as padding until then.",
     )
     # --- request limits ------------------------------------------------------------------
     max_input_tokens: int = Field(

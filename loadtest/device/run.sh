@@ -104,7 +104,7 @@ rm -rf /tmp/bench-work
 served_s=$(($(left) - 10))
 served_min=$(awk -v s="$served_s" 'BEGIN { m = (s - 40) / 60; printf "%.2f", m < 0.5 ? 0.5 : m }')
 run_stage served "$served_s" python3 -m loadtest.bench --provider cuda --repository "$repo" \
-  --skip static-hold --batch-size 64 --served-s 10 --poisson-s 6 --poisson-fractions 0.4,0.8 \
+  --skip static-hold,static-padded --batch-size 64 --served-s 10 --poisson-s 6 --poisson-fractions 0.4,0.8 \
   --generate-fractions 0.5 --max-minutes "$served_min" --work-dir /tmp/bench-work \
   --out-md "$OUT/benchmarks.md" --out-json "$OUT/bench_gpu.json"
 # Its logs' ends only: its scratch also holds converted models, too big to bring back.

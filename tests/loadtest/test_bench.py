@@ -475,11 +475,12 @@ def test_a_skipped_baseline_gives_no_rows() -> None:
     modes = {
         "static": served("static", 500.0, [point(10, 0.2)]),
         "static-hold": ServedMode("static-hold", "skipped", "--skip"),
+        "static-padded": ServedMode("static-padded", "skipped", "--skip"),
         "continuous": served("continuous", 500.0, [point(10, 0.1), point(20, 0.3)]),
     }
     names = [r["ratio"] for r in ratios({}, modes)]
     assert "continuous / static (closed-loop tokens/s)" in names
-    assert not any("static-hold" in name for name in names)
+    assert not any("static-hold" in name or "static-padded" in name for name in names)
 
 
 def test_served_rows_count_ok_requests_under_a_header_that_says_so(tmp_path: Path) -> None:

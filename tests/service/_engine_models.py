@@ -139,8 +139,8 @@ def hooked_engine_factory(
             return out
 
     class HookedEngine(Engine):
-        def new_batch(self) -> Batch:
-            return HookedBatch(self)
+        def new_batch(self, compact: bool = True) -> Batch:
+            return HookedBatch(self, compact)
 
     def factory(entry: ModelVersion, options: EngineOptions) -> Engine:
         return HookedEngine(entry.path, entry.manifest, options)

@@ -441,6 +441,36 @@ def test_shapes_shrink_to_the_live_rows_when_a_long_request_leaves(path: str) ->
     assert_same(results["short"], outputs[short_i])
 
 
+def test_an_uncompacted_batch_computes_finished_rows_as_padding_to_its_end() -> None:
+    """compact=False (static-padded) runs every row at the longest lengths until the batch
+    empties, as a batched generate call does; the answers stay those of the reference."""
+    engine = make_engine(TRANSLATOR, max_batch_size=8)
+    outputs = reference(TRANSLATOR, SOURCES, DecodingOptions(max_new_tokens=60))
+    lengths = [len(o[0].tokens) for o in outputs]
+    assert min(lengths) * 2 < max(lengths)  # guards the fixture: rows finish at other times
+    steps: dict[bool, list[tuple[int, int, int]]] = {}
+    for compact in (True, False):
+        batch = engine.new_batch(compact=compact)
+        reqs = [request(TRANSLATOR, t, max_new_tokens=60) for t in SOURCES]
+        batch.add([BatchItem(i, r, engine.encode(r.text)) for i, r in enumerate(reqs)])
+        results: dict[Hashable, SequenceResult] = {}
+        steps[compact] = []
+        while len(batch):
+            out = batch.step()
+            steps[compact].append((out.rows, out.capacity, batch.cache_len))
+            results.update(out.finished)
+        for i, expected in enumerate(outputs):
+            assert_same(results[i], expected)
+    padded, compacted = steps[False], steps[True]
+    assert len(padded) == len(compacted) > max(lengths)  # the longest's tokens, then EOS
+    assert {capacity for _, capacity, _ in padded} == {8}  # every row, every step
+    assert [c for _, _, c in padded] == sorted(c for _, _, c in padded)  # never shrinks
+    assert min(capacity for _, capacity, _ in compacted) < 8
+    # Live rows are the same; the padded batch computed more row-steps for them.
+    assert [r for r, _, _ in padded] == [r for r, _, _ in compacted]
+    assert sum(c for _, c, _ in padded) > sum(c for _, c, _ in compacted)
+
+
 @pytest.mark.parametrize("path", list(PATHS))
 def test_removed_rows_free_their_slots_and_the_rest_continue(path: str) -> None:
     engine = make_engine(LM, max_batch_size=8, **PATHS[path])

@@ -577,7 +577,9 @@ def test_an_unset_max_new_tokens_is_lowered_to_fit_the_token_budget() -> None:
     assert refusal.startswith("options.max_new_tokens:") and "max_batch_tokens 60" in refusal
 
 
-def test_static_hold_answers_a_batch_together_when_it_ends() -> None:
+@pytest.mark.parametrize("mode", ["static-hold", "static-padded"])
+def test_static_hold_answers_a_batch_together_when_it_ends(mode: str) -> None:
+    """static-padded too, which also computes the finished rows to the batch's end."""
     batch = [generate(p, max_new_tokens=n) for p, n in zip(PROMPTS[:3], (1, 8, 24), strict=True)]
 
     async def main(s: Scheduler) -> tuple[list[float], list[int], list[SequenceResult]]:
@@ -593,13 +595,24 @@ def test_static_hold_answers_a_batch_together_when_it_ends() -> None:
         results = await asyncio.gather(*(timed(i, r) for i, r in enumerate(batch)))
         return [done[i] for i in range(3)], held, list(results)
 
-    scheduler = make_scheduler(factory=slow_engine_factory(STEP_DELAY), mode="static-hold")
+    scheduler = make_scheduler(factory=slow_engine_factory(STEP_DELAY), mode=mode)
     done, held, results = run(main, scheduler)
     # One delivery: without holding, the answers would leave 7 and 23 steps apart.
     assert max(done) - min(done) < 3 * STEP_DELAY
     assert held == [0, 0, 0]  # nothing was left held once the answers went out
     for request, result in zip(batch, results, strict=True):
         assert result.hypotheses[0].token_ids == alone(request).hypotheses[0].token_ids
+    # 3 rows in a batch of 4: padded, the lone long row's last 16 steps ran all 4 rows
+    # (padding 3/4 each); compacted, they ran 1 row.
+    registry = scheduler.metrics.registry
+    labels = {"model": "en-lm"}
+    steps = registry.get_sample_value("inference_batch_padding_ratio_count", labels)
+    padding = registry.get_sample_value("inference_batch_padding_ratio_sum", labels)
+    assert steps and steps >= 24 and padding is not None
+    if mode == "static-padded":
+        assert padding >= 16 * 0.75
+    else:
+        assert padding <= 8 * 0.75
 
 
 def test_static_hold_a_held_answer_cancelled_meanwhile_ends_at_once() -> None:
@@ -665,7 +678,7 @@ def test_an_engine_that_cannot_start_a_batch_stops_its_version_and_fails_its_req
     class BrokenEngine(Engine):
         batches = 0
 
-        def new_batch(self) -> Batch:
+        def new_batch(self, compact: bool = True) -> Batch:
             BrokenEngine.batches += 1
             if BrokenEngine.batches > 1:
                 raise MemoryError("no memory for a batch")
@@ -678,7 +691,7 @@ def test_an_engine_that_cannot_start_a_batch_stops_its_version_and_fails_its_req
                         raise RuntimeError("device lost")
                     return super().step()
 
-            return FailingBatch(engine)
+            return FailingBatch(engine, compact)
 
     def factory(entry: ModelVersion, options: EngineOptions) -> Engine:
         cls = BrokenEngine if entry.name == LM else Engine
@@ -1200,7 +1213,7 @@ def test_an_engine_that_dies_unreadies_the_server_and_tells_its_watchers(
     shutil.copytree(model_repository(), root)
 
     class BrokenEngine(Engine):
-        def new_batch(self) -> Batch:
+        def new_batch(self, compact: bool = True) -> Batch:
             raise RuntimeError("device lost")
 
     def factory(entry: ModelVersion, options: EngineOptions) -> Engine:

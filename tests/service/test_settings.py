@@ -115,7 +115,7 @@ def test_a_misspelt_environment_variable_is_refused_with_the_name_it_meant(
         ({}, {"port": 70000}, "--port 70000: must be ≤ 65535"),
         ({"SERVE_MAX_QUEUE": "0"}, {}, "SERVE_MAX_QUEUE=0: must be ≥ 1"),
         ({"SERVE_PROVIDER": "tpu"}, {}, "SERVE_PROVIDER=tpu: must be one of"),
-        ({"SERVE_BATCHING": "dynamic"}, {}, "'continuous', 'static' or 'static-hold'"),
+        ({"SERVE_BATCHING": "dynamic"}, {}, "'static-hold' or 'static-padded'"),
         ({"SERVE_DRAIN_GRACE_S": "soon"}, {}, "SERVE_DRAIN_GRACE_S=soon"),
         ({"SERVE_CUDA_GRAPHS": "maybe"}, {}, "SERVE_CUDA_GRAPHS=maybe: must be true or false"),
         ({}, {"cuda_graphs": "perhaps"}, "--cuda-graphs perhaps: must be true or false"),
