@@ -8,7 +8,8 @@ CLI: `python -m service.client translate "In the beginning..." --beam-size 4 --n
 `generate "The Lord said" --stream`, `models`, `describe en-es`, `reload`,
 `--plot-alignment align.png` (translate: the cross-attention as a heatmap). `--target`,
 `--token` (bearer auth), `--ca` or `--tls` (TLS), `--server-name` and `--timeout` work on
-every command; SERVE_TARGET / SERVE_AUTH_TOKEN are read too.
+every command; SERVE_TARGET / SERVE_AUTH_TOKEN are read too. The CLI quiets grpc's own log
+lines below ERROR unless GRPC_VERBOSITY is set (INFO shows them, e.g. a handshake's).
 
 Every call raises grpc.RpcError with the server's status (INVALID_ARGUMENT names the field
 and its limit), and ValueError for a value the wire cannot carry.
@@ -16,11 +17,18 @@ and its limit), and ValueError for a value the wire cannot carry.
 
 from __future__ import annotations
 
+import os
+
+if __name__ == "__main__":
+    # The CLI reports a failed call itself (status, then a hint), but grpc's C core would log
+    # its own line about it first (a failed TLS handshake, at INFO). grpc reads the variable
+    # once, on import; the user's own value stands, and a library user's process is left alone.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 import contextlib
 import importlib.util
 import json
 import math
-import os
 import struct
 import sys
 import uuid
@@ -485,7 +493,7 @@ _HINTS = {
 
 def _fail(error: grpc.RpcError, tls: bool) -> NoReturn:
     code = error.code() if hasattr(error, "code") else None
-    details = error.details() if hasattr(error, "details") else str(error)
+    details = (error.details() if hasattr(error, "details") else str(error)) or ""
     typer.echo(f"error: {code.name if code else 'UNKNOWN'}: {details}", err=True)
     # The id the server logged the call under (INTERNAL's message points to it).
     trailer = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
@@ -494,9 +502,36 @@ def _fail(error: grpc.RpcError, tls: bool) -> NoReturn:
         typer.echo(f"(request id: {request_id})", err=True)
     if code == grpc.StatusCode.UNAVAILABLE and not tls:
         typer.echo("(is the server up at --target? if it serves TLS, pass --ca)", err=True)
+    elif code == grpc.StatusCode.UNAVAILABLE and (hint := _tls_hint(details)):
+        typer.echo(hint, err=True)
     elif code in _HINTS:
         typer.echo(_HINTS[code], err=True)
     raise typer.Exit(2)
+
+
+def _tls_hint(details: str) -> str | None:
+    """What to do when the TLS handshake failed, mostly on the server's certificate: the
+    status is UNAVAILABLE, as for a server that is down; grpc's details (BoringSSL's) say
+    why."""
+    unverified = "(the server's certificate could not be verified: "
+    if "WRONG_VERSION_NUMBER" in details:  # what a plaintext server answers
+        return "(does the server at --target serve TLS? if not, drop --ca and --tls)"
+    if "Hostname Verification Check failed" in details:
+        return unverified + (
+            "it does not carry the host name of --target; pass a name it carries with "
+            "--server-name)"
+        )
+    if "CERTIFICATE_VERIFY_FAILED" not in details:
+        return None
+    if "certificate has expired" in details or "certificate is not yet valid" in details:
+        return unverified + (
+            "it is outside its validity period, or this machine's clock is off; the server "
+            "needs a renewed certificate, and a restart to read it)"
+        )
+    return unverified + (
+        "pass the CA that issued it with --ca, and --server-name if the certificate names "
+        "another host than --target)"
+    )
 
 
 def _print_json(message: Any) -> None:

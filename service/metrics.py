@@ -210,6 +210,14 @@ class Metrics:
         )
         self.gpu_memory_used = GpuMemoryCollector()
         r.register(self.gpu_memory_used)
+        self.tls_certificate_expiry = UnsetGauge(
+            "inference_tls_certificate_expiry_timestamp_seconds",
+            "notAfter of the TLS certificate the gRPC port serves (its chain's first, the "
+            "leaf), in Unix seconds: the server reads it at start only, so a process not "
+            "restarted after a renewal serves the old one until clients refuse it. No sample "
+            "without TLS, or when its dates could not be read (the log says why).",
+        )
+        r.register(self.tls_certificate_expiry)
 
     def observe_request(
         self, method: str, model: str, code: str, seconds: float, reason: str | None = None
@@ -220,6 +228,25 @@ class Metrics:
         self.requests.labels(method=method, model=model, code=code).inc()
         if reason is not None:
             self.request_failures.labels(method=method, model=model, reason=reason).inc()
+
+
+class UnsetGauge(Collector):
+    """A gauge without labels and without a sample until `value` is set: a label-less
+    prometheus_client Gauge always exposes one (0 at first), which an alert would read."""
+
+    def __init__(self, name: str, documentation: str) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.value: float | None = None
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return [GaugeMetricFamily(self.name, self.documentation)]
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(self.name, self.documentation)
+        if self.value is not None:
+            family.add_metric([], self.value)
+        yield family
 
 
 class GpuMemoryCollector(Collector):
@@ -253,4 +280,5 @@ __all__ = [
     "TOKEN_BUCKETS",
     "GpuMemoryCollector",
     "Metrics",
+    "UnsetGauge",
 ]

@@ -25,6 +25,7 @@ import signal
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -59,6 +60,7 @@ from service.gen.inference.v1 import inference_pb2_grpc as pb_grpc
 from service.logging import request_id_var
 from service.metrics import Metrics
 from service.settings import ENV_PREFIX, Settings
+from service.tls import check_served_certificate
 
 log = logging.getLogger("service.server")
 
@@ -969,6 +971,10 @@ class InferenceServer:
     async def start(self) -> None:
         """Bind (health NOT_SERVING), load and warm the models, then SERVING."""
         await self._set_health()
+        if self.settings.tls_cert is not None:
+            self.metrics.tls_certificate_expiry.value = check_served_certificate(
+                self.settings.tls_cert, datetime.now(UTC)
+            )
         self.port = self._bind()
         self._bind_health()
         self._start_metrics()

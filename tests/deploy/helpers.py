@@ -30,6 +30,8 @@ KUBERNETES_VERSION = "1.31.0"
 PROMETHEUS_SERIES = frozenset({"up", "scrape_duration_seconds", "scrape_samples_scraped"})
 # Exported only where a GPU is in use (absent from a CPU server's scrape).
 GPU_ONLY = frozenset({"inference_gpu_memory_used_bytes", "inference_cuda_graphs"})
+# Exported only where the gRPC port serves TLS (the tests' shared server does not).
+TLS_ONLY = frozenset({"inference_tls_certificate_expiry_timestamp_seconds"})
 # Kinds without a schema in kubernetes-validate (Prometheus Operator CRDs), checked otherwise.
 CRD_KINDS = frozenset({"ServiceMonitor", "PrometheusRule"})
 

@@ -22,6 +22,7 @@ import pytest
 from tests.deploy.helpers import (
     GPU_ONLY,
     PROMETHEUS_SERIES,
+    TLS_ONLY,
     dashboard_exprs,
     grafana_to_promql,
     rules_exprs,
@@ -81,7 +82,7 @@ def test_every_used_series_is_in_a_live_scrape(traffic: Any) -> None:
     used = used_series()
     missing = {
         name: sorted(where) for name, where in used.items()
-        if name not in scraped and name not in PROMETHEUS_SERIES and name not in GPU_ONLY
+        if name not in scraped and name not in PROMETHEUS_SERIES | GPU_ONLY | TLS_ONLY
     }  # fmt: skip
     assert not missing, f"used but not in the live scrape of {traffic.metrics_url}: {missing}"
     # The label names the queries aggregate by exist too.

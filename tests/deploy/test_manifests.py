@@ -28,6 +28,7 @@ from tests.deploy.helpers import (
     PROMETHEUS_SERIES,
     RULES_FILE,
     RULES_TESTS,
+    TLS_ONLY,
     adapter_rules,
     dashboard,
     dashboard_exprs,
@@ -408,6 +409,20 @@ def test_every_alert_is_unit_tested_and_documented() -> None:
                 assert r["annotations"]["runbook_url"].endswith("#" + r["alert"].lower())
 
 
+def test_the_certificate_alert_warns_when_the_server_does() -> None:
+    """InferenceCertificateExpiresSoon's warning and the server's WARNING at start share
+    their threshold (service/tls.py)."""
+    from service.tls import EXPIRY_WARNING
+
+    rules = [r for g in rule_groups() for r in g["rules"]]
+    severities = {
+        r["labels"]["severity"]: r["expr"]
+        for r in rules if r.get("alert") == "InferenceCertificateExpiresSoon"
+    }  # fmt: skip
+    assert set(severities) == {"warning", "critical"}
+    assert f"< {EXPIRY_WARNING.days} * 86400" in severities["warning"]
+
+
 def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     """promtool parses every dashboard query (as a recording rule)."""
     promtool = tool("promtool", "apt-get install prometheus")
@@ -461,7 +476,7 @@ def test_used_metrics_are_declared_by_the_service() -> None:
         if name not in declared and name not in PROMETHEUS_SERIES
     }  # fmt: skip
     assert not unknown, f"series the service does not export: {unknown}"
-    assert declared.issuperset(GPU_ONLY)
+    assert declared.issuperset(GPU_ONLY | TLS_ONLY)
 
 
 def test_metric_name_extraction() -> None:

@@ -89,6 +89,49 @@ def test_cli_error_names_the_request_id_the_server_logged(
     assert "(request id: 0123abcd)" in capsys.readouterr().err
 
 
+_UNVERIFIED = "(the server's certificate could not be verified: "
+
+
+@pytest.mark.parametrize(
+    ("reason", "hint"),
+    [
+        ("Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:1000007d:SSL "
+         "routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED: self signed certificate: OK",
+         _UNVERIFIED + "pass the CA that issued it with --ca, and --server-name if the "
+         "certificate names another host than --target)"),
+        ("Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:1000007d:SSL "
+         "routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED: certificate has expired: OK",
+         _UNVERIFIED + "it is outside its validity period, or this machine's clock is off; "
+         "the server needs a renewed certificate, and a restart to read it)"),
+        ("Custom verification check failed with error: UNAUTHENTICATED: Hostname "
+         "Verification Check failed.",
+         _UNVERIFIED + "it does not carry the host name of --target; pass a name it carries "
+         "with --server-name)"),
+        ("Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:100000f7:SSL "
+         "routines:OPENSSL_internal:WRONG_VERSION_NUMBER: Invalid certificate verification "
+         "context: OK",  # a plaintext server
+         "(does the server at --target serve TLS? if not, drop --ca and --tls)"),
+        ("Failed to connect to remote host: Connection refused", None),
+    ],
+)  # fmt: skip
+def test_cli_says_why_a_tls_handshake_failed(
+    reason: str, hint: str | None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A failed handshake is UNAVAILABLE, as a server that is down: the hint says what to
+    change (grpc's details, as grpcio 1.85 words them, say why)."""
+
+    class Failed(grpc.RpcError):
+        def code(self) -> grpc.StatusCode:
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self) -> str:
+            return f"connections to all backends failing; last error: UNKNOWN: {reason}"
+
+    with pytest.raises(typer.Exit):
+        _fail(Failed(), tls=True)
+    assert capsys.readouterr().err.splitlines()[1:] == ([hint] if hint else [])
+
+
 def test_client_refuses_a_deadline_grpc_cannot_keep() -> None:
     for timeout in (float("inf"), 0.0, -1.0, float("nan"), MAX_TIMEOUT_S * 2):
         with pytest.raises(ValueError, match="timeout: must be in"):

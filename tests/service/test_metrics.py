@@ -1,4 +1,5 @@
-"""The metric declarations: buckets that read quantiles honestly."""
+"""The metric declarations: buckets that read quantiles honestly, and no sample for what
+is not known."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import itertools
 
 from prometheus_client import CollectorRegistry, Histogram
 
-from service.metrics import BATCH_SIZE_BUCKETS, DURATION_BUCKETS
+from service.metrics import BATCH_SIZE_BUCKETS, DURATION_BUCKETS, Metrics
 
 
 def _quantile(buckets: tuple[float, ...], values: list[float], q: float) -> float:
@@ -47,3 +48,13 @@ def test_batch_size_buckets_count_small_batches_exactly() -> None:
     assert BATCH_SIZE_BUCKETS[-1] >= 512 and list(BATCH_SIZE_BUCKETS) == sorted(BATCH_SIZE_BUCKETS)
     # steps of 4 rows in a batch of 4: the median reads within the (3, 4] bucket
     assert 3.0 < _quantile(BATCH_SIZE_BUCKETS, [4.0] * 100, 0.5) <= 4.0
+
+
+def test_the_certificate_expiry_has_no_sample_until_set() -> None:
+    """Without TLS, no sample: a label-less Gauge's 0 would read as a long-expired
+    certificate (and fire InferenceCertificateExpiresSoon)."""
+    metrics = Metrics()
+    name = "inference_tls_certificate_expiry_timestamp_seconds"
+    assert metrics.registry.get_sample_value(name) is None
+    metrics.tls_certificate_expiry.value = 1.9e9
+    assert metrics.registry.get_sample_value(name) == 1.9e9

@@ -1558,6 +1558,7 @@ def test_metrics_follow_the_spec() -> None:
         "inference_cuda_graphs": {"model", "version"},
         "inference_estimated_queue_wait_seconds": {"model", "version"},
         "inference_gpu_memory_used_bytes": {"device"},
+        "inference_tls_certificate_expiry_timestamp_seconds": set(),
     }
     metrics.observe_request("Translate", "en-es", "OK", 0.01)
     declared = {}

@@ -348,6 +348,8 @@ def test_metrics_endpoint(server: ServerHandle, client: Client) -> None:
     }
     assert ready[("en-es", "1")] == 1 and ready[("en-lm", "1")] == 1
     assert "_created" not in text  # no timestamp series beside each counter and histogram
+    # Declared, but without TLS no sample (0 would read as a long-expired certificate).
+    assert families["inference_tls_certificate_expiry_timestamp_seconds"].samples == []
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")

@@ -1,10 +1,17 @@
 """TLS and bearer-token auth on a real server: calls need the token, health and reflection
-stay open, plaintext clients cannot talk to a TLS server."""
+stay open, plaintext clients cannot talk to a TLS server, the certificate's expiry is
+exported and warned about."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import subprocess
+import sys
+import urllib.request
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -13,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.client import Client
 from tests._tls import self_signed
@@ -24,13 +32,15 @@ TOKEN = "test-token-0123456789"
 
 
 HEALTH_PORT = free_port()
+# Within the 14 days the server warns about at start.
+NOT_AFTER = datetime.now(UTC).replace(microsecond=0) + timedelta(days=3)
 
 
 @pytest.fixture(scope="module")
 def secure_server(
     start_server: Callable[..., ServerHandle], tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[ServerHandle, Path]:
-    cert, key = self_signed(tmp_path_factory.mktemp("tls"))
+    cert, key = self_signed(tmp_path_factory.mktemp("tls"), not_after=NOT_AFTER)
     credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
     server = start_server(
         "--tls-cert", str(cert), "--tls-key", str(key), "--health-port", str(HEALTH_PORT),
@@ -109,9 +119,6 @@ def test_the_load_generator_reaches_a_secured_server(
 ) -> None:
     """`python -m loadtest run --ca --token` against TLS with auth: every request succeeds;
     without the token none does."""
-    import json
-    import sys
-
     from tests.conftest import ROOT
 
     server, cert = secure_server
@@ -138,8 +145,6 @@ def test_the_cli_checks_the_certificate_name_it_is_given(
 ) -> None:
     """--server-name: the name the certificate must carry when the dialled address differs
     (kubectl port-forward); a name the certificate lacks is refused by the handshake."""
-    import sys
-
     from tests.conftest import ROOT
 
     server, cert = secure_server
@@ -155,6 +160,76 @@ def test_the_cli_checks_the_certificate_name_it_is_given(
     assert good.returncode == 0 and "en-es" in good.stdout, good.stderr
     wrong = models("not-this-server.example")
     assert wrong.returncode == 2 and "UNAVAILABLE" in wrong.stderr, wrong.stderr
+    assert "could not be verified" in wrong.stderr and "--server-name" in wrong.stderr
+
+
+def test_the_cli_says_why_the_handshake_failed_and_nothing_else(
+    secure_server: tuple[ServerHandle, Path], tmp_path: Path
+) -> None:
+    """A --ca that did not issue the server's certificate: stderr holds our error and its
+    hint alone, not grpc's own log line about the handshake before them (the CLI sets
+    GRPC_VERBOSITY=ERROR); a GRPC_VERBOSITY the user set stands."""
+    from tests.conftest import ROOT
+
+    server, _ = secure_server
+    other_ca, _ = self_signed(tmp_path)
+
+    def models(**env: str) -> subprocess.CompletedProcess[str]:
+        environ = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+        return subprocess.run(
+            [sys.executable, "-m", "service.client", "models", "--target", server.address,
+             "--ca", str(other_ca), "--token", TOKEN, "--timeout", "10"],
+            capture_output=True, text=True, cwd=ROOT, timeout=120, env=environ | env,
+        )  # fmt: skip
+
+    refused = models()
+    assert refused.returncode == 2 and refused.stdout == ""
+    error, hint = refused.stderr.splitlines()  # nothing else
+    assert error.startswith("error: UNAVAILABLE: ") and "CERTIFICATE_VERIFY_FAILED" in error
+    assert hint == (
+        "(the server's certificate could not be verified: pass the CA that issued it with "
+        "--ca, and --server-name if the certificate names another host than --target)"
+    )
+    verbose = models(GRPC_VERBOSITY="INFO")
+    assert verbose.returncode == 2 and "ssl_transport_security" in verbose.stderr
+    assert verbose.stderr.splitlines()[-2:] == [error, hint]
+
+
+def _scrape(server: ServerHandle) -> str:
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
+        return str(response.read().decode())
+
+
+def test_the_certificate_expiry_is_exported_and_warned_about_at_start(
+    secure_server: tuple[ServerHandle, Path],
+) -> None:
+    """inference_tls_certificate_expiry_timestamp_seconds is the served certificate's
+    notAfter; one that runs out within 14 days is a WARNING at start, and the server serves."""
+    server, cert = secure_server
+    expiry = [
+        sample
+        for family in text_string_to_metric_families(_scrape(server))
+        for sample in family.samples
+        if sample.name == "inference_tls_certificate_expiry_timestamp_seconds"
+    ]
+    assert [(s.labels, s.value) for s in expiry] == [({}, NOT_AFTER.timestamp())]
+    logged = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    [warning] = [e for e in logged if e["logger"] == "service.tls"]
+    assert warning["level"] == "WARNING"
+    assert f"{cert} expires on {NOT_AFTER:%Y-%m-%d %H:%M:%S} UTC, in " in warning["message"]
+    assert "renew it and restart" in warning["message"]
+    assert warning["not_after"] == NOT_AFTER.isoformat()
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+def test_promtool_accepts_the_metrics_of_a_tls_server(
+    secure_server: tuple[ServerHandle, Path],
+) -> None:
+    server, _ = secure_server
+    check = subprocess.run(
+        ["promtool", "check", "metrics"], input=_scrape(server), capture_output=True, text=True
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
 
 
 def test_the_cli_trusts_the_system_roots_with_tls_and_names_the_token(
@@ -162,9 +237,6 @@ def test_the_cli_trusts_the_system_roots_with_tls_and_names_the_token(
 ) -> None:
     """--tls without --ca: TLS with the roots grpc trusts by default (here made our
     certificate); a call without the token is told which option carries it."""
-    import os
-    import sys
-
     from tests.conftest import ROOT
 
     server, cert = secure_server
