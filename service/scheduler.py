@@ -21,10 +21,11 @@ Policy (read this before tuning the budgets):
 * mode="static" is the benchmark baseline: a batch is formed only when none is running
   and runs to completion before anything else is admitted. mode="static-hold" also holds
   every answer until its whole batch has ended, as a batched generate call (or
-  CTranslate2's translate_batch) returns them: the textbook request-level baseline.
-  mode="static-padded" is static-hold computed as a batched generate call (Hugging Face
-  `generate`) computes it: a finished request's rows stay in every step as padding, at
-  the batch's longest lengths, until the whole batch has ended.
+  CTranslate2's translate_batch) returns them: request-level batching as most servers
+  without continuous batching do it. mode="static-padded" is static-hold computed as a
+  batched generate call (Hugging Face `generate`) computes it, the textbook static
+  batching: a finished request's rows stay in every step as padding, at the batch's
+  longest lengths, until the whole batch has ended.
 * Streams get each step's tokens as that step's output reaches the event loop. A stream
   whose reader fell behind gets all its waiting tokens in one event (`_coalesce`), so a
   busy event loop writes fewer, larger messages instead of falling further behind.
