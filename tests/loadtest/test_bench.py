@@ -541,10 +541,13 @@ def test_every_served_mode_gets_the_same_requests_at_each_step(
         skip=[],
     )
     texts = [f"verse {'word ' * i}{i}" for i in range(20)]
-    modes = {name: ServedMode(name) for name in ("static", "continuous")}
+    modes = {name: ServedMode(name) for name in bench.SERVED_MODES}
     asyncio.run(bench.measure_served({m: m for m in modes}, texts, args, modes))
     for attr in ("poisson", "generate"):
         assert len(getattr(modes["static"], attr)) == len(getattr(modes["continuous"], attr)) > 0
+    # The padded baseline runs the generation sweep too; static-hold translations only.
+    assert len(modes["static-padded"].generate) == len(modes["continuous"].generate)
+    assert modes["static-hold"].poisson and not modes["static-hold"].generate
     n_step = sum(p["requests"] for p in modes["static"].poisson + modes["static"].generate)
     # The Poisson steps are the last requests each server got: the same ones, in order.
     static, continuous = sent["static"][-n_step:], sent["continuous"][-n_step:]
