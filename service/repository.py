@@ -21,9 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from export.manifest import Manifest, ManifestError, load_manifest, version_dirs
-from service.domain import ModelNotFound, Task, Unavailable
+from service.domain import ModelNotFound, Task, Unavailable, UnavailableReason
 
 log = logging.getLogger(__name__)
+# What a call is told when the version it resolves takes no calls now, by Unavailable reason.
+UNUSABLE: dict[UnavailableReason, str] = {
+    "loading": "is loading; retry shortly",
+    "draining": "is stopping; retry on another replica",
+    "retired": "was retired by a reload; retry",
+    "engine_failed": "stopped: its engine failed; retry on another replica",
+}
 
 DrainHook = Callable[["ModelVersion"], None]
 FolderSignature = tuple[tuple[str, int, int], ...]
@@ -326,13 +333,15 @@ class ModelRepository:
         name: str = "",
         version: int | None = None,
         task: Task | None = None,
-        usable: Callable[[ModelVersion], bool] | None = None,
+        unusable: Callable[[ModelVersion], UnavailableReason | None] | None = None,
     ) -> ModelVersion:
         """The version serving (name, version); name "" means the task's default model,
-        version None (or 0) the newest one. `usable` (e.g. "its engine is warm") narrows
-        the choice: the newest usable version is taken, so a version still loading never
+        version None (or 0) the newest one. `unusable` says why a version takes no calls
+        now (None: it does; e.g. "loading" until its engine is warm) and narrows the
+        choice: the newest usable version is taken, so a version still loading never
         takes traffic from the one before it. Raises ModelNotFound listing what is loaded,
-        Unavailable when the version exists but is not usable yet."""
+        Unavailable (with the newest candidate's reason) when the version exists but none
+        is usable."""
         with self._lock:
             if not name:
                 if task is None:
@@ -360,17 +369,20 @@ class ModelRepository:
                     f"model {name!r} is a {newest.task.value} model, not {task.value}; "
                     f"loaded {task.value} models: {self._listing(task)}"
                 )
-            if usable is None:
+            if unusable is None:
                 return newest
             candidates = (
                 [versions[version]]
                 if version
                 else [versions[v] for v in sorted(versions, reverse=True)]
             )
+            reasons: list[UnavailableReason] = []
             for entry in candidates:
-                if usable(entry):
+                reason = unusable(entry)
+                if reason is None:
                     return entry
-            raise Unavailable(f"model {newest.key} is loading; retry shortly", reason="loading")
+                reasons.append(reason)
+            raise Unavailable(f"model {newest.key} {UNUSABLE[reasons[0]]}", reason=reasons[0])
 
     def discard(self, entry: ModelVersion, reason: str) -> None:
         """Drop a version that could not be served (its engine failed to load)."""

@@ -84,6 +84,7 @@ from service.domain import (
     Task,
     TokenEvent,
     Unavailable,
+    UnavailableReason,
 )
 from service.engine import (
     AddOutput,
@@ -918,9 +919,18 @@ class Scheduler:
 
     # --- requests --------------------------------------------------------------------
 
-    def _usable(self, entry: ModelVersion) -> bool:
+    def _unusable(self, entry: ModelVersion) -> UnavailableReason | None:
+        """Why a version takes no calls now (None: it does): its engine is not warm yet,
+        its loop is stopping, or its engine died."""
         loop = self._loops.get(entry.key)
-        return loop is not None and loop.accepting
+        if loop is None:
+            return "loading"
+        if loop.accepting:
+            return None
+        return "engine_failed" if entry.key in self._died else "draining"
+
+    def _usable(self, entry: ModelVersion) -> bool:
+        return self._unusable(entry) is None
 
     def _prepare(self, request: SequenceRequest, stream: bool) -> tuple[_Job, _ModelLoop]:
         """Resolve the model, tokenize, check limits and budgets, queue: the refusals
@@ -929,7 +939,7 @@ class Scheduler:
             raise Unavailable(
                 "the server is shutting down; retry on another replica", reason="draining"
             )
-        entry = self.repository.get(request.model, request.version, request.task, self._usable)
+        entry = self.repository.get(request.model, request.version, request.task, self._unusable)
         loop = self._loops[entry.key]
         engine = loop.engine
         input_ids = engine.encode(request.text)
@@ -1082,7 +1092,7 @@ class Scheduler:
         if len(requests) < 2:
             return
         first = requests[0]
-        entry = self.repository.get(first.model, first.version, first.task, self._usable)
+        entry = self.repository.get(first.model, first.version, first.task, self._unusable)
         free = self.config.max_queue - len(self._loops[entry.key].waiting)
         if len(requests) > free:
             raise QueueFull(

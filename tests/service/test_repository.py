@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from service.domain import ModelNotFound, Task, Unavailable
+from service.domain import ModelNotFound, Task, Unavailable, UnavailableReason
 from service.repository import ModelRepository, ModelVersion
 from tests.service._engine_models import LM, TRANSLATOR, copy_version, model_repository
 
@@ -56,12 +56,23 @@ def test_latest_version_is_the_default_and_others_stay_reachable(root: Path) -> 
     assert repo.get(LM).version == 10
     assert repo.get(LM, 2).version == 2
     assert repo.get(LM, 0).version == 10  # proto's 0 means latest
+
     # A version that is not usable yet (still warming up) does not take traffic.
-    assert repo.get(LM, usable=lambda e: e.version < 10).version == 2
-    with pytest.raises(Unavailable, match="loading"):
-        repo.get(LM, 10, usable=lambda e: e.version < 10)
-    with pytest.raises(Unavailable):
-        repo.get(LM, usable=lambda e: False)
+    def warming(e: ModelVersion) -> UnavailableReason | None:
+        return "loading" if e.version >= 10 else None
+
+    assert repo.get(LM, unusable=warming).version == 2
+    with pytest.raises(Unavailable, match="loading") as refused:
+        repo.get(LM, 10, unusable=warming)
+    assert refused.value.reason == "loading"
+
+    # None usable: the refusal says why the newest is not.
+    def failed(e: ModelVersion) -> UnavailableReason | None:
+        return "engine_failed" if e.version == 10 else "draining"
+
+    with pytest.raises(Unavailable, match=f"model {LM}:10 stopped: its engine failed") as refused:
+        repo.get(LM, unusable=failed)
+    assert refused.value.reason == "engine_failed"
 
 
 def test_lookup_errors_list_what_is_loaded(root: Path) -> None:

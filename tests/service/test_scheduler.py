@@ -704,8 +704,10 @@ def test_an_engine_that_cannot_start_a_batch_stops_its_version_and_fails_its_req
         for task in (first, queued):
             with pytest.raises(Unavailable, match="en-lm:1 stopped: its engine failed"):
                 await asyncio.wait_for(task, 5.0)
-        with pytest.raises(Unavailable):
+        # A call after the death is told so too (not that the model is loading).
+        with pytest.raises(Unavailable, match="en-lm:1 stopped: its engine failed") as later:
             await s.submit(generate(PROMPTS[2], max_new_tokens=5))
+        assert later.value.reason == "engine_failed"
         assert sample_value(s.metrics, "inference_model_ready", {"model": LM, "version": "1"}) == 0
         assert Task.GENERATION not in s.tasks() and Task.TRANSLATION in s.tasks()
         await asyncio.wait_for(s.stop(0.0), 5.0)
