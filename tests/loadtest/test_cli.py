@@ -214,11 +214,23 @@ class DyingServer(FakeCaller):
 
 
 class SheddingServer(FakeCaller):
-    """Refuses every other call for load, as an overloaded server does."""
+    """Refuses every other call for load (or lets its deadline pass), as an overloaded
+    server does."""
 
     async def __call__(self, item: WorkItem) -> CallOutcome:
         outcome = await super().__call__(item)
-        return outcome if len(FakeCaller.calls) % 2 else CallOutcome(code="RESOURCE_EXHAUSTED")
+        shed = ("RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED")[len(FakeCaller.calls) % 4 // 2]
+        return outcome if len(FakeCaller.calls) % 2 else CallOutcome(code=shed)
+
+
+class RefusingServer(FakeCaller):
+    """Answers the first calls, then refuses the rest with `code` (a rotated token, say)."""
+
+    code: ClassVar[str] = "UNAUTHENTICATED"
+
+    async def __call__(self, item: WorkItem) -> CallOutcome:
+        outcome = await super().__call__(item)
+        return outcome if len(FakeCaller.calls) <= 3 else CallOutcome(code=self.code)
 
 
 def test_a_run_whose_server_went_away_fails_with_its_report(tmp_path: Path) -> None:
@@ -237,7 +249,20 @@ def test_load_shedding_does_not_fail_a_run(tmp_path: Path) -> None:
     args = ["run", "--rate", "40", "--duration", "0.5", *common(tmp_path, out)]
     result, _ = invoke(args, caller=SheddingServer)
     assert result.exit_code == 0, result.output
-    assert json.loads((out / "result.json").read_text())["summary"]["errors"]["RESOURCE_EXHAUSTED"]
+    errors = json.loads((out / "result.json").read_text())["summary"]["errors"]
+    assert errors["RESOURCE_EXHAUSTED"] and errors["DEADLINE_EXCEEDED"]
+
+
+@pytest.mark.parametrize("code", ["UNAUTHENTICATED", "CLIENT_CANCELLED", "INVALID_ARGUMENT"])
+def test_any_other_failure_fails_a_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: str
+) -> None:
+    monkeypatch.setattr(RefusingServer, "code", code)
+    out = tmp_path / "run"
+    args = ["run", "--rate", "40", "--duration", "0.5", *common(tmp_path, out)]
+    result, calls = invoke(args, caller=RefusingServer)
+    assert result.exit_code == 1, result.output
+    assert f"({code} {len(calls) - 3}), which is not load shedding" in result.output
 
 
 def test_sweep_stops_at_a_client_limited_step(tmp_path: Path) -> None:
