@@ -1272,6 +1272,23 @@ def test_a_retrying_client_gets_past_unavailable_and_streams_no_token_twice(
     assert fake.failures("TranslateStream", "en-es", "draining") == stream_refused + 1
 
 
+def test_retries_stop_while_most_attempts_fail(fake: InProcessServer) -> None:
+    """A backend that refuses every call gets about one attempt per call once the
+    channel's retry tokens are spent (20 attempts for 12 calls here), not retries + 1."""
+    before = fake.failures("Translate", "en-es", "draining")
+    fake.backend.refuse = 10_000
+    try:
+        with Client(fake.address, timeout=10, retries=4) as c:
+            for _ in range(12):
+                with pytest.raises(grpc.RpcError) as error:
+                    c.translate("darkness")
+                assert _code(error) == grpc.StatusCode.UNAVAILABLE
+    finally:
+        fake.backend.refuse = 0
+    attempts = fake.failures("Translate", "en-es", "draining") - before
+    assert 12 <= attempts <= 25 < 12 * 5
+
+
 def test_retries_are_bounded_by_grpcs_cap() -> None:
     for retries in (-1, 5):
         with pytest.raises(ValueError, match=r"retries: must be in \[0, 4\]"):
