@@ -317,12 +317,19 @@ class Transport:
 
     @contextlib.asynccontextmanager
     async def _call(
-        self, method: str, context: grpc.aio.ServicerContext, public: bool = False
+        self,
+        method: str,
+        context: grpc.aio.ServicerContext,
+        public: bool = False,
+        model: str = "",
     ) -> AsyncIterator[CallState]:
         """Request id, auth, drain refusal, metrics and logs around one call; a domain
-        error (or grpc's cancellation) in the body ends the call with its mapped status."""
+        error (or grpc's cancellation) in the body ends the call with its mapped status.
+        `model`: the call's model label, known before the drain and auth checks so that
+        their refusals count under it (else the handler sets it)."""
         metadata = self._metadata(context)
         state = CallState(self.request_id(metadata))
+        state.model = model
         token = request_id_var.set(state.request_id)
         trailer = ((REQUEST_ID_KEY, state.request_id),)
         context.set_trailing_metadata(trailer)
@@ -364,9 +371,10 @@ class Transport:
         context: grpc.aio.ServicerContext,
         handler: Callable[[CallState], Awaitable[T]],
         public: bool = False,
+        model: str = "",
     ) -> T:
         """Run a unary handler with the shared plumbing; abort with the mapped status."""
-        async with self._call(method, context, public) as state:
+        async with self._call(method, context, public, model) as state:
             return self.fits(await handler(state), method)
         raise AssertionError("unreachable: a failed call aborts")
 
@@ -375,10 +383,11 @@ class Transport:
         method: str,
         context: grpc.aio.ServicerContext,
         handler: Callable[[CallState], AsyncGenerator[T]],
+        model: str = "",
     ) -> AsyncGenerator[T]:
         """Run a streaming handler with the shared plumbing."""
         async with (
-            self._call(method, context) as state,
+            self._call(method, context, model=model) as state,
             contextlib.aclosing(handler(state)) as items,
         ):
             async for item in items:
@@ -527,7 +536,6 @@ class _Servicer:
         """The one shape of both streaming RPCs: validate, submit, send chunks as decoded."""
 
         async def handle(state: CallState) -> AsyncGenerator[pb.TokenChunk]:
-            state.model = self.backend.model_label(task, request.model)
             checked = validation.text(field_name, text, self.limits)
             params = validation.decoding_params(request.options, self.limits, task, stream=True)
             seq = self._request(
@@ -536,7 +544,8 @@ class _Servicer:
             async for chunk in self._stream_chunks(seq, state, field_name):
                 yield chunk
 
-        await _write_all(context, self.transport.stream(method, context, handle))
+        label = self.backend.model_label(task, request.model)
+        await _write_all(context, self.transport.stream(method, context, handle, label))
 
     async def _stream_chunks(
         self, request: SequenceRequest, state: CallState, field_name: str
@@ -593,7 +602,6 @@ class TranslatorServicer(_Servicer, pb_grpc.TranslatorServicer):
         self, request: pb.TranslateRequest, context: grpc.aio.ServicerContext
     ) -> pb.TranslateResponse:
         async def handle(state: CallState) -> pb.TranslateResponse:
-            state.model = self.backend.model_label(Task.TRANSLATION, request.model)
             texts = validation.texts(request.texts, self.limits)
             params = validation.decoding_params(request.options, self.limits, Task.TRANSLATION)
             requests = [
@@ -629,7 +637,8 @@ class TranslatorServicer(_Servicer, pb_grpc.TranslatorServicer):
             state.usage(usage_in, usage_out)
             return response
 
-        return await self.transport.unary("Translate", context, handle)
+        label = self.backend.model_label(Task.TRANSLATION, request.model)
+        return await self.transport.unary("Translate", context, handle, model=label)
 
     async def TranslateStream(
         self, request: pb.TranslateStreamRequest, context: grpc.aio.ServicerContext
@@ -665,7 +674,6 @@ class GeneratorServicer(_Servicer, pb_grpc.GeneratorServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
         async def handle(state: CallState) -> pb.GenerateResponse:
-            state.model = self.backend.model_label(Task.GENERATION, request.model)
             prompt = validation.text("prompt", request.prompt, self.limits)
             params = validation.decoding_params(request.options, self.limits, Task.GENERATION)
             seq = self._request(
@@ -688,7 +696,8 @@ class GeneratorServicer(_Servicer, pb_grpc.GeneratorServicer):
                 ),
             )
 
-        return await self.transport.unary("GenerateUnary", context, handle)
+        label = self.backend.model_label(Task.GENERATION, request.model)
+        return await self.transport.unary("GenerateUnary", context, handle, model=label)
 
 
 class ModelsServicer(_Servicer, pb_grpc.ModelsServicer):

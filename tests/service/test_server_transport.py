@@ -976,7 +976,9 @@ def test_auth_token_required_except_health(caplog: pytest.LogCaptureFixture) -> 
                 stub.ListModels(pb.ListModelsRequest(), metadata=[("authorization", TOKEN)])
             assert "must read `Bearer <token>`" in error.value.details()  # type: ignore[attr-defined]
         assert _health(server.address) == health_pb2.HealthCheckResponse.SERVING
-        assert server.counter("Translate", "unknown", "UNAUTHENTICATED") == 2  # not yet parsed
+        # Counted under the model it asked for (a loaded name or the default, never the
+        # caller's string), like the drain's refusals.
+        assert server.counter("Translate", "en-es", "UNAUTHENTICATED") == 2
     finally:
         server.stop()
 
@@ -1006,7 +1008,7 @@ def test_the_right_token_under_another_scheme_is_unauthenticated(header: str) ->
                 timeout=5,
             )
         assert [r.text for r in server.backend.requests] == ["x"]
-        assert server.counter("Translate", "unknown", "UNAUTHENTICATED") == 1
+        assert server.counter("Translate", "en-es", "UNAUTHENTICATED") == 1
     finally:
         server.stop()
 
@@ -1058,8 +1060,10 @@ def test_before_the_models_load_inference_is_unavailable_and_model_calls_answer(
             backend.loaded.set()
             started.result(10)
             assert c.translate("x").translations[0].hypotheses[0].text == "X"
-        labels = {"method": "Translate", "model": "unknown", "code": "UNAVAILABLE"}
+        labels = {"method": "Translate", "model": "en-es", "code": "UNAVAILABLE"}
         assert metrics.registry.get_sample_value("inference_requests_total", labels) == 1
+        labels = {"method": "Translate", "model": "en-es", "reason": "loading"}
+        assert metrics.registry.get_sample_value("inference_request_failures_total", labels) == 1
     finally:
         backend.loaded.set()
         asyncio.run_coroutine_threadsafe(server.drain(), loop).result(10)
@@ -1239,7 +1243,7 @@ def test_a_health_checked_client_stops_calling_a_draining_replica(
         else:
             assert grpc.StatusCode.UNAVAILABLE in codes
         if retries:  # the draining replica refused some attempts, each one counted
-            assert draining.failures("Translate", "unknown", "draining") >= 1
+            assert draining.failures("Translate", "en-es", "draining") >= 1
     finally:
         draining.stop()
         serving.stop()
