@@ -578,12 +578,14 @@ def ratios(
                     add(name, None, None, 1.5, "a served run failed" if not ok else "no common p50")
                 continue
             top = curve[-1]  # the baseline's busiest step (highest offered load)
-            low, high = min(p["ratio"] for p in curve), max(p["ratio"] for p in curve)
+            low = min(curve, key=lambda p: p["ratio"])
+            high = max(curve, key=lambda p: p["ratio"])
             note = (
                 f"req/s at p50 = {top['p50_s'] * 1000:.0f} ms ({base}'s p50 at its busiest "
                 f"Poisson step): {base} {top['baseline_rps']:.2f}, continuous "
-                f"{top['qualifier']}{top['continuous_rps']:.2f}; {low:.2f}–{high:.2f}× over "
-                f"{base}'s steps (below)"
+                f"{top['qualifier']}{top['continuous_rps']:.2f}; {low['qualifier']}"
+                f"{low['ratio']:.2f}–{high['qualifier']}{high['ratio']:.2f}× over {base}'s "
+                "steps (below)"
             )
             add(name, top["continuous_rps"], top["baseline_rps"], 1.5, note)
             if top["qualifier"]:
@@ -929,7 +931,7 @@ def main(
         + poisson_s
         * (
             2 * len(args.poisson_fractions) * len(served_modes)
-            + len(args.generate_fractions) * len(GENERATE_MODES)
+            + len(args.generate_fractions) * len([m for m in GENERATE_MODES if m in served_modes])
         )
         + 60
     )

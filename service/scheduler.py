@@ -129,6 +129,11 @@ class SchedulerConfig:
     # Expected output length / max_new_tokens before any request has finished.
     initial_length_ratio: float = 0.5
 
+    @property
+    def compact(self) -> bool:
+        """Whether batches drop finished rows (all modes but static-padded)."""
+        return self.mode != "static-padded"
+
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_batch_tokens", "max_queue", "max_input_tokens"):
             if getattr(self, name) < 1:
@@ -471,7 +476,7 @@ class _ModelLoop:
             self.on_failure()
 
     def _step_batches(self, event_loop: asyncio.AbstractEventLoop) -> None:
-        batch = self.engine.new_batch(compact=self.config.mode != "static-padded")
+        batch = self.engine.new_batch(compact=self.config.compact)
         while True:
             with self._inbox_ready:
                 while not self._inbox and not len(batch) and not self._stop_worker:
@@ -501,7 +506,7 @@ class _ModelLoop:
                 log.exception(
                     "model %s: engine step failed", self.entry.key, extra={"request_ids": ids}
                 )
-                batch = self.engine.new_batch(compact=self.config.mode != "static-padded")
+                batch = self.engine.new_batch(compact=self.config.compact)
                 reply: tuple[Callable[..., None], tuple[object, ...]] = (
                     self._failed,
                     (lost, error),

@@ -471,6 +471,19 @@ def test_modules_import_without_side_effects() -> None:
         assert name in sys.modules
 
 
+def test_the_range_of_ratios_keeps_its_bounds_qualifiers() -> None:
+    """A step where even continuous batching's lightest load was slower reads "<", and the
+    range over the steps says so instead of passing its bound off as a ratio."""
+    modes = {
+        "static": served("static", 500.0, [point(10, 0.05), point(20, 0.2), point(30, 0.9)]),
+        "continuous": served("continuous", 500.0, [point(10, 0.1), point(40, 0.3)]),
+    }
+    row = {r["ratio"]: r for r in ratios({}, modes)}[
+        "continuous / static at equal p50, translations (Poisson req/s)"
+    ]
+    assert "; <1.00–>=1.33× over static's steps" in row["note"], row["note"]
+
+
 def test_a_skipped_baseline_gives_no_rows() -> None:
     modes = {
         "static": served("static", 500.0, [point(10, 0.2)]),

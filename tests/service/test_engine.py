@@ -441,17 +441,26 @@ def test_shapes_shrink_to_the_live_rows_when_a_long_request_leaves(path: str) ->
     assert_same(results["short"], outputs[short_i])
 
 
-def test_an_uncompacted_batch_computes_finished_rows_as_padding_to_its_end() -> None:
+@pytest.mark.parametrize("path", list(PATHS))
+def test_an_uncompacted_batch_computes_finished_rows_as_padding_to_its_end(path: str) -> None:
     """compact=False (static-padded) runs every row at the longest lengths until the batch
-    empties, as a batched generate call does; the answers stay those of the reference."""
-    engine = make_engine(TRANSLATOR, max_batch_size=8)
-    outputs = reference(TRANSLATOR, SOURCES, DecodingOptions(max_new_tokens=60))
+    empties, as a batched generate call does; the answers stay those of the reference,
+    a beam search's among them."""
+    engine = make_engine(TRANSLATOR, max_batch_size=8, **PATHS[path])
+    texts = SOURCES[:5]
+    options = [DecodingOptions(max_new_tokens=60)] * 4 + [
+        DecodingOptions(max_new_tokens=60, beam_size=3)
+    ]
+    outputs = [reference(TRANSLATOR, [t], o)[0] for t, o in zip(texts, options, strict=True)]
     lengths = [len(o[0].tokens) for o in outputs]
     assert min(lengths) * 2 < max(lengths)  # guards the fixture: rows finish at other times
     steps: dict[bool, list[tuple[int, int, int]]] = {}
     for compact in (True, False):
         batch = engine.new_batch(compact=compact)
-        reqs = [request(TRANSLATOR, t, max_new_tokens=60) for t in SOURCES]
+        reqs = [
+            request(TRANSLATOR, t, max_new_tokens=60, beam_size=o.beam_size)
+            for t, o in zip(texts, options, strict=True)
+        ]
         batch.add([BatchItem(i, r, engine.encode(r.text)) for i, r in enumerate(reqs)])
         results: dict[Hashable, SequenceResult] = {}
         steps[compact] = []
@@ -462,13 +471,23 @@ def test_an_uncompacted_batch_computes_finished_rows_as_padding_to_its_end() -> 
         for i, expected in enumerate(outputs):
             assert_same(results[i], expected)
     padded, compacted = steps[False], steps[True]
-    assert len(padded) == len(compacted) > max(lengths)  # the longest's tokens, then EOS
+    assert len(padded) == len(compacted)
     assert {capacity for _, capacity, _ in padded} == {8}  # every row, every step
     assert [c for _, _, c in padded] == sorted(c for _, _, c in padded)  # never shrinks
     assert min(capacity for _, capacity, _ in compacted) < 8
     # Live rows are the same; the padded batch computed more row-steps for them.
     assert [r for r, _, _ in padded] == [r for r, _, _ in compacted]
     assert sum(c for _, c, _ in padded) > sum(c for _, c, _ in compacted)
+
+
+def test_a_padded_batch_takes_no_rows_its_layout_lacks() -> None:
+    """Static modes admit only into an empty batch; a padded one refuses to re-lay out
+    its rows mid-batch (that would compact it) rather than do it silently."""
+    engine = make_engine(TRANSLATOR, max_batch_size=8)
+    batch = engine.new_batch(compact=False)
+    batch.add([BatchItem(0, request(TRANSLATOR, SOURCES[0]), engine.encode(SOURCES[0]))])
+    with pytest.raises(ValueError, match="do not fit the 1 of a padded batch"):
+        batch.add([BatchItem(1, request(TRANSLATOR, SOURCES[1]), engine.encode(SOURCES[1]))])
 
 
 @pytest.mark.parametrize("path", list(PATHS))
