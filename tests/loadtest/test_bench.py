@@ -534,6 +534,7 @@ def test_every_served_mode_gets_the_same_requests_at_each_step(
             return CallOutcome(output_tokens=len(item.text.split()))
 
     monkeypatch.setattr(bench, "GrpcCaller", Fake)
+    monkeypatch.setattr(bench, "BRACKET", ())  # steps for continuous alone: the next test
     args = BenchArgs(
         repository=tmp_path,
         model="en-es",
@@ -565,3 +566,64 @@ def test_every_served_mode_gets_the_same_requests_at_each_step(
     # The Poisson steps are the last requests each server got: the same ones, in order.
     static, continuous = sent["static"][-n_step:], sent["continuous"][-n_step:]
     assert [(i.kind, i.text) for i in static] == [(i.kind, i.text) for i in continuous]
+
+
+@pytest.mark.parametrize("continuous_s", [0.01, 0.03])
+def test_continuous_batching_is_loaded_past_capacity_only_until_it_reaches_a_baseline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, continuous_s: float
+) -> None:
+    """A baseline's busiest p50 (static: 20 ms a call) above all of continuous batching's
+    (10 ms): continuous alone runs BRACKET × the top rate of each workload, so the
+    comparison there is a value; at 30 ms it already reached it and runs nothing more."""
+    import asyncio
+
+    from loadtest import bench
+    from loadtest.workload import CallOutcome, WorkItem
+
+    class Fake:
+        def __init__(self, address: str, **_: Any) -> None:
+            self.address = address
+
+        async def wait_ready(self, timeout_s: float = 10.0) -> None:
+            return None
+
+        async def close(self) -> None:
+            return None
+
+        async def __call__(self, item: WorkItem) -> CallOutcome:
+            await asyncio.sleep(continuous_s if self.address == "continuous" else 0.02)
+            return CallOutcome(output_tokens=len(item.text.split()))
+
+    monkeypatch.setattr(bench, "GrpcCaller", Fake)
+    args = BenchArgs(
+        repository=tmp_path,
+        model="en-es",
+        variant="fp32",
+        provider="cpu",
+        inputs=tmp_path / "unused.tsv",
+        n_inputs=20,
+        max_new_tokens=4,
+        batch_size=2,
+        threads=1,
+        phase_s=1.0,
+        served_s=0.3,
+        poisson_s=0.4,
+        poisson_fractions=[0.2],
+        server_start_s=1.0,
+        generate_fractions=[0.2],
+        seed=0,
+        skip=[],
+    )
+    texts = [f"verse {'word ' * i}{i}" for i in range(20)]
+    modes = {name: ServedMode(name) for name in ("static", "continuous")}
+    asyncio.run(bench.measure_served({m: m for m in modes}, texts, args, modes))
+    for attr in ("poisson", "generate"):
+        base, own = getattr(modes["static"], attr), getattr(modes["continuous"], attr)
+        if continuous_s > 0.02:
+            assert len(own) == len(base)
+            continue
+        assert len(own) == len(base) + len(bench.BRACKET)
+        top = max(p["offered_rate"] for p in base)
+        assert [p["offered_rate"] for p in own[len(base) :]] == pytest.approx(
+            [f * top for f in bench.BRACKET], rel=0.01
+        )
