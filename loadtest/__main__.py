@@ -11,8 +11,8 @@ latency_cdf.png, latency_vs_load.png (soak: server_rss.png); result.json and sum
 name the machine, package versions and commit. The first Ctrl-C stops sending, lets the
 requests in flight finish, writes the report of what ran (marked interrupted) and exits
 130; a second one interrupts at once. Otherwise the exit code is 0, or 1 when a request
-ended other than OK or shed load (RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED; see
-SHEDDING_CODES), or 2 when none succeeded or an option is wrong.
+ended other than OK or shed load (RESOURCE_EXHAUSTED other than a size refusal,
+DEADLINE_EXCEEDED; see SHEDDING_CODES), or 2 when none succeeded or an option is wrong.
 """
 
 from __future__ import annotations
@@ -145,6 +145,18 @@ def _meta(
 # requests themselves (UNAVAILABLE, INTERNAL, UNAUTHENTICATED, INVALID_ARGUMENT, ...),
 # did not answer before the run's drain ended (CLIENT_CANCELLED), or the client broke.
 SHEDDING_CODES = frozenset({"RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "CLIENT_BACKLOG"})
+# RESOURCE_EXHAUSTED also refuses a request or answer over the max message size (the
+# server's wording, then grpc's own): not shedding, the run's requests are at fault.
+SIZE_REFUSALS = ("max message size", "larger than max")
+
+
+def _failed(record: RequestRecord) -> bool:
+    """Whether a request ended neither OK nor shed (see SHEDDING_CODES)."""
+    if record.ok:
+        return False
+    if record.code == "RESOURCE_EXHAUSTED":
+        return any(words in record.detail for words in SIZE_REFUSALS)
+    return record.code not in SHEDDING_CODES
 
 
 # --- option checks: refused before any connection, as one-line usage errors (exit 2) ------
@@ -286,7 +298,7 @@ def _echo_paths(paths: dict[str, Path]) -> None:
 
 def _exit_for(records: list[RequestRecord], stop: asyncio.Event) -> None:
     """130 after Ctrl-C (as a shell reports it), so scripts see the run was cut short; 2
-    when nothing succeeded; 1 when a request ended other than OK or SHEDDING_CODES (the
+    when nothing succeeded; 1 when a request ended other than OK or shed (`_failed`; the
     report is written either way). Load shed on purpose is a result a sweep past capacity
     looks for, not a failure."""
     if stop.is_set():
@@ -295,9 +307,7 @@ def _exit_for(records: list[RequestRecord], stop: asyncio.Event) -> None:
     if not any(r.ok for r in records):
         typer.echo("no request succeeded", err=True)
         raise typer.Exit(2)
-    failed = collections.Counter(
-        r.code for r in records if not r.ok and r.code not in SHEDDING_CODES
-    )
+    failed = collections.Counter(r.code for r in records if _failed(r))
     if failed:
         counts = ", ".join(f"{code} {n}" for code, n in sorted(failed.items()))
         typer.echo(

@@ -82,8 +82,8 @@ BASELINES: tuple[str, ...] = ("static", "static-hold", "static-padded")
 MAIN_MODES: tuple[str, ...] = ("static", "continuous")
 GENERATE_MODES: tuple[str, ...] = ("static", "static-padded", "continuous")
 # Continuous batching past its capacity, as multiples of its highest rate so far, when a
-# baseline's busiest step has a p50 above every one of its own: until its p50 reaches that
-# one, the comparison at the baseline's busiest step is only a lower bound (">=").
+# baseline step has a p50 above every one of its own: until its p50 reaches that one, the
+# comparison at that step (often the baseline's busiest) is only a lower bound (">=").
 BRACKET: tuple[float, ...] = (1.1, 1.25)
 OFFLINE_PHASES: tuple[str, ...] = ("pytorch", "hf", "ct2", "ort", "engine")
 LABELS: dict[str, tuple[str, str]] = {
@@ -337,21 +337,24 @@ async def measure_served(
         )
         return _brief(report.summarize(step))
 
-    async def bracket(kind: str, attr: str, base_rate: float) -> None:
-        """Continuous batching at BRACKET × base_rate, one step after the other, while its
-        p50 stays below a baseline's at that baseline's busiest step."""
+    async def bracket(kind: str, attr: str) -> None:
+        """Continuous batching at BRACKET × its highest offered rate so far, one step after
+        the other, while its p50 stays below some baseline step's."""
         caller = callers.get("continuous")
-        if caller is None or base_rate <= 0:
+        if caller is None or not (own := getattr(modes["continuous"], attr)):
             return
-        busiest = [
-            max(steps, key=_offered)["latency_s"]["p50"] or 0.0
-            for name in BASELINES
-            if name in modes and (steps := getattr(modes[name], attr))
-        ]
-        own = getattr(modes["continuous"], attr)
+        base_rate = max(_offered(p) for p in own)
+        highest = max(
+            (
+                p["latency_s"]["p50"] or 0.0
+                for name in BASELINES
+                if name in modes
+                for p in getattr(modes[name], attr)
+            ),
+            default=0.0,
+        )
         for j, factor in enumerate(BRACKET):
-            reached = max((p["latency_s"]["p50"] or 0.0 for p in own), default=0.0)
-            if reached >= max(busiest, default=0.0):
+            if max(p["latency_s"]["p50"] or 0.0 for p in own) >= highest:
                 return
             rate = factor * base_rate
             typer.echo(f"[bench] continuous: {kind}, past capacity, {rate:.2f} req/s", err=True)
@@ -387,29 +390,25 @@ async def measure_served(
             modes[name].closed = _brief(report.summarize(closed))
             capacity[name] = modes[name].closed["throughput_rps"]
         anchors = [c for m, c in capacity.items() if m in MAIN_MODES] or list(capacity.values())
-        top_rate = 0.0
         for i, rate in enumerate(poisson_rates(args.poisson_fractions, anchors)):
-            top_rate = rate
             for name, caller in callers.items():
                 if rate > 1.05 * capacity[name]:
                     continue  # beyond what this mode serves: only queue growth to measure
                 typer.echo(f"[bench] {name}: Poisson {rate:.2f} req/s", err=True)
                 modes[name].poisson.append(await poisson(caller, "translate", rate, args.seed + i))
-        await bracket("translate", "poisson", top_rate)
+        await bracket("translate", "poisson")
         # Streamed generations (the other served model, its own length mix, time to first
         # token) at fractions of the first mode's translate capacity, the same rates for
         # every mode, each rate on every server in turn.
         first = next(iter(capacity.values()))
-        top_rate = 0.0
         for i, rate in enumerate(poisson_rates(args.generate_fractions, [first])):
-            top_rate = rate
             for name, caller in callers.items():
                 if name not in GENERATE_MODES:
                     continue
                 typer.echo(f"[bench] {name}: generate, Poisson {rate:.2f} req/s", err=True)
                 step = await poisson(caller, "generate", rate, args.seed + i)
                 modes[name].generate.append(step)
-        await bracket("generate", "generate", top_rate)
+        await bracket("generate", "generate")
     finally:
         for caller in callers.values():
             await caller.close()
@@ -611,12 +610,13 @@ def ratios(
             top = curve[-1]  # the baseline's busiest step (highest offered load)
             low = min(curve, key=lambda p: p["ratio"])
             high = max(curve, key=lambda p: p["ratio"])
+            # A lower bound anywhere leaves the range open above.
+            up = ">=" if any(p["qualifier"] == ">=" for p in curve) else high["qualifier"]
             note = (
                 f"req/s at p50 = {top['p50_s'] * 1000:.0f} ms ({base}'s p50 at its busiest "
                 f"Poisson step): {base} {top['baseline_rps']:.2f}, continuous "
                 f"{top['qualifier']}{top['continuous_rps']:.2f}; {low['qualifier']}"
-                f"{low['ratio']:.2f}–{high['qualifier']}{high['ratio']:.2f}× over {base}'s "
-                "steps (below)"
+                f"{low['ratio']:.2f}–{up}{high['ratio']:.2f}× over {base}'s steps (below)"
             )
             add(name, top["continuous_rps"], top["baseline_rps"], 1.5, note)
             if top["qualifier"]:

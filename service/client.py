@@ -71,15 +71,15 @@ def service_config(health_checked: bool = False, retries: int = 0) -> str:
     """The channel's gRPC service config (JSON): round_robin, so that several replicas
     behind one DNS name share the calls, not just the connections; with health_checked,
     client-side health checking (only replicas whose "" health reads SERVING get calls);
-    with retries, a retry policy on UNAVAILABLE for every method, throttled: once about ten
-    more attempts have failed than a tenth of those that succeeded, the channel stops
-    retrying (until successes earn it back), so a backend that is down is not sent
-    `retries` + 1 calls for each one."""
+    with retries, a retry policy on UNAVAILABLE for every method, throttled: once failed
+    attempts outnumber successful ones by about ten, the channel stops retrying until
+    successes make up for them, so a backend that is down is not sent `retries` + 1 calls
+    for each one, while one draining replica among several is retried around."""
     config: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}]}
     if health_checked:
         config["healthCheckConfig"] = {"serviceName": ""}
     if retries:
-        config["retryThrottling"] = {"maxTokens": 20, "tokenRatio": 0.1}
+        config["retryThrottling"] = {"maxTokens": 20, "tokenRatio": 1}
         config["methodConfig"] = [
             {
                 "name": [{}],  # every method of every service
@@ -112,8 +112,8 @@ class Client:
     1 s) and within the call's deadline; over several replicas a retry usually goes to the
     next one (round_robin). A stream is retried only before its first message, so no token
     comes twice; a request over grpc's retry buffer (256 KiB) is never retried; retries
-    stop while most attempts fail (see service_config). Off by default: every attempt is
-    a call the server counts and logs.
+    stop while failures outnumber successes (see service_config). Off by default: every
+    attempt is a call the server counts and logs.
     """
 
     def __init__(

@@ -834,9 +834,9 @@ class Batch:
         if self.capacity == 0:
             rows = bucket(need, 1, bucket(e.max_batch_size, 1, 1 << 30))
             self._alloc(rows, min_c, min_s if e.task is Task.TRANSLATION else 0)
+        elif not self.compact:  # a padded batch keeps its rows and layout until it empties
+            raise ValueError(f"a padded batch takes rows only when empty ({self.rows} running)")
         elif int((~self.active).sum()) < need:
-            if not self.compact:  # a padded batch keeps its layout until it empties
-                raise ValueError(f"{need} rows do not fit the {self.capacity} of a padded batch")
             self._relayout(bucket(self.rows + need, 1, bucket(e.max_batch_size, 1, 1 << 30)))
         free = list(np.flatnonzero(~self.active))
         seqs: list[_Seq] = []

@@ -927,6 +927,8 @@ class Scheduler:
     def _unusable(self, entry: ModelVersion) -> UnavailableReason | None:
         """Why a version takes no calls now (None: it does): its engine is not warm yet,
         its loop is stopping, or its engine died."""
+        if self._stopping:
+            return "draining"
         loop = self._loops.get(entry.key)
         if loop is None:
             return "loading"

@@ -253,6 +253,25 @@ def test_load_shedding_does_not_fail_a_run(tmp_path: Path) -> None:
     assert errors["RESOURCE_EXHAUSTED"] and errors["DEADLINE_EXCEEDED"]
 
 
+class OverSizeServer(FakeCaller):
+    """Refuses every other answer as over the max message size: RESOURCE_EXHAUSTED, but
+    the requests' fault, not shedding."""
+
+    async def __call__(self, item: WorkItem) -> CallOutcome:
+        outcome = await super().__call__(item)
+        detail = "the answer is 5,000,000 bytes, over the server's max message size of 4,194,304"
+        refused = CallOutcome(code="RESOURCE_EXHAUSTED", detail=detail)
+        return outcome if len(FakeCaller.calls) % 2 else refused
+
+
+def test_answers_over_the_max_message_size_fail_a_run(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ["run", "--rate", "40", "--duration", "0.5", *common(tmp_path, out)]
+    result, calls = invoke(args, caller=OverSizeServer)
+    assert result.exit_code == 1, result.output
+    assert f"(RESOURCE_EXHAUSTED {len(calls) // 2}), which is not load shedding" in result.output
+
+
 @pytest.mark.parametrize("code", ["UNAUTHENTICATED", "CLIENT_CANCELLED", "INVALID_ARGUMENT"])
 def test_any_other_failure_fails_a_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: str

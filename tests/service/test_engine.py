@@ -481,12 +481,12 @@ def test_an_uncompacted_batch_computes_finished_rows_as_padding_to_its_end(path:
 
 
 def test_a_padded_batch_takes_no_rows_its_layout_lacks() -> None:
-    """Static modes admit only into an empty batch; a padded one refuses to re-lay out
-    its rows mid-batch (that would compact it) rather than do it silently."""
+    """Static modes admit only into an empty batch; a padded one refuses rows mid-batch
+    (a re-layout would compact it) rather than take them silently."""
     engine = make_engine(TRANSLATOR, max_batch_size=8)
     batch = engine.new_batch(compact=False)
     batch.add([BatchItem(0, request(TRANSLATOR, SOURCES[0]), engine.encode(SOURCES[0]))])
-    with pytest.raises(ValueError, match="do not fit the 1 of a padded batch"):
+    with pytest.raises(ValueError, match=r"takes rows only when empty \(1 running\)"):
         batch.add([BatchItem(1, request(TRANSLATOR, SOURCES[1]), engine.encode(SOURCES[1]))])
 
 

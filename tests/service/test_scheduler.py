@@ -978,6 +978,10 @@ def test_stop_lets_in_flight_requests_finish_then_refuses() -> None:
         assert all(r.hypotheses for r in results)
         with pytest.raises(Unavailable):
             await s.submit(requests[0])
+        # A several-text call is told the server is stopping too, not that it loads.
+        with pytest.raises(Unavailable) as refused:
+            await s.submit_all(requests[3:5])
+        assert refused.value.reason == "draining"
         assert s.tasks() == set()
 
     run(main, make_scheduler(factory=slow_engine_factory(0.005)))
