@@ -716,7 +716,7 @@ def markdown(data: dict[str, Any]) -> str:
     lines += [
         "",
         "Served runs under Poisson arrivals (latency from the intended send time; "
-        "continuous batching also past its capacity where a baseline's busiest p50 was "
+        "continuous batching also past its capacity where a baseline step's p50 was "
         "above all of its own):",
         "",
         "| batching | offered req/s | served req/s | tokens/s | p50 ms | p99 ms | errors |",
@@ -735,7 +735,7 @@ def markdown(data: dict[str, Any]) -> str:
             "",
             "Streamed generations (en-lm, `Generator.Generate`, prompts from the same verses) "
             "under Poisson arrivals, the same rates for every mode (continuous batching "
-            "also past its capacity where a baseline's busiest p50 was above all of its own); "
+            "also past its capacity where a baseline step's p50 was above all of its own); "
             "TTFT is the time from the "
             "intended send time to the first token; tokens/msg is how many tokens each "
             "streamed message carried (the server joins those waiting when a stream falls "
