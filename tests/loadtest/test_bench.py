@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from loadtest.bench import (
     run_served,
     write_markdown,
 )
+from loadtest.workload import CallOutcome, WorkItem
 
 
 def point(rps: float, p50: float | None) -> dict[str, Any]:
@@ -504,22 +506,25 @@ def test_served_rows_count_ok_requests_under_a_header_that_says_so(tmp_path: Pat
     assert "| served, static batching | gRPC, closed loop, concurrency 4 | ok | 9 |" in text
 
 
-def test_every_served_mode_gets_the_same_requests_at_each_step(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The equal-p50 comparison holds only if a step sends each mode the same inputs, not
-    the next ones of a stream the modes share (a different length mix per mode)."""
+def _measure_fakes(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    names: Sequence[str],
+    delays: dict[str, float],
+    sent: dict[str, list[WorkItem]] | None = None,
+) -> dict[str, ServedMode]:
+    """bench.measure_served over fake servers, one per name, each answering a call after
+    delays[name] seconds (0.01 unless given), all calls recorded in `sent` by name."""
     import asyncio
 
     from loadtest import bench
-    from loadtest.workload import CallOutcome, WorkItem
 
-    sent: dict[str, list[WorkItem]] = {}
+    calls = sent if sent is not None else {}
 
     class Fake:
         def __init__(self, address: str, **_: Any) -> None:
             self.address = address
-            sent[address] = []
+            calls[address] = []
 
         async def wait_ready(self, timeout_s: float = 10.0) -> None:
             return None
@@ -528,13 +533,11 @@ def test_every_served_mode_gets_the_same_requests_at_each_step(
             return None
 
         async def __call__(self, item: WorkItem) -> CallOutcome:
-            sent[self.address].append(item)
-            # The static server is slower: its closed loop takes fewer requests.
-            await asyncio.sleep(0.02 if self.address == "static" else 0.01)
+            calls[self.address].append(item)
+            await asyncio.sleep(delays.get(self.address, 0.01))
             return CallOutcome(output_tokens=len(item.text.split()))
 
     monkeypatch.setattr(bench, "GrpcCaller", Fake)
-    monkeypatch.setattr(bench, "BRACKET", ())  # steps for continuous alone: the next test
     args = BenchArgs(
         repository=tmp_path,
         model="en-es",
@@ -555,8 +558,22 @@ def test_every_served_mode_gets_the_same_requests_at_each_step(
         skip=[],
     )
     texts = [f"verse {'word ' * i}{i}" for i in range(20)]
-    modes = {name: ServedMode(name) for name in bench.SERVED_MODES}
+    modes = {name: ServedMode(name) for name in names}
     asyncio.run(bench.measure_served({m: m for m in modes}, texts, args, modes))
+    return modes
+
+
+def test_every_served_mode_gets_the_same_requests_at_each_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The equal-p50 comparison holds only if a step sends each mode the same inputs, not
+    the next ones of a stream the modes share (a different length mix per mode). The
+    static server is slower: its closed loop takes fewer requests."""
+    from loadtest import bench
+
+    monkeypatch.setattr(bench, "BRACKET", ())  # steps for continuous alone: the next test
+    sent: dict[str, list[WorkItem]] = {}
+    modes = _measure_fakes(tmp_path, monkeypatch, bench.SERVED_MODES, {"static": 0.02}, sent)
     for attr in ("poisson", "generate"):
         assert len(getattr(modes["static"], attr)) == len(getattr(modes["continuous"], attr)) > 0
     # The padded baseline runs the generation sweep too; static-hold translations only.
@@ -572,51 +589,13 @@ def test_every_served_mode_gets_the_same_requests_at_each_step(
 def test_continuous_batching_is_loaded_past_capacity_only_until_it_reaches_a_baseline(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, continuous_s: float
 ) -> None:
-    """A baseline's busiest p50 (static: 20 ms a call) above all of continuous batching's
-    (10 ms): continuous alone runs BRACKET × the top rate of each workload, so the
-    comparison there is a value; at 30 ms it already reached it and runs nothing more."""
-    import asyncio
-
+    """A baseline's p50 (static: 20 ms a call) above all of continuous batching's (10 ms):
+    continuous alone runs BRACKET × its top rate of each workload, so the comparison there
+    is a value; at 30 ms it already reached it and runs nothing more."""
     from loadtest import bench
-    from loadtest.workload import CallOutcome, WorkItem
 
-    class Fake:
-        def __init__(self, address: str, **_: Any) -> None:
-            self.address = address
-
-        async def wait_ready(self, timeout_s: float = 10.0) -> None:
-            return None
-
-        async def close(self) -> None:
-            return None
-
-        async def __call__(self, item: WorkItem) -> CallOutcome:
-            await asyncio.sleep(continuous_s if self.address == "continuous" else 0.02)
-            return CallOutcome(output_tokens=len(item.text.split()))
-
-    monkeypatch.setattr(bench, "GrpcCaller", Fake)
-    args = BenchArgs(
-        repository=tmp_path,
-        model="en-es",
-        variant="fp32",
-        provider="cpu",
-        inputs=tmp_path / "unused.tsv",
-        n_inputs=20,
-        max_new_tokens=4,
-        batch_size=2,
-        threads=1,
-        phase_s=1.0,
-        served_s=0.3,
-        poisson_s=0.4,
-        poisson_fractions=[0.2],
-        server_start_s=1.0,
-        generate_fractions=[0.2],
-        seed=0,
-        skip=[],
-    )
-    texts = [f"verse {'word ' * i}{i}" for i in range(20)]
-    modes = {name: ServedMode(name) for name in ("static", "continuous")}
-    asyncio.run(bench.measure_served({m: m for m in modes}, texts, args, modes))
+    delays = {"static": 0.02, "continuous": continuous_s}
+    modes = _measure_fakes(tmp_path, monkeypatch, ("static", "continuous"), delays)
     for attr in ("poisson", "generate"):
         base, own = getattr(modes["static"], attr), getattr(modes["continuous"], attr)
         if continuous_s > 0.02:
