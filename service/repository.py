@@ -87,9 +87,7 @@ class ModelVersion:
         """Hold the version for one request; refused once it is retired."""
         with self._lock:
             if self._retired:
-                raise Unavailable(
-                    f"model {self.key} was retired by a reload; retry", reason="retired"
-                )
+                raise Unavailable(f"model {self.key} {UNUSABLE['retired']}", reason="retired")
             self._in_flight += 1
 
     def release(self) -> None:

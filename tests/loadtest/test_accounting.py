@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from loadtest.generator import (
+    RequestRecord,
     RunResult,
     arrival_offsets,
     make_record,
@@ -170,15 +171,21 @@ def test_run_stops_at_max_requests() -> None:
     assert result.elapsed_s < 5.0
 
 
-def test_backlog_cap_records_errors_instead_of_growing() -> None:
+def _hung_run(n: int, max_in_flight: int) -> list[RequestRecord]:
+    """n requests at 1000/s to a server that never answers, at most max_in_flight out."""
+
     async def hung(item: WorkItem) -> CallOutcome:
         await asyncio.sleep(3600)
         return CallOutcome()
 
-    offsets = arrival_offsets("constant", 1000.0, 1.0, 20)
-    records = asyncio.run(
-        run_open_loop(hung, items(20), offsets, drain_timeout_s=0.05, max_in_flight=5)
+    offsets = arrival_offsets("constant", 1000.0, 1.0, n)
+    return asyncio.run(
+        run_open_loop(hung, items(n), offsets, drain_timeout_s=0.05, max_in_flight=max_in_flight)
     )
+
+
+def test_backlog_cap_records_errors_instead_of_growing() -> None:
+    records = _hung_run(20, max_in_flight=5)
     codes = [r.code for r in records]
     assert codes.count("CLIENT_BACKLOG") == 15
     assert codes.count("CLIENT_CANCELLED") == 5
@@ -248,14 +255,7 @@ def test_open_loop_throughput_is_over_the_whole_window() -> None:
 
 
 def test_backlog_errors_say_why() -> None:
-    async def hung(item: WorkItem) -> CallOutcome:
-        await asyncio.sleep(3600)
-        return CallOutcome()
-
-    offsets = arrival_offsets("constant", 1000.0, 1.0, 4)
-    records = asyncio.run(
-        run_open_loop(hung, items(4), offsets, drain_timeout_s=0.05, max_in_flight=2)
-    )
+    records = _hung_run(4, max_in_flight=2)
     backlog = [r for r in records if r.code == "CLIENT_BACKLOG"]
     assert len(backlog) == 2
     assert all("2 requests already in flight" in r.detail for r in backlog)

@@ -282,6 +282,31 @@ def test_bench_refuses_unknown_provider(tmp_path: Path) -> None:
 
 
 @pytest.mark.e2e
+def _bench_args(tmp_path: Path, **overrides: Any) -> BenchArgs:
+    """Small, fast benchmark settings (two fake or real servers' worth); tests override
+    what they exercise."""
+    settings: dict[str, Any] = dict(
+        repository=tmp_path,
+        model="en-es",
+        variant="fp32",
+        provider="cpu",
+        inputs=tmp_path / "unused.tsv",
+        n_inputs=20,
+        max_new_tokens=4,
+        batch_size=2,
+        threads=1,
+        phase_s=1.0,
+        served_s=0.3,
+        poisson_s=0.4,
+        poisson_fractions=[0.2],
+        server_start_s=1.0,
+        generate_fractions=[0.2],
+        seed=0,
+        skip=[],
+    )
+    return BenchArgs(**(settings | overrides))
+
+
 def test_served_run_fails_fast_when_no_model_loads(model_repository: Path, tmp_path: Path) -> None:
     """A server that loads no model stays up NOT_SERVING: the bench must say why at once,
     not wait out its start timeout (on the device that would burn the GPU lease)."""
@@ -289,24 +314,17 @@ def test_served_run_fails_fast_when_no_model_loads(model_repository: Path, tmp_p
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("onnxruntime has CUDA here: the cuda servers would load")
-    args = BenchArgs(
+    args = _bench_args(
+        tmp_path,
         repository=model_repository,
-        model="en-es",
-        variant="fp32",
         provider="cuda",
-        inputs=tmp_path / "unused.tsv",
         n_inputs=1,
-        max_new_tokens=4,
         batch_size=4,
-        threads=1,
-        phase_s=1.0,
         served_s=1.0,
         poisson_s=1.0,
         poisson_fractions=[0.5],
         server_start_s=120.0,
         generate_fractions=[],
-        seed=0,
-        skip=[],
     )
     started = time.perf_counter()
     modes = run_served(
@@ -538,25 +556,7 @@ def _measure_fakes(
             return CallOutcome(output_tokens=len(item.text.split()))
 
     monkeypatch.setattr(bench, "GrpcCaller", Fake)
-    args = BenchArgs(
-        repository=tmp_path,
-        model="en-es",
-        variant="fp32",
-        provider="cpu",
-        inputs=tmp_path / "unused.tsv",
-        n_inputs=20,
-        max_new_tokens=4,
-        batch_size=2,
-        threads=1,
-        phase_s=1.0,
-        served_s=0.3,
-        poisson_s=0.4,
-        poisson_fractions=[0.2],
-        server_start_s=1.0,
-        generate_fractions=[0.2],
-        seed=0,
-        skip=[],
-    )
+    args = _bench_args(tmp_path)
     texts = [f"verse {'word ' * i}{i}" for i in range(20)]
     modes = {name: ServedMode(name) for name in names}
     asyncio.run(bench.measure_served({m: m for m in modes}, texts, args, modes))
