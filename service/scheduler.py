@@ -1124,7 +1124,7 @@ class Scheduler:
             max_input_tokens=min(m.limits.max_input_tokens, self.config.max_input_tokens),
             max_new_tokens=min(m.limits.max_new_tokens, self.config.max_new_tokens),
             versions=tuple(self.repository.versions(entry.name)),
-            ready=loop is not None and loop.accepting and not self._stopping,
+            ready=self._usable(entry),
             config=dict(m.config),
             max_positions=m.limits.max_positions,
         )
@@ -1149,12 +1149,8 @@ class Scheduler:
         return self.repository.default_name(task) or UNKNOWN_MODEL_LABEL
 
     def tasks(self) -> set[Task]:
-        """Tasks with at least one version taking traffic."""
-        return (
-            {e.task for e in self.repository.all() if self._usable(e)}
-            if not self._stopping
-            else set()
-        )
+        """Tasks with at least one version taking traffic (none once stopping)."""
+        return {e.task for e in self.repository.all() if self._usable(e)}
 
     def watch(self, callback: Callable[[], None]) -> None:
         """Call `callback` (on the event loop) when a version stops serving on its own: its
