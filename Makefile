@@ -14,16 +14,20 @@ STAMP := $(VENV)/.installed
 help:
 	@echo "make serve   - export (if needed) and serve the default models on 127.0.0.1:50051"
 	@echo "make test    - the whole test suite (what CI runs)"
+	@echo "make test-fast - the tests not marked slow or e2e"
 	@echo "make lint    - ruff + mypy"
 	@echo "make export  - ONNX model repository models/<name>/<version>/ from the checkpoints"
 	@echo "make parity  - ONNX vs PyTorch parity table (docs/parity.md)"
-	@echo "make bench   - every engine side by side -> docs/benchmarks.md (CPU, < 15 min)"
+	@echo "make gpu-check / make gpu-bench - fp16 parity and timings / GPU benchmark (on a CUDA machine)"
+	@echo "make bench   - every engine side by side -> docs/benchmarks.md (CPU, up to 20 min: its --max-minutes)"
 	@echo "make loadtest - open-loop load test of a running server (RATE, DURATION, TARGET)"
 	@echo "make gpu-stage - stage the GPU checks for the device tool (.gpustage/CALLS)"
 	@echo "make data    - build the Bible corpus, splits and tokenizers under data/"
 	@echo "make train   - train the default models into models/"
+	@echo "make evaluate - test scores and model cards (models/<name>/README.md)"
 	@echo "make proto   - regenerate service/gen/ from proto/"
 	@echo "make deploy-tools - promtool and yamllint for the deploy tests (as root)"
+	@echo "make image-tools - buildah, podman, debootstrap and runc for the images (as root)"
 	@echo "make image / make image-test - build the CPU image / build it and check it with podman (deploy/README.md)"
 
 $(STAMP): pyproject.toml
@@ -92,8 +96,9 @@ deploy-tools: setup
 	@command -v kubectl >/dev/null || echo "kubectl missing: the kustomize tests will skip"
 
 # Container images without a Docker engine (buildah + podman + debootstrap base).
+IMAGE_PACKAGES := buildah podman debootstrap runc
 image-tools:
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -q buildah podman debootstrap runc
+	if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(IMAGE_PACKAGES); else echo "as root: apt-get install -y $(IMAGE_PACKAGES)"; exit 1; fi
 
 image:
 	FLAVOUR=$(IMAGE_FLAVOUR) IMAGE=$(IMAGE) BASE_IMAGE=$(DEPLOY_BASE_IMAGE) deploy/scripts/build-image.sh
