@@ -927,7 +927,7 @@ class InferenceServer:
         await self.health.set("", serving if ready and tasks and not missing else not_serving)
 
     def _bind(self) -> int:
-        address = f"{self.settings.host}:{self.settings.port}"
+        address = self.settings.address(self.settings.port)
         try:
             if self.settings.tls_cert is not None and self.settings.tls_key is not None:
                 credentials = grpc.ssl_server_credentials(
@@ -949,7 +949,7 @@ class InferenceServer:
     def _bind_health(self) -> None:
         if self.health_server is None:
             return
-        address = f"{self.settings.host}:{self.settings.health_port}"
+        address = self.settings.address(self.settings.health_port)
         try:
             self.health_port = self.health_server.add_insecure_port(address)
         except RuntimeError:
@@ -971,7 +971,7 @@ class InferenceServer:
             )
         except OSError as error:
             raise StartupError(
-                f"cannot serve metrics on {self.settings.host}:{self.settings.metrics_port}: "
+                f"cannot serve metrics on {self.settings.address(self.settings.metrics_port)}: "
                 f"{error.strerror}; choose another with --metrics-port / "
                 f"{ENV_PREFIX}METRICS_PORT (0 turns the endpoint off)"
             ) from error
@@ -993,7 +993,7 @@ class InferenceServer:
         log.info(
             "listening",
             extra={
-                "address": f"{self.settings.host}:{self.port}",
+                "address": self.settings.address(self.port),
                 "tls": self.settings.tls,
                 "auth": self.settings.auth_token is not None,
                 "metrics_port": self.metrics_port,

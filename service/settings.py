@@ -51,7 +51,8 @@ class Settings(BaseSettings):
     host: str = Field(
         "127.0.0.1",
         min_length=1,
-        description="Address the gRPC and metrics servers bind (0.0.0.0 in containers).",
+        description="Address the gRPC and metrics servers bind (0.0.0.0 in containers; :: or "
+        "[::] for every IPv6 and IPv4 address).",
     )
     port: int = Field(
         50051, ge=0, le=65535, description="gRPC port (0 = any free port, logged at start)."
@@ -182,6 +183,21 @@ class Settings(BaseSettings):
         if isinstance(value, bool) and cls.model_fields[name].annotation in (int, float):
             raise ValueError(f"must be a number, got {str(value).lower()}")
         return value
+
+    @field_validator("host")
+    @classmethod
+    def _unbracketed_host(cls, value: str) -> str:
+        """`[::1]` and `::1` name one address: kept bare, bracketed where a port follows."""
+        bare = value.strip()
+        if bare.startswith("[") and bare.endswith("]"):
+            bare = bare[1:-1]
+        if not bare:
+            raise ValueError("must name an address, e.g. 127.0.0.1, 0.0.0.0 or ::")
+        return bare
+
+    def address(self, port: int) -> str:
+        """host:port as gRPC and logs write it (an IPv6 host in brackets)."""
+        return f"[{self.host}]:{port}" if ":" in self.host else f"{self.host}:{port}"
 
     @field_validator("tls_cert", "tls_key", mode="before")
     @classmethod

@@ -279,6 +279,45 @@ def test_a_busy_port_exits_1_saying_which_setting_to_change(
     assert "Traceback" not in log, log
 
 
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback")
+def test_an_ipv6_host_serves_grpc_and_metrics(
+    start_server: Callable[..., ServerHandle], tmp_path: Path
+) -> None:
+    """`--host ::1` (as `SERVE_HOST=::` on an IPv6 cluster): gRPC needs the address in
+    brackets before its port, which the setting may be given with or without."""
+    import urllib.request
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    server = start_server("--host", "[::1]", repository=empty, wait=False)
+    flags = list(server.flags)
+    port, metrics_port = (flags[flags.index(f) + 1] for f in ("--port", "--metrics-port"))
+    deadline = time.monotonic() + 60
+    while '"message": "serving"' not in server.log():
+        assert server.alive() and time.monotonic() < deadline, server.log()
+        time.sleep(0.2)
+    with grpc.insecure_channel(f"[::1]:{port}") as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=5
+        )
+    assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING  # no models
+    with urllib.request.urlopen(f"http://[::1]:{metrics_port}/metrics", timeout=5) as page:
+        assert b"inference_model_ready" in page.read()
+    assert f'"address": "[::1]:{port}"' in server.log()
+    assert server.stop() == 0
+
+
 def test_a_missing_model_repository_exits_1_naming_the_setting(
     start_server: Callable[..., ServerHandle], tmp_path: Path
 ) -> None:

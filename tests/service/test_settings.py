@@ -125,6 +125,7 @@ def test_a_misspelt_environment_variable_is_refused_with_the_name_it_meant(
         ({}, {"health_port": 8000}, "health_port (8000) must differ from metrics_port"),
         ({"SERVE_HEALTH_PORT": "50051"}, {}, "health_port (50051) must differ from port"),
         ({}, {"tls_cert": Path("/nonexistent.pem")}, "tls_cert and tls_key go together"),
+        ({"SERVE_HOST": "[]"}, {}, "SERVE_HOST=[]: must name an address"),
         ({"SERVE_AUTH_TOKEN": " "}, {}, "SERVE_AUTH_TOKEN=<hidden>: is empty"),
         ({"SERVE_AUTH_TOKEN": "a b"}, {}, "SERVE_AUTH_TOKEN=<hidden>: has characters a gRPC"),
         ({}, {"auth_token": "tök"}, "--auth-token <hidden>: has characters a gRPC header"),
@@ -155,6 +156,17 @@ def test_log_level_in_any_case(monkeypatch: pytest.MonkeyPatch) -> None:
     assert load_settings(log_level="Warning").log_level == "WARNING"
     with pytest.raises(SettingsError, match="--log-level verbose: must be one of"):
         load_settings(log_level="verbose")
+
+
+@pytest.mark.parametrize(
+    ("host", "address"),
+    [("127.0.0.1", "127.0.0.1:50051"), ("::", "[::]:50051"), ("[::1]", "[::1]:50051")],
+)
+def test_an_ipv6_host_is_bracketed_before_its_port(
+    monkeypatch: pytest.MonkeyPatch, host: str, address: str
+) -> None:
+    monkeypatch.setenv("SERVE_HOST", host)
+    assert load_settings().address(50051) == address
 
 
 def test_rules_relating_settings_say_where_each_was_set(
