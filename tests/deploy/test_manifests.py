@@ -319,6 +319,9 @@ def test_gpu_only_in_the_gpu_overlay() -> None:
     assert settings_data(cpu)["SERVE_PROVIDER"] == "cpu"
     assert server_container(gpu)["image"].endswith(":gpu")
     assert server_container(cpu)["image"].endswith(":cpu")
+    # /tmp (HOME) has room for CUDA's JIT cache at its default 256 MiB cap on a GPU pod.
+    tmp = {v["name"]: v for v in gpu_pod["volumes"]}["tmp"]["emptyDir"]
+    assert tmp["sizeLimit"].endswith("Mi") and int(tmp["sizeLimit"][:-2]) >= 256 + 64
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
