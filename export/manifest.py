@@ -329,7 +329,14 @@ def version_dirs(model_dir: str | Path) -> list[int]:
     root = Path(model_dir)
     if not root.is_dir():
         return []
-    return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit())
+    return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and _is_version_name(p.name))
+
+
+def _is_version_name(name: str) -> bool:
+    """Whether a folder name is a version number as written: ASCII digits, no leading zero.
+    str.isdigit() alone takes "²" (which int() refuses) and "٣", and "02", which the
+    repository would look for as the folder "2"."""
+    return name.isascii() and name.isdigit() and name == str(int(name))
 
 
 __all__ = [

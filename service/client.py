@@ -261,7 +261,8 @@ class Client:
         return response
 
     def list_models(self, request_id: str | None = None) -> list[pb.ModelInfo]:
-        """Every loaded model, at its latest version (ModelInfo.versions lists the rest)."""
+        """Every loaded version, by name then version: a model has several while a reload
+        swaps them, or when the server keeps more than one (ModelInfo.versions lists them)."""
         response = self.models_stub.ListModels(
             pb.ListModelsRequest(), timeout=self.timeout, metadata=self._metadata(request_id)
         )

@@ -870,6 +870,7 @@ class InferenceServer:
         self._drain_failed = False
         self._drain_task: asyncio.Task[None] | None = None
         self._health_updates: set[asyncio.Task[None]] = set()  # strong references
+        self._reloads: set[asyncio.Task[ReloadSummary]] = set()  # strong references
         backend.watch(self._serving_changed)
 
         add_servicer(
@@ -1021,7 +1022,22 @@ class InferenceServer:
 
     async def reload(self) -> ReloadSummary:
         """Load new versions beside the running ones, retiring those they replace (one
-        reload at a time)."""
+        reload at a time). The reload runs to its end even when its caller is cancelled (a
+        Reload call past its deadline, or whose client went away): cut between loading a
+        version and starting it, that version would stay listed but never serve, and the
+        next reload would retire the one it replaces."""
+        task = asyncio.get_running_loop().create_task(self._reload())
+        self._reloads.add(task)
+        task.add_done_callback(self._reload_ended)
+        return await asyncio.shield(task)
+
+    def _reload_ended(self, task: asyncio.Task[ReloadSummary]) -> None:
+        """Log a failed reload here, where it is seen whether or not its caller still waits."""
+        self._reloads.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("reload failed: %s", error, exc_info=error)
+
+    async def _reload(self) -> ReloadSummary:
         async with self._reload_lock:
             summary = await self.backend.reload()
             await self._set_health()
@@ -1165,7 +1181,6 @@ async def serve(settings: Settings, backend: Backend | None = None) -> int:
 
 
 async def _reload_logged(server: InferenceServer) -> None:
-    try:
+    """SIGHUP's reload: its failure is logged by the reload itself."""
+    with contextlib.suppress(Exception):
         await server.reload()
-    except Exception:
-        log.exception("reload (SIGHUP) failed")

@@ -300,3 +300,13 @@ def test_a_failing_drain_hook_does_not_stop_the_others(
     assert called == ["failing", f"{LM}:1"]
     assert entry.drained
     assert f"drain hook of {LM}:1 failed" in caplog.text
+
+
+def test_folders_not_named_as_a_version_number_are_ignored(tmp_path: Path) -> None:
+    """Names str.isdigit() takes but that spell no version ("²", "٣", "02") are ignored,
+    like `checkpoint/`: "²" failed every scan (the server's start, each reload) with
+    int()'s ValueError, and "02" was looked for as the folder "2"."""
+    for name in ("²", "٣", "02"):
+        (tmp_path / TRANSLATOR / name).mkdir(parents=True)
+    result = ModelRepository(tmp_path).reload()
+    assert (result.loaded, result.failed) == ([], {})

@@ -1141,6 +1141,58 @@ def test_a_sighup_while_the_models_load_is_not_dropped() -> None:
     assert asyncio.run(main()) == 0
 
 
+class SlowReload(FakeBackend):
+    """A reload that waits for `loaded` (set from the test), then succeeds or fails."""
+
+    def __init__(self, fails: bool = False) -> None:
+        super().__init__()
+        self.loaded = asyncio.Event()
+        self.fails = fails
+        self.outcome = ""
+
+    async def reload(self) -> ReloadSummary:
+        try:
+            await self.loaded.wait()
+        except asyncio.CancelledError:
+            self.outcome = "cut"
+            raise
+        self.outcome = "done"
+        if self.fails:
+            raise OSError("the disk is gone")
+        return await super().reload()
+
+
+def test_a_reload_runs_to_its_end_when_its_caller_gives_up() -> None:
+    """A Reload call past its deadline (a `reload --timeout` shorter than a model's load)
+    leaves the reload running: cut between loading a version and starting it, the version
+    stayed listed but never served, and the next reload retired the one it replaces."""
+
+    server = InProcessServer(lambda _: SlowReload())
+    try:
+        with Client(server.address, timeout=0.3) as c, pytest.raises(grpc.RpcError) as error:
+            c.reload()
+        assert _code(error) == grpc.StatusCode.DEADLINE_EXCEEDED
+        _wait(lambda: server.server.transport.in_flight == 0)  # the server gave up too
+        server.loop.call_soon_threadsafe(server.backend.loaded.set)
+        _wait(lambda: server.backend.outcome != "")
+        assert server.backend.outcome == "done"
+    finally:
+        server.stop()
+
+
+def test_a_reload_that_fails_after_its_caller_gave_up_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server = InProcessServer(lambda _: SlowReload(fails=True))
+    try:
+        with Client(server.address, timeout=0.3) as c, pytest.raises(grpc.RpcError):
+            c.reload()
+        server.loop.call_soon_threadsafe(server.backend.loaded.set)
+        _wait(lambda: "reload failed: the disk is gone" in caplog.text)
+    finally:
+        server.stop()
+
+
 def test_a_drain_that_fails_still_ends_the_process_with_exit_code_1(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
