@@ -471,6 +471,14 @@ class Engine:
                 if self.task is Task.GENERATION
                 else f"{p.max_new_tokens} exceeds the model's max_positions {self.max_positions}",
             )
+        for i, stop in enumerate(p.stop):
+            char = self.tokenizer.never_decoded(stop)
+            if char is not None:
+                raise InvalidArgument(
+                    f"options.stop[{i}]",
+                    f"holds {char!r}, which this model's output never does: its tokenizer "
+                    "turns line breaks and tabs into spaces and drops zero-width characters",
+                )
         if p.return_alignment and self.task is not Task.TRANSLATION:
             raise InvalidArgument(
                 "options.return_alignment", "only translation models have cross-attention"

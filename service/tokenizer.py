@@ -102,6 +102,16 @@ class Tokenizer:
         still matches the output."""
         return unicodedata.normalize("NFKC", text)
 
+    def never_decoded(self, text: str) -> str | None:
+        """The first character of `text` (in output form) that no decoded text contains:
+        one the normalizer turns into a space (a line break, a tab) or deletes (a zero-width
+        space), so a stop string holding it could never match."""
+        gone = (f"{SPACE}aa", f"{SPACE}a{SPACE}a")  # "a?a" with ? deleted, or made a space
+        for char in self.output_form(text):
+            if char != " " and self.sp.normalize(f"a{char}a") in gone:
+                return char
+        return None
+
     def pieces(self, ids: list[int]) -> list[str]:
         return [str(piece) for piece in self.sp.id_to_piece(list(ids))]  # one call for all
 

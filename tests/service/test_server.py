@@ -84,6 +84,7 @@ def test_translate_beam_n_best_and_alignment(client: Client) -> None:
     assert first.normalized_score >= second.normalized_score
     assert len(translation.source_tokens) == translation.input_tokens
     assert len(first.tokens) == len(first.alignment) == first.output_tokens
+    assert response.usage.output_tokens == first.output_tokens + second.output_tokens
     for row in first.alignment:
         assert len(row.weights) == len(translation.source_tokens)
         assert sum(row.weights) == pytest.approx(1.0, abs=1e-3)
@@ -228,6 +229,7 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("max_new_tokens over limit", {"max_new_tokens": 33}, "options.max_new_tokens"),
     ("too many stop strings", {"stop": ["a"] * 9}, "options.stop"),
     ("too long stop string", {"stop": ["s" * 65]}, "options.stop[0]"),
+    ("stop string never decoded", {"stop": ["Amen", "Amen.\n"]}, "options.stop[1]"),
     ("sampling with beam", {"temperature": 0.8, "beam_size": 2}, "options.beam_size"),
 ]
 
@@ -256,6 +258,7 @@ def test_invalid_generate_requests(client: Client) -> None:
         (lambda: client.generate("\ufffd"), "prompt"),  # no pieces: BOS alone is no prompt
         (lambda: list(client.generate("\ufffd \u2581", stream=True)), "prompt"),
         (lambda: list(client.translate_stream("\ufffd")), "text"),
+        (lambda: list(client.generate("x", stream=True, stop=["\t"])), "options.stop[0]"),
     ]
     for call, field in cases:
         error = _error(call)

@@ -99,3 +99,16 @@ def test_a_continuation_starts_without_a_space_after_a_prompt_ending_in_one(
     tok = tokenizer("en-lm").after(prompt)
     word = tok.sp.piece_to_id(SPACE + "the")
     assert tok.decode([word]) == (" the" if spaced else "the")
+
+
+@pytest.mark.parametrize("name", list(TOKENIZERS))
+def test_characters_never_decoded_are_in_no_piece(name: str) -> None:
+    """What `never_decoded` flags (so a stop string holding it is refused) is in no
+    piece's text; what it lets through reads as typed (NFKC makes U+00A0 a space)."""
+    tok = tokenizer(name)
+    suspects = "\n\t\r\x0b\u2028\u200b\ufeff"
+    assert [tok.never_decoded(f"ok{c}") for c in suspects] == list(suspects)
+    decoded = "".join(tok.decode_inner([i]) for i in range(tok.vocab_size))
+    assert not set(suspects) & set(decoded)
+    for text in ("Amen.", "a b", "é", "\u00a0", " the"):
+        assert tok.never_decoded(text) is None, text
