@@ -467,6 +467,10 @@ def _connected(
 ) -> Iterator[Client]:
     """A client for one command; a call that fails ends the command with its status."""
     secure = tls or ca is not None
+    if not target.strip():
+        raise typer.BadParameter(
+            "is empty: give the server's host:port, e.g. 127.0.0.1:50051", param_hint="--target"
+        )
     try:
         token = None if token is None else bearer_token(token)
     except ValueError as error:
@@ -595,7 +599,7 @@ def _print_stream(chunks: Iterable[Any], head: str, as_json: bool, scores: bool)
                 typer.echo(f"\t{chunk.score:.3f}", nl=False)
             sys.stdout.flush()
     finally:  # an error ends the stream: its message goes on a line of its own
-        if not as_json:
+        if not as_json and chunk is not None:
             typer.echo()
     return chunk
 

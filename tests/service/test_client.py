@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -280,6 +281,23 @@ def test_cli_reports_errors(server: ServerHandle, tmp_path: Path) -> None:
     not_utf8 = _cli(server, "translate", "Amen.", b"bad \xff bytes")  # as a shell passes it
     assert not_utf8.returncode == 2 and "texts[1] is not valid UTF-8" in not_utf8.stderr
     assert "Traceback" not in not_utf8.stderr
+
+
+def test_cli_without_a_server_prints_nothing_on_stdout() -> None:
+    """No server: the error on stderr and no stray line on stdout (a stream that never
+    began); an empty --target is refused by name, not with grpc's resolver log."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        down = f"127.0.0.1:{closed.getsockname()[1]}"
+    for target, error in ((down, "error: UNAVAILABLE"), ("", "Invalid value for --target")):
+        result = subprocess.run(
+            [sys.executable, "-m", "service.client", "generate", "x", "--stream",
+             "--target", target, "--timeout", "10"],
+            capture_output=True, text=True, cwd=ROOT, timeout=60,
+            env={**os.environ, "COLUMNS": "300"},
+        )  # fmt: skip
+        assert result.returncode == 2 and result.stdout == "", result
+        assert error in result.stderr and "resolver" not in result.stderr, result.stderr
 
 
 @pytest.mark.e2e
