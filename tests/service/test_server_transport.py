@@ -1251,6 +1251,18 @@ def test_drain_refuses_new_calls_and_finishes_in_flight_ones() -> None:
         server.stop()
 
 
+def test_a_drain_without_grace_and_no_call_in_flight_cancels_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """drain_grace_s=0 gives calls in flight no time; with none in flight, there is nothing
+    to cancel and no "drain grace over" warning."""
+    caplog.set_level(logging.INFO, logger="service.server")
+    server = InProcessServer(drain_grace_s=0)
+    server.stop()
+    messages = [r.getMessage() for r in caplog.records if r.name == "service.server"]
+    assert "stopped" in messages and "drain grace over; cancelling calls" not in messages
+
+
 @pytest.mark.parametrize(("health_checked", "retries"), [(True, 0), (False, 0), (False, 1)])
 def test_a_health_checked_client_stops_calling_a_draining_replica(
     health_checked: bool, retries: int
