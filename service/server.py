@@ -31,7 +31,6 @@ from typing import Any, Protocol, TypeVar
 import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from service import signals, validation
@@ -57,6 +56,7 @@ from service.domain import (
 from service.errors import CLIENT_SIDE_REASONS, code_name, status_of
 from service.gen.inference.v1 import inference_pb2 as pb
 from service.gen.inference.v1 import inference_pb2_grpc as pb_grpc
+from service.health import Health
 from service.logging import request_id_var
 from service.metrics import Metrics
 from service.settings import ENV_PREFIX, Settings
@@ -857,7 +857,7 @@ class InferenceServer:
         self.backend = backend
         self.metrics = metrics
         self.transport = Transport(settings, metrics)
-        self.health = HealthServicer()
+        self.health = Health()
         self.server = grpc.aio.server(options=server_options(settings))
         # Health alone, in plaintext, for probes that cannot speak the main port's TLS.
         self.health_server = (

@@ -1219,6 +1219,32 @@ def test_a_drain_that_fails_still_ends_the_process_with_exit_code_1(
     assert "serving" in messages and "drain failed; stopping now" in messages, messages
 
 
+def test_an_open_health_watch_ends_with_the_drain_instead_of_holding_it() -> None:
+    """A Watch gets each status change, then NOT_SERVING and its end when the drain starts:
+    the stop no longer waits the whole grace for it (grpcio-health-checking's never ends)."""
+    server = InProcessServer(drain_grace_s=20)
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            with pytest.raises(grpc.RpcError) as unknown:
+                stub.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=5)
+            assert _code(unknown) == grpc.StatusCode.NOT_FOUND
+            watch = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=30)
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            later = stub.Watch(health_pb2.HealthCheckRequest(service="later"), timeout=30)
+            assert next(later).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+            server.call(server.server.health.set("later", health_pb2.HealthCheckResponse.SERVING))
+            assert next(later).status == health_pb2.HealthCheckResponse.SERVING
+            started = time.monotonic()
+            server.call(server.server.drain())
+            assert time.monotonic() - started < 10  # the grace is 20 s
+            for stream in (watch, later):
+                assert [r.status for r in stream] == [health_pb2.HealthCheckResponse.NOT_SERVING]
+                assert stream.code() == grpc.StatusCode.OK
+    finally:
+        server.stop()
+
+
 def test_drain_refuses_new_calls_and_finishes_in_flight_ones() -> None:
     """While draining: NOT_SERVING, new inference calls UNAVAILABLE, the call in flight
     finishes. ListModels and DescribeModel skip the drain's refusal (public calls); Reload
