@@ -1152,10 +1152,12 @@ async def serve(settings: Settings, backend: Backend | None = None) -> int:
     def on_hup() -> None:
         # While the models load too: a version published after their scan would otherwise
         # wait for the next SIGHUP (the scheduler runs one load at a time).
-        if not server.transport.draining:
-            task = loop.create_task(_reload_logged(server))
-            reloads.add(task)
-            task.add_done_callback(reloads.discard)
+        if server.transport.draining:
+            log.info("reload signal ignored: the server is draining")
+            return
+        task = loop.create_task(_reload_logged(server))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     # A SIGTERM or SIGINT held before the loop ran (service.signals) stops it before it

@@ -1141,6 +1141,31 @@ def test_a_sighup_while_the_models_load_is_not_dropped() -> None:
     assert asyncio.run(main()) == 0
 
 
+def test_a_sighup_while_draining_is_ignored_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    class Counting(FakeBackend):
+        reloads = 0
+
+        async def reload(self) -> ReloadSummary:
+            self.reloads += 1
+            return await super().reload()
+
+    async def main() -> int:
+        backend = Counting()
+        serving = asyncio.create_task(
+            serve(load_settings(port=0, metrics_port=0, drain_grace_s=3), backend)  # type: ignore[arg-type]
+        )
+        await _until(lambda: "serving" in caplog.messages)
+        os.kill(os.getpid(), signal.SIGTERM)
+        await _until(lambda: "draining" in caplog.messages)
+        os.kill(os.getpid(), signal.SIGHUP)
+        await _until(lambda: "reload signal ignored: the server is draining" in caplog.messages)
+        assert backend.reloads == 0
+        return await asyncio.wait_for(serving, 10)
+
+    caplog.set_level(logging.INFO, logger="service.server")
+    assert asyncio.run(main()) == 0
+
+
 class SlowReload(FakeBackend):
     """A reload that waits for `loaded` (set from the test), then succeeds or fails."""
 
