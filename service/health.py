@@ -3,8 +3,9 @@
 grpcio-health-checking's servicer never ends a Watch: enter_graceful_shutdown only sends
 NOT_SERVING on it, so one open watch (a `grpcurl … Health/Watch`, a monitor) kept the
 server's stop waiting for the drain's whole grace after the last call had finished.
-Here a watch sends NOT_SERVING and then ends with OK; clients that check health with
-Watch start a new one, which a stopping server refuses. Otherwise it behaves as the
+Here a watch sends NOT_SERVING and then ends with OK; a client that checks health with
+Watch starts a new one after a backoff, which gets NOT_SERVING and ends too (and then the
+port closes). Otherwise it behaves as the
 library's: Check answers NOT_FOUND for an unknown service, Watch sends SERVICE_UNKNOWN
 for one and waits for it to appear.
 """
