@@ -558,6 +558,19 @@ def equal_p50(
     return out
 
 
+def target_met(value: float | None, target: float | None, qualifier: str = "") -> bool | None:
+    """Whether a ratio meets its target; None where that is unknown. A lower bound (">=")
+    below the target, or an upper bound ("<") above it, decides nothing: the ratio itself
+    may lie on either side."""
+    if value is None or target is None:
+        return None
+    if qualifier == ">=":
+        return True if value >= target else None
+    if qualifier == "<":
+        return False if value <= target else None
+    return value >= target
+
+
 def ratios(
     offline: dict[str, dict[str, Any]], served: dict[str, ServedMode]
 ) -> list[dict[str, Any]]:
@@ -573,11 +586,18 @@ def ratios(
     rows: list[dict[str, Any]] = []
 
     def add(
-        name: str, num: float | None, den: float | None, target: float | None, note: str = ""
+        name: str,
+        num: float | None,
+        den: float | None,
+        target: float | None,
+        note: str = "",
+        qualifier: str = "",
     ) -> None:
         value = num / den if num and den else None
-        met = None if value is None or target is None else value >= target
+        met = target_met(value, target, qualifier)
         rows.append({"ratio": name, "value": value, "target": target, "met": met, "note": note})
+        if qualifier:
+            rows[-1]["qualifier"] = qualifier
 
     cont = tps("continuous")
     add(
@@ -618,9 +638,7 @@ def ratios(
                 f"{top['qualifier']}{top['continuous_rps']:.2f}; {low['qualifier']}"
                 f"{low['ratio']:.2f}–{up}{high['ratio']:.2f}× over {base}'s steps (below)"
             )
-            add(name, top["continuous_rps"], top["baseline_rps"], 1.5, note)
-            if top["qualifier"]:
-                rows[-1]["qualifier"] = top["qualifier"]
+            add(name, top["continuous_rps"], top["baseline_rps"], 1.5, note, top["qualifier"])
     return rows
 
 
@@ -846,6 +864,25 @@ def _fractions(text: str) -> list[float]:
     return values
 
 
+def served_need_s(
+    modes: list[str],
+    served_s: float,
+    poisson_s: float,
+    poisson_fractions: list[float],
+    generate_fractions: list[float],
+) -> float:
+    """Seconds the served runs take at most, below which they are skipped (an upper bound):
+    per mode a closed loop and every Poisson rate (fractions of two capacities), the
+    generation rates on GENERATE_MODES and the BRACKET steps of both workloads.
+    loadtest/device/run.sh reserves this for its last stage."""
+    steps = (
+        2 * len(poisson_fractions) * len(modes)
+        + len(generate_fractions) * len([m for m in GENERATE_MODES if m in modes])
+        + 2 * len(BRACKET)
+    )
+    return len(modes) * (served_s + 10) + poisson_s * steps + 60
+
+
 def latest_version(model_dir: Path) -> Path:
     versions = sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit())
     if not versions:
@@ -958,18 +995,12 @@ def main(
     # Most important first (the ceiling, the reference, the served path), optional peers
     # last: if --max-minutes runs out, what is skipped says so in the table.
     deadline = started + max_minutes * 60
-    # Served runs: per mode a closed loop and every Poisson rate (fractions of two
-    # capacities), plus the generation rates on GENERATE_MODES; an upper bound.
-    served_modes = [m for m in SERVED_MODES if m not in args.skip]
-    served_need = (
-        len(served_modes) * (served_s + 10)
-        + poisson_s
-        * (
-            2 * len(args.poisson_fractions) * len(served_modes)
-            + len(args.generate_fractions) * len([m for m in GENERATE_MODES if m in served_modes])
-            + 2 * len(BRACKET)
-        )
-        + 60
+    served_need = served_need_s(
+        [m for m in SERVED_MODES if m not in args.skip],
+        served_s,
+        poisson_s,
+        args.poisson_fractions,
+        args.generate_fractions,
     )
 
     def left() -> float:

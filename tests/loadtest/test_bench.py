@@ -504,6 +504,26 @@ def test_the_range_of_ratios_keeps_its_bounds_qualifiers() -> None:
     assert "; <1.00–>=1.33× over static's steps" in row["note"], row["note"]
 
 
+def test_a_bound_on_the_wrong_side_of_the_target_decides_nothing() -> None:
+    """A lower bound of 1.33x against a 1.5x target may still meet it, and an upper bound
+    of 2.00x may still miss it: neither reads as "no" or "yes" in the met column."""
+    short = {
+        "static": served("static", 500.0, [point(10, 0.05), point(20, 0.2), point(30, 0.9)]),
+        "continuous": served("continuous", 500.0, [point(10, 0.1), point(40, 0.3)]),
+    }
+    under = {
+        "static": served("static", 500.0, [point(10, 0.05)]),
+        "continuous": served("continuous", 500.0, [point(20, 0.1), point(40, 0.3)]),
+    }
+    name = "continuous / static at equal p50, translations (Poisson req/s)"
+    lower = {r["ratio"]: r for r in ratios({}, short)}[name]
+    assert (lower["qualifier"], lower["value"]) == (">=", pytest.approx(40 / 30))
+    assert lower["met"] is None
+    upper = {r["ratio"]: r for r in ratios({}, under)}[name]
+    assert (upper["qualifier"], upper["value"]) == ("<", pytest.approx(2.0))
+    assert upper["met"] is None
+
+
 def test_a_skipped_baseline_gives_no_rows() -> None:
     modes = {
         "static": served("static", 500.0, [point(10, 0.2)]),

@@ -4,6 +4,7 @@ that they parse and that the run script walks its stages within its time budget.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -89,18 +90,77 @@ def test_a_rehearsal_exports_into_a_scratch_repository(tmp_path: Path) -> None:
     assert f"--repository {repo}" in served
 
 
-def test_the_fixed_stages_leave_the_served_benchmark_its_share() -> None:
-    """The stages' own limits add up to less than the run's budget, so the last stage is
-    not squeezed to nothing (it once asked for 665 s of 570), and it is given the time
-    left as its own budget, so that it ends and writes its results before its limit."""
-    import re
+def _captured(pattern: str, text: str) -> str:
+    """What `pattern`'s group captures in `text` (which must hold it)."""
+    found = re.search(pattern, text)
+    assert found is not None, pattern
+    return found.group(1)
 
+
+def _int_after(pattern: str, text: str) -> int:
+    return int(_captured(pattern, text))
+
+
+def _served_need_at_run_sh_arguments(text: str) -> float:
+    """loadtest.bench's served_need_s at the served stage's arguments in run.sh."""
+    from loadtest.bench import SERVED_MODES, served_need_s
+
+    served = text[text.index("run_stage served") :]
+
+    def arg(name: str) -> str:
+        return _captured(rf"--{name} (\S+)", served)
+
+    skip = arg("skip").split(",")
+    return served_need_s(
+        [m for m in SERVED_MODES if m not in skip],
+        float(arg("served-s")),
+        float(arg("poisson-s")),
+        [float(f) for f in arg("poisson-fractions").split(",")],
+        [float(f) for f in arg("generate-fractions").split(",")],
+    )
+
+
+def test_the_fixed_stages_leave_the_served_benchmark_its_share() -> None:
+    """The served benchmark runs whole or not at all, so gpu_bench, the stage before it,
+    leaves it what loadtest.bench needs at its arguments plus the stage's 10 s and the 40 s
+    its --max-minutes keeps (it once reserved 160 s where the bench needed 184)."""
     text = SCRIPTS[1].read_text()
-    budget = int(re.search(r"RUN_BUDGET_S:-(\d+)", text).group(1))  # type: ignore[union-attr]
+    floor = _int_after(r"served_floor_s=(\d+)", text)
+    assert "served_s=$(($(left) - 10))" in text and "m = (s - 40) / 60" in text
+    assert floor >= _served_need_at_run_sh_arguments(text) + 10 + 40 + 5
+    budget = _int_after(r"RUN_BUDGET_S:-(\d+)", text)
     fixed = {m[0]: int(m[1]) for m in re.findall(r"run_stage (\w+) (\d+) ", text)}
-    assert set(fixed) == set(STAGES) - {"served"}
-    # loadtest.bench skips every served mode below its need at these arguments (2 modes ×
-    # (10 + 10) s, 10 Poisson steps of 6 s, 60 s: 160 s), and the stage keeps 50 s of
-    # margin; the setup before the first stage takes some 20 s more.
-    assert budget - sum(fixed.values()) >= 160 + 50 + 30, fixed
+    assert set(fixed) == {"nvml", "export", "gpu_check"}
+    # The setup before the first stage (unpacking onnxruntime-gpu, the wheels) takes
+    # some 20 s; gpu_bench must still get a useful share after the fixed stages.
+    assert budget - sum(fixed.values()) - 20 - floor >= 100, fixed
     assert 'run_stage served "$served_s"' in text and '--max-minutes "$served_min"' in text
+
+
+def test_gpu_bench_leaves_the_served_floor(tmp_path: Path) -> None:
+    """gpu_bench's limit is what is left less the served benchmark's floor, so a slow
+    setup or slow earlier stages come out of gpu_bench, not out of the served benchmark."""
+    if shutil.which("bash") is None:
+        pytest.skip("bash is not installed")
+    fake = tmp_path / "bin" / "python3"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    out.mkdir()
+    budget = 300
+    env = {
+        **os.environ,
+        "OUT": str(out),
+        "REHEARSAL": "1",
+        "RUN_BUDGET_S": str(budget),
+        "PATH": f"{fake.parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    result = subprocess.run(
+        ["bash", str(SCRIPTS[1])], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    log = (out / "run.log").read_text()
+    floor = _int_after(r"served_floor_s=(\d+)", SCRIPTS[1].read_text())
+    limit = _int_after(r"gpu_bench: start \(at most (\d+)s\)", log)
+    assert limit <= budget - floor, log
