@@ -27,6 +27,7 @@ import contextlib
 import datetime as dt
 import itertools
 import json
+import math
 import os
 import random
 import shlex
@@ -322,9 +323,16 @@ async def measure_served(
     }
     workload = Workload(texts, {"translate": 1.0}, seed=args.seed)
 
+    def need(seconds: float) -> None:
+        """Stop the measurements (keeping what they measured) if a step of `seconds`, and
+        a margin for its drain, would end past the deadline."""
+        if time.perf_counter() + seconds + STEP_MARGIN_S > args.deadline:
+            raise OutOfTime
+
     async def poisson(caller: GrpcCaller, kind: str, rate: float, seed: int) -> dict[str, Any]:
         # Its own workload, seeded like the arrivals: every mode gets the same requests at
         # the same times in a step, so the modes are compared on the same inputs.
+        need(args.poisson_s)
         step: RunResult = await run_load(
             caller,
             Workload(texts, {kind: 1.0}, seed=seed),
@@ -377,6 +385,7 @@ async def measure_served(
                 raise RuntimeError(f"warm-up requests failed: {codes}")
         capacity: dict[str, float] = {}
         for name, caller in callers.items():
+            need(args.served_s)
             typer.echo(f"[bench] {name}: closed loop {args.served_s:g} s", err=True)
             closed = await run_load(
                 caller,
@@ -409,6 +418,10 @@ async def measure_served(
                 step = await poisson(caller, "generate", rate, args.seed + i)
                 modes[name].generate.append(step)
         await bracket("generate", "generate")
+    except OutOfTime:
+        typer.echo("[bench] served: out of --max-minutes; the steps measured are kept", err=True)
+        for mode in modes.values():
+            mode.reason = CUT_SHORT
     finally:
         for caller in callers.values():
             await caller.close()
@@ -433,6 +446,15 @@ def _brief(summary: dict[str, Any]) -> dict[str, Any]:
         "tokens_per_message",
     )
     return {k: summary[k] for k in keep if k in summary}
+
+
+class OutOfTime(Exception):
+    """The next served step would end past --max-minutes."""
+
+
+# Seconds a served step may take beyond its arrivals: the drain of its last requests.
+STEP_MARGIN_S = 10.0
+CUT_SHORT = "cut short by --max-minutes: the steps measured before it are kept"
 
 
 class ServerFailed(RuntimeError):
@@ -710,6 +732,8 @@ def markdown(data: dict[str, Any]) -> str:
             status = sm["status"]
             if status != "ok":
                 status = f"{'skipped' if status == 'skipped' else 'failed'}: {sm['reason'][:160]}"
+            elif sm["reason"]:
+                status = f"ok, {sm['reason']}"
             lat = c.get("latency_s") or {}
             lines.append(
                 f"| {label} | {how}, concurrency {c.get('concurrency', '–')} | {status} "
@@ -851,6 +875,9 @@ class BenchArgs:
     generate_fractions: list[float]
     seed: int
     skip: list[str]
+    # time.perf_counter() by which the served steps must end (--max-minutes): a step that
+    # would end later is not started, and the steps measured so far are kept.
+    deadline: float = math.inf
 
 
 def _fractions(text: str) -> list[float]:
@@ -1002,6 +1029,8 @@ def main(
         args.poisson_fractions,
         args.generate_fractions,
     )
+
+    args.deadline = deadline
 
     def left() -> float:
         return deadline - time.perf_counter()

@@ -550,6 +550,7 @@ def _measure_fakes(
     names: Sequence[str],
     delays: dict[str, float],
     sent: dict[str, list[WorkItem]] | None = None,
+    **overrides: Any,
 ) -> dict[str, ServedMode]:
     """bench.measure_served over fake servers, one per name, each answering a call after
     delays[name] seconds (0.01 unless given), all calls recorded in `sent` by name."""
@@ -576,11 +577,30 @@ def _measure_fakes(
             return CallOutcome(output_tokens=len(item.text.split()))
 
     monkeypatch.setattr(bench, "GrpcCaller", Fake)
-    args = _bench_args(tmp_path)
+    args = _bench_args(tmp_path, **overrides)
     texts = [f"verse {'word ' * i}{i}" for i in range(20)]
     modes = {name: ServedMode(name) for name in names}
     asyncio.run(bench.measure_served({m: m for m in modes}, texts, args, modes))
     return modes
+
+
+def test_served_steps_that_would_end_past_the_deadline_are_not_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The closed loops fit before the deadline, a 30 s Poisson step does not: the
+    measurements stop there, keep what they measured and say why (on the device, a
+    benchmark killed by its stage's limit would have kept nothing)."""
+    import time
+
+    from loadtest import bench
+
+    deadline = time.perf_counter() + bench.STEP_MARGIN_S + 20
+    names = ("static", "continuous")
+    modes = _measure_fakes(tmp_path, monkeypatch, names, {}, poisson_s=30.0, deadline=deadline)
+    assert time.perf_counter() < deadline
+    for mode in modes.values():
+        assert mode.closed["ok"] > 0 and not mode.poisson and not mode.generate
+        assert (mode.status, mode.reason) == ("ok", bench.CUT_SHORT)
 
 
 def test_every_served_mode_gets_the_same_requests_at_each_step(
