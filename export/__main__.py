@@ -81,12 +81,15 @@ def main(
         raise typer.BadParameter(f"--exporter must be dynamo or torchscript, got {exporter!r}")
     logging.getLogger().setLevel(logging.ERROR)  # quantization's advice to pre-process
     from export.onnx_export import ExportError, export_model, find_checkpoints
+    from transformer.checkpoint import CheckpointError
     from transformer.config import ConfigError
 
     with _unwinding_on_sigterm():
         if checkpoint is not None:
             if name and len(name) > 1:
                 raise typer.BadParameter("--checkpoint exports one model: give at most one --name")
+            if not checkpoint.is_dir():
+                raise typer.BadParameter(f"--checkpoint {checkpoint} is not a folder")
             model_name = name[0] if name else checkpoint.resolve().parent.name
             targets = {model_name: checkpoint}
         else:
@@ -117,7 +120,7 @@ def main(
                     exporter=exporter,  # type: ignore[arg-type]
                     optimize=optimize,
                 )
-            except (ExportError, ConfigError) as error:
+            except (ExportError, ConfigError, CheckpointError) as error:
                 typer.echo(f"{model_name}: {error}", err=True)
                 raise typer.Exit(1) from error
             except OSError as error:  # a folder that cannot be written, a path that is a file

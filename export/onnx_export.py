@@ -29,12 +29,14 @@ checkpoint folder or in the model folder above it ({"source_language": "en",
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import time
 import warnings
@@ -71,6 +73,7 @@ from export.manifest import (
     file_sha256,
     graph_io,
     load_manifest,
+    version_dirs,
 )
 from transformer.checkpoint import CONFIG, TOKENIZER, WEIGHTS, load_checkpoint
 from transformer.config import TransformerConfig
@@ -277,7 +280,12 @@ def _languages(
         source = parts[0]
     if task == "generation":
         target = target or source
-    elif target is None and len(parts) == 2 and re.fullmatch(r"[a-z]{2,3}", parts[1]):
+    elif (
+        target is None
+        and len(parts) == 2
+        and parts[1] != "lm"  # <lang>-lm names a language model, not a target language
+        and re.fullmatch(r"[a-z]{2,3}", parts[1])
+    ):
         target = parts[1]
     if source is None or target is None:
         raise ExportError(
@@ -380,7 +388,8 @@ def export_checkpoint(
         raise ExportError(f"variants must be a non-empty subset of {VARIANTS}, got {chosen}")
     if exporter not in ("dynamo", "torchscript"):
         raise ExportError(f"exporter must be 'dynamo' or 'torchscript', got {exporter!r}")
-    name = name or out.resolve().parent.name
+    name = out.resolve().parent.name if name is None else name
+    check_name(name)
     if version is None:
         version = int(out.name) if out.name.isdigit() else 1
     _require_files(ckpt)
@@ -409,6 +418,7 @@ def _export_checkpoint(
 ) -> Manifest:
     model = load_checkpoint(ckpt)
     config = model.config
+    _check_tokenizer(ckpt, config)
     task = task_of(config)
     settings = read_settings(ckpt)
     source, target = _languages(task, name, settings, source_language, target_language)
@@ -513,6 +523,40 @@ def _require_files(ckpt: Path) -> None:
             raise ExportError(f"checkpoint {ckpt} has no {required}")
 
 
+def check_name(name: str) -> None:
+    """A model name is the one folder models/<name>/ the server serves it from: a name
+    that is empty, a path or hidden would be written where no server looks (or outside
+    the repository) and still be reported as exported."""
+    if (
+        not name
+        or name in (".", "..")
+        or name.startswith(".")
+        or any(c in name for c in "/\\\0")
+        or len(name.encode()) > 255
+    ):
+        raise ExportError(
+            f"model name {name!r} is not a folder name: use one plain name such as en-es "
+            "(no path separators, not hidden, at most 255 bytes)"
+        )
+
+
+def _check_tokenizer(ckpt: Path, config: TransformerConfig) -> None:
+    """The tokenizer must load and only produce ids the model has: the server loads it
+    only when it serves the version, and an id past vocab_size fails every request."""
+    import sentencepiece as spm
+
+    path = ckpt / TOKENIZER
+    try:
+        pieces = int(spm.SentencePieceProcessor(model_file=str(path)).get_piece_size())
+    except (OSError, RuntimeError) as error:
+        raise ExportError(f"{path} is not a SentencePiece model: {error}") from error
+    if pieces > config.vocab_size:
+        raise ExportError(
+            f"{path} has {pieces} pieces but {CONFIG} has vocab_size={config.vocab_size}: "
+            "the tokenizer belongs to another model"
+        )
+
+
 def _resolved_languages(
     ckpt: Path, name: str, source: str | None = None, target: str | None = None
 ) -> tuple[str, str]:
@@ -552,14 +596,41 @@ def _remove_stale(out: Path) -> None:
             pass  # another user's process is alive with that id
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two folders in one step (Linux renameat2 RENAME_EXCHANGE); False where the C
+    library, kernel or file system cannot, and nothing moved."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None).renameat2
+    except (OSError, AttributeError):  # a C library without it (glibc < 2.28)
+        return False
+    renameat2.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    ]
+    at_cwd, exchange = -100, 2  # AT_FDCWD, RENAME_EXCHANGE
+    return bool(renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), exchange) == 0)
+
+
 def _replace_dir(new: Path, target: Path) -> None:
-    """Move `new` to `target`, replacing an older folder with two renames; if the second
-    fails, the older one is put back. The owner file goes from the one to the other (what
-    is published carries none; a replaced folder that cannot take it, read-only, is left
-    for a person should this process die before removing it)."""
+    """Move `new` to `target`. An older folder is swapped out in one step where the system
+    can (a server reloading meanwhile finds one version or the other under the number,
+    never none, which it would retire); else with two renames, and if the second fails
+    the older one is put back. The owner file goes from the one to the other (what is
+    published carries none; a replaced folder that cannot take it, read-only, is left for
+    a person should this process die before removing it)."""
     owner = new / BUILD_OWNER
     mark = owner.read_text()
     owner.unlink()
+    if target.is_dir() and not target.is_symlink() and _exchange(new, target):
+        with contextlib.suppress(OSError):  # `new` now holds the replaced version
+            (new / BUILD_OWNER).write_text(mark)
+        shutil.rmtree(new, ignore_errors=True)
+        return
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.monotonic_ns()}")
@@ -615,10 +686,13 @@ def export_model(
     code or options is rebuilt in place."""
     exporter = kwargs.get("exporter", DEFAULT_EXPORTER)
     optimize = kwargs.get("optimize", True)
-    name = kwargs.get("name") or Path(version_dir).resolve().parent.name
+    name = kwargs.get("name")
+    name = Path(version_dir).resolve().parent.name if name is None else name
+    check_name(name)
     ckpt = Path(checkpoint_dir)
     _require_files(ckpt)
     _remove_stale(Path(version_dir))
+    _check_task_of_name(Path(version_dir), task_of(TransformerConfig.load(ckpt / CONFIG)))
     languages = _resolved_languages(
         ckpt, name, kwargs.get("source_language"), kwargs.get("target_language")
     )
@@ -627,7 +701,8 @@ def export_model(
     if existing is not None:  # exported before the fingerprint had these: taken as asked
         existing = {key: expected[key] for key in ("name", "languages")} | existing
     if not force and existing == expected:
-        return load_manifest(version_dir), False
+        with contextlib.suppress(ManifestError):  # same model, broken files: rebuilt
+            return load_manifest(version_dir), False
     changed = [k for k in MODEL_KEYS if existing is not None and existing.get(k) != expected.get(k)]
     if changed and not replace:
         version = Path(version_dir).name
@@ -640,14 +715,42 @@ def export_model(
     return export_checkpoint(checkpoint_dir, version_dir, variants, **kwargs), True
 
 
+def _manifest_json(version_dir: Path) -> dict[str, Any] | None:
+    """A version folder's manifest as plain JSON, without checking its files or contract:
+    which model a folder holds is still known when a file in it is damaged or it was
+    built by older code (None: no manifest, or not a JSON object)."""
+    try:
+        data = json.loads((version_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def _existing_source(version_dir: Path) -> dict[str, str] | None:
     """The fingerprint a version folder was built from (None: none there, or unreadable)."""
-    if not (version_dir / MANIFEST).is_file():
+    data = _manifest_json(version_dir)
+    if data is None:
         return None
-    try:
-        return load_manifest(version_dir).source
-    except ManifestError:
-        return None
+    source = data.get("source", {})
+    return {str(k): str(v) for k, v in source.items()} if isinstance(source, dict) else {}
+
+
+def _check_task_of_name(version_dir: Path, task: str) -> None:
+    """The versions of one name serve one task: the server routes a name by its newest
+    version's task, so a language model published as en-es/2 would answer every
+    translation request for en-es with NOT_FOUND."""
+    model_dir = version_dir.parent
+    for number in version_dirs(model_dir):
+        other = model_dir / str(number)
+        if other.name == version_dir.name:
+            continue
+        data = _manifest_json(other)
+        if data is not None and data.get("task") not in (None, task):
+            raise ExportError(
+                f"the checkpoint is a {task} model but {other} holds a {data['task']} "
+                f"model: the versions of {model_dir.name!r} serve one task; export it under "
+                "another name"
+            )
 
 
 __all__ = [

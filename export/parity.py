@@ -325,6 +325,11 @@ def main(
         typer.echo(f"no exported models under {repository}: run `make export` first", err=True)
         raise typer.Exit(1)
     chosen = [v.strip() for v in variants.split(",")] if variants else None
+    unknown = [v for v in chosen or [] if v not in LOGIT_TOLERANCE]
+    if unknown:  # refused now, not by a KeyError in the report after the whole run
+        raise typer.BadParameter(
+            f"--variants: {unknown} unknown; choose from {', '.join(LOGIT_TOLERANCE)}"
+        )
     results = []
     for model_name in names:
         versions = version_dirs(repository / model_name)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from transformer.config import TransformerConfig
@@ -69,7 +70,16 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
             raise CheckpointError(f"checkpoint {path} has no {name}")
     config = TransformerConfig.load(path / CONFIG)
     model = build_model(config)
-    missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False)
+    try:
+        missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False)
+    except SafetensorError as error:
+        raise CheckpointError(f"cannot read {path / WEIGHTS}: {error}") from error
+    except RuntimeError as error:  # load_state_dict: a tensor of another shape than config's
+        lines = [line.strip() for line in str(error).splitlines()]
+        shape = next((line for line in lines if line.startswith("size mismatch")), lines[0])
+        raise CheckpointError(
+            f"weights in {path / WEIGHTS} do not match config.json: {shape}"
+        ) from error
     if missing or unexpected:
         raise CheckpointError(
             f"weights in {path / WEIGHTS} do not match config.json: "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_type_hints
 
 Architecture = Literal["encoder-decoder", "decoder-only"]
 Activation = Literal["relu", "gelu", "gelu_tanh", "silu"]
@@ -113,19 +113,44 @@ class TransformerConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TransformerConfig:
+        """Build from parsed JSON, refusing unknown fields and values of the wrong JSON
+        type by name (validate() compares numbers and would raise a bare TypeError)."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a config is a JSON object of fields, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown config field(s) {unknown}; known fields: {sorted(known)}")
+        hints = get_type_hints(cls)
+        for name, value in data.items():
+            expected = hints[name]
+            if expected is bool:
+                ok = isinstance(value, bool)
+            elif expected is int:
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            elif expected is float:
+                ok = isinstance(value, int | float) and not isinstance(value, bool)
+            else:  # a Literal of strings: validate() names the allowed values
+                ok = isinstance(value, str)
+            if not ok:
+                raise ConfigError(f"{name} has the wrong type: got {value!r}")
         return cls(**data)
 
     @classmethod
     def from_json(cls, text: str) -> TransformerConfig:
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except ValueError as error:
+            raise ConfigError(f"config is not valid JSON: {error}") from error
+        return cls.from_dict(data)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json() + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> TransformerConfig:
-        return cls.from_json(Path(path).read_text())
+        """Read a config.json; a ConfigError names the file."""
+        try:
+            return cls.from_json(Path(path).read_text())
+        except ConfigError as error:
+            raise ConfigError(f"{path}: {error}") from error
