@@ -12,8 +12,9 @@ re-express the decoder step around a fixed-capacity cache:
   cache, in place.
 * Masks come from `positions`: query t of row b sees cache slots c < positions[b] and new
   tokens t' <= t. Slots at or beyond positions[b] hold stale values and are never seen.
-* Queries are scaled before Q K^T (not after, as the model does) so fp16 scores do not
-  overflow; in fp32 the difference is rounding.
+* In the decoder step, queries are scaled before Q K^T (not after, as the model does) so
+  fp16 scores do not overflow; in fp32 the difference is rounding. The encoder graph is
+  the model's own encoder, which scales after: its fp16 parity is in docs/parity.md.
 """
 
 from __future__ import annotations

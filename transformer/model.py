@@ -6,7 +6,9 @@ broadcast to [B, H, T, S]. Key/value caches are tuples (k, v) of [B, H, S, Dh].
 
 Every forward takes explicit token positions, so a serving engine can run sequences of
 different lengths in one batch, and an optional past cache, so one step of decoding costs
-one token of work. Attention weights can be returned from every attention layer.
+one token of work. Every attention module can return its weights; the stacks pass on
+the encoder's self-attention and the decoder's cross-attention (the alignment the
+service returns), not the decoder's self-attention.
 """
 
 from __future__ import annotations
