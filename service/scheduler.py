@@ -8,7 +8,7 @@ Policy (read this before tuning the budgets):
     counted at the worst case it can reach: rows × (input tokens + max_new_tokens), so an
     admitted request can never run out of cache. It bounds the requests, not memory: the
     engine's cache holds every row at the longest row's length, its row count rounded up
-    to a power of two (memory is bounded by max_batch_size × max_positions).
+    to a power of two (memory is bounded by max_batch_size, so rounded up, × max_positions).
   - `max_queue`: sequences waiting for admission; one more is refused with QueueFull at
     once (the queue is never unbounded). A multi-text call's sequences are queued
     together or not at all (`submit_all`).
@@ -486,6 +486,7 @@ class _ModelLoop:
                 posted, self._inbox = self._inbox, []
             removals = [key for keys, _ in posted for key in keys]
             items = [item for _, batch_items in posted for item in batch_items]
+            in_batch = batch.keys()  # as the round began: a failed step may have freed some
             try:
                 taken = time.monotonic()  # the newcomers' encode (or prefill) starts now
                 removed = batch.remove(removals)
@@ -498,9 +499,10 @@ class _ModelLoop:
                 out = batch.step() if len(batch) else StepOutput()
                 ended = time.monotonic()  # when this step's tokens exist
             except Exception as error:
-                # Every request this round touched ends with the error, those removed
-                # before the failure too: their answers were in the lost round's output.
-                lost = [*removals, *batch.keys(), *(item.key for item in items)]
+                # Every request this round touched ends with the error, those removed, or
+                # finished and freed, before the failure too: their answers were in the
+                # lost round's output, and nothing else would answer them.
+                lost = [*removals, *in_batch, *(item.key for item in items)]
                 # This thread has no call's request id: the line names every lost one.
                 ids = sorted({job.request.request_id for job in lost if isinstance(job, _Job)})
                 log.exception(
@@ -909,6 +911,9 @@ class Scheduler:
                     log.warning("stop: grace of %.1fs over; cancelling the rest", grace_s)
                 else:  # close(): the transport's own drain grace is over already
                     log.warning("stop: cancelling the requests still running")
+        # A retired version that drained during the grace closes itself (`_close`, awaited
+        # below): closing it here too would close its engine twice.
+        loops = [*self._loops.values(), *self._retiring.values()]
         for loop in loops:
             loop.abort_all("shutdown")
         self._loops.clear()

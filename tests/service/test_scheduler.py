@@ -744,6 +744,40 @@ def test_a_failure_in_the_step_after_a_removal_ends_every_request_it_touched() -
     run(main, make_scheduler(factory=hooked_engine_factory(fail_when_one_row_is_left)))
 
 
+def test_a_step_that_fails_after_freeing_a_finished_request_still_answers_it() -> None:
+    """The step raises while it hands out its finished requests (a token id the tokenizer
+    cannot decode): one it freed before the failure is no longer in the batch, yet its
+    answer was in the lost round, so it fails too instead of waiting forever (and holding
+    its rows, so that stop() never returned)."""
+
+    class FailingBatch(Batch):
+        def _result(self, seq: Any, hyps: Any) -> SequenceResult:
+            if seq.request.request_id == "second":
+                raise IndexError("piece id is out of range")
+            return super()._result(seq, hyps)
+
+    class FailingEngine(Engine):
+        def new_batch(self, compact: bool = True) -> Batch:
+            return FailingBatch(self, compact)
+
+    def factory(entry: ModelVersion, options: EngineOptions) -> Engine:
+        return FailingEngine(entry.path, entry.manifest, options)
+
+    requests = [  # the same length: both finish in the failing step
+        replace(generate(LONG_PROMPT, max_new_tokens=3), request_id=name)
+        for name in ("first", "second")
+    ]
+
+    async def main(s: Scheduler) -> list[BaseException | SequenceResult]:
+        both = asyncio.gather(*(s.submit(r) for r in requests), return_exceptions=True)
+        outcomes = await asyncio.wait_for(both, 5.0)
+        assert loop_stats(s, f"{LM}:1")["rows"] == 0
+        return outcomes
+
+    outcomes = run(main, make_scheduler(factory=factory))
+    assert [str(o) for o in outcomes] == ["piece id is out of range"] * 2
+
+
 def test_a_request_that_overflows_the_token_budget_waits_for_the_running_one() -> None:
     """Rows are free (1 of 8 used) but two requests of ~100 tokens each do not fit
     max_batch_tokens 150 together: the second waits until the first leaves."""
@@ -1323,6 +1357,46 @@ def test_a_version_back_on_disk_while_it_drains_is_served_again(tmp_path: Path) 
         assert s.metrics.registry.get_sample_value("inference_free_cache_slots", labels) == 8.0
 
     run(main, make_scheduler(root, factory=slow_engine_factory(STEP_DELAY)))
+
+
+def test_a_retired_version_that_drains_during_the_stop_grace_is_closed_once(
+    tmp_path: Path,
+) -> None:
+    """Its loop closes itself once drained (during stop()'s grace): stop() closes the
+    others only, so its engine is not closed twice (BoundBackend.close raises then) and its
+    model_ready series, removed at retirement, does not come back as 0."""
+    root = tmp_path / "models"
+    shutil.copytree(model_repository(), root)
+    closed: list[str] = []
+    slow = slow_engine_factory(STEP_DELAY)
+
+    def factory(entry: ModelVersion, options: EngineOptions) -> Engine:
+        engine = slow(entry, options)
+        close = engine.close
+
+        def counted() -> None:
+            closed.append(entry.key)
+            close()
+
+        engine.close = counted  # type: ignore[method-assign]
+        return engine
+
+    async def main() -> Scheduler:
+        s = make_scheduler(root, factory=factory)
+        await s.start()
+        old = asyncio.create_task(s.submit(generate(PROMPTS[0], max_new_tokens=20)))
+        await wait_until(lambda: loop_stats(s, f"{LM}:1")["running"] == 1)
+        copy_version(root, LM, 1, 2)
+        shutil.rmtree(root / LM / "1")
+        assert (await s.reload()).retired == [f"{LM}:1"]
+        await bounded("Scheduler.stop", s.stop(30.0))  # old finishes within the grace
+        assert (await old).version == 1
+        return s
+
+    s = asyncio.run(main())
+    assert sorted(closed) == sorted([f"{LM}:1", f"{LM}:2", f"{TRANSLATOR}:1"])
+    v1 = {"model": LM, "version": "1"}
+    assert s.metrics.registry.get_sample_value("inference_model_ready", v1) is None
 
 
 def test_stop_during_start_leaves_no_model_running() -> None:
