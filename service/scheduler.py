@@ -47,7 +47,10 @@ Policy (read this before tuning the budgets):
   admissions happen on the event loop while the next step computes, so the decoder never
   waits for the event loop (which is busy with gRPC), and the translator's and the
   generator's loops step at the same time. A row freed by a step is therefore filled one
-  step later, not at the very next step.
+  step later, not at the very next step. A step that raises fails the requests of its
+  round and the worker goes on with a fresh batch; FAILED_ROUNDS_FOR_GOOD failed rounds in
+  a row (or a batch it cannot make) end the worker: the version stops serving
+  (engine_failed) and liveness restarts the process.
 * Reload loads new versions beside the running ones; a version takes traffic only once
   its engine is warm, the versions it replaces (gone from disk or beyond keep_versions)
   are retired only after that, and a retired one finishes its in-flight requests before
@@ -102,6 +105,16 @@ if TYPE_CHECKING:
     from service.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# Worker rounds failing one after the other that end a version's worker: each failed
+# round's requests are answered with its error and gone, so failures that go on with new
+# requests mean the engine itself is broken (a lost device), not one request.
+FAILED_ROUNDS_FOR_GOOD = 5
+
+
+class EngineFailed(RuntimeError):
+    """A version's engine fails every step: its worker ends (see _ModelLoop._drive)."""
+
 
 Mode = Literal["continuous", "static", "static-hold", "static-padded"]
 MODES: tuple[Mode, ...] = ("continuous", "static", "static-hold", "static-padded")
@@ -444,7 +457,9 @@ class _ModelLoop:
     def _drive(self, event_loop: asyncio.AbstractEventLoop) -> None:
         """Worker thread: the only place the batch is touched. Steps while it has rows. A
         failed step fails its requests and the worker goes on with a fresh batch; if the
-        engine cannot even make one, the worker ends and the version stops serving."""
+        engine cannot even make one, or FAILED_ROUNDS_FOR_GOOD rounds in a row fail (a
+        lost device fails every step, while new_batch touches no device), the worker ends
+        and the version stops serving."""
         try:
             self._step_batches(event_loop)
         except Exception as error:
@@ -477,6 +492,7 @@ class _ModelLoop:
 
     def _step_batches(self, event_loop: asyncio.AbstractEventLoop) -> None:
         batch = self.engine.new_batch(compact=self.config.compact)
+        failed_rounds, last_error = 0, None  # rounds failed in a row, the last one's error
         while True:
             with self._inbox_ready:
                 while not self._inbox and not len(batch) and not self._stop_worker:
@@ -508,18 +524,24 @@ class _ModelLoop:
                 log.exception(
                     "model %s: engine step failed", self.entry.key, extra={"request_ids": ids}
                 )
+                failed_rounds, last_error = failed_rounds + 1, error
                 batch = self.engine.new_batch(compact=self.config.compact)
                 reply: tuple[Callable[..., None], tuple[object, ...]] = (
                     self._failed,
                     (lost, error),
                 )
             else:
+                failed_rounds = 0
                 joined = [item.key for item in items]
                 reply = (self._dispatch, (_Round(removed, added, out, joined, taken, ended),))
             try:
                 event_loop.call_soon_threadsafe(reply[0], *reply[1])
             except RuntimeError:  # the event loop is closed: nobody is left to answer
                 return
+            if failed_rounds >= FAILED_ROUNDS_FOR_GOOD:
+                raise EngineFailed(
+                    f"{failed_rounds} rounds in a row failed, the last with: {last_error}"
+                ) from last_error
 
     def _failed(self, keys: list[Hashable], error: BaseException) -> None:
         for key in keys:

@@ -670,6 +670,31 @@ def test_an_engine_failure_fails_its_requests_and_the_loop_goes_on(
     assert answer.hypotheses[0].token_ids == alone(later).hypotheses[0].token_ids
 
 
+def test_an_engine_whose_every_step_fails_stops_its_version() -> None:
+    """A lost device fails every step, while a fresh batch touches no device: after
+    FAILED_ROUNDS_FOR_GOOD failed rounds in a row, each with its own request answered with
+    the error, the version stops serving (engine_failed) instead of failing calls forever
+    while health reads SERVING. The translator, whose steps work, goes on."""
+    from service.scheduler import FAILED_ROUNDS_FOR_GOOD
+
+    def lost_device(batch: Batch) -> None:
+        if batch.engine.task is Task.GENERATION:
+            raise RuntimeError("device lost")
+
+    async def main(s: Scheduler) -> None:
+        for _ in range(FAILED_ROUNDS_FOR_GOOD):
+            with pytest.raises(RuntimeError, match="device lost"):
+                await s.submit(generate(PROMPTS[0], max_new_tokens=5))
+        with pytest.raises(Unavailable, match="stopped: its engine failed") as refused:
+            await s.submit(generate(PROMPTS[1], max_new_tokens=5))
+        assert refused.value.reason == "engine_failed"
+        assert s.broken() == [f"{LM}:1"] and Task.GENERATION not in s.tasks()
+        assert (await s.submit(translate(SOURCES[0], max_new_tokens=5))).hypotheses
+        await asyncio.wait_for(s.stop(0.0), 5.0)
+
+    run(main, make_scheduler(factory=hooked_engine_factory(lost_device)))
+
+
 def test_an_engine_that_cannot_start_a_batch_stops_its_version_and_fails_its_requests() -> None:
     """The worker thread ends (a fresh batch cannot be made after a failed step): nothing
     is left waiting for it. Its requests fail with Unavailable, new ones are refused, the
