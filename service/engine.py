@@ -236,7 +236,8 @@ def top_in_order(scores: np.ndarray, m: int) -> np.ndarray:
 class WarmupReport:
     shapes: int
     seconds: float
-    step_seconds: float  # one decoder step at a busy shape: the scheduler's first estimate
+    step_seconds: float  # one decoder step at a typical shape (8 rows, cache 64): the
+    # scheduler's first estimate
 
 
 class Engine:
@@ -731,10 +732,6 @@ class Batch:
     def generated(self, key: Hashable) -> int:
         """Tokens generated so far by a request (steps run)."""
         return self.seqs[key].steps
-
-    def remaining(self) -> list[tuple[int, int]]:
-        """(rows, steps left at most) per running request, for queue-wait estimates."""
-        return [(len(s.slots), s.params.max_new_tokens - s.steps) for s in self.seqs.values()]
 
     # --- layout --------------------------------------------------------------------------
 

@@ -1205,8 +1205,9 @@ class Scheduler:
 
     def stats(self) -> dict[str, dict[str, float]]:
         """Per version: queue, running (held answers included), held, rows, step time
-        estimate, estimated wait (tests, logs). A retired version still draining is listed
-        under its key, or "<key> (retiring)" if that version was loaded again meanwhile."""
+        estimate, estimated wait, steps run (tests, logs). A retired version still draining
+        is listed under its key, or "<key> (retiring)" if that version was loaded again
+        meanwhile."""
         loops: dict[str, _ModelLoop] = {}
         for entry, loop in self._retiring.items():
             loops[f"{entry.key} (retiring)" if entry.key in self._loops else entry.key] = loop

@@ -107,7 +107,7 @@ class Settings(BaseSettings):
         le=1 << 24,
         description="Tokens the running requests may reach (rows × (input + max_new_tokens) "
         "each), an admission budget; the cache itself is rows × the longest row, rows "
-        "rounded up to a power of two, up to max_batch_size × max_positions.",
+        "rounded up to a power of two, up to max_batch_size (so rounded up) × max_positions.",
     )
     max_queue: int = Field(
         256, ge=1, le=1 << 20, description="Waiting sequences before RESOURCE_EXHAUSTED."
