@@ -425,7 +425,14 @@ def sweep(
     start_rate: Annotated[float, typer.Option(help="First rate (geometric sweep).")] = 1.0,
     factor: Annotated[float, typer.Option(help="Rate multiplier per step.")] = 1.5,
     max_rate: Annotated[float, typer.Option(help="Last rate at most.")] = 64.0,
-    step_duration: Annotated[float, typer.Option(help="Seconds per step.")] = 10.0,
+    step_duration: Annotated[
+        float,
+        typer.Option(
+            help="Seconds per step. Make it long against the slowest requests (10x or more): "
+            "a step is healthy when it served >= 90 % of its arrival rate, counted until its "
+            "last answer, so long requests at its end weigh on a short step."
+        ),
+    ] = 10.0,
     max_requests: Annotated[int, typer.Option(help="Requests per step at most.")] = 5_000,
     slo_p99_ms: Annotated[
         float | None, typer.Option(help="p99 bound for a healthy step (default: 5x lowest p99).")
