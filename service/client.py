@@ -34,13 +34,13 @@ import sys
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, NoReturn, overload
+from typing import Annotated, Any, Literal, NoReturn, Protocol, overload, runtime_checkable
 
 import grpc
 import typer
 from google.protobuf import json_format
 
-from service.domain import bearer_token
+from service.domain import REQUEST_ID, bearer_token
 from service.gen.inference.v1 import inference_pb2 as pb
 from service.gen.inference.v1 import inference_pb2_grpc as pb_grpc
 
@@ -95,6 +95,18 @@ def service_config(health_checked: bool = False, retries: int = 0) -> str:
     return json.dumps(config)
 
 
+@runtime_checkable
+class TokenStream(Protocol):
+    """A streaming call as grpc returns it: its TokenChunks as decoded, and cancel() to end
+    it early (the server stops decoding), which a plain Iterator type would hide."""
+
+    def __iter__(self) -> Iterator[pb.TokenChunk]: ...
+
+    def __next__(self) -> pb.TokenChunk: ...
+
+    def cancel(self) -> bool: ...
+
+
 class Client:
     """Synchronous client of Translator, Generator and Models (one channel, reusable).
 
@@ -102,18 +114,19 @@ class Client:
     certificate) to trust; given (or tls=True: the system's trusted CAs), the channel uses
     TLS. timeout: seconds per call (the gRPC deadline the server decodes within), at most
     MAX_TIMEOUT_S, None for no deadline. request_id (each call): sent as x-request-id, which
-    the server logs; a fresh one when unset, kept in last_request_id. health_checked: for a
-    target of several replicas (`dns:///` of a headless Service), call only those whose
-    health reads SERVING, so a draining one stops getting calls at once; off by default,
-    as a lone server's own refusal (and its reason) then becomes the client's "backend
-    unhealthy", and model listing while it loads or drains is refused too. retries: how
-    often grpc retries a call refused with UNAVAILABLE (a replica draining, loading, or
-    whose engine failed; a lost connection), after 0.1 s, 0.2 s, ... (randomized, at most
-    1 s) and within the call's deadline; over several replicas a retry usually goes to the
-    next one (round_robin). A stream is retried only before its first message, so no token
-    comes twice; a request over grpc's retry buffer (256 KiB) is never retried; retries
-    stop while failures outnumber successes (see service_config). Off by default: every
-    attempt is a call the server counts and logs.
+    the server logs; a fresh one when unset, kept in last_request_id; 1 to 128 of A-Z a-z 0-9
+    . _ : / + = - (ValueError otherwise: the server would log the call under another id).
+    health_checked: for a target of several replicas (`dns:///` of a headless Service), call
+    only those whose health reads SERVING, so a draining one stops getting calls at once;
+    off by default, as a lone server's own refusal (and its reason) then becomes the
+    client's "backend unhealthy", and model listing while it loads or drains is refused too.
+    retries: how often grpc retries a call refused with UNAVAILABLE (a replica draining,
+    loading, or whose engine failed; a lost connection), after 0.1 s, 0.2 s, ...
+    (randomized, at most 1 s) and within the call's deadline; over several replicas a retry
+    usually goes to the next one (round_robin). A stream is retried only before its first
+    message, so no token comes twice; a request over grpc's retry buffer (256 KiB) is never
+    retried; retries stop while failures outnumber successes (see service_config). Off by
+    default: every attempt is a call the server counts and logs.
     """
 
     def __init__(
@@ -133,8 +146,13 @@ class Client:
                 f"timeout: must be in (0, {MAX_TIMEOUT_S:g}] seconds, or None for no "
                 f"deadline; got {timeout}"
             )
-        if not 0 <= retries <= MAX_RETRIES:
-            raise ValueError(f"retries: must be in [0, {MAX_RETRIES}] (grpc's cap); got {retries}")
+        # An int: grpc refuses a float maxAttempts, and then every call on the channel.
+        if not isinstance(retries, int) or not 0 <= retries <= MAX_RETRIES:
+            raise ValueError(
+                f"retries: must be a whole number in [0, {MAX_RETRIES}] (grpc's cap); got {retries}"
+            )
+        # Checked before the channel exists, which a refused token would otherwise leak.
+        self.token = None if token is None else bearer_token(token)
         options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -150,7 +168,6 @@ class Client:
             self.channel = grpc.secure_channel(target, creds, options=options)
         else:
             self.channel = grpc.insecure_channel(target, options=options)
-        self.token = None if token is None else bearer_token(token)
         self.timeout = timeout
         self.translator = pb_grpc.TranslatorStub(self.channel)
         self.generator = pb_grpc.GeneratorStub(self.channel)
@@ -168,6 +185,11 @@ class Client:
         self.channel.close()
 
     def _metadata(self, request_id: str | None = None) -> list[tuple[str, str]]:
+        if request_id and not REQUEST_ID.fullmatch(request_id):
+            raise ValueError(
+                f"request_id: {request_id[:40]!r} is not 1 to 128 of A-Z a-z 0-9 . _ : / + = -; "
+                "the server would log the call under a fresh id instead"
+            )
         self.last_request_id = request_id or uuid.uuid4().hex
         metadata = [("x-request-id", self.last_request_id)]
         if self.token:
@@ -203,13 +225,13 @@ class Client:
         version: int = 0,
         request_id: str | None = None,
         **options: Any,
-    ) -> Iterator[pb.TokenChunk]:
+    ) -> TokenStream:
         """One translation's TokenChunks as decoded; the last one carries finished, usage,
         score and alignment. Iterating raises grpc.RpcError; `.cancel()` ends the call."""
         request = pb.TranslateStreamRequest(
             model=model, version=version, text=text, options=decoding_options(**options)
         )
-        stream: Iterator[pb.TokenChunk] = self.translator.TranslateStream(
+        stream: TokenStream = self.translator.TranslateStream(
             request, timeout=self.timeout, metadata=self._metadata(request_id)
         )
         return stream
@@ -235,7 +257,18 @@ class Client:
         stream: Literal[True],
         request_id: str | None = ...,
         **options: Any,
-    ) -> Iterator[pb.TokenChunk]: ...
+    ) -> TokenStream: ...
+
+    @overload
+    def generate(
+        self,
+        prompt: str,
+        model: str = ...,
+        version: int = ...,
+        stream: bool = ...,
+        request_id: str | None = ...,
+        **options: Any,
+    ) -> pb.GenerateResponse | TokenStream: ...
 
     def generate(
         self,
@@ -245,13 +278,13 @@ class Client:
         stream: bool = False,
         request_id: str | None = None,
         **options: Any,
-    ) -> pb.GenerateResponse | Iterator[pb.TokenChunk]:
+    ) -> pb.GenerateResponse | TokenStream:
         """The continuation of `prompt`: one answer, or (stream=True) TokenChunks as decoded."""
         request = pb.GenerateRequest(
             model=model, version=version, prompt=prompt, options=decoding_options(**options)
         )
         if stream:
-            chunks: Iterator[pb.TokenChunk] = self.generator.Generate(
+            chunks: TokenStream = self.generator.Generate(
                 request, timeout=self.timeout, metadata=self._metadata(request_id)
             )
             return chunks
@@ -467,6 +500,8 @@ def _connected(
 ) -> Iterator[Client]:
     """A client for one command; a call that fails ends the command with its status."""
     secure = tls or ca is not None
+    _check_texts([target], "--target")
+    _check_texts([server_name or ""], "--server-name")
     if not target.strip():
         raise typer.BadParameter(
             "is empty: give the server's host:port, e.g. 127.0.0.1:50051", param_hint="--target"
@@ -666,6 +701,8 @@ def translate(
 ) -> None:
     """Translate English text(s) to Spanish."""
     _check_texts(texts, "texts")
+    _check_texts([model], "--model")
+    _check_texts(stop or [], "--stop")
     if plot_alignment_to is not None:
         _check_plot_path(plot_alignment_to)
     options: dict[str, Any] = dict(
@@ -749,6 +786,8 @@ def generate(
     """Continue a prompt with the language model (prints the prompt, then its continuation;
     --json prints the replies, whose text is the continuation alone)."""
     _check_texts([prompt], "prompt")
+    _check_texts([model], "--model")
+    _check_texts(stop or [], "--stop")
     options: dict[str, Any] = dict(
         max_new_tokens=max_new_tokens,
         beam_size=beam_size,
@@ -816,6 +855,7 @@ def describe(
     as_json: Json = False,
 ) -> None:
     """One model version (the latest by default): languages, limits, dtype, provider."""
+    _check_texts([name], "name")
     with _connected(target, token, ca, timeout, server_name, tls, retries) as client:
         info = client.describe_model(name, version)
     if as_json:

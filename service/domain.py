@@ -7,9 +7,15 @@ mapped to one gRPC status code in one place (service/errors.py).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
+
+# An x-request-id the server logs as given; it replaces any other with a fresh one, so the
+# client refuses those. Matched whole (fullmatch): `$` would let a trailing newline through,
+# which grpc then refuses to send back in the trailer (the call fails with INTERNAL).
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
 
 class Task(StrEnum):

@@ -20,7 +20,6 @@ import contextlib
 import hmac
 import json
 import logging
-import re
 import signal
 import time
 import uuid
@@ -35,6 +34,7 @@ from grpc_reflection.v1alpha import reflection
 
 from service import signals, validation
 from service.domain import (
+    REQUEST_ID,
     Cancelled,
     DeadlineExceeded,
     DecodingParams,
@@ -70,9 +70,6 @@ SERVICE_NAMES: dict[str, str] = {
     "models": pb.DESCRIPTOR.services_by_name["Models"].full_name,
 }
 REQUEST_ID_KEY = "x-request-id"
-# Matched whole (fullmatch): `$` would let a trailing newline through, which grpc then
-# refuses to send back in the trailer (the call fails with INTERNAL, counted as OK).
-_REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 # What the caller of each RPC can change when its answer is over the max message size.
 _TOO_LARGE_HINTS = {
     "Translate": "ask for fewer texts, a smaller n_best, or no alignment",
@@ -203,7 +200,7 @@ class Transport:
 
     def request_id(self, metadata: dict[str, str]) -> str:
         given = metadata.get(REQUEST_ID_KEY, "")
-        return given if _REQUEST_ID_OK.fullmatch(given) else uuid.uuid4().hex
+        return given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
 
     def authenticate(self, metadata: dict[str, str]) -> None:
         if self._token is None:

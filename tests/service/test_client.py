@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import grpc
@@ -139,6 +140,62 @@ def test_client_refuses_a_deadline_grpc_cannot_keep() -> None:
             Client("127.0.0.1:1", timeout=timeout)
     Client("127.0.0.1:1", timeout=None).close()
     Client("127.0.0.1:1", timeout=MAX_TIMEOUT_S).close()
+
+
+def test_client_refuses_retries_grpc_cannot_parse() -> None:
+    """A float maxAttempts made grpc refuse the service config: every call then failed
+    with INVALID_ARGUMENT, as if the server had refused it."""
+    for retries in (1.0, 2.5, -1, 5):
+        with pytest.raises(ValueError, match="retries: must be a whole number"):
+            Client("127.0.0.1:1", retries=retries)  # type: ignore[arg-type]
+
+
+def test_a_request_id_the_server_would_not_log_is_refused() -> None:
+    """The server logs a call under the caller's x-request-id only when it matches
+    REQUEST_ID, under a fresh one otherwise: last_request_id then named no logged call (and
+    a non-ASCII id failed in grpc itself with INTERNAL "Invalid metadata")."""
+    with Client("127.0.0.1:1", timeout=5) as client:
+        for bad in ("order 42", "café", "a\n", "x" * 129):
+            with pytest.raises(ValueError, match=r"request_id: .* fresh id instead"):
+                client.translate("Amen.", request_id=bad)
+        assert ("x-request-id", "job-7/a:b+c=d.e_f") in client._metadata("job-7/a:b+c=d.e_f")
+        client._metadata("")  # unset: a fresh one
+        assert len(client.last_request_id) == 32
+
+
+def test_streams_are_typed_with_the_cancel_their_docstrings_offer() -> None:
+    """`.cancel()` type-checks on a stream, and generate(stream=flag) with a bool matches
+    an overload (an Iterator return type hid cancel; only Literal streams matched)."""
+    from service.client import TokenStream
+
+    with Client("127.0.0.1:1", timeout=5) as client:
+        for stream in (client.translate_stream("Amen."), client.generate("x", stream=True)):
+            assert isinstance(stream, TokenStream)
+            stream.cancel()
+    assert typing.get_type_hints(Client.translate_stream)["return"] is TokenStream
+    overloads = typing.get_overloads(Client.generate)
+    assert any(typing.get_type_hints(o)["stream"] is bool for o in overloads)
+
+
+def test_cli_names_the_option_whose_value_is_not_utf8() -> None:
+    """As for the texts: a non-UTF-8 --target or --server-name was blamed on --ca, and
+    --stop, --model and a model name got the codec's message, naming no option."""
+    for args, name in (
+        ((b"models", b"--target", b"host\xff:1"), "--target"),
+        ((b"models", b"--tls", b"--server-name", b"\xff", b"--target", b"127.0.0.1:1"),
+         "--server-name"),
+        ((b"translate", b"Amen.", b"--stop", b"\xff", b"--target", b"127.0.0.1:1"), "--stop"),
+        ((b"generate", b"x", b"--model", b"\xff", b"--target", b"127.0.0.1:1"), "--model"),
+        ((b"describe", b"\xff", b"--target", b"127.0.0.1:1"), "name"),
+    ):  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "-m", "service.client", *args],
+            capture_output=True, text=True, cwd=ROOT, timeout=60,
+            env={**os.environ, "COLUMNS": "300"},
+        )  # fmt: skip
+        assert result.returncode == 2, (args, result.stderr)
+        assert f"{name} is not valid UTF-8" in result.stderr, (args, result.stderr)
+        assert "--ca" not in result.stderr and "Traceback" not in result.stderr
 
 
 def test_plot_alignment_writes_a_png(tmp_path: Path) -> None:
