@@ -158,6 +158,11 @@ class Client:
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.service_config", service_config(health_checked, retries)),
         ]
+        if server_name and ca is None and not tls:
+            raise ValueError(
+                "server_name: names the certificate's host, so it needs TLS (ca or tls=True); "
+                "without it the call would go out in plaintext"
+            )
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
         if ca is not None or tls:
@@ -500,6 +505,12 @@ def _connected(
 ) -> Iterator[Client]:
     """A client for one command; a call that fails ends the command with its status."""
     secure = tls or ca is not None
+    if server_name and not secure:
+        raise typer.BadParameter(
+            "names the certificate's host, so it needs --ca or --tls (without them the call "
+            "would go out in plaintext)",
+            param_hint="--server-name",
+        )
     _check_texts([target], "--target")
     _check_texts([server_name or ""], "--server-name")
     if not target.strip():

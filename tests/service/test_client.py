@@ -177,6 +177,13 @@ def test_streams_are_typed_with_the_cancel_their_docstrings_offer() -> None:
     assert any(typing.get_type_hints(o)["stream"] is bool for o in overloads)
 
 
+def test_a_server_name_without_tls_is_refused() -> None:
+    """It names the certificate's host: without TLS there is none, and it was ignored."""
+    with pytest.raises(ValueError, match=r"server_name: .* needs TLS"):
+        Client("127.0.0.1:1", server_name="localhost")
+    Client("127.0.0.1:1", server_name="localhost", tls=True).close()
+
+
 def test_cli_names_the_option_whose_value_is_not_utf8() -> None:
     """As for the texts: a non-UTF-8 --target or --server-name was blamed on --ca, and
     --stop, --model and a model name got the codec's message, naming no option."""

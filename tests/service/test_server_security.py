@@ -242,19 +242,23 @@ def test_the_cli_trusts_the_system_roots_with_tls_and_names_the_token(
     server, cert = secure_server
 
     def models(*extra: str, roots: Path | None = None) -> subprocess.CompletedProcess[str]:
-        env = dict(os.environ)
+        env = {**os.environ, "COLUMNS": "300"}  # rich's error boxes: one line per message
         if roots is not None:
             env["GRPC_DEFAULT_SSL_ROOTS_FILE_PATH"] = str(roots)
         return subprocess.run(
             [sys.executable, "-m", "service.client", "models", "--target", server.address,
-             "--server-name", "localhost", "--timeout", "10", *extra],
+             "--timeout", "10", *extra],
             capture_output=True, text=True, cwd=ROOT, timeout=120, env=env,
         )  # fmt: skip
 
-    trusted = models("--tls", "--token", TOKEN, roots=cert)
+    named = ("--server-name", "localhost")
+    trusted = models("--tls", *named, "--token", TOKEN, roots=cert)
     assert trusted.returncode == 0 and "en-es" in trusted.stdout, trusted.stderr
     plaintext = models("--token", TOKEN, roots=cert)
     assert plaintext.returncode == 2 and "pass --ca" in plaintext.stderr, plaintext.stderr
-    no_token = models("--tls", roots=cert)
+    # A certificate's name without TLS would be ignored, the call sent in plaintext.
+    unused = models(*named, "--token", TOKEN, roots=cert)
+    assert unused.returncode == 2 and "needs --ca or --tls" in unused.stderr, unused.stderr
+    no_token = models("--tls", *named, roots=cert)
     assert no_token.returncode == 2 and "UNAUTHENTICATED" in no_token.stderr
     assert "--token or SERVE_AUTH_TOKEN" in no_token.stderr, no_token.stderr
