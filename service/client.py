@@ -334,7 +334,7 @@ def decoding_options(
     top_k: int = 0,
     top_p: float | None = None,
     seed: int | None = None,
-    stop: str | Sequence[str] = (),
+    stop: str | Sequence[str] | None = (),
     return_scores: bool = False,
     return_alignment: bool = False,
 ) -> pb.DecodingOptions:
@@ -362,7 +362,7 @@ def decoding_options(
         seed=seed,
         temperature=temperature,
         top_k=top_k,
-        stop=[stop] if isinstance(stop, str) else list(stop),
+        stop=[stop] if isinstance(stop, str) else list(stop or ()),
         return_scores=return_scores,
         return_alignment=return_alignment,
     )
@@ -725,7 +725,7 @@ def translate(
         top_k=top_k,
         top_p=top_p,
         seed=seed,
-        stop=stop or (),
+        stop=stop,
         return_scores=scores,
         return_alignment=plot_alignment_to is not None,
     )
@@ -808,7 +808,7 @@ def generate(
         top_k=top_k,
         top_p=top_p,
         seed=seed,
-        stop=stop or (),
+        stop=stop,
         return_scores=scores,
     )
     with _connected(target, token, ca, timeout, server_name, tls, retries) as client:

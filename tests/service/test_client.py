@@ -51,6 +51,7 @@ def test_decoding_options_leave_optionals_unset() -> None:
 def test_decoding_options_take_one_stop_string_and_refuse_what_float32_loses() -> None:
     assert list(decoding_options(stop="you").stop) == ["you"]
     assert list(decoding_options(stop=["a", "bc"]).stop) == ["a", "bc"]
+    assert list(decoding_options(stop=None).stop) == []  # unset, as every other option
     for name, value in (("temperature", 1e39), ("top_p", 1e-50), ("length_penalty", -1e40)):
         with pytest.raises(ValueError, match=rf"{name}: .* 32-bit float"):
             decoding_options(**{name: value})
