@@ -60,7 +60,7 @@ from service.health import Health
 from service.logging import request_id_var
 from service.metrics import Metrics
 from service.settings import ENV_PREFIX, Settings
-from service.tls import check_served_certificate
+from service.tls import check_key_permissions, check_served_certificate
 
 log = logging.getLogger("service.server")
 
@@ -984,6 +984,8 @@ class InferenceServer:
             self.metrics.tls_certificate_expiry.value = check_served_certificate(
                 self.settings.tls_cert, datetime.now(UTC)
             )
+        if self.settings.tls_key is not None:
+            check_key_permissions(self.settings.tls_key)
         self.port = self._bind()
         self._bind_health()
         self._start_metrics()

@@ -1,5 +1,6 @@
 """The validity period of the TLS certificate the gRPC port serves, and the start-up check
-that exports it and warns before it runs out.
+that exports it and warns before it runs out; and the start-up check that its private key
+is not left readable by every user of the machine.
 
 The server reads its certificate at start only, so a process not restarted after a renewal
 serves the old one until clients refuse it. The serving image has no `cryptography`, and
@@ -17,6 +18,7 @@ import base64
 import binascii
 import logging
 import re
+import stat
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -161,3 +163,22 @@ def check_served_certificate(path: Path, now: datetime) -> float | None:
             extra=extra,
         )
     return validity.not_after.timestamp()
+
+
+def check_key_permissions(path: Path) -> None:
+    """At start: warn when the private key in `path` is readable or writable by any user of
+    the machine (any of the "other" permission bits set), who could then impersonate the
+    server. Group access is left alone: a Kubernetes Secret volume shares the key with the
+    pod's fsGroup (k8s/components/tls sets mode 0440). The server starts either way, as
+    with the certificate's dates."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & stat.S_IRWXO:
+        log.warning(
+            "the TLS private key %s is open to every user of this machine (mode %04o): "
+            "restrict it, e.g. `chmod 600 %s` (in Kubernetes, the Secret volume's "
+            "defaultMode 0440 or 0400)",
+            path,
+            mode,
+            path,
+            extra={"tls_key": str(path)},
+        )

@@ -11,7 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from service.tls import EXPIRY_WARNING, CertificateError, check_served_certificate, read_validity
+from service.tls import (
+    EXPIRY_WARNING,
+    CertificateError,
+    check_key_permissions,
+    check_served_certificate,
+    read_validity,
+)
 from tests._tls import self_signed
 
 
@@ -160,3 +166,19 @@ def test_a_certificate_it_cannot_read_is_named_not_fatal(
         assert record.levelname == "WARNING"
         assert f"TLS certificate {path} (" in record.message and why in record.message
         assert "inference_tls_certificate_expiry_timestamp_seconds" in record.message
+
+
+@pytest.mark.parametrize(("mode", "warned"), [(0o600, False), (0o440, False), (0o644, True)])
+def test_a_private_key_open_to_every_user_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, mode: int, warned: bool
+) -> None:
+    """Any local user who can read the key can impersonate the server; the group may (a
+    Kubernetes Secret volume shares it with the pod's fsGroup)."""
+    _, key = self_signed(tmp_path)
+    key.chmod(mode)
+    with caplog.at_level(logging.INFO, logger="service.tls"):
+        check_key_permissions(key)
+    assert [r.levelname for r in caplog.records] == (["WARNING"] if warned else [])
+    if warned:
+        assert f"{key} is open to every user of this machine (mode 0644)" in caplog.text
+        assert f"chmod 600 {key}" in caplog.text
