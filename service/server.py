@@ -86,6 +86,9 @@ FINISH_REASON_PB = {
 UNKNOWN_MODEL_LABEL = "unknown"
 # After the last in-flight call of a drain, how long new calls still get UNAVAILABLE.
 DRAIN_LINGER_S = 1.0
+# Seconds the metrics endpoint waits on a connection's next bytes: its server holds a
+# thread per connection, so connections that send nothing would pile up threads.
+METRICS_READ_TIMEOUT_S = 30.0
 # How long a failed write (or abort) waits for grpc.aio to report that the client has gone.
 WRITE_FAILURE_GRACE_S = 1.0
 # A cancellation in the last 5 % of a call's deadline is counted as DEADLINE_EXCEEDED.
@@ -975,6 +978,10 @@ class InferenceServer:
                 f"{error.strerror}; choose another with --metrics-port / "
                 f"{ENV_PREFIX}METRICS_PORT (0 turns the endpoint off)"
             ) from error
+        handler = self._metrics_server.RequestHandlerClass
+        self._metrics_server.RequestHandlerClass = type(  # this server's own, not the library's
+            "TimedMetricsHandler", (handler,), {"timeout": METRICS_READ_TIMEOUT_S}
+        )
         self.metrics_port = int(self._metrics_server.server_port)
 
     async def start(self) -> None:

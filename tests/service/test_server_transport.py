@@ -1454,3 +1454,27 @@ def test_json_logs_carry_the_request_id() -> None:
     entry = json.loads(stream.getvalue().strip().splitlines()[-1])
     assert entry["message"] == "hello world" and entry["request_id"] == "rid-1"
     assert entry["model"] == "en-es" and entry["level"] == "INFO"
+
+
+def test_the_metrics_endpoint_drops_a_connection_that_sends_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its server holds a thread per connection: one that sends nothing is closed after
+    METRICS_READ_TIMEOUT_S instead of holding its thread for good; scrapes still work."""
+    import socket
+    import urllib.request
+
+    from service import server as server_module
+
+    monkeypatch.setattr(server_module, "METRICS_READ_TIMEOUT_S", 0.5)
+    server = InProcessServer(metrics_port=free_port())
+    try:
+        port = server.server.metrics_port
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as idle:
+            started = time.monotonic()
+            assert idle.recv(1) == b""  # the server closed it
+            assert time.monotonic() - started < 5
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
+            assert b"inference_requests_total" in page.read()
+    finally:
+        server.stop()
