@@ -112,21 +112,23 @@ class Client:
 
     token: sent as `authorization: Bearer <token>`. ca: PEM file of the CA (or self-signed
     certificate) to trust; given (or tls=True: the system's trusted CAs), the channel uses
-    TLS. timeout: seconds per call (the gRPC deadline the server decodes within), at most
-    MAX_TIMEOUT_S, None for no deadline. request_id (each call): sent as x-request-id, which
-    the server logs; a fresh one when unset, kept in last_request_id; 1 to 128 of A-Z a-z 0-9
-    . _ : / + = - (ValueError otherwise: the server would log the call under another id).
-    health_checked: for a target of several replicas (`dns:///` of a headless Service), call
-    only those whose health reads SERVING, so a draining one stops getting calls at once;
-    off by default, as a lone server's own refusal (and its reason) then becomes the
-    client's "backend unhealthy", and model listing while it loads or drains is refused too.
-    retries: how often grpc retries a call refused with UNAVAILABLE (a replica draining,
-    loading, or whose engine failed; a lost connection), after 0.1 s, 0.2 s, ...
-    (randomized, at most 1 s) and within the call's deadline; over several replicas a retry
-    usually goes to the next one (round_robin). A stream is retried only before its first
-    message, so no token comes twice; a request over grpc's retry buffer (256 KiB) is never
-    retried; retries stop while failures outnumber successes (see service_config). Off by
-    default: every attempt is a call the server counts and logs.
+    TLS. server_name: the host name the server's certificate must carry when it is not the
+    target's (TLS only: ValueError without). timeout: seconds per call (the gRPC deadline
+    the server decodes within), at most MAX_TIMEOUT_S, None for no deadline. request_id
+    (each call): sent as x-request-id, which the server logs; a fresh one when unset, kept
+    in last_request_id; 1 to 128 of A-Z a-z 0-9 . _ : / + = - (ValueError otherwise: the
+    server would log the call under another id). health_checked: for a target of several
+    replicas (`dns:///` of a headless Service), call only those whose health reads SERVING,
+    so a draining one stops getting calls at once; off by default, as a lone server's own
+    refusal (and its reason) then becomes the client's "backend unhealthy", and model
+    listing while it loads or drains is refused too. retries: how often grpc retries a call
+    refused with UNAVAILABLE (a replica draining, loading, or whose engine failed; a lost
+    connection), after 0.1 s, 0.2 s, ... (randomized, at most 1 s) and within the call's
+    deadline; over several replicas a retry usually goes to the next one (round_robin). A
+    stream is retried only before its first message, so no token comes twice; a request over
+    grpc's retry buffer (256 KiB) is never retried; retries stop while failures outnumber
+    successes (see service_config). Off by default: every attempt is a call the server
+    counts and logs.
     """
 
     def __init__(
