@@ -924,7 +924,8 @@ class Scheduler:
         loops = [*self._loops.values(), *self._retiring.values()]
         for loop in loops:
             loop.accepting = False
-        if not all(loop.idle.is_set() for loop in loops):
+        # A loop whose last request was just answered sets `idle` on its next pass only.
+        if not all(loop.idle.is_set() or not (loop.running or loop.waiting) for loop in loops):
             idle = asyncio.gather(*(loop.idle.wait() for loop in loops))
             try:
                 await asyncio.wait_for(idle, max(0.0, grace_s))

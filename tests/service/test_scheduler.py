@@ -670,6 +670,21 @@ def test_an_engine_failure_fails_its_requests_and_the_loop_goes_on(
     assert answer.hypotheses[0].token_ids == alone(later).hypotheses[0].token_ids
 
 
+def test_a_stop_right_after_the_last_answer_cancels_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The loop marks itself idle on its next pass: a stop(0) before it must not warn that
+    it cancels requests still running when none is."""
+
+    async def main(s: Scheduler) -> None:
+        assert (await s.submit(generate(PROMPTS[0], max_new_tokens=3))).hypotheses
+        await s.stop(0.0)
+
+    with caplog.at_level(logging.WARNING, logger="service.scheduler"):
+        run(main, make_scheduler())
+    assert "cancelling" not in caplog.text, caplog.text
+
+
 def test_an_engine_whose_every_step_fails_stops_its_version() -> None:
     """A lost device fails every step, while a fresh batch touches no device: after
     FAILED_ROUNDS_FOR_GOOD failed rounds in a row, each with its own request answered with
