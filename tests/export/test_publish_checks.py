@@ -6,8 +6,10 @@ place is never absent from its number."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -155,17 +157,34 @@ def test_parity_refuses_an_unknown_variant_before_running(tmp_path: Path) -> Non
     assert not isinstance(result.exception, KeyError)
 
 
+def _can_swap(a: Path, b: Path) -> bool:
+    """Linux renameat2(RENAME_EXCHANGE) on two folders, twice (so they end as they were)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_cwd, exchange = -100, 2
+    swap = [at_cwd, bytes(a), at_cwd, bytes(b), exchange]
+    return bool(renameat2(*swap) == 0 and renameat2(*swap) == 0)
+
+
 def test_a_replaced_version_is_never_absent(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Rebuilding a version in place swaps the folders in one step: a server that reloads
     meanwhile finds the old or the new one under the number, never none (it would retire
     the version, and a name whose only version it was would answer NOT_FOUND)."""
+    # Whether this system and file system can swap is asked here, not of _exchange (the
+    # code under test): a broken _exchange must fail this test, not skip it.
     probe_a, probe_b = tmp_path / "a", tmp_path / "b"
     probe_a.mkdir()
     probe_b.mkdir()
-    if not onnx_export._exchange(probe_a, probe_b):
-        pytest.skip("this system cannot swap two folders in one step")
+    if not _can_swap(probe_a, probe_b):
+        pytest.skip("this system or file system cannot swap two folders in one step")
+    (probe_a / "from-a").touch()
+    assert onnx_export._exchange(probe_a, probe_b)
+    assert (probe_b / "from-a").exists() and not (probe_a / "from-a").exists()
     target = tmp_path / "1"
     target.mkdir()
     (target / "manifest.json").write_text("old")

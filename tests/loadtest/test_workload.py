@@ -79,8 +79,16 @@ def test_parse_mix() -> None:
     )
     assert parse_mix("translate=3,generate=1") == {"translate": 0.75, "generate": 0.25}
     assert parse_mix("stream") == {"stream": 1.0}
-    for bad in ("chat=1", "translate=-1", "translate=0", "translate=x"):
-        with pytest.raises(ValueError):
+    # Each bad spec is refused for its own reason: a negative weight next to a positive
+    # one would otherwise still sum to > 0 and slip through as a weight of 0.
+    for bad, message in (
+        ("chat=1", "unknown request kind"),
+        ("translate=-1,stream=2", "must be >= 0"),
+        ("translate=-1", "must be >= 0"),
+        ("translate=0", "must sum to > 0"),
+        ("translate=x", "must be a number"),
+    ):
+        with pytest.raises(ValueError, match=message):
             parse_mix(bad)
 
 

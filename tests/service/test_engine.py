@@ -231,7 +231,9 @@ def _long_lm_output() -> tuple[str, SequenceResult]:
         result = decode_all(engine, [request(LM, prompt, max_new_tokens=40)])[0]
         if len(result.hypotheses[0].text) > 20:
             return prompt, result
-    pytest.skip("no prompt gives a long enough output")
+    # The fixture model and prompts are fixed and do give one: not finding it is a
+    # decoding bug (e.g. ending early), which a skip would hide.
+    pytest.fail("no prompt gives a long enough output")
 
 
 def test_stop_string_ends_and_is_removed() -> None:
@@ -273,8 +275,9 @@ def test_stop_string_in_beam_search() -> None:
     params = dict(max_new_tokens=30, beam_size=3, n_best=3)
     free = decode_all(engine, [request(LM, prompt, **params)])[0]  # type: ignore[arg-type]
     text = free.hypotheses[0].text
-    if len(text) < 8:
-        pytest.skip("beam output too short")
+    # The fixture model and prompt are fixed: a short answer is a broken beam search,
+    # not a reason to skip the stop-string check.
+    assert len(text) >= 8, text
     stop = text[4:7]
     result = decode_all(engine, [request(LM, prompt, stop=(stop,), **params)])[0]  # type: ignore[arg-type]
     assert any(h.finish_reason is FinishReason.STOP for h in result.hypotheses)

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import shutil
+import threading
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import replace
@@ -252,9 +253,12 @@ def test_a_request_cancelled_before_the_engine_took_it_leaves_at_the_next_step()
     admission and its removal reach the engine thread together, and it still leaves."""
     slow = [False]
     sizes: list[int] = []
+    in_slow_step = threading.Event()
 
     def step(batch: Batch) -> None:
         sizes.append(len(batch.seqs))
+        if slow[0]:
+            in_slow_step.set()
         time.sleep(0.4 if slow[0] else STEP_DELAY)
 
     async def main(s: Scheduler) -> None:
@@ -262,7 +266,9 @@ def test_a_request_cancelled_before_the_engine_took_it_leaves_at_the_next_step()
         first = asyncio.create_task(s.submit(generate(PROMPTS[0], max_new_tokens=120)))
         await wait_until(lambda: loop_stats(s, key)["steps"] >= 2)
         slow[0] = True
-        await asyncio.sleep(0.1)  # the engine thread is inside a slow step now
+        # the engine thread is inside a slow step now (an event: a fixed sleep may end
+        # before it on a loaded machine)
+        await wait_until(in_slow_step.is_set)
         second = asyncio.create_task(s.submit(long_request()))
         await wait_until(lambda: loop_stats(s, key)["running"] == 2)  # admitted
         second.cancel()
@@ -1630,8 +1636,11 @@ def test_queue_time_lasts_until_the_engine_takes_the_request_in() -> None:
     """A request that arrives while the engine is inside a long step waits for that step:
     its queue time says so (not the moment it was handed to the engine thread)."""
     slow = [False]
+    in_slow_step = threading.Event()
 
     def step(batch: Batch) -> None:
+        if slow[0]:
+            in_slow_step.set()
         time.sleep(0.3 if slow[0] else STEP_DELAY)
 
     async def main(s: Scheduler) -> None:
@@ -1640,7 +1649,9 @@ def test_queue_time_lasts_until_the_engine_takes_the_request_in() -> None:
         await wait_until(lambda: loop_stats(s, key)["steps"] >= 2)
         queued = sample_value(s.metrics, "inference_queue_duration_seconds_sum", {"model": LM})
         slow[0] = True
-        await asyncio.sleep(0.05)  # the engine thread is inside a slow step now
+        # the engine thread is inside a slow step now (an event: a fixed sleep may end
+        # before it on a loaded machine)
+        await wait_until(in_slow_step.is_set)
         second = asyncio.create_task(s.submit(generate(PROMPTS[0], max_new_tokens=3)))
         await wait_until(lambda: loop_stats(s, key)["running"] == 2)
         slow[0] = False
