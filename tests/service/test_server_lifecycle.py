@@ -66,7 +66,10 @@ def test_sigterm_under_load_loses_no_accepted_request(
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
-    time.sleep(2.0)  # let the load build up
+    deadline = time.monotonic() + 60
+    while outcomes["OK"] < 16:  # the load is up (a fixed sleep is short on a loaded machine)
+        assert time.monotonic() < deadline and server.alive(), server.log()[-3000:]
+        time.sleep(0.1)
     signalled.set()
     server.process.send_signal(signal.SIGTERM)
     for t in threads:
