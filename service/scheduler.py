@@ -49,8 +49,8 @@ Policy (read this before tuning the budgets):
   generator's loops step at the same time. A row freed by a step is therefore filled one
   step later, not at the very next step. A step that raises fails the requests of its
   round and the worker goes on with a fresh batch; FAILED_ROUNDS_FOR_GOOD failed rounds in
-  a row (or a batch it cannot make) end the worker: the version stops serving
-  (engine_failed) and liveness restarts the process.
+  a row over FAILING_FOR_GOOD_S (or a batch it cannot make) end the worker: the version
+  stops serving (engine_failed) and liveness restarts the process.
 * Reload loads new versions beside the running ones; a version takes traffic only once
   its engine is warm, the versions it replaces (gone from disk or beyond keep_versions)
   are retired only after that, and a retired one finishes its in-flight requests before
@@ -106,10 +106,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Worker rounds failing one after the other that end a version's worker: each failed
-# round's requests are answered with its error and gone, so failures that go on with new
-# requests mean the engine itself is broken (a lost device), not one request.
+# Worker rounds failing one after the other, over at least FAILING_FOR_GOOD_S, that end a
+# version's worker: each failed round's requests are answered with its error and gone, so
+# failures that go on with new requests mean the engine itself is broken (a lost device).
+# The time keeps one caller who resubmits a request that fails (an engine bug) from
+# ending the version in a fraction of a second.
 FAILED_ROUNDS_FOR_GOOD = 5
+FAILING_FOR_GOOD_S = 10.0
 
 
 class EngineFailed(RuntimeError):
@@ -457,9 +460,9 @@ class _ModelLoop:
     def _drive(self, event_loop: asyncio.AbstractEventLoop) -> None:
         """Worker thread: the only place the batch is touched. Steps while it has rows. A
         failed step fails its requests and the worker goes on with a fresh batch; if the
-        engine cannot even make one, or FAILED_ROUNDS_FOR_GOOD rounds in a row fail (a
-        lost device fails every step, while new_batch touches no device), the worker ends
-        and the version stops serving."""
+        engine cannot even make one, or rounds fail in a row for long enough (a lost device
+        fails every step, while new_batch touches no device), the worker ends and the
+        version stops serving."""
         try:
             self._step_batches(event_loop)
         except Exception as error:
@@ -493,6 +496,7 @@ class _ModelLoop:
     def _step_batches(self, event_loop: asyncio.AbstractEventLoop) -> None:
         batch = self.engine.new_batch(compact=self.config.compact)
         failed_rounds, last_error = 0, None  # rounds failed in a row, the last one's error
+        failing_since = 0.0  # when the first of them failed
         while True:
             with self._inbox_ready:
                 while not self._inbox and not len(batch) and not self._stop_worker:
@@ -525,6 +529,8 @@ class _ModelLoop:
                     "model %s: engine step failed", self.entry.key, extra={"request_ids": ids}
                 )
                 failed_rounds, last_error = failed_rounds + 1, error
+                if failed_rounds == 1:
+                    failing_since = time.monotonic()
                 batch = self.engine.new_batch(compact=self.config.compact)
                 reply: tuple[Callable[..., None], tuple[object, ...]] = (
                     self._failed,
@@ -538,9 +544,11 @@ class _ModelLoop:
                 event_loop.call_soon_threadsafe(reply[0], *reply[1])
             except RuntimeError:  # the event loop is closed: nobody is left to answer
                 return
-            if failed_rounds >= FAILED_ROUNDS_FOR_GOOD:
+            failing_s = time.monotonic() - failing_since
+            if failed_rounds >= FAILED_ROUNDS_FOR_GOOD and failing_s >= FAILING_FOR_GOOD_S:
                 raise EngineFailed(
-                    f"{failed_rounds} rounds in a row failed, the last with: {last_error}"
+                    f"{failed_rounds} rounds in a row failed over {failing_s:.0f} s, the last "
+                    f"with: {last_error}"
                 ) from last_error
 
     def _failed(self, keys: list[Hashable], error: BaseException) -> None:

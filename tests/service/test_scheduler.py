@@ -691,12 +691,20 @@ def test_a_stop_right_after_the_last_answer_cancels_nothing(
     assert "cancelling" not in caplog.text, caplog.text
 
 
-def test_an_engine_whose_every_step_fails_stops_its_version() -> None:
+@pytest.mark.parametrize("failing_for_s", [0.0, 60.0])
+def test_an_engine_whose_every_step_fails_stops_its_version(
+    monkeypatch: pytest.MonkeyPatch, failing_for_s: float
+) -> None:
     """A lost device fails every step, while a fresh batch touches no device: after
-    FAILED_ROUNDS_FOR_GOOD failed rounds in a row, each with its own request answered with
-    the error, the version stops serving (engine_failed) instead of failing calls forever
-    while health reads SERVING. The translator, whose steps work, goes on."""
+    FAILED_ROUNDS_FOR_GOOD failed rounds in a row over FAILING_FOR_GOOD_S, each with its
+    own request answered with the error, the version stops serving (engine_failed) instead
+    of failing calls forever while health reads SERVING; the translator, whose steps work,
+    goes on. The same failures within a shorter time (one caller resubmitting a request an
+    engine bug fails) leave the version serving."""
+    from service import scheduler
     from service.scheduler import FAILED_ROUNDS_FOR_GOOD
+
+    monkeypatch.setattr(scheduler, "FAILING_FOR_GOOD_S", failing_for_s)
 
     def lost_device(batch: Batch) -> None:
         if batch.engine.task is Task.GENERATION:
@@ -706,10 +714,15 @@ def test_an_engine_whose_every_step_fails_stops_its_version() -> None:
         for _ in range(FAILED_ROUNDS_FOR_GOOD):
             with pytest.raises(RuntimeError, match="device lost"):
                 await s.submit(generate(PROMPTS[0], max_new_tokens=5))
-        with pytest.raises(Unavailable, match="stopped: its engine failed") as refused:
-            await s.submit(generate(PROMPTS[1], max_new_tokens=5))
-        assert refused.value.reason == "engine_failed"
-        assert s.broken() == [f"{LM}:1"] and Task.GENERATION not in s.tasks()
+        if failing_for_s:
+            with pytest.raises(RuntimeError, match="device lost"):  # still its own error
+                await s.submit(generate(PROMPTS[1], max_new_tokens=5))
+            assert s.broken() == [] and Task.GENERATION in s.tasks()
+        else:
+            with pytest.raises(Unavailable, match="stopped: its engine failed") as refused:
+                await s.submit(generate(PROMPTS[1], max_new_tokens=5))
+            assert refused.value.reason == "engine_failed"
+            assert s.broken() == [f"{LM}:1"] and Task.GENERATION not in s.tasks()
         assert (await s.submit(translate(SOURCES[0], max_new_tokens=5))).hypotheses
         await asyncio.wait_for(s.stop(0.0), 5.0)
 
