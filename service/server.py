@@ -1034,10 +1034,14 @@ class InferenceServer:
         Reload call past its deadline, or whose client went away): cut between loading a
         version and starting it, that version would stay listed but never serve, and the
         next reload would retire the one it replaces."""
+        return await asyncio.shield(self.start_reload())
+
+    def start_reload(self) -> asyncio.Task[ReloadSummary]:
+        """Start a reload that no caller can cut short (SIGHUP's, or one `reload` awaits)."""
         task = asyncio.get_running_loop().create_task(self._reload())
         self._reloads.add(task)
         task.add_done_callback(self._reload_ended)
-        return await asyncio.shield(task)
+        return task
 
     def _reload_ended(self, task: asyncio.Task[ReloadSummary]) -> None:
         """Log a failed reload here, where it is seen whether or not its caller still waits."""
@@ -1153,17 +1157,13 @@ async def serve(settings: Settings, backend: Backend | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.request_drain)
 
-    reloads: set[asyncio.Task[None]] = set()  # keep references until done
-
     def on_hup() -> None:
         # While the models load too: a version published after their scan would otherwise
         # wait for the next SIGHUP (the scheduler runs one load at a time).
         if server.transport.draining:
             log.info("reload signal ignored: the server is draining")
             return
-        task = loop.create_task(_reload_logged(server))
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
+        server.start_reload()  # it logs its own failure
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     # A SIGTERM or SIGINT held before the loop ran (service.signals) stops it before it
@@ -1188,9 +1188,3 @@ async def serve(settings: Settings, backend: Backend | None = None) -> int:
         await backend.close()
         return 1
     return 0 if await server.wait_stopped() else 1
-
-
-async def _reload_logged(server: InferenceServer) -> None:
-    """SIGHUP's reload: its failure is logged by the reload itself."""
-    with contextlib.suppress(Exception):
-        await server.reload()
