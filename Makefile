@@ -20,7 +20,8 @@ help:
 	@echo "make parity  - ONNX vs PyTorch parity table (docs/parity.md)"
 	@echo "make gpu-check / make gpu-bench - fp16 parity and timings / GPU benchmark (on a CUDA machine)"
 	@echo "make bench   - every engine side by side -> docs/benchmarks.md (CPU, up to 20 min: its --max-minutes)"
-	@echo "make loadtest - open-loop load test of a running server (RATE, DURATION, TARGET)"
+	@echo "make loadtest - open-loop load test of a running server (RATE, DURATION, TARGET;"
+	@echo "               LOADTEST_ARGS, e.g. --allow-remote for a TARGET off this machine)"
 	@echo "make gpu-stage - stage the GPU checks for the device tool (.gpustage/CALLS)"
 	@echo "make data    - build the Bible corpus, splits and tokenizers under data/"
 	@echo "make train   - train the default models into models/"
@@ -114,9 +115,10 @@ bench: export
 TARGET ?= 127.0.0.1:50051
 RATE ?= 5
 DURATION ?= 30
+LOADTEST_ARGS ?=
 # Open-loop load test of a running server (make serve in another shell).
 loadtest: setup
-	$(PY) -m loadtest run --target $(TARGET) --rate $(RATE) --duration $(DURATION)
+	$(PY) -m loadtest run --target $(TARGET) --rate $(RATE) --duration $(DURATION) $(LOADTEST_ARGS)
 
 # For the lent GPU machine: onnxruntime-gpu and missing wheels, split to fit its calls;
 # the calls to make are written to .gpustage/CALLS (the last runs loadtest/device/run.sh).

@@ -962,7 +962,9 @@ def main(
     ] = "",
     seed: Annotated[int, typer.Option(help="Input sampling seed.")] = 0,
     out_md: Annotated[Path, typer.Option(help="Markdown to update.")] = Path("docs/benchmarks.md"),
-    out_json: Annotated[Path, typer.Option(help="JSON result.")] = Path("docs/benchmarks.json"),
+    out_json: Annotated[
+        Path | None, typer.Option(help="JSON result (default: --out-md's, ending .json).")
+    ] = None,
     work_dir: Annotated[Path | None, typer.Option(help="Scratch (default: a temp dir).")] = None,
     max_minutes: Annotated[
         float, typer.Option(help="Whole-run budget; phases that would not fit are skipped.")
@@ -1114,6 +1116,7 @@ def main(
         "served": {k: asdict(v) for k, v in served.items()},
     }
     data["ratios"] = ratios(offline, served)
+    out_json = out_json or out_md.with_suffix(".json")
     report.write_json(out_json, data)
     write_markdown(out_md, markdown(data), provider)
     typer.echo(markdown(data))

@@ -281,7 +281,27 @@ def test_bench_refuses_unknown_provider(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "--provider must be one of cpu, cuda" in result.output
 
 
-@pytest.mark.e2e
+def test_the_json_goes_beside_the_markdown_unless_named(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    """A one-off run with its own --out-md must not overwrite docs/benchmarks.json."""
+    from typer.testing import CliRunner
+
+    from loadtest.bench import app
+
+    nothing = "pytorch,hf,ct2,ort,engine,static,static-hold,static-padded,continuous"
+    common = ["--repository", str(model_repository), "--skip", nothing, "--n-inputs", "2"]
+    result = CliRunner().invoke(app, [*common, "--out-md", str(tmp_path / "b.md")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "b.json").is_file() and (tmp_path / "b.md").is_file()
+    named = tmp_path / "elsewhere" / "named.json"
+    result = CliRunner().invoke(
+        app, [*common, "--out-md", str(tmp_path / "c.md"), "--out-json", str(named)]
+    )
+    assert result.exit_code == 0, result.output
+    assert named.is_file() and not (tmp_path / "c.json").exists()
+
+
 def _bench_args(tmp_path: Path, **overrides: Any) -> BenchArgs:
     """Small, fast benchmark settings (two fake or real servers' worth); tests override
     what they exercise."""
@@ -307,6 +327,7 @@ def _bench_args(tmp_path: Path, **overrides: Any) -> BenchArgs:
     return BenchArgs(**(settings | overrides))
 
 
+@pytest.mark.e2e
 def test_served_run_fails_fast_when_no_model_loads(model_repository: Path, tmp_path: Path) -> None:
     """A server that loads no model stays up NOT_SERVING: the bench must say why at once,
     not wait out its start timeout (on the device that would burn the GPU lease)."""
