@@ -225,6 +225,8 @@ def start_server(
         str(min(Settings.model_fields["max_beam_size"].default, args.batch_size)),
         "--max-queue",
         "4096",
+        "--max-calls",  # the queue's calls and the batch's, with room for both models
+        "16384",
         "--max-new-tokens",
         str(max(args.max_new_tokens, 1)),
         "--default-max-new-tokens",

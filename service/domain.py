@@ -161,12 +161,24 @@ class RequestTooLarge(ServiceError):
     reason = "request_too_large"
 
 
+class RequestTimeout(ServiceError):
+    """The request did not arrive within the server's read timeout."""
+
+    reason = "request_timeout"
+
+
 class ModelNotFound(ServiceError):
     reason = "model_not_found"
 
 
 class QueueFull(ServiceError):
     reason = "queue_full"
+
+
+class TooManyCalls(ServiceError):
+    """Over the calls the server holds at once (SERVE_MAX_CALLS)."""
+
+    reason = "too_many_calls"
 
 
 class DeadlineUnmeetable(ServiceError):

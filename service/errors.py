@@ -9,6 +9,11 @@ the transport aborts with the result. Choices worth knowing:
   once; DEADLINE_EXCEEDED would claim the caller's deadline passed, which it has not.
 * DeadlineExceeded (the deadline passed, or what is left of it is shorter than one decode
   step, so not even an idle server could answer) → DEADLINE_EXCEEDED.
+* TooManyCalls (the server holds SERVE_MAX_CALLS calls) → RESOURCE_EXHAUSTED, load
+  shedding like QueueFull, answered before the request is read.
+* RequestTimeout (the request had not arrived SERVE_REQUEST_READ_TIMEOUT_S after the call
+  began) → DEADLINE_EXCEEDED: the server's deadline for the upload passed; the message
+  says it is the server's, not the caller's.
 * Cancelled → CANCELLED (the client went away; nobody reads the answer).
 * Unavailable (loading, draining, a retired version, a failed engine) → UNAVAILABLE, which
   clients retry.
@@ -33,9 +38,11 @@ from service.domain import (
     InvalidArgument,
     ModelNotFound,
     QueueFull,
+    RequestTimeout,
     RequestTooLarge,
     ResponseTooLarge,
     ServiceError,
+    TooManyCalls,
     Unauthenticated,
     Unavailable,
 )
@@ -44,10 +51,12 @@ STATUS_OF: dict[type[ServiceError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     ModelNotFound: grpc.StatusCode.NOT_FOUND,
     QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    TooManyCalls: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineUnmeetable: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ResponseTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     RequestTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    RequestTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
     Cancelled: grpc.StatusCode.CANCELLED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
@@ -62,6 +71,7 @@ INTERNAL_REASON = "internal"
 SERVER_SIDE_REASONS: frozenset[str] = frozenset(
     {
         "queue_full",
+        "too_many_calls",
         "response_too_large",
         "deadline_unmeetable",
         "deadline_exceeded",
@@ -82,6 +92,7 @@ CLIENT_SIDE_REASONS: frozenset[str] = frozenset(
         "model_not_found",
         "unauthenticated",
         "request_too_large",
+        "request_timeout",
         "cancelled",
     }
 )

@@ -142,10 +142,10 @@ class Metrics:
         self.request_failures = Counter(
             "inference_request_failures",  # exposed as inference_request_failures_total
             "Calls that did not end OK, by why (one word; what a status code alone cannot "
-            "tell apart). The server's side: queue_full, response_too_large, "
-            "deadline_unmeetable, deadline_exceeded, loading, draining, retired, "
-            "engine_failed, internal. The caller's: invalid_argument, model_not_found, "
-            "unauthenticated, request_too_large, cancelled.",
+            "tell apart). The server's side: queue_full, too_many_calls, "
+            "response_too_large, deadline_unmeetable, deadline_exceeded, loading, draining, "
+            "retired, engine_failed, internal. The caller's: invalid_argument, "
+            "model_not_found, unauthenticated, request_too_large, request_timeout, cancelled.",
             ["method", "model", "reason"],
             registry=r,
         )
@@ -160,6 +160,12 @@ class Metrics:
             "Output tokens: finished sequences' usage.output_tokens (every returned "
             "hypothesis), and the steps decoded by those cut short (cancelled, deadline).",
             ["model"],
+            registry=r,
+        )
+        self.open_calls = Gauge(
+            "inference_open_calls",
+            "Calls the server holds, in any state (request arriving, queued, decoding, "
+            "streaming); SERVE_MAX_CALLS bounds it, and calls over it are refused.",
             registry=r,
         )
         self.queue_depth = Gauge(

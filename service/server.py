@@ -23,7 +23,14 @@ import logging
 import signal
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterator,
+    Sequence,
+)
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
@@ -43,6 +50,7 @@ from service.domain import (
     InvalidArgument,
     ModelStatus,
     ReloadSummary,
+    RequestTimeout,
     RequestTooLarge,
     ResponseTooLarge,
     SequenceRequest,
@@ -50,6 +58,7 @@ from service.domain import (
     ServiceError,
     Task,
     TokenEvent,
+    TooManyCalls,
     Unauthenticated,
     Unavailable,
 )
@@ -93,6 +102,8 @@ METRICS_READ_TIMEOUT_S = 30.0
 WRITE_FAILURE_GRACE_S = 1.0
 # A cancellation in the last 5 % of a call's deadline is counted as DEADLINE_EXCEEDED.
 DEADLINE_SLACK = 0.05
+# How long a call whose request read as EOF waits for grpc's cancellation (Transport._read).
+EOF_GRACE_S = 0.5
 T = TypeVar("T")
 
 
@@ -157,6 +168,10 @@ class Backend(Protocol):
 # --- per-call plumbing --------------------------------------------------------------------
 
 
+def _shutting_down() -> Unavailable:
+    return Unavailable("server is shutting down; retry on another replica", reason="draining")
+
+
 class CallState:
     """What one call's handler reports back to the transport: the model label and, for
     inference calls, the version that answered and the tokens read and written (for the
@@ -186,7 +201,12 @@ class Transport:
         self.metrics = metrics
         self.ready = False
         self.draining = False
-        self.in_flight = 0
+        self.in_flight = 0  # calls past their request's read (what a drain waits for)
+        self.calls = 0  # every call a handler holds, reading ones included
+        self._read_turns = asyncio.Semaphore(settings.max_reading_calls)
+        self._reading: set[asyncio.Task[Any]] = set()
+        self._cut: set[asyncio.Task[Any]] = set()
+        self._reads_cut = False
         self._idle = asyncio.Event()
         self._idle.set()
         token = settings.auth_token.get_secret_value() if settings.auth_token else None
@@ -219,9 +239,7 @@ class Transport:
 
     def admit(self) -> None:
         if self.draining:
-            raise Unavailable(
-                "server is shutting down; retry on another replica", reason="draining"
-            )
+            raise _shutting_down()
         if not self.ready:
             raise Unavailable("models are loading; retry shortly", reason="loading")
 
@@ -248,6 +266,80 @@ class Transport:
         """The call's gRPC deadline as a time.monotonic() instant (None without one)."""
         remaining = context.time_remaining()
         return None if remaining is None else time.monotonic() + max(0.0, remaining)
+
+    # -- reading the request ------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Count one call from its start to its end (SERVE_MAX_CALLS, inference_open_calls)."""
+        self.calls += 1
+        self.metrics.open_calls.inc()
+        try:
+            yield
+        finally:
+            self.calls -= 1
+            self.metrics.open_calls.dec()
+
+    async def receive(self, context: grpc.aio.ServicerContext) -> Any:
+        """The call's request, or an UnreadableRequest saying which bound it broke.
+
+        grpc would read a whole request (up to 2 × max message size) before any check, and
+        hold it as long as its sender takes: so credentials and the call count are checked
+        before a byte is read, at most max_reading_calls calls read at once, and a request
+        must arrive within request_read_timeout_s."""
+        try:
+            self.authenticate(self._metadata(context))
+            if self.calls > self.settings.max_calls:
+                raise TooManyCalls(
+                    f"the server holds {self.settings.max_calls:,} calls, its limit "
+                    "(SERVE_MAX_CALLS); retry later or on another replica"
+                )
+            if self._reads_cut:
+                raise _shutting_down()
+            return await self._read(context)
+        except ServiceError as error:
+            return UnreadableRequest(error)
+
+    async def _read(self, context: grpc.aio.ServicerContext) -> Any:
+        task = asyncio.current_task()
+        assert task is not None
+        timeout = self.settings.request_read_timeout_s
+        self._reading.add(task)
+        try:
+            # A turn comes in time: those ahead (FIFO) began earlier, so their timeouts end
+            # their turns first.
+            async with asyncio.timeout(timeout), self._read_turns:
+                request = await context.read()
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the request had not arrived {timeout:g} s after the call began (the "
+                "server's SERVE_REQUEST_READ_TIMEOUT_S, not the call's deadline)"
+            ) from None
+        except asyncio.CancelledError:
+            if task not in self._cut:
+                raise  # grpc's: the client went away
+            self._cut.discard(task)
+            task.uncancel()
+            raise _shutting_down() from None
+        finally:
+            self._reading.discard(task)
+        if request is grpc.aio.EOF:
+            # A connection that closed mid-request reads as EOF a moment before grpc
+            # cancels the handler: give it that moment, so as not to count a client that
+            # went away as one that sent nothing.
+            await asyncio.sleep(EOF_GRACE_S)
+            if context.cancelled():
+                raise Cancelled("the client went away before its request arrived")
+            raise InvalidArgument("request", "the call ended without a request message")
+        return request
+
+    def cut_reads(self) -> None:
+        """End of a drain: calls still reading their request are refused UNAVAILABLE (as
+        they would be once read), so a stalled sender does not hold the stop."""
+        self._reads_cut = True
+        for task in self._reading:
+            self._cut.add(task)
+            task.cancel()
 
     # -- accounting -------------------------------------------------------------------
 
@@ -791,27 +883,33 @@ def _lenient(message: Any, max_bytes: int) -> Callable[[bytes], Any]:
 
 
 def _checked(servicer: _Servicer, name: str) -> Callable[..., Awaitable[Any]]:
+    """The handler of method `name`: registered as request-streaming so that it runs
+    before the request is read, and reads it itself (Transport.receive)."""
     behavior = getattr(servicer, name)
+    transport = servicer.transport
 
-    async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        if isinstance(request, UnreadableRequest):
-            return await servicer.transport.unary(name, context, request.refuse, public=True)
-        return await behavior(request, context)
+    async def handler(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        with transport.held():
+            request = await transport.receive(context)
+            if isinstance(request, UnreadableRequest):
+                return await transport.unary(name, context, request.refuse, public=True)
+            return await behavior(request, context)
 
     return handler
 
 
 def add_servicer(server: grpc.aio.Server, service: str, servicer: _Servicer) -> None:
     """Register `servicer` for `service` of inference.proto, as the generated
-    add_*Servicer_to_server does, but with requests that fail to parse answered by the
-    transport (UnreadableRequest)."""
+    add_*Servicer_to_server does, but with each request read by the transport under its
+    bounds, and one that fails to parse answered by it (UnreadableRequest). Clients still
+    see unary requests: only the server's reading of them differs."""
     descriptor = pb.DESCRIPTOR.services_by_name[service]
     handlers = {}
     for method in descriptor.methods:
         make = (
-            grpc.unary_stream_rpc_method_handler
+            grpc.stream_stream_rpc_method_handler
             if method.server_streaming
-            else grpc.unary_unary_rpc_method_handler
+            else grpc.stream_unary_rpc_method_handler
         )
         handlers[method.name] = make(
             _checked(servicer, method.name),
@@ -836,6 +934,9 @@ def server_options(settings: Settings) -> list[tuple[str, Any]]:
         # Refuse to share the port with another process (a stale server must not steal
         # half the connections).
         ("grpc.so_reuseport", 0),
+        # Fixed 64 KiB stream windows: what a call waiting for a read turn can have sent
+        # is held unread, and BDP probing grows those windows to megabytes.
+        ("grpc.http2.bdp_probe", 0),
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
@@ -1115,8 +1216,10 @@ class InferenceServer:
             # Keep answering UNAVAILABLE a moment: a call racing the shutdown of the
             # listener would otherwise be cut with CANCELLED, which clients do not retry.
             await asyncio.sleep(min(DRAIN_LINGER_S, max(0.0, grace - (time.monotonic() - started))))
-        # Handlers are done, but their last messages and status may still be on the way
-        # out: stop() waits for those (rejecting new calls), at most the grace left (≥ 1 s).
+        # Handlers are done, but for calls still reading their request (refused now), and
+        # their last messages and status may still be on the way out: stop() waits for
+        # those (rejecting new calls), at most the grace left (≥ 1 s).
+        self.transport.cut_reads()
         await self.server.stop(grace=max(1.0, grace - (time.monotonic() - started)))
         if self.health_server is not None:
             await self.health_server.stop(grace=None)

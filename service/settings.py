@@ -141,6 +141,28 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(
         4 << 20, ge=1024, le=1 << 30, description="Largest gRPC message, either direction."
     )
+    max_calls: int = Field(
+        2048,
+        ge=1,
+        le=1 << 20,
+        description="Calls held at once in any state (request arriving, queued, decoding, "
+        "streaming); more are refused RESOURCE_EXHAUSTED unread. At least max_queue + "
+        "max_batch_size; keep it above what the models' queues hold together.",
+    )
+    max_reading_calls: int = Field(
+        16,
+        ge=1,
+        le=4096,
+        description="Calls reading their request at once; others wait their turn. Requests "
+        "in transit hold at most about this × 2 × max_message_bytes of memory.",
+    )
+    request_read_timeout_s: float = Field(
+        10.0,
+        ge=0.1,
+        le=3600.0,
+        description="Seconds from a call's start for its request to arrive, a read turn "
+        "included; a slower call is refused (DEADLINE_EXCEEDED) and its memory freed.",
+    )
     # --- lifecycle -----------------------------------------------------------------------
     drain_grace_s: float = Field(
         30.0,
@@ -242,6 +264,12 @@ class Settings(BaseSettings):
                 f"max_texts_per_request ({self.max_texts_per_request}) must be ≤ max_queue "
                 f"({self.max_queue}): each text of a Translate call waits in the queue; lower "
                 "max_texts_per_request or raise max_queue"
+            )
+        if self.max_calls < self.max_queue + self.max_batch_size:
+            raise ValueError(
+                f"max_calls ({self.max_calls}) must be ≥ max_queue + max_batch_size "
+                f"({self.max_queue + self.max_batch_size}): calls waiting in a model's queue "
+                "or decoding are held calls; raise max_calls or lower the others"
             )
         ports = {"port": self.port, "metrics_port": self.metrics_port}
         if self.health_port and self.health_port in ports.values():

@@ -976,9 +976,10 @@ def test_auth_token_required_except_health(caplog: pytest.LogCaptureFixture) -> 
                 stub.ListModels(pb.ListModelsRequest(), metadata=[("authorization", TOKEN)])
             assert "must read `Bearer <token>`" in error.value.details()  # type: ignore[attr-defined]
         assert _health(server.address) == health_pb2.HealthCheckResponse.SERVING
-        # Counted under the model it asked for (a loaded name or the default, never the
-        # caller's string), like the drain's refusals.
-        assert server.counter("Translate", "en-es", "UNAUTHENTICATED") == 2
+        # Refused before its request is read (an unauthenticated caller holds no memory),
+        # so counted under model "unknown": the model it asked for is in the unread request.
+        assert server.counter("Translate", "unknown", "UNAUTHENTICATED") == 2
+        assert server.counter("Translate", "en-es", "UNAUTHENTICATED") == 0
     finally:
         server.stop()
 
@@ -1008,7 +1009,7 @@ def test_the_right_token_under_another_scheme_is_unauthenticated(header: str) ->
                 timeout=5,
             )
         assert [r.text for r in server.backend.requests] == ["x"]
-        assert server.counter("Translate", "en-es", "UNAUTHENTICATED") == 1
+        assert server.counter("Translate", "unknown", "UNAUTHENTICATED") == 1
     finally:
         server.stop()
 

@@ -122,6 +122,8 @@ def test_a_misspelt_environment_variable_is_refused_with_the_name_it_meant(
         ({}, {"default_max_new_tokens": 600}, "default_max_new_tokens (600) must be ≤"),
         ({"SERVE_MAX_BATCH_SIZE": "2"}, {}, "max_beam_size (8) must be ≤ max_batch_size (2)"),
         ({"SERVE_MAX_QUEUE": "2"}, {}, "max_texts_per_request (64) must be ≤ max_queue (2)"),
+        ({"SERVE_MAX_CALLS": "100"}, {}, "max_calls (100) must be ≥ max_queue + max_batch_size"),
+        ({}, {"request_read_timeout_s": 0}, "--request-read-timeout-s 0: must be ≥ 0.1"),
         ({}, {"health_port": 8000}, "health_port (8000) must differ from metrics_port"),
         ({"SERVE_HEALTH_PORT": "50051"}, {}, "health_port (50051) must differ from port"),
         ({}, {"tls_cert": Path("/nonexistent.pem")}, "tls_cert and tls_key go together"),

@@ -1,0 +1,160 @@
+"""`python -m loadtest.stalled`: a fault test of calls that never finish sending their
+request, the memory attack a gRPC server is open to when it buffers requests before any
+check.
+
+It opens `--calls` Translate calls on one plaintext HTTP/2 connection to a loopback
+server. Each request claims `--claim-bytes` and is sent as far as HTTP/2 flow control lets
+it, one byte short of the whole, and never finished. After `--hold-s` seconds it reports
+how many bytes the server let in per call (what it holds for them), the statuses it sent,
+and with `--pid` the server's resident memory before and after. Raw HTTP/2 (the `h2`
+package) because a gRPC client only sends whole messages.
+"""
+
+from __future__ import annotations
+
+import collections
+import shlex
+import socket
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from loadtest.workload import check_target
+
+app = typer.Typer(add_completion=False)
+
+METHOD = "/inference.v1.Translator/Translate"
+
+
+@dataclass
+class StalledResult:
+    """What the server did with calls it never got a whole request for."""
+
+    calls: int
+    let_in: list[int]  # bytes the server let each call send (its flow-control windows)
+    statuses: dict[str, int] = field(default_factory=dict)  # "grpc-status message" → calls
+    rss_before_mib: float | None = None
+    rss_after_mib: float | None = None
+
+    @property
+    def open(self) -> int:
+        """Calls the server still held at the end (no status, no reset)."""
+        return self.calls - sum(self.statuses.values())
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of process `pid` (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise ValueError(f"no VmRSS for process {pid}")
+
+
+def run(host: str, port: int, calls: int, claim_bytes: int, hold_s: float,
+        pid: int | None = None) -> StalledResult:  # fmt: skip
+    """Open the calls, feed them for `hold_s` seconds, report (see the module's doc)."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    before = rss_mib(pid) if pid is not None else None
+    conn = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+    )
+    # The gRPC frame header claims claim_bytes; the body stops one byte short of it.
+    body = struct.pack(">BI", 0, claim_bytes) + b"\n" * (claim_bytes - 1)
+    pending: dict[int, memoryview] = {}
+    let_in: dict[int, int] = {}
+    statuses: dict[int, str] = {}
+    with socket.create_connection((host, port), timeout=10) as sock:
+        conn.initiate_connection()
+        for _ in range(calls):
+            stream = conn.get_next_available_stream_id()
+            conn.send_headers(stream, [
+                (":method", "POST"), (":scheme", "http"), (":path", METHOD),
+                (":authority", f"{host}:{port}"), ("content-type", "application/grpc"),
+                ("te", "trailers"),
+            ])  # fmt: skip
+            pending[stream], let_in[stream] = memoryview(body), 0
+        sock.sendall(conn.data_to_send())
+        sock.settimeout(0.1)
+        end = time.monotonic() + hold_s
+        while time.monotonic() < end:
+            for stream, data in pending.items():
+                if stream in statuses:
+                    continue
+                room = min(conn.local_flow_control_window(stream), len(data))
+                while room > 0:
+                    frame = min(room, conn.max_outbound_frame_size)
+                    conn.send_data(stream, data[:frame].tobytes())
+                    data, room, let_in[stream] = data[frame:], room - frame, let_in[stream] + frame
+                pending[stream] = data
+            sock.sendall(conn.data_to_send())
+            try:
+                raw = sock.recv(1 << 16)
+            except TimeoutError:
+                continue
+            if not raw:
+                break
+            for event in conn.receive_data(raw):
+                if isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
+                    headers = {str(k): str(v) for k, v in event.headers or ()}
+                    if "grpc-status" in headers and event.stream_id is not None:
+                        statuses[event.stream_id] = (
+                            f"{headers['grpc-status']} {headers.get('grpc-message', '')}".strip()
+                        )
+                elif isinstance(event, h2.events.StreamReset) and event.stream_id is not None:
+                    statuses.setdefault(event.stream_id, f"reset {event.error_code}")
+            sock.sendall(conn.data_to_send())
+    return StalledResult(
+        calls=calls,
+        let_in=sorted(let_in.values()),
+        statuses=dict(collections.Counter(statuses.values())),
+        rss_before_mib=before,
+        rss_after_mib=rss_mib(pid) if pid is not None else None,
+    )
+
+
+@app.command()
+def main(
+    target: Annotated[str, typer.Option(help="The server's host:port (loopback only).")],
+    calls: Annotated[int, typer.Option(min=1, max=100_000, help="Calls to open.")] = 200,
+    claim_bytes: Annotated[
+        int, typer.Option(min=2, max=1 << 30, help="Request size each call claims.")
+    ] = 4 << 20,
+    hold_s: Annotated[float, typer.Option(min=0.1, max=600, help="Seconds to feed them.")] = 8.0,
+    pid: Annotated[int | None, typer.Option(help="Server process, to read its memory.")] = None,
+) -> None:
+    """Open calls that never finish their request; report what the server held."""
+    from loadtest.provenance import git_commit, versions
+
+    check_target(target, allow_remote=False)
+    host, _, port = target.rpartition(":")
+    result = run(host.strip("[]"), int(port), calls, claim_bytes, hold_s, pid)
+    kept = {k: v for k, v in versions().items() if k in ("grpcio",)}
+    typer.echo(f"commit {git_commit()}; " + ", ".join(f"{k} {v}" for k, v in kept.items()))
+    typer.echo(f"command: {shlex.join(['python', '-m', 'loadtest.stalled', *sys.argv[1:]])}")
+    sent_all = claim_bytes + 4  # the 5-byte frame header and all but the last byte
+    partial = [n for n in result.let_in if n < sent_all]
+    typer.echo(
+        f"{calls} calls, each claiming {claim_bytes:,} bytes: {calls - len(partial)} let in "
+        f"all but the last byte (being read), the others at most {max(partial, default=0):,} "
+        f"bytes each; {sum(result.let_in) / 2**20:.1f} MiB in all"
+    )
+    if result.rss_before_mib is not None:
+        typer.echo(
+            f"server memory: {result.rss_before_mib:.0f} MiB before, "
+            f"{result.rss_after_mib:.0f} MiB after {hold_s:g} s"
+        )
+    for status, count in sorted(result.statuses.items(), key=lambda kv: -kv[1]):
+        typer.echo(f"{count} answered: {status}")
+    typer.echo(f"{result.open} still open when the connection closed")
+
+
+if __name__ == "__main__":
+    app()

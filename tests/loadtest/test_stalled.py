@@ -1,0 +1,57 @@
+"""loadtest.stalled against a real server: what calls that never finish their request can
+make it hold is bounded by its settings."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from loadtest import stalled
+from tests.service.test_server_transport import InProcessServer
+
+pytest.importorskip("h2", reason="loadtest.stalled needs the h2 package (the dev extra)")
+
+CLAIM = 256 << 10
+WINDOW = 65_535  # HTTP/2's default stream window, what the server keeps (no BDP growth)
+
+
+def test_stalled_calls_hold_a_window_each_and_over_max_calls_are_refused() -> None:
+    server = InProcessServer(
+        max_calls=32, max_queue=16, max_batch_size=8, max_reading_calls=2,
+        request_read_timeout_s=30,
+    )  # fmt: skip
+    try:
+        result = stalled.run("127.0.0.1", server.server.port, 40, CLAIM, hold_s=2.0)
+    finally:
+        server.stop()
+    sent_all = CLAIM + 4
+    # The two being read took all but the last byte; every other held call no more than
+    # one window, however much it claimed.
+    assert result.let_in.count(sent_all) == 2
+    assert max(n for n in result.let_in if n != sent_all) <= WINDOW
+    refusal = (
+        "8 the server holds 32 calls, its limit (SERVE_MAX_CALLS); retry later or on "
+        "another replica"
+    )
+    assert result.statuses == {refusal: 8}
+    assert result.open == 32
+    assert server.failures("Translate", "unknown", "too_many_calls") == 8
+
+
+def test_the_cli_reports_and_refuses_a_remote_target() -> None:
+    server = InProcessServer(request_read_timeout_s=30)
+    try:
+        out = CliRunner().invoke(
+            stalled.app,
+            ["--target", f"127.0.0.1:{server.server.port}", "--calls", "3",
+             "--claim-bytes", "1000", "--hold-s", "1"],
+        )  # fmt: skip
+    finally:
+        server.stop()
+    assert out.exit_code == 0, out.output
+    assert "3 calls, each claiming 1,000 bytes: 3 let in all but the last byte" in out.output
+    assert "3 still open when the connection closed" in out.output
+    assert "command: python -m loadtest.stalled" in out.output
+    refused = CliRunner().invoke(stalled.app, ["--target", "10.1.2.3:50051"])
+    assert refused.exit_code != 0
+    assert "not a loopback address" in str(refused.exception) + refused.output

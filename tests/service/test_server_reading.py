@@ -1,0 +1,176 @@
+"""How the server reads requests: nothing before the token and the call count are checked,
+a bounded number at once, each within a timeout, and none left hanging at a drain.
+
+A call whose request never arrives is made with grpc's stream-unary form and a request
+iterator that never yields: the server sees what it sees of a client that stalls mid-way."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+
+from service.client import Client
+from service.gen.inference.v1 import inference_pb2 as pb
+from tests.service.test_server_transport import TOKEN, InProcessServer, _code, _wait
+
+TRANSLATE = "/inference.v1.Translator/Translate"
+
+
+class Stalled:
+    """Calls that start and never send their request, until `release`."""
+
+    def __init__(self, address: str, metadata: tuple[tuple[str, str], ...] = ()) -> None:
+        self.channel = grpc.insecure_channel(address)
+        self.method = self.channel.stream_unary(
+            TRANSLATE,
+            request_serializer=pb.TranslateRequest.SerializeToString,
+            response_deserializer=pb.TranslateResponse.FromString,
+        )
+        self.metadata = metadata
+        self._stop = threading.Event()
+        self.ended_at: dict[int, float] = {}
+
+    def _requests(self) -> Iterator[pb.TranslateRequest]:
+        self._stop.wait()
+        yield from ()
+
+    def start(self, timeout: float = 30) -> Any:
+        """One stalled call (a grpc future); `ended_at[id(future)]`: when it ended."""
+        future = self.method.future(self._requests(), timeout=timeout, metadata=self.metadata)
+        future.add_done_callback(lambda f: self.ended_at.setdefault(id(f), time.monotonic()))
+        return future
+
+    def release(self) -> None:
+        self._stop.set()
+        self.channel.close()
+
+
+def _open_calls(server: InProcessServer) -> float:
+    return server.metrics.registry.get_sample_value("inference_open_calls") or 0.0
+
+
+def test_a_request_that_never_arrives_is_refused_at_the_read_timeout() -> None:
+    server = InProcessServer(request_read_timeout_s=0.5)
+    stalled = Stalled(server.address)
+    try:
+        started = time.monotonic()
+        call = stalled.start()
+        with pytest.raises(grpc.RpcError) as error:
+            call.result(10)
+        assert time.monotonic() - started >= 0.5
+        assert _code(error) == grpc.StatusCode.DEADLINE_EXCEEDED
+        details = error.value.details()  # type: ignore[attr-defined]
+        assert "had not arrived 0.5 s after the call began" in details
+        assert "SERVE_REQUEST_READ_TIMEOUT_S, not the call's deadline" in details
+        assert server.failures("Translate", "unknown", "request_timeout") == 1
+        _wait(lambda: _open_calls(server) == 0)
+        # A call that sends its request is unaffected.
+        with Client(server.address) as c:
+            assert c.translate("on time").translations[0].hypotheses[0].text == "ON TIME"
+    finally:
+        stalled.release()
+        server.stop()
+
+
+def test_a_call_that_ends_without_a_request_is_invalid_argument() -> None:
+    server = InProcessServer()
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            empty = channel.stream_unary(
+                TRANSLATE, response_deserializer=pb.TranslateResponse.FromString
+            )
+            with pytest.raises(grpc.RpcError) as error:
+                empty(iter(()), timeout=10)
+        assert _code(error) == grpc.StatusCode.INVALID_ARGUMENT
+        assert "the call ended without a request message" in error.value.details()  # type: ignore[attr-defined]
+    finally:
+        server.stop()
+
+
+def test_calls_over_max_calls_are_refused_at_once_and_the_room_comes_back() -> None:
+    server = InProcessServer(max_calls=8, max_queue=4, max_batch_size=4)
+    stalled = Stalled(server.address)
+    try:
+        calls = [stalled.start() for _ in range(8)]
+        _wait(lambda: _open_calls(server) == 8)
+        with Client(server.address, timeout=10) as c:
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as error:
+                c.translate("one too many")
+            assert time.monotonic() - started < 5  # at once: not after the read timeout
+            assert _code(error) == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "holds 8 calls, its limit (SERVE_MAX_CALLS)" in error.value.details()  # type: ignore[attr-defined]
+            assert server.failures("Translate", "unknown", "too_many_calls") == 1
+            for call in calls:
+                call.cancel()
+            _wait(lambda: _open_calls(server) == 0)
+            assert c.translate("room again").translations[0].hypotheses[0].text == "ROOM AGAIN"
+    finally:
+        stalled.release()
+        server.stop()
+
+
+@pytest.mark.parametrize("turns", [1, 2])
+def test_read_turns_bound_the_requests_read_at_once(turns: int) -> None:
+    """With one turn, a call whose request is ready waits for the stalled call holding it
+    (refused at its timeout) and is then answered; with two, it is answered at once."""
+    server = InProcessServer(max_reading_calls=turns, request_read_timeout_s=2)
+    stalled = Stalled(server.address)
+    try:
+        holder = stalled.start()
+        _wait(lambda: _open_calls(server) == 1)
+        with Client(server.address, timeout=10) as c:
+            answer = c.translate("ready")
+            answered_at = time.monotonic()
+        assert answer.translations[0].hypotheses[0].text == "READY"
+        with pytest.raises(grpc.RpcError) as error:
+            holder.result(10)
+        assert _code(error) == grpc.StatusCode.DEADLINE_EXCEEDED
+        holder_ended = stalled.ended_at[id(holder)]
+        assert (answered_at > holder_ended) == (turns == 1)
+    finally:
+        stalled.release()
+        server.stop()
+
+
+def test_a_caller_without_the_token_is_refused_before_its_request_is_read() -> None:
+    """It takes no read turn: refused at once although its request never comes, while a
+    caller with the token still gets the only turn."""
+    server = InProcessServer(auth_token=TOKEN, max_reading_calls=1, request_read_timeout_s=30)
+    anonymous = Stalled(server.address)
+    try:
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as error:
+            anonymous.start().result(10)
+        assert time.monotonic() - started < 5
+        assert _code(error) == grpc.StatusCode.UNAUTHENTICATED
+        assert server.failures("Translate", "unknown", "unauthenticated") == 1
+        with Client(server.address, token=TOKEN, timeout=10) as c:
+            assert c.translate("mine").translations[0].hypotheses[0].text == "MINE"
+    finally:
+        anonymous.release()
+        server.stop()
+
+
+def test_a_drain_refuses_calls_still_sending_their_request_instead_of_waiting() -> None:
+    server = InProcessServer(request_read_timeout_s=60, drain_grace_s=20)
+    stalled = Stalled(server.address)
+    try:
+        call = stalled.start(timeout=60)
+        _wait(lambda: _open_calls(server) == 1)
+        started = time.monotonic()
+        server.call(server.server.drain())
+        assert time.monotonic() - started < 10  # the grace is 20 s, the read timeout 60 s
+        with pytest.raises(grpc.RpcError) as error:
+            call.result(10)
+        assert _code(error) == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in error.value.details()  # type: ignore[attr-defined]
+        assert server.failures("Translate", "unknown", "draining") == 1
+    finally:
+        stalled.release()
+        server.stop()
