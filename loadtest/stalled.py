@@ -6,13 +6,16 @@ It opens `--calls` Translate calls on one plaintext HTTP/2 connection to a loopb
 server. Each request claims `--claim-bytes` and is sent as far as HTTP/2 flow control lets
 it, one byte short of the whole, and never finished. After `--hold-s` seconds it reports
 how many bytes the server let in per call (what it holds for them), the statuses it sent,
-and with `--pid` the server's resident memory before and after. Raw HTTP/2 (the `h2`
+and with `--pid` the server's resident memory before and after. A hold shorter than the
+server's read timeout shows what calls waiting for a read turn hold; past it, refused calls
+give their turns to waiting ones. Raw HTTP/2 (the `h2`
 package) because a gRPC client only sends whole messages.
 """
 
 from __future__ import annotations
 
 import collections
+import select
 import shlex
 import socket
 import struct
@@ -36,6 +39,7 @@ class StalledResult:
     """What the server did with calls it never got a whole request for."""
 
     calls: int
+    stopped_reading: bool  # the server stopped reading the connection before the end
     let_in: list[int]  # bytes the server let each call send (its flow-control windows)
     statuses: dict[str, int] = field(default_factory=dict)  # "grpc-status message" → calls
     rss_before_mib: float | None = None
@@ -72,6 +76,18 @@ def run(host: str, port: int, calls: int, claim_bytes: int, hold_s: float,
     let_in: dict[int, int] = {}
     statuses: dict[int, str] = {}
     with socket.create_connection((host, port), timeout=10) as sock:
+        end = time.monotonic() + hold_s
+
+        def send() -> bool:
+            """False when the server stopped reading the connection until the hold's end
+            (what it took in is then what the flow-control windows let in before)."""
+            sock.settimeout(max(0.1, end - time.monotonic()))
+            try:
+                sock.sendall(conn.data_to_send())
+            except TimeoutError:
+                return False
+            return True
+
         conn.initiate_connection()
         for _ in range(calls):
             stream = conn.get_next_available_stream_id()
@@ -81,10 +97,8 @@ def run(host: str, port: int, calls: int, claim_bytes: int, hold_s: float,
                 ("te", "trailers"),
             ])  # fmt: skip
             pending[stream], let_in[stream] = memoryview(body), 0
-        sock.sendall(conn.data_to_send())
-        sock.settimeout(0.1)
-        end = time.monotonic() + hold_s
-        while time.monotonic() < end:
+        sending = send()
+        while sending and time.monotonic() < end:
             for stream, data in pending.items():
                 if stream in statuses:
                     continue
@@ -94,11 +108,11 @@ def run(host: str, port: int, calls: int, claim_bytes: int, hold_s: float,
                     conn.send_data(stream, data[:frame].tobytes())
                     data, room, let_in[stream] = data[frame:], room - frame, let_in[stream] + frame
                 pending[stream] = data
-            sock.sendall(conn.data_to_send())
-            try:
-                raw = sock.recv(1 << 16)
-            except TimeoutError:
+            if not (sending := send()):
+                break
+            if not select.select([sock], [], [], 0.1)[0]:
                 continue
+            raw = sock.recv(1 << 16)
             if not raw:
                 break
             for event in conn.receive_data(raw):
@@ -110,9 +124,10 @@ def run(host: str, port: int, calls: int, claim_bytes: int, hold_s: float,
                         )
                 elif isinstance(event, h2.events.StreamReset) and event.stream_id is not None:
                     statuses.setdefault(event.stream_id, f"reset {event.error_code}")
-            sock.sendall(conn.data_to_send())
+            sending = send()
     return StalledResult(
         calls=calls,
+        stopped_reading=not sending,
         let_in=sorted(let_in.values()),
         statuses=dict(collections.Counter(statuses.values())),
         rss_before_mib=before,
@@ -146,6 +161,8 @@ def main(
         f"all but the last byte (being read), the others at most {max(partial, default=0):,} "
         f"bytes each; {sum(result.let_in) / 2**20:.1f} MiB in all"
     )
+    if result.stopped_reading:
+        typer.echo("the server stopped reading the connection before the end")
     if result.rss_before_mib is not None:
         typer.echo(
             f"server memory: {result.rss_before_mib:.0f} MiB before, "
