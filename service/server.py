@@ -280,7 +280,7 @@ class Transport:
             self.calls -= 1
             self.metrics.open_calls.dec()
 
-    async def receive(self, context: grpc.aio.ServicerContext) -> Any:
+    async def receive(self, context: grpc.aio.ServicerContext, method: str) -> Any:
         """The call's request, or an UnreadableRequest saying which bound it broke.
 
         grpc would read a whole request (up to 2 × max message size) before any check, and
@@ -296,19 +296,22 @@ class Transport:
                 )
             if self._reads_cut:
                 raise _shutting_down()
-            return await self._read(context)
+            return await self._read(context, method)
         except ServiceError as error:
             return UnreadableRequest(error)
 
-    async def _read(self, context: grpc.aio.ServicerContext) -> Any:
+    async def _read(self, context: grpc.aio.ServicerContext, method: str) -> Any:
         task = asyncio.current_task()
         assert task is not None
         timeout = self.settings.request_read_timeout_s
+        started, budget = time.monotonic(), context.time_remaining()
+        turn = False
         self._reading.add(task)
         try:
             # A turn comes in time: those ahead (FIFO) began earlier, so their timeouts end
             # their turns first.
             async with asyncio.timeout(timeout), self._read_turns:
+                turn = True
                 request = await context.read()
         except TimeoutError:
             raise RequestTimeout(
@@ -316,8 +319,9 @@ class Transport:
                 "server's SERVE_REQUEST_READ_TIMEOUT_S, not the call's deadline)"
             ) from None
         except asyncio.CancelledError:
-            if task not in self._cut:
-                raise  # grpc's: the client went away
+            if task not in self._cut:  # grpc's: the deadline passed or the client went away
+                self._unread(method, context, started, budget, turn)
+                raise
             self._cut.discard(task)
             task.uncancel()
             raise _shutting_down() from None
@@ -327,11 +331,42 @@ class Transport:
             # A connection that closed mid-request reads as EOF a moment before grpc
             # cancels the handler: give it that moment, so as not to count a client that
             # went away as one that sent nothing.
-            await asyncio.sleep(EOF_GRACE_S)
+            try:
+                await asyncio.sleep(EOF_GRACE_S)
+            except asyncio.CancelledError:
+                # Counted when its deadline passed; else grpc ended it for a reason it
+                # told the client (a request over grpc's own size limit), not this task.
+                self._unread(method, context, started, budget, turn, deadline_only=True)
+                raise
             if context.cancelled():
                 raise Cancelled("the client went away before its request arrived")
             raise InvalidArgument("request", "the call ended without a request message")
         return request
+
+    def _unread(
+        self,
+        method: str,
+        context: grpc.aio.ServicerContext,
+        started: float,
+        budget: float | None,
+        turn: bool,
+        deadline_only: bool = False,
+    ) -> None:
+        """Count and log a call grpc ended before its request was read (under model
+        "unknown"): one whose deadline passed while it waited for a read turn is the
+        server's deadline_exceeded (its read bounds made it wait), one whose deadline passed
+        while its request was arriving is the caller's request_timeout."""
+        code, message, reason = self._cancel_status(context, budget)
+        if code != grpc.StatusCode.DEADLINE_EXCEEDED and deadline_only:
+            return
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            if turn:
+                message = "the deadline passed before the request arrived"
+                reason = RequestTimeout.reason
+            else:
+                message = "the deadline passed while the call waited for a read turn"
+        state = CallState(self.request_id(self._metadata(context)))
+        self._finish(method, state, code, started, message, reason)
 
     def cut_reads(self) -> None:
         """End of a drain: calls still reading their request are refused UNAVAILABLE (as
@@ -375,6 +410,7 @@ class Transport:
         label = state.model or UNKNOWN_MODEL_LABEL
         self.metrics.observe_request(method, label, code_name(code), seconds, reason)
         extra: dict[str, object] = {
+            "request_id": state.request_id,  # also for calls refused before _call set it
             "method": method,
             "model": label,
             "code": code_name(code),
@@ -890,7 +926,7 @@ def _checked(servicer: _Servicer, name: str) -> Callable[..., Awaitable[Any]]:
 
     async def handler(requests: Any, context: grpc.aio.ServicerContext) -> Any:
         with transport.held():
-            request = await transport.receive(context)
+            request = await transport.receive(context, name)
             if isinstance(request, UnreadableRequest):
                 return await transport.unary(name, context, request.refuse, public=True)
             return await behavior(request, context)

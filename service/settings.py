@@ -153,8 +153,9 @@ class Settings(BaseSettings):
         16,
         ge=1,
         le=4096,
-        description="Calls reading their request at once; others wait their turn. Requests "
-        "in transit hold at most about this × 2 × max_message_bytes of memory.",
+        description="Calls reading their request at once; others wait their turn, each "
+        "holding up to one 64 KiB HTTP/2 window. Requests in transit hold at most about "
+        "this × 2 × max_message_bytes + max_calls × 64 KiB of memory.",
     )
     request_read_timeout_s: float = Field(
         10.0,

@@ -174,3 +174,40 @@ def test_a_drain_refuses_calls_still_sending_their_request_instead_of_waiting() 
     finally:
         stalled.release()
         server.stop()
+
+
+def test_calls_grpc_ends_before_their_request_is_read_are_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A deadline passing while a call waits for a read turn is the server's doing
+    (deadline_exceeded, in the error ratio); one passing while the request arrives is the
+    caller's (request_timeout); a client going away while waiting is cancelled. None of
+    them may go uncounted: a stalled sender holding the turns must show in the metrics."""
+    server = InProcessServer(max_reading_calls=1, request_read_timeout_s=30)
+    stalled = Stalled(server.address)
+    try:
+        holder = stalled.start(timeout=2)  # its own deadline passes while it holds the turn
+        _wait(lambda: _open_calls(server) == 1)
+        with Client(server.address, timeout=1) as c, pytest.raises(grpc.RpcError) as error:
+            c.translate("waits for a turn")
+        assert _code(error) == grpc.StatusCode.DEADLINE_EXCEEDED
+        _wait(lambda: server.failures("Translate", "unknown", "deadline_exceeded") == 1)
+        assert server.counter("Translate", "unknown", "DEADLINE_EXCEEDED") == 1
+        [line] = [r for r in caplog.records if "waited for a read turn" in r.getMessage()]
+        assert len(getattr(line, "request_id", "")) == 32  # logged under its request id
+        with grpc.insecure_channel(server.address) as channel:
+            translate = channel.unary_unary(
+                TRANSLATE, request_serializer=pb.TranslateRequest.SerializeToString
+            )
+            waiting = translate.future(pb.TranslateRequest(texts=["gives up"]))
+            _wait(lambda: _open_calls(server) == 2)
+            waiting.cancel()
+            _wait(lambda: server.failures("Translate", "unknown", "cancelled") == 1)
+        with pytest.raises(grpc.RpcError):
+            holder.result(10)
+        _wait(lambda: server.failures("Translate", "unknown", "request_timeout") == 1)
+        _wait(lambda: _open_calls(server) == 0)
+        assert server.counter("Translate", "unknown", "DEADLINE_EXCEEDED") == 2
+    finally:
+        stalled.release()
+        server.stop()
