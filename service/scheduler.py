@@ -621,8 +621,11 @@ class _ModelLoop:
 
     def _release_held(self) -> None:
         """HOLDING modes: the answers go out together once every running job has one; a held
-        job aborted meanwhile (cancelled, deadline, shutdown) ends at once."""
+        job aborted meanwhile ends at once: refused if cancelled or past its deadline,
+        answered at a shutdown (its answer is whole)."""
         for job in [j for j in self._held if j.abort is not None]:
+            if job.abort == "shutdown":
+                job.abort = None
             self._finish(job, self._held.pop(job))
         if self._held and len(self._held) == len(self.running):
             held, self._held = self._held, {}

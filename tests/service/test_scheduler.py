@@ -644,6 +644,26 @@ def test_static_hold_a_held_answer_cancelled_meanwhile_ends_at_once() -> None:
     assert after.hypotheses[0].token_ids == alone(later).hypotheses[0].token_ids
 
 
+def test_static_hold_a_held_answer_goes_out_when_a_stop_cuts_the_batch() -> None:
+    """A stop past its grace cuts the batch: the held answer is whole and goes out, the
+    unfinished one is refused UNAVAILABLE (retried elsewhere)."""
+    short, long = generate(PROMPTS[0], max_new_tokens=1), generate(PROMPTS[1], max_new_tokens=40)
+    key = f"{LM}:1"
+
+    async def main(s: Scheduler) -> list[SequenceResult | BaseException]:
+        calls = [asyncio.create_task(s.submit(r)) for r in (short, long)]
+        await wait_until(lambda: loop_stats(s, key)["held"] == 1)
+        await s.stop(0.0)
+        return list(await asyncio.gather(*calls, return_exceptions=True))
+
+    held, cut = run(
+        main, make_scheduler(factory=slow_engine_factory(STEP_DELAY), mode="static-hold")
+    )
+    assert isinstance(held, SequenceResult), held
+    assert held.hypotheses[0].token_ids == alone(short).hypotheses[0].token_ids
+    assert isinstance(cut, Unavailable) and cut.reason == "draining", cut
+
+
 def test_an_engine_failure_fails_its_requests_and_the_loop_goes_on(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
