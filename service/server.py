@@ -31,6 +31,7 @@ from collections.abc import (
     Iterator,
     Sequence,
 )
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
@@ -105,6 +106,9 @@ DEADLINE_SLACK = 0.05
 # How long a call whose request read as EOF waits for grpc's cancellation (Transport._read).
 EOF_GRACE_S = 0.5
 T = TypeVar("T")
+# When the handler of the call whose task this is began (time.monotonic()), before its
+# request was read: set by `Transport.began`, read by `Transport._call` (None: unset).
+_call_began: ContextVar[float | None] = ContextVar("call_began", default=None)
 
 
 # --- what the transport needs from the scheduler side -----------------------------------
@@ -280,6 +284,12 @@ class Transport:
             self.calls -= 1
             self.metrics.open_calls.dec()
 
+    @staticmethod
+    def began() -> None:
+        """Mark the start of this call (its handler's task): what `_call` measures the RPC's
+        duration from, so a wait for a read turn or for the request counts in it."""
+        _call_began.set(time.monotonic())
+
     async def receive(self, context: grpc.aio.ServicerContext, method: str) -> Any:
         """The call's request, or an UnreadableRequest saying which bound it broke.
 
@@ -304,7 +314,7 @@ class Transport:
         task = asyncio.current_task()
         assert task is not None
         timeout = self.settings.request_read_timeout_s
-        started, budget = time.monotonic(), context.time_remaining()
+        started, budget = _call_began.get() or time.monotonic(), context.time_remaining()
         turn = False
         self._reading.add(task)
         try:
@@ -463,7 +473,9 @@ class Transport:
         token = request_id_var.set(state.request_id)
         trailer = ((REQUEST_ID_KEY, state.request_id),)
         context.set_trailing_metadata(trailer)
-        started = time.monotonic()
+        # From the call's start (`began`), not from its request's read: the client's wait
+        # for a read turn and its upload are part of the RPC it sees.
+        started = _call_began.get() or time.monotonic()
         budget = context.time_remaining()
         self._enter()
         code, message, reason = grpc.StatusCode.OK, "", None
@@ -925,6 +937,7 @@ def _checked(servicer: _Servicer, name: str) -> Callable[..., Awaitable[Any]]:
     transport = servicer.transport
 
     async def handler(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        transport.began()
         with transport.held():
             request = await transport.receive(context, name)
             if isinstance(request, UnreadableRequest):

@@ -211,3 +211,36 @@ def test_calls_grpc_ends_before_their_request_is_read_are_counted(
     finally:
         stalled.release()
         server.stop()
+
+
+def test_the_wait_for_a_read_turn_counts_in_the_request_duration() -> None:
+    """inference_request_duration_seconds is the whole RPC: a call that waited for a read
+    turn behind a stalled sender, and one refused at the read timeout, are observed with
+    that wait, as their clients saw it (not from the moment their request was read)."""
+    server = InProcessServer(max_reading_calls=1, request_read_timeout_s=1)
+    stalled = Stalled(server.address)
+
+    def duration(code: str, model: str) -> float:
+        labels = {"method": "Translate", "model": model, "code": code}
+        return (
+            server.metrics.registry.get_sample_value(
+                "inference_request_duration_seconds_sum", labels
+            )
+            or 0.0
+        )
+
+    try:
+        holder = stalled.start()
+        _wait(lambda: _open_calls(server) == 1)
+        with Client(server.address, timeout=10) as c:
+            started = time.monotonic()
+            c.translate("ready")
+            waited = time.monotonic() - started
+        with pytest.raises(grpc.RpcError):
+            holder.result(10)
+        assert waited >= 0.5  # it waited for the holder's turn
+        assert duration("OK", "en-es") >= 0.5 * waited  # was the read-to-answer time alone
+        assert duration("DEADLINE_EXCEEDED", "unknown") >= 0.9  # the read timeout, 1 s
+    finally:
+        stalled.release()
+        server.stop()
