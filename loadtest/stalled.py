@@ -8,8 +8,8 @@ it, one byte short of the whole, and never finished. After `--hold-s` seconds it
 how many bytes the server let in per call (what it holds for them), the statuses it sent,
 and with `--pid` the server's resident memory before and after. A hold shorter than the
 server's read timeout shows what calls waiting for a read turn hold; past it, refused calls
-give their turns to waiting ones. Raw HTTP/2 (the `h2`
-package) because a gRPC client only sends whole messages.
+give their turns to waiting ones. Raw HTTP/2 (the `h2` package) because a gRPC client only
+sends whole messages.
 """
 
 from __future__ import annotations
@@ -59,8 +59,9 @@ def rss_mib(pid: int) -> float:
     raise ValueError(f"no VmRSS for process {pid}")
 
 
-def run(host: str, port: int, calls: int, claim_bytes: int, hold_s: float,
-        pid: int | None = None) -> StalledResult:  # fmt: skip
+def run(
+    host: str, port: int, calls: int, claim_bytes: int, hold_s: float, pid: int | None = None
+) -> StalledResult:
     """Open the calls, feed them for `hold_s` seconds, report (see the module's doc)."""
     import h2.config
     import h2.connection

@@ -24,14 +24,13 @@ TRANSLATE = "/inference.v1.Translator/Translate"
 class Stalled:
     """Calls that start and never send their request, until `release`."""
 
-    def __init__(self, address: str, metadata: tuple[tuple[str, str], ...] = ()) -> None:
+    def __init__(self, address: str) -> None:
         self.channel = grpc.insecure_channel(address)
         self.method = self.channel.stream_unary(
             TRANSLATE,
             request_serializer=pb.TranslateRequest.SerializeToString,
             response_deserializer=pb.TranslateResponse.FromString,
         )
-        self.metadata = metadata
         self._stop = threading.Event()
         self.ended_at: dict[int, float] = {}
 
@@ -41,7 +40,7 @@ class Stalled:
 
     def start(self, timeout: float = 30) -> Any:
         """One stalled call (a grpc future); `ended_at[id(future)]`: when it ended."""
-        future = self.method.future(self._requests(), timeout=timeout, metadata=self.metadata)
+        future = self.method.future(self._requests(), timeout=timeout)
         future.add_done_callback(lambda f: self.ended_at.setdefault(id(f), time.monotonic()))
         return future
 
