@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import inspect
 import json
 import logging
 import signal
@@ -973,6 +974,124 @@ def add_servicer(server: grpc.aio.Server, service: str, servicer: _Servicer) -> 
     server.add_registered_method_handlers(descriptor.full_name, handlers)
 
 
+# Health and reflection requests are read under bounds of their own (PublicReads).
+PUBLIC_READ_TURNS = 4
+PUBLIC_MAX_READING = 256
+PUBLIC_MAX_STREAMS = 1024
+_NOT_A_STREAM = contextlib.nullcontext()
+
+
+class PublicReads(grpc.aio.ServerInterceptor):
+    """Bounds on reading the requests of the open services (health, reflection).
+
+    grpc reads a unary request whole (up to grpc.max_receive_message_length) before the
+    handler runs, for as long as its sender takes, and these calls need no token and are
+    not counted in SERVE_MAX_CALLS: without this, any client that reaches the port can
+    make the server buffer 2 x max message size per call, in any number, until it runs
+    out of memory. Their handlers are made request-streaming, as the inference methods
+    are (add_servicer), and read each request here: at most PUBLIC_READ_TURNS at once,
+    each within SERVE_REQUEST_READ_TIMEOUT_S, and at most PUBLIC_MAX_READING calls reading
+    or waiting to (each of those holds one 64 KiB window). Their turns are not the
+    inference calls' (Transport), so stalled callers of one do not starve the other.
+    Streams (Health.Watch, reflection) live as long as their caller likes: at most
+    PUBLIC_MAX_STREAMS are open at once, as grpc bounds no number of streams."""
+
+    def __init__(self, read_timeout_s: float) -> None:
+        self._timeout = read_timeout_s
+        self._turns = asyncio.Semaphore(PUBLIC_READ_TURNS)
+        self.reading = 0  # calls sending their request, or waiting for a turn to
+        self.streams = 0  # streams open
+
+    async def _read(self, context: grpc.aio.ServicerContext) -> Any:
+        if self.reading >= PUBLIC_MAX_READING:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{PUBLIC_MAX_READING} health or reflection calls are sending their "
+                "requests; retry later",
+            )
+        self.reading += 1
+        try:
+            async with asyncio.timeout(self._timeout), self._turns:
+                return await context.read()
+        except TimeoutError:
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"the request had not arrived {self._timeout:g} s after the call began (the "
+                "server's SERVE_REQUEST_READ_TIMEOUT_S, not the call's deadline)",
+            )
+        finally:
+            self.reading -= 1
+
+    async def _one(self, context: grpc.aio.ServicerContext) -> Any:
+        request = await self._read(context)
+        if request is grpc.aio.EOF:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "the call ended without a request message"
+            )
+        return request
+
+    @contextlib.asynccontextmanager
+    async def _stream(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        if self.streams >= PUBLIC_MAX_STREAMS:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{PUBLIC_MAX_STREAMS} health or reflection streams are open; retry later",
+            )
+        self.streams += 1
+        try:
+            yield
+        finally:
+            self.streams -= 1
+
+    @staticmethod
+    async def _answer(result: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Run a handler's result: write out a generator's messages, or await the answer."""
+        if inspect.isasyncgen(result):
+            async for response in result:
+                await context.write(response)
+            return None
+        return await result
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        service = (details.method or "").lstrip("/").partition("/")[0]
+        if handler is None or service in SERVICE_NAMES.values():
+            return handler  # the inference methods read under Transport's bounds
+        make = (
+            grpc.stream_stream_rpc_method_handler
+            if handler.response_streaming
+            else grpc.stream_unary_rpc_method_handler
+        )
+        codec = dict(
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+        if handler.request_streaming:
+            inner = handler.stream_stream or handler.stream_unary
+
+            async def requests(context: grpc.aio.ServicerContext) -> AsyncGenerator[Any]:
+                while (request := await self._read(context)) is not grpc.aio.EOF:
+                    yield request
+
+            async def streamed(_: Any, context: grpc.aio.ServicerContext) -> Any:
+                async with self._stream(context):
+                    return await self._answer(inner(requests(context), context), context)
+
+            return make(streamed, **codec)
+        inner = handler.unary_stream or handler.unary_unary
+
+        async def unary(_: Any, context: grpc.aio.ServicerContext) -> Any:
+            counted = self._stream(context) if handler.response_streaming else _NOT_A_STREAM
+            async with counted:
+                return await self._answer(inner(await self._one(context), context), context)
+
+        return make(unary, **codec)
+
+
 def server_options(settings: Settings) -> list[tuple[str, Any]]:
     """Channel arguments of the server: message sizes, connection age, no port sharing."""
     options: list[tuple[str, Any]] = [
@@ -1008,10 +1127,20 @@ class InferenceServer:
         self.metrics = metrics
         self.transport = Transport(settings, metrics)
         self.health = Health()
-        self.server = grpc.aio.server(options=server_options(settings))
-        # Health alone, in plaintext, for probes that cannot speak the main port's TLS.
+        timeout = settings.request_read_timeout_s
+        self.public_reads = PublicReads(timeout)
+        self.server = grpc.aio.server(
+            options=server_options(settings), interceptors=[self.public_reads]
+        )
+        # Health alone, in plaintext, for probes that cannot speak the main port's TLS; its
+        # own read turns, so that stalled callers of the main port's health cannot hold them.
         self.health_server = (
-            grpc.aio.server(options=[("grpc.so_reuseport", 0)]) if settings.health_port else None
+            grpc.aio.server(
+                options=[("grpc.so_reuseport", 0), ("grpc.http2.bdp_probe", 0)],
+                interceptors=[PublicReads(timeout)],
+            )
+            if settings.health_port
+            else None
         )
         self.port = 0
         self.metrics_port = 0
