@@ -11,8 +11,8 @@ the transport aborts with the result. Choices worth knowing:
   step, so not even an idle server could answer) → DEADLINE_EXCEEDED.
 * TooManyCalls (the server holds SERVE_MAX_CALLS calls) → RESOURCE_EXHAUSTED, load
   shedding like QueueFull, answered before the request is read.
-* RequestTimeout (the request had not arrived SERVE_REQUEST_READ_TIMEOUT_S after the call
-  began) → DEADLINE_EXCEEDED: the server's deadline for the upload passed; the message
+* RequestTimeout (the request had not arrived SERVE_REQUEST_READ_TIMEOUT_S after the server
+  began reading it) → DEADLINE_EXCEEDED: the server's deadline for the upload passed; the message
   says it is the server's, not the caller's.
 * Cancelled → CANCELLED (the client went away; nobody reads the answer).
 * Unavailable (loading, draining, a retired version, a failed engine) → UNAVAILABLE, which

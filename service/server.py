@@ -319,15 +319,17 @@ class Transport:
         turn = False
         self._reading.add(task)
         try:
-            # A turn comes in time: those ahead (FIFO) began earlier, so their timeouts end
-            # their turns first.
-            async with asyncio.timeout(timeout), self._read_turns:
+            # The wait for a turn is bounded by the turns ahead (first come, first served,
+            # each at most `timeout`), the call's deadline and the drain; the timeout runs
+            # from the turn, so a request that arrived meanwhile is read, not refused.
+            async with self._read_turns:
                 turn = True
-                request = await context.read()
+                async with asyncio.timeout(timeout):
+                    request = await context.read()
         except TimeoutError:
             raise RequestTimeout(
-                f"the request had not arrived {timeout:g} s after the call began (the "
-                "server's SERVE_REQUEST_READ_TIMEOUT_S, not the call's deadline)"
+                f"the request had not arrived {timeout:g} s after the server began reading "
+                "it (the server's SERVE_REQUEST_READ_TIMEOUT_S, not the call's deadline)"
             ) from None
         except asyncio.CancelledError:
             if task not in self._cut:  # grpc's: the deadline passed or the client went away
@@ -1011,13 +1013,14 @@ class PublicReads(grpc.aio.ServerInterceptor):
             )
         self.reading += 1
         try:
-            async with asyncio.timeout(self._timeout), self._turns:
+            async with self._turns, asyncio.timeout(self._timeout):
                 return await context.read()
         except TimeoutError:
             await context.abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"the request had not arrived {self._timeout:g} s after the call began (the "
-                "server's SERVE_REQUEST_READ_TIMEOUT_S, not the call's deadline)",
+                f"the request had not arrived {self._timeout:g} s after the server began "
+                "reading it (the server's SERVE_REQUEST_READ_TIMEOUT_S, not the call's "
+                "deadline)",
             )
         finally:
             self.reading -= 1

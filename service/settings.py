@@ -161,8 +161,9 @@ class Settings(BaseSettings):
         10.0,
         ge=0.1,
         le=3600.0,
-        description="Seconds from a call's start for its request to arrive, a read turn "
-        "included; a slower call is refused (DEADLINE_EXCEEDED) and its memory freed.",
+        description="Seconds a request has to arrive once its read turn comes (the wait "
+        "for a turn is bounded by the turns ahead and the call's deadline); a slower one is "
+        "refused (DEADLINE_EXCEEDED) and its memory freed.",
     )
     # --- lifecycle -----------------------------------------------------------------------
     drain_grace_s: float = Field(
