@@ -991,8 +991,9 @@ class PublicReads(grpc.aio.ServerInterceptor):
     not counted in SERVE_MAX_CALLS: without this, any client that reaches the port can
     make the server buffer 2 x max message size per call, in any number, until it runs
     out of memory. Their handlers are made request-streaming, as the inference methods
-    are (add_servicer), and read each request here: at most PUBLIC_READ_TURNS at once,
-    each within SERVE_REQUEST_READ_TIMEOUT_S, and at most PUBLIC_MAX_READING calls reading
+    are (add_servicer), and read each request here: at most PUBLIC_READ_TURNS at once (and
+    as many messages of request streams), each within SERVE_REQUEST_READ_TIMEOUT_S of its
+    turn, and at most PUBLIC_MAX_READING calls reading
     or waiting to (each of those holds one 64 KiB window). Their turns are not the
     inference calls' (Transport), so stalled callers of one do not starve the other.
     Streams (Health.Watch, reflection) live as long as their caller likes: at most
@@ -1001,10 +1002,15 @@ class PublicReads(grpc.aio.ServerInterceptor):
     def __init__(self, read_timeout_s: float) -> None:
         self._timeout = read_timeout_s
         self._turns = asyncio.Semaphore(PUBLIC_READ_TURNS)
+        # Request streams (reflection) wait for their next message holding a turn: theirs
+        # are apart, so idle reflection clients cannot hold up health checks (probes).
+        self._stream_turns = asyncio.Semaphore(PUBLIC_READ_TURNS)
         self.reading = 0  # calls sending their request, or waiting for a turn to
         self.streams = 0  # streams open
 
-    async def _read(self, context: grpc.aio.ServicerContext) -> Any:
+    async def _read(
+        self, context: grpc.aio.ServicerContext, turns: asyncio.Semaphore | None = None
+    ) -> Any:
         if self.reading >= PUBLIC_MAX_READING:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -1013,7 +1019,7 @@ class PublicReads(grpc.aio.ServerInterceptor):
             )
         self.reading += 1
         try:
-            async with self._turns, asyncio.timeout(self._timeout):
+            async with turns or self._turns, asyncio.timeout(self._timeout):
                 return await context.read()
         except TimeoutError:
             await context.abort(
@@ -1077,7 +1083,9 @@ class PublicReads(grpc.aio.ServerInterceptor):
             inner = handler.stream_stream or handler.stream_unary
 
             async def requests(context: grpc.aio.ServicerContext) -> AsyncGenerator[Any]:
-                while (request := await self._read(context)) is not grpc.aio.EOF:
+                while (
+                    request := await self._read(context, self._stream_turns)
+                ) is not grpc.aio.EOF:
                     yield request
 
             async def streamed(_: Any, context: grpc.aio.ServicerContext) -> Any:

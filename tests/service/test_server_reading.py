@@ -357,3 +357,35 @@ def test_open_health_watches_are_bounded_in_number(monkeypatch: pytest.MonkeyPat
             )
     finally:
         server.stop()
+
+
+def test_an_idle_reflection_stream_does_not_hold_up_health_checks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A reflection client waits for its next request holding a read turn, up to the read
+    timeout: its turns are apart from the health checks' (a probe would wait for them)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from service import server as server_module
+
+    monkeypatch.setattr(server_module, "PUBLIC_READ_TURNS", 1)
+    server = InProcessServer(request_read_timeout_s=30)
+    stop = threading.Event()
+
+    def never() -> Iterator[bytes]:
+        stop.wait()
+        yield from ()
+
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            reflection = channel.stream_stream(
+                "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+            )(never(), timeout=30)
+            _wait(lambda: server.server.public_reads.reading == 1)
+            health = health_pb2_grpc.HealthStub(channel)
+            answer = health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+            reflection.cancel()
+    finally:
+        stop.set()
+        server.stop()
