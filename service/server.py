@@ -993,9 +993,9 @@ class PublicReads(grpc.aio.ServerInterceptor):
     out of memory. Their handlers are made request-streaming, as the inference methods
     are (add_servicer), and read each request here: at most PUBLIC_READ_TURNS at once (and
     as many messages of request streams), each within SERVE_REQUEST_READ_TIMEOUT_S of its
-    turn, and at most PUBLIC_MAX_READING calls reading
-    or waiting to (each of those holds one 64 KiB window). Their turns are not the
-    inference calls' (Transport), so stalled callers of one do not starve the other.
+    turn, and at most PUBLIC_MAX_READING calls reading or waiting to (each of those holds
+    one 64 KiB window). Their turns are not the inference calls' (Transport), so stalled
+    callers of one do not starve the other.
     Streams (Health.Watch, reflection) live as long as their caller likes: at most
     PUBLIC_MAX_STREAMS are open at once, as grpc bounds no number of streams."""
 
