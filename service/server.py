@@ -21,6 +21,7 @@ import hmac
 import inspect
 import json
 import logging
+import resource
 import signal
 import time
 import uuid
@@ -1103,6 +1104,27 @@ class PublicReads(grpc.aio.ServerInterceptor):
         return make(unary, **codec)
 
 
+# Descriptors the server needs besides its connections (models, logs, listeners, threads).
+OWN_FILES = 256
+
+
+def check_open_files(max_connections: int, ports: int) -> None:
+    """Warn when the open-file limit is below what max_connections lets clients open: the
+    connections would take the last descriptors, and every accept then fails."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = max_connections * ports + OWN_FILES
+    if soft != resource.RLIM_INFINITY and soft < need:
+        log.warning(
+            "the open-file limit (%d) is below what max_connections lets clients open "
+            "(%d on %d port(s), plus about %d of the server's own): lower "
+            "SERVE_MAX_CONNECTIONS or raise the limit (ulimit -n)",
+            soft,
+            max_connections,
+            ports,
+            OWN_FILES,
+        )
+
+
 def server_options(settings: Settings) -> list[tuple[str, Any]]:
     """Channel arguments of the server: message sizes, connection age, no port sharing."""
     options: list[tuple[str, Any]] = [
@@ -1113,6 +1135,7 @@ def server_options(settings: Settings) -> list[tuple[str, Any]]:
         # Refuse to share the port with another process (a stale server must not steal
         # half the connections).
         ("grpc.so_reuseport", 0),
+        ("grpc.max_allowed_incoming_connections", settings.max_connections),
         # Fixed 64 KiB stream windows: what a call waiting for a read turn can have sent
         # is held unread, and BDP probing grows those windows to megabytes.
         ("grpc.http2.bdp_probe", 0),
@@ -1147,7 +1170,11 @@ class InferenceServer:
         # own read turns, so that stalled callers of the main port's health cannot hold them.
         self.health_server = (
             grpc.aio.server(
-                options=[("grpc.so_reuseport", 0), ("grpc.http2.bdp_probe", 0)],
+                options=[
+                    ("grpc.so_reuseport", 0),
+                    ("grpc.http2.bdp_probe", 0),
+                    ("grpc.max_allowed_incoming_connections", settings.max_connections),
+                ],
                 interceptors=[PublicReads(timeout)],
             )
             if settings.health_port
@@ -1304,6 +1331,7 @@ class InferenceServer:
                 "the bearer token travels unencrypted: set --tls-cert and --tls-key, or keep "
                 "the port behind a proxy or mesh that terminates TLS"
             )
+        check_open_files(self.settings.max_connections, 2 if self.health_server else 1)
         started = time.monotonic()
         await self.backend.start()
         if self.transport.draining:  # SIGTERM while the models loaded: the drain ends it

@@ -174,6 +174,14 @@ class Settings(BaseSettings):
         "ends (a stream with its answer so far, a unary call UNAVAILABLE) and has up to "
         "about 2 s more to reach its client.",
     )
+    max_connections: int = Field(
+        2048,
+        ge=1,
+        le=1 << 20,
+        description="Connections the gRPC port (and the health port, apart) keeps open at "
+        "once; more are closed as they open. Each holds a file descriptor: keep it under "
+        "the open-file limit, which the server warns about at start.",
+    )
     max_connection_age_s: float = Field(
         300.0,
         ge=0.0,

@@ -82,7 +82,7 @@ run=(--detach --name "$NAME" --runtime runc --network none
      --ulimit nofile=1024:1024 --ulimit nproc=1000:1000
      --read-only --tmpfs /tmp:rw,size=64m,mode=1777
      --cap-drop ALL --security-opt no-new-privileges
-     --env SERVE_DRAIN_GRACE_S=10 "${mount_models[@]}")
+     --env SERVE_DRAIN_GRACE_S=10 --env SERVE_MAX_CONNECTIONS=512 "${mount_models[@]}")
 if [[ $FLAVOUR == gpu ]]; then
   [[ -n ${GPU:-} ]] || { log "gpu image built; not run (GPU=1 runs it with --device nvidia.com/gpu=all)"; exit 0; }
   run+=(--device nvidia.com/gpu=all)

@@ -1,5 +1,6 @@
 """How the server reads requests: nothing before the token and the call count are checked,
-a bounded number at once, each within a timeout, and none left hanging at a drain.
+a bounded number at once, each within a timeout, and none left hanging at a drain; and how
+many connections it keeps.
 
 A call whose request never arrives is made with grpc's stream-unary form and a request
 iterator that never yields: the server sees what it sees of a client that stalls mid-way."""
@@ -389,3 +390,62 @@ def test_an_idle_reflection_stream_does_not_hold_up_health_checks(
     finally:
         stop.set()
         server.stop()
+
+
+# --- connections -------------------------------------------------------------------------
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def test_connections_over_max_connections_are_closed_as_they_open() -> None:
+    """Idle connections cost a file descriptor each: without a bound, enough of them take
+    the last descriptor and every accept fails, calls and health checks alike."""
+    import socket
+
+    server = InProcessServer(max_connections=2)
+    held: list[socket.socket] = []
+    try:
+        for _ in range(3):
+            sock = socket.create_connection(("127.0.0.1", server.server.port), timeout=5)
+            sock.sendall(PREFACE)
+            held.append(sock)
+        answers = [sock.recv(64) for sock in held]
+        assert [bool(a) for a in answers] == [True, True, False]  # SETTINGS, SETTINGS, closed
+        held.pop().close()
+        for sock in held:
+            sock.close()
+        # The room comes back as connections close.
+        _wait(lambda: _translates(server.address))
+    finally:
+        for sock in held:
+            sock.close()
+        server.stop()
+
+
+def _translates(address: str) -> bool:
+    try:
+        with Client(address, timeout=2) as c:
+            return c.translate("again").translations[0].hypotheses[0].text == "AGAIN"
+    except grpc.RpcError:
+        return False
+
+
+def test_an_open_file_limit_below_max_connections_is_warned_about(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import resource
+
+    from service.server import OWN_FILES, check_open_files
+
+    caplog.set_level(logging.WARNING, logger="service.server")
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (1024, 1024))
+    check_open_files(1024 - OWN_FILES, 1)
+    assert not caplog.records
+    check_open_files(2048, 1)
+    check_open_files(512, 2)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"the open-file limit (1024) is below what max_connections lets clients open "
+        f"({n} on {p} port(s), plus about {OWN_FILES} of the server's own): lower "
+        "SERVE_MAX_CONNECTIONS or raise the limit (ulimit -n)"
+        for n, p in ((2048, 1), (512, 2))
+    ]
