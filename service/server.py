@@ -174,6 +174,16 @@ class Backend(Protocol):
 # --- per-call plumbing --------------------------------------------------------------------
 
 
+NO_REQUEST = "the call ended without a request message"
+
+
+def _not_arrived(timeout: float) -> str:
+    return (
+        f"the request had not arrived {timeout:g} s after the server began reading it (the "
+        "server's SERVE_REQUEST_READ_TIMEOUT_S, not the call's deadline)"
+    )
+
+
 def _shutting_down() -> Unavailable:
     return Unavailable("server is shutting down; retry on another replica", reason="draining")
 
@@ -328,10 +338,7 @@ class Transport:
                 async with asyncio.timeout(timeout):
                     request = await context.read()
         except TimeoutError:
-            raise RequestTimeout(
-                f"the request had not arrived {timeout:g} s after the server began reading "
-                "it (the server's SERVE_REQUEST_READ_TIMEOUT_S, not the call's deadline)"
-            ) from None
+            raise RequestTimeout(_not_arrived(timeout)) from None
         except asyncio.CancelledError:
             if task not in self._cut:  # grpc's: the deadline passed or the client went away
                 self._unread(method, context, started, budget, turn)
@@ -354,7 +361,7 @@ class Transport:
                 raise
             if context.cancelled():
                 raise Cancelled("the client went away before its request arrived")
-            raise InvalidArgument("request", "the call ended without a request message")
+            raise InvalidArgument("request", NO_REQUEST)
         return request
 
     def _unread(
@@ -467,10 +474,11 @@ class Transport:
         public: bool = False,
         model: str = "",
     ) -> AsyncIterator[CallState]:
-        """Request id, auth, drain refusal, metrics and logs around one call; a domain
-        error (or grpc's cancellation) in the body ends the call with its mapped status.
-        `model`: the call's model label, known before the drain and auth checks so that
-        their refusals count under it (else the handler sets it)."""
+        """Request id, drain refusal, metrics and logs around one call (credentials were
+        checked before its request was read: `receive`); a domain error (or grpc's
+        cancellation) in the body ends the call with its mapped status. `model`: the
+        call's model label, known before the drain check so that its refusals count under
+        it (else the handler sets it)."""
         metadata = self._metadata(context)
         state = CallState(self.request_id(metadata))
         state.model = model
@@ -484,7 +492,6 @@ class Transport:
         self._enter()
         code, message, reason = grpc.StatusCode.OK, "", None
         try:
-            self.authenticate(metadata)
             if not public:
                 self.admit()
             yield state
@@ -1023,21 +1030,14 @@ class PublicReads(grpc.aio.ServerInterceptor):
             async with turns or self._turns, asyncio.timeout(self._timeout):
                 return await context.read()
         except TimeoutError:
-            await context.abort(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"the request had not arrived {self._timeout:g} s after the server began "
-                "reading it (the server's SERVE_REQUEST_READ_TIMEOUT_S, not the call's "
-                "deadline)",
-            )
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, _not_arrived(self._timeout))
         finally:
             self.reading -= 1
 
     async def _one(self, context: grpc.aio.ServicerContext) -> Any:
         request = await self._read(context)
         if request is grpc.aio.EOF:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "the call ended without a request message"
-            )
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, NO_REQUEST)
         return request
 
     @contextlib.asynccontextmanager
