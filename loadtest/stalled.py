@@ -1,6 +1,5 @@
-"""`python -m loadtest.stalled`: a fault test of calls that never finish sending their
-request, the memory attack a gRPC server is open to when it buffers requests before any
-check.
+"""`python -m loadtest.stalled`: fault tests of calls that never finish, the memory attacks
+a gRPC server is open to when it holds what a client sends or is sent without a bound.
 
 It opens `--calls` Translate calls on one plaintext HTTP/2 connection to a loopback
 server. Each request claims `--claim-bytes` and is sent as far as HTTP/2 flow control lets
@@ -8,13 +7,19 @@ it, one byte short of the whole, and never finished. After `--hold-s` seconds it
 how many bytes the server let in per call (what it holds for them), the statuses it sent,
 and with `--pid` the server's resident memory before and after. A hold shorter than the
 server's read timeout shows what calls waiting for a read turn hold; past it, refused calls
-give their turns to waiting ones. Raw HTTP/2 (the `h2` package) because a gRPC client only
-sends whole messages.
+give their turns to waiting ones.
+
+With `--unread-answers` the calls send whole requests instead (one short verse, at most 8
+new tokens, or a health check with `--method health`), `--rate` of them a second, on a
+connection whose stream windows are 0: the server cannot send any answer, and holds each
+until the caller reads it or the connection closes. Raw HTTP/2 (the `h2` package) because
+a gRPC client only sends whole messages and reads every answer.
 """
 
 from __future__ import annotations
 
 import collections
+import enum
 import select
 import shlex
 import socket
@@ -23,7 +28,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -31,7 +36,17 @@ from loadtest.workload import check_target
 
 app = typer.Typer(add_completion=False)
 
+
+class Method(enum.Enum):
+    """What --unread-answers calls."""
+
+    translate = "translate"
+    health = "health"
+
+
 METHOD = "/inference.v1.Translator/Translate"
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+VERSE = "In the beginning God created the heaven and the earth."
 
 
 @dataclass
@@ -59,13 +74,39 @@ def rss_mib(pid: int) -> float:
     raise ValueError(f"no VmRSS for process {pid}")
 
 
+def _headers(host: str, port: int, method: str) -> list[tuple[str, str]]:
+    return [
+        (":method", "POST"), (":scheme", "http"), (":path", method),
+        (":authority", f"{host}:{port}"), ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ]  # fmt: skip
+
+
+def _note_statuses(events: list[Any], statuses: dict[int, str]) -> bool:
+    """Note the grpc status (or the reset) of each stream that ended among `events`; True
+    when the server ended the connection (GOAWAY)."""
+    import h2.events
+
+    ended = False
+    for event in events:
+        ended = ended or isinstance(event, h2.events.ConnectionTerminated)
+        if isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
+            headers = {str(k): str(v) for k, v in event.headers or ()}
+            if "grpc-status" in headers and event.stream_id is not None:
+                statuses[event.stream_id] = (
+                    f"{headers['grpc-status']} {headers.get('grpc-message', '')}".strip()
+                )
+        elif isinstance(event, h2.events.StreamReset) and event.stream_id is not None:
+            statuses.setdefault(event.stream_id, f"reset {event.error_code}")
+    return ended
+
+
 def run(
     host: str, port: int, calls: int, claim_bytes: int, hold_s: float, pid: int | None = None
 ) -> StalledResult:
     """Open the calls, feed them for `hold_s` seconds, report (see the module's doc)."""
     import h2.config
     import h2.connection
-    import h2.events
 
     before = rss_mib(pid) if pid is not None else None
     conn = h2.connection.H2Connection(
@@ -92,11 +133,7 @@ def run(
         conn.initiate_connection()
         for _ in range(calls):
             stream = conn.get_next_available_stream_id()
-            conn.send_headers(stream, [
-                (":method", "POST"), (":scheme", "http"), (":path", METHOD),
-                (":authority", f"{host}:{port}"), ("content-type", "application/grpc"),
-                ("te", "trailers"),
-            ])  # fmt: skip
+            conn.send_headers(stream, _headers(host, port, METHOD))
             pending[stream], let_in[stream] = memoryview(body), 0
         sending = send()
         while sending and time.monotonic() < end:
@@ -116,15 +153,7 @@ def run(
             raw = sock.recv(1 << 16)
             if not raw:
                 break
-            for event in conn.receive_data(raw):
-                if isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
-                    headers = {str(k): str(v) for k, v in event.headers or ()}
-                    if "grpc-status" in headers and event.stream_id is not None:
-                        statuses[event.stream_id] = (
-                            f"{headers['grpc-status']} {headers.get('grpc-message', '')}".strip()
-                        )
-                elif isinstance(event, h2.events.StreamReset) and event.stream_id is not None:
-                    statuses.setdefault(event.stream_id, f"reset {event.error_code}")
+            _note_statuses(conn.receive_data(raw), statuses)
             sending = send()
     return StalledResult(
         calls=calls,
@@ -133,6 +162,93 @@ def run(
         statuses=dict(collections.Counter(statuses.values())),
         rss_before_mib=before,
         rss_after_mib=rss_mib(pid) if pid is not None else None,
+    )
+
+
+@dataclass
+class UnreadResult:
+    """What the server did with whole requests whose answers it could not send."""
+
+    calls: int
+    closed: bool  # the server closed the connection before the end
+    statuses: dict[str, int] = field(default_factory=dict)  # "grpc-status message" → calls
+    rss_before_mib: float | None = None
+    rss_after_mib: float | None = None
+
+    @property
+    def open(self) -> int:
+        """Calls the server still held at the end (no status, no reset)."""
+        return self.calls - sum(self.statuses.values())
+
+
+def _request(method: str) -> bytes:
+    """One whole gRPC message for `method`: a short verse, or a health check of the server."""
+    if method == HEALTH_CHECK:
+        message = b""  # HealthCheckRequest(service=""), the server's own health
+    else:
+        from service.gen.inference.v1 import inference_pb2 as pb
+
+        request = pb.TranslateRequest(texts=[VERSE])
+        request.options.max_new_tokens = 8
+        message = request.SerializeToString()
+    return struct.pack(">BI", 0, len(message)) + message
+
+
+def unread(
+    host: str,
+    port: int,
+    calls: int,
+    rate: float,
+    hold_s: float,
+    pid: int | None = None,
+    method: str = METHOD,
+) -> UnreadResult:
+    """Send `calls` whole requests of `method`, `rate` a second, on a connection whose
+    stream windows are 0 (no answer can be sent; statuses can), keep it open `hold_s`
+    seconds more, and report what the server answered and held."""
+    import h2.config
+    import h2.connection
+    import h2.settings
+
+    before = rss_mib(pid) if pid is not None else None
+    conn = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+    )
+    conn.local_settings = h2.settings.Settings(
+        client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0}
+    )
+    conn.initiate_connection()
+    body = _request(method)
+    statuses: dict[int, str] = {}
+    closed = False
+    with socket.create_connection((host, port), timeout=10) as sock:
+
+        def pump(until: float) -> None:
+            """Send what is pending and take in statuses until `until` (monotonic)."""
+            nonlocal closed
+            while not closed:
+                sock.sendall(conn.data_to_send())
+                left = until - time.monotonic()
+                if left <= 0:
+                    return
+                if select.select([sock], [], [], min(left, 0.05))[0]:
+                    raw = sock.recv(1 << 16)
+                    closed = not raw or _note_statuses(conn.receive_data(raw), statuses)
+
+        started = time.monotonic()
+        for sent in range(1, calls + 1):
+            stream = conn.get_next_available_stream_id()
+            conn.send_headers(stream, _headers(host, port, method))
+            conn.send_data(stream, body, end_stream=True)
+            pump(started + sent / rate)
+        pump(time.monotonic() + hold_s)
+        after = rss_mib(pid) if pid is not None else None  # before the connection closes
+    return UnreadResult(
+        calls=calls,
+        closed=closed,
+        statuses=dict(collections.Counter(statuses.values())),
+        rss_before_mib=before,
+        rss_after_mib=after,
     )
 
 
@@ -145,16 +261,37 @@ def main(
     ] = 4 << 20,
     hold_s: Annotated[float, typer.Option(min=0.1, max=600, help="Seconds to feed them.")] = 8.0,
     pid: Annotated[int | None, typer.Option(help="Server process, to read its memory.")] = None,
+    unread_answers: Annotated[
+        bool,
+        typer.Option(
+            help="Send whole requests, --rate a second, and never read the answers instead."
+        ),
+    ] = False,
+    rate: Annotated[
+        float, typer.Option(min=1, max=10_000, help="With --unread-answers: calls a second.")
+    ] = 200.0,
+    method: Annotated[
+        Method, typer.Option(help="With --unread-answers: the method called.")
+    ] = Method.translate,
 ) -> None:
-    """Open calls that never finish their request; report what the server held."""
+    """Open calls that never finish their request (or never read their answer); report
+    what the server held."""
     from loadtest.provenance import git_commit, versions
 
     check_target(target, allow_remote=False)
     host, _, port = target.rpartition(":")
-    result = run(host.strip("[]"), int(port), calls, claim_bytes, hold_s, pid)
     kept = {k: v for k, v in versions().items() if k in ("grpcio",)}
     typer.echo(f"commit {git_commit()}; " + ", ".join(f"{k} {v}" for k, v in kept.items()))
     typer.echo(f"command: {shlex.join(['python', '-m', 'loadtest.stalled', *sys.argv[1:]])}")
+    if unread_answers:
+        path = HEALTH_CHECK if method is Method.health else METHOD
+        answers = unread(host.strip("[]"), int(port), calls, rate, hold_s, pid, path)
+        typer.echo(f"{calls} whole {path} requests at {rate:g}/s, answers never read")
+        if answers.closed:
+            typer.echo("the server closed the connection before the end")
+        _report(answers.statuses, answers.open, answers.rss_before_mib, answers.rss_after_mib)
+        return
+    result = run(host.strip("[]"), int(port), calls, claim_bytes, hold_s, pid)
     sent_all = claim_bytes + 4  # the 5-byte frame header and all but the last byte
     partial = [n for n in result.let_in if n < sent_all]
     typer.echo(
@@ -164,14 +301,17 @@ def main(
     )
     if result.stopped_reading:
         typer.echo("the server stopped reading the connection before the end")
-    if result.rss_before_mib is not None:
-        typer.echo(
-            f"server memory: {result.rss_before_mib:.0f} MiB before, "
-            f"{result.rss_after_mib:.0f} MiB after {hold_s:g} s"
-        )
-    for status, count in sorted(result.statuses.items(), key=lambda kv: -kv[1]):
+    _report(result.statuses, result.open, result.rss_before_mib, result.rss_after_mib)
+
+
+def _report(
+    statuses: dict[str, int], still_open: int, before: float | None, after: float | None
+) -> None:
+    if before is not None and after is not None:
+        typer.echo(f"server memory: {before:.0f} MiB before, {after:.0f} MiB at the end")
+    for status, count in sorted(statuses.items(), key=lambda kv: -kv[1]):
         typer.echo(f"{count} answered: {status}")
-    typer.echo(f"{result.open} still open when the connection closed")
+    typer.echo(f"{still_open} still open when the connection closed")
 
 
 if __name__ == "__main__":

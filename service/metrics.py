@@ -165,7 +165,8 @@ class Metrics:
         self.open_calls = Gauge(
             "inference_open_calls",
             "Calls the server holds, in any state (request arriving, queued, decoding, "
-            "streaming); SERVE_MAX_CALLS bounds it, and calls over it are refused.",
+            "streaming, or an answer its caller has not read yet); SERVE_MAX_CALLS bounds "
+            "it, and calls over it are refused.",
             registry=r,
         )
         self.queue_depth = Gauge(

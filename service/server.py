@@ -30,7 +30,6 @@ from collections.abc import (
     AsyncIterator,
     Awaitable,
     Callable,
-    Iterator,
     Sequence,
 )
 from contextvars import ContextVar
@@ -285,16 +284,17 @@ class Transport:
 
     # -- reading the request ------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def held(self) -> Iterator[None]:
-        """Count one call from its start to its end (SERVE_MAX_CALLS, inference_open_calls)."""
+    def hold(self, context: grpc.aio.ServicerContext) -> None:
+        """Count one call from its start until grpc is done with it (SERVE_MAX_CALLS,
+        inference_open_calls): past its handler's end too, while its answer and status wait
+        for a caller that does not read them, which grpc holds until the connection closes."""
         self.calls += 1
         self.metrics.open_calls.inc()
-        try:
-            yield
-        finally:
-            self.calls -= 1
-            self.metrics.open_calls.dec()
+        context.add_done_callback(self._released)
+
+    def _released(self, _: grpc.aio.ServicerContext) -> None:
+        self.calls -= 1
+        self.metrics.open_calls.dec()
 
     @staticmethod
     def began() -> None:
@@ -949,11 +949,11 @@ def _checked(servicer: _Servicer, name: str) -> Callable[..., Awaitable[Any]]:
 
     async def handler(requests: Any, context: grpc.aio.ServicerContext) -> Any:
         transport.began()
-        with transport.held():
-            request = await transport.receive(context, name)
-            if isinstance(request, UnreadableRequest):
-                return await transport.unary(name, context, request.refuse, public=True)
-            return await behavior(request, context)
+        transport.hold(context)
+        request = await transport.receive(context, name)
+        if isinstance(request, UnreadableRequest):
+            return await transport.unary(name, context, request.refuse, public=True)
+        return await behavior(request, context)
 
     return handler
 
@@ -988,7 +988,7 @@ def add_servicer(server: grpc.aio.Server, service: str, servicer: _Servicer) -> 
 PUBLIC_READ_TURNS = 4
 PUBLIC_MAX_READING = 256
 PUBLIC_MAX_STREAMS = 1024
-_NOT_A_STREAM = contextlib.nullcontext()
+PUBLIC_MAX_CALLS = 1024
 
 
 class PublicReads(grpc.aio.ServerInterceptor):
@@ -1005,7 +1005,11 @@ class PublicReads(grpc.aio.ServerInterceptor):
     one 64 KiB window). Their turns are not the inference calls' (Transport), so stalled
     callers of one do not starve the other.
     Streams (Health.Watch, reflection) live as long as their caller likes: at most
-    PUBLIC_MAX_STREAMS are open at once, as grpc bounds no number of streams."""
+    PUBLIC_MAX_STREAMS are open at once, as grpc bounds no number of streams. A unary
+    call's answer is held by grpc until its caller reads it, or the connection closes: at
+    most PUBLIC_MAX_CALLS unary calls are open at once, from their start until grpc is done
+    with them. Each port's server has its own PublicReads, so a flood of the main port's
+    does not fail the probes of the health port."""
 
     def __init__(self, read_timeout_s: float) -> None:
         self._timeout = read_timeout_s
@@ -1014,7 +1018,8 @@ class PublicReads(grpc.aio.ServerInterceptor):
         # are apart, so idle reflection clients cannot hold up health checks (probes).
         self._stream_turns = asyncio.Semaphore(PUBLIC_READ_TURNS)
         self.reading = 0  # calls sending their request, or waiting for a turn to
-        self.streams = 0  # streams open
+        self.streams = 0  # streams open (until grpc is done with them)
+        self.calls = 0  # unary calls open (until grpc is done with them)
 
     async def _read(
         self, context: grpc.aio.ServicerContext, turns: asyncio.Semaphore | None = None
@@ -1040,18 +1045,25 @@ class PublicReads(grpc.aio.ServerInterceptor):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, NO_REQUEST)
         return request
 
-    @contextlib.asynccontextmanager
-    async def _stream(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        if self.streams >= PUBLIC_MAX_STREAMS:
+    async def _hold(self, context: grpc.aio.ServicerContext, stream: bool) -> None:
+        """Count the call until grpc is done with it; refuse one over its kind's bound."""
+        kind, limit = ("streams", PUBLIC_MAX_STREAMS) if stream else ("calls", PUBLIC_MAX_CALLS)
+        if (self.streams if stream else self.calls) >= limit:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{PUBLIC_MAX_STREAMS} health or reflection streams are open; retry later",
+                f"{limit} health or reflection {kind} are open; retry later",
             )
-        self.streams += 1
-        try:
-            yield
-        finally:
+        if stream:
+            self.streams += 1
+        else:
+            self.calls += 1
+        context.add_done_callback(lambda _: self._release(stream))
+
+    def _release(self, stream: bool) -> None:
+        if stream:
             self.streams -= 1
+        else:
+            self.calls -= 1
 
     @staticmethod
     async def _answer(result: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -1090,16 +1102,15 @@ class PublicReads(grpc.aio.ServerInterceptor):
                     yield request
 
             async def streamed(_: Any, context: grpc.aio.ServicerContext) -> Any:
-                async with self._stream(context):
-                    return await self._answer(inner(requests(context), context), context)
+                await self._hold(context, stream=True)
+                return await self._answer(inner(requests(context), context), context)
 
             return make(streamed, **codec)
         inner = handler.unary_stream or handler.unary_unary
 
         async def unary(_: Any, context: grpc.aio.ServicerContext) -> Any:
-            counted = self._stream(context) if handler.response_streaming else _NOT_A_STREAM
-            async with counted:
-                return await self._answer(inner(await self._one(context), context), context)
+            await self._hold(context, handler.response_streaming)
+            return await self._answer(inner(await self._one(context), context), context)
 
         return make(unary, **codec)
 

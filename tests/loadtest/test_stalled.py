@@ -55,3 +55,20 @@ def test_the_cli_reports_and_refuses_a_remote_target() -> None:
     refused = CliRunner().invoke(stalled.app, ["--target", "10.1.2.3:50051"])
     assert refused.exit_code != 0
     assert "not a loopback address" in str(refused.exception) + refused.output
+
+
+def test_unread_answers_are_reported_held_up_to_max_calls_and_the_rest_refused() -> None:
+    server = InProcessServer(max_calls=16, max_queue=8, max_batch_size=8)
+    try:
+        out = CliRunner().invoke(
+            stalled.app,
+            ["--target", f"127.0.0.1:{server.server.port}", "--unread-answers",
+             "--calls", "20", "--rate", "200", "--hold-s", "1"],
+        )  # fmt: skip
+    finally:
+        server.stop()
+    assert out.exit_code == 0, out.output
+    assert "20 whole /inference.v1.Translator/Translate requests at 200/s" in out.output
+    assert "4 answered: 8 the server holds 16 calls, its limit (SERVE_MAX_CALLS)" in out.output
+    assert "16 still open when the connection closed" in out.output
+    assert server.counter("Translate", "en-es", "OK") == 16

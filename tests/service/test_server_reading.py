@@ -392,6 +392,78 @@ def test_an_idle_reflection_stream_does_not_hold_up_health_checks(
         server.stop()
 
 
+# --- answers a caller never reads --------------------------------------------------------
+
+
+def test_a_call_whose_answer_is_never_read_stays_counted_until_its_connection_closes() -> None:
+    """grpc holds an answer its caller does not read until the connection closes: the
+    call stays counted in SERVE_MAX_CALLS until then, so such calls cannot pile up."""
+    pytest.importorskip("h2", reason="the raw HTTP/2 client needs the h2 package (dev extra)")
+    from loadtest import stalled
+
+    server = InProcessServer(max_calls=8, max_queue=4, max_batch_size=4)
+    try:
+        result: list[stalled.UnreadResult] = []
+        worker = threading.Thread(
+            target=lambda: result.append(
+                stalled.unread("127.0.0.1", server.server.port, 3, rate=100, hold_s=3)
+            )
+        )
+        worker.start()
+        _wait(lambda: server.counter("Translate", "en-es", "OK") == 3)
+        assert _open_calls(server) == 3  # answered, and still held: none was read
+        worker.join(15)
+        assert result[0].open == 3 and not result[0].statuses
+        _wait(lambda: _open_calls(server) == 0)  # the connection closed: grpc let them go
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("port", ["main", "health"])
+def test_unary_health_calls_whose_answers_are_never_read_are_bounded_per_port(
+    monkeypatch: pytest.MonkeyPatch, port: str
+) -> None:
+    """Health checks need no token: unread answers (14 KiB each in grpc) piled up without
+    a bound. Each port has its own, so a flood of one does not fail the other's probes."""
+    pytest.importorskip("h2", reason="the raw HTTP/2 client needs the h2 package (dev extra)")
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from loadtest import stalled
+    from service import server as server_module
+
+    monkeypatch.setattr(server_module, "PUBLIC_MAX_CALLS", 4)
+    server = InProcessServer(health_port=_free_port())
+    flooded, other = server.server.port, server.server.health_port
+    if port == "health":
+        flooded, other = other, flooded
+    try:
+        result: list[stalled.UnreadResult] = []
+        worker = threading.Thread(
+            target=lambda: result.append(
+                stalled.unread(
+                    "127.0.0.1", flooded, 10, rate=100, hold_s=3, method=stalled.HEALTH_CHECK
+                )
+            )
+        )
+        worker.start()
+        reads = server.server.public_reads if port == "main" else None
+        time.sleep(0.5)  # the ten calls were sent in 0.1 s
+        with grpc.insecure_channel(f"127.0.0.1:{other}") as channel:
+            answer = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=5
+            )
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        if reads is not None:
+            assert reads.calls == 4
+        worker.join(15)
+        assert result[0].statuses == {"8 4 health or reflection calls are open; retry later": 6}
+        assert result[0].open == 4
+        if reads is not None:
+            _wait(lambda: reads.calls == 0)
+    finally:
+        server.stop()
+
+
 # --- connections -------------------------------------------------------------------------
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
