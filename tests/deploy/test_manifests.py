@@ -157,21 +157,34 @@ def test_settings_are_real_service_settings(overlay: str, monkeypatch: pytest.Mo
     settings = load_settings()  # validates every value, as the server does
     container = server_container(render(overlay))
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": settings.port, "metrics": settings.metrics_port}
+    assert ports == {
+        "grpc": settings.port,
+        "metrics": settings.metrics_port,
+        "health": settings.health_port,
+    }
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_probes_use_grpc_health(overlay: str) -> None:
+def test_probes_use_grpc_health_on_a_port_clients_cannot_reach(overlay: str) -> None:
+    """On the gRPC port, clients stalling health calls or never reading their answers
+    could take the bounds a probe needs (and with TLS on, the kubelet cannot speak to it):
+    the probes have the health port, which the NetworkPolicy opens to no one (the
+    kubelet's probes are not subject to it)."""
     docs = render(overlay)
     container = server_container(docs)
-    grpc_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    health_port = int(settings_data(docs)["SERVE_HEALTH_PORT"])
+    assert ports["health"] == health_port != ports["grpc"]
+    policy = one(docs, "NetworkPolicy")
+    opened = {port["port"] for rule in policy["spec"]["ingress"] for port in rule["ports"]}
+    assert opened == {"grpc", "metrics"}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         spec = container[probe]
         assert set(spec) - {"grpc"} <= {
             "periodSeconds", "timeoutSeconds", "failureThreshold", "initialDelaySeconds",
             "successThreshold",
         }, f"{probe} must be a native gRPC probe"  # fmt: skip
-        assert spec["grpc"]["port"] == grpc_port
+        assert spec["grpc"]["port"] == health_port
         assert spec["grpc"].get("service", "") in HEALTH_SERVICES
     # Readiness follows the overall status, which turns NOT_SERVING while draining.
     assert container["readinessProbe"]["grpc"].get("service", "") == ""
@@ -183,7 +196,7 @@ def test_the_tls_component_mounts_the_secret_and_probes_the_health_port(
     overlay: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """components/tls on an overlay: the server reads its certificate from the Secret, and
-    the probes (which speak no TLS) move to the plaintext health port."""
+    the probes (which speak no TLS) keep the plaintext health port."""
     import os
     import shutil
 
