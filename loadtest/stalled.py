@@ -12,14 +12,21 @@ give their turns to waiting ones.
 With `--unread-answers` the calls send whole requests instead (one short verse, at most 8
 new tokens, or a health check with `--method health`), `--rate` of them a second, on a
 connection whose stream windows are 0: the server cannot send any answer, and holds each
-until the caller reads it or the connection closes. Raw HTTP/2 (the `h2` package) because
-a gRPC client only sends whole messages and reads every answer.
+until the caller reads it or the connection closes.
+
+With `--flood ping` or `--flood reset` it sends `--calls` PING frames, or calls reset as
+soon as they are opened (HTTP/2 "rapid reset"), as fast as it can on one connection, and
+reports whether the server ended the connection and, with `--pid`, the CPU time it spent.
+
+Raw HTTP/2 (the `h2` package) because a gRPC client only sends whole messages, reads every
+answer and sends neither floods.
 """
 
 from __future__ import annotations
 
 import collections
 import enum
+import os
 import select
 import shlex
 import socket
@@ -47,6 +54,8 @@ class Method(enum.Enum):
 METHOD = "/inference.v1.Translator/Translate"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 VERSE = "In the beginning God created the heaven and the earth."
+BURST = 200  # flood frames written between looks at what the server sent
+FLOOD_SETTLE_S = 1.0
 
 
 @dataclass
@@ -252,6 +261,76 @@ def unread(
     )
 
 
+class Flood(enum.Enum):
+    """Frames a --flood sends as fast as it can."""
+
+    ping = "ping"  # PING frames
+    reset = "reset"  # a call's HEADERS and at once its RST_STREAM: HTTP/2 "rapid reset"
+
+
+FLOOD_UNITS = {Flood.ping: "PINGs", Flood.reset: "rapid resets"}
+
+
+@dataclass
+class FloodResult:
+    """How far a flood got, and what it cost the server."""
+
+    sent: int
+    seconds: float
+    closed: str | None  # why the server ended the connection (None: it did not)
+    cpu_s: float | None = None  # the server's CPU time meanwhile
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def flood(host: str, port: int, kind: Flood, count: int, pid: int | None = None) -> FloodResult:
+    """Send `count` PINGs or rapid resets on one connection, until the server ends it."""
+    import h2.config
+    import h2.connection
+    import h2.events
+    import h2.exceptions
+
+    conn = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+    )
+    conn.initiate_connection()
+    before = cpu_seconds(pid) if pid is not None else None
+    closed: str | None = None
+    sent = 0
+    started = time.monotonic()
+    with socket.create_connection((host, port), timeout=10) as sock:
+        try:
+            while sent < count and closed is None:
+                for _ in range(min(BURST, count - sent)):
+                    if kind is Flood.ping:
+                        conn.ping(sent.to_bytes(8, "big"))
+                    else:
+                        stream = conn.get_next_available_stream_id()
+                        conn.send_headers(stream, _headers(host, port, METHOD))
+                        conn.reset_stream(stream)
+                    sent += 1
+                sock.sendall(conn.data_to_send())
+                while closed is None and select.select([sock], [], [], 0)[0]:
+                    raw = sock.recv(1 << 16)
+                    if not raw:
+                        closed = "connection closed"
+                    for event in conn.receive_data(raw) if raw else []:
+                        if isinstance(event, h2.events.ConnectionTerminated):
+                            why = (event.additional_data or b"").decode(errors="replace")
+                            code = getattr(event.error_code, "name", event.error_code)
+                            closed = f"GOAWAY {code} {why}".strip()
+        except (OSError, h2.exceptions.ProtocolError) as error:
+            closed = closed or f"{type(error).__name__}: {error}"
+        seconds = time.monotonic() - started
+        time.sleep(FLOOD_SETTLE_S)  # what the server still had to process
+        cpu = cpu_seconds(pid) - before if pid is not None and before is not None else None
+    return FloodResult(sent=sent, seconds=seconds, closed=closed, cpu_s=cpu)
+
+
 @app.command()
 def main(
     target: Annotated[str, typer.Option(help="The server's host:port (loopback only).")],
@@ -273,9 +352,15 @@ def main(
     method: Annotated[
         Method, typer.Option(help="With --unread-answers: the method called.")
     ] = Method.translate,
+    flood_with: Annotated[
+        Flood | None,
+        typer.Option(
+            "--flood", help="Send --calls PINGs or rapid resets instead, as fast as it can."
+        ),
+    ] = None,
 ) -> None:
-    """Open calls that never finish their request (or never read their answer); report
-    what the server held."""
+    """Open calls that never finish their request (or never read their answer, or flood
+    the connection); report what the server held, or what the flood cost it."""
     from loadtest.provenance import git_commit, versions
 
     check_target(target, allow_remote=False)
@@ -283,6 +368,18 @@ def main(
     kept = {k: v for k, v in versions().items() if k in ("grpcio",)}
     typer.echo(f"commit {git_commit()}; " + ", ".join(f"{k} {v}" for k, v in kept.items()))
     typer.echo(f"command: {shlex.join(['python', '-m', 'loadtest.stalled', *sys.argv[1:]])}")
+    if flood_with is not None:
+        flooded = flood(host.strip("[]"), int(port), flood_with, calls, pid)
+        typer.echo(
+            f"{flooded.sent:,} of {calls:,} {FLOOD_UNITS[flood_with]} sent in "
+            f"{flooded.seconds:.2f} s; the server "
+            + (f"ended the connection: {flooded.closed}" if flooded.closed else "kept it open")
+        )
+        if flooded.cpu_s is not None:
+            typer.echo(
+                f"server CPU time meanwhile (and {FLOOD_SETTLE_S:g} s after): {flooded.cpu_s:.2f} s"
+            )
+        return
     if unread_answers:
         path = HEALTH_CHECK if method is Method.health else METHOD
         answers = unread(host.strip("[]"), int(port), calls, rate, hold_s, pid, path)

@@ -3,10 +3,13 @@ make it hold is bounded by its settings."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from typer.testing import CliRunner
 
 from loadtest import stalled
+from service.client import Client
 from tests.service.test_server_transport import InProcessServer
 
 pytest.importorskip("h2", reason="loadtest.stalled needs the h2 package (the dev extra)")
@@ -72,3 +75,36 @@ def test_unread_answers_are_reported_held_up_to_max_calls_and_the_rest_refused()
     assert "4 answered: 8 the server holds 16 calls, its limit (SERVE_MAX_CALLS)" in out.output
     assert "16 still open when the connection closed" in out.output
     assert server.counter("Translate", "en-es", "OK") == 16
+
+
+def test_a_ping_flood_is_cut_off_by_the_server() -> None:
+    server = InProcessServer()
+    try:
+        result = stalled.flood("127.0.0.1", server.server.port, stalled.Flood.ping, 50_000)
+        with Client(server.address) as client:  # others are served
+            assert client.translate("still here").translations[0].hypotheses[0].text
+    finally:
+        server.stop()
+    assert result.closed is not None and "too_many_pings" in result.closed
+    assert result.sent < 50_000
+
+
+def test_a_rapid_reset_flood_is_reported_with_the_server_cpu_it_cost() -> None:
+    server = InProcessServer()
+    try:
+        out = CliRunner().invoke(
+            stalled.app,
+            ["--target", f"127.0.0.1:{server.server.port}", "--flood", "reset",
+             "--calls", "2000", "--pid", str(os.getpid())],
+        )  # fmt: skip
+        with Client(server.address) as client:
+            assert client.translate("still here").translations[0].hypotheses[0].text
+    finally:
+        server.stop()
+    assert out.exit_code == 0, out.output
+    assert "2,000 of 2,000 rapid resets sent in" in out.output
+    assert (
+        "the server kept it open" in out.output or "the server ended the connection" in out.output
+    )
+    cpu = float(out.output.split("server CPU time meanwhile (and 1 s after): ")[1].split()[0])
+    assert cpu > 0
