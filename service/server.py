@@ -1115,6 +1115,9 @@ class PublicReads(grpc.aio.ServerInterceptor):
         return make(unary, **codec)
 
 
+# grpc's own default bound on the calls it holds before the event loop takes them.
+PENDING_CALLS = 1000
+
 # Descriptors the server needs besides its connections (models, logs, listeners, threads).
 OWN_FILES = 256
 
@@ -1147,6 +1150,15 @@ def server_options(settings: Settings) -> list[tuple[str, Any]]:
         # half the connections).
         ("grpc.so_reuseport", 0),
         ("grpc.max_allowed_incoming_connections", settings.max_connections),
+        # Calls grpc holds before the event loop takes them: past 1000 (its default) it
+        # cancels some at random, past 3000 all, uncounted and as a bare CANCELLED that
+        # reads as the client's own. Past max_calls the server refuses them itself, counted
+        # and saying why (too_many_calls), so grpc's shedding starts only beyond that.
+        ("grpc.server.max_pending_requests", max(PENDING_CALLS, settings.max_calls)),
+        (
+            "grpc.server.max_pending_requests_hard_limit",
+            max(3 * PENDING_CALLS, 2 * settings.max_calls),
+        ),
         # Fixed 64 KiB stream windows: what a call waiting for a read turn can have sent
         # is held unread, and BDP probing grows those windows to megabytes.
         ("grpc.http2.bdp_probe", 0),

@@ -392,6 +392,22 @@ def test_an_idle_reflection_stream_does_not_hold_up_health_checks(
         server.stop()
 
 
+def test_a_burst_of_calls_is_held_by_the_server_not_shed_by_grpc() -> None:
+    """grpc cancels calls it holds before the event loop takes them past 1000 (at random)
+    and 3000 (all), as a bare CANCELLED in no metric: a burst within max_calls reaches the
+    server whole, and what is over max_calls is the server's to refuse, counted."""
+    pytest.importorskip("h2", reason="the raw HTTP/2 client needs the h2 package (dev extra)")
+    from loadtest import stalled
+
+    server = InProcessServer(max_calls=4096, request_read_timeout_s=30)
+    try:
+        result = stalled.run("127.0.0.1", server.server.port, 3500, 1000, hold_s=3.0)
+    finally:
+        server.stop()
+    assert result.statuses == {}
+    assert result.open == 3500
+
+
 # --- answers a caller never reads --------------------------------------------------------
 
 

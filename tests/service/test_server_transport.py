@@ -1431,6 +1431,14 @@ def test_server_options_bound_messages_and_connection_age() -> None:
     assert "grpc.max_connection_age_ms" not in dict(
         server_options(load_settings(max_connection_age_s=0))
     )
+    # grpc sheds calls waiting for the event loop only past what the server holds itself
+    # (tests/service/test_server_reading.py has the burst), never earlier than by default.
+    pending = dict(server_options(load_settings(max_calls=4096)))
+    assert pending["grpc.server.max_pending_requests"] == 4096
+    assert pending["grpc.server.max_pending_requests_hard_limit"] == 8192
+    small = dict(server_options(load_settings(max_calls=200, max_queue=64, max_batch_size=32)))
+    assert small["grpc.server.max_pending_requests"] == 1000
+    assert small["grpc.server.max_pending_requests_hard_limit"] == 3000
 
 
 def test_json_logs_carry_the_request_id() -> None:
