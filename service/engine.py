@@ -36,7 +36,8 @@ Why it is built this way:
   fixed buffers included, also runs on CPU (`EngineOptions(io_binding=True)`), which is
   how it is tested without a GPU.
 * This module is synchronous and knows nothing of asyncio; the scheduler calls it from a
-  worker thread (onnxruntime releases the GIL while it computes).
+  worker thread (onnxruntime releases the GIL while it computes). A warm-up takes a
+  threading.Event from the scheduler's stop() and ends at its next shape once it is set.
 """
 
 from __future__ import annotations
@@ -44,10 +45,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Hashable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -237,7 +240,8 @@ class WarmupReport:
     shapes: int
     seconds: float
     step_seconds: float  # one decoder step at a typical shape (8 rows, cache 64): the
-    # scheduler's first estimate
+    # scheduler's first estimate (0 when stopped: none was timed)
+    stopped: bool = False  # cut short by its stop event: the engine is not to serve
 
 
 class Engine:
@@ -507,11 +511,16 @@ class Engine:
 
     # --- warm-up -------------------------------------------------------------------------
 
-    def warmup(self) -> WarmupReport:
+    def warmup(self, stop: threading.Event | None = None) -> WarmupReport:
         """Run the shape buckets the batch will use once, so no request pays for a first
         run (allocator growth; on CUDA, kernel choice per shape): on CUDA every combination,
         on CPU every (rows, capacity) pair plus the source and prefill lengths at the edges.
-        Stops after `warmup_budget_s`. Also times one step for the scheduler's estimates."""
+        Stops after `warmup_budget_s`. Also times one step for the scheduler's estimates.
+
+        `stop`, set from another thread (the scheduler's stop()), ends it at the next shape:
+        a server told to stop while it starts exits in seconds, not after the whole warm-up
+        (a minute on a GPU). The report then says `stopped`, no step is timed (nor is
+        `warmup_report` set), and the engine is not to serve."""
         start = time.perf_counter()
         budget = self.options.warmup_budget_s
         full = self.provider == CUDA
@@ -525,31 +534,14 @@ class Engine:
         ]
         if not full:
             shapes += [(rows[-1], caches[-1], s) for s in src_list]
-        count = 0
-        for r, c, s in dict.fromkeys(shapes):
-            if time.perf_counter() - start > budget:
-                log.warning(
-                    "%s/%s: warm-up budget %.0fs spent after %d shapes",
-                    self.name,
-                    self.version,
-                    budget,
-                    count,
-                )
-                break
-            self._run_decoder_zeros(r, c, s, 1)
-            count += 1
+        runs = [partial(self._run_decoder_zeros, r, c, s, 1) for r, c, s in dict.fromkeys(shapes)]
         if translator:
             enc = (
                 [(n, s) for n in rows for s in sources]
                 if full
                 else [(1, sources[0]), (rows[-1], sources[-1])]
             )
-            for n, s in enc:
-                if time.perf_counter() - start > budget:
-                    break
-                ids = np.full((n, s), self.pad_id, dtype=np.int64)
-                self.backend.encode(ids, np.ones((n, s), dtype=bool))
-                count += 1
+            runs += [partial(self._run_encoder_zeros, n, s) for n, s in enc]
         else:
             # On the CPU the most rows a prefill takes at the narrowest width (not the row
             # bucket: past PREFILL_TOKENS it is never run, and would grow the arena the
@@ -560,11 +552,28 @@ class Engine:
                 else [(1, t) for t in caches]
                 + [(self.prefill_rows(caches[0]), caches[0]), self._widest_prefill()]
             )
-            for n, t in pre:
-                if time.perf_counter() - start > budget:
-                    break
-                self._run_decoder_zeros(n, t, 0, t)
-                count += 1
+            runs += [partial(self._run_decoder_zeros, n, t, 0, t) for n, t in pre]
+        count = 0
+        for run in runs:
+            if stop is not None and stop.is_set():
+                break
+            if time.perf_counter() - start > budget:
+                log.warning(
+                    "%s/%s: warm-up budget %.0fs spent after %d shapes",
+                    self.name,
+                    self.version,
+                    budget,
+                    count,
+                )
+                break
+            run()
+            count += 1
+        if stop is not None and stop.is_set():
+            log.info(
+                "%s/%s warm-up stopped after %d of %d shapes: asked to stop",
+                self.name, self.version, count, len(runs),
+            )  # fmt: skip
+            return WarmupReport(count, time.perf_counter() - start, 0.0, stopped=True)
         # A typical shape, timed after its own warm-up run: the scheduler's first estimate.
         r, c = bucket(min(8, rows[-1]), 1, rows[-1]), min(caches[-1], 64)
         s = min(src_list[-1], 64) if translator else 0
@@ -603,6 +612,10 @@ class Engine:
         logits, _, _, _ = b.decode(feeds, want_alignment=False)
         if t == 1:
             b.greedy(logits, np.arange(r))
+
+    def _run_encoder_zeros(self, n: int, s: int) -> None:
+        ids = np.full((n, s), self.pad_id, dtype=np.int64)
+        self.backend.encode(ids, np.ones((n, s), dtype=bool))
 
 
 # --- batch ------------------------------------------------------------------------------------

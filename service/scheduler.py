@@ -40,7 +40,10 @@ Policy (read this before tuning the budgets):
   cancellation) at once.
 * stop(grace_s): new requests are refused (Unavailable); queued and running ones may
   finish within grace_s; the rest are then cancelled (streams get their partial result
-  with finish reason CANCELLED, unary callers Unavailable).
+  with finish reason CANCELLED, unary callers Unavailable). A version still loading
+  (start, reload) ends its warm-up at the next shape (a threading.Event the engine checks
+  between shapes) and is closed without serving, so a server stopped while it starts
+  exits in seconds, not after a warm-up that takes up to a minute on a GPU.
 * Engine calls run in one worker thread per model version that steps back to back while
   it has rows: it takes the removals and admissions the event loop has posted since its
   last step, steps, and posts the outputs back. Delivering answers, metrics and the next
@@ -61,6 +64,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import logging
 import math
@@ -746,10 +750,11 @@ class _ModelLoop:
 EngineFactory = Callable[[ModelVersion, EngineOptions], Engine]
 
 
-def _default_engine(entry: ModelVersion, options: EngineOptions) -> Engine:
+def _default_engine(entry: ModelVersion, options: EngineOptions, stop: threading.Event) -> Engine:
+    """Load and warm a version's engine; `stop` (the scheduler's) ends the warm-up early."""
     engine = Engine(entry.path, entry.manifest, options)
     if options.warmup:
-        engine.warmup()
+        engine.warmup(stop)
     return engine
 
 
@@ -775,7 +780,11 @@ class Scheduler:
             engine_options or EngineOptions(), max_batch_size=self.config.max_batch_size
         )
         self.metrics = metrics or Metrics()
-        self.engine_factory = engine_factory or _default_engine
+        # Set by stop(): a warm-up in progress (in its worker thread) ends at its next shape.
+        self._stop_loading = threading.Event()
+        self.engine_factory = engine_factory or functools.partial(
+            _default_engine, stop=self._stop_loading
+        )
         self._loops: dict[str, _ModelLoop] = {}  # the loop of each live version
         # Loops of retired versions, until their last request has left.
         self._retiring: dict[ModelVersion, _ModelLoop] = {}
@@ -806,8 +815,10 @@ class Scheduler:
     # --- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> ReloadSummary:
-        """Load, warm and start every version in the repository."""
+        """Load, warm and start every version in the repository (none once stop() came)."""
         self._required = await asyncio.to_thread(self.repository.names_on_disk)
+        if self._stopping:  # a SIGTERM before the load began: reload() would refuse
+            return ReloadSummary([], [], {})
         summary = await self.reload()
         if not self._loops and not self._stopping:
             log.warning("no model could be loaded from %s", self.repository.root)
@@ -930,8 +941,10 @@ class Scheduler:
 
     async def stop(self, grace_s: float) -> None:
         """Refuse new requests, let in-flight ones finish within grace_s, cancel the rest,
-        stop every loop."""
+        stop every loop; a version still loading ends its warm-up at the next shape and is
+        closed unserved before this returns."""
         self._stopping = True
+        self._stop_loading.set()
         loops = [*self._loops.values(), *self._retiring.values()]
         for loop in loops:
             loop.accepting = False
@@ -956,6 +969,11 @@ class Scheduler:
             await loop.close()
         if self._background:  # retired versions' loops closing on their own
             await asyncio.wait(set(self._background))
+        if self._reload_lock is not None:
+            # A load in progress ends soon (its warm-up is told to stop) and closes its
+            # engine itself (`_start_loop`): returning before would leave it open.
+            async with self._reload_lock:
+                pass
 
     async def close(self) -> None:
         """Stop at once (the transport drains its calls before)."""

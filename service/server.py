@@ -8,7 +8,9 @@ and logs — happens once, in `Transport.unary` / `Transport.stream`. Health
 Lifecycle (`serve`): bind the port with health NOT_SERVING, load and warm every model,
 then SERVING. SIGTERM/SIGINT: health NOT_SERVING, new calls UNAVAILABLE, in-flight calls
 get up to drain_grace_s to finish; what is left then ends (a stream with its answer so
-far, finish reason CANCELLED; a unary call UNAVAILABLE), and the process exits 0.
+far, finish reason CANCELLED; a unary call UNAVAILABLE), and the process exits 0. One that
+comes while the models load and warm ends the warm-up at its next shape (the scheduler's
+stop()): the process exits 0 within seconds, never SERVING.
 SIGHUP (or Models.Reload) loads new model versions beside the running ones, which retire
 once the new ones serve (beyond keep_versions) and their in-flight calls have finished.
 """
@@ -1358,6 +1360,7 @@ class InferenceServer:
         started = time.monotonic()
         await self.backend.start()
         if self.transport.draining:  # SIGTERM while the models loaded: the drain ends it
+            log.info("stopped before serving: a stop signal came while the models loaded")
             return
         self.transport.ready = True
         await self._set_health()
@@ -1442,6 +1445,11 @@ class InferenceServer:
         log.info("draining", extra={"in_flight": self.transport.in_flight, "grace_s": grace})
         self.transport.draining = True
         await self.health.enter_graceful_shutdown()
+        if not self.transport.ready:
+            # The models still load (start() runs) and no inference call was admitted:
+            # stop the backend now, so that a warm-up ends at its next shape instead of
+            # going on through the linger (or the grace, for a Reload call waiting on it).
+            await self.backend.close()
         finished = await self.transport.wait_idle(grace)
         if not finished:
             log.warning(

@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from export.onnx_export import export_checkpoint
 from export.testing import make_tiny_checkpoint
@@ -26,6 +26,8 @@ from transformer.checkpoint import load_checkpoint
 from transformer.model import Model
 
 if TYPE_CHECKING:
+    import pytest
+
     from service.engine import Batch, Engine, EngineOptions
     from service.repository import ModelVersion
 
@@ -154,3 +156,21 @@ def slow_engine_factory(
     """Batches sleep `delay_s` per step, so requests stay in flight long enough to cancel,
     expire or queue behind them; `timed`: the sleep counts in the step's reported time."""
     return hooked_engine_factory(lambda _: time.sleep(delay_s), timed)
+
+
+def slow_decoder(monkeypatch: pytest.MonkeyPatch, delay_s: float) -> list[float]:
+    """Every CPU decoder run sleeps `delay_s` first, as a GPU's first run at a shape takes
+    long (kernel choice), so a warm-up takes its shapes × delay_s. Returns the list of the
+    runs' start times (time.monotonic()), which grows as they run."""
+    from service.backends import NumpyBackend
+
+    decode = NumpyBackend.decode
+    runs: list[float] = []
+
+    def slow(self: NumpyBackend, *args: Any, **kwargs: Any) -> Any:
+        runs.append(time.monotonic())
+        time.sleep(delay_s)
+        return decode(self, *args, **kwargs)
+
+    monkeypatch.setattr(NumpyBackend, "decode", slow)
+    return runs

@@ -4,6 +4,7 @@ tokens, finish reasons and (to float rounding) scores, whatever the batch around
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Hashable
 from typing import Any
 
@@ -615,6 +616,29 @@ def test_the_cpu_warm_up_prefills_no_more_than_a_group() -> None:
     prefills = [(rows, width) for rows, width in runs if width > 1]
     assert (engine.prefill_rows(MIN_CACHE), MIN_CACHE) in prefills
     assert all(rows * width <= PREFILL_TOKENS for rows, width in prefills), prefills
+
+
+def test_a_warm_up_told_to_stop_ends_at_its_next_shape() -> None:
+    """The scheduler's stop() sets the event from another thread while the engine warms up
+    (SIGTERM while the server starts): the warm-up runs no shape after it, times no step,
+    and reports that it was stopped; set before, it runs none."""
+    engine = make_engine(TRANSLATOR, max_batch_size=8)
+    stop = threading.Event()
+    runs = _decoder_shapes(engine)
+    spy = engine.backend.decode
+
+    def third_run_stops(*args: Any, **kwargs: Any) -> Any:
+        if len(runs) == 2:  # this is the third
+            stop.set()
+        return spy(*args, **kwargs)
+
+    engine.backend.decode = third_run_stops  # type: ignore[method-assign]
+    report = engine.warmup(stop)
+    assert report.stopped and report.shapes == len(runs) == 3
+    assert engine.warmup_report is None  # no estimate for the scheduler: it is not to serve
+    assert engine.warmup(stop).shapes == 0 and len(runs) == 3
+    full = engine.warmup(threading.Event())
+    assert not full.stopped and full.shapes > 10 and full.step_seconds > 0
 
 
 def test_the_servers_input_limit_bounds_the_source_buckets() -> None:

@@ -44,6 +44,7 @@ from tests.service._engine_models import (
     copy_version,
     hooked_engine_factory,
     model_repository,
+    slow_decoder,
     slow_engine_factory,
 )
 
@@ -1505,6 +1506,60 @@ def test_stop_during_start_leaves_no_model_running() -> None:
         for name in (TRANSLATOR, LM):
             labels = {"model": name, "version": "1"}
             assert sample_value(s.metrics, "inference_model_ready", labels) == 0.0
+
+    asyncio.run(main())
+
+
+def test_stop_during_a_warm_up_ends_it_at_the_next_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM while a version warms up (about 20 shapes here; on a GPU a warm-up can take
+    its whole minute's budget): stop() ends the warm-up at its next shape, not after the
+    shapes left, and returns once that engine is closed; no version serves."""
+    shape_s = 0.3
+    runs = slow_decoder(monkeypatch, shape_s)
+    closed: list[str] = []
+    close = Engine.close
+
+    def closing(engine: Engine) -> None:
+        closed.append(f"{engine.name}:{engine.version}")
+        close(engine)
+
+    monkeypatch.setattr(Engine, "close", closing)
+
+    async def main() -> None:
+        repository = ModelRepository(model_repository(), DEFAULT_MODELS)
+        config = SchedulerConfig(max_batch_size=8, max_batch_tokens=4096, max_queue=16)
+        s = Scheduler(repository, config, replace(OPTIONS, warmup=True), Metrics())
+        start = asyncio.create_task(s.start())
+        await wait_until(lambda: len(runs) >= 2, timeout=30)  # the first version warms up
+        shapes, stopping = len(runs), time.monotonic()
+        await asyncio.wait_for(s.stop(0.0), 10 * shape_s)
+        assert len(closed) == 1, f"stop() returned before the warming engine closed: {closed}"
+        summary = await asyncio.wait_for(start, shape_s)
+        took = time.monotonic() - stopping
+        assert took < 4 * shape_s, took  # at most the shape that was running, and the close
+        assert len(runs) <= shapes + 1, (shapes, len(runs))
+        assert summary.loaded == [] and s.stats() == {}
+        for name in (TRANSLATOR, LM):
+            labels = {"model": name, "version": "1"}
+            assert sample_value(s.metrics, "inference_model_ready", labels) == 0.0
+
+    asyncio.run(main())
+
+
+def test_a_stop_before_the_start_loads_nothing() -> None:
+    """SIGTERM before the load began (the server still binding its ports): start() then
+    loads no version, and does not fail (reload() refuses to run once stopping)."""
+    built: list[str] = []
+
+    def factory(entry: ModelVersion, options: EngineOptions) -> Engine:
+        built.append(entry.key)
+        return Engine(entry.path, entry.manifest, options)
+
+    async def main() -> None:
+        s = make_scheduler(factory=factory)
+        await s.stop(0.0)
+        summary = await s.start()
+        assert summary.loaded == [] and built == [] and s.stats() == {}
 
     asyncio.run(main())
 

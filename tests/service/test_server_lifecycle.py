@@ -379,6 +379,58 @@ def test_a_signal_while_python_still_imports_is_held_not_fatal(
     assert early, "the signal never came before the event loop took over"
 
 
+def test_sigterm_while_the_models_warm_up_exits_0_within_seconds(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Kubernetes stops pods that are still starting (an aborted rollout, a scale-down): a
+    SIGTERM while a model warms up ends its warm-up at the next shape, so serve() returns
+    0 after the drain's linger, not after the shapes left (about 20 here, half a second
+    each); nothing ever served."""
+    import asyncio
+    import logging
+    import os
+
+    from service.engine import EngineOptions
+    from service.repository import ModelRepository
+    from service.scheduler import DEFAULT_MODELS, Scheduler, SchedulerConfig
+    from service.server import DRAIN_LINGER_S, serve
+    from service.settings import load_settings
+    from tests.service._engine_models import model_repository as tiny_models
+    from tests.service._engine_models import slow_decoder
+
+    shape_s = 0.5
+    runs = slow_decoder(monkeypatch, shape_s)
+    caplog.set_level(logging.INFO)
+
+    async def main() -> tuple[int, float]:
+        metrics = Metrics()
+        scheduler = Scheduler(
+            ModelRepository(tiny_models(), DEFAULT_MODELS),
+            SchedulerConfig(max_batch_size=8, max_batch_tokens=4096, max_queue=16),
+            EngineOptions(cpu_variant="fp32", intra_op_threads=1),  # warm-up on
+            metrics,
+        )
+        settings = load_settings(port=0, metrics_port=0, drain_grace_s=5)
+        serving = asyncio.create_task(serve(settings, scheduler))
+        deadline = time.monotonic() + 60
+        while len(runs) < 2:  # serve() has its SIGTERM handler; a model warms up
+            assert not serving.done() and time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        signalled, shapes = time.monotonic(), len(runs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        code = await asyncio.wait_for(serving, 60)
+        assert len(runs) <= shapes + 1, (shapes, len(runs))  # the one running, at most
+        return code, time.monotonic() - signalled
+
+    code, took = asyncio.run(main())
+    assert code == 0
+    assert took < DRAIN_LINGER_S + 3 * shape_s, took
+    messages = caplog.messages
+    assert "stopped before serving: a stop signal came while the models loaded" in messages
+    assert "stopped" in messages and "serving" not in messages, messages
+    assert any("warm-up stopped after" in m for m in messages), messages
+
+
 def test_calls_left_at_the_end_of_the_grace_end_through_the_scheduler() -> None:
     """When the drain grace runs out, a stream still decoding gets its answer so far
     (finish reason CANCELLED) and a unary call UNAVAILABLE, each counted as it was sent:
