@@ -91,14 +91,39 @@ def _headers(host: str, port: int, method: str) -> list[tuple[str, str]]:
     ]  # fmt: skip
 
 
+def _goaway(events: list[Any]) -> str | None:
+    """The server's GOAWAY among `events`, as "GOAWAY <code> <reason>" (None: none)."""
+    import h2.events
+
+    for event in events:
+        if isinstance(event, h2.events.ConnectionTerminated):
+            why = (event.additional_data or b"").decode(errors="replace")
+            code = getattr(event.error_code, "name", event.error_code)
+            return f"GOAWAY {code} {why}".strip()
+    return None
+
+
+def _read_to_end(sock: socket.socket, conn: Any) -> list[Any]:
+    """The events of what the server sent before it closed the connection, read after a
+    failed send (it may have sent a GOAWAY first, still unread)."""
+    import h2.exceptions
+
+    events: list[Any] = []
+    sock.settimeout(1.0)
+    try:
+        while raw := sock.recv(1 << 16):
+            events += conn.receive_data(raw)
+    except (OSError, h2.exceptions.ProtocolError):
+        pass
+    return events
+
+
 def _note_statuses(events: list[Any], statuses: dict[int, str]) -> bool:
     """Note the grpc status (or the reset) of each stream that ended among `events`; True
     when the server ended the connection (GOAWAY)."""
     import h2.events
 
-    ended = False
     for event in events:
-        ended = ended or isinstance(event, h2.events.ConnectionTerminated)
         if isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
             headers = {str(k): str(v) for k, v in event.headers or ()}
             if "grpc-status" in headers and event.stream_id is not None:
@@ -107,7 +132,7 @@ def _note_statuses(events: list[Any], statuses: dict[int, str]) -> bool:
                 )
         elif isinstance(event, h2.events.StreamReset) and event.stream_id is not None:
             statuses.setdefault(event.stream_id, f"reset {event.error_code}")
-    return ended
+    return _goaway(events) is not None
 
 
 def run(
@@ -217,6 +242,7 @@ def unread(
     seconds more, and report what the server answered and held."""
     import h2.config
     import h2.connection
+    import h2.exceptions
     import h2.settings
 
     before = rss_mib(pid) if pid is not None else None
@@ -230,30 +256,37 @@ def unread(
     body = _request(method)
     statuses: dict[int, str] = {}
     closed = False
+    sent = 0
     with socket.create_connection((host, port), timeout=10) as sock:
 
         def pump(until: float) -> None:
-            """Send what is pending and take in statuses until `until` (monotonic)."""
+            """Send what is pending and take in statuses until `until` (monotonic), or
+            until the server ends the connection (its max age, a drain)."""
             nonlocal closed
-            while not closed:
-                sock.sendall(conn.data_to_send())
-                left = until - time.monotonic()
-                if left <= 0:
-                    return
-                if select.select([sock], [], [], min(left, 0.05))[0]:
-                    raw = sock.recv(1 << 16)
-                    closed = not raw or _note_statuses(conn.receive_data(raw), statuses)
+            try:
+                while not closed:
+                    sock.sendall(conn.data_to_send())
+                    left = until - time.monotonic()
+                    if left <= 0:
+                        return
+                    if select.select([sock], [], [], min(left, 0.05))[0]:
+                        raw = sock.recv(1 << 16)
+                        closed = not raw or _note_statuses(conn.receive_data(raw), statuses)
+            except (OSError, h2.exceptions.ProtocolError):
+                _note_statuses(_read_to_end(sock, conn), statuses)
+                closed = True
 
         started = time.monotonic()
-        for sent in range(1, calls + 1):
+        while sent < calls and not closed:
             stream = conn.get_next_available_stream_id()
             conn.send_headers(stream, _headers(host, port, method))
             conn.send_data(stream, body, end_stream=True)
+            sent += 1
             pump(started + sent / rate)
         pump(time.monotonic() + hold_s)
         after = rss_mib(pid) if pid is not None else None  # before the connection closes
     return UnreadResult(
-        calls=calls,
+        calls=sent,
         closed=closed,
         statuses=dict(collections.Counter(statuses.values())),
         rss_before_mib=before,
@@ -291,7 +324,6 @@ def flood(host: str, port: int, kind: Flood, count: int, pid: int | None = None)
     """Send `count` PINGs or rapid resets on one connection, until the server ends it."""
     import h2.config
     import h2.connection
-    import h2.events
     import h2.exceptions
 
     conn = h2.connection.H2Connection(
@@ -316,15 +348,10 @@ def flood(host: str, port: int, kind: Flood, count: int, pid: int | None = None)
                 sock.sendall(conn.data_to_send())
                 while closed is None and select.select([sock], [], [], 0)[0]:
                     raw = sock.recv(1 << 16)
-                    if not raw:
-                        closed = "connection closed"
-                    for event in conn.receive_data(raw) if raw else []:
-                        if isinstance(event, h2.events.ConnectionTerminated):
-                            why = (event.additional_data or b"").decode(errors="replace")
-                            code = getattr(event.error_code, "name", event.error_code)
-                            closed = f"GOAWAY {code} {why}".strip()
+                    closed = _goaway(conn.receive_data(raw)) if raw else "connection closed"
         except (OSError, h2.exceptions.ProtocolError) as error:
-            closed = closed or f"{type(error).__name__}: {error}"
+            # The server may have sent its GOAWAY just before it closed: it says why.
+            closed = _goaway(_read_to_end(sock, conn)) or f"{type(error).__name__}: {error}"
         seconds = time.monotonic() - started
         time.sleep(FLOOD_SETTLE_S)  # what the server still had to process
         cpu = cpu_seconds(pid) - before if pid is not None and before is not None else None

@@ -1141,26 +1141,15 @@ def check_open_files(max_connections: int, ports: int) -> None:
         )
 
 
-def server_options(settings: Settings) -> list[tuple[str, Any]]:
-    """Channel arguments of the server: message sizes, connection age, no port sharing."""
+def connection_options(settings: Settings) -> list[tuple[str, Any]]:
+    """Channel arguments of both ports' servers: no port sharing, bounded connections, and
+    each connection closed at its max age (so answers a caller never reads, which grpc
+    holds until then, are let go on the health port too)."""
     options: list[tuple[str, Any]] = [
-        # grpc reads requests up to twice the limit, so that the transport refuses one over
-        # it (named, counted and logged: `_lenient`); beyond that grpc refuses it itself.
-        ("grpc.max_receive_message_length", min(2 * settings.max_message_bytes, 2**31 - 1)),
-        ("grpc.max_send_message_length", settings.max_message_bytes),
         # Refuse to share the port with another process (a stale server must not steal
         # half the connections).
         ("grpc.so_reuseport", 0),
         ("grpc.max_allowed_incoming_connections", settings.max_connections),
-        # Calls grpc holds before the event loop takes them: past 1000 (its default) it
-        # cancels some at random, past 3000 all, uncounted and as a bare CANCELLED that
-        # reads as the client's own. Past max_calls the server refuses them itself, counted
-        # and saying why (too_many_calls), so grpc's shedding starts only beyond that.
-        ("grpc.server.max_pending_requests", max(PENDING_CALLS, settings.max_calls)),
-        (
-            "grpc.server.max_pending_requests_hard_limit",
-            max(3 * PENDING_CALLS, 2 * settings.max_calls),
-        ),
         # Fixed 64 KiB stream windows: what a call waiting for a read turn can have sent
         # is held unread, and BDP probing grows those windows to megabytes.
         ("grpc.http2.bdp_probe", 0),
@@ -1175,6 +1164,27 @@ def server_options(settings: Settings) -> list[tuple[str, Any]]:
             ("grpc.max_connection_age_grace_ms", int(max(settings.drain_grace_s, 1.0) * 1000)),
         ]
     return options
+
+
+def server_options(settings: Settings) -> list[tuple[str, Any]]:
+    """Channel arguments of the gRPC port's server: message sizes, calls grpc may hold
+    before the event loop takes them, and the connection options."""
+    return [
+        # grpc reads requests up to twice the limit, so that the transport refuses one over
+        # it (named, counted and logged: `_lenient`); beyond that grpc refuses it itself.
+        ("grpc.max_receive_message_length", min(2 * settings.max_message_bytes, 2**31 - 1)),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        # Calls grpc holds before the event loop takes them: past 1000 (its default) it
+        # cancels some at random, past 3000 all, uncounted and as a bare CANCELLED that
+        # reads as the client's own. Past max_calls the server refuses them itself, counted
+        # and saying why (too_many_calls), so grpc's shedding starts only beyond that.
+        ("grpc.server.max_pending_requests", max(PENDING_CALLS, settings.max_calls)),
+        (
+            "grpc.server.max_pending_requests_hard_limit",
+            max(3 * PENDING_CALLS, 2 * settings.max_calls),
+        ),
+        *connection_options(settings),
+    ]
 
 
 class InferenceServer:
@@ -1193,15 +1203,9 @@ class InferenceServer:
         )
         # Health alone, in plaintext, for probes that cannot speak the main port's TLS; its
         # own read turns, so that stalled callers of the main port's health cannot hold them.
+        self.health_reads = PublicReads(timeout)
         self.health_server = (
-            grpc.aio.server(
-                options=[
-                    ("grpc.so_reuseport", 0),
-                    ("grpc.http2.bdp_probe", 0),
-                    ("grpc.max_allowed_incoming_connections", settings.max_connections),
-                ],
-                interceptors=[PublicReads(timeout)],
-            )
+            grpc.aio.server(options=connection_options(settings), interceptors=[self.health_reads])
             if settings.health_port
             else None
         )

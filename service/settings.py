@@ -64,8 +64,9 @@ class Settings(BaseSettings):
         0,
         ge=0,
         le=65535,
-        description="A plaintext port serving grpc.health.v1 alone, for Kubernetes probes "
-        "when the gRPC port serves TLS (the kubelet's gRPC probes speak no TLS); 0 = none.",
+        description="A plaintext port serving grpc.health.v1 alone, for Kubernetes probes: "
+        "clients of the gRPC port cannot take its bounds, and the kubelet's gRPC probes "
+        "speak no TLS when the gRPC port does; 0 = none.",
     )
     # --- models --------------------------------------------------------------------------
     model_repository: Path = Field(
@@ -146,8 +147,9 @@ class Settings(BaseSettings):
         ge=1,
         le=1 << 20,
         description="Calls held at once in any state (request arriving, queued, decoding, "
-        "streaming); more are refused RESOURCE_EXHAUSTED unread. At least max_queue + "
-        "max_batch_size; keep it above what the models' queues hold together.",
+        "streaming, or an answer its caller has not read yet); more are refused "
+        "RESOURCE_EXHAUSTED unread. At least max_queue + max_batch_size; keep it above "
+        "what the models' queues hold together.",
     )
     max_reading_calls: int = Field(
         16,
@@ -155,7 +157,9 @@ class Settings(BaseSettings):
         le=4096,
         description="Calls reading their request at once; others wait their turn, each "
         "holding up to one 64 KiB HTTP/2 window. Requests in transit hold at most about "
-        "this × 2 × max_message_bytes + max_calls × 64 KiB of memory.",
+        "this × 2 × max_message_bytes + max_calls × 64 KiB of memory, plus for a moment "
+        "up to max(3000, 2 × max_calls) × 64 KiB while a burst waits for the event loop "
+        "to take it (grpc cancels what is beyond).",
     )
     request_read_timeout_s: float = Field(
         10.0,

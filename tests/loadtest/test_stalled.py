@@ -108,3 +108,21 @@ def test_a_rapid_reset_flood_is_reported_with_the_server_cpu_it_cost() -> None:
     )
     cpu = float(out.output.split("server CPU time meanwhile (and 1 s after): ")[1].split()[0])
     assert cpu > 0
+
+
+def test_unread_answers_end_with_the_connection_at_its_max_age_on_either_port() -> None:
+    """grpc holds an unread answer until the connection closes: the health port's
+    connections age out as the gRPC port's do, else its callers could hold its health
+    calls (and fail the probes) for good; the tool reports the close, not a traceback."""
+    from tests.service.test_server_reading import _free_port
+
+    server = InProcessServer(health_port=_free_port(), max_connection_age_s=1, drain_grace_s=1)
+    try:
+        for port in (server.server.port, server.server.health_port):
+            result = stalled.unread(
+                "127.0.0.1", port, 3, rate=100, hold_s=6, method=stalled.HEALTH_CHECK
+            )
+            assert result.closed, port
+            assert result.calls == 3
+    finally:
+        server.stop()
