@@ -1,5 +1,6 @@
-"""`python -m loadtest.stalled`: fault tests of calls that never finish, the memory attacks
-a gRPC server is open to when it holds what a client sends or is sent without a bound.
+"""`python -m loadtest.stalled`: fault tests of calls that never finish (the memory attacks
+a gRPC server is open to when it holds what a client sends or is sent without a bound) and
+of HTTP/2 floods (a CPU attack).
 
 It opens `--calls` Translate calls on one plaintext HTTP/2 connection to a loopback
 server. Each request claims `--claim-bytes` and is sent as far as HTTP/2 flow control lets

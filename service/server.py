@@ -1201,8 +1201,8 @@ class InferenceServer:
         self.server = grpc.aio.server(
             options=server_options(settings), interceptors=[self.public_reads]
         )
-        # Health alone, in plaintext, for probes that cannot speak the main port's TLS; its
-        # own read turns, so that stalled callers of the main port's health cannot hold them.
+        # Health alone, in plaintext, for the probes: the kubelet speaks no TLS, and clients
+        # (kept off it by the NetworkPolicy) cannot take its read turns and call bounds.
         self.health_reads = PublicReads(timeout)
         self.health_server = (
             grpc.aio.server(options=connection_options(settings), interceptors=[self.health_reads])
