@@ -59,13 +59,11 @@ BURST = 200  # flood frames written between looks at what the server sent
 FLOOD_SETTLE_S = 1.0
 
 
-@dataclass
-class StalledResult:
-    """What the server did with calls it never got a whole request for."""
+@dataclass(kw_only=True)
+class HeldCalls:
+    """What the server answered of the calls, and what that held of its memory."""
 
     calls: int
-    stopped_reading: bool  # the server stopped reading the connection before the end
-    let_in: list[int]  # bytes the server let each call send (its flow-control windows)
     statuses: dict[str, int] = field(default_factory=dict)  # "grpc-status message" → calls
     rss_before_mib: float | None = None
     rss_after_mib: float | None = None
@@ -74,6 +72,21 @@ class StalledResult:
     def open(self) -> int:
         """Calls the server still held at the end (no status, no reset)."""
         return self.calls - sum(self.statuses.values())
+
+
+@dataclass(kw_only=True)
+class StalledResult(HeldCalls):
+    """What the server did with calls it never got a whole request for."""
+
+    stopped_reading: bool  # the server stopped reading the connection before the end
+    let_in: list[int]  # bytes the server let each call send (its flow-control windows)
+
+
+@dataclass(kw_only=True)
+class UnreadResult(HeldCalls):
+    """What the server did with whole requests whose answers it could not send."""
+
+    closed: bool  # the server closed the connection before the end
 
 
 def rss_mib(pid: int) -> float:
@@ -198,22 +211,6 @@ def run(
         rss_before_mib=before,
         rss_after_mib=rss_mib(pid) if pid is not None else None,
     )
-
-
-@dataclass
-class UnreadResult:
-    """What the server did with whole requests whose answers it could not send."""
-
-    calls: int
-    closed: bool  # the server closed the connection before the end
-    statuses: dict[str, int] = field(default_factory=dict)  # "grpc-status message" → calls
-    rss_before_mib: float | None = None
-    rss_after_mib: float | None = None
-
-    @property
-    def open(self) -> int:
-        """Calls the server still held at the end (no status, no reset)."""
-        return self.calls - sum(self.statuses.values())
 
 
 def _request(method: str) -> bytes:
@@ -414,7 +411,7 @@ def main(
         typer.echo(f"{calls} whole {path} requests at {rate:g}/s, answers never read")
         if answers.closed:
             typer.echo("the server closed the connection before the end")
-        _report(answers.statuses, answers.open, answers.rss_before_mib, answers.rss_after_mib)
+        _report(answers)
         return
     result = run(host.strip("[]"), int(port), calls, claim_bytes, hold_s, pid)
     sent_all = claim_bytes + 4  # the 5-byte frame header and all but the last byte
@@ -426,17 +423,16 @@ def main(
     )
     if result.stopped_reading:
         typer.echo("the server stopped reading the connection before the end")
-    _report(result.statuses, result.open, result.rss_before_mib, result.rss_after_mib)
+    _report(result)
 
 
-def _report(
-    statuses: dict[str, int], still_open: int, before: float | None, after: float | None
-) -> None:
+def _report(held: HeldCalls) -> None:
+    before, after = held.rss_before_mib, held.rss_after_mib
     if before is not None and after is not None:
         typer.echo(f"server memory: {before:.0f} MiB before, {after:.0f} MiB at the end")
-    for status, count in sorted(statuses.items(), key=lambda kv: -kv[1]):
+    for status, count in sorted(held.statuses.items(), key=lambda kv: -kv[1]):
         typer.echo(f"{count} answered: {status}")
-    typer.echo(f"{still_open} still open when the connection closed")
+    typer.echo(f"{held.open} still open when the connection closed")
 
 
 if __name__ == "__main__":
