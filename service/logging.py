@@ -42,8 +42,35 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
+# grpc's own log of a call whose last batch (answer and status) failed because the call was
+# gone: the client went away, or its deadline passed, before the answer went out.
+GRPC_LOGGER = "grpc._cython.cygrpc"
+_BATCH_FAILED = "ExecuteBatchError raised in core by servicer method"
+_CALL_GONE = 'Failed "execute_batch"'
+
+
+class ClientGoneFilter(logging.Filter):
+    """grpc logs an ERROR with a traceback when a unary call's answer cannot go out because
+    its client has gone (a client that closed its connection with answers unread): what
+    the client did, not a fault of the server's, so it becomes one INFO line. A batch grpc
+    refused to start (a misuse, "Failed grpc_call_start_batch") stays an ERROR."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if record.getMessage().startswith(_BATCH_FAILED) and str(error).startswith(_CALL_GONE):
+            method = record.getMessage().removeprefix(_BATCH_FAILED).strip(" []")
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg = "a call's answer was not sent: its client had gone (%s)"
+            record.args = (method,)
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def configure(level: str = "INFO", stream: Any = None) -> None:
     """Send every logger's records as JSON to stderr (idempotent: replaces our handler)."""
+    grpc_log = logging.getLogger(GRPC_LOGGER)
+    if not any(isinstance(f, ClientGoneFilter) for f in grpc_log.filters):
+        grpc_log.addFilter(ClientGoneFilter())
     root = logging.getLogger()
     for handler in list(root.handlers):
         if getattr(handler, "_service_json", False):

@@ -1465,6 +1465,43 @@ def test_json_logs_carry_the_request_id() -> None:
     assert entry["model"] == "en-es" and entry["level"] == "INFO"
 
 
+def test_grpcs_error_for_an_answer_its_gone_client_never_got_is_one_info_line() -> None:
+    """grpc logs an ERROR with a traceback when a unary answer cannot go out because the
+    client went away (its connection closed with answers unread): an INFO line naming the
+    method instead. A batch grpc refused to start (a misuse of the call) stays an ERROR."""
+    import io
+    import json
+    import logging
+
+    from grpc._cython import cygrpc
+
+    from service import logging as json_logging
+
+    stream = io.StringIO()
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    json_logging.configure("INFO", stream)
+    grpc_log = logging.getLogger(json_logging.GRPC_LOGGER)
+    method = "/inference.v1.Translator/Translate"
+    message = f"ExecuteBatchError raised in core by servicer method [{method}]"  # grpc's
+    try:
+        for error in (
+            cygrpc.ExecuteBatchError('Failed "execute_batch": (<SendMessageOperation>,)'),
+            cygrpc.ExecuteBatchError("Failed grpc_call_start_batch: 8 with grpc_call_error"),
+        ):
+            try:
+                raise error
+            except cygrpc.ExecuteBatchError:
+                grpc_log.exception(message)
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    gone, misuse = (json.loads(line) for line in stream.getvalue().strip().splitlines()[-2:])
+    assert gone["level"] == "INFO" and "exception" not in gone
+    assert gone["message"] == f"a call's answer was not sent: its client had gone ({method})"
+    assert misuse["level"] == "ERROR" and "grpc_call_start_batch" in misuse["exception"]
+
+
 def test_the_metrics_endpoint_drops_a_connection_that_sends_nothing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
