@@ -50,6 +50,7 @@ class Health(health_pb2_grpc.HealthServicer):
             if status != sent:
                 await context.write(health_pb2.HealthCheckResponse(status=status))
                 sent = status
+                continue  # the status may have changed, or the drain begun, while it wrote
             if self._draining:
                 return
             async with self._changed:
