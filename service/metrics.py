@@ -169,6 +169,12 @@ class Metrics:
             "it, and calls over it are refused.",
             registry=r,
         )
+        self.open_calls_limit = Gauge(
+            "inference_open_calls_limit",
+            "SERVE_MAX_CALLS: the open calls (inference_open_calls) past which new calls are "
+            "refused (too_many_calls); InferenceOpenCallsNearLimit compares the two.",
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "inference_queue_depth",
             "Sequences waiting for admission.",

@@ -192,12 +192,14 @@ def _shutting_down() -> Unavailable:
 class CallState:
     """What one call's handler reports back to the transport: the model label and, for
     inference calls, the version that answered and the tokens read and written (for the
-    call's log line: during a reload it tells which version served the call)."""
+    call's log line: during a reload it tells which version served the call). `peer`: the
+    client's address as grpc gives it, to find a client that holds calls."""
 
-    __slots__ = ("input_tokens", "model", "output_tokens", "request_id", "version")
+    __slots__ = ("input_tokens", "model", "output_tokens", "peer", "request_id", "version")
 
-    def __init__(self, request_id: str) -> None:
+    def __init__(self, request_id: str, peer: str = "") -> None:
         self.request_id = request_id
+        self.peer = peer
         self.model = ""
         self.version: int | None = None
         self.input_tokens: int | None = None
@@ -216,6 +218,7 @@ class Transport:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
+        metrics.open_calls_limit.set(settings.max_calls)
         self.ready = False
         self.draining = False
         self.in_flight = 0  # calls past their request's read (what a drain waits for)
@@ -388,7 +391,7 @@ class Transport:
                 reason = RequestTimeout.reason
             else:
                 message = "the deadline passed while the call waited for a read turn"
-        state = CallState(self.request_id(self._metadata(context)))
+        state = CallState(self.request_id(self._metadata(context)), context.peer())
         self._finish(method, state, code, started, message, reason)
 
     def cut_reads(self) -> None:
@@ -438,6 +441,7 @@ class Transport:
             "model": label,
             "code": code_name(code),
             "duration_ms": round(seconds * 1000, 2),
+            "peer": state.peer,
         }
         if reason is not None:
             extra["reason"] = reason
@@ -482,7 +486,7 @@ class Transport:
         call's model label, known before the drain check so that its refusals count under
         it (else the handler sets it)."""
         metadata = self._metadata(context)
-        state = CallState(self.request_id(metadata))
+        state = CallState(self.request_id(metadata), context.peer())
         state.model = model
         token = request_id_var.set(state.request_id)
         trailer = ((REQUEST_ID_KEY, state.request_id),)

@@ -96,6 +96,8 @@ def test_calls_over_max_calls_are_refused_at_once_and_the_room_comes_back() -> N
     try:
         calls = [stalled.start() for _ in range(8)]
         _wait(lambda: _open_calls(server) == 8)
+        limit = server.metrics.registry.get_sample_value("inference_open_calls_limit")
+        assert limit == 8  # what the alert compares the open calls with
         with Client(server.address, timeout=10) as c:
             started = time.monotonic()
             with pytest.raises(grpc.RpcError) as error:

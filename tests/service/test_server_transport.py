@@ -269,7 +269,9 @@ def test_translate_many_texts_in_order(client: Client, fake: InProcessServer) ->
     assert not response.translations[0].source_tokens  # only with return_alignment
 
 
-def test_call_log_lines_carry_the_tokens(client: Client, caplog: pytest.LogCaptureFixture) -> None:
+def test_call_log_lines_carry_the_tokens_and_the_peer(
+    client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
     with caplog.at_level(logging.INFO, logger="service.server"):
         unary = client.translate(["one two", "three"])
         chunks = list(client.translate_stream("in the beginning"))
@@ -283,6 +285,8 @@ def test_call_log_lines_carry_the_tokens(client: Client, caplog: pytest.LogCaptu
     last = chunks[-1].usage
     assert finished["TranslateStream"]["output_tokens"] == last.output_tokens == 3
     assert finished["TranslateStream"]["input_tokens"] == last.input_tokens
+    # The client's address, to find one that holds calls (InferenceOpenCallsNearLimit).
+    assert finished["Translate"]["peer"].startswith(("ipv4:127.0.0.1:", "ipv6:[::1]:"))
 
 
 def test_translate_n_best_and_alignment(client: Client) -> None:
@@ -858,6 +862,9 @@ def test_a_failed_abort_waits_for_grpc_to_cancel_the_call() -> None:
     class GoneContext:
         def invocation_metadata(self) -> tuple[()]:
             return ()
+
+        def peer(self) -> str:
+            return "ipv4:127.0.0.1:1"
 
         def set_trailing_metadata(self, metadata: object) -> None:
             pass
