@@ -197,7 +197,7 @@ class CallState:
 
     __slots__ = ("input_tokens", "model", "output_tokens", "peer", "request_id", "version")
 
-    def __init__(self, request_id: str, peer: str = "") -> None:
+    def __init__(self, request_id: str, peer: str) -> None:
         self.request_id = request_id
         self.peer = peer
         self.model = ""
