@@ -97,6 +97,25 @@ def rss_mib(pid: int) -> float:
     raise ValueError(f"no VmRSS for process {pid}")
 
 
+def _client(stream_window: int | None = None) -> Any:
+    """A client HTTP/2 connection, its preface queued; `stream_window`: the stream windows
+    it grants the server (0: no answer can be sent to it)."""
+    import h2.config
+    import h2.connection
+    import h2.settings
+
+    conn = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+    )
+    if stream_window is not None:
+        conn.local_settings = h2.settings.Settings(
+            client=True,
+            initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: stream_window},
+        )
+    conn.initiate_connection()
+    return conn
+
+
 def _headers(host: str, port: int, method: str) -> list[tuple[str, str]]:
     return [
         (":method", "POST"), (":scheme", "http"), (":path", method),
@@ -153,13 +172,8 @@ def run(
     host: str, port: int, calls: int, claim_bytes: int, hold_s: float, pid: int | None = None
 ) -> StalledResult:
     """Open the calls, feed them for `hold_s` seconds, report (see the module's doc)."""
-    import h2.config
-    import h2.connection
-
     before = rss_mib(pid) if pid is not None else None
-    conn = h2.connection.H2Connection(
-        h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
-    )
+    conn = _client()
     # The gRPC frame header claims claim_bytes; the body stops one byte short of it.
     body = struct.pack(">BI", 0, claim_bytes) + b"\n" * (claim_bytes - 1)
     pending: dict[int, memoryview] = {}
@@ -178,7 +192,6 @@ def run(
                 return False
             return True
 
-        conn.initiate_connection()
         for _ in range(calls):
             stream = conn.get_next_available_stream_id()
             conn.send_headers(stream, _headers(host, port, METHOD))
@@ -238,19 +251,10 @@ def unread(
     """Send `calls` whole requests of `method`, `rate` a second, on a connection whose
     stream windows are 0 (no answer can be sent; statuses can), keep it open `hold_s`
     seconds more, and report what the server answered and held."""
-    import h2.config
-    import h2.connection
     import h2.exceptions
-    import h2.settings
 
     before = rss_mib(pid) if pid is not None else None
-    conn = h2.connection.H2Connection(
-        h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
-    )
-    conn.local_settings = h2.settings.Settings(
-        client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0}
-    )
-    conn.initiate_connection()
+    conn = _client(stream_window=0)
     body = _request(method)
     statuses: dict[int, str] = {}
     closed = False
@@ -320,14 +324,9 @@ def cpu_seconds(pid: int) -> float:
 
 def flood(host: str, port: int, kind: Flood, count: int, pid: int | None = None) -> FloodResult:
     """Send `count` PINGs or rapid resets on one connection, until the server ends it."""
-    import h2.config
-    import h2.connection
     import h2.exceptions
 
-    conn = h2.connection.H2Connection(
-        h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
-    )
-    conn.initiate_connection()
+    conn = _client()
     before = cpu_seconds(pid) if pid is not None else None
     closed: str | None = None
     sent = 0

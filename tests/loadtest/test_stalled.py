@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from loadtest import stalled
 from service.client import Client
@@ -16,6 +16,11 @@ pytest.importorskip("h2", reason="loadtest.stalled needs the h2 package (the dev
 
 CLAIM = 256 << 10
 WINDOW = 65_535  # HTTP/2's default stream window, what the server keeps (no BDP growth)
+
+
+def _cli(server: InProcessServer, *args: str) -> Result:
+    """`python -m loadtest.stalled --target <server> ARGS`, run in this process."""
+    return CliRunner().invoke(stalled.app, ["--target", f"127.0.0.1:{server.server.port}", *args])
 
 
 def test_stalled_calls_hold_a_window_each_and_over_max_calls_are_refused() -> None:
@@ -44,11 +49,7 @@ def test_stalled_calls_hold_a_window_each_and_over_max_calls_are_refused() -> No
 def test_the_cli_reports_and_refuses_a_remote_target() -> None:
     server = InProcessServer(request_read_timeout_s=30)
     try:
-        out = CliRunner().invoke(
-            stalled.app,
-            ["--target", f"127.0.0.1:{server.server.port}", "--calls", "3",
-             "--claim-bytes", "1000", "--hold-s", "1"],
-        )  # fmt: skip
+        out = _cli(server, "--calls", "3", "--claim-bytes", "1000", "--hold-s", "1")
     finally:
         server.stop()
     assert out.exit_code == 0, out.output
@@ -63,11 +64,7 @@ def test_the_cli_reports_and_refuses_a_remote_target() -> None:
 def test_unread_answers_are_reported_held_up_to_max_calls_and_the_rest_refused() -> None:
     server = InProcessServer(max_calls=16, max_queue=8, max_batch_size=8)
     try:
-        out = CliRunner().invoke(
-            stalled.app,
-            ["--target", f"127.0.0.1:{server.server.port}", "--unread-answers",
-             "--calls", "20", "--rate", "200", "--hold-s", "1"],
-        )  # fmt: skip
+        out = _cli(server, "--unread-answers", "--calls", "20", "--rate", "200", "--hold-s", "1")
     finally:
         server.stop()
     assert out.exit_code == 0, out.output
@@ -92,11 +89,7 @@ def test_a_ping_flood_is_cut_off_by_the_server() -> None:
 def test_a_rapid_reset_flood_is_reported_with_the_server_cpu_it_cost() -> None:
     server = InProcessServer()
     try:
-        out = CliRunner().invoke(
-            stalled.app,
-            ["--target", f"127.0.0.1:{server.server.port}", "--flood", "reset",
-             "--calls", "2000", "--pid", str(os.getpid())],
-        )  # fmt: skip
+        out = _cli(server, "--flood", "reset", "--calls", "2000", "--pid", str(os.getpid()))
         with Client(server.address) as client:
             assert client.translate("still here").translations[0].hypotheses[0].text
     finally:
