@@ -57,6 +57,7 @@ HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 VERSE = "In the beginning God created the heaven and the earth."
 BURST = 200  # flood frames written between looks at what the server sent
 FLOOD_SETTLE_S = 1.0
+UNREAD_RATE = 200.0  # --unread-answers calls a second, by default
 
 
 @dataclass(kw_only=True)
@@ -371,11 +372,14 @@ def main(
         ),
     ] = False,
     rate: Annotated[
-        float, typer.Option(min=1, max=10_000, help="With --unread-answers: calls a second.")
-    ] = 200.0,
+        float | None,
+        typer.Option(
+            min=1, max=10_000, help=f"With --unread-answers: calls a second [{UNREAD_RATE:g}]."
+        ),
+    ] = None,
     method: Annotated[
-        Method, typer.Option(help="With --unread-answers: the method called.")
-    ] = Method.translate,
+        Method | None, typer.Option(help="With --unread-answers: the method called [translate].")
+    ] = None,
     flood_with: Annotated[
         Flood | None,
         typer.Option(
@@ -388,6 +392,10 @@ def main(
     from loadtest.provenance import git_commit, versions
 
     check_target(target, allow_remote=False)
+    if flood_with is not None and unread_answers:
+        raise typer.BadParameter("--flood and --unread-answers are two tests: choose one")
+    if not unread_answers and (rate is not None or method is not None):
+        raise typer.BadParameter("--rate and --method go with --unread-answers")
     host, _, port = target.rpartition(":")
     kept = {k: v for k, v in versions().items() if k in ("grpcio",)}
     typer.echo(f"commit {git_commit()}; " + ", ".join(f"{k} {v}" for k, v in kept.items()))
@@ -406,8 +414,9 @@ def main(
         return
     if unread_answers:
         path = HEALTH_CHECK if method is Method.health else METHOD
-        answers = unread(host.strip("[]"), int(port), calls, rate, hold_s, pid, path)
-        typer.echo(f"{calls} whole {path} requests at {rate:g}/s, answers never read")
+        per_s = UNREAD_RATE if rate is None else rate
+        answers = unread(host.strip("[]"), int(port), calls, per_s, hold_s, pid, path)
+        typer.echo(f"{answers.calls} whole {path} requests at {per_s:g}/s, answers never read")
         if answers.closed:
             typer.echo("the server closed the connection before the end")
         _report(answers)

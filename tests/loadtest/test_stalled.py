@@ -59,6 +59,14 @@ def test_the_cli_reports_and_refuses_a_remote_target() -> None:
     refused = CliRunner().invoke(stalled.app, ["--target", "10.1.2.3:50051"])
     assert refused.exit_code != 0
     assert "not a loopback address" in str(refused.exception) + refused.output
+    for args, error in (
+        (("--flood", "ping", "--unread-answers"), "two tests: choose one"),
+        (("--rate", "50"), "--rate and --method go with --unread-answers"),
+        (("--method", "health", "--flood", "ping"), "--rate and --method go with"),
+    ):
+        mixed = _cli(server, *args)  # refused before it connects: the server is stopped
+        assert mixed.exit_code != 0, args
+        assert error in mixed.output, (args, mixed.output)
 
 
 def test_unread_answers_are_reported_held_up_to_max_calls_and_the_rest_refused() -> None:
