@@ -482,7 +482,8 @@ class Engine:
                 raise InvalidArgument(
                     f"options.stop[{i}]",
                     f"holds {char!r}, which this model's output never does: its tokenizer "
-                    "turns line breaks and tabs into spaces and drops zero-width characters",
+                    "turns line breaks and tabs into spaces, drops zero-width characters "
+                    "and has no piece for characters outside its vocabulary",
                 )
         if p.return_alignment and self.task is not Task.TRANSLATION:
             raise InvalidArgument(

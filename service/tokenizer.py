@@ -32,6 +32,7 @@ class Tokenizer:
         self.eos_id = eos_id
         self.continuation = continuation
         self._after_space: Tokenizer | None = None
+        self._output_chars = self._decodable_chars()
 
     @property
     def vocab_size(self) -> int:
@@ -102,13 +103,33 @@ class Tokenizer:
         still matches the output."""
         return unicodedata.normalize("NFKC", text)
 
+    def _decodable_chars(self) -> frozenset[str] | None:
+        """Every character a decoded text can hold in output form: those of the pieces (a
+        word mark reads as a space; the unknown id's mark "⁇" is "??" in NFKC); None when
+        any character can come out (byte pieces spell arbitrary UTF-8)."""
+        sp = self.sp
+        chars: set[str] = set()
+        for i in range(sp.get_piece_size()):
+            if sp.is_byte(i):
+                return None
+            if not (sp.is_control(i) or sp.is_unknown(i)):
+                chars.update(str(sp.id_to_piece(i)).replace(SPACE, " "))
+        return frozenset(chars)
+
     def never_decoded(self, text: str) -> str | None:
         """The first character of `text` (in output form) that no decoded text contains:
         one the normalizer turns into a space (a line break, a tab) or deletes (a zero-width
-        space), so a stop string holding it could never match."""
+        space), or one no piece holds (NUL, an emoji or a letter outside the vocabulary:
+        it encodes as the unknown id, which decodes as " ⁇ "), so a stop string holding it
+        could never match."""
         gone = (f"{SPACE}aa", f"{SPACE}a{SPACE}a")  # "a?a" with ? deleted, or made a space
         for char in self.output_form(text):
-            if char != " " and self.sp.normalize(f"a{char}a") in gone:
+            if char == " ":
+                continue
+            if self._output_chars is not None:  # a piece's characters survive normalizing
+                if char not in self._output_chars:
+                    return char
+            elif self.sp.normalize(f"a{char}a") in gone:
                 return char
         return None
 

@@ -230,6 +230,7 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("too many stop strings", {"stop": ["a"] * 9}, "options.stop"),
     ("too long stop string", {"stop": ["s" * 65]}, "options.stop[0]"),
     ("stop string never decoded", {"stop": ["Amen", "Amen.\n"]}, "options.stop[1]"),
+    ("stop string outside the vocabulary", {"stop": ["Amen\x00"]}, "options.stop[0]"),
     ("sampling with beam", {"temperature": 0.8, "beam_size": 2}, "options.beam_size"),
 ]
 

@@ -3,10 +3,12 @@ tokenizers the default models ship with."""
 
 from __future__ import annotations
 
+import csv
 import functools
 from pathlib import Path
 
 import pytest
+import sentencepiece as spm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -110,5 +112,42 @@ def test_characters_never_decoded_are_in_no_piece(name: str) -> None:
     assert [tok.never_decoded(f"ok{c}") for c in suspects] == list(suspects)
     decoded = "".join(tok.decode_inner([i]) for i in range(tok.vocab_size))
     assert not set(suspects) & set(decoded)
-    for text in ("Amen.", "a b", "é", "\u00a0", " the"):
+    for text in ("Amen.", "a b", "\u00a0", " the"):
         assert tok.never_decoded(text) is None, text
+    # A letter reads as typed where a piece holds it (the translator's Spanish accents).
+    assert (tok.never_decoded("é") is None) == ("é" in decoded)
+
+
+@pytest.mark.parametrize("name", list(TOKENIZERS))
+def test_characters_outside_the_vocabulary_are_never_decoded(name: str) -> None:
+    """A character no piece holds (NUL, an emoji, a letter the training text lacked)
+    encodes as the unknown id, whose text is " \u2047 ": no output holds it, so a stop
+    string holding it could never match and `never_decoded` flags it."""
+    tok = tokenizer(name)
+    decoded = "".join(tok.decode_inner([i]) for i in range(tok.vocab_size))
+    for char in ("\x00", "\U0001f600", "\u00f6", "\u4e2d"):
+        assert char not in decoded
+        assert tok.never_decoded(f"Amen{char}") == char, repr(char)
+
+
+def test_with_byte_pieces_only_what_the_normalizer_drops_is_never_decoded(
+    tmp_path: Path,
+) -> None:
+    """Byte pieces spell any UTF-8, so a tokenizer trained with byte fallback can output a
+    letter its pieces lack: only line breaks, tabs and zero-width characters are flagged."""
+    with (ROOT / "tests/fixtures/verses.tsv").open(encoding="utf-8") as f:
+        texts = [row["en"] for row in csv.DictReader(f, delimiter="\t")]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_prefix=str(tmp_path / "bytes"),
+        vocab_size=400,
+        byte_fallback=True,
+        pad_id=0,
+        unk_id=1,
+        bos_id=BOS,
+        eos_id=EOS,
+        minloglevel=2,
+    )
+    tok = Tokenizer(tmp_path / "bytes.model", BOS, EOS)
+    assert tok.never_decoded("Amen\u00f6\U0001f600") is None
+    assert [tok.never_decoded(f"ok{c}") for c in "\n\t\u200b"] == list("\n\t\u200b")
