@@ -880,7 +880,7 @@ def describe(
         f"limits: max_input_tokens {limits.max_input_tokens}, "
         f"max_new_tokens {limits.max_new_tokens}, max_positions {limits.max_positions}, "
         f"max_texts_per_request {limits.max_texts_per_request}, "
-        f"max_beam_size {limits.max_beam_size}"
+        f"max_beam_size {limits.max_beam_size}, max_batch_tokens {limits.max_batch_tokens}"
     )
     typer.echo(f"config: {info.config_json}")
 

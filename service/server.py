@@ -600,6 +600,7 @@ def model_info_pb(status: ModelStatus, settings: Settings) -> pb.ModelInfo:
             max_texts_per_request=settings.max_texts_per_request,
             max_beam_size=settings.max_beam_size,
             max_positions=status.max_positions,
+            max_batch_tokens=settings.max_batch_tokens,
         ),
         versions=list(status.versions),
         ready=status.ready,

@@ -298,6 +298,7 @@ def test_cli_generate_stream_json_and_models(server: ServerHandle) -> None:
     assert "limits: max_input_tokens " in described.stdout
     assert "max_positions 128" in described.stdout
     assert "max_texts_per_request " in described.stdout and "max_beam_size " in described.stdout
+    assert "max_batch_tokens " in described.stdout
     missing = _cli(server, "describe", "xx")
     assert missing.returncode == 2 and "NOT_FOUND" in missing.stderr
     scored = _cli(server, "generate", "The Lord said", "--max-new-tokens", "5", "--scores")

@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.client import Client, decoding_options
 from service.gen.inference.v1 import inference_pb2 as pb
+from service.settings import Settings
 from tests.conftest import ServerHandle
 
 pytestmark = pytest.mark.e2e
@@ -138,6 +139,7 @@ def test_models_list_and_describe(client: Client) -> None:
     assert list(es.versions) == [1] and es.ready
     assert es.limits.max_input_tokens == 128 and es.limits.max_new_tokens == 32
     assert es.limits.max_texts_per_request == 8 and es.limits.max_beam_size == 4
+    assert es.limits.max_batch_tokens == Settings.model_fields["max_batch_tokens"].default
     assert json.loads(es.config_json)["arch"] == "encoder-decoder"
     assert models["en-lm"].task == "generation"
     lm = models["en-lm"]  # a prompt and its output share the positions: published

@@ -175,18 +175,20 @@ class GenerateResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., hypotheses: _Optional[_Iterable[_Union[Hypothesis, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_input_tokens", "max_new_tokens", "max_texts_per_request", "max_beam_size", "max_positions")
+    __slots__ = ("max_input_tokens", "max_new_tokens", "max_texts_per_request", "max_beam_size", "max_positions", "max_batch_tokens")
     MAX_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_TEXTS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MAX_BEAM_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
     max_input_tokens: int
     max_new_tokens: int
     max_texts_per_request: int
     max_beam_size: int
     max_positions: int
-    def __init__(self, max_input_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_texts_per_request: _Optional[int] = ..., max_beam_size: _Optional[int] = ..., max_positions: _Optional[int] = ...) -> None: ...
+    max_batch_tokens: int
+    def __init__(self, max_input_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_texts_per_request: _Optional[int] = ..., max_beam_size: _Optional[int] = ..., max_positions: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "version", "task", "source_language", "target_language", "dtype", "provider", "limits", "versions", "ready", "config_json")
