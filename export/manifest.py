@@ -295,7 +295,9 @@ def load_manifest(
     if not path.is_file():
         raise ManifestError(f"{path}: missing (not a model version folder, or not exported)")
     try:
-        manifest = Manifest.model_validate_json(path.read_text())
+        # Bytes: a manifest that is not UTF-8 (corrupt, half-copied) is an invalid
+        # manifest too, not a UnicodeDecodeError that escapes every caller's ManifestError.
+        manifest = Manifest.model_validate_json(path.read_bytes())
     except ValidationError as error:
         raise ManifestError(f"{path}: invalid manifest: {error}") from error
     if manifest.format_version != FORMAT_VERSION:

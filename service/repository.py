@@ -41,7 +41,11 @@ def folder_signature(path: Path) -> FolderSignature:
     folder is tried again once any of them changes (a copy finished, an ONNX file
     replaced), not only its manifest."""
     files = []
-    for file in sorted(path.rglob("*")):
+    try:
+        found = sorted(path.rglob("*"))
+    except OSError:  # a folder under it removed while we looked: retried once it settles
+        found = []
+    for file in found:
         try:
             stat = file.stat()
         except OSError:  # removed while we looked
@@ -171,19 +175,41 @@ class ModelRepository:
         # Folders that failed to load: their files' signature and why. A rescan does not
         # retry them until a file in them changes (no log spam), but reports them each time.
         self._failed: dict[Path, tuple[FolderSignature, str]] = {}
+        # Model folders a scan could not list, and why (logged once each).
+        self._unreadable: dict[Path, str] = {}
 
     # --- scanning --------------------------------------------------------------------
 
-    def _scan(self) -> dict[str, list[int]]:
-        """Numbered version folders on disk by model name (newest last)."""
+    def _scan(self, unreadable: set[str] | None = None) -> dict[str, list[int]]:
+        """Numbered version folders on disk by model name (newest last). A model folder
+        that cannot be listed (no permission: `lost+found` on a volume, another user's
+        upload; removed while scanned) is skipped with a warning, its name added to
+        `unreadable`: one such folder must not fail the start or every reload."""
         found: dict[str, list[int]] = {}
         if not self.root.is_dir():
             return found
         for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
-            versions = version_dirs(model_dir)
+            try:
+                versions = version_dirs(model_dir)
+            except OSError as error:
+                if unreadable is not None:
+                    unreadable.add(model_dir.name)
+                self._warn_unreadable(model_dir, error)
+                continue
+            with self._lock:
+                self._unreadable.pop(model_dir, None)
             if versions:
                 found[model_dir.name] = versions
         return found
+
+    def _warn_unreadable(self, model_dir: Path, error: OSError) -> None:
+        """Log a model folder that cannot be listed once (until it can be, or fails anew)."""
+        why = error.strerror or str(error)
+        with self._lock:
+            if self._unreadable.get(model_dir) == why:
+                return
+            self._unreadable[model_dir] = why
+        log.warning("skipped model folder %s: cannot list it (%s)", model_dir, why)
 
     def reload(self) -> ReloadResult:
         """Load versions new on disk, then retire those gone from disk or beyond
@@ -198,33 +224,51 @@ class ModelRepository:
         traffic (the scheduler) calls `prune()` once it has."""
         result = ReloadResult()
         found = self._scan()
-        for name, versions in found.items():
-            kept = 0  # newest first, until keep_versions load: a broken newest version
-            for version in reversed(versions):  # leaves the one before it served
-                if self.keep_versions is not None and kept >= self.keep_versions:
-                    break
-                with self._lock:
-                    present = version in self._models.get(name, {})
-                if not present:
-                    # Checked without the lock: hashing a version's files takes long, and
-                    # lookups (every call, on the event loop) must not wait for it.
-                    entry = self._load(name, version, self.root / name / str(version), result)
-                    if entry is None:
-                        continue
+        try:
+            for name, versions in found.items():
+                kept = 0  # newest first, until keep_versions load: a broken newest version
+                for version in reversed(versions):  # leaves the one before it served
+                    if self.keep_versions is not None and kept >= self.keep_versions:
+                        break
                     with self._lock:
-                        self._models.setdefault(name, {})[version] = entry
-                    result.loaded.append(entry)
-                kept += 1
+                        present = version in self._models.get(name, {})
+                    if not present:
+                        # Checked without the lock: hashing a version's files takes long,
+                        # and lookups (every call, on the event loop) must not wait for it.
+                        path = self.root / name / str(version)
+                        entry = self._load(name, version, path, result)
+                        if entry is None:
+                            continue
+                        with self._lock:
+                            self._models.setdefault(name, {})[version] = entry
+                        result.loaded.append(entry)
+                    kept += 1
+        except BaseException:
+            # The caller never sees the versions this scan added, so it would start none
+            # of them, and the next scan would take them as present: listed, never served
+            # ("loading" for good), and the versions they replace retired by the next
+            # prune(). Take them back: the next scan loads them again.
+            with self._lock:
+                for entry in result.loaded:
+                    loaded = self._models.get(entry.name, {})
+                    if loaded.get(entry.version) is entry:
+                        del loaded[entry.version]
+                        if not loaded:
+                            del self._models[entry.name]
+            raise
         for entry in result.loaded:
             log.info("loaded model %s (%s) from %s", entry.key, entry.task.value, entry.path)
         return result
 
     def prune(self) -> list[ModelVersion]:
         """Retire the versions gone from disk or beyond keep_versions (of those loaded)."""
-        found = self._scan()
+        unreadable: set[str] = set()
+        found = self._scan(unreadable)
         retired: list[ModelVersion] = []
         with self._lock:
             for name, loaded in list(self._models.items()):
+                if name in unreadable:  # what it holds is unknown: retire none of it
+                    continue
                 # The newest keep_versions of those still on disk: a removed newest
                 # version must not push out the older one loaded to replace it.
                 on_disk = set(found.get(name, []))
@@ -259,11 +303,12 @@ class ModelRepository:
                 raise ManifestError(
                     f"{path}/manifest.json names model {manifest.name!r}, the folder is {name!r}"
                 )
-        except (ManifestError, OSError) as error:
+        except Exception as error:  # whatever is wrong with one folder fails that folder
+            why = str(error) if isinstance(error, (ManifestError, OSError)) else repr(error)
             with self._lock:
-                self._failed[path] = (signature, str(error))
-            result.failed[str(path)] = str(error)
-            log.error("cannot load %s: %s", path, error)
+                self._failed[path] = (signature, why)
+            result.failed[str(path)] = why
+            log.error("cannot load %s: %s", path, why)
             return None
         with self._lock:
             self._failed.pop(path, None)

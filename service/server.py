@@ -1400,6 +1400,11 @@ class InferenceServer:
         """Log a failed reload here, where it is seen whether or not its caller still waits."""
         self._reloads.discard(task)
         if not task.cancelled() and (error := task.exception()) is not None:
+            if isinstance(error, Unavailable) and error.reason == "draining":
+                # A SIGHUP queued behind another reload when SIGTERM came: ignored, as one
+                # that comes during the drain is (on_hup), not a failure of a clean stop.
+                log.info("reload not run: the server is draining")
+                return
             log.error("reload failed: %s", error, exc_info=error)
 
     async def _reload(self) -> ReloadSummary:
@@ -1506,6 +1511,18 @@ async def serve(settings: Settings, backend: Backend | None = None) -> int:
                 "start failed: the model repository %s is not a folder; set --model-repository "
                 "/ %sMODEL_REPOSITORY (`make export` writes models/)",
                 settings.model_repository,
+                ENV_PREFIX,
+            )
+            return 1
+        try:  # one the server's user may not list would fail the load with a traceback
+            next(settings.model_repository.iterdir(), None)
+        except OSError as error:
+            log.error(
+                "start failed: cannot list the model repository %s (%s); give the server's "
+                "user read and search permission on it, or set --model-repository / "
+                "%sMODEL_REPOSITORY",
+                settings.model_repository,
+                error.strerror or error,
                 ENV_PREFIX,
             )
             return 1

@@ -310,3 +310,79 @@ def test_folders_not_named_as_a_version_number_are_ignored(tmp_path: Path) -> No
         (tmp_path / TRANSLATOR / name).mkdir(parents=True)
     result = ModelRepository(tmp_path).reload()
     assert (result.loaded, result.failed) == ([], {})
+
+
+def test_a_manifest_that_is_not_utf8_fails_its_folder_alone(root: Path) -> None:
+    """A corrupt manifest.json (bytes that are not UTF-8) raised UnicodeDecodeError out of
+    the scan: the server did not start, and every reload failed (INTERNAL), so no other
+    model's new version loaded either."""
+    repo = ModelRepository(root)
+    repo.reload()
+    bad = copy_version(root, TRANSLATOR, 1, 2)
+    (bad / "manifest.json").write_bytes(b"\xff\xfe\x00garbage")
+    copy_version(root, LM, 1, 2)
+    result = repo.reload()
+    assert [e.key for e in result.loaded] == [f"{LM}:2"]
+    assert list(result.failed) == [str(bad)] and "invalid manifest" in result.failed[str(bad)]
+    assert repo.get(TRANSLATOR).version == 1
+    assert ModelRepository(root).reload().failed.keys() == {str(bad)}  # a start, too
+
+
+def test_a_model_folder_that_cannot_be_listed_is_skipped_and_keeps_its_versions(
+    root: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A model folder the server may not list (`lost+found` of a volume, 0700 and owned by
+    root, when the server runs as another user; an upload in progress by another user)
+    raised PermissionError out of every scan: the server did not start, nor did any reload
+    run. It is skipped, with one warning; and a loaded model whose folder cannot be
+    listed for a while is not retired (what is on disk is unknown)."""
+    import service.repository as repository_module
+
+    (root / "lost+found" / "1").mkdir(parents=True)
+    locked = {root / "lost+found"}
+    real = repository_module.version_dirs
+
+    def version_dirs(model_dir: Path) -> list[int]:
+        if model_dir in locked:
+            raise PermissionError(13, "Permission denied", str(model_dir))
+        return real(model_dir)
+
+    monkeypatch.setattr(repository_module, "version_dirs", version_dirs)
+    repo = ModelRepository(root)
+    assert repo.names_on_disk() == {TRANSLATOR, LM}
+    result = repo.reload()
+    assert sorted(e.key for e in result.loaded) == [f"{TRANSLATOR}:1", f"{LM}:1"]
+    assert result.failed == {}
+    locked.add(root / LM)
+    copy_version(root, TRANSLATOR, 1, 2)
+    result = repo.reload()
+    assert [e.key for e in result.loaded] == [f"{TRANSLATOR}:2"] and result.retired == []
+    assert repo.get(LM).version == 1
+    assert caplog.text.count("lost+found: cannot list it (Permission denied)") == 1
+
+
+def test_versions_a_failed_scan_had_added_are_taken_back(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """load_new() lists each version as it checks it. A scan that failed half-way (the
+    non-UTF-8 manifest above did) left those it had listed: their caller (the scheduler's
+    reload) never started them, the next scan took them as present, so they stayed
+    "loading" for good, and the next prune() retired the versions they replace: the model
+    served nothing until a restart."""
+    repo = ModelRepository(root, keep_versions=1)
+    repo.reload()
+    copy_version(root, TRANSLATOR, 1, 2)
+    copy_version(root, LM, 1, 2)
+    real = repo._load
+
+    def load(name: str, *args: Any) -> ModelVersion | None:
+        if name == LM:  # scanned after TRANSLATOR
+            raise RuntimeError("the scan failed")
+        return real(name, *args)
+
+    monkeypatch.setattr(repo, "_load", load)
+    with pytest.raises(RuntimeError, match="the scan failed"):
+        repo.load_new()
+    assert repo.versions(TRANSLATOR) == [1]
+    monkeypatch.undo()
+    assert sorted(e.key for e in repo.load_new().loaded) == [f"{TRANSLATOR}:2", f"{LM}:2"]

@@ -1412,6 +1412,33 @@ def test_a_version_swapped_in_one_reload_has_no_gap(tmp_path: Path) -> None:
     run(main, make_scheduler(root, factory=slow_load))
 
 
+def test_a_corrupt_manifest_fails_its_folder_and_the_other_new_versions_serve(
+    tmp_path: Path,
+) -> None:
+    """en-lm/2's manifest.json is not UTF-8 (corrupt, half-copied), en-es/2 is fine: the
+    reload serves en-es/2 and says why en-lm/2 failed. The scan used to raise: the reload
+    failed (the Reload RPC answered INTERNAL), en-es/2 stayed listed but never started, and
+    the next reload retired en-es/1 for it: translations were refused ("loading") until a
+    restart."""
+    root = tmp_path / "models"
+    shutil.copytree(model_repository(), root)
+    repository = ModelRepository(root, DEFAULT_MODELS, keep_versions=1)
+    s = Scheduler(repository, SchedulerConfig(), OPTIONS, Metrics())
+
+    async def main(s: Scheduler) -> None:
+        copy_version(root, TRANSLATOR, 1, 2)
+        (copy_version(root, LM, 1, 2) / "manifest.json").write_bytes(b"\xff\xfe{")
+        summary = await s.reload()
+        assert (summary.loaded, summary.retired) == ([f"{TRANSLATOR}:2"], [f"{TRANSLATOR}:1"])
+        assert "invalid manifest" in summary.failed[f"{LM}/2"]
+        shutil.rmtree(root / LM / "2")
+        assert (await s.reload()).failed == {}
+        assert (await s.submit(translate(SOURCES[0], max_new_tokens=3))).version == 2
+        assert (await s.submit(generate(PROMPTS[0], max_new_tokens=3))).version == 1
+
+    run(main, s)
+
+
 def test_a_version_back_on_disk_while_it_drains_is_served_again(tmp_path: Path) -> None:
     """Retired with a request in flight, then found again by the next reload: the new loop
     serves it, and the old one, once drained, closes itself and leaves the new one's

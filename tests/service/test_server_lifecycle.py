@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -330,6 +331,39 @@ def test_a_missing_model_repository_exits_1_naming_the_setting(
     log = server.log()
     assert "no-such-folder is not a folder" in log and "--model-repository" in log, log
     assert "Traceback" not in log, log
+
+
+def test_a_model_repository_the_server_may_not_list_exits_1_naming_the_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A repository folder the server's user cannot list (a volume mounted 0700 for
+    another user; root reads anything, hence the patched iterdir) failed the start with a
+    PermissionError traceback once the ports were open."""
+    import asyncio
+    import logging
+
+    from service.server import serve
+    from service.settings import load_settings
+
+    locked = tmp_path / "models"
+    locked.mkdir()
+    real = Path.iterdir
+
+    def iterdir(self: Path) -> Any:
+        if self == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    caplog.set_level(logging.INFO)
+    settings = load_settings(port=0, metrics_port=0, model_repository=str(locked))
+    assert asyncio.run(asyncio.wait_for(serve(settings), 60)) == 1
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.exc_info for r in errors] == [None], caplog.text
+    assert "cannot list the model repository" in errors[0].getMessage()
+    assert "Permission denied" in errors[0].getMessage()
+    assert "--model-repository" in errors[0].getMessage()
+    assert "listening" not in caplog.messages  # refused before a port opened
 
 
 def _catches(pid: int, sig: int) -> bool:

@@ -1174,6 +1174,56 @@ def test_a_sighup_while_draining_is_ignored_and_logged(caplog: pytest.LogCapture
     assert asyncio.run(main()) == 0
 
 
+def test_a_reload_still_queued_when_the_drain_begins_ends_quietly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """SIGHUPs in a row queue their reloads (one at a time); one still queued at SIGTERM
+    meets a stopping scheduler (Unavailable, draining) and is ignored like a SIGHUP during
+    the drain: it was logged as an ERROR "reload failed" with a traceback, at the end of
+    a clean stop."""
+
+    class Queued(FakeBackend):
+        def __init__(self) -> None:
+            super().__init__()
+            self.go = asyncio.Event()
+            self.stopping = False
+            self.reloads = 0
+
+        async def reload(self) -> ReloadSummary:
+            self.reloads += 1
+            if self.stopping:  # as Scheduler.reload once stop() began
+                raise Unavailable("the scheduler is stopping; reload refused", reason="draining")
+            await self.go.wait()
+            return await super().reload()
+
+        async def close(self) -> None:
+            self.stopping = True
+            await super().close()
+
+    async def main() -> int:
+        backend = Queued()
+        serving = asyncio.create_task(
+            serve(load_settings(port=0, metrics_port=0, drain_grace_s=1), backend)  # type: ignore[arg-type]
+        )
+        await _until(lambda: "serving" in caplog.messages)
+        os.kill(os.getpid(), signal.SIGHUP)
+        await _until(lambda: backend.reloads == 1)
+        os.kill(os.getpid(), signal.SIGHUP)  # waits for the first one's end
+        await asyncio.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        await _until(lambda: backend.stopping)
+        backend.go.set()
+        await _until(lambda: backend.reloads == 2)
+        code = await asyncio.wait_for(serving, 10)
+        await asyncio.sleep(0.1)  # the refused reload's end is logged
+        return code
+
+    caplog.set_level(logging.INFO, logger="service.server")
+    assert asyncio.run(main()) == 0
+    assert "reload not run: the server is draining" in caplog.messages
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
 class SlowReload(FakeBackend):
     """A reload that waits for `loaded` (set from the test), then succeeds or fails."""
 
