@@ -1224,6 +1224,7 @@ class InferenceServer:
         self._drain_task: asyncio.Task[None] | None = None
         self._health_updates: set[asyncio.Task[None]] = set()  # strong references
         self._reloads: set[asyncio.Task[ReloadSummary]] = set()  # strong references
+        self._signalled_reload: asyncio.Task[ReloadSummary] | None = None  # not yet begun
         backend.watch(self._serving_changed)
 
         add_servicer(
@@ -1396,9 +1397,22 @@ class InferenceServer:
         task.add_done_callback(self._reload_ended)
         return task
 
+    def on_reload_signal(self) -> None:
+        """SIGHUP: reload, unless a SIGHUP's reload still waits for its turn: it scans the
+        repository after this signal anyway, so a burst of signals runs one reload, not one
+        each."""
+        if self.transport.draining:
+            log.info("reload signal ignored: the server is draining")
+        elif self._signalled_reload is not None:
+            log.info("reload signal joins the reload waiting for its turn")
+        else:
+            self._signalled_reload = self.start_reload()  # it logs its own failure
+
     def _reload_ended(self, task: asyncio.Task[ReloadSummary]) -> None:
         """Log a failed reload here, where it is seen whether or not its caller still waits."""
         self._reloads.discard(task)
+        if task is self._signalled_reload:  # cancelled before its turn
+            self._signalled_reload = None
         if not task.cancelled() and (error := task.exception()) is not None:
             if isinstance(error, Unavailable) and error.reason == "draining":
                 # A SIGHUP queued behind another reload when SIGTERM came: ignored, as one
@@ -1409,6 +1423,8 @@ class InferenceServer:
 
     async def _reload(self) -> ReloadSummary:
         async with self._reload_lock:
+            if asyncio.current_task() is self._signalled_reload:
+                self._signalled_reload = None  # it scans from now: a new signal needs another
             summary = await self.backend.reload()
             await self._set_health()
             log.info(
@@ -1534,15 +1550,9 @@ async def serve(settings: Settings, backend: Backend | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.request_drain)
 
-    def on_hup() -> None:
-        # While the models load too: a version published after their scan would otherwise
-        # wait for the next SIGHUP (the scheduler runs one load at a time).
-        if server.transport.draining:
-            log.info("reload signal ignored: the server is draining")
-            return
-        server.start_reload()  # it logs its own failure
-
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    # While the models load too: a version published after their scan would otherwise wait
+    # for the next SIGHUP (the scheduler runs one load at a time).
+    loop.add_signal_handler(signal.SIGHUP, server.on_reload_signal)
     # A SIGTERM or SIGINT held before the loop ran (service.signals) stops it before it
     # binds: nothing was accepted. A held SIGHUP needs nothing: start() loads the newest.
     held = set(signals.held())

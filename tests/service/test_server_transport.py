@@ -1224,6 +1224,48 @@ def test_a_reload_still_queued_when_the_drain_begins_ends_quietly(
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
+def test_a_burst_of_sighups_runs_one_reload_after_the_running_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Signals that come while a SIGHUP's reload still waits for its turn join it (it scans
+    after them anyway): 100 SIGHUPs ran 100 reloads one after another."""
+
+    class Gated(FakeBackend):
+        def __init__(self) -> None:
+            super().__init__()
+            self.go = asyncio.Event()
+            self.reloads = 0
+
+        async def reload(self) -> ReloadSummary:
+            self.reloads += 1
+            await self.go.wait()
+            return await super().reload()
+
+    async def main() -> int:
+        backend = Gated()
+        serving = asyncio.create_task(
+            serve(load_settings(port=0, metrics_port=0, drain_grace_s=1), backend)  # type: ignore[arg-type]
+        )
+        await _until(lambda: "serving" in caplog.messages)
+        os.kill(os.getpid(), signal.SIGHUP)
+        await _until(lambda: backend.reloads == 1)
+        for _ in range(5):
+            os.kill(os.getpid(), signal.SIGHUP)
+            await asyncio.sleep(0.02)
+        backend.go.set()
+        await _until(lambda: caplog.messages.count("reloaded") == 2)
+        await asyncio.sleep(0.2)
+        assert backend.reloads == 2
+        assert caplog.messages.count("reload signal joins the reload waiting for its turn") == 4
+        os.kill(os.getpid(), signal.SIGHUP)  # none waits now: a reload of its own
+        await _until(lambda: caplog.messages.count("reloaded") == 3)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return await asyncio.wait_for(serving, 10)
+
+    caplog.set_level(logging.INFO, logger="service.server")
+    assert asyncio.run(main()) == 0
+
+
 class SlowReload(FakeBackend):
     """A reload that waits for `loaded` (set from the test), then succeeds or fails."""
 
