@@ -1416,7 +1416,7 @@ class InferenceServer:
         if not task.cancelled() and (error := task.exception()) is not None:
             if isinstance(error, Unavailable) and error.reason == "draining":
                 # A SIGHUP queued behind another reload when SIGTERM came: ignored, as one
-                # that comes during the drain is (on_hup), not a failure of a clean stop.
+                # that comes during the drain is (on_reload_signal), not a failure of a clean stop.
                 log.info("reload not run: the server is draining")
                 return
             log.error("reload failed: %s", error, exc_info=error)
