@@ -19,6 +19,8 @@ from typing import Annotated
 
 import typer
 
+from export.manifest import MAX_VERSION
+
 app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=False)
 
 
@@ -55,7 +57,9 @@ def main(
         Path | None,
         typer.Option(help="Export this checkpoint folder instead (as --name, default its parent)."),
     ] = None,
-    version: Annotated[int, typer.Option(min=1, help="Version folder to write.")] = 1,
+    version: Annotated[
+        int, typer.Option(min=1, max=MAX_VERSION, help="Version folder to write.")
+    ] = 1,
     variants: Annotated[str, typer.Option(help="Comma list of fp32, fp16, int8.")] = (
         "fp32,fp16,int8"
     ),

@@ -18,6 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+# The API carries versions as uint64 (proto/inference/v1): a larger number could be loaded
+# but not named in any answer (every call to it would fail INTERNAL).
+MAX_VERSION = 2**64 - 1
 
 Task = Literal["translation", "generation"]
 Architecture = Literal["encoder-decoder", "decoder-only"]
@@ -113,7 +116,7 @@ class Manifest(_Strict):
 
     format_version: int = FORMAT_VERSION
     name: str
-    version: int = Field(ge=1)
+    version: int = Field(ge=1, le=MAX_VERSION)
     task: Task
     architecture: Architecture
     source_language: str
@@ -344,6 +347,7 @@ def _is_version_name(name: str) -> bool:
 __all__ = [
     "FLOAT_DTYPE",
     "MANIFEST",
+    "MAX_VERSION",
     "VARIANTS",
     "CacheShape",
     "GraphFile",

@@ -31,7 +31,7 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from export.manifest import Manifest, load_manifest, version_dirs
+from export.manifest import Manifest, ManifestError, load_manifest, version_dirs
 
 # Max-abs logits error allowed vs PyTorch fp32. fp32 differs only by operation order;
 # fp16 by half-precision rounding of O(10) logits; int8 weights move logits by O(0.1-1),
@@ -336,19 +336,25 @@ def main(
         if not versions:
             raise typer.BadParameter(f"{repository / model_name} has no exported version")
         number = version if version is not None else versions[-1]
-        results.append(
-            check_model(
-                repository / model_name / str(number),
-                repository / model_name / "checkpoint",
-                data,
-                verses,
-                logit_verses,
-                chosen,
-                batch_size,
-                max_new_tokens,
-                threads,
+        try:
+            results.append(
+                check_model(
+                    repository / model_name / str(number),
+                    repository / model_name / "checkpoint",
+                    data,
+                    verses,
+                    logit_verses,
+                    chosen,
+                    batch_size,
+                    max_new_tokens,
+                    threads,
+                )
             )
-        )
+        except ManifestError as error:  # no such version, or one damaged: not a traceback
+            raise typer.BadParameter(
+                f"{error}; the versions of {model_name} are {versions}: pick one with "
+                "--version, or re-export it (`make export`)"
+            ) from error
     command = "python -m export.parity " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     report = render_report(results, command.strip())
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -106,6 +106,8 @@ def test_unlisted_onnx_file_is_named(version_copy: Path) -> None:
         (lambda d: d["variants"]["fp32"]["files"]["decoder"].update(path="../x.onnx"), "relative"),
         (lambda d: d.update(surprise=1), "invalid manifest"),
         (lambda d: d.update(version=2), "the folder is 1"),
+        # Past the API's uint64: served, it could not be named in an answer.
+        (lambda d: d.update(version=2**64), "less than or equal to 18446744073709551615"),
     ],
 )
 def test_inconsistent_manifest_is_refused(version_copy: Path, edit, message: str) -> None:

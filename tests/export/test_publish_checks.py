@@ -68,6 +68,22 @@ def test_a_missing_checkpoint_folder_is_named(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())
 
 
+def test_a_version_past_what_the_api_carries_is_refused(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    """Versions travel as uint64 (proto/inference/v1): a server loading en-es/2**64 would
+    fail every call to it (and ListModels) with INTERNAL."""
+    repo = tmp_path / "models"
+    translator = checkpoints["translator"]
+    code, output = _export(repo, translator, "--name", "en-es", "--version", str(2**64))
+    assert code == 2 and "--version" in output and str(2**64 - 1) in output, output
+    assert not (repo / "en-es").exists()
+    largest = str(2**64 - 1)
+    code, output = _export(repo, translator, "--name", "en-es", "--version", largest)
+    assert code == 0, output
+    assert load_manifest(repo / "en-es" / largest).version == 2**64 - 1
+
+
 def test_a_version_of_another_task_is_not_published_under_a_name(
     checkpoints: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -155,6 +171,26 @@ def test_parity_refuses_an_unknown_variant_before_running(tmp_path: Path) -> Non
     )
     assert result.exit_code == 2 and "fp8" in result.output, result.output
     assert not isinstance(result.exception, KeyError)
+
+
+def test_parity_names_a_missing_or_damaged_version(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    """A version that is not there (or no longer matches its manifest) is a usage error
+    naming the folder and the versions there are, not a ManifestError traceback."""
+    repo = tmp_path / "models"
+    shutil.copytree(checkpoints["translator"], repo / "en-es" / "checkpoint")
+    assert runner.invoke(app, ["--repository", str(repo), *FAST]).exit_code == 0
+    args = ["--repository", str(repo), "--data", str(tmp_path), "--out", str(tmp_path / "p.md")]
+    wide = {"COLUMNS": "1000"}  # the error box keeps a path on one line
+    result = runner.invoke(parity_app, [*args, "--version", "7"], env=wide)
+    assert result.exit_code == 2, result.output
+    assert "en-es/7/manifest.json: missing" in result.output and "[1]" in result.output
+    with (repo / "en-es" / "1" / TOKENIZER).open("ab") as f:
+        f.write(b"damaged")
+    result = runner.invoke(parity_app, args, env=wide)
+    assert result.exit_code == 2 and "tokenizer.model: sha256" in result.output, result.output
+    assert not (tmp_path / "p.md").exists()
 
 
 def _can_swap(a: Path, b: Path) -> bool:
