@@ -1043,6 +1043,14 @@ class PublicReads(grpc.aio.ServerInterceptor):
                 return await context.read()
         except TimeoutError:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, _not_arrived(self._timeout))
+        except DecodeError as error:
+            # grpc would answer UNKNOWN and log the traceback at ERROR, for any caller: bad
+            # input, as the inference methods answer it (`_lenient`).
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "request: not valid protobuf (a string that is not UTF-8, or bytes of "
+                f"another message): {error}",
+            )
         finally:
             self.reading -= 1
 

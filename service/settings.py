@@ -334,7 +334,9 @@ def _check_key_pair(cert: Path, key: Path) -> None:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        with path.open() as file:
+        # Bytes, so that PyYAML decodes them (UTF-8, or UTF-16 after a BOM, as YAML allows)
+        # and reports bytes that decode as nothing as a YAMLError, not UnicodeDecodeError.
+        with path.open("rb") as file:
             data = yaml.safe_load(file)
     except OSError as exc:
         raise SettingsError(f"--config {path}: cannot read ({exc.strerror})") from exc
@@ -342,6 +344,11 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         mark = getattr(exc, "problem_mark", None)
         if mark is not None:
             reason = f" at line {mark.line + 1}, column {mark.column + 1}: {exc.problem}"  # type: ignore[attr-defined]
+        elif isinstance(exc, yaml.reader.ReaderError) and exc.encoding != "unicode":
+            reason = (
+                f": not {exc.encoding.upper()} text (byte 0x{exc.character:02x} at offset "
+                f"{exc.position}); save it as UTF-8"
+            )
         else:  # e.g. a character YAML does not allow: PyYAML's text says which, and where
             reason = ": " + " ".join(str(exc).split())
         raise SettingsError(f"--config {path}: not valid YAML{reason}") from None
@@ -423,11 +430,13 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     Raises SettingsError with one line per problem.
     """
     given = {k: v for k, v in overrides.items() if v is not None}
+    _refuse_ambiguous_env()
     _refuse_service_links(given)
     _refuse_unknown_env()
     path = config
-    if path is None and os.environ.get(CONFIG_ENV):
-        path = Path(os.environ[CONFIG_ENV])
+    config_key = _env_key(CONFIG_ENV)
+    if path is None and config_key is not None and os.environ[config_key]:
+        path = Path(os.environ[config_key])
     yaml_data = _read_yaml(path) if path is not None else {}
     # YAML sits below env: feed it through a subclass's defaults, so env and flags win.
     try:
@@ -481,6 +490,28 @@ def _refuse_service_links(given: dict[str, Any]) -> None:
                 f"named {service} in the namespace (service links); set enableServiceLinks: "
                 "false in the pod spec (deploy/k8s does), or rename that Service"
             )
+
+
+def _env_key(name: str) -> str | None:
+    """The environment variable that sets `name`, spelt in any case as the settings read
+    it (serve_port sets port), or None."""
+    return next((key for key in os.environ if key.upper() == name), None)
+
+
+def _refuse_ambiguous_env() -> None:
+    """SERVE_PORT and serve_port name one setting: with both set, which one wins depends on
+    the environment's order, and a message would name either."""
+    names = [f"{ENV_PREFIX}{name}".upper() for name in Settings.model_fields] + [CONFIG_ENV]
+    lines = []
+    for name in names:
+        keys = sorted(key for key in os.environ if key.upper() == name)
+        if len(keys) > 1:
+            lines.append(
+                f"{' and '.join(keys)} set the same setting (the names are read in any "
+                "case): keep one"
+            )
+    if lines:
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(lines))
 
 
 def _refuse_unknown_env() -> None:

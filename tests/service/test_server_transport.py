@@ -652,6 +652,36 @@ def test_a_request_that_is_not_valid_protobuf_is_invalid_argument(
     assert fake.counter(method, "unknown", "INVALID_ARGUMENT") == before + 1
 
 
+@pytest.mark.parametrize(
+    ("path", "payload"),
+    [
+        ("/grpc.health.v1.Health/Check", b"\xff\xff\xff"),
+        ("/grpc.health.v1.Health/Check", b"\x0a\x02\xc3\x28"),  # service: not UTF-8
+        ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", b"\xff\xff\xff"),
+    ],
+)
+def test_an_open_service_request_that_is_not_valid_protobuf_is_invalid_argument(
+    fake: InProcessServer, caplog: pytest.LogCaptureFixture, path: str, payload: bytes
+) -> None:
+    """Health and reflection, open to any caller, answer bad bytes as bad input too: not
+    grpc's UNKNOWN with a traceback logged at ERROR for each call."""
+    caplog.set_level(logging.WARNING)
+    with grpc.insecure_channel(fake.address) as channel:
+        streaming = "Reflection" in path
+        call = (channel.stream_stream if streaming else channel.unary_unary)(
+            path, request_serializer=lambda b: b, response_deserializer=lambda b: b
+        )
+        with pytest.raises(grpc.RpcError) as error:
+            if streaming:
+                list(call(iter([payload]), timeout=5))
+            else:
+                call(payload, timeout=5)
+    assert _code(error) == grpc.StatusCode.INVALID_ARGUMENT
+    assert "request: not valid protobuf" in error.value.details()  # type: ignore[attr-defined]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert _health(fake.address) == health_pb2.HealthCheckResponse.SERVING
+
+
 def test_a_request_over_the_max_message_size_is_refused_and_counted() -> None:
     """Named with the limit and counted like any refusal, instead of grpc's uncounted
     RESOURCE_EXHAUSTED; grpc still refuses by itself one over twice the limit."""

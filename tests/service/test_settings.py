@@ -108,6 +108,30 @@ def test_a_misspelt_environment_variable_is_refused_with_the_name_it_meant(
         load_settings()
 
 
+def test_the_config_variable_is_read_in_any_case_and_one_spelling_at_a_time(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """serve_port sets port, so serve_config names the YAML file (it was taken for a known
+    variable and ignored: the defaults served in silence); two spellings of one variable
+    are refused rather than one picked by the environment's order, and named wrongly."""
+    config = tmp_path / "serve.yaml"
+    config.write_text("port: 1111\n")
+    monkeypatch.setenv("serve_config", str(config))
+    assert load_settings().port == 1111
+    monkeypatch.setenv("serve_config", str(tmp_path / "missing.yaml"))
+    with pytest.raises(SettingsError, match=r"missing\.yaml: cannot read"):
+        load_settings()
+    monkeypatch.delenv("serve_config")
+    monkeypatch.setenv("SERVE_PORT", "1234")
+    monkeypatch.setenv("serve_port", "70000")
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    assert str(info.value).splitlines()[1:] == [
+        "  SERVE_PORT and serve_port set the same setting (the names are read in any case): "
+        "keep one"
+    ]
+
+
 @pytest.mark.parametrize(
     ("env", "flags", "expected"),
     [
@@ -210,6 +234,16 @@ def test_yaml_errors_name_the_file(tmp_path: Path) -> None:
         load_settings(config)
     assert "not valid YAML: unacceptable character #x0007" in str(info.value)
     assert "\n" not in str(info.value)
+    # Bytes that are not UTF-8 (a file saved as Latin-1): a message, not UnicodeDecodeError
+    config.write_bytes(b"port: 5\nhost: caf\xe9\n")
+    with pytest.raises(SettingsError) as info:
+        load_settings(config)
+    assert str(info.value) == (
+        f"--config {config}: not valid YAML: not UTF-8 text (byte 0xe9 at offset 17); "
+        "save it as UTF-8"
+    )
+    config.write_bytes("port: 1234\n".encode("utf-16"))  # YAML allows UTF-16 with a BOM
+    assert load_settings(config).port == 1234
     # YAML's booleans are no numbers: `port: true` would have served on port 1
     for line, name in (("port: true", "port"), ("max_batch_size: yes", "max_batch_size")):
         config.write_text(line + "\n")
