@@ -235,6 +235,14 @@ class Settings(BaseSettings):
         """host:port as gRPC and logs write it (an IPv6 host in brackets)."""
         return f"[{self.host}]:{port}" if ":" in self.host else f"{self.host}:{port}"
 
+    @field_validator("model_repository", mode="before")
+    @classmethod
+    def _a_repository_is_named(cls, value: Any) -> Any:
+        """SERVE_MODEL_REPOSITORY= would serve the working folder: no models, in silence."""
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is empty: name the folder holding <name>/<version>/ (default models)")
+        return value
+
     @field_validator("tls_cert", "tls_key", mode="before")
     @classmethod
     def _empty_path_is_unset(cls, value: Any) -> Any:
@@ -332,12 +340,31 @@ def _check_key_pair(cert: Path, key: Path) -> None:
         ) from None
 
 
+class _OnceLoader(yaml.SafeLoader):
+    """Refuses a setting given twice in one file (`max_queue` twice, or `max-queue` beside
+    `max_queue`): PyYAML keeps the last in silence."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        lines: dict[str, int] = {}
+        for key_node, _ in node.value:
+            key = str(self.construct_object(key_node, deep=deep)).replace("-", "_")
+            if key in lines:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"{key} is given twice (first at line {lines[key]}): keep one",
+                    key_node.start_mark,
+                )
+            lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         # Bytes, so that PyYAML decodes them (UTF-8, or UTF-16 after a BOM, as YAML allows)
         # and reports bytes that decode as nothing as a YAMLError, not UnicodeDecodeError.
         with path.open("rb") as file:
-            data = yaml.safe_load(file)
+            data = yaml.load(file, Loader=_OnceLoader)  # a SafeLoader: no Python tags
     except OSError as exc:
         raise SettingsError(f"--config {path}: cannot read ({exc.strerror})") from exc
     except yaml.YAMLError as exc:
@@ -405,8 +432,7 @@ def _source(
     name: str, overrides: dict[str, Any], yaml_data: dict[str, Any], yaml_path: Any
 ) -> str | None:
     """The flag, environment variable or YAML line that set `name` (None: its default)."""
-    env_name = f"{ENV_PREFIX}{name.upper()}"
-    env_key = next((k for k in os.environ if k.upper() == env_name), None)
+    env_key = _env_key(f"{ENV_PREFIX}{name.upper()}")
 
     def shown(value: Any) -> str:
         return "<hidden>" if name in _SECRETS else str(value)

@@ -244,6 +244,15 @@ def test_yaml_errors_name_the_file(tmp_path: Path) -> None:
     )
     config.write_bytes("port: 1234\n".encode("utf-16"))  # YAML allows UTF-16 with a BOM
     assert load_settings(config).port == 1234
+    # A setting given twice, in either spelling: PyYAML kept the last in silence
+    for text in ("max_queue: 5\nport: 1\nmax_queue: 7\n", "max_queue: 5\nport: 1\nmax-queue: 7\n"):
+        config.write_text(text)
+        with pytest.raises(SettingsError) as info:
+            load_settings(config)
+        assert str(info.value) == (
+            f"--config {config}: not valid YAML at line 3, column 1: max_queue is given "
+            "twice (first at line 1): keep one"
+        )
     # YAML's booleans are no numbers: `port: true` would have served on port 1
     for line, name in (("port: true", "port"), ("max_batch_size: yes", "max_batch_size")):
         config.write_text(line + "\n")
@@ -285,6 +294,17 @@ def test_tls_files_are_read_and_matched_at_start(
     monkeypatch.setenv("SERVE_TLS_KEY", " ")
     assert not load_settings().tls
     assert not load_settings(tls_cert="", tls_key="").tls  # flags: the same
+
+
+def test_an_empty_model_repository_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SERVE_MODEL_REPOSITORY= (a template's empty value) named the working folder: the
+    server started with no model, a warning its only sign."""
+    monkeypatch.setenv("SERVE_MODEL_REPOSITORY", " ")
+    with pytest.raises(SettingsError, match=r"SERVE_MODEL_REPOSITORY= : is empty: name the"):
+        load_settings()
+    monkeypatch.delenv("SERVE_MODEL_REPOSITORY")
+    with pytest.raises(SettingsError, match=r"--model-repository : is empty"):
+        load_settings(model_repository="")
 
 
 def test_auth_token_is_secret_and_kept_as_a_header_carries_it() -> None:
