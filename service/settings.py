@@ -386,7 +386,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     known = sorted(Settings.model_fields)
     lines = []
     for key in sorted(str(k) for k in data if str(k).replace("-", "_") not in known):
-        close = difflib.get_close_matches(key.replace("-", "_"), known, n=1)
+        close = difflib.get_close_matches(key.replace("-", "_").lower(), known, n=1)
         hint = f"did you mean {close[0]}? " if close else ""
         lines.append(
             f"--config {path}: {key} is not a setting: {hint}`python -m service --help` lists them"

@@ -224,6 +224,9 @@ def test_yaml_errors_name_the_file(tmp_path: Path) -> None:
     config.write_text("max_bach_size: 8\n")
     with pytest.raises(SettingsError, match=r"max_bach_size is not a setting: did you mean max_ba"):
         load_settings(config)
+    config.write_text("PORT: 8\n")  # YAML keys keep their case (environment variables do not)
+    with pytest.raises(SettingsError, match=r"PORT is not a setting: did you mean port\?"):
+        load_settings(config)
     config.write_text("port: 50051\nmax_queue: [1\n")
     with pytest.raises(SettingsError) as info:
         load_settings(config)
