@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import threading
 from pathlib import Path
@@ -348,6 +349,7 @@ def test_a_model_folder_that_cannot_be_listed_is_skipped_and_keeps_its_versions(
         return real(model_dir)
 
     monkeypatch.setattr(repository_module, "version_dirs", version_dirs)
+    caplog.set_level(logging.WARNING, logger="service.repository")  # whatever ran before
     repo = ModelRepository(root)
     assert repo.names_on_disk() == {TRANSLATOR, LM}
     result = repo.reload()
