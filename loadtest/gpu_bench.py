@@ -37,6 +37,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -906,7 +907,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-    command = "python -m loadtest.gpu_bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    # Quoted as a shell reads it: an empty value (--hf-batches "") or a path with a space
+    # must survive, or the recorded command does not run.
+    command = shlex.join(
+        ["python", "-m", "loadtest.gpu_bench", *(sys.argv[1:] if argv is None else argv)]
+    )
     settings = Settings(
         configs=[c.strip() for c in args.configs.split(",") if c.strip()],
         batches=_ints(args.batches),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -436,6 +437,22 @@ def test_gpu_bench_record_from_json(tmp_path: Path) -> None:
     text = md.read_text()
     assert gpu_bench.BEGIN in text and "| base | hf generate | 64 | 15600 | 4.00 | 30.0 |" in text
     assert "| 133 |" in text  # 4 ms over 30 us
+
+
+def test_gpu_bench_records_a_command_that_runs_as_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The recorded command, read back by a shell, gives the script the same arguments: an
+    empty one (`--hf-batches ""`, as docs/benchmarks.md runs it) or a path with a space
+    included (joined unquoted, it read `--hf-batches  --new-tokens 32`, which fails)."""
+    monkeypatch.setattr(
+        gpu_bench, "run", lambda s, cpu_dry_run=False: {"header": {}, "figures": [], "summary": []}
+    )
+    out = tmp_path / "with space" / "gpu.json"
+    args = ["--cpu-dry-run", "--configs", "tiny", "--hf-batches", "", "--out", str(out)]
+    assert gpu_bench.main(args) == 0
+    command = json.loads(out.read_text())["command"]
+    assert shlex.split(command) == ["python", "-m", "loadtest.gpu_bench", *args]
 
 
 @pytest.mark.slow
