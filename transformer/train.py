@@ -415,7 +415,13 @@ def train_lm(
         "models/en-lm/checkpoint"
     ),
     work_dir: Annotated[Path, typer.Option(help="Resumable state.")] = Path("runs/lm"),
-    block: Annotated[int, typer.Option(help="Tokens per training sequence.")] = 128,
+    block: Annotated[
+        int,
+        typer.Option(
+            help="Tokens per training sequence; also the model's max_positions, so that "
+            "every learned position it accepts is one it was trained on."
+        ),
+    ] = LANGUAGE_MODEL.max_positions,
     max_tokens: int = 8192,
     lr: float = 1e-3,
     warmup: int = 500,
@@ -435,7 +441,10 @@ def train_lm(
         torch.set_num_threads(threads)
     tokenizer = data / "spm" / "lm.model"
     sp = _sp(tokenizer)
-    config = replace(LANGUAGE_MODEL, vocab_size=sp.get_piece_size())
+    # Training inputs are `block` tokens at positions 0 .. block - 1: a learned position
+    # table longer than that keeps rows at their random init, which generation and the
+    # service would then use (perplexity doubles past the block).
+    config = replace(LANGUAGE_MODEL, vocab_size=sp.get_piece_size(), max_positions=block)
 
     def blocks(path: Path) -> list[Example]:
         stream: list[int] = []

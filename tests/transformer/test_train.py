@@ -125,3 +125,26 @@ def test_missing_data_names_the_command_to_run(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["translator", "--data", str(tmp_path)])
     assert result.exit_code != 0
     assert "make data" in result.output
+
+
+def test_lm_positions_are_all_trained(tmp_path: Path, tokenizer: Path) -> None:
+    """A learned position table longer than the training blocks keeps untrained rows that
+    generation then uses (the shipped LM, 128-token blocks and 512 positions, doubles its
+    perplexity past position 128): the LM's max_positions is its block length."""
+    from typer.testing import CliRunner
+
+    data = tmp_path / "data"
+    (data / "spm").mkdir(parents=True)
+    (data / "spm" / "lm.model").write_bytes(tokenizer.read_bytes())
+    lines = [p.en for p in load_pairs(FIXTURE)[:24]]
+    (data / "lm.train.txt").write_text("\n".join(lines[:16]) + "\n")
+    (data / "lm.dev.txt").write_text("\n".join(lines[16:]) + "\n")
+    out = tmp_path / "out"
+    args = ["lm", "--data", str(data), "--out", str(out), "--work-dir", str(tmp_path / "work")]
+    args += ["--block", "16", "--max-steps", "1", "--no-amp", "--threads", "1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    model = load_checkpoint(out)
+    assert model.config.positional == "learned"
+    # Inputs of a block are its first 16 tokens: positions 0 .. 15, every row of the table.
+    assert model.config.max_positions == 16
