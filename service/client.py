@@ -31,6 +31,7 @@ import json
 import math
 import struct
 import sys
+import threading
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -116,8 +117,9 @@ class Client:
     target's (TLS only: ValueError without). timeout: seconds per call (the gRPC deadline
     the server decodes within), at most MAX_TIMEOUT_S, None for no deadline. request_id
     (each call): sent as x-request-id, which the server logs; a fresh one when unset, kept
-    in last_request_id; 1 to 128 of A-Z a-z 0-9 . _ : / + = - (ValueError otherwise: the
-    server would log the call under another id). health_checked: for a target of several
+    in last_request_id (per thread: the calling thread's latest call, whatever other threads
+    sharing the client call); 1 to 128 of A-Z a-z 0-9 . _ : / + = - (ValueError otherwise:
+    the server would log the call under another id). health_checked: for a target of several
     replicas (`dns:///` of a headless Service), call only those whose health reads SERVING,
     so a draining one stops getting calls at once; off by default, as a lone server's own
     refusal (and its reason) then becomes the client's "backend unhealthy", and model
@@ -179,7 +181,16 @@ class Client:
         self.translator = pb_grpc.TranslatorStub(self.channel)
         self.generator = pb_grpc.GeneratorStub(self.channel)
         self.models_stub = pb_grpc.ModelsStub(self.channel)
-        self.last_request_id = ""
+        # Per thread: a shared attribute named another thread's call as often as not.
+        self._request_ids = threading.local()
+
+    @property
+    def last_request_id(self) -> str:
+        """The x-request-id of the latest call this thread made on this client ("" before
+        one): the id the server logged it under, also for an error with no trailer (a
+        deadline the client enforced, a lost connection)."""
+        request_id: str = getattr(self._request_ids, "value", "")
+        return request_id
 
     def __enter__(self) -> Client:
         return self
@@ -197,8 +208,8 @@ class Client:
                 f"request_id: {request_id[:40]!r} is not 1 to 128 of A-Z a-z 0-9 . _ : / + = -; "
                 "the server would log the call under a fresh id instead"
             )
-        self.last_request_id = request_id or uuid.uuid4().hex
-        metadata = [("x-request-id", self.last_request_id)]
+        self._request_ids.value = request_id = request_id or uuid.uuid4().hex
+        metadata = [("x-request-id", request_id)]
         if self.token:
             metadata.append(("authorization", f"Bearer {self.token}"))
         return metadata
@@ -391,10 +402,10 @@ def plot_alignment(
     the file name's suffix names). Needs matplotlib (the `plot` extra)."""
     if importlib.util.find_spec("matplotlib") is None:
         raise ImportError(PLOT_NEEDS)
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
+    # A Figure of its own, not pyplot's: pyplot is the embedding program's global state
+    # (matplotlib.use("Agg") switched away the backend it chose, e.g. Jupyter's inline one,
+    # and pyplot's figures are not thread-safe); savefig needs no backend.
+    from matplotlib.figure import Figure
 
     rows = [list(r) for r in weights]
     if not rows or not source_tokens:
@@ -404,7 +415,8 @@ def plot_alignment(
         )
     width = max(4.0, 0.45 * len(source_tokens) + 2)
     height = max(3.0, 0.4 * len(target_tokens) + 1.5)
-    fig, ax = plt.subplots(figsize=(min(width, 40), min(height, 40)))
+    fig = Figure(figsize=(min(width, 40), min(height, 40)))
+    ax = fig.subplots()
     image = ax.imshow(rows, cmap="viridis", aspect="auto", vmin=0.0)
     # parse_math off: a `$` in a text or token is a dollar sign, not mathtext.
     ax.set_xticks(range(len(source_tokens)))
@@ -419,7 +431,6 @@ def plot_alignment(
     fig.tight_layout()
     out = Path(path)
     fig.savefig(out, dpi=100)
-    plt.close(fig)
     return out
 
 

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import typing
 from pathlib import Path
 
@@ -164,6 +165,30 @@ def test_a_request_id_the_server_would_not_log_is_refused() -> None:
         assert len(client.last_request_id) == 32
 
 
+def test_last_request_id_is_the_calling_threads() -> None:
+    """One client shared by threads: each reads the id of its own latest call (a shared
+    attribute named whichever thread had called last, so an error was looked up in the
+    server log under another call's id)."""
+    with Client("127.0.0.1:1", timeout=5) as client:
+        sent, read = threading.Event(), threading.Event()
+        seen: list[str] = []
+
+        def other() -> None:
+            sent.wait(5)
+            client._metadata("thread-b")
+            read.set()
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        client._metadata("thread-a")
+        sent.set()
+        read.wait(5)
+        seen.append(client.last_request_id)
+        thread.join(5)
+        assert seen == ["thread-a"]
+        assert Client("127.0.0.1:1").last_request_id == ""  # no call yet
+
+
 def test_streams_are_typed_with_the_cancel_their_docstrings_offer() -> None:
     """`.cancel()` type-checks on a stream, and generate(stream=flag) with a bool matches
     an overload (an Iterator return type hid cancel; only Literal streams matched)."""
@@ -223,6 +248,23 @@ def test_plot_alignment_writes_a_png(tmp_path: Path) -> None:
         title="Pay $x^{ and $\\frac{ now",
     )  # fmt: skip
     assert dollars.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_plot_alignment_leaves_the_programs_matplotlib_backend_alone(tmp_path: Path) -> None:
+    """A library call: it switched the embedding program's backend to Agg (a Jupyter
+    notebook's inline plots, or a GUI's windows, then no longer showed)."""
+    script = (
+        "import matplotlib; matplotlib.use('svg')\n"
+        "from service.client import plot_alignment\n"
+        f"plot_alignment(['a', '</s>'], ['b'], [[0.6, 0.4]], {str(tmp_path / 'a.png')!r})\n"
+        "print(matplotlib.get_backend())\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "svg"
+    assert (tmp_path / "a.png").read_bytes().startswith(PNG_MAGIC)
 
 
 def test_plotting_without_matplotlib_says_what_to_install(
