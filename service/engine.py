@@ -1237,7 +1237,7 @@ class Batch:
             hyp = self._beam_finish(seq, tokens, aligns if want_align else None, float(score), eos)
             if hyp is not None:
                 if rank < k:
-                    seq.pool.append(hyp)
+                    self._pool_add(seq.pool, hyp)
                 continue
             live.append((beam, token, score, tokens, aligns))
             if len(live) == k:
@@ -1293,6 +1293,17 @@ class Batch:
                     None if aligns is None else aligns[:keep], text[:at],
                 )  # fmt: skip
         return None
+
+    @staticmethod
+    def _pool_add(pool: list[_Hyp], hyp: _Hyp) -> None:
+        """Once per token sequence, the better one kept (the reference's `_pool_add`): a
+        hypothesis cut by a stop string can equal one that ended at EOS."""
+        for i, other in enumerate(pool):
+            if other.tokens == hyp.tokens:
+                if hyp.normalized > other.normalized:
+                    pool[i] = hyp
+                return
+        pool.append(hyp)
 
     @staticmethod
     def _best_possible(score: float, length: int, p: DecodingParams) -> float:

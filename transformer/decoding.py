@@ -244,6 +244,19 @@ class _LanguageModelStepper:
             self.past = _select_kv(self.past, rows)
 
 
+def _pool_add(pool: list[Hypothesis], hyp: Hypothesis) -> None:
+    """Add a finished hypothesis to a beam's pool, once per token sequence: one cut by a
+    stop sequence can equal one that ended at EOS, and counting both would end the search
+    (K finished, or n_best finished) with fewer than n_best distinct answers. The better
+    one stays (the first on a tie, as the n-best's stable sort keeps it)."""
+    for i, other in enumerate(pool):
+        if other.tokens == hyp.tokens:
+            if hyp.normalized_score > other.normalized_score:
+                pool[i] = hyp
+            return
+    pool.append(hyp)
+
+
 def _stop_match(tokens: list[int], stop: Sequence[tuple[int, ...]]) -> int:
     """Length of the longest stop sequence that `tokens` ends with (0: none)."""
     best = 0
@@ -444,7 +457,7 @@ def _beam_search(
                 )
                 if hyp is not None:
                     if rank < k:
-                        pool.append(hyp)
+                        _pool_add(pool, hyp)
                     continue
                 live.append((row, token, score, seq, seq_align))
                 if len(live) == k:

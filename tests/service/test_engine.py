@@ -288,6 +288,16 @@ def test_stop_string_in_beam_search() -> None:
             assert h.text.startswith(engine.tokenizer.decode(h.token_ids))
 
 
+def test_beam_n_best_counts_a_stop_cut_equal_to_an_eos_answer_once() -> None:
+    """A hypothesis cut by a stop string can equal one that ended at EOS: both counted in
+    the pool, the search ended with fewer than n_best distinct answers (3 of 4 here)."""
+    engine = engine_for(LM)
+    params = dict(max_new_tokens=8, beam_size=4, n_best=4, stop=("e",))
+    result = decode_all(engine, [request(LM, "He", **params)])[0]  # type: ignore[arg-type]
+    ids = [tuple(h.token_ids) for h in result.hypotheses]
+    assert len(ids) == len(set(ids)) == 4, ids
+
+
 @pytest.mark.parametrize("with_stop", [False, True])
 @pytest.mark.parametrize("name", [TRANSLATOR, LM])
 def test_stream_events_add_up_to_the_result(name: str, with_stop: bool) -> None:

@@ -248,6 +248,19 @@ def test_stop_sequence_ends_and_is_removed(translator: EncoderDecoder, lm: Decod
     assert hyp_lm.tokens == full_lm.tokens[: full_lm.tokens.index(token)]
 
 
+def test_a_stop_cut_equal_to_an_eos_answer_counts_once_in_the_n_best() -> None:
+    """A hypothesis cut by a stop sequence can equal one that ended at EOS (here both are
+    empty): counted twice, the search ended with one answer of the two asked for."""
+    model = tiny("encoder-decoder", eos_bias=5.0)
+    source = SOURCES[1]
+    with torch.inference_mode():
+        first = model(torch.tensor([source]), torch.tensor([[2]]))[0, -1]
+    top = next(t for t in first.argsort(descending=True).tolist() if t != 3)  # not EOS
+    options = DecodingOptions(max_new_tokens=8, beam_size=2, n_best=2, stop=((top,),))
+    hyps = translate(model, [source], options)[0]
+    assert len(hyps) == 2 and hyps[0].tokens != hyps[1].tokens
+
+
 def test_longest_matching_stop_sequence_is_removed(lm: DecoderOnly) -> None:
     full = generate(lm, [PROMPTS[0]], DecodingOptions(max_new_tokens=10))[0][0]
     a, b = full.tokens[0], full.tokens[1]
