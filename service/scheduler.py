@@ -754,7 +754,15 @@ def _default_engine(entry: ModelVersion, options: EngineOptions, stop: threading
     """Load and warm a version's engine; `stop` (the scheduler's) ends the warm-up early."""
     engine = Engine(entry.path, entry.manifest, options)
     if options.warmup:
-        engine.warmup(stop)
+        try:
+            engine.warmup(stop)
+        except BaseException:
+            # Freed now, not by the garbage collector at any time on any thread (perhaps
+            # during another model's capture): see Engine.close. On CUDA with graphs the
+            # engine is in a reference cycle (its backend's plain_decoder), so without this
+            # its sessions and device memory stay until a full collection.
+            engine.close()
+            raise
     return engine
 
 

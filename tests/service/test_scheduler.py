@@ -1573,6 +1573,33 @@ def test_stop_during_a_warm_up_ends_it_at_the_next_shape(monkeypatch: pytest.Mon
     asyncio.run(main())
 
 
+def test_an_engine_whose_warm_up_fails_is_closed_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A warm-up that raises (the device out of memory at the largest shape) leaves no
+    engine to the garbage collector: Engine.close says why its sessions and device buffers
+    must go under the device lock, and on CUDA with graphs the engine is in a reference
+    cycle that only a full collection, on any thread, would free."""
+    from service.scheduler import _default_engine
+
+    closed: list[Engine] = []
+    close = Engine.close
+
+    def closing(engine: Engine) -> None:
+        closed.append(engine)
+        close(engine)
+
+    def warmup(engine: Engine, stop: threading.Event | None = None) -> None:
+        raise RuntimeError("Failed to allocate memory for requested buffer of size 524288000")
+
+    monkeypatch.setattr(Engine, "close", closing)
+    monkeypatch.setattr(Engine, "warmup", warmup)
+    repository = ModelRepository(model_repository(), DEFAULT_MODELS)
+    repository.load_new()
+    entry = repository.get(LM)
+    with pytest.raises(RuntimeError, match="Failed to allocate"):
+        _default_engine(entry, replace(OPTIONS, warmup=True), threading.Event())
+    assert len(closed) == 1
+
+
 def test_a_stop_before_the_start_loads_nothing() -> None:
     """SIGTERM before the load began (the server still binding its ports): start() then
     loads no version, and does not fail (reload() refuses to run once stopping)."""
