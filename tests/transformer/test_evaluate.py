@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from types import SimpleNamespace
 
-from transformer.evaluate import _trained
+import pytest
+import torch
+
+from transformer.evaluate import _trained, perplexity_by_position
 
 
 def test_the_training_line_comes_from_training_json(tmp_path: Path) -> None:
@@ -17,3 +22,31 @@ def test_the_training_line_comes_from_training_json(tmp_path: Path) -> None:
 
 def test_without_a_training_record_the_card_says_so(tmp_path: Path) -> None:
     assert "training.json) is missing" in _trained(tmp_path)
+
+
+class _Counting:
+    """Predicts "the next token is this one + 1" with logit 5 at positions below `known`,
+    and nothing (uniform) from there on: a position the training never reached."""
+
+    def __init__(self, vocab: int, max_positions: int, known: int) -> None:
+        self.vocab, self.known = vocab, known
+        self.config = SimpleNamespace(max_positions=max_positions)
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(*ids.shape, self.vocab)  # [B, T, V]
+        nxt = ((ids + 1) % self.vocab)[:, : self.known, None]  # [B, known, 1]
+        logits[:, : self.known].scatter_(-1, nxt, 5.0)
+        return logits
+
+
+def test_perplexity_by_position_shows_positions_training_never_reached() -> None:
+    """Windows of max_positions tokens, bands of positions: a band the model knows nothing
+    at reads as the vocabulary's size, the others as the counting rule predicts."""
+    vocab, n = 10, 32
+    stream = [i % vocab for i in range(5 * n + 3)]  # 5 whole windows of n + 1 tokens
+    bands = perplexity_by_position(_Counting(vocab, n, known=24), stream, bands=4)  # type: ignore[arg-type]
+    known = (math.exp(5) + vocab - 1) / math.exp(5)
+    assert [(a, b) for a, b, _ in bands] == [(0, 8), (8, 16), (16, 24), (24, 32)]
+    assert [p for _, _, p in bands] == pytest.approx([known] * 3 + [vocab])
+    with pytest.raises(ValueError, match="fewer than 33"):
+        perplexity_by_position(_Counting(vocab, n, known=n), stream[:32])  # type: ignore[arg-type]
