@@ -37,6 +37,10 @@ from transformer.config import TransformerConfig
 from transformer.model import KV, DecoderOnly, EncoderDecoder
 
 _MAX_SEED = 2**64 - 1
+# Far below it, float32 logits / temperature overflow to inf (1e-40 did): the
+# probabilities become NaN and the draw picks an arbitrary token. The service's floor
+# (service.validation.MIN_TEMPERATURE, 1e-6 as a float32) is above this one.
+MIN_TEMPERATURE = 1e-7
 
 
 def _is_int(value: object) -> bool:
@@ -102,8 +106,12 @@ class DecodingOptions:
             not _is_real(self.temperature)
             or not math.isfinite(self.temperature)
             or self.temperature < 0
+            or 0 < self.temperature < MIN_TEMPERATURE
         ):
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+            raise ValueError(
+                f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, got "
+                f"{self.temperature!r}"
+            )
         if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= _MAX_SEED):

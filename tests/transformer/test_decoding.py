@@ -354,6 +354,7 @@ def test_top_k_and_top_p_filter() -> None:
         (dict(length_penalty=math.inf), "length_penalty"),
         (dict(temperature=-0.5), "temperature"),
         (dict(temperature=math.nan), "temperature"),
+        (dict(temperature=1e-40), "temperature"),  # logits / it: inf, then NaN probabilities
         (dict(top_k=-1), "top_k"),
         (dict(top_p=0.0), "top_p"),
         (dict(top_p=1.5), "top_p"),
