@@ -1205,6 +1205,28 @@ def test_a_sighup_while_draining_is_ignored_and_logged(caplog: pytest.LogCapture
     assert asyncio.run(main()) == 0
 
 
+class GatedReload(FakeBackend):
+    """Reloads wait for `go` (set from the test) and are counted; once closing, refused as
+    Scheduler.reload refuses them once stop() began."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go = asyncio.Event()
+        self.stopping = False
+        self.reloads = 0
+
+    async def reload(self) -> ReloadSummary:
+        self.reloads += 1
+        if self.stopping:
+            raise Unavailable("the scheduler is stopping; reload refused", reason="draining")
+        await self.go.wait()
+        return await super().reload()
+
+    async def close(self) -> None:
+        self.stopping = True
+        await super().close()
+
+
 def test_a_reload_still_queued_when_the_drain_begins_ends_quietly(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -1213,26 +1235,8 @@ def test_a_reload_still_queued_when_the_drain_begins_ends_quietly(
     the drain: it was logged as an ERROR "reload failed" with a traceback, at the end of
     a clean stop."""
 
-    class Queued(FakeBackend):
-        def __init__(self) -> None:
-            super().__init__()
-            self.go = asyncio.Event()
-            self.stopping = False
-            self.reloads = 0
-
-        async def reload(self) -> ReloadSummary:
-            self.reloads += 1
-            if self.stopping:  # as Scheduler.reload once stop() began
-                raise Unavailable("the scheduler is stopping; reload refused", reason="draining")
-            await self.go.wait()
-            return await super().reload()
-
-        async def close(self) -> None:
-            self.stopping = True
-            await super().close()
-
     async def main() -> int:
-        backend = Queued()
+        backend = GatedReload()
         serving = asyncio.create_task(
             serve(load_settings(port=0, metrics_port=0, drain_grace_s=1), backend)  # type: ignore[arg-type]
         )
@@ -1261,19 +1265,8 @@ def test_a_burst_of_sighups_runs_one_reload_after_the_running_one(
     """Signals that come while a SIGHUP's reload still waits for its turn join it (it scans
     after them anyway): 100 SIGHUPs ran 100 reloads one after another."""
 
-    class Gated(FakeBackend):
-        def __init__(self) -> None:
-            super().__init__()
-            self.go = asyncio.Event()
-            self.reloads = 0
-
-        async def reload(self) -> ReloadSummary:
-            self.reloads += 1
-            await self.go.wait()
-            return await super().reload()
-
     async def main() -> int:
-        backend = Gated()
+        backend = GatedReload()
         serving = asyncio.create_task(
             serve(load_settings(port=0, metrics_port=0, drain_grace_s=1), backend)  # type: ignore[arg-type]
         )
