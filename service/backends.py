@@ -568,8 +568,9 @@ class BoundBackend(_Timed):
 
     def _verify(self, io: Any, replay: ort.RunOptions, logits: Any) -> bool:
         """Whether a new graph's replayed logits equal a plain run's of the same bound
-        step (two runs, once per step shape). On a mismatch (logged) the caller turns
-        capture off, so a graph never serves tokens a plain run would not."""
+        step (two runs, at the graph's capture and again at its RECHECK_REPLAY-th run). On
+        a mismatch (logged) the caller turns capture off, so a graph never serves tokens a
+        plain run would not."""
         with self._shared():
             self._run_bound(self.decoder_session, io, replay)
             replayed = logits.numpy().astype(np.float32)

@@ -110,9 +110,10 @@ class EngineOptions:
       source buckets, and with them the encoder's largest warm-up (its memory).
     io_binding: None = on for CUDA only; True runs the device path on CPU (tests).
     cuda_graphs: on the device path, step on fixed buffers per shape bucket and, on CUDA,
-      replay each step shape as a CUDA graph captured at its first step (checked once
-      against a plain run; any failure falls back to plain runs, logged). On CPU with
-      io_binding the fixed buffers are used without capture (how it is tested).
+      replay each step shape as a CUDA graph captured at its first step (checked against
+      a plain run at its first replay and again at its RECHECK_REPLAY-th run; any failure
+      falls back to plain runs, logged). On CPU with io_binding the fixed buffers are used
+      without capture (how it is tested).
     warmup: run every shape bucket once at load, within `warmup_budget_s` seconds.
     """
 

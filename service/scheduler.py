@@ -17,7 +17,8 @@ Policy (read this before tuning the budgets):
   (no overtaking, so a large request is never starved by small ones). Newcomers are
   encoded (translator) or prefilled (generator) together and join the running batch in
   that same step. A sequence that finishes leaves at once; its answer is sent from that
-  step and its rows are free for the next step's admissions.
+  step and its rows are free for the admissions that follow (which join one step later:
+  see the engine-thread bullet below).
 * mode="static" is the benchmark baseline: a batch is formed only when none is running
   and runs to completion before anything else is admitted. mode="static-hold" also holds
   every answer until its whole batch has ended, as a batched generate call (or
