@@ -57,7 +57,9 @@ data: setup
 	  else echo "as root: apt-get install -y $(SWORD_PACKAGES)"; exit 1; fi; }
 	$(PY) -m transformer.data build --out data
 
-# The step counts the committed models were trained for (see their training.json).
+# The step counts the committed models were trained for (see their training.json). The
+# committed en-lm predates `train lm`'s 512-token blocks: it was trained on 128-token ones
+# (README.md says what that costs and what a run of this command gave).
 TRANSLATOR_STEPS ?= 3943
 LM_STEPS ?= 1560
 train: setup

@@ -204,6 +204,20 @@ def perplexity_by_position(
     ]
 
 
+def _context_limit(by_position: list[tuple[int, int, float]]) -> str:
+    """The card's warning when some band of positions reads over 1.5× worse than the best
+    (learned positions past the training blocks did), else ""."""
+    best = min(p for _, _, p in by_position)
+    worse = [(a, p) for a, _, p in by_position if p > 1.5 * best]
+    if not worse:
+        return ""
+    return (
+        f" Context past {worse[0][0]} tokens reads worse (perplexity up to "
+        f"{max(p for _, p in worse):.2f} against {best:.2f}, above): its training did not "
+        "reach those positions."
+    )
+
+
 @app.command("lm")
 def evaluate_lm(
     checkpoint: Path = Path("models/en-lm/checkpoint"),
@@ -269,7 +283,8 @@ def evaluate_lm(
     ]
     for prompt, cont in zip(prompts, continuations, strict=True):
         card.append(f"- *{prompt}* → {cont}")
-    card += ["", "## Limits", "", f"Bible-domain English only. {_trained(checkpoint)}", ""]
+    limits = f"Bible-domain English only. {_trained(checkpoint)}{_context_limit(by_position)}"
+    card += ["", "## Limits", "", limits, ""]
     (name_dir / "README.md").write_text("\n".join(card))
     typer.echo(json.dumps(result, indent=2))
 

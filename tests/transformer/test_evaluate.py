@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from transformer.evaluate import _trained, perplexity_by_position
+from transformer.evaluate import _context_limit, _trained, perplexity_by_position
 
 
 def test_the_training_line_comes_from_training_json(tmp_path: Path) -> None:
@@ -50,3 +50,13 @@ def test_perplexity_by_position_shows_positions_training_never_reached() -> None
     assert [p for _, _, p in bands] == pytest.approx([known] * 3 + [vocab])
     with pytest.raises(ValueError, match="fewer than 33"):
         perplexity_by_position(_Counting(vocab, n, known=n), stream[:32])  # type: ignore[arg-type]
+
+
+def test_the_card_warns_of_context_that_reads_worse() -> None:
+    even = [(0, 128, 33.0), (128, 256, 31.0), (256, 384, 30.5), (384, 512, 30.0)]
+    assert _context_limit(even) == ""
+    shipped = [(0, 128, 32.45), (128, 256, 78.2), (256, 384, 92.67), (384, 512, 95.69)]
+    assert _context_limit(shipped) == (
+        " Context past 128 tokens reads worse (perplexity up to 95.69 against 32.45, above): "
+        "its training did not reach those positions."
+    )
