@@ -19,6 +19,7 @@ from typing import Annotated, Any
 import typer
 
 from service import logging as json_logging
+from service.gpu import align_device_order
 from service.settings import ENV_PREFIX, Settings, SettingsError, load_settings
 
 HELP = (
@@ -90,6 +91,7 @@ def run(**flags: Any) -> None:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
     json_logging.configure(settings.log_level)
+    align_device_order()
     from service.server import serve  # after logging: imports onnxruntime
 
     raise typer.Exit(asyncio.run(serve(settings)))

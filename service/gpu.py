@@ -17,6 +17,14 @@ CUDA_PROVIDER = "CUDAExecutionProvider"
 MemoryReader = Callable[[], dict[str, int]]
 
 
+def align_device_order() -> None:
+    """Number CUDA devices as NVML and nvidia-smi do (by PCI bus), unless the operator chose:
+    CUDA's default puts the fastest first, so on a host of mixed GPUs device 0 (or an index
+    in CUDA_VISIBLE_DEVICES) named another card than the NVML handle read for its memory.
+    Before CUDA starts (the first CUDA session), which reads it once."""
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+
+
 def _nvml() -> ModuleType | None:
     try:
         import pynvml
@@ -72,4 +80,10 @@ def memory_reader(device_ids: Sequence[int]) -> MemoryReader:
     return read
 
 
-__all__ = ["CUDA_PROVIDER", "GpuMemoryUnavailable", "MemoryReader", "memory_reader"]
+__all__ = [
+    "CUDA_PROVIDER",
+    "GpuMemoryUnavailable",
+    "MemoryReader",
+    "align_device_order",
+    "memory_reader",
+]

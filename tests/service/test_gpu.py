@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
+import typer
 from prometheus_client import generate_latest
 
 from service.engine import Engine, EngineOptions
-from service.gpu import CUDA_PROVIDER, GpuMemoryUnavailable, memory_reader
+from service.gpu import CUDA_PROVIDER, GpuMemoryUnavailable, align_device_order, memory_reader
 from service.metrics import Metrics
 from service.repository import ModelRepository, ModelVersion
 from service.scheduler import DEFAULT_MODELS, Scheduler, SchedulerConfig
@@ -157,3 +159,35 @@ def test_nvml_reads_a_real_device() -> None:
         < read()["0"]
         <= pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).total
     )
+
+
+def test_the_server_numbers_cuda_devices_as_nvml_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA's default order (fastest first) and NVML's (PCI bus) differ on a host of mixed
+    GPUs: the memory read for device 0 was another card's. `python -m service` aligns them
+    before CUDA starts, unless the operator chose an order."""
+    import service.server
+    from service.command import run
+
+    seen: list[str | None] = []
+
+    async def serve(settings: Any) -> int:
+        import os
+
+        seen.append(os.environ.get("CUDA_DEVICE_ORDER"))
+        return 0
+
+    monkeypatch.setattr(service.server, "serve", serve)
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level  # run() sets up the JSON logs
+    try:
+        with pytest.raises(typer.Exit):
+            run()
+        monkeypatch.setenv("CUDA_DEVICE_ORDER", "FASTEST_FIRST")
+        align_device_order()
+        with pytest.raises(typer.Exit):
+            run()
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    assert seen == ["PCI_BUS_ID", "FASTEST_FIRST"]
