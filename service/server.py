@@ -925,6 +925,10 @@ class UnreadableRequest:
         raise self.error
 
 
+# Why bytes that reached a handler may not decode as its request message.
+_UNDECODABLE = "(a string that is not UTF-8, or bytes of another message)"
+
+
 def _lenient(message: Any, max_bytes: int) -> Callable[[bytes], Any]:
     def deserialize(data: bytes) -> Any:
         if len(data) > max_bytes:
@@ -940,8 +944,7 @@ def _lenient(message: Any, max_bytes: int) -> Callable[[bytes], Any]:
             return UnreadableRequest(
                 InvalidArgument(
                     "request",
-                    f"not a valid {message.DESCRIPTOR.full_name} (a string that is not UTF-8, "
-                    f"or bytes of another message): {error}",
+                    f"not a valid {message.DESCRIPTOR.full_name} {_UNDECODABLE}: {error}",
                 )
             )
 
@@ -1048,8 +1051,7 @@ class PublicReads(grpc.aio.ServerInterceptor):
             # input, as the inference methods answer it (`_lenient`).
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                "request: not valid protobuf (a string that is not UTF-8, or bytes of "
-                f"another message): {error}",
+                f"request: not valid protobuf {_UNDECODABLE}: {error}",
             )
         finally:
             self.reading -= 1
