@@ -570,7 +570,9 @@ def _fail(error: grpc.RpcError, tls: bool) -> NoReturn:
     request_id = dict(trailer or ()).get("x-request-id")
     if request_id:
         typer.echo(f"(request id: {request_id})", err=True)
-    if code == grpc.StatusCode.UNAVAILABLE and not tls:
+    if code == grpc.StatusCode.UNAVAILABLE and request_id:  # the server answered: it is up
+        typer.echo("(the server refused the call for now: retry, or pass --retries)", err=True)
+    elif code == grpc.StatusCode.UNAVAILABLE and not tls:
         typer.echo("(is the server up at --target? if it serves TLS, pass --ca)", err=True)
     elif code == grpc.StatusCode.UNAVAILABLE and (hint := _tls_hint(details)):
         typer.echo(hint, err=True)

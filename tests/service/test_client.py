@@ -136,6 +136,31 @@ def test_cli_says_why_a_tls_handshake_failed(
     assert capsys.readouterr().err.splitlines()[1:] == ([hint] if hint else [])
 
 
+@pytest.mark.parametrize("tls", [False, True])
+def test_cli_does_not_ask_whether_a_server_that_answered_is_up(
+    tls: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """UNAVAILABLE with the server's request id (models loading, a drain) came from a
+    server that is up: the hint says to retry, not to check --target or TLS."""
+
+    class Refused(grpc.RpcError):
+        def code(self) -> grpc.StatusCode:
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self) -> str:
+            return "models are loading; retry shortly"
+
+        def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+            return (("x-request-id", "abc123"),)
+
+    with pytest.raises(typer.Exit):
+        _fail(Refused(), tls=tls)
+    assert capsys.readouterr().err.splitlines()[1:] == [
+        "(request id: abc123)",
+        "(the server refused the call for now: retry, or pass --retries)",
+    ]
+
+
 def test_client_refuses_a_deadline_grpc_cannot_keep() -> None:
     for timeout in (float("inf"), 0.0, -1.0, float("nan"), MAX_TIMEOUT_S * 2):
         with pytest.raises(ValueError, match="timeout: must be in"):
