@@ -388,11 +388,14 @@ class BoundBackend(_Timed):
             "greedy": greedy_graph(elem),
         }
         self._grids: dict[tuple[tuple[int, ...], int], np.ndarray] = {}
+        # Held by the backend as they are made: should one fail, those made go with it,
+        # when the engine frees it under the lock (Engine._drop_partial), not as this unwinds.
+        self.helpers: dict[str, ort.InferenceSession] = {}
         with self._shared():
-            self.helpers = {
-                name: ort.InferenceSession(blob, so, providers=providers_for(provider, device_id))
-                for name, blob in graphs.items()
-            }
+            for name, blob in graphs.items():
+                self.helpers[name] = ort.InferenceSession(
+                    blob, so, providers=providers_for(provider, device_id)
+                )
 
     def _shared(self) -> AbstractContextManager[None]:
         return DEVICE_LOCK.shared() if self.device == "cuda" else nullcontext()
@@ -550,7 +553,9 @@ class BoundBackend(_Timed):
                 good = False
             if not good:
                 io = None  # bound to the capture session, which goes now
-                self._stop_capture()
+                reached = list(dict.fromkeys((r, c, s) for _, _, r, c, s in self._graph_ids))
+                if self._stop_capture():
+                    self._warm(feeds, reached)
                 _, io, out = self._step_binding(feeds, buffers)
                 with self._shared():
                     self._run_bound(self.decoder_session, io, self._plain_options())
@@ -590,20 +595,43 @@ class BoundBackend(_Timed):
         """A run without a graph: a session with capture on needs to be told (id -1)."""
         return self._run_options(-1) if self._graph_session else None
 
-    def _stop_capture(self) -> None:
+    def _stop_capture(self) -> bool:
         """Plain runs from now on, on a decoder session made without graph capture (a
         session with it would still try to capture runs without a graph id). The capture
-        session goes, with every step binding made on it, under the lock held alone."""
+        session goes, with every step binding made on it, under the lock held alone.
+        Returns whether a new session was made (it has run no shape yet)."""
         self.capture = False
         self._graph_ids.clear()
         self._replays.clear()
-        if self._plain_decoder is not None:
-            with self._alone():
-                self.decoder_session = self._plain_decoder()
-                self._graph_session = False
-                for buffers in list(self._buffers):
-                    buffers.bindings.clear()
-                gc.collect()
+        if self._plain_decoder is None:
+            return False
+        with self._alone():
+            self.decoder_session = self._plain_decoder()
+            self._graph_session = False
+            for buffers in list(self._buffers):
+                buffers.bindings.clear()
+            gc.collect()
+        return True
+
+    def _warm(self, feeds: dict[str, Any], shapes: Sequence[tuple[int, int, int]]) -> None:
+        """Run each step shape (rows, cache, source) once on zeros laid out as `feeds`: the
+        decoder session made at a fallback has run none (warm-up ran the capture session),
+        and the shapes the batches had reached would each make a step slow at its first
+        plain run (kernel choice, allocations). A plain session beside the capture one from
+        the start would cost its memory and a second warm-up on every load instead."""
+        layers, _, heads, _, dim = feeds["past_k"].shape()
+        for rows, cache, source in shapes:
+            zeros: dict[str, Any] = {
+                "input_ids": np.zeros((rows, 1), dtype=np.int64),
+                "positions": np.zeros(rows, dtype=np.int64),
+                "past_k": self.zeros((layers, rows, heads, cache, dim)),
+                "past_v": self.zeros((layers, rows, heads, cache, dim)),
+            }
+            if "cross_k" in feeds:
+                zeros["cross_k"] = self.zeros((layers, rows, heads, source, dim))
+                zeros["cross_v"] = self.zeros((layers, rows, heads, source, dim))
+                zeros["src_mask"] = np.ones((rows, source), dtype=bool)
+            self.decode(zeros, want_alignment=False)
 
     # --- the step ------------------------------------------------------------------------
 

@@ -42,12 +42,14 @@ Why it is built this way:
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Hashable, Sequence
+import traceback
+from collections.abc import Callable, Hashable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -324,6 +326,27 @@ class Engine:
             with lock:
                 return ort.InferenceSession(source, so, providers=chosen)
 
+        try:
+            self.backend: Backend = self._open(session, bound, static, capture)
+        except BaseException as error:
+            self._drop_partial(error)
+            raise
+        self.warmup_report: WarmupReport | None = None
+        log.info(
+            "engine %s/%s: %s, variant %s, %d threads, io_binding=%s, cuda_graphs=%s",
+            self.name, self.version, self.provider, self.variant, self.threads, bound,
+            bool(getattr(self.backend, "capture", False)),
+        )  # fmt: skip
+
+    def _open(
+        self,
+        session: Callable[..., ort.InferenceSession],
+        bound: bool,
+        static: bool,
+        capture: bool,
+    ) -> Backend:
+        """The sessions and the backend that runs them (capture off where the decoder
+        cannot be made with it)."""
         decoder = None
         if capture:
             try:
@@ -339,7 +362,7 @@ class Engine:
             raise RuntimeError(
                 f"{self.name}/{self.version}: asked for {self.provider}, got {actual}"
             )
-        self.backend: Backend = (
+        return (
             BoundBackend(
                 decoder,
                 encoder,
@@ -355,11 +378,15 @@ class Engine:
             if bound
             else NumpyBackend(decoder, encoder, self.float_dtype)
         )
-        self.warmup_report: WarmupReport | None = None
-        log.info(
-            "engine %s/%s: %s, variant %s, %d threads, io_binding=%s, cuda_graphs=%s",
-            self.name, self.version, self.provider, self.variant, self.threads, bound, capture,
-        )  # fmt: skip
+
+    def _drop_partial(self, error: BaseException) -> None:
+        """Free what a failed `_open` made, now and under the lock held alone, as close()
+        does: left to the garbage collector, the sessions would go with the traceback, on
+        any thread, perhaps during another model's capture. Its frames' locals are cleared
+        (their lines stay in the traceback): they are what still holds the sessions."""
+        with DEVICE_LOCK.exclusive() if self.provider == CUDA else nullcontext():
+            traceback.clear_frames(error.__traceback__)
+            gc.collect()
 
     # --- facts ---------------------------------------------------------------------------
 

@@ -463,6 +463,104 @@ def test_close_frees_the_sessions_and_the_device_buffers_now() -> None:
     assert not hasattr(bound, "decoder_session")
 
 
+def test_a_fallback_warms_the_new_session_on_the_shapes_reached_before_its_first_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The decoder session made at a fallback has run nothing (warm-up ran the capture
+    session): before the failing step runs on it, each step shape the graphs had reached
+    runs once on zeros of its own (not on a batch's buffers), the failing one among them,
+    and the answers still equal the reference."""
+    from service import backends
+
+    engine, bound, flaky, _ = _flaky_engine("differ-later")
+    bindings: list[tuple[object, tuple[int, int, int], int, bool]] = []  # io, shape, width, fixed
+    real_bind = backends.bind_layers
+
+    def bind_layers(io: Any, feeds: dict[str, Any], device: str, device_id: int = 0) -> None:
+        k = feeds["past_k"]
+        source = feeds["cross_k"].shape()[3] if "cross_k" in feeds else 0
+        fixed = any(k is v for b in list(bound._buffers) for v in b.values.values())
+        shape = (k.shape()[1], k.shape()[3], source)
+        bindings.append((io, shape, feeds["input_ids"].shape[1], fixed))
+        real_bind(io, feeds, device, device_id)
+
+    runs: list[tuple[tuple[int, int, int], int, bool]] = []  # on the new session
+
+    class Plain:
+        def __init__(self, session: ort.InferenceSession) -> None:
+            self.session = session
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.session, name)
+
+        def run_with_iobinding(self, io: Any, options: ort.RunOptions | None = None) -> None:
+            runs.append(next((s, w, f) for b, s, w, f in reversed(bindings) if b is io))
+            self.session.run_with_iobinding(io, options)
+
+    reached: list[tuple[int, int, int]] = []
+    stop_capture = bound._stop_capture
+
+    def stop() -> bool:
+        reached.extend(dict.fromkeys((r, c, s) for _, _, r, c, s in bound._graph_ids))
+        return stop_capture()
+
+    monkeypatch.setattr(backends, "bind_layers", bind_layers)
+    monkeypatch.setattr(bound, "_stop_capture", stop)
+    bound._plain_decoder = lambda: Plain(flaky.session)  # type: ignore[assignment,return-value]
+    reqs = [request(LM, t, max_new_tokens=30) for t in PROMPTS]
+    results, _ = run_staggered(engine, reqs, JOIN_AT)
+    for result, exp in zip(
+        results, reference(LM, PROMPTS, DecodingOptions(max_new_tokens=30)), strict=True
+    ):
+        assert_same(result, exp)
+    assert not bound.capture and len(reached) >= 2
+    first = next(i for i, (_, _, fixed) in enumerate(runs) if fixed)  # the failing step's
+    assert runs[:first] == [(shape, 1, False) for shape in reached]
+    assert runs[first] == (reached[-1], 1, True)
+
+
+@pytest.mark.parametrize(("fail", "before"), [("encoder", 1), ("provider", 2), ("helper", 4)])
+def test_a_cuda_engine_that_fails_to_load_frees_its_sessions_under_the_lock(
+    fail: str, before: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sessions made before a load fails (at the encoder's, at the provider check, at
+    a helper's) go at once, under the device lock held alone as Engine.close frees them:
+    left to the traceback, they would go on any thread, perhaps during another model's
+    capture. A pretend GPU: fake sessions note whether the lock was held as they went."""
+    from types import SimpleNamespace
+
+    from service import engine as engine_module
+    from service.device import DEVICE_LOCK
+
+    made: list[int] = []
+    alone_when_freed: dict[int, bool] = {}
+
+    def freed(index: int) -> None:
+        alone_when_freed[index] = DEVICE_LOCK._writer == threading.get_ident()
+
+    class FakeSession:  # made in order: decoder (capture), encoder, then the helpers
+        def __init__(self, source: object, options: object, providers: object) -> None:
+            index = len(made)
+            if (fail, index) in {("encoder", 1), ("helper", 4)}:
+                raise RuntimeError("CUDA failure 2: out of memory")
+            made.append(index)
+            weakref.finalize(self, freed, index)
+
+        def get_providers(self) -> list[str]:
+            return ["CPUExecutionProvider" if fail == "provider" else CUDA]
+
+        def get_outputs(self) -> list[SimpleNamespace]:
+            return [SimpleNamespace(name=n, type="tensor(float)") for n in ("logits", "new_k")]
+
+    monkeypatch.setattr(engine_module, "cuda_available", lambda: True)
+    monkeypatch.setattr(ort, "preload_dlls", lambda: None, raising=False)
+    monkeypatch.setattr(ort, "InferenceSession", FakeSession)
+    with pytest.raises(RuntimeError, match=r"out of memory|asked for"):
+        make_engine(TRANSLATOR, provider="cuda")
+    assert made == list(range(before))
+    assert alone_when_freed == dict.fromkeys(made, True)
+
+
 @pytest.mark.parametrize(
     ("version", "supported"),
     [
