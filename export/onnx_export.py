@@ -580,6 +580,9 @@ def _remove_stale(out: Path) -> None:
     whose owner file names this host and a process that is gone."""
     host = socket.gethostname()
     for path in [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.old-*")]:
+        if path.is_symlink():
+            _remove_stale_link(path)
+            continue
         try:
             owner = json.loads((path / BUILD_OWNER).read_text())
             pid = int(owner["pid"])
@@ -594,6 +597,27 @@ def _remove_stale(out: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
         except PermissionError:
             pass  # another user's process is alive with that id
+
+
+def _remove_stale_link(path: Path) -> None:
+    """Remove a replaced version's link (`.<N>.old-<pid>-<ns>`, _replace_dir) whose export
+    is gone, never following it: an owner file read through it would be its target's, and
+    what it points to is not the export's to delete. The process is judged by the pid in
+    the name alone (a link has no owner file of its own); removing one loses nothing but
+    the name, as what it pointed to stays."""
+    try:
+        pid = int(path.name.rsplit("-", 2)[-2])
+    except (IndexError, ValueError):
+        return  # not a name _replace_dir gives
+    if pid == os.getpid():
+        return
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        log.info("removing the link %s, left by an export that did not finish", path)
+        path.unlink(missing_ok=True)
+    except PermissionError:
+        pass  # another user's process is alive with that id
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -622,7 +646,8 @@ def _replace_dir(new: Path, target: Path) -> None:
     never none, which it would retire); else with two renames, and if the second fails
     the older one is put back. The owner file goes from the one to the other (what is
     published carries none; a replaced folder that cannot take it, read-only, is left for
-    a person should this process die before removing it)."""
+    a person should this process die before removing it). A replaced link takes no owner
+    file and goes as a link: what it points to is not the export's to write or delete."""
     owner = new / BUILD_OWNER
     mark = owner.read_text()
     owner.unlink()
@@ -631,11 +656,12 @@ def _replace_dir(new: Path, target: Path) -> None:
             (new / BUILD_OWNER).write_text(mark)
         shutil.rmtree(new, ignore_errors=True)
         return
-    old = None
-    if target.exists():
+    old, folder = None, False
+    if os.path.lexists(target):
         old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.monotonic_ns()}")
         target.rename(old)
-        if old.is_dir():
+        folder = old.is_dir() and not old.is_symlink()  # a link: only the name is ours
+        if folder:
             with contextlib.suppress(OSError):
                 (old / BUILD_OWNER).write_text(mark)
     try:
@@ -645,10 +671,10 @@ def _replace_dir(new: Path, target: Path) -> None:
             old.rename(target)
         raise
     if old is not None:
-        if old.is_dir():
+        if folder:
             shutil.rmtree(old, ignore_errors=True)
         else:
-            old.unlink()
+            old.unlink(missing_ok=True)  # a link goes, not what it points to
 
 
 # --- a repository ---------------------------------------------------------------------------

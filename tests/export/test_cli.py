@@ -205,6 +205,55 @@ def test_a_replace_that_fails_halfway_puts_the_published_version_back(
     assert not (target / BUILD_OWNER).exists() and not list(tmp_path.glob(".1.*"))
 
 
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_replacing_a_linked_version_leaves_no_hidden_link_and_its_target_as_it_was(
+    exported, tmp_path: Path
+) -> None:
+    """models/<name>/<N> may be a link to a folder elsewhere: --replace publishes the new
+    export under N and removes the link by its name, writing nothing through it and
+    deleting nothing it points to. A hidden link a dead export left is swept the same way
+    (not judged by an owner file read through it)."""
+    repo = tmp_path / "models"
+    shutil.copytree(exported("lm-post").checkpoint, repo / "en-lm" / "checkpoint")
+    store = tmp_path / "store"
+    shutil.copytree(exported("lm-pre").version_dir, store / "en-lm-1")
+    (repo / "en-lm" / "1").symlink_to(store / "en-lm-1", target_is_directory=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    # what an export that died left: its owner file was written through the link
+    _left_by(store / "replaced", socket.gethostname(), dead.pid)
+    (repo / "en-lm" / f".1.old-{dead.pid}-1").symlink_to(store / "replaced")
+    before = _tree(store)
+    args = ["--repository", str(repo), "--variants", "fp32", "--exporter", "torchscript"]
+    refused = runner.invoke(export_app, args)
+    assert refused.exit_code == 1 and "--replace" in refused.output
+    result = runner.invoke(export_app, [*args, "--replace"])
+    assert result.exit_code == 0 and "exported" in result.output, result.output
+    assert sorted(p.name for p in (repo / "en-lm").iterdir()) == ["1", "checkpoint"]
+    published = repo / "en-lm" / "1"
+    assert published.is_dir() and not published.is_symlink()
+    assert load_manifest(published).config == exported("lm-post").manifest.config
+    assert not (published / BUILD_OWNER).exists()
+    assert _tree(store) == before
+
+
+def test_a_dangling_link_is_replaced_by_its_name(tmp_path: Path) -> None:
+    """A version's link whose folder is gone is replaced like any other (not taken for
+    nothing there, which the build folder cannot be renamed onto)."""
+    from export import onnx_export
+
+    target = tmp_path / "1"
+    target.symlink_to(tmp_path / "gone", target_is_directory=True)
+    build = _left_by(tmp_path / ".1.tmp-x", socket.gethostname(), os.getpid())
+    (build / "manifest.json").write_text("new")
+    onnx_export._replace_dir(build, target)
+    assert not target.is_symlink() and (target / "manifest.json").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1"]
+
+
 def test_the_export_command_leaves_sigterm_as_it_found_it(exported, tmp_path: Path) -> None:
     """Its SIGTERM handler (unwind, removing the build folder) is for the export only: a
     program that runs it in process gets its own handler back."""
