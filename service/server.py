@@ -235,20 +235,30 @@ class Transport:
 
     # -- checks -----------------------------------------------------------------------
 
-    def _metadata(self, context: grpc.aio.ServicerContext) -> dict[str, str]:
-        return {
-            str(k).lower(): v if isinstance(v, str) else v.decode("latin-1")
-            for k, v in (context.invocation_metadata() or ())
-        }
+    def _metadata(self, context: grpc.aio.ServicerContext) -> dict[str, list[str]]:
+        """Every value of each key, in the order sent: a key may come more than once, and
+        a dict of one value each would keep only the last (a second `authorization`)."""
+        metadata: dict[str, list[str]] = {}
+        for k, v in context.invocation_metadata() or ():
+            metadata.setdefault(str(k).lower(), []).append(
+                v if isinstance(v, str) else v.decode("latin-1")
+            )
+        return metadata
 
-    def request_id(self, metadata: dict[str, str]) -> str:
-        given = metadata.get(REQUEST_ID_KEY, "")
+    def request_id(self, metadata: dict[str, list[str]]) -> str:
+        given = metadata.get(REQUEST_ID_KEY, [""])[-1]
         return given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
 
-    def authenticate(self, metadata: dict[str, str]) -> None:
+    def authenticate(self, metadata: dict[str, list[str]]) -> None:
         if self._token is None:
             return
-        header = metadata.get("authorization", "")
+        headers = metadata.get("authorization", [])
+        if len(headers) > 1:
+            raise Unauthenticated(
+                f"{len(headers)} `authorization` metadata headers: exactly one "
+                "`authorization: Bearer <token>` header is allowed"
+            )
+        header = headers[0] if headers else ""
         if not header:
             raise Unauthenticated("missing `authorization: Bearer <token>` metadata")
         scheme, _, token = header.partition(" ")

@@ -30,6 +30,11 @@ from service.domain import bearer_token
 
 ENV_PREFIX = "SERVE_"
 CONFIG_ENV = "SERVE_CONFIG"
+# The smallest max_message_bytes: the server's reflection and health answers are bound by
+# it too, and reflection sends a proto file's descriptor, with its imports, in one message:
+# 3,193 bytes at most for the protos served (inference.proto's), so 16 KiB leaves room for
+# them to grow.
+MIN_MESSAGE_BYTES = 16 << 10
 
 
 class SettingsError(ValueError):
@@ -140,7 +145,10 @@ class Settings(BaseSettings):
     max_stop_strings: int = Field(8, ge=0, le=256, description="Stop strings per request.")
     max_stop_chars: int = Field(64, ge=1, le=4096, description="Characters per stop string.")
     max_message_bytes: int = Field(
-        4 << 20, ge=1024, le=1 << 30, description="Largest gRPC message, either direction."
+        4 << 20,
+        le=1 << 30,
+        description=f"Largest gRPC message, either direction (at least {MIN_MESSAGE_BYTES}: "
+        "server reflection's answers must fit).",
     )
     max_calls: int = Field(
         2048,
@@ -234,6 +242,18 @@ class Settings(BaseSettings):
     def address(self, port: int) -> str:
         """host:port as gRPC and logs write it (an IPv6 host in brackets)."""
         return f"[{self.host}]:{port}" if ":" in self.host else f"{self.host}:{port}"
+
+    @field_validator("max_message_bytes")
+    @classmethod
+    def _reflection_fits(cls, value: int) -> int:
+        """Below the floor reflection fails (RESOURCE_EXHAUSTED), grpcurl with it."""
+        if value < MIN_MESSAGE_BYTES:
+            raise ValueError(
+                f"must be ≥ {MIN_MESSAGE_BYTES} ({MIN_MESSAGE_BYTES >> 10} KiB): server "
+                "reflection's answers (a proto file's descriptor, about 3.2 KB for "
+                "inference.proto) and health answers must fit in one message"
+            )
+        return value
 
     @field_validator("model_repository", mode="before")
     @classmethod

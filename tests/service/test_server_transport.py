@@ -43,10 +43,13 @@ from service.domain import (
 from service.gen.inference.v1 import inference_pb2 as pb
 from service.metrics import Metrics
 from service.server import InferenceServer, StartupError, Transport, serve
-from service.settings import load_settings
+from service.settings import MIN_MESSAGE_BYTES, load_settings
 from tests.conftest import free_port
 
 TOKEN = "s3cret-token"
+LIMIT = MIN_MESSAGE_BYTES  # the smallest max message size a server may have
+# Settings of a server whose texts may be as long as LIMIT (32 characters a token).
+LONG_TEXTS: dict[str, Any] = {"max_input_tokens": LIMIT // 32}
 
 
 class FakeBackend:
@@ -339,9 +342,9 @@ def test_a_request_id_is_echoed_only_if_it_is_a_valid_header_value_whole() -> No
     it (the call failed with INTERNAL "Invalid metadata" while it was counted as OK)."""
     transport = Transport(load_settings(), Metrics())
     for given in ("abc-123", "a" * 128, "x/y:z+1=2.3_4"):
-        assert transport.request_id({"x-request-id": given}) == given
+        assert transport.request_id({"x-request-id": [given]}) == given
     for given in ("abc\n", "abc\r\n", "a" * 129, "a b", "", "é", 'x","level":"ERROR'):
-        generated = transport.request_id({"x-request-id": given})
+        generated = transport.request_id({"x-request-id": [given]})
         assert generated != given and len(generated) == 32 and generated.isalnum()
 
 
@@ -685,20 +688,20 @@ def test_an_open_service_request_that_is_not_valid_protobuf_is_invalid_argument(
 def test_a_request_over_the_max_message_size_is_refused_and_counted() -> None:
     """Named with the limit and counted like any refusal, instead of grpc's uncounted
     RESOURCE_EXHAUSTED; grpc still refuses by itself one over twice the limit."""
-    server = InProcessServer(max_message_bytes=1024)
+    server = InProcessServer(max_message_bytes=LIMIT, **LONG_TEXTS)
     try:
         with Client(server.address, timeout=10) as c:
-            assert c.translate(["a" * 400] * 2).translations  # 8xx bytes: within it
-            for texts, counted in ((["a" * 500] * 4, 1), (["a" * 3000], 0)):
+            assert c.translate(["a" * (LIMIT // 3)] * 2).translations  # 2/3 of it: within
+            for texts, counted in ((["a" * (LIMIT // 3)] * 4, 1), (["a" * 3 * LIMIT], 0)):
                 with pytest.raises(grpc.RpcError) as error:
                     c.translate(texts)
                 assert _code(error) == grpc.StatusCode.RESOURCE_EXHAUSTED
                 details = error.value.details()  # type: ignore[attr-defined]
                 if counted:
-                    assert "over the server's max message size of 1,024" in details
+                    assert f"over the server's max message size of {LIMIT:,}" in details
                     assert "(SERVE_MAX_MESSAGE_BYTES): send fewer or shorter texts" in details
             with pytest.raises(grpc.RpcError) as error:
-                list(c.translate_stream("a" * 1500))
+                list(c.translate_stream("a" * (3 * LIMIT // 2)))
             assert _code(error) == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert server.counter("Translate", "unknown", "RESOURCE_EXHAUSTED") == 1
         assert server.counter("TranslateStream", "unknown", "RESOURCE_EXHAUSTED") == 1
@@ -711,8 +714,8 @@ def test_a_request_over_the_max_message_size_is_refused_and_counted() -> None:
 def test_an_answer_over_the_max_message_size_is_refused_and_counted() -> None:
     """grpc would fail such an answer on the wire after the call counted as OK: the
     transport refuses it instead, naming the size, the limit and what to ask for."""
-    server = InProcessServer(max_message_bytes=1024)
-    text = " ".join(f"w{i}" for i in range(30))  # the fake aligns every word with every word
+    server = InProcessServer(max_message_bytes=LIMIT)
+    text = " ".join(f"w{i}" for i in range(70))  # the fake aligns every word with every word
     try:
         with Client(server.address, timeout=10) as c:
             assert c.translate(text).translations  # small enough without alignment
@@ -725,7 +728,7 @@ def test_an_answer_over_the_max_message_size_is_refused_and_counted() -> None:
                     call()
                 assert _code(error) == grpc.StatusCode.RESOURCE_EXHAUSTED
                 details = error.value.details()  # type: ignore[attr-defined]
-                assert "over the server's max message size of 1,024" in details
+                assert f"over the server's max message size of {LIMIT:,}" in details
                 assert "no alignment" in details
         assert server.counter("Translate", "en-es", "RESOURCE_EXHAUSTED") == 1
         assert server.counter("TranslateStream", "en-es", "RESOURCE_EXHAUSTED") == 1
@@ -739,8 +742,8 @@ def test_an_answer_over_the_max_message_size_is_refused_and_counted() -> None:
 def test_a_multi_text_answer_over_the_max_message_size_is_refused_before_the_rest_decodes() -> None:
     """Once the texts decoded are over the max message size the call is refused (their
     size a lower bound), and the texts left are cancelled, not decoded for nothing."""
-    server = InProcessServer(max_message_bytes=1024)
-    text = " ".join(f"w{i}" for i in range(30))  # the fake aligns every word with every word
+    server = InProcessServer(max_message_bytes=LIMIT)
+    text = " ".join(f"w{i}" for i in range(70))  # the fake aligns every word with every word
     try:
         with Client(server.address, timeout=10) as c:
             with pytest.raises(grpc.RpcError) as error:
@@ -757,17 +760,21 @@ def test_a_multi_text_answer_over_the_max_message_size_is_refused_before_the_res
         server.stop()
 
 
-def test_the_max_message_size_is_a_tight_bound(fake: InProcessServer) -> None:
+def test_the_max_message_size_is_a_tight_bound() -> None:
     """An answer of exactly max_message_bytes goes out; one byte more is refused by the
     transport (RESOURCE_EXHAUSTED, counted as such), not only answers far over it."""
 
     def texts(n: int) -> list[str]:
-        return ["a" * 400, "b" * 400, "c" * n]
+        return ["a" * (LIMIT // 2), "b" * (LIMIT // 2), "c" * n]
 
-    with Client(fake.address, timeout=10) as c:  # the module's server: a 4 MiB limit
-        size = c.translate(texts(300)).ByteSize()
-        assert c.translate(texts(301)).ByteSize() == size + 1 and size >= 1024
-    server = InProcessServer(max_message_bytes=size)
+    wide = InProcessServer(**LONG_TEXTS)  # a 4 MiB limit
+    try:
+        with Client(wide.address, timeout=10) as c:
+            size = c.translate(texts(300)).ByteSize()
+            assert c.translate(texts(301)).ByteSize() == size + 1 and size >= LIMIT
+    finally:
+        wide.stop()
+    server = InProcessServer(max_message_bytes=size, **LONG_TEXTS)
     try:
         with Client(server.address, timeout=10) as c:
             assert c.translate(texts(300)).ByteSize() == size  # exactly the limit
@@ -959,6 +966,38 @@ def test_health_per_service(fake: InProcessServer) -> None:
         assert _health(fake.address, service) == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_reflection_and_health_answer_at_the_smallest_max_message_size() -> None:
+    """Reflection's answers are bound by the max message size too (a proto file's
+    descriptor in one message): at the floor every service is listed and described, so
+    grpcurl works against any server the settings let start."""
+    from google.protobuf.descriptor_pool import DescriptorPool
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    server = InProcessServer(max_message_bytes=LIMIT)
+    try:
+        for service in ("", "inference.v1.Translator"):
+            assert _health(server.address, service) == health_pb2.HealthCheckResponse.SERVING
+        with grpc.insecure_channel(server.address) as channel:
+            database = ProtoReflectionDescriptorDatabase(channel)
+            services = set(database.get_services())
+            assert services == {
+                "inference.v1.Translator",
+                "inference.v1.Generator",
+                "inference.v1.Models",
+                "grpc.health.v1.Health",
+                "grpc.reflection.v1alpha.ServerReflection",
+            }
+            pool = DescriptorPool(database)
+            for name in services:
+                assert pool.FindServiceByName(name).methods, name
+            translate = pool.FindMethodByName("inference.v1.Translator.Translate")
+            assert "texts" in translate.input_type.fields_by_name
+    finally:
+        server.stop()
+
+
 def test_a_model_that_stops_serving_unreadies_the_server_but_not_the_other_service() -> None:
     """ "" (readiness) needs every model; each service's own health needs its task. A
     version that stops on its own (its engine died) tells the server through watch(), and
@@ -1048,6 +1087,47 @@ def test_the_right_token_under_another_scheme_is_unauthenticated(header: str) ->
             )
         assert [r.text for r in server.backend.requests] == ["x"]
         assert server.counter("Translate", "unknown", "UNAUTHENTICATED") == 1
+    finally:
+        server.stop()
+
+
+def test_two_authorization_headers_are_unauthenticated_whatever_their_values() -> None:
+    """A call with two `authorization` headers is refused, whichever comes last (a dict of
+    the metadata kept only that one): a proxy that adds its own header must not make a
+    wrong token pass, nor the right one fail as "invalid"."""
+    from service.gen.inference.v1 import inference_pb2_grpc as pb_grpc
+
+    right, wrong = f"Bearer {TOKEN}", "Bearer wrong"
+    server = InProcessServer(auth_token=TOKEN)
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            translator = pb_grpc.TranslatorStub(channel)
+            generator = pb_grpc.GeneratorStub(channel)
+            models = pb_grpc.ModelsStub(channel)
+            calls: dict[str, Callable[[Any], object]] = {
+                "Translate": lambda md: translator.Translate(
+                    pb.TranslateRequest(texts=["x"]), metadata=md, timeout=5
+                ),
+                "Generate": lambda md: list(
+                    generator.Generate(pb.GenerateRequest(prompt="x"), metadata=md, timeout=5)
+                ),
+                "Reload": lambda md: models.Reload(pb.ReloadRequest(), metadata=md, timeout=5),
+            }
+            for headers in ((wrong, right), (right, wrong), (right, right)):
+                for call in calls.values():
+                    with pytest.raises(grpc.RpcError) as error:
+                        call([("authorization", value) for value in headers])
+                    assert _code(error) == grpc.StatusCode.UNAUTHENTICATED
+                    assert error.value.details() == (  # type: ignore[attr-defined]
+                        "2 `authorization` metadata headers: exactly one "
+                        "`authorization: Bearer <token>` header is allowed"
+                    )
+            assert server.backend.requests == []
+            for call in calls.values():  # one header with the token is served
+                call([("authorization", right)])
+        assert [r.text for r in server.backend.requests] == ["x", "x"]
+        for method in calls:
+            assert server.counter(method, "unknown", "UNAUTHENTICATED") == 3
     finally:
         server.stop()
 

@@ -148,6 +148,14 @@ def test_the_config_variable_is_read_in_any_case_and_one_spelling_at_a_time(
         ({"SERVE_MAX_QUEUE": "2"}, {}, "max_texts_per_request (64) must be ≤ max_queue (2)"),
         ({"SERVE_MAX_CALLS": "100"}, {}, "max_calls (100) must be ≥ max_queue + max_batch_size"),
         ({}, {"request_read_timeout_s": 0}, "--request-read-timeout-s 0: must be ≥ 0.1"),
+        (
+            {"SERVE_MAX_MESSAGE_BYTES": "16383"},
+            {},
+            "SERVE_MAX_MESSAGE_BYTES=16383: must be ≥ 16384 (16 KiB): server reflection's "
+            "answers (a proto file's descriptor, about 3.2 KB for inference.proto) and health "
+            "answers must fit in one message",
+        ),
+        ({}, {"max_message_bytes": 1024}, "--max-message-bytes 1024: must be ≥ 16384 (16 KiB)"),
         ({}, {"health_port": 8000}, "health_port (8000) must differ from metrics_port"),
         ({"SERVE_HEALTH_PORT": "50051"}, {}, "health_port (50051) must differ from port"),
         ({}, {"tls_cert": Path("/nonexistent.pem")}, "tls_cert and tls_key go together"),
