@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from transformer.checkpoint import load_checkpoint, save_checkpoint
+from transformer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from transformer.config import TransformerConfig
 from transformer.data import load_lines, load_pairs
 from transformer.decoding import DecodingOptions, translate
@@ -235,16 +235,23 @@ def run_training(
     resume: bool,
     dev_texts: tuple[list[str], list[str]] | None = None,
     sp: spm.SentencePieceProcessor | None = None,
+    init_from: Path | None = None,
 ) -> dict[str, Any]:
-    """The training loop shared by both models; returns the training record."""
+    """The training loop shared by both models; returns the training record. `init_from`:
+    a checkpoint to start from (its weights, grown to config's positions, with a fresh
+    optimizer), instead of a new model."""
     torch.manual_seed(settings.seed)
     rng = random.Random(settings.seed)
     device = settings.device
     model: Model
     state: dict[str, Any] = {"step": 0, "epoch": 0, "best_dev_loss": None, "elapsed_s": 0.0}
+    state["init_from"] = None if init_from is None else str(init_from)  # kept on resume
     resuming = resume and _state_paths(work_dir)[2].is_file()
     if resuming:
         model = load_checkpoint(_state_paths(work_dir)[0], device)
+        config = model.config
+    elif init_from is not None:
+        model = _grown(init_from, config).to(device)
         config = model.config
     else:
         model = build_model(config).to(device)
@@ -324,6 +331,7 @@ def run_training(
         f"{torch.get_num_threads()} threads",
         "torch": torch.__version__,
         "settings": settings.__dict__,
+        "init_from": state.get("init_from"),
         "history": history,
     }
     (out / "training.json").write_text(json.dumps(training, indent=2) + "\n")
@@ -435,6 +443,14 @@ def train_lm(
     amp: Annotated[bool, typer.Option(help="bf16 autocast.")] = True,
     resume: bool = True,
     threads: int = 0,
+    init_from: Annotated[
+        Path | None,
+        typer.Option(
+            help="Start from this checkpoint's weights (a fresh optimizer and warm-up), e.g. "
+            "to go on training a model of shorter blocks on --block ones: its learned "
+            "position table grows to --block, the new rows initialised as a new model's."
+        ),
+    ] = None,
 ) -> None:
     """Train the English language model on verse text packed into fixed-size blocks."""
     if threads:
@@ -463,7 +479,41 @@ def train_lm(
         work_dir,
         tokenizer,
         resume,
+        init_from=init_from,
     )
+
+
+def _grown(checkpoint: Path, config: TransformerConfig) -> Model:
+    """The checkpoint's model with its learned position table grown to
+    config.max_positions (the rows it had kept, the new ones as build_model makes them),
+    refused where it is not a model `config` could continue."""
+    try:
+        base = load_checkpoint(checkpoint)
+    except CheckpointError as error:
+        raise typer.BadParameter(str(error), param_hint="--init-from") from None
+    have, want = base.config, config
+    if have.vocab_size != want.vocab_size or have.arch != want.arch:
+        raise typer.BadParameter(
+            f"{checkpoint} is a {have.arch} model of {have.vocab_size} tokens; this run "
+            f"trains a {want.arch} model of {want.vocab_size} (the tokenizer's)",
+            param_hint="--init-from",
+        )
+    if have.positional != "learned" or have.max_positions > want.max_positions:
+        raise typer.BadParameter(
+            f"{checkpoint} has {have.max_positions} {have.positional} positions; it can "
+            f"only grow to --block {want.max_positions}, not shrink, and only a learned "
+            "table grows",
+            param_hint="--init-from",
+        )
+    model = build_model(replace(have, max_positions=want.max_positions))
+    state = base.state_dict()
+    for name, table in model.state_dict().items():
+        if state[name].shape != table.shape:  # the position table: keep its trained rows
+            grown = table.clone()
+            grown[: state[name].shape[0]] = state[name]
+            state[name] = grown
+    model.load_state_dict(state)
+    return model
 
 
 __all__ = ["LANGUAGE_MODEL", "TRANSLATOR", "app", "learning_rate", "make_batches", "run_training"]

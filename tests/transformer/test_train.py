@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 import torch
+import typer
+from typer.testing import CliRunner, Result
 
 from tests.fixtures import VERSES as FIXTURE
 from transformer.checkpoint import load_checkpoint
@@ -120,31 +122,69 @@ def test_learning_rate_warms_up_then_decays() -> None:
 
 
 def test_missing_data_names_the_command_to_run(tmp_path: Path) -> None:
-    from typer.testing import CliRunner
 
     result = CliRunner().invoke(app, ["translator", "--data", str(tmp_path)])
     assert result.exit_code != 0
     assert "make data" in result.output
 
 
+def _train_lm(tmp_path: Path, tokenizer: Path, name: str, *options: str) -> Result:
+    """`train lm` for one step on fixture verses, into tmp_path / name."""
+    data = tmp_path / "data"
+    if not data.is_dir():
+        (data / "spm").mkdir(parents=True)
+        (data / "spm" / "lm.model").write_bytes(tokenizer.read_bytes())
+        lines = [p.en for p in load_pairs(FIXTURE)[:24]]
+        (data / "lm.train.txt").write_text("\n".join(lines[:16]) + "\n")
+        (data / "lm.dev.txt").write_text("\n".join(lines[16:]) + "\n")
+    args = ["lm", "--data", str(data), "--out", str(tmp_path / name)]
+    args += ["--work-dir", str(tmp_path / f"{name}-work"), "--max-steps", "1", "--no-amp"]
+    return CliRunner().invoke(app, [*args, "--threads", "1", *options])
+
+
 def test_lm_positions_are_all_trained(tmp_path: Path, tokenizer: Path) -> None:
     """A learned position table longer than the training blocks keeps untrained rows that
     generation then uses (the shipped LM, 128-token blocks and 512 positions, doubles its
     perplexity past position 128): the LM's max_positions is its block length."""
-    from typer.testing import CliRunner
-
-    data = tmp_path / "data"
-    (data / "spm").mkdir(parents=True)
-    (data / "spm" / "lm.model").write_bytes(tokenizer.read_bytes())
-    lines = [p.en for p in load_pairs(FIXTURE)[:24]]
-    (data / "lm.train.txt").write_text("\n".join(lines[:16]) + "\n")
-    (data / "lm.dev.txt").write_text("\n".join(lines[16:]) + "\n")
-    out = tmp_path / "out"
-    args = ["lm", "--data", str(data), "--out", str(out), "--work-dir", str(tmp_path / "work")]
-    args += ["--block", "16", "--max-steps", "1", "--no-amp", "--threads", "1"]
-    result = CliRunner().invoke(app, args)
+    result = _train_lm(tmp_path, tokenizer, "out", "--block", "16")
     assert result.exit_code == 0, result.output
-    model = load_checkpoint(out)
+    model = load_checkpoint(tmp_path / "out")
     assert model.config.positional == "learned"
     # Inputs of a block are its first 16 tokens: positions 0 .. 15, every row of the table.
     assert model.config.max_positions == 16
+
+
+def test_an_lm_trained_on_short_blocks_goes_on_with_longer_ones(
+    tmp_path: Path, tokenizer: Path
+) -> None:
+    """--init-from grows a checkpoint's learned positions to --block, keeping every weight
+    it had (its trained rows too), so training goes on where it was instead of anew; a
+    table it would have to shrink, or a model of another vocabulary, is refused by name."""
+    from transformer.train import _grown
+
+    assert _train_lm(tmp_path, tokenizer, "short", "--block", "16").exit_code == 0
+    base = load_checkpoint(tmp_path / "short")
+    config = replace(base.config, max_positions=48)
+    grown = _grown(tmp_path / "short", config)
+    assert grown.config == config
+    kept, new = base.state_dict(), grown.state_dict()
+    for name, tensor in kept.items():
+        if name.endswith("position.weight"):
+            assert new[name].shape == (48, base.config.d_model)
+            assert torch.equal(new[name][:16], tensor)
+            assert new[name][16:].std() > 0  # initialised, not zeros
+        else:
+            assert torch.equal(new[name], tensor), name
+    result = _train_lm(
+        tmp_path, tokenizer, "long", "--block", "48", "--init-from", f"{tmp_path / 'short'}"
+    )
+    assert result.exit_code == 0, result.output
+    assert load_checkpoint(tmp_path / "long").config.max_positions == 48
+    record = json.loads((tmp_path / "long" / "training.json").read_text())
+    assert record["init_from"] == str(tmp_path / "short")
+    shrink = _train_lm(
+        tmp_path, tokenizer, "x", "--block", "8", "--init-from", f"{tmp_path / 'short'}"
+    )
+    assert shrink.exit_code != 0 and "can only grow to --block 8, not shrink" in shrink.output
+    with pytest.raises(typer.BadParameter, match="this run trains a decoder-only model of 999"):
+        _grown(tmp_path / "short", replace(config, vocab_size=999))
