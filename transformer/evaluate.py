@@ -52,19 +52,66 @@ def translate_texts(
     return [out[i] for i in range(len(texts))]
 
 
+def _stages(training: dict[str, Any]) -> list[dict[str, Any]]:
+    """The runs that made the weights, first to last: a run started from another
+    checkpoint's weights (`train --init-from`) keeps that one's record as init_training."""
+    stages = []
+    record: dict[str, Any] | None = training
+    while record:
+        stages.append(record)
+        record = record.get("init_training")
+    return stages[::-1]
+
+
+def _stage(record: dict[str, Any]) -> str:
+    """One run of a model's training, for the card."""
+    settings = record.get("settings", {})
+    block = f" on {settings['block']}-token blocks" if settings.get("block") else ""
+    return (
+        f"{record.get('steps', '?')} steps{block} (lr {settings.get('lr', '?')}, warm-up "
+        f"{settings.get('warmup', '?')}, ≤ {settings.get('max_tokens', '?')} tokens a batch, "
+        f"{record.get('wall_time_s', 0) / 60:.1f} min on {record.get('hardware', '?')})"
+    )
+
+
 def _trained(checkpoint: Path) -> str:
     """The card's line on how little training went in, from training.json."""
-    training = _training(checkpoint)
-    if "wall_time_s" not in training:
+    stages = _stages(_training(checkpoint))
+    if not stages or any("wall_time_s" not in t for t in stages):
         return "Small model; its training record (training.json) is missing."
-    minutes = training["wall_time_s"] / 60
-    return f"Small model, trained for {minutes:.0f} min ({training.get('hardware', '?')})."
+    minutes = sum(t["wall_time_s"] for t in stages) / 60
+    where = "; ".join(dict.fromkeys(t.get("hardware", "?") for t in stages))
+    runs = f" in {len(stages)} runs" if len(stages) > 1 else ""
+    return f"Small model, trained for {minutes:.0f} min{runs} ({where})."
 
 
 def _card_header(name: str, checkpoint: Path, model: torch.nn.Module) -> list[str]:
     training = _training(checkpoint)
     config = json.loads((checkpoint / "config.json").read_text())
     settings = training.get("settings", {})
+    stages = _stages(training)
+    if len(stages) > 1:  # trained on in runs from each other's weights: each says its own
+        parts = []
+        for i, record in enumerate(stages):
+            origin = f", from run {i}'s weights" if i else ""
+            parts.append(f"run {i + 1}{origin}: {_stage(record)}")
+        runs = "; ".join(parts)
+        how = [
+            f"| training | {runs} |",
+            f"| last run | best dev loss at step {training.get('best_step', '?')}, epochs "
+            f"completed {training.get('epochs_completed', '?')} ({training.get('device', '?')}) |",
+            f"| wall time | {sum(t.get('wall_time_s', 0) for t in stages) / 60:.1f} min in all |",
+        ]
+    else:
+        how = [
+            f"| training steps | {training.get('steps', '?')} (best dev loss at step "
+            f"{training.get('best_step', '?')}, epochs completed "
+            f"{training.get('epochs_completed', '?')}) |",
+            f"| batch | ≤ {settings.get('max_tokens', '?')} tokens, lr {settings.get('lr', '?')}, "
+            f"warm-up {settings.get('warmup', '?')} |",
+            f"| hardware | {training.get('hardware', '?')} ({training.get('device', '?')}) |",
+            f"| wall time | {training.get('wall_time_s', 0) / 60:.1f} min |",
+        ]
     return [
         f"# {name}",
         "",
@@ -78,13 +125,7 @@ def _card_header(name: str, checkpoint: Path, model: torch.nn.Module) -> list[st
         f"{config['d_ff']}, {'pre' if config['norm_first'] else 'post'}-LN, "
         f"{config['positional']} positions, {config['activation']} |",
         f"| vocabulary | {config['vocab_size']} SentencePiece unigram pieces |",
-        f"| training steps | {training.get('steps', '?')} (best dev loss at step "
-        f"{training.get('best_step', '?')}, epochs completed "
-        f"{training.get('epochs_completed', '?')}) |",
-        f"| batch | ≤ {settings.get('max_tokens', '?')} tokens, lr {settings.get('lr', '?')}, "
-        f"warm-up {settings.get('warmup', '?')} |",
-        f"| hardware | {training.get('hardware', '?')} ({training.get('device', '?')}) |",
-        f"| wall time | {training.get('wall_time_s', 0) / 60:.1f} min |",
+        *how,
         f"| torch | {training.get('torch', torch.__version__)} |",
         "| weights | `checkpoint/model.safetensors` (fp16), `checkpoint/config.json`, "
         "`checkpoint/tokenizer.model` |",

@@ -89,6 +89,8 @@ class TrainSettings:
     device: str
     # bf16 autocast (fp32 master weights): ~5x faster on CPUs with AVX512-BF16/AMX.
     amp: bool = True
+    # The LM's tokens per training sequence (the translator trains on whole verses).
+    block: int | None = None
 
 
 def make_batches(
@@ -245,7 +247,10 @@ def run_training(
     device = settings.device
     model: Model
     state: dict[str, Any] = {"step": 0, "epoch": 0, "best_dev_loss": None, "elapsed_s": 0.0}
-    state["init_from"] = None if init_from is None else str(init_from)  # kept on resume
+    if init_from is not None:  # kept in state.json, so a resumed run records them too
+        state["init_from"] = str(init_from)
+        base = init_from / "training.json"
+        state["init_training"] = json.loads(base.read_text()) if base.is_file() else None
     resuming = resume and _state_paths(work_dir)[2].is_file()
     if resuming:
         model = load_checkpoint(_state_paths(work_dir)[0], device)
@@ -332,6 +337,7 @@ def run_training(
         "torch": torch.__version__,
         "settings": settings.__dict__,
         "init_from": state.get("init_from"),
+        "init_training": state.get("init_training"),  # how the weights it began with were made
         "history": history,
     }
     (out / "training.json").write_text(json.dumps(training, indent=2) + "\n")
@@ -346,7 +352,7 @@ def _sp(path: Path) -> spm.SentencePieceProcessor:
 
 def _settings(options: dict[str, Any]) -> TrainSettings:
     """TrainSettings from a command's options (the parameters of the same names)."""
-    kwargs = {f.name: options[f.name] for f in fields(TrainSettings)}
+    kwargs = {f.name: options[f.name] for f in fields(TrainSettings) if f.name in options}
     if kwargs["device"] == "cuda" and not torch.cuda.is_available():
         raise typer.BadParameter("--device cuda asked for, but torch sees no CUDA device")
     return TrainSettings(**kwargs)

@@ -10,7 +10,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from transformer.evaluate import _context_limit, _trained, perplexity_by_position
+from transformer.evaluate import (
+    _card_header,
+    _context_limit,
+    _trained,
+    perplexity_by_position,
+)
 
 
 def test_the_training_line_comes_from_training_json(tmp_path: Path) -> None:
@@ -18,6 +23,38 @@ def test_the_training_line_comes_from_training_json(tmp_path: Path) -> None:
         json.dumps({"wall_time_s": 4500.8, "hardware": "x86_64, 2 threads"})
     )
     assert _trained(tmp_path) == "Small model, trained for 75 min (x86_64, 2 threads)."
+
+
+def test_a_model_trained_on_from_another_says_how_each_run_went(tmp_path: Path) -> None:
+    """`train --init-from` keeps the record of the run it started from: the card names
+    every run, first to last, and the time they took together."""
+    first = {
+        "steps": 1560, "wall_time_s": 3600.0, "hardware": "x86_64, 1 threads",
+        "settings": {"lr": 0.001, "warmup": 500, "max_tokens": 8192},
+    }  # fmt: skip
+    last = {
+        "steps": 400, "wall_time_s": 1200.0, "hardware": "x86_64, 2 threads",
+        "best_step": 400, "epochs_completed": 3, "device": "cpu", "init_training": first,
+        "settings": {"lr": 0.0003, "warmup": 100, "max_tokens": 8192, "block": 512},
+    }  # fmt: skip
+    (tmp_path / "training.json").write_text(json.dumps(last))
+    config = {"arch": "decoder-only", "d_model": 8, "n_heads": 2, "n_encoder_layers": 0,
+              "n_decoder_layers": 1, "d_ff": 16, "norm_first": True, "positional": "learned",
+              "activation": "gelu", "vocab_size": 10}  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert _trained(tmp_path) == (
+        "Small model, trained for 80 min in 2 runs (x86_64, 1 threads; x86_64, 2 threads)."
+    )
+    card = "\n".join(_card_header("m", tmp_path, torch.nn.Linear(2, 2)))
+    assert (
+        "| training | run 1: 1560 steps (lr 0.001, warm-up 500, ≤ 8192 tokens a batch, "
+        "60.0 min on x86_64, 1 threads); run 2, from run 1's weights: 400 steps on 512-token "
+        "blocks (lr 0.0003, warm-up 100, ≤ 8192 tokens a batch, 20.0 min on x86_64, 2 "
+        "threads) |" in card
+    )
+    assert "| last run | best dev loss at step 400, epochs completed 3 (cpu) |" in card
+    assert "| wall time | 80.0 min in all |" in card
+    assert "| training steps |" not in card
 
 
 def test_without_a_training_record_the_card_says_so(tmp_path: Path) -> None:

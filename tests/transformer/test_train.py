@@ -182,6 +182,8 @@ def test_an_lm_trained_on_short_blocks_goes_on_with_longer_ones(
     assert load_checkpoint(tmp_path / "long").config.max_positions == 48
     record = json.loads((tmp_path / "long" / "training.json").read_text())
     assert record["init_from"] == str(tmp_path / "short")
+    assert record["settings"]["block"] == 48
+    assert record["init_training"] == json.loads((tmp_path / "short" / "training.json").read_text())
     shrink = _train_lm(
         tmp_path, tokenizer, "x", "--block", "8", "--init-from", f"{tmp_path / 'short'}"
     )
