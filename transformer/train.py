@@ -490,9 +490,9 @@ def train_lm(
 
 
 def _grown(checkpoint: Path, config: TransformerConfig) -> Model:
-    """The checkpoint's model with its learned position table grown to
-    config.max_positions (the rows it had kept, the new ones as build_model makes them),
-    refused where it is not a model `config` could continue."""
+    """The checkpoint's model with its positions grown to config.max_positions (a learned
+    table keeps its rows, the new ones made as build_model makes them), refused where it
+    is not a model `config` could continue."""
     try:
         base = load_checkpoint(checkpoint)
     except CheckpointError as error:
@@ -504,11 +504,10 @@ def _grown(checkpoint: Path, config: TransformerConfig) -> Model:
             f"trains a {want.arch} model of {want.vocab_size} (the tokenizer's)",
             param_hint="--init-from",
         )
-    if have.positional != "learned" or have.max_positions > want.max_positions:
+    if have.max_positions > want.max_positions:
         raise typer.BadParameter(
-            f"{checkpoint} has {have.max_positions} {have.positional} positions; it can "
-            f"only grow to --block {want.max_positions}, not shrink, and only a learned "
-            "table grows",
+            f"{checkpoint} has {have.max_positions} positions; it can only grow to --block "
+            f"{want.max_positions}, not shrink (its trained rows would go)",
             param_hint="--init-from",
         )
     model = build_model(replace(have, max_positions=want.max_positions))
