@@ -67,7 +67,7 @@ LM_LONG_STEPS ?= 400
 train: setup
 	$(PY) -m transformer.train translator --data data --out models/en-es/checkpoint --max-steps $(TRANSLATOR_STEPS) --eval-every 500
 	$(PY) -m transformer.train lm --data data --out runs/lm-128/checkpoint --work-dir runs/lm-128/work --block 128 --max-steps $(LM_STEPS) --eval-every 400
-	$(PY) -m transformer.train lm --data data --out models/en-lm/checkpoint --init-from runs/lm-128/checkpoint --block 512 --lr 3e-4 --warmup 100 --max-steps $(LM_LONG_STEPS) --eval-every 100
+	$(PY) -m transformer.train lm --data data --out models/en-lm/checkpoint --work-dir runs/lm-512/work --init-from runs/lm-128/checkpoint --block 512 --lr 3e-4 --warmup 100 --max-steps $(LM_LONG_STEPS) --eval-every 100
 	$(MAKE) evaluate
 
 # Test scores and model cards (models/<name>/README.md).
