@@ -97,7 +97,7 @@ class RequestRecord:
     input_tokens: int = 0
     output_tokens: int = 0
     ttft: float | None = None  # first token chunk - intended (streams only)
-    itl: list[float] = field(default_factory=list)  # one gap per streamed token after the first
+    itl: list[float] = field(default_factory=list)  # one per streamed token after the first
     messages: int = 0  # streamed messages that carried tokens (streams only)
     detail: str = ""  # the error message, for errors only
 
@@ -141,10 +141,14 @@ def make_record(
     itl: list[float] = []
     if outcome.chunk_times:
         ttft = outcome.chunk_times[0] - intended
-        for i in range(1, len(outcome.chunk_times)):
-            gap = outcome.chunk_times[i] - outcome.chunk_times[i - 1]
+        # As the server's inference_inter_token_latency_seconds counts them: a message's
+        # first token waited the whole gap since the message before, its others none (they
+        # came with it). Split evenly, a stall of the stream would hide in small gaps.
+        for i, at in enumerate(outcome.chunk_times):
             n = max(1, outcome.chunk_tokens[i] if i < len(outcome.chunk_tokens) else 1)
-            itl.extend([gap / n] * n)
+            if i:
+                itl.append(at - outcome.chunk_times[i - 1])
+            itl.extend([0.0] * (n - 1))
     return RequestRecord(
         kind=item.kind,
         intended=intended - t0,

@@ -90,8 +90,10 @@ def test_open_loop_counts_client_stall_as_latency() -> None:
 
 
 def test_stream_ttft_and_itl_from_intended_time() -> None:
+    """A message of several tokens: its first waited the gap, the rest came with it (the
+    server's ITL too); an even split would show a 0.3 s stall as three 0.1 s gaps."""
     t0 = 100.0
-    outcome = CallOutcome(chunk_times=[100.5, 100.6, 100.9], chunk_tokens=[1, 1, 3])
+    outcome = CallOutcome(chunk_times=[100.5, 100.6, 100.9], chunk_tokens=[2, 1, 3])
     record = make_record(
         WorkItem("stream", "x"), outcome, t0, intended=100.2, sent=100.25, done=101.0
     )
@@ -99,7 +101,7 @@ def test_stream_ttft_and_itl_from_intended_time() -> None:
     assert record.latency == pytest.approx(0.8)
     assert record.lag == pytest.approx(0.05)
     assert record.ttft == pytest.approx(0.3)
-    assert record.itl == pytest.approx([0.1, 0.1, 0.1, 0.1])
+    assert record.itl == pytest.approx([0.0, 0.1, 0.3, 0.0, 0.0])
     assert record.messages == 3
 
 
