@@ -621,16 +621,8 @@ class BoundBackend(_Timed):
         the start would cost its memory and a second warm-up on every load instead."""
         layers, _, heads, _, dim = feeds["past_k"].shape()
         for rows, cache, source in shapes:
-            zeros: dict[str, Any] = {
-                "input_ids": np.zeros((rows, 1), dtype=np.int64),
-                "positions": np.zeros(rows, dtype=np.int64),
-                "past_k": self.zeros((layers, rows, heads, cache, dim)),
-                "past_v": self.zeros((layers, rows, heads, cache, dim)),
-            }
-            if "cross_k" in feeds:
-                zeros["cross_k"] = self.zeros((layers, rows, heads, source, dim))
-                zeros["cross_v"] = self.zeros((layers, rows, heads, source, dim))
-                zeros["src_mask"] = np.ones((rows, source), dtype=bool)
+            width = source if "cross_k" in feeds else None
+            zeros = zero_step(self, (layers, heads, dim), rows, cache, width)
             self.decode(zeros, want_alignment=False)
 
     # --- the step ------------------------------------------------------------------------
@@ -786,3 +778,28 @@ class BoundBackend(_Timed):
 
 
 Backend = NumpyBackend | BoundBackend
+
+
+def zero_step(
+    backend: Backend,
+    cache_shape: tuple[int, int, int],
+    rows: int,
+    cache: int,
+    source: int | None,
+    tokens: int = 1,
+    pad_id: int = 0,
+) -> dict[str, Any]:
+    """A decoder call's inputs at one shape, all zeros (ids pad_id): what warming a shape
+    runs. cache_shape: layers, heads, head_dim; source None for a decoder-only model."""
+    layers, heads, dim = cache_shape
+    feeds: dict[str, Any] = {
+        "input_ids": np.full((rows, tokens), pad_id, dtype=np.int64),
+        "positions": np.zeros(rows, dtype=np.int64),
+        "past_k": backend.zeros((layers, rows, heads, cache, dim)),
+        "past_v": backend.zeros((layers, rows, heads, cache, dim)),
+    }
+    if source is not None:
+        feeds["cross_k"] = backend.zeros((layers, rows, heads, source, dim))
+        feeds["cross_v"] = backend.zeros((layers, rows, heads, source, dim))
+        feeds["src_mask"] = np.ones((rows, source), dtype=bool)
+    return feeds

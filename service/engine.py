@@ -72,6 +72,7 @@ from service.backends import (
     log_softmax,
     providers_for,
     session_options,
+    zero_step,
 )
 from service.device import DEVICE_LOCK
 from service.domain import (
@@ -628,16 +629,8 @@ class Engine:
 
     def _run_decoder_zeros(self, r: int, c: int, s: int, t: int) -> None:
         b = self.backend
-        feeds: dict[str, Any] = {
-            "input_ids": np.full((r, t), self.pad_id, dtype=np.int64),
-            "positions": np.zeros(r, dtype=np.int64),
-            "past_k": b.zeros((self.layers, r, self.heads, c, self.head_dim)),
-            "past_v": b.zeros((self.layers, r, self.heads, c, self.head_dim)),
-        }
-        if self.task is Task.TRANSLATION:
-            feeds["cross_k"] = b.zeros((self.layers, r, self.heads, s, self.head_dim))
-            feeds["cross_v"] = b.zeros((self.layers, r, self.heads, s, self.head_dim))
-            feeds["src_mask"] = np.ones((r, s), dtype=bool)
+        source = s if self.task is Task.TRANSLATION else None
+        feeds = zero_step(b, (self.layers, self.heads, self.head_dim), r, c, source, t, self.pad_id)
         logits, _, _, _ = b.decode(feeds, want_alignment=False)
         if t == 1:
             b.greedy(logits, np.arange(r))
