@@ -576,48 +576,40 @@ def _build_folder(out: Path) -> Path:
 
 
 def _remove_stale(out: Path) -> None:
-    """Remove the hidden build and swap folders of `out` left by exports that died: those
-    whose owner file names this host and a process that is gone."""
+    """Remove the hidden build and swap entries of `out` left by exports that died: those
+    whose owner names this host and a process that is gone. A link is removed by its name
+    alone, never what it points to."""
     host = socket.gethostname()
     for path in [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.old-*")]:
-        if path.is_symlink():
-            _remove_stale_link(path)
+        owner = _owner(path, host)
+        if owner is None:
+            continue  # not ours to judge: no owner, or one we cannot read
+        if owner[0] != host or owner[1] == os.getpid():
             continue
         try:
-            owner = json.loads((path / BUILD_OWNER).read_text())
-            pid = int(owner["pid"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # not ours to judge: no owner file, or one we cannot read
-        if owner.get("host") != host or pid == os.getpid():
-            continue
-        try:
-            os.kill(pid, 0)
+            os.kill(owner[1], 0)
         except ProcessLookupError:
             log.info("removing %s, left by an export that did not finish", path)
-            shutil.rmtree(path, ignore_errors=True)
+            if path.is_symlink():
+                path.unlink(missing_ok=True)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
         except PermissionError:
             pass  # another user's process is alive with that id
 
 
-def _remove_stale_link(path: Path) -> None:
-    """Remove a replaced version's link (`.<N>.old-<pid>-<ns>`, _replace_dir) whose export
-    is gone, never following it: an owner file read through it would be its target's, and
-    what it points to is not the export's to delete. The process is judged by the pid in
-    the name alone (a link has no owner file of its own); removing one loses nothing but
-    the name, as what it pointed to stays."""
+def _owner(path: Path, host: str) -> tuple[str | None, int] | None:
+    """The host and process that left a hidden entry: a folder's owner file; for a link
+    (a replaced version's, `.<N>.old-<pid>-<ns>`: _replace_dir) the pid in its name, taken
+    as this host's, since an owner file read through it would be its target's."""
     try:
-        pid = int(path.name.rsplit("-", 2)[-2])
-    except (IndexError, ValueError):
-        return  # not a name _replace_dir gives
-    if pid == os.getpid():
-        return
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        log.info("removing the link %s, left by an export that did not finish", path)
-        path.unlink(missing_ok=True)
-    except PermissionError:
-        pass  # another user's process is alive with that id
+        if path.is_symlink():
+            return host, int(path.name.rsplit("-", 2)[-2])
+        owner = json.loads((path / BUILD_OWNER).read_text())
+        pid = int(owner["pid"])  # first: a file that is no object fails here (TypeError)
+        return owner.get("host"), pid
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
 
 
 def _exchange(a: Path, b: Path) -> bool:
