@@ -142,6 +142,11 @@ def _train_lm(tmp_path: Path, tokenizer: Path, name: str, *options: str) -> Resu
     return CliRunner().invoke(app, [*args, "--threads", "1", *options])
 
 
+def _said(result: Result) -> str:
+    """A CLI error's words on one line: rich wraps them in a box as wide as the terminal."""
+    return " ".join(result.output.replace("│", " ").split())
+
+
 def test_lm_positions_are_all_trained(tmp_path: Path, tokenizer: Path) -> None:
     """A learned position table longer than the training blocks keeps untrained rows that
     generation then uses (the shipped LM, 128-token blocks and 512 positions, doubles its
@@ -187,6 +192,9 @@ def test_an_lm_trained_on_short_blocks_goes_on_with_longer_ones(
     shrink = _train_lm(
         tmp_path, tokenizer, "x", "--block", "8", "--init-from", f"{tmp_path / 'short'}"
     )
-    assert shrink.exit_code != 0 and "can only grow to --block 8, not shrink" in shrink.output
+    assert shrink.exit_code != 0 and "can only grow to --block 8, not shrink" in _said(shrink)
+    missing = _train_lm(tmp_path, tokenizer, "y", "--init-from", f"{tmp_path / 'nowhere'}")
+    assert missing.exit_code != 0 and "--init-from" in _said(missing)
+    assert "has no config.json" in _said(missing)
     with pytest.raises(typer.BadParameter, match="this run trains a decoder-only model of 999"):
         _grown(tmp_path / "short", replace(config, vocab_size=999))
