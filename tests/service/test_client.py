@@ -61,6 +61,23 @@ def test_decoding_options_take_one_stop_string_and_refuse_what_float32_loses() -
     assert decoding_options(top_p=1e-30).top_p > 0.0 and decoding_options(top_p=0.0).top_p == 0
 
 
+class _Failed(grpc.RpcError):
+    """A failed call as grpc raises it: a status, its details and the server's request id
+    in the trailer (none when no server answered)."""
+
+    def __init__(self, status: grpc.StatusCode, details: str, request_id: str = "") -> None:
+        self._status, self._details, self._id = status, details, request_id
+
+    def code(self) -> grpc.StatusCode:
+        return self._status
+
+    def details(self) -> str:
+        return self._details
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("x-request-id", self._id),) if self._id else ()
+
+
 def test_the_token_is_sent_as_a_header_carries_it() -> None:
     """As the server keeps it: a secret file's newline dropped; a space refused (grpc
     itself failed such a call with INTERNAL "Invalid metadata")."""
@@ -78,18 +95,9 @@ def test_cli_error_names_the_request_id_the_server_logged(
     """INTERNAL says "the server log has the details under this request id": the CLI
     prints the id from the call's trailer."""
 
-    class Failed(grpc.RpcError):
-        def code(self) -> grpc.StatusCode:
-            return grpc.StatusCode.INTERNAL
-
-        def details(self) -> str:
-            return "internal error; the server log has the details under this request id"
-
-        def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
-            return (("x-request-id", "0123abcd"),)
-
+    details = "internal error; the server log has the details under this request id"
     with pytest.raises(typer.Exit):
-        _fail(Failed(), tls=False)
+        _fail(_Failed(grpc.StatusCode.INTERNAL, details, "0123abcd"), tls=False)
     assert "(request id: 0123abcd)" in capsys.readouterr().err
 
 
@@ -124,15 +132,9 @@ def test_cli_says_why_a_tls_handshake_failed(
     """A failed handshake is UNAVAILABLE, as a server that is down: the hint says what to
     change (grpc's details, as grpcio 1.85 words them, say why)."""
 
-    class Failed(grpc.RpcError):
-        def code(self) -> grpc.StatusCode:
-            return grpc.StatusCode.UNAVAILABLE
-
-        def details(self) -> str:
-            return f"connections to all backends failing; last error: UNKNOWN: {reason}"
-
+    details = f"connections to all backends failing; last error: UNKNOWN: {reason}"
     with pytest.raises(typer.Exit):
-        _fail(Failed(), tls=True)
+        _fail(_Failed(grpc.StatusCode.UNAVAILABLE, details), tls=True)
     assert capsys.readouterr().err.splitlines()[1:] == ([hint] if hint else [])
 
 
@@ -143,18 +145,9 @@ def test_cli_does_not_ask_whether_a_server_that_answered_is_up(
     """UNAVAILABLE with the server's request id (models loading, a drain) came from a
     server that is up: the hint says to retry, not to check --target or TLS."""
 
-    class Refused(grpc.RpcError):
-        def code(self) -> grpc.StatusCode:
-            return grpc.StatusCode.UNAVAILABLE
-
-        def details(self) -> str:
-            return "models are loading; retry shortly"
-
-        def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
-            return (("x-request-id", "abc123"),)
-
+    refused = _Failed(grpc.StatusCode.UNAVAILABLE, "models are loading; retry shortly", "abc123")
     with pytest.raises(typer.Exit):
-        _fail(Refused(), tls=tls)
+        _fail(refused, tls=tls)
     assert capsys.readouterr().err.splitlines()[1:] == [
         "(request id: abc123)",
         "(the server refused the call for now: retry, or pass --retries)",
