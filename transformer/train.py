@@ -384,6 +384,13 @@ def train_translator(
     amp: Annotated[bool, typer.Option(help="bf16 autocast.")] = True,
     resume: bool = True,
     threads: int = 0,
+    init_from: Annotated[
+        Path | None,
+        typer.Option(
+            help="Start from this checkpoint's weights (a fresh optimizer and warm-up), e.g. "
+            "to go on training a model its --max-minutes stopped while dev loss still fell."
+        ),
+    ] = None,
 ) -> None:
     """Train the English→Spanish translator."""
     if threads:
@@ -406,6 +413,11 @@ def train_translator(
 
     train, _, _ = encode(data / "pairs.train.tsv")
     dev, dev_en, dev_es = encode(data / "pairs.dev.tsv")
+    for split, kept in (("train", train), ("dev", dev)):
+        if not kept:
+            raise typer.BadParameter(
+                f"no {split} pair is under {max_len} tokens: raise it", param_hint="--max-len"
+            )
     settings = _settings(locals())
     run_training(
         "translator",
@@ -419,6 +431,7 @@ def train_translator(
         resume,
         dev_texts=(dev_en[:dev_bleu_verses], dev_es[:dev_bleu_verses]),
         sp=sp,
+        init_from=init_from,
     )
 
 

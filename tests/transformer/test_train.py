@@ -142,6 +142,21 @@ def _train_lm(tmp_path: Path, tokenizer: Path, name: str, *options: str) -> Resu
     return CliRunner().invoke(app, [*args, "--threads", "1", *options])
 
 
+def _train_translator(tmp_path: Path, tokenizer: Path, name: str, *options: str) -> Result:
+    """`train translator` (the shipped model's shape) for one step on fixture pairs."""
+    data = tmp_path / "data"
+    if not data.is_dir():
+        (data / "spm").mkdir(parents=True)
+        (data / "spm" / "translator.model").write_bytes(tokenizer.read_bytes())
+        header, *lines = FIXTURE.read_text().splitlines(keepends=True)
+        (data / "pairs.train.tsv").write_text("".join([header, *lines[:16]]))
+        (data / "pairs.dev.tsv").write_text("".join([header, *lines[16:20]]))
+    args = ["translator", "--data", str(data), "--out", str(tmp_path / name)]
+    args += ["--work-dir", str(tmp_path / f"{name}-work"), "--max-steps", "1", "--no-amp"]
+    args += ["--dev-bleu-verses", "2", "--max-len", "400"]
+    return CliRunner().invoke(app, [*args, "--threads", "1", *options])
+
+
 def _said(result: Result) -> str:
     """A CLI error's words on one line: rich wraps them in a box as wide as the terminal."""
     return " ".join(result.output.replace("│", " ").split())
@@ -198,3 +213,32 @@ def test_an_lm_trained_on_short_blocks_goes_on_with_longer_ones(
     assert "has no config.json" in _said(missing)
     with pytest.raises(typer.BadParameter, match="this run trains a decoder-only model of 999"):
         _grown(tmp_path / "short", replace(config, vocab_size=999))
+
+
+def test_a_translator_goes_on_from_its_checkpoint(tmp_path: Path, tokenizer: Path) -> None:
+    """--init-from starts the translator from a checkpoint's weights (the shipped one
+    stopped at its time limit with dev loss still falling), not from a new model, and
+    records the run it began with; an LM checkpoint is refused by name."""
+    first = _train_translator(tmp_path, tokenizer, "first")
+    assert first.exit_code == 0, first.output
+    # Another seed makes another new model; at a negligible learning rate a run from
+    # "first" keeps its weights instead.
+    args = ("--seed", "2", "--lr", "1e-12")
+    fresh = _train_translator(tmp_path, tokenizer, "fresh", *args)
+    on = _train_translator(tmp_path, tokenizer, "on", *args, "--init-from", str(tmp_path / "first"))
+    assert fresh.exit_code == 0 and on.exit_code == 0, fresh.output + on.output
+    base = load_checkpoint(tmp_path / "first").state_dict()
+    went_on = load_checkpoint(tmp_path / "on").state_dict()
+    anew = load_checkpoint(tmp_path / "fresh").state_dict()
+    assert all(torch.equal(went_on[name], tensor) for name, tensor in base.items())
+    assert not all(torch.equal(anew[name], tensor) for name, tensor in base.items())
+    record = json.loads((tmp_path / "on" / "training.json").read_text())
+    assert record["init_from"] == str(tmp_path / "first")
+    assert record["init_training"] == json.loads((tmp_path / "first" / "training.json").read_text())
+    assert _train_lm(tmp_path / "lm", tokenizer, "out").exit_code == 0
+    lm = str(tmp_path / "lm" / "out")
+    wrong = _train_translator(tmp_path, tokenizer, "x", "--init-from", lm)
+    assert wrong.exit_code != 0 and "--init-from" in _said(wrong)
+    assert "is a decoder-only model" in _said(wrong)
+    short = _train_translator(tmp_path, tokenizer, "y", "--max-len", "4")
+    assert short.exit_code != 0 and "no train pair is under 4 tokens" in _said(short)
