@@ -126,8 +126,9 @@ class RunResult:
     duration_s: float = 0.0
     max_requests: int = 0
     # The span of sending: open loop, the arrival schedule, duration_s unless --max-requests
-    # ended it first (then the last arrival plus one mean gap); either loop, at most
-    # interrupted_at_s; None: duration_s.
+    # ended it first (then the last arrival plus one mean gap); closed loop, duration_s
+    # unless --max-requests ended it first (then until its last answer); either loop, at
+    # most interrupted_at_s; None: duration_s.
     schedule_s: float | None = None
     # Seconds into the run when `stop` ended the sending early (Ctrl-C); None: it was not.
     interrupted_at_s: float | None = None
@@ -374,6 +375,11 @@ async def run_load(
     watch = asyncio.create_task(_set_at(stop)) if stop is not None else None
     begun = time.perf_counter()  # the loops' t0 follows within microseconds
     records = await sending
+    if mode == "closed" and len(records) >= max_requests:
+        # The count ended the claims: a closed loop sends as its answers come, so its span
+        # of sending is until its last answer, not the duration bound (which would spread
+        # a second's requests over all of it).
+        schedule_s = min(duration_s, max(r.done for r in records))
     interrupted_at: float | None = None
     if watch is not None and stop is not None and stop.is_set():
         # The watcher may not have run yet when the event was set as the run ended.

@@ -338,6 +338,25 @@ def test_stop_ends_the_closed_loop_claims_and_lets_in_flight_requests_finish() -
     assert summary["sent_rate"] == pytest.approx(len(records) / stopped)
 
 
+def test_a_closed_loop_its_count_ended_reports_the_rate_it_sent_at() -> None:
+    # 2 workers, answers after 0.2 s, 10 requests within a 60 s bound: claims at 0, 0.2,
+    # 0.4, 0.6 and 0.8 s, the last answer at 1.0 s: 10 req/s sent (not 10 over 60 s).
+    result = asyncio.run(
+        run_load(
+            answered_after_200_ms,
+            Workload(["a"], {"translate": 1.0}),
+            rate=None,
+            concurrency=2,
+            duration_s=60.0,
+            max_requests=10,
+        )
+    )
+    assert result.schedule_s == pytest.approx(1.0, abs=0.1)
+    summary = summarize(result)
+    assert summary["sent_rate"] == pytest.approx(10.0, rel=0.15)
+    assert summary["sent_rate"] == pytest.approx(summary["throughput_rps"], rel=0.15)
+
+
 def test_without_stop_a_run_is_not_marked_interrupted() -> None:
     result = asyncio.run(
         run_load(
