@@ -452,6 +452,48 @@ def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_the_saturation_panel_shows_a_full_batch_beside_an_idle_model(tmp_path: Path) -> None:
+    """Each model has a batch of its own: a pod whose translator has 10 waiting and no free
+    row while its idle language model has 2 (scraped from a server with max_batch_size 2
+    under translations alone) is saturated for the translator, and the panel says so; a
+    sum over the models would read 10 waiting beside 2 free rows."""
+    promtool = tool("promtool", "apt-get install prometheus")
+    exprs = dashboard_exprs()
+    waiting = grafana_to_promql(exprs["Waiting sequences and free batch rows [A]"])
+    free = grafana_to_promql(exprs["Waiting sequences and free batch rows [B]"])
+    series = {
+        ("inference_queue_depth", "en-es"): 10,
+        ("inference_queue_depth", "en-lm"): 0,
+        ("inference_free_cache_slots", "en-es"): 0,
+        ("inference_free_cache_slots", "en-lm"): 2,
+    }
+    inputs = [
+        {"series": f'{name}{{pod="p1",model="{model}",version="1"}}', "values": f"{value}x5"}
+        for (name, model), value in series.items()
+    ]
+    checks = [
+        {
+            "expr": expr,
+            "eval_time": "2m",
+            "exp_samples": [
+                {"labels": f'{{pod="p1",model="{model}"}}', "value": series[name, model]}
+                for model in ("en-es", "en-lm")
+            ],
+        }
+        for name, expr in (("inference_queue_depth", waiting), ("inference_free_cache_slots", free))
+    ]
+    rules = tmp_path / "none.rules.yml"
+    rules.write_text("groups: []\n")
+    test = {
+        "rule_files": [str(rules)],
+        "tests": [{"interval": "1m", "input_series": inputs, "promql_expr_test": checks}],
+    }
+    path = tmp_path / "panel.test.yml"
+    path.write_text(yaml.safe_dump(test))
+    result = run([promtool, "test", "rules", str(path)])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_dashboard_shape() -> None:
     dash = dashboard()
     assert dash["uid"] and dash["title"]
