@@ -41,10 +41,12 @@ Policy (read this before tuning the budgets):
   cancellation) at once.
 * stop(grace_s): new requests are refused (Unavailable); queued and running ones may
   finish within grace_s; the rest are then cancelled (streams get their partial result
-  with finish reason CANCELLED, unary callers Unavailable). A version still loading
-  (start, reload) ends its warm-up at the next shape (a threading.Event the engine checks
-  between shapes) and is closed without serving, so a server stopped while it starts
-  exits in seconds, not after a warm-up that takes up to a minute on a GPU.
+  with finish reason CANCELLED, unary callers Unavailable), but an answer the engine
+  had finished before the cut goes out whole, however late the event loop reads it. A
+  version still loading (start, reload) ends its warm-up at the next shape (a
+  threading.Event the engine checks between shapes) and is closed without serving, so a
+  server stopped while it starts exits in seconds, not after a warm-up that takes up to a
+  minute on a GPU.
 * Engine calls run in one worker thread per model version that steps back to back while
   it has rows: it takes the removals and admissions the event loop has posted since its
   last step, steps, and posts the outputs back. Delivering answers, metrics and the next
@@ -596,10 +598,13 @@ class _ModelLoop:
             if job.events is not None and job.state != "done":
                 job.events.put_nowait(event)
         for key, result in out.finished:
+            job = key  # type: ignore[assignment]
+            if job.abort == "shutdown":  # decoded whole before the stop cut it: it goes out
+                job.abort = None
             if self.config.mode in HOLDING:
-                self._held[key] = result  # type: ignore[index]
+                self._held[job] = result
             else:
-                self._finish(key, result)  # type: ignore[arg-type]
+                self._finish(job, result)
         self._release_held()
         self._gauges()
         self.wake.set()

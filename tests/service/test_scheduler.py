@@ -31,7 +31,7 @@ from service.domain import (
     TokenEvent,
     Unavailable,
 )
-from service.engine import Batch, Engine, EngineOptions, decode_all
+from service.engine import Batch, Engine, EngineOptions, StepOutput, decode_all
 from service.metrics import Metrics
 from service.repository import ModelRepository, ModelVersion
 from service.scheduler import DEFAULT_MODELS, EngineFactory, Scheduler, SchedulerConfig
@@ -1122,6 +1122,44 @@ def test_stop_cancels_what_outlasts_the_grace_period() -> None:
         assert 0 < len(last.hypotheses[0].token_ids) < 100
 
     run(main, make_scheduler(factory=slow_engine_factory(STEP_DELAY)))
+
+
+def test_an_answer_finished_before_a_stop_cut_it_goes_out_whole() -> None:
+    """The engine finished the request, but the event loop read that step only after a
+    stop past its grace had cut what was running (a busy loop lags the worker): the
+    answer is whole and goes out, not UNAVAILABLE 'stopped before the request finished'."""
+    finished, resume = threading.Event(), threading.Event()
+
+    class PausingBatch(Batch):
+        def step(self) -> StepOutput:
+            out = super().step()
+            if out.finished:  # the answer exists; its step reaches the event loop later
+                finished.set()
+                resume.wait(RUN_TIMEOUT_S)
+            return out
+
+    class PausingEngine(Engine):
+        def new_batch(self, compact: bool = True) -> Batch:
+            return PausingBatch(self, compact)
+
+    def factory(entry: ModelVersion, options: EngineOptions) -> Engine:
+        return PausingEngine(entry.path, entry.manifest, options)
+
+    request = generate(PROMPTS[0], max_new_tokens=3)
+
+    async def main(s: Scheduler) -> SequenceResult:
+        loop = s._loops[f"{LM}:1"]
+        answer = asyncio.create_task(s.submit(request))
+        await asyncio.to_thread(finished.wait, RUN_TIMEOUT_S)
+        stopping = asyncio.create_task(s.stop(0.0))
+        await wait_until(lambda: any(job.abort == "shutdown" for job in loop.running))
+        resume.set()
+        result = await answer
+        await stopping
+        return result
+
+    result = run(main, make_scheduler(factory=factory))
+    assert result.hypotheses[0].token_ids == alone(request).hypotheses[0].token_ids
 
 
 def test_limits_and_unknown_models_are_refused_naming_the_cause() -> None:
