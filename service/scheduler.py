@@ -32,10 +32,11 @@ Policy (read this before tuning the budgets):
   busy event loop writes fewer, larger messages instead of falling further behind.
 * Deadlines: admission estimates the queue wait (EWMA of the step time × the steps until
   enough rows and cache tokens free up, simulated over the running and queued requests
-  with an EWMA of observed output lengths; a request running past that length counts to
-  its max_new_tokens) and refuses with DeadlineUnmeetable when it exceeds the time left
-  (DeadlineExceeded when the time left is under one step: the last step time, or a fresh
-  batch's when nothing runs). A request whose deadline passes, or whose caller goes away
+  with an EWMA of observed output lengths, which a reload's new version takes over from
+  the one it replaces; a request running past that length counts to its max_new_tokens)
+  and refuses with DeadlineUnmeetable when it exceeds the time left (DeadlineExceeded
+  when the time left is under one step: the last step time, or a fresh batch's when
+  nothing runs). A request whose deadline passes, or whose caller goes away
   (CancelledError in the awaiting task, or a stream closed early), is removed at the next
   step boundary and its rows freed; the caller sees DeadlineExceeded (or its own
   cancellation) at once.
@@ -915,6 +916,12 @@ class Scheduler:
             except GpuMemoryUnavailable as error:
                 log.warning("no inference_gpu_memory_used_bytes: %s", error)
         loop = _ModelLoop(entry, engine, self.config, self.metrics)
+        # A new version takes over the traffic whose output lengths the running one has
+        # learnt: starting from initial_length_ratio, its admission would refuse as
+        # unmeetable deadlines that the version it replaces met, until requests finished.
+        serving = [lp for lp in self._loops.values() if lp.entry.name == entry.name]
+        if serving:
+            loop.length_ratio = max(serving, key=lambda lp: lp.entry.version).length_ratio
         loop.on_failure = lambda: self._engine_died(entry.key)
         loop.task = asyncio.get_running_loop().create_task(
             loop.run(), name=f"model-loop-{entry.key}"

@@ -1450,6 +1450,35 @@ def test_a_version_swapped_in_one_reload_has_no_gap(tmp_path: Path) -> None:
     run(main, make_scheduler(root, factory=slow_load))
 
 
+def test_a_new_version_estimates_with_the_output_lengths_its_predecessor_learnt(
+    tmp_path: Path,
+) -> None:
+    """A reload's new version takes over the traffic whose output lengths the running one
+    has learnt: its admission starts from them, not from initial_length_ratio. It did
+    start from that prior, so after a swap it refused deadlines the old version met, or
+    (here, a prior below the real lengths) admitted one to expire in its queue."""
+    root = tmp_path / "models"
+    shutil.copytree(model_repository(), root)
+
+    async def main(s: Scheduler) -> None:
+        for _ in range(8):  # it runs to max_new_tokens: the learnt ratio nears 1
+            await s.submit(generate(LONG_PROMPT, max_new_tokens=5))
+        learnt = s._loops[f"{LM}:1"].length_ratio
+        assert learnt > 0.8
+        copy_version(root, LM, 1, 2)
+        assert (await s.reload()).loaded == [f"{LM}:2"]
+        assert s._loops[f"{LM}:2"].length_ratio == learnt
+        running = asyncio.create_task(s.submit(long_request()))  # ~87 steps expected
+        await wait_until(lambda: loop_stats(s, f"{LM}:2")["steps"] >= 3)
+        with pytest.raises(DeadlineUnmeetable, match="estimated queue wait"):
+            await s.submit(generate(PROMPTS[0], within=0.6, max_new_tokens=5))
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+
+    factory = slow_engine_factory(STEP_DELAY, timed=True)
+    run(main, make_scheduler(root, factory=factory, max_batch_size=1, initial_length_ratio=0.2))
+
+
 def test_a_corrupt_manifest_fails_its_folder_and_the_other_new_versions_serve(
     tmp_path: Path,
 ) -> None:
