@@ -483,6 +483,42 @@ def test_a_request_running_past_the_typical_length_counts_to_its_limit() -> None
     run(main, make_scheduler(factory=factory, max_batch_size=1, initial_length_ratio=0.05))
 
 
+def test_a_cold_translator_expects_outputs_as_long_as_their_sources() -> None:
+    """Before any translation has finished, the estimate expects each one ahead to run
+    about as many steps as its source has tokens (a verse's translation is about as long
+    as the verse), not half its max_new_tokens: short verses asked with max_new_tokens
+    128 were each expected to take 64 steps, and a deadline that a few of them fit in
+    was refused as unmeetable on a cold server."""
+    request = translate(SOURCES[2], max_new_tokens=128)
+    solo = alone(request)
+    steps = len(solo.hypotheses[0].token_ids) + 1  # with its EOS step
+    ratio = SchedulerConfig().initial_translation_ratio
+    assert steps < 5 and ratio * solo.input_tokens < 15  # expected and real: short
+    release = threading.Event()
+
+    async def main(s: Scheduler) -> None:
+        key = f"{TRANSLATOR}:1"
+        loop = s._loops[key]
+        ahead = [asyncio.create_task(s.submit(request)) for _ in range(4)]
+        await wait_until(lambda: loop_stats(s, key)["waiting"] == 3)
+        # Nothing has finished (the first step waits for `release`), so step_s is fixed:
+        # 4 x 15 + 1 steps fit the deadline, 4 x 64 + 1 would not.
+        deadline = time.monotonic() + 100 * loop.step_s
+        probe = asyncio.create_task(s.submit(replace(request, deadline=deadline)))
+        try:
+            await wait_until(lambda: probe.done() or loop_stats(s, key)["waiting"] == 4)
+            if probe.done():  # refused at admission: the estimate's error is the failure
+                probe.result()
+        finally:
+            release.set()
+        for result in await asyncio.gather(probe, *ahead):
+            assert result.hypotheses[0].token_ids == solo.hypotheses[0].token_ids
+        assert time.monotonic() <= deadline
+
+    factory = hooked_engine_factory(lambda _: release.wait(RUN_TIMEOUT_S))
+    run(main, make_scheduler(factory=factory, max_batch_size=1))
+
+
 def test_a_slow_batch_that_ended_leaves_no_step_time_refusing_short_deadlines() -> None:
     """The step-time EWMA moves only when steps run: once a slow batch has ended, a deadline
     shorter than its steps but ample for a fresh batch is admitted, not refused as shorter
