@@ -195,6 +195,14 @@ class Cancelled(ServiceError):
     reason = "cancelled"
 
 
+class RequestCut(ServiceError):
+    """The request never arrived whole and grpc ended the call: its client went away while
+    sending it, or it was over grpc's own size limit (2 x the max message size), which grpc
+    refused with RESOURCE_EXHAUSTED itself. The handler sees both alike."""
+
+    reason = "request_cut"
+
+
 UnavailableReason = Literal["loading", "draining", "retired", "engine_failed"]
 
 

@@ -15,6 +15,10 @@ the transport aborts with the result. Choices worth knowing:
   began reading it) → DEADLINE_EXCEEDED: the server's deadline for the upload passed; the message
   says it is the server's, not the caller's.
 * Cancelled → CANCELLED (the client went away; nobody reads the answer).
+* RequestCut → CANCELLED: grpc ended a call whose request never arrived whole, as when its
+  client goes away mid-request, or as grpc does itself for a request over its own limit
+  (2 x the max message size, answered RESOURCE_EXHAUSTED by grpc): the two look alike
+  to the handler, so both are counted, under their own reason.
 * Unavailable (loading, draining, a retired version, a failed engine) → UNAVAILABLE, which
   clients retry.
 * ResponseTooLarge and RequestTooLarge → RESOURCE_EXHAUSTED, what grpc itself answers for
@@ -38,6 +42,7 @@ from service.domain import (
     InvalidArgument,
     ModelNotFound,
     QueueFull,
+    RequestCut,
     RequestTimeout,
     RequestTooLarge,
     ResponseTooLarge,
@@ -58,6 +63,7 @@ STATUS_OF: dict[type[ServiceError], grpc.StatusCode] = {
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     RequestTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
     Cancelled: grpc.StatusCode.CANCELLED,
+    RequestCut: grpc.StatusCode.CANCELLED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }
@@ -93,6 +99,7 @@ CLIENT_SIDE_REASONS: frozenset[str] = frozenset(
         "unauthenticated",
         "request_too_large",
         "request_timeout",
+        "request_cut",
         "cancelled",
     }
 )

@@ -145,7 +145,9 @@ class Metrics:
             "tell apart). The server's side: queue_full, too_many_calls, "
             "response_too_large, deadline_unmeetable, deadline_exceeded, loading, draining, "
             "retired, engine_failed, internal. The caller's: invalid_argument, "
-            "model_not_found, unauthenticated, request_too_large, request_timeout, cancelled.",
+            "model_not_found, unauthenticated, request_too_large, request_timeout, "
+            "request_cut (grpc ended a call whose request had not arrived whole: its client "
+            "went away, or it was over 2 x the max message size), cancelled.",
             ["method", "model", "reason"],
             registry=r,
         )

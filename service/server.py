@@ -54,6 +54,7 @@ from service.domain import (
     InvalidArgument,
     ModelStatus,
     ReloadSummary,
+    RequestCut,
     RequestTimeout,
     RequestTooLarge,
     ResponseTooLarge,
@@ -182,6 +183,14 @@ def _not_arrived(timeout: float) -> str:
     return (
         f"the request had not arrived {timeout:g} s after the server began reading it (the "
         "server's SERVE_REQUEST_READ_TIMEOUT_S, not the call's deadline)"
+    )
+
+
+def _cut_short(max_message_bytes: int) -> str:
+    return (
+        "the call ended before its request arrived whole: the client went away while "
+        f"sending it, or it was over the {2 * max_message_bytes:,} bytes grpc reads "
+        "(2 x SERVE_MAX_MESSAGE_BYTES), which grpc refused itself"
     )
 
 
@@ -370,9 +379,7 @@ class Transport:
             try:
                 await asyncio.sleep(EOF_GRACE_S)
             except asyncio.CancelledError:
-                # Counted when its deadline passed; else grpc ended it for a reason it
-                # told the client (a request over grpc's own size limit), not this task.
-                self._unread(method, context, started, budget, turn, deadline_only=True)
+                self._unread(method, context, started, budget, turn, cut=True)
                 raise
             if context.cancelled():
                 raise Cancelled("the client went away before its request arrived")
@@ -386,15 +393,17 @@ class Transport:
         started: float,
         budget: float | None,
         turn: bool,
-        deadline_only: bool = False,
+        cut: bool = False,
     ) -> None:
         """Count and log a call grpc ended before its request was read (under model
         "unknown"): one whose deadline passed while it waited for a read turn is the
         server's deadline_exceeded (its read bounds made it wait), one whose deadline passed
-        while its request was arriving is the caller's request_timeout."""
+        while its request was arriving is the caller's request_timeout. `cut`: its request
+        had read as EOF, ended early: the client went away, or grpc refused it as over its
+        own limit (what it told the client, RESOURCE_EXHAUSTED, the handler cannot see)."""
         code, message, reason = self._cancel_status(context, budget)
-        if code != grpc.StatusCode.DEADLINE_EXCEEDED and deadline_only:
-            return
+        if cut and code != grpc.StatusCode.DEADLINE_EXCEEDED:
+            code, message, reason = status_of(RequestCut(_cut_short(self.max_message_bytes)))
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             if turn:
                 message = "the deadline passed before the request arrived"
@@ -460,7 +469,9 @@ class Transport:
                 extra[key] = getattr(state, key)
         if code == grpc.StatusCode.INTERNAL:
             log.error("call failed: %s", error, extra=extra)
-        elif code in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
+        elif code == grpc.StatusCode.OK or (
+            code == grpc.StatusCode.CANCELLED and reason != RequestCut.reason
+        ):  # a request cut short is logged with its two possible causes
             log.info("call finished", extra=extra)
         else:  # the server's own refusals (overload, drain, deadline) warn; bad calls inform
             level = logging.INFO if reason in CLIENT_SIDE_REASONS else logging.WARNING

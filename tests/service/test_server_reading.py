@@ -214,6 +214,32 @@ def test_calls_grpc_ends_before_their_request_is_read_are_counted(
         server.stop()
 
 
+def test_calls_whose_request_was_cut_short_are_counted(caplog: pytest.LogCaptureFixture) -> None:
+    """A client that goes away while sending its request, and a request over grpc's own
+    size limit (2 x the max message size, refused by grpc itself), look alike to the
+    handler: a request read as EOF, then grpc's cancellation. Both are counted and logged
+    (request_cut, CANCELLED, under model unknown); they were in neither."""
+    pytest.importorskip("h2", reason="loadtest.stalled needs the h2 package (the dev extra)")
+    from loadtest import stalled
+
+    caplog.set_level(logging.INFO, logger="service.server")
+    server = InProcessServer(max_message_bytes=16384)
+    try:
+        host, port = server.address.rsplit(":", 1)
+        stalled.run(host, int(port), calls=3, claim_bytes=1000, hold_s=0.5)  # then it closes
+        _wait(lambda: server.failures("Translate", "unknown", "request_cut") == 3)
+        with Client(server.address, timeout=5) as c, pytest.raises(grpc.RpcError) as error:
+            c.translate("x" * 100_000)
+        assert _code(error) == grpc.StatusCode.RESOURCE_EXHAUSTED  # grpc's own answer
+        _wait(lambda: server.failures("Translate", "unknown", "request_cut") == 4)
+        assert server.counter("Translate", "unknown", "CANCELLED") == 4
+        lines = [r for r in caplog.records if "before its request arrived whole" in r.getMessage()]
+        assert len(lines) == 4 and "over the 32,768 bytes grpc reads" in lines[0].getMessage()
+        _wait(lambda: _open_calls(server) == 0)
+    finally:
+        server.stop()
+
+
 def test_the_wait_for_a_read_turn_counts_in_the_request_duration() -> None:
     """inference_request_duration_seconds is the whole RPC: a call that waited for a read
     turn behind a stalled sender, and one refused at the read timeout, are observed with
