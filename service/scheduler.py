@@ -48,7 +48,8 @@ Policy (read this before tuning the budgets):
   version still loading (start, reload) ends its warm-up at the next shape (a
   threading.Event the engine checks between shapes) and is closed without serving, so a
   server stopped while it starts exits in seconds, not after a warm-up that takes up to a
-  minute on a GPU.
+  minute on a GPU. stop_loading() does that alone, when a drain begins: a Reload call in
+  flight then ends at once, and the versions serving finish their calls.
 * Engine calls run in one worker thread per model version that steps back to back while
   it has rows: it takes the removals and admissions the event loop has posted since its
   last step, steps, and posts the outputs back. Delivering answers, metrics and the next
@@ -811,7 +812,8 @@ class Scheduler:
             engine_options or EngineOptions(), max_batch_size=self.config.max_batch_size
         )
         self.metrics = metrics or Metrics()
-        # Set by stop(): a warm-up in progress (in its worker thread) ends at its next shape.
+        # Set by stop() or stop_loading(): a warm-up in progress (in its worker thread) ends
+        # at its next shape, and no version starts serving any more.
         self._stop_loading = threading.Event()
         self.engine_factory = engine_factory or functools.partial(
             _default_engine, stop=self._stop_loading
@@ -848,17 +850,17 @@ class Scheduler:
     async def start(self) -> ReloadSummary:
         """Load, warm and start every version in the repository (none once stop() came)."""
         self._required = await asyncio.to_thread(self.repository.names_on_disk)
-        if self._stopping:  # a SIGTERM before the load began: reload() would refuse
+        if self._stop_loading.is_set():  # a SIGTERM before the load began: reload() refuses
             return ReloadSummary([], [], {})
         summary = await self.reload()
-        if not self._loops and not self._stopping:
+        if not self._loops and not self._stop_loading.is_set():
             log.warning("no model could be loaded from %s", self.repository.root)
         return summary
 
     async def reload(self) -> ReloadSummary:
         """Rescan the repository: start new versions beside the running ones (they take
         traffic once warm), drain and stop the retired ones."""
-        if self._stopping:
+        if self._stop_loading.is_set():
             raise Unavailable("the scheduler is stopping; reload refused", reason="draining")
         if self._reload_lock is None:
             self._reload_lock = asyncio.Lock()
@@ -868,20 +870,20 @@ class Scheduler:
             discarded = True
             # A version whose engine does not start took a keep_versions place from the one
             # before it: scan again without it (the repository skips a failed folder).
-            while discarded and not self._stopping:
+            while discarded and not self._stop_loading.is_set():
                 discarded = False
                 result = await asyncio.to_thread(self.repository.load_new)
                 for path, why in result.failed.items():
                     failed.setdefault(self._folder(path), why)  # the first, real, reason
                 for entry in result.loaded:
-                    if self._stopping:  # stop() came while the versions loaded: load no more
+                    if self._stop_loading.is_set():  # a stop or drain came meanwhile
                         break
                     try:
                         await self._start_loop(entry)
                         loaded.append(entry.key)
                         self._required.add(entry.name)
                     except Exception as error:
-                        if self._stopping:
+                        if self._stop_loading.is_set():
                             break
                         log.exception("cannot start model %s", entry.key)
                         why = f"{type(error).__name__}: {error}"
@@ -890,7 +892,7 @@ class Scheduler:
                         discarded = True
             # Only now, with the new versions taking traffic, do the ones they replace stop
             # taking it: a deploy that swaps a version's folder has no gap.
-            retired = [] if self._stopping else self.repository.prune()
+            retired = [] if self._stop_loading.is_set() else self.repository.prune()
             for entry in retired:
                 self._retire(entry)
             self._mark_failed(failed)
@@ -922,7 +924,7 @@ class Scheduler:
 
     async def _start_loop(self, entry: ModelVersion) -> None:
         engine = await asyncio.to_thread(self.engine_factory, entry, self.engine_options)
-        if self._stopping:  # stop() ran while it loaded: it would never close a loop now
+        if self._stop_loading.is_set():  # stop() or a drain came while it loaded
             await asyncio.to_thread(engine.close)
             raise Unavailable(f"the scheduler stopped while {entry.key} loaded", reason="draining")
         if engine.provider == CUDA_PROVIDER and engine.options.device_id not in self._gpus:
@@ -979,6 +981,13 @@ class Scheduler:
         if loop is not None:
             await loop.close(retired=True)
             log.info("model %s stopped", entry.key)
+
+    def stop_loading(self) -> None:
+        """A drain began: a version loading now ends its warm-up at the next shape and is
+        closed unserved, and reloads load nothing more nor retire what serves, so a Reload
+        call in flight ends at once instead of holding the drain for a whole warm-up (up
+        to a minute on a GPU). The versions serving go on with their calls."""
+        self._stop_loading.set()
 
     async def stop(self, grace_s: float) -> None:
         """Refuse new requests, let in-flight ones finish within grace_s, cancel the rest,

@@ -169,6 +169,9 @@ class Backend(Protocol):
     def broken(self) -> list[str]:
         """Versions whose engine failed for good: the process needs a restart."""
 
+    def stop_loading(self) -> None:
+        """A drain began: end any model load or reload now; the versions serving go on."""
+
     async def close(self) -> None:
         """Stop decoding loops and free sessions."""
 
@@ -1505,6 +1508,7 @@ class InferenceServer:
         started = time.monotonic()
         log.info("draining", extra={"in_flight": self.transport.in_flight, "grace_s": grace})
         self.transport.draining = True
+        self.backend.stop_loading()
         await self.health.enter_graceful_shutdown()
         if not self.transport.ready:
             # The models still load (start() runs) and no inference call was admitted:

@@ -465,6 +465,65 @@ def test_sigterm_while_the_models_warm_up_exits_0_within_seconds(
     assert any("warm-up stopped after" in m for m in messages), messages
 
 
+def test_sigterm_during_a_reload_call_ends_its_warm_up_not_the_grace(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Reload call is in flight when SIGTERM comes: the drain stops the new version's
+    warm-up at its next shape (it is closed unserved, the one serving is not retired), the
+    call answers with nothing loaded, and serve() returns 0 after the drain's linger. The
+    drain used to wait for the call, so for the whole warm-up or the grace (10 s here)."""
+    import asyncio
+    import logging
+    import os
+
+    from service.engine import EngineOptions
+    from service.gen.inference.v1 import inference_pb2_grpc as pb_grpc
+    from service.repository import ModelRepository
+    from service.scheduler import DEFAULT_MODELS, Scheduler, SchedulerConfig
+    from service.server import DRAIN_LINGER_S, serve
+    from service.settings import load_settings
+    from tests.service._engine_models import copy_version, slow_decoder
+    from tests.service._engine_models import model_repository as tiny_models
+
+    root = tmp_path / "models"
+    shutil.copytree(tiny_models(), root)
+    caplog.set_level(logging.INFO)
+    shape_s = 0.5
+
+    async def main() -> tuple[int, float, pb.ReloadResponse]:
+        scheduler = Scheduler(
+            ModelRepository(root, DEFAULT_MODELS),
+            SchedulerConfig(max_batch_size=8, max_batch_tokens=4096, max_queue=16),
+            EngineOptions(cpu_variant="fp32", intra_op_threads=1),  # warm-up on
+            Metrics(),
+        )
+        settings = load_settings(port=0, metrics_port=0, drain_grace_s=10)
+        serving = asyncio.create_task(serve(settings, scheduler))
+        deadline = time.monotonic() + 60
+        while "serving" not in caplog.messages:
+            assert not serving.done() and time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        copy_version(root, "en-es", 1, 2)
+        runs = slow_decoder(monkeypatch, shape_s)  # the new version's warm-up: ~20 s
+        address = next(r.address for r in caplog.records if r.getMessage() == "listening")
+        async with grpc.aio.insecure_channel(address) as channel:
+            reload = asyncio.ensure_future(pb_grpc.ModelsStub(channel).Reload(pb.ReloadRequest()))
+            while len(runs) < 2:
+                assert not reload.done() and time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            signalled = time.monotonic()
+            os.kill(os.getpid(), signal.SIGTERM)
+            code = await asyncio.wait_for(serving, 60)
+            took = time.monotonic() - signalled
+            return code, took, await asyncio.wait_for(reload, 5)
+
+    code, took, answer = asyncio.run(main())
+    assert code == 0
+    assert took < DRAIN_LINGER_S + 3 * shape_s, took
+    assert list(answer.loaded) == [] and list(answer.retired) == []
+    assert any("warm-up stopped after" in m for m in caplog.messages), caplog.messages
+
+
 def test_calls_left_at_the_end_of_the_grace_end_through_the_scheduler() -> None:
     """When the drain grace runs out, a stream still decoding gets its answer so far
     (finish reason CANCELLED) and a unary call UNAVAILABLE, each counted as it was sent:

@@ -65,6 +65,7 @@ class FakeBackend:
         self.watchers: list[Callable[[], None]] = []
         self.queue_room = 64  # what check_room lets a call queue at once
         self.refuse = 0  # how many of the next calls are refused as by a draining replica
+        self.loading_stopped = False  # stop_loading() came (a drain began)
 
     async def start(self) -> ReloadSummary:
         self.release = asyncio.Event()
@@ -186,6 +187,9 @@ class FakeBackend:
 
     def broken(self) -> list[str]:
         return list(self.failed)
+
+    def stop_loading(self) -> None:
+        self.loading_stopped = True
 
     async def close(self) -> None:
         self.closed = True
@@ -1286,8 +1290,8 @@ def test_a_sighup_while_draining_is_ignored_and_logged(caplog: pytest.LogCapture
 
 
 class GatedReload(FakeBackend):
-    """Reloads wait for `go` (set from the test) and are counted; once closing, refused as
-    Scheduler.reload refuses them once stop() began."""
+    """Reloads wait for `go` (set from the test) and are counted; once the drain began,
+    refused as Scheduler.reload refuses them once stop() or stop_loading() came."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -1301,6 +1305,10 @@ class GatedReload(FakeBackend):
             raise Unavailable("the scheduler is stopping; reload refused", reason="draining")
         await self.go.wait()
         return await super().reload()
+
+    def stop_loading(self) -> None:
+        self.stopping = True
+        super().stop_loading()
 
     async def close(self) -> None:
         self.stopping = True
