@@ -1241,10 +1241,17 @@ class Scheduler:
         return [self._status(e) for e in self.repository.all()]
 
     def describe(self, name: str, version: int | None = None) -> ModelStatus:
-        """One model version (the newest when version is None); raises ModelNotFound."""
+        """One model version; raises ModelNotFound. Without a version, the newest one that
+        takes calls, as a call naming none gets (a version still loading is described
+        when named, or when none serves): during a reload it described the new version,
+        not ready and without dtype or provider, while calls went to the one before."""
         if not name:
             raise ModelNotFound(f"name is empty; loaded models: {self.repository.names()}")
-        return self._status(self.repository.get(name, version))
+        entry = self.repository.get(name, version)
+        if not version and not self._usable(entry):
+            with contextlib.suppress(Unavailable):
+                entry = self.repository.get(name, version, unusable=self._unusable)
+        return self._status(entry)
 
     def model_label(self, task: Task | None, name: str) -> str:
         """Metrics label: the model's name if loaded, the task default for "", else a

@@ -1462,7 +1462,7 @@ def test_a_retired_version_has_no_model_ready_and_a_broken_copy_of_it_reads_0(
 
 def test_a_version_swapped_in_one_reload_has_no_gap(tmp_path: Path) -> None:
     """en-lm/1 replaced by en-lm/2 in one deploy (old folder gone, new one there): version
-    1 takes the requests until version 2 is loaded and warm."""
+    1 takes the requests, and is the one described, until version 2 is loaded and warm."""
     root = tmp_path / "models"
     shutil.copytree(model_repository(), root)
     load_s = [0.0]
@@ -1479,9 +1479,13 @@ def test_a_version_swapped_in_one_reload_has_no_gap(tmp_path: Path) -> None:
         await asyncio.sleep(0.3)  # version 2 is loading
         assert not reload.done()
         assert (await s.submit(generate(PROMPTS[0], max_new_tokens=5))).version == 1
+        # Described as calls see it: the version serving, unless the one loading is named.
+        assert (s.describe(LM).version, s.describe(LM).ready) == (1, True)
+        assert (s.describe(LM, 2).version, s.describe(LM, 2).ready) == (2, False)
         summary = await reload
         assert (summary.loaded, summary.retired) == ([f"{LM}:2"], [f"{LM}:1"])
         assert (await s.submit(generate(PROMPTS[0], max_new_tokens=5))).version == 2
+        assert (s.describe(LM).version, s.describe(LM).ready) == (2, True)
 
     run(main, make_scheduler(root, factory=slow_load))
 
