@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -54,6 +55,7 @@ from typing import Annotated, Any, Literal
 import sentencepiece as spm
 import torch
 import typer
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -168,7 +170,10 @@ class UnsupportedCheckpoint(HuggingFaceCheckpointError):
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise HuggingFaceCheckpointError(f"{path} not found")
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_bytes())
+    except ValueError as error:  # not JSON, or not UTF-8: a file cut short or mistaken
+        raise HuggingFaceCheckpointError(f"{path} is not valid JSON: {error}") from error
     if not isinstance(data, dict):
         raise HuggingFaceCheckpointError(f"{path} is not a JSON object")
     return data
@@ -198,15 +203,31 @@ def read_hf_weights(hf_dir: str | Path) -> StateDict:
         if files:
             state: StateDict = {}
             for name in files:
-                if name.endswith(".safetensors"):
-                    state.update(load_file(str(path / name)))
-                else:
-                    loaded = torch.load(path / name, map_location="cpu", weights_only=True)
-                    state.update(loaded)
+                state.update(_read_weights_file(path / name))
             return state
     raise HuggingFaceCheckpointError(
         f"{path} has no model.safetensors, pytorch_model.bin or a sharded index of them"
     )
+
+
+def _read_weights_file(path: Path) -> StateDict:
+    """One weights file; one that cannot be read (cut short, not weights, pickled code)
+    is a HuggingFaceCheckpointError naming it, not the reader's own exception."""
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # torch's own text says to run it as code
+        raise HuggingFaceCheckpointError(
+            f"cannot read {path}: not tensors alone (weights_only=True refuses it)"
+        ) from error
+    except (SafetensorError, OSError, RuntimeError, EOFError) as error:
+        raise HuggingFaceCheckpointError(
+            f"cannot read {path}: {str(error) or type(error).__name__}"
+        ) from error
+    if not isinstance(loaded, dict):
+        raise HuggingFaceCheckpointError(f"{path} holds no state dict")
+    return loaded
 
 
 def _get(hf: Mapping[str, Any], defaults: Mapping[str, Any], key: str) -> Any:
@@ -623,6 +644,9 @@ def save_imported(
     config, state = import_marian(src) if kind == "marian" else import_gpt2(src)
     model = build_model(config)
     model.load_state_dict(state, strict=True)
+    # A tokenizer.model left by the checkpoint imported over would be exported and served
+    # as this model's, numbering other pieces: none is better (the export then refuses).
+    (Path(checkpoint_dir) / TOKENIZER).unlink(missing_ok=True)
     out = save_checkpoint(model.eval(), checkpoint_dir)
     for name in MARIAN_TOKENIZER_FILES if kind == "marian" else GPT2_TOKENIZER_FILES:
         if (src / name).is_file():

@@ -541,8 +541,10 @@ def check_name(name: str) -> None:
 
 
 def _check_tokenizer(ckpt: Path, config: TransformerConfig) -> None:
-    """The tokenizer must load and only produce ids the model has: the server loads it
-    only when it serves the version, and an id past vocab_size fails every request."""
+    """The tokenizer must load and number exactly the model's ids: the server loads it
+    only when it serves the version; an id past vocab_size fails every request, and an
+    output id past the tokenizer's pieces fails the request that draws it (SentencePiece
+    cannot decode it)."""
     import sentencepiece as spm
 
     path = ckpt / TOKENIZER
@@ -550,10 +552,11 @@ def _check_tokenizer(ckpt: Path, config: TransformerConfig) -> None:
         pieces = int(spm.SentencePieceProcessor(model_file=str(path)).get_piece_size())
     except (OSError, RuntimeError) as error:
         raise ExportError(f"{path} is not a SentencePiece model: {error}") from error
-    if pieces > config.vocab_size:
+    if pieces != config.vocab_size:
         raise ExportError(
             f"{path} has {pieces} pieces but {CONFIG} has vocab_size={config.vocab_size}: "
-            "the tokenizer belongs to another model"
+            "the tokenizer belongs to another model (the service decodes every id the "
+            "model outputs with it)"
         )
 
 

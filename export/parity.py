@@ -109,6 +109,14 @@ def check_model(
             typer.echo(message, err=True)
 
     manifest = load_manifest(version_dir)
+    missing = [
+        name for name in (CONFIG, WEIGHTS, TOKENIZER) if not (checkpoint_dir / name).is_file()
+    ]
+    if missing:  # a version exported with --checkpoint from elsewhere: no traceback
+        raise typer.BadParameter(
+            f"{checkpoint_dir} has no {', '.join(missing)}: parity needs the checkpoint "
+            f"{version_dir} was exported from there"
+        )
     stale = [
         name
         for name in (CONFIG, WEIGHTS, TOKENIZER)

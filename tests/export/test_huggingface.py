@@ -290,6 +290,25 @@ def test_export_import_round_trip_is_exact(tmp_path: Path) -> None:
         assert torch.equal(tensor, theirs[name]), name
 
 
+def test_an_import_over_a_checkpoint_leaves_no_tokenizer_of_the_old_one(tmp_path: Path) -> None:
+    """Imported into a folder that held another checkpoint, its tokenizer.model stayed:
+    `python -m export` published it with the Marian weights, so the service numbered the
+    pieces as that tokenizer does, not as vocab.json (48 of 55 ids read as other pieces
+    here), and translated wrong without a word."""
+    from export.onnx_export import ExportError, export_checkpoint
+    from export.testing import make_tiny_checkpoint
+
+    _, ckpt = _our_checkpoint(tmp_path)
+    hf = export_marian(ckpt, tmp_path / "marian")
+    target = tmp_path / "en-es" / "checkpoint"
+    make_tiny_checkpoint(target, "encoder-decoder", vocab_size=VOCAB)
+    save_imported(hf, target)
+    assert not (target / "tokenizer.model").exists()
+    assert (target / "vocab.json").is_file()
+    with pytest.raises(ExportError, match=r"has no tokenizer\.model"):
+        export_checkpoint(target, tmp_path / "en-es" / "1", ["fp32"], exporter="torchscript")
+
+
 @pytest.mark.parametrize("activation", ["relu", "gelu_tanh"])
 def test_exported_marian_runs_identically_in_transformers(tmp_path: Path, activation: str) -> None:
     transformers = _transformers()
@@ -394,6 +413,34 @@ def test_unsupported_hf_options_are_refused_by_name(
     load = import_marian if kind == "marian" else import_gpt2
     with pytest.raises(UnsupportedCheckpoint, match=named):
         load(directory)
+
+
+@pytest.mark.parametrize(
+    ("file", "content", "said"),
+    [
+        ("config.json", b"{not json", "config.json is not valid JSON"),
+        ("config.json", b"\xff\xfe", "config.json is not valid JSON"),
+        ("model.safetensors", b"cut short", "cannot read"),
+        ("pytorch_model.bin", b"not a pickle", "weights_only=True refuses it"),
+        ("pytorch_model.bin", b"", "cannot read"),
+    ],
+)
+def test_an_unreadable_hugging_face_file_is_one_line_naming_it(
+    tmp_path: Path, file: str, content: bytes, said: str
+) -> None:
+    """A config.json that is not JSON, or a weights file cut short or not weights, was the
+    reader's own exception (JSONDecodeError, SafetensorError, UnpicklingError, EOFError),
+    which the CLI let through as a traceback."""
+    from typer.testing import CliRunner
+
+    from export.huggingface import app
+
+    directory = _write_config(tmp_path / "hf", MARIAN)
+    (directory / file).write_bytes(content)
+    result = CliRunner().invoke(app, ["import-marian", str(directory), str(tmp_path / "ours")])
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("error: ") and len(result.output.splitlines()) == 1
+    assert said in result.output and file in result.output, result.output
 
 
 def test_unplaceable_tensors_are_refused(tmp_path: Path) -> None:

@@ -139,6 +139,10 @@ def _broken(checkpoint: Path, tmp_path: Path, how: str) -> Path:
         (out / TOKENIZER).write_text("not a model")
     elif how == "tokenizer larger than the vocabulary":
         tiny_tokenizer(out / TOKENIZER, vocab_size=200, lines=[f"w{i} x{i}" for i in range(400)])
+    elif how == "tokenizer smaller than the vocabulary":
+        # The model can output ids the tokenizer has no piece for: the service's decode
+        # of such an id raised IndexError and failed the request.
+        tiny_tokenizer(out / TOKENIZER, vocab_size=40)
     return out
 
 
@@ -151,6 +155,7 @@ def _broken(checkpoint: Path, tmp_path: Path, how: str) -> Path:
         ("weights truncated", ["cannot read", WEIGHTS]),
         ("tokenizer not SentencePiece", [TOKENIZER, "not a SentencePiece model"]),
         ("tokenizer larger than the vocabulary", [TOKENIZER, "vocab_size"]),
+        ("tokenizer smaller than the vocabulary", [TOKENIZER, "vocab_size"]),
     ],
 )
 def test_a_broken_checkpoint_is_one_line_naming_what_is_wrong(
@@ -190,6 +195,19 @@ def test_parity_names_a_missing_or_damaged_version(
         f.write(b"damaged")
     result = runner.invoke(parity_app, args, env=wide)
     assert result.exit_code == 2 and "tokenizer.model: sha256" in result.output, result.output
+    assert not (tmp_path / "p.md").exists()
+
+
+def test_parity_names_a_missing_checkpoint(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """A version exported with --checkpoint from another folder has none beside it: parity
+    was a FileNotFoundError traceback from hashing its files."""
+    repo = tmp_path / "models"
+    assert _export(repo, checkpoints["translator"], "--name", "en-es")[0] == 0
+    args = ["--repository", str(repo), "--name", "en-es", "--data", str(tmp_path)]
+    result = runner.invoke(parity_app, [*args, "--out", str(tmp_path / "p.md")])
+    said = "".join(result.output.replace("│", "").split())  # rich wraps it mid-word
+    assert result.exit_code == 2, result.output
+    assert "en-es/checkpointhasnoconfig.json" in said, result.output
     assert not (tmp_path / "p.md").exists()
 
 
