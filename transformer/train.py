@@ -254,6 +254,7 @@ def run_training(
     resuming = resume and _state_paths(work_dir)[2].is_file()
     if resuming:
         model = load_checkpoint(_state_paths(work_dir)[0], device)
+        _check_resumable(model.config, config, work_dir)
         config = model.config
     elif init_from is not None:
         model = _grown(init_from, config).to(device)
@@ -344,6 +345,23 @@ def run_training(
     return training
 
 
+def _check_resumable(saved: TransformerConfig, wanted: TransformerConfig, work_dir: Path) -> None:
+    """A run resumed from `work_dir` trains the model saved there: refused where this run's
+    data does not fit it (another --block: the LM's inputs outrun its positions, an
+    IndexError after the data had loaded; another tokenizer: ids past its vocabulary)."""
+    changed = [
+        f"{key} {getattr(saved, key)} -> {getattr(wanted, key)}"
+        for key in ("arch", "vocab_size", "max_positions")
+        if getattr(saved, key) != getattr(wanted, key)
+    ]
+    if changed:
+        raise typer.BadParameter(
+            f"{work_dir} holds a run of another model ({', '.join(changed)}): give this run "
+            "its own --work-dir, or pass --no-resume to start it there anew",
+            param_hint="--work-dir",
+        )
+
+
 def _sp(path: Path) -> spm.SentencePieceProcessor:
     if not path.is_file():
         raise typer.BadParameter(f"{path} not found: run `make data` first")
@@ -355,11 +373,21 @@ def _settings(options: dict[str, Any]) -> TrainSettings:
     kwargs = {f.name: options[f.name] for f in fields(TrainSettings) if f.name in options}
     if kwargs["device"] == "cuda" and not torch.cuda.is_available():
         raise typer.BadParameter("--device cuda asked for, but torch sees no CUDA device")
+    # Refused before any data is read: AdamW raises on a negative rate, and a clip norm
+    # <= 0 turns every gradient to zero (or flips its sign) without a word.
+    for name in ("lr", "clip"):
+        if not kwargs[name] > 0:
+            raise typer.BadParameter(f"must be > 0, got {kwargs[name]}", param_hint=f"--{name}")
     return TrainSettings(**kwargs)
 
 
 DataOpt = Annotated[Path, typer.Option(help="Output folder of `make data`.")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu or cuda.")]
+# Bounds checked as the options are parsed: 0 warm-up steps or evaluation interval was a
+# ZeroDivisionError (the latter after the first step), a --block < 1 a ConfigError.
+Positive = Annotated[int, typer.Option(min=1)]
+Smoothing = Annotated[float, typer.Option(min=0.0, max=1.0)]
+ThreadsOpt = Annotated[int, typer.Option(min=0, help="torch threads (0: torch's default).")]
 
 
 @app.command("translator")
@@ -369,21 +397,21 @@ def train_translator(
         "models/en-es/checkpoint"
     ),
     work_dir: Annotated[Path, typer.Option(help="Resumable state.")] = Path("runs/translator"),
-    max_tokens: int = 6000,
+    max_tokens: Positive = 6000,
     lr: float = 7e-4,
-    warmup: int = 1000,
-    label_smoothing: float = 0.1,
+    warmup: Positive = 1000,
+    label_smoothing: Smoothing = 0.1,
     clip: float = 1.0,
-    max_steps: int = 12000,
+    max_steps: Positive = 12000,
     max_minutes: Annotated[float, typer.Option(help="Stop after this wall time.")] = 600.0,
-    eval_every: int = 500,
-    dev_bleu_verses: int = 200,
-    max_len: Annotated[int, typer.Option(help="Drop longer pairs (tokens).")] = 160,
+    eval_every: Positive = 500,
+    dev_bleu_verses: Annotated[int, typer.Option(min=0)] = 200,
+    max_len: Annotated[int, typer.Option(min=1, help="Drop longer pairs (tokens).")] = 160,
     seed: int = 1,
     device: DeviceOpt = "cpu",
     amp: Annotated[bool, typer.Option(help="bf16 autocast.")] = True,
     resume: bool = True,
-    threads: int = 0,
+    threads: ThreadsOpt = 0,
     init_from: Annotated[
         Path | None,
         typer.Option(
@@ -393,6 +421,7 @@ def train_translator(
     ] = None,
 ) -> None:
     """Train the English→Spanish translator."""
+    settings = _settings(locals())
     if threads:
         torch.set_num_threads(threads)
     tokenizer = data / "spm" / "translator.model"
@@ -418,7 +447,6 @@ def train_translator(
             raise typer.BadParameter(
                 f"no {split} pair is under {max_len} tokens: raise it", param_hint="--max-len"
             )
-    settings = _settings(locals())
     run_training(
         "translator",
         config,
@@ -445,23 +473,24 @@ def train_lm(
     block: Annotated[
         int,
         typer.Option(
+            min=1,
             help="Tokens per training sequence; also the model's max_positions, so that "
-            "every learned position it accepts is one it was trained on."
+            "every learned position it accepts is one it was trained on.",
         ),
     ] = LANGUAGE_MODEL.max_positions,
-    max_tokens: int = 8192,
+    max_tokens: Positive = 8192,
     lr: float = 1e-3,
-    warmup: int = 500,
-    label_smoothing: float = 0.0,
+    warmup: Positive = 500,
+    label_smoothing: Smoothing = 0.0,
     clip: float = 1.0,
-    max_steps: int = 6000,
+    max_steps: Positive = 6000,
     max_minutes: Annotated[float, typer.Option(help="Stop after this wall time.")] = 600.0,
-    eval_every: int = 500,
+    eval_every: Positive = 500,
     seed: int = 1,
     device: DeviceOpt = "cpu",
     amp: Annotated[bool, typer.Option(help="bf16 autocast.")] = True,
     resume: bool = True,
-    threads: int = 0,
+    threads: ThreadsOpt = 0,
     init_from: Annotated[
         Path | None,
         typer.Option(
@@ -472,6 +501,7 @@ def train_lm(
     ] = None,
 ) -> None:
     """Train the English language model on verse text packed into fixed-size blocks."""
+    settings = _settings(locals())
     if threads:
         torch.set_num_threads(threads)
     tokenizer = data / "spm" / "lm.model"
@@ -487,7 +517,6 @@ def train_lm(
             stream += [config.bos_id, *sp.encode(line), config.eos_id]
         return [Example([], stream[i : i + block + 1]) for i in range(0, len(stream) - 1, block)]
 
-    settings = _settings(locals())
     run_training(
         "lm",
         config,

@@ -242,3 +242,48 @@ def test_a_translator_goes_on_from_its_checkpoint(tmp_path: Path, tokenizer: Pat
     assert "is a decoder-only model" in _said(wrong)
     short = _train_translator(tmp_path, tokenizer, "y", "--max-len", "4")
     assert short.exit_code != 0 and "no train pair is under 4 tokens" in _said(short)
+
+
+@pytest.mark.parametrize(
+    ("kind", "option", "value"),
+    [
+        ("lm", "--warmup", "0"),
+        ("lm", "--eval-every", "0"),
+        ("lm", "--block", "0"),
+        ("lm", "--lr", "-1"),
+        ("lm", "--clip", "-1"),
+        ("lm", "--label-smoothing", "1.5"),
+        ("lm", "--threads", "-2"),
+        ("translator", "--warmup", "0"),
+        ("translator", "--max-steps", "0"),
+        ("translator", "--lr", "0"),
+    ],
+)
+def test_an_option_out_of_range_is_refused_by_name_before_training(
+    tmp_path: Path, tokenizer: Path, kind: str, option: str, value: str
+) -> None:
+    """--warmup 0 and --eval-every 0 were a ZeroDivisionError (the second after the first
+    step), --block 0 a ConfigError, --lr -1 AdamW's ValueError, all as tracebacks; --clip
+    -1 trained uphill without a word."""
+    train = _train_lm if kind == "lm" else _train_translator
+    result = train(tmp_path, tokenizer, "out", option, value)
+    assert result.exit_code == 2, result.output
+    assert not isinstance(result.exception, (ZeroDivisionError, ValueError, RuntimeError))
+    assert option in _said(result)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_resumed_run_of_another_block_length_is_refused_by_name(
+    tmp_path: Path, tokenizer: Path
+) -> None:
+    """Resuming takes the model saved in --work-dir: with another --block its inputs
+    outran its learned positions, an IndexError traceback once the data had loaded."""
+    assert _train_lm(tmp_path, tokenizer, "run", "--block", "16").exit_code == 0
+    again = _train_lm(tmp_path, tokenizer, "run", "--block", "48", "--max-steps", "3")
+    assert again.exit_code == 2, again.output
+    assert not isinstance(again.exception, IndexError)
+    assert "--work-dir" in _said(again) and "max_positions 16 -> 48" in _said(again)
+    assert load_checkpoint(tmp_path / "run").config.max_positions == 16
+    fresh = _train_lm(tmp_path, tokenizer, "run", "--block", "48", "--no-resume")
+    assert fresh.exit_code == 0, fresh.output
+    assert load_checkpoint(tmp_path / "run").config.max_positions == 48
