@@ -12,7 +12,7 @@ import math
 import platform
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import sacrebleu
 import sentencepiece as spm
@@ -20,12 +20,36 @@ import torch
 import typer
 from tqdm import tqdm
 
-from transformer.checkpoint import load_checkpoint, tokenizer_path
+from transformer.checkpoint import CheckpointError, load_checkpoint, tokenizer_path
+from transformer.config import ConfigError
 from transformer.data import load_lines, load_pairs
 from transformer.decoding import DecodingOptions, generate, translate
 from transformer.model import DecoderOnly, EncoderDecoder, count_parameters
 
 app = typer.Typer(add_completion=False, help=__doc__)
+M = TypeVar("M", EncoderDecoder, DecoderOnly)
+
+
+def _load(checkpoint: Path, kind: type[M], data_file: Path) -> tuple[M, spm.SentencePieceProcessor]:
+    """The checkpoint's model and tokenizer, once the test split is there; a usage error
+    naming the option otherwise (a missing checkpoint or split was a traceback, a model
+    of the other kind a bare AssertionError)."""
+    if not data_file.is_file():
+        raise typer.BadParameter(
+            f"{data_file} not found: run `make data` first", param_hint="--data"
+        )
+    try:
+        model = load_checkpoint(checkpoint)
+        tokenizer = spm.SentencePieceProcessor(model_file=str(tokenizer_path(checkpoint)))
+    except (CheckpointError, ConfigError) as error:
+        raise typer.BadParameter(str(error), param_hint="--checkpoint") from None
+    if not isinstance(model, kind):
+        raise typer.BadParameter(
+            f"{checkpoint} holds a {model.config.arch} model, not "
+            f"{'an encoder-decoder' if kind is EncoderDecoder else 'a decoder-only'} one",
+            param_hint="--checkpoint",
+        )
+    return model, tokenizer
 
 
 def _training(checkpoint: Path) -> dict[str, Any]:
@@ -145,14 +169,12 @@ DATA_SPLIT = (
 def evaluate_translator(
     checkpoint: Path = Path("models/en-es/checkpoint"),
     data: Path = Path("data"),
-    beam_size: Annotated[int, typer.Option(help="1 = greedy.")] = 1,
-    limit: Annotated[int, typer.Option(help="Score only the first N verses (0 = all).")] = 0,
-    samples: int = 5,
+    beam_size: Annotated[int, typer.Option(min=1, help="1 = greedy.")] = 1,
+    limit: Annotated[int, typer.Option(min=0, help="Score only the first N verses (0 = all).")] = 0,
+    samples: Annotated[int, typer.Option(min=0)] = 5,
 ) -> None:
     """Test BLEU and chrF of the translator; writes the model card."""
-    model = load_checkpoint(checkpoint)
-    assert isinstance(model, EncoderDecoder)
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path(checkpoint)))
+    model, sp = _load(checkpoint, EncoderDecoder, data / "pairs.test.tsv")
     pairs = load_pairs(data / "pairs.test.tsv")
     if limit:
         pairs = pairs[:limit]
@@ -263,13 +285,11 @@ def _context_limit(by_position: list[tuple[int, int, float]]) -> str:
 def evaluate_lm(
     checkpoint: Path = Path("models/en-lm/checkpoint"),
     data: Path = Path("data"),
-    samples: int = 4,
-    seed: int = 0,
+    samples: Annotated[int, typer.Option(min=0)] = 4,
+    seed: Annotated[int, typer.Option(min=0)] = 0,
 ) -> None:
     """Test perplexity of the language model (per token, per verse); writes the model card."""
-    model = load_checkpoint(checkpoint)
-    assert isinstance(model, DecoderOnly)
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path(checkpoint)))
+    model, sp = _load(checkpoint, DecoderOnly, data / "lm.test.txt")
     cfg = model.config
     lines_text = load_lines(data / "lm.test.txt")
     total_nll, total_tokens = 0.0, 0

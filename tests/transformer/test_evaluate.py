@@ -9,11 +9,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from export.testing import make_tiny_checkpoint
 from transformer.evaluate import (
     _card_header,
     _context_limit,
     _trained,
+    app,
     perplexity_by_position,
 )
 
@@ -97,3 +100,39 @@ def test_the_card_warns_of_context_that_reads_worse() -> None:
         " Context past 128 tokens reads worse (perplexity up to 95.69 against 32.45, above): "
         "its training did not reach those positions."
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["translator", "--beam-size", "0"], ["--beam-size", "greater than or equal to 1"]),
+        (["translator", "--limit", "-1"], ["--limit", "greater than or equal to 0"]),
+        (["lm", "--seed", "-1"], ["--seed", "greater than or equal to 0"]),
+        (["translator", "--checkpoint", "LM"], ["--checkpoint", "holds a decoder-only model"]),
+        (["lm", "--checkpoint", "NONE"], ["--checkpoint", "has no config.json"]),
+        (["lm", "--data", "NONE"], ["--data", "lm.test.txt not found", "make data"]),
+    ],
+)
+def test_a_bad_option_is_a_usage_error_naming_it(
+    tmp_path: Path, args: list[str], words: list[str]
+) -> None:
+    """--beam-size 0 was DecodingOptions' ValueError, the LM's checkpoint given to
+    `translator` a bare AssertionError, a missing checkpoint or test split a traceback
+    (the split's only after the model had loaded); --limit -1 scored all verses but one."""
+    lm = tmp_path / "lm"
+    make_tiny_checkpoint(lm, "decoder-only")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "pairs.test.tsv").write_text("ref\tsource_module\ten\tes\n")
+    (data / "lm.test.txt").write_text("in the beginning\n")
+    paths = {"LM": str(lm), "NONE": str(tmp_path / "none")}
+    argv = [*args, "--data", str(data)] if "--data" not in args else args
+    argv = [paths.get(a, a) for a in argv]
+    if "--checkpoint" not in argv:
+        argv += ["--checkpoint", str(lm)]
+    result = CliRunner().invoke(app, argv)
+    said = "".join(result.output.replace("│", "").split())  # rich wraps it mid-word
+    assert result.exit_code == 2, result.output
+    for word in words:
+        assert "".join(word.split()) in said, result.output
+    assert not (tmp_path / "README.md").exists()
