@@ -279,7 +279,9 @@ def run_training(
     typer.echo(f"{kind}: {n_params / 1e6:.2f}M parameters, {len(train)} training examples")
     start = time.monotonic() - state["elapsed_s"]
     budget_s = settings.max_minutes * 60
-    done = False
+    # A resumed run that had reached its step or time limit trains no further (it trained
+    # one more step, and saved it over the shipped checkpoint when dev loss fell).
+    done = state["step"] >= settings.max_steps or state["elapsed_s"] >= budget_s
     progress = tqdm(total=settings.max_steps, initial=state["step"], desc=kind, unit="step")
     while not done:
         for batch in make_batches(train, settings.max_tokens, rng):

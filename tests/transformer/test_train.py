@@ -102,6 +102,11 @@ def test_resume_continues_from_the_saved_step(
     # The history carries on from the first run instead of starting again.
     assert [h["step"] for h in second["history"]] == [10, 20, 30]
     assert second["history"][:2] == first["history"]
+    # A run resumed at its limit trains nothing more, and keeps what it had.
+    weights = (tmp_path / "out" / "model.safetensors").read_bytes()
+    third = run_training(*args, settings(30), tmp_path / "out", tmp_path / "work", tokenizer, True)
+    assert third["steps"] == 30 and third["history"] == second["history"]
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == weights
 
 
 def test_batches_hold_every_example_once_within_the_token_budget(
