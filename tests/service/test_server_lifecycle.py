@@ -97,8 +97,8 @@ def _copy_version(repository: Path, name: str, source: int, target: int) -> None
 def _wait_versions(client: Client, name: str, wanted: list[int], timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        info = client.describe_model(name)
-        if list(info.versions) == wanted and info.ready:
+        info = client.describe_model(name)  # the newest version taking calls
+        if list(info.versions) == wanted and info.ready and info.version == max(wanted):
             return
         time.sleep(0.2)
     raise AssertionError(f"{name} versions never became {wanted}")
