@@ -33,13 +33,15 @@ UNUSABLE: dict[UnavailableReason, str] = {
 }
 
 DrainHook = Callable[["ModelVersion"], None]
-FolderSignature = tuple[tuple[str, int, int], ...]
+FolderSignature = tuple[tuple[str, int, int, int], ...]
 
 
 def folder_signature(path: Path) -> FolderSignature:
-    """Every file under a version folder with its size and modification time: a failed
-    folder is tried again once any of them changes (a copy finished, an ONNX file
-    replaced), not only its manifest."""
+    """Every file under a version folder with its size, modification and change times: a
+    failed folder is tried again once any of them changes (a copy finished, an ONNX file
+    replaced), not only its manifest. The change time moves with a chmod or chown too,
+    which fixes a file the server could not read (Permission denied) without touching
+    its contents or modification time."""
     files = []
     try:
         found = sorted(path.rglob("*"))
@@ -51,7 +53,9 @@ def folder_signature(path: Path) -> FolderSignature:
         except OSError:  # removed while we looked
             continue
         if file.is_file():
-            files.append((str(file.relative_to(path)), stat.st_size, stat.st_mtime_ns))
+            files.append(
+                (str(file.relative_to(path)), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+            )
     return tuple(files)
 
 
@@ -180,15 +184,23 @@ class ModelRepository:
 
     # --- scanning --------------------------------------------------------------------
 
-    def _scan(self, unreadable: set[str] | None = None) -> dict[str, list[int]]:
+    def _scan(self, unreadable: set[str] | None = None) -> dict[str, list[int]] | None:
         """Numbered version folders on disk by model name (newest last). A model folder
         that cannot be listed (no permission: `lost+found` on a volume, another user's
         upload; removed while scanned) is skipped with a warning, its name added to
-        `unreadable`: one such folder must not fail the start or every reload."""
+        `unreadable`: one such folder must not fail the start or every reload. None when
+        the repository itself cannot be listed (a volume unmounted, the folder moved away
+        for a moment): what it holds is unknown, as for such a model folder, so a reload
+        then must not take every model for removed and retire them all."""
         found: dict[str, list[int]] = {}
-        if not self.root.is_dir():
-            return found
-        for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
+        try:
+            model_dirs = sorted(p for p in self.root.iterdir() if p.is_dir())
+        except OSError as error:
+            self._warn_unreadable(self.root, error)
+            return None
+        with self._lock:
+            self._unreadable.pop(self.root, None)
+        for model_dir in model_dirs:
             try:
                 versions = version_dirs(model_dir)
             except OSError as error:
@@ -203,13 +215,22 @@ class ModelRepository:
         return found
 
     def _warn_unreadable(self, model_dir: Path, error: OSError) -> None:
-        """Log a model folder that cannot be listed once (until it can be, or fails anew)."""
+        """Log a folder that cannot be listed once (until it can be, or fails anew)."""
         why = error.strerror or str(error)
         with self._lock:
             if self._unreadable.get(model_dir) == why:
                 return
             self._unreadable[model_dir] = why
-        log.warning("skipped model folder %s: cannot list it (%s)", model_dir, why)
+        if model_dir == self.root:
+            log.warning("%s", self._unlisted(why))
+        else:
+            log.warning("skipped model folder %s: cannot list it (%s)", model_dir, why)
+
+    def _unlisted(self, why: str) -> str:
+        return (
+            f"cannot list the model repository {self.root} ({why}): nothing loaded or "
+            "retired until it can be"
+        )
 
     def reload(self) -> ReloadResult:
         """Load versions new on disk, then retire those gone from disk or beyond
@@ -224,6 +245,11 @@ class ModelRepository:
         traffic (the scheduler) calls `prune()` once it has."""
         result = ReloadResult()
         found = self._scan()
+        if found is None:
+            with self._lock:
+                why = self._unreadable.get(self.root, "")
+            result.failed[str(self.root)] = self._unlisted(why)
+            return result
         try:
             for name, versions in found.items():
                 kept = 0  # newest first, until keep_versions load: a broken newest version
@@ -264,6 +290,8 @@ class ModelRepository:
         """Retire the versions gone from disk or beyond keep_versions (of those loaded)."""
         unreadable: set[str] = set()
         found = self._scan(unreadable)
+        if found is None:
+            return []
         retired: list[ModelVersion] = []
         with self._lock:
             for name, loaded in list(self._models.items()):
@@ -330,7 +358,7 @@ class ModelRepository:
 
     def names_on_disk(self) -> set[str]:
         """Model folders that hold at least one numbered version folder, loaded or not."""
-        return set(self._scan())
+        return set(self._scan() or ())
 
     def names(self) -> list[str]:
         with self._lock:

@@ -916,11 +916,13 @@ class Scheduler:
         self._failed_labels = labels
 
     def _folder(self, path: str | Path) -> str:
-        """A version folder as callers name it: relative to the repository ("en-es/2")."""
+        """A version folder as callers name it: relative to the repository ("en-es/2");
+        the repository itself (which could not be listed) by its own path."""
         try:
-            return str(Path(path).relative_to(self.repository.root))
+            relative = Path(path).relative_to(self.repository.root)
         except ValueError:
             return str(path)
+        return str(relative) if relative.parts else str(path)
 
     async def _start_loop(self, entry: ModelVersion) -> None:
         engine = await asyncio.to_thread(self.engine_factory, entry, self.engine_options)

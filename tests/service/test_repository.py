@@ -6,6 +6,7 @@ import json
 import logging
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +170,35 @@ def test_broken_versions_are_reported_until_fixed_and_retried_when_changed(
     shutil.copyfile(good, bad / "fp32" / "decoder.onnx")
     assert [e.key for e in repo.reload().loaded] == [f"{TRANSLATOR}:2"]
     assert bad in checked
+
+
+def test_a_folder_the_server_could_not_read_is_retried_once_its_permissions_change(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A version copied with files the server's user may not read fails (Permission
+    denied); `chmod` fixes it without changing a file's size or modification time, which
+    were all the failed-folder record compared: every reload then answered "no file in
+    it changed since it failed" until a restart."""
+    import service.repository as repository_module
+
+    repo = ModelRepository(root)
+    repo.reload()
+    folder = copy_version(root, TRANSLATOR, 1, 2)
+    tokenizer = next(folder.glob("*.model"))
+    tokenizer.chmod(0o600)  # owned by another user than the server's, say
+    real = repository_module.load_manifest
+
+    def load_manifest(path: Path, **kw: Any) -> Any:
+        if tokenizer.stat().st_mode & 0o004 == 0:  # what the server's user meets
+            raise PermissionError(13, "Permission denied", str(tokenizer))
+        return real(path, **kw)
+
+    monkeypatch.setattr(repository_module, "load_manifest", load_manifest)
+    assert "Permission denied" in repo.reload().failed[str(folder)]
+    time.sleep(0.05)  # past the file system's timestamp granularity
+    tokenizer.chmod(0o644)
+    result = repo.reload()
+    assert [e.key for e in result.loaded] == [f"{TRANSLATOR}:2"] and result.failed == {}
 
 
 def test_only_the_served_variant_is_hash_checked(root: Path) -> None:
@@ -361,6 +391,28 @@ def test_a_model_folder_that_cannot_be_listed_is_skipped_and_keeps_its_versions(
     assert [e.key for e in result.loaded] == [f"{TRANSLATOR}:2"] and result.retired == []
     assert repo.get(LM).version == 1
     assert caplog.text.count("lost+found: cannot list it (Permission denied)") == 1
+
+
+def test_a_repository_that_cannot_be_listed_retires_nothing(
+    root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reload while the repository itself was gone (a volume unmounted, the folder moved
+    away for a moment) found no model on disk and retired every one: the server served
+    nothing (NOT_FOUND to every call) until the next reload warmed them all again. What
+    it holds is unknown then, as for a model folder that cannot be listed."""
+    repo = ModelRepository(root)
+    repo.reload()
+    away = root.with_name("away")
+    root.rename(away)
+    caplog.set_level(logging.WARNING, logger="service.repository")
+    result = repo.reload()
+    assert result.loaded == [] and result.retired == []
+    assert "cannot list the model repository" in result.failed[str(root)]
+    assert repo.get(TRANSLATOR).version == 1 and repo.get(LM).version == 1
+    assert "nothing loaded or retired until it can be" in caplog.text
+    away.rename(root)
+    assert repo.reload().loaded == [] and repo.reload().failed == {}
+    assert repo.names() == [TRANSLATOR, LM]
 
 
 def test_versions_a_failed_scan_had_added_are_taken_back(

@@ -1368,6 +1368,26 @@ def test_model_ready_reads_0_for_a_failed_version_and_leaves_with_a_removed_one(
     run(main, s)
 
 
+def test_a_reload_while_the_repository_is_gone_retires_nothing_and_says_why(
+    tmp_path: Path,
+) -> None:
+    """The repository moved away for a moment (a volume remounted): the reload retired
+    every model and the server served none; now it keeps them and names the repository
+    among the failures (not as ".")."""
+    root = tmp_path / "models"
+    shutil.copytree(model_repository(), root)
+
+    async def main(s: Scheduler) -> None:
+        root.rename(tmp_path / "away")
+        summary = await s.reload()
+        assert (summary.loaded, summary.retired) == ([], [])
+        assert "cannot list the model repository" in summary.failed[str(root)]
+        assert s.missing() == [] and s.tasks() == {Task.TRANSLATION, Task.GENERATION}
+        assert (await s.submit(generate(PROMPTS[0], max_new_tokens=3))).version == 1
+
+    run(main, make_scheduler(root))
+
+
 def test_readiness_waits_for_every_model_on_disk_at_start_not_for_one_added_later(
     tmp_path: Path,
 ) -> None:
