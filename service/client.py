@@ -550,7 +550,7 @@ def _connected(
         try:
             yield client
         except grpc.RpcError as error:
-            _fail(error, secure)
+            _fail(error, secure, token is not None, retries)
         except ValueError as error:  # a value the wire cannot carry (decoding_options)
             raise typer.BadParameter(str(error)) from None
 
@@ -561,7 +561,10 @@ _HINTS = {
 }
 
 
-def _fail(error: grpc.RpcError, tls: bool) -> NoReturn:
+def _fail(error: grpc.RpcError, tls: bool, token: bool = False, retries: int = 0) -> NoReturn:
+    """Print the status, the server's request id and what to do; `token`: one was sent
+    (a refusal then is of that token, not for the want of one); `retries`: --retries,
+    which a refusal then outlasted."""
     code = error.code() if hasattr(error, "code") else None
     details = (error.details() if hasattr(error, "details") else str(error)) or ""
     typer.echo(f"error: {code.name if code else 'UNKNOWN'}: {details}", err=True)
@@ -570,12 +573,23 @@ def _fail(error: grpc.RpcError, tls: bool) -> NoReturn:
     request_id = dict(trailer or ()).get("x-request-id")
     if request_id:
         typer.echo(f"(request id: {request_id})", err=True)
-    if code == grpc.StatusCode.UNAVAILABLE and request_id:  # the server answered: it is up
+    if code == grpc.StatusCode.UNAVAILABLE and request_id and retries:
+        typer.echo(
+            f"(the server refused the call for now, through --retries {retries}: retry later)",
+            err=True,
+        )
+    elif code == grpc.StatusCode.UNAVAILABLE and request_id:  # the server answered: it is up
         typer.echo("(the server refused the call for now: retry, or pass --retries)", err=True)
     elif code == grpc.StatusCode.UNAVAILABLE and not tls:
         typer.echo("(is the server up at --target? if it serves TLS, pass --ca)", err=True)
     elif code == grpc.StatusCode.UNAVAILABLE and (hint := _tls_hint(details)):
         typer.echo(hint, err=True)
+    elif code == grpc.StatusCode.UNAUTHENTICATED and token:
+        typer.echo(
+            "(the server refused the token given by --token or SERVE_AUTH_TOKEN: check it "
+            "against the server's SERVE_AUTH_TOKEN)",
+            err=True,
+        )
     elif code in _HINTS:
         typer.echo(_HINTS[code], err=True)
     raise typer.Exit(2)

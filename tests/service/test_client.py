@@ -154,6 +154,39 @@ def test_cli_does_not_ask_whether_a_server_that_answered_is_up(
     ]
 
 
+def test_cli_does_not_ask_for_retries_a_refusal_outlasted(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`--retries 4` against a server still loading: five refusals, then the hint to
+    "pass --retries", which the user had."""
+    refused = _Failed(grpc.StatusCode.UNAVAILABLE, "models are loading; retry shortly", "abc123")
+    with pytest.raises(typer.Exit):
+        _fail(refused, False, False, 4)
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "(the server refused the call for now, through --retries 4: retry later)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("token", "details", "hint"),
+    [
+        (False, "missing `authorization: Bearer <token>` metadata",
+         "(the server wants a token: --token or SERVE_AUTH_TOKEN)"),
+        (True, "invalid bearer token",
+         "(the server refused the token given by --token or SERVE_AUTH_TOKEN: check it "
+         "against the server's SERVE_AUTH_TOKEN)"),
+    ],
+)  # fmt: skip
+def test_cli_hint_on_a_refused_token_says_whether_one_was_sent(
+    token: bool, details: str, hint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A wrong token was answered "the server wants a token: --token or
+    SERVE_AUTH_TOKEN", as if none had gone out, by a user who had passed one."""
+    with pytest.raises(typer.Exit):
+        _fail(_Failed(grpc.StatusCode.UNAUTHENTICATED, details, "abc123"), False, token)
+    assert capsys.readouterr().err.splitlines()[-1] == hint
+
+
 def test_client_refuses_a_deadline_grpc_cannot_keep() -> None:
     for timeout in (float("inf"), 0.0, -1.0, float("nan"), MAX_TIMEOUT_S * 2):
         with pytest.raises(ValueError, match="timeout: must be in"):
