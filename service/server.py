@@ -1577,8 +1577,18 @@ async def serve(settings: Settings, backend: Backend | None = None) -> int:
                 ENV_PREFIX,
             )
             return 1
+        from service.engine import cuda_available
         from service.scheduler import Scheduler  # imports onnxruntime
 
+        if settings.provider == "cuda" and not cuda_available():
+            # Each model's load would fail alike, with a traceback, and the server would
+            # listen, never ready, instead of exiting.
+            log.error(
+                "start failed: --provider cuda (%sPROVIDER), but this onnxruntime has no "
+                "CUDAExecutionProvider; install onnxruntime-gpu, or set --provider auto or cpu",
+                ENV_PREFIX,
+            )
+            return 1
         backend = Scheduler.from_settings(settings, metrics)
     server = InferenceServer(settings, backend, metrics)
     loop = asyncio.get_running_loop()

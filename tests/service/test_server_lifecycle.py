@@ -366,6 +366,30 @@ def test_a_model_repository_the_server_may_not_list_exits_1_naming_the_setting(
     assert "listening" not in caplog.messages  # refused before a port opened
 
 
+def test_provider_cuda_without_cuda_exits_1_naming_the_setting(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """--provider cuda where onnxruntime has no CUDA provider: every model's load failed
+    with a traceback, and the server listened, never ready, instead of exiting."""
+    import asyncio
+    import logging
+
+    from service.engine import cuda_available
+    from service.server import serve
+    from service.settings import load_settings
+
+    if cuda_available():
+        pytest.skip("onnxruntime here has the CUDA provider")
+    caplog.set_level(logging.INFO)
+    settings = load_settings(port=0, metrics_port=0, provider="cuda")
+    assert asyncio.run(asyncio.wait_for(serve(settings), 60)) == 1
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.exc_info for r in errors] == [None], caplog.text
+    message = errors[0].getMessage()
+    assert "--provider cuda (SERVE_PROVIDER)" in message and "onnxruntime-gpu" in message
+    assert "listening" not in caplog.messages  # refused before a port opened
+
+
 def _catches(pid: int, sig: int) -> bool:
     """Whether process `pid` has a handler for `sig` (SigCgt in /proc/<pid>/status)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
