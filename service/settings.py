@@ -198,7 +198,7 @@ class Settings(BaseSettings):
         300.0,
         ge=0.0,
         le=86400.0,
-        description="Close connections after this age so clients rebalance (0 = never).",
+        description="Close connections after this age so clients rebalance (0 = never, else ≥ 1).",
     )
     # --- security ------------------------------------------------------------------------
     tls_cert: Path | None = Field(None, description="PEM certificate chain; enables TLS.")
@@ -253,6 +253,15 @@ class Settings(BaseSettings):
                 "reflection's answers (a proto file's descriptor, about 3.2 KB for "
                 "inference.proto) and health answers must fit in one message"
             )
+        return value
+
+    @field_validator("max_connection_age_s")
+    @classmethod
+    def _an_age_or_never(cls, value: float) -> float:
+        """grpc counts the age in whole ms (under 1 ms it read 0 ms), and an age under a
+        second would have clients reconnect for nearly every call."""
+        if 0 < value < 1:
+            raise ValueError("must be 0 (never) or ≥ 1 s: clients would reconnect for every call")
         return value
 
     @field_validator("model_repository", mode="before")
