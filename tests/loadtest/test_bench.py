@@ -332,6 +332,38 @@ def _bench_args(tmp_path: Path, **overrides: Any) -> BenchArgs:
 def test_served_run_fails_fast_when_no_model_loads(model_repository: Path, tmp_path: Path) -> None:
     """A server that loads no model stays up NOT_SERVING: the bench must say why at once,
     not wait out its start timeout (on the device that would burn the GPU lease)."""
+    import shutil
+
+    broken = tmp_path / "models"
+    shutil.copytree(model_repository, broken)
+    for decoder in broken.glob("*/1/*/decoder.onnx"):
+        decoder.write_bytes(b"not the exported graph")  # its manifest's sha256 differs
+    args = _bench_args(
+        tmp_path,
+        repository=broken,
+        n_inputs=1,
+        batch_size=4,
+        served_s=1.0,
+        poisson_s=1.0,
+        poisson_fractions=[0.5],
+        server_start_s=120.0,
+        generate_fractions=[],
+    )
+    started = time.perf_counter()
+    modes = run_served(["static", "continuous"], broken, ["In the beginning"], args, tmp_path, {})
+    assert time.perf_counter() - started < 60
+    assert modes["static"].status == modes["continuous"].status == "failed"
+    assert "the static server could load no model" in modes["static"].reason
+    # The other side-by-side server is not blamed for it.
+    assert modes["continuous"].reason.startswith("not measured: the servers run side by side")
+    assert "sha256" in modes["static"].reason  # the server log's reason
+
+
+def test_served_run_names_a_server_that_exits_at_start(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    """--provider cuda without onnxruntime's CUDA provider: the server exits 1 at start, and
+    the bench says so with the server's own reason, at once."""
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
@@ -349,15 +381,11 @@ def test_served_run_fails_fast_when_no_model_loads(model_repository: Path, tmp_p
         generate_fractions=[],
     )
     started = time.perf_counter()
-    modes = run_served(
-        ["static", "continuous"], model_repository, ["In the beginning"], args, tmp_path, {}
-    )
+    modes = run_served(["static"], model_repository, ["In the beginning"], args, tmp_path, {})
     assert time.perf_counter() - started < 60
-    assert modes["static"].status == modes["continuous"].status == "failed"
-    assert "the static server could load no model" in modes["static"].reason
-    # The other side-by-side server is not blamed for it.
-    assert modes["continuous"].reason.startswith("not measured: the servers run side by side")
-    assert "no CUDAExecutionProvider" in modes["static"].reason  # the server log's reason
+    assert modes["static"].status == "failed"
+    assert "the static server exited with 1" in modes["static"].reason
+    assert "no CUDAExecutionProvider" in modes["static"].reason
 
 
 def test_fraction_lists_are_checked() -> None:
