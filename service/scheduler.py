@@ -154,7 +154,8 @@ class SchedulerConfig:
     ewma_alpha: float = 0.2
     # Expected output length before any request has finished: a generation's, as a share
     # of its max_new_tokens; a translation's, per input token (outputs follow their
-    # sources: 1.0 on average on the en-es test verses, 1.2 at their 90th percentile).
+    # sources: the en-es test verses' reference translations have 1.0 token per source
+    # token on average, 1.2 at the 90th percentile).
     initial_length_ratio: float = 0.5
     initial_translation_ratio: float = 1.2
 
@@ -848,7 +849,8 @@ class Scheduler:
     # --- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> ReloadSummary:
-        """Load, warm and start every version in the repository (none once stop() came)."""
+        """Load, warm and start every version in the repository (none once stop() or
+        stop_loading() came)."""
         self._required = await asyncio.to_thread(self.repository.names_on_disk)
         if self._stop_loading.is_set():  # a SIGTERM before the load began: reload() refuses
             return ReloadSummary([], [], {})
