@@ -894,7 +894,7 @@ def describe(
     retries: Retries = 0,
     as_json: Json = False,
 ) -> None:
-    """One model version (the latest by default): languages, limits, dtype, provider."""
+    """One model version (by default the newest serving): languages, limits, dtype, provider."""
     _check_texts([name], "name")
     with _connected(target, token, ca, timeout, server_name, tls, retries) as client:
         info = client.describe_model(name, version)
