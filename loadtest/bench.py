@@ -537,8 +537,8 @@ def rps_at_p50(points: list[dict[str, Any]], p50_ref: float) -> tuple[float | No
     order of offered load (past saturation a heavier step may serve fewer req/s).
 
     Returns (rate, qualifier): "" when interpolated, ">=" when the curve never reached
-    p50_ref (the most any step served is a lower bound), "<" when even the lightest step
-    was slower.
+    p50_ref again (the most a step at or below it served is a lower bound), "<" when every
+    step was slower (a light step's p50 out of order with a heavier one's is no bound).
     """
     pts = sorted(
         (_offered(p), p["throughput_rps"], p["latency_s"]["p50"])
@@ -547,13 +547,13 @@ def rps_at_p50(points: list[dict[str, Any]], p50_ref: float) -> tuple[float | No
     )
     if not pts:
         return None, ""
-    if pts[0][2] > p50_ref:
+    if all(p50 > p50_ref for _, _, p50 in pts):
         return pts[0][1], "<"
     for (_, r0, l0), (_, r1, l1) in itertools.pairwise(pts):
         if l0 <= p50_ref <= l1:
             frac = 0.0 if l1 == l0 else (p50_ref - l0) / (l1 - l0)
             return r0 + frac * (r1 - r0), ""
-    return max(r for _, r, _ in pts), ">="
+    return max(r for _, r, p50 in pts if p50 <= p50_ref), ">="
 
 
 def equal_p50(
@@ -573,6 +573,7 @@ def equal_p50(
         out.append(
             {
                 "p50_s": p50,
+                "offered_rate": _offered(point),
                 "baseline_rps": point["throughput_rps"],
                 "continuous_rps": rate,
                 "qualifier": qualifier,
@@ -580,6 +581,35 @@ def equal_p50(
             }
         )
     return out
+
+
+def bound(value: float, qualifier: str = "") -> str:
+    """value to two decimals after its qualifier, a bound rounded away from the values it
+    excludes (a lower bound down, an upper bound up), so the printed bound still holds:
+    a lower bound of 2.005 printed as ">=2.01" would claim more than was measured."""
+    if qualifier == ">=":
+        value = math.floor(value * 100 + 1e-9) / 100
+    elif qualifier == "<":
+        value = math.ceil(value * 100 - 1e-9) / 100
+    return f"{qualifier}{value:.2f}"
+
+
+def ratio_range(curve: list[dict[str, Any]]) -> str:
+    """The lowest and highest ratio over an equal-p50 curve, each end open where a bound
+    leaves it so: an upper bound ("<") anywhere may be the lowest ratio, a lower bound
+    (">=") anywhere the highest, whatever the values printed beside them."""
+    values = {q: [p["ratio"] for p in curve if p["qualifier"] == q] for q in ("", "<", ">=")}
+    if values["<"]:
+        low = bound(min(values[""] + values["<"]), "<")
+    else:
+        first = min(curve, key=lambda p: p["ratio"])
+        low = bound(first["ratio"], first["qualifier"])
+    if values[">="]:
+        high = bound(max(values[""] + values[">="]), ">=")
+    else:
+        last = max(curve, key=lambda p: p["ratio"])
+        high = bound(last["ratio"], last["qualifier"])
+    return f"{low}–{high}"
 
 
 def target_met(value: float | None, target: float | None, qualifier: str = "") -> bool | None:
@@ -651,16 +681,23 @@ def ratios(
                 if (attr == "poisson" and s.status != "skipped") or (ok and getattr(s, attr)):
                     add(name, None, None, 1.5, "a served run failed" if not ok else "no common p50")
                 continue
-            top = curve[-1]  # the baseline's busiest step (highest offered load)
-            low = min(curve, key=lambda p: p["ratio"])
-            high = max(curve, key=lambda p: p["ratio"])
-            # A lower bound anywhere leaves the range open above.
-            up = ">=" if any(p["qualifier"] == ">=" for p in curve) else high["qualifier"]
+            top = curve[-1]  # the baseline's busiest step with a p50 (highest offered load)
+            unanswered = [
+                _offered(p)
+                for p in getattr(s, attr)
+                if _offered(p) > top["offered_rate"] and p["latency_s"]["p50"] is None
+            ]
+            busiest = (
+                f"its busiest Poisson step with a p50; no successful request at "
+                f"{', '.join(f'{r:.2f}' for r in unanswered)} req/s offered"
+                if unanswered
+                else "its busiest Poisson step"
+            )
             note = (
-                f"req/s at p50 = {top['p50_s'] * 1000:.0f} ms ({base}'s p50 at its busiest "
-                f"Poisson step): {base} {top['baseline_rps']:.2f}, continuous "
-                f"{top['qualifier']}{top['continuous_rps']:.2f}; {low['qualifier']}"
-                f"{low['ratio']:.2f}–{up}{high['ratio']:.2f}× over {base}'s steps (below)"
+                f"req/s at p50 = {top['p50_s'] * 1000:.0f} ms ({base}'s p50 at {busiest}): "
+                f"{base} {top['baseline_rps']:.2f}, continuous "
+                f"{bound(top['continuous_rps'], top['qualifier'])}; {ratio_range(curve)}× "
+                f"over {base}'s steps (below)"
             )
             add(name, top["continuous_rps"], top["baseline_rps"], 1.5, note, top["qualifier"])
     return rows
@@ -754,7 +791,7 @@ def markdown(data: dict[str, Any]) -> str:
     ]
     for r in data["ratios"]:
         met = {True: "yes", False: "**no**", None: "–"}[r["met"]]
-        value = "–" if r["value"] is None else f"{r.get('qualifier', '')}{r['value']:.2f}×"
+        value = "–" if r["value"] is None else f"{bound(r['value'], r.get('qualifier', ''))}×"
         target = "–" if r["target"] is None else f"≥ {r['target']}×"
         lines.append(f"| {r['ratio']} | {value} | {target} | {met} | {r['note']} |")
     lines += [
@@ -820,7 +857,7 @@ def markdown(data: dict[str, Any]) -> str:
                 q = p["qualifier"]
                 lines.append(
                     f"| {p['p50_s'] * 1000:.0f} | {p['baseline_rps']:.2f} "
-                    f"| {q}{p['continuous_rps']:.2f} | {q}{p['ratio']:.2f}× |"
+                    f"| {bound(p['continuous_rps'], q)} | {bound(p['ratio'], q)}× |"
                 )
     vers = ", ".join(f"{k} {v}" for k, v in data["versions"].items())
     lines += [

@@ -712,3 +712,106 @@ def test_continuous_batching_is_loaded_past_capacity_only_until_it_reaches_a_bas
         assert [p["offered_rate"] for p in own[len(base) :]] == pytest.approx(
             [f * top for f in bench.BRACKET], rel=0.01
         )
+
+
+def test_a_curve_that_meets_the_p50_later_is_not_an_upper_bound() -> None:
+    """Continuous batching's lightest step 70 ms, its next 60 ms (p50s out of order at
+    light load): at 65 ms it served 20 req/s, so "<10" (its lightest rate) would contradict
+    its own step. The first crossing upward, 60 -> 100 ms, gives the rate."""
+    pts = [point(10, 0.07), point(20, 0.06), point(30, 0.1)]
+    assert rps_at_p50(pts, 0.065) == (pytest.approx(21.25), "")
+    # Never reached afterwards: a lower bound from the steps at or below it only.
+    lighter_slower = [
+        {**point(30, 0.07), "offered_rate": 30},
+        {**point(20, 0.06), "offered_rate": 40},  # past capacity: served fewer
+    ]
+    assert rps_at_p50(lighter_slower, 0.065) == (20, ">=")
+    assert rps_at_p50(pts, 0.05) == (10, "<")  # every step slower: still an upper bound
+
+
+def test_bounds_are_rounded_so_that_they_still_hold() -> None:
+    """A lower bound of 2.005x printed as ">=2.01x" claims more than was measured (the
+    recorded run's 50.48 / 25.17 req/s), an upper bound of 1.0018x as "<1.00x" likewise."""
+    modes = {
+        "static": served("static", 500.0, [point(10, 0.0657), point(25.17486, 9.1)]),
+        "continuous": served("continuous", 500.0, [point(10.0179, 0.0661), point(50.47845, 0.4)]),
+    }
+    row = {r["ratio"]: r for r in ratios({}, modes)}[
+        "continuous / static at equal p50, translations (Poisson req/s)"
+    ]
+    assert row["value"] == pytest.approx(2.00511, abs=1e-5)
+    assert "continuous >=50.47; <1.01–>=2.00× over static's steps" in row["note"], row["note"]
+    text = markdown(bench_data_for(modes))
+    assert "| continuous / static at equal p50, translations (Poisson req/s) | >=2.00× |" in text
+    assert "| 9100 | 25.17 | >=50.47 | >=2.00× |" in text
+    assert "| 66 | 10.00 | <10.02 | <1.01× |" in text
+
+
+def test_the_range_of_ratios_is_open_on_the_side_of_a_bound() -> None:
+    """Static's lightest step (p50 50 ms) is faster than all of continuous batching: the
+    ratio there is below 1.00x, perhaps far below the 0.83x at its busiest step, so the
+    range cannot start at 0.83x; a lower bound of 1.2x with an upper bound of 1.5x
+    elsewhere does not make the top of the range at least 1.5x."""
+    low = {
+        "static": served("static", 500.0, [point(10, 0.05), point(60, 0.5)]),
+        "continuous": served("continuous", 500.0, [point(10, 0.1), point(50, 0.5)]),
+    }
+    row = {r["ratio"]: r for r in ratios({}, low)}[
+        "continuous / static at equal p50, translations (Poisson req/s)"
+    ]
+    assert "; <0.84–<1.00× over static's steps" in row["note"], row["note"]
+    mixed = {
+        "static": served("static", 500.0, [point(10, 0.05), point(50, 2.0)]),
+        "continuous": served("continuous", 500.0, [point(15, 0.1), point(60, 0.5)]),
+    }
+    row = {r["ratio"]: r for r in ratios({}, mixed)}[
+        "continuous / static at equal p50, translations (Poisson req/s)"
+    ]
+    assert "; <1.50–>=1.20× over static's steps" in row["note"], row["note"]
+
+
+def test_a_busiest_step_that_answered_nothing_is_not_passed_over_in_silence() -> None:
+    """Static's busiest step (30 req/s offered) had no successful request: the headline
+    compares at its 20 req/s step, and the note must not call that one its busiest."""
+    failed = {**point(0.0, None), "offered_rate": 30.0}
+    modes = {
+        "static": served(
+            "static",
+            500.0,
+            [
+                {**point(10, 0.1), "offered_rate": 10.0},
+                {**point(19, 0.3), "offered_rate": 20.0},
+                failed,
+            ],
+        ),
+        "continuous": served(
+            "continuous", 500.0, [point(10, 0.05), point(20, 0.1), point(30, 0.3)]
+        ),
+    }
+    row = {r["ratio"]: r for r in ratios({}, modes)}[
+        "continuous / static at equal p50, translations (Poisson req/s)"
+    ]
+    assert "busiest Poisson step)" not in row["note"], row["note"]
+    assert "no successful request at 30.00 req/s offered" in row["note"], row["note"]
+
+
+def bench_data_for(modes: dict[str, ServedMode]) -> dict[str, Any]:
+    """bench_data's run with these served modes (Poisson steps given offered rates and
+    the fields the tables print)."""
+    from dataclasses import asdict
+
+    for mode in modes.values():
+        mode.poisson = [
+            {
+                "offered_rate": p.get("offered_rate") or p["throughput_rps"],
+                "tokens_per_s": 0.0,
+                "errors": {},
+                **p,
+                "latency_s": {"p99": None, **p["latency_s"]},
+            }
+            for p in mode.poisson
+        ]
+    data = bench_data(Path("."))
+    data["served"] = {k: asdict(v) for k, v in modes.items()}
+    data["ratios"] = ratios({}, modes)
+    return data
