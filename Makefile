@@ -57,15 +57,18 @@ data: setup
 	  else echo "as root: apt-get install -y $(SWORD_PACKAGES)"; exit 1; fi; }
 	$(PY) -m transformer.data build --out data
 
-# The step counts the committed models were trained for (see their training.json). en-lm
-# is trained in two runs: on 128-token blocks, then from those weights on 512-token ones,
-# every position it serves. One run of 512-token blocks from scratch read far worse on
-# short contexts (README.md gives both).
+# The step counts the committed models were trained for (see their training.json). en-es
+# is trained in two runs: the first stopped at its time limit with dev loss still falling,
+# the second goes on from its weights. en-lm too: on 128-token blocks, then from those
+# weights on 512-token ones, every position it serves. One run of 512-token blocks from
+# scratch read far worse on short contexts (README.md gives both).
 TRANSLATOR_STEPS ?= 3943
+TRANSLATOR_MORE_STEPS ?= 2931
 LM_STEPS ?= 1560
 LM_LONG_STEPS ?= 400
 train: setup
-	$(PY) -m transformer.train translator --data data --out models/en-es/checkpoint --max-steps $(TRANSLATOR_STEPS) --eval-every 500
+	$(PY) -m transformer.train translator --data data --out runs/translator-1/checkpoint --work-dir runs/translator-1/work --max-steps $(TRANSLATOR_STEPS) --eval-every 500
+	$(PY) -m transformer.train translator --data data --out models/en-es/checkpoint --work-dir runs/translator-2/work --init-from runs/translator-1/checkpoint --lr 3.5e-4 --warmup 400 --max-steps $(TRANSLATOR_MORE_STEPS) --eval-every 500
 	$(PY) -m transformer.train lm --data data --out runs/lm-128/checkpoint --work-dir runs/lm-128/work --block 128 --max-steps $(LM_STEPS) --eval-every 400
 	$(PY) -m transformer.train lm --data data --out models/en-lm/checkpoint --work-dir runs/lm-512/work --init-from runs/lm-128/checkpoint --block 512 --lr 3e-4 --warmup 100 --max-steps $(LM_LONG_STEPS) --eval-every 100
 	$(MAKE) evaluate
