@@ -328,30 +328,32 @@ def _bench_args(tmp_path: Path, **overrides: Any) -> BenchArgs:
     return BenchArgs(**(settings | overrides))
 
 
+def _served_start(
+    repository: Path, tmp_path: Path, names: list[str], **overrides: Any
+) -> dict[str, ServedMode]:
+    """run_served on one short step, for servers that never serve: asserts it gives up at
+    once, not after its start timeout (on the device that would burn the GPU lease)."""
+    settings: dict[str, Any] = dict(
+        n_inputs=1, batch_size=4, served_s=1.0, poisson_s=1.0, poisson_fractions=[0.5],
+        server_start_s=120.0, generate_fractions=[],
+    )  # fmt: skip
+    args = _bench_args(tmp_path, repository=repository, **{**settings, **overrides})
+    started = time.perf_counter()
+    modes = run_served(names, repository, ["In the beginning"], args, tmp_path, {})
+    assert time.perf_counter() - started < 60
+    return modes
+
+
 @pytest.mark.e2e
 def test_served_run_fails_fast_when_no_model_loads(model_repository: Path, tmp_path: Path) -> None:
-    """A server that loads no model stays up NOT_SERVING: the bench must say why at once,
-    not wait out its start timeout (on the device that would burn the GPU lease)."""
+    """A server that loads no model stays up NOT_SERVING: the bench says why at once."""
     import shutil
 
     broken = tmp_path / "models"
     shutil.copytree(model_repository, broken)
     for decoder in broken.glob("*/1/*/decoder.onnx"):
         decoder.write_bytes(b"not the exported graph")  # its manifest's sha256 differs
-    args = _bench_args(
-        tmp_path,
-        repository=broken,
-        n_inputs=1,
-        batch_size=4,
-        served_s=1.0,
-        poisson_s=1.0,
-        poisson_fractions=[0.5],
-        server_start_s=120.0,
-        generate_fractions=[],
-    )
-    started = time.perf_counter()
-    modes = run_served(["static", "continuous"], broken, ["In the beginning"], args, tmp_path, {})
-    assert time.perf_counter() - started < 60
+    modes = _served_start(broken, tmp_path, ["static", "continuous"])
     assert modes["static"].status == modes["continuous"].status == "failed"
     assert "the static server could load no model" in modes["static"].reason
     # The other side-by-side server is not blamed for it.
@@ -359,6 +361,7 @@ def test_served_run_fails_fast_when_no_model_loads(model_repository: Path, tmp_p
     assert "sha256" in modes["static"].reason  # the server log's reason
 
 
+@pytest.mark.e2e
 def test_served_run_names_a_server_that_exits_at_start(
     model_repository: Path, tmp_path: Path
 ) -> None:
@@ -368,21 +371,7 @@ def test_served_run_names_a_server_that_exits_at_start(
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("onnxruntime has CUDA here: the cuda servers would load")
-    args = _bench_args(
-        tmp_path,
-        repository=model_repository,
-        provider="cuda",
-        n_inputs=1,
-        batch_size=4,
-        served_s=1.0,
-        poisson_s=1.0,
-        poisson_fractions=[0.5],
-        server_start_s=120.0,
-        generate_fractions=[],
-    )
-    started = time.perf_counter()
-    modes = run_served(["static"], model_repository, ["In the beginning"], args, tmp_path, {})
-    assert time.perf_counter() - started < 60
+    modes = _served_start(model_repository, tmp_path, ["static"], provider="cuda")
     assert modes["static"].status == "failed"
     assert "the static server exited with 1" in modes["static"].reason
     assert "no CUDAExecutionProvider" in modes["static"].reason
