@@ -28,7 +28,7 @@ from transformer.model import Model
 if TYPE_CHECKING:
     import pytest
 
-    from service.engine import Batch, Engine, EngineOptions
+    from service.engine import Batch, Engine, EngineOptions, StepOutput
     from service.repository import ModelVersion
 
 TRANSLATOR = "en-es"
@@ -124,18 +124,24 @@ LONG_PROMPT = "The"
 
 
 def hooked_engine_factory(
-    before_step: Callable[[Batch], None], timed: bool = False
+    before_step: Callable[[Batch], None] | None = None,
+    timed: bool = False,
+    after_step: Callable[[StepOutput], None] | None = None,
 ) -> Callable[[ModelVersion, EngineOptions], Engine]:
     """An engine factory whose batches call `before_step(batch)` before every step (to
-    slow the engine down, or to make a step fail). `timed`: the hook's time counts in the
-    step's reported seconds (as a slow device's step would)."""
-    from service.engine import Batch, Engine, StepOutput
+    slow the engine down, or to make a step fail) and `after_step(output)` after it,
+    before the worker posts it (to hold a step's output back). `timed`: the hooks' time
+    counts in the step's reported seconds (as a slow device's step would)."""
+    from service.engine import Batch, Engine
 
     class HookedBatch(Batch):
         def step(self) -> StepOutput:
             start = time.perf_counter()
-            before_step(self)
+            if before_step is not None:
+                before_step(self)
             out = super().step()
+            if after_step is not None:
+                after_step(out)
             if timed:
                 out.seconds = time.perf_counter() - start
             return out

@@ -1166,21 +1166,12 @@ def test_an_answer_finished_before_a_stop_cut_it_goes_out_whole() -> None:
     answer is whole and goes out, not UNAVAILABLE 'stopped before the request finished'."""
     finished, resume = threading.Event(), threading.Event()
 
-    class PausingBatch(Batch):
-        def step(self) -> StepOutput:
-            out = super().step()
-            if out.finished:  # the answer exists; its step reaches the event loop later
-                finished.set()
-                resume.wait(RUN_TIMEOUT_S)
-            return out
+    def pause(out: StepOutput) -> None:
+        if out.finished:  # the answer exists; its step reaches the event loop later
+            finished.set()
+            resume.wait(RUN_TIMEOUT_S)
 
-    class PausingEngine(Engine):
-        def new_batch(self, compact: bool = True) -> Batch:
-            return PausingBatch(self, compact)
-
-    def factory(entry: ModelVersion, options: EngineOptions) -> Engine:
-        return PausingEngine(entry.path, entry.manifest, options)
-
+    factory = hooked_engine_factory(after_step=pause)
     request = generate(PROMPTS[0], max_new_tokens=3)
 
     async def main(s: Scheduler) -> SequenceResult:
