@@ -189,11 +189,17 @@ def _not_arrived(timeout: float) -> str:
     )
 
 
+def _grpc_read_limit(max_message_bytes: int) -> int:
+    """What grpc reads of a request before refusing it itself: twice the server's own
+    limit, so that a request over that one is read, and refused by the server, by name."""
+    return min(2 * max_message_bytes, 2**31 - 1)
+
+
 def _cut_short(max_message_bytes: int) -> str:
     return (
         "the call ended before its request arrived whole: the client went away while "
-        f"sending it, or it was over the {2 * max_message_bytes:,} bytes grpc reads "
-        "(2 x SERVE_MAX_MESSAGE_BYTES), which grpc refused itself"
+        f"sending it, or it was over the {_grpc_read_limit(max_message_bytes):,} bytes grpc "
+        "reads (2 x SERVE_MAX_MESSAGE_BYTES), which grpc refused itself"
     )
 
 
@@ -1211,7 +1217,7 @@ def server_options(settings: Settings) -> list[tuple[str, Any]]:
     return [
         # grpc reads requests up to twice the limit, so that the transport refuses one over
         # it (named, counted and logged: `_lenient`); beyond that grpc refuses it itself.
-        ("grpc.max_receive_message_length", min(2 * settings.max_message_bytes, 2**31 - 1)),
+        ("grpc.max_receive_message_length", _grpc_read_limit(settings.max_message_bytes)),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         # Calls grpc holds before the event loop takes them: past 1000 (its default) it
         # cancels some at random, past 3000 all, uncounted and as a bare CANCELLED that
