@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -540,20 +541,39 @@ def rps_at_p50(points: list[dict[str, Any]], p50_ref: float) -> tuple[float | No
     p50_ref again (the most a step at or below it served is a lower bound), "<" when every
     step was slower (a light step's p50 out of order with a heavier one's is no bound).
     """
+    rate, qualifier, _ = _at_p50(points, p50_ref)
+    return rate, qualifier
+
+
+def _at_p50(
+    points: list[dict[str, Any]], p50_ref: float
+) -> tuple[float | None, str, list[dict[str, Any]]]:
+    """rps_at_p50, and the steps its value comes from."""
     pts = sorted(
-        (_offered(p), p["throughput_rps"], p["latency_s"]["p50"])
-        for p in points
-        if p["latency_s"]["p50"] is not None
+        (
+            (_offered(p), p["throughput_rps"], p["latency_s"]["p50"], i)
+            for i, p in enumerate(points)
+            if p["latency_s"]["p50"] is not None
+        ),
     )
     if not pts:
-        return None, ""
-    if all(p50 > p50_ref for _, _, p50 in pts):
-        return pts[0][1], "<"
-    for (_, r0, l0), (_, r1, l1) in itertools.pairwise(pts):
+        return None, "", []
+    if all(p50 > p50_ref for _, _, p50, _ in pts):
+        return pts[0][1], "<", [points[pts[0][3]]]
+    for (_, r0, l0, i0), (_, r1, l1, i1) in itertools.pairwise(pts):
         if l0 <= p50_ref <= l1:
             frac = 0.0 if l1 == l0 else (p50_ref - l0) / (l1 - l0)
-            return r0 + frac * (r1 - r0), ""
-    return max(r for _, r, p50 in pts if p50 <= p50_ref), ">="
+            return r0 + frac * (r1 - r0), "", [points[i0], points[i1]]
+    rate, _, _, i = max((r, -o, p50, i) for o, r, p50, i in pts if p50 <= p50_ref)
+    return rate, ">=", [points[i]]
+
+
+def _errors(steps: list[dict[str, Any]]) -> dict[str, int]:
+    """The failed requests of steps, by status code."""
+    total: Counter[str] = Counter()
+    for step in steps:
+        total.update(step.get("errors") or {})
+    return dict(sorted(total.items()))
 
 
 def equal_p50(
@@ -561,13 +581,14 @@ def equal_p50(
 ) -> list[dict[str, Any]]:
     """At each of a baseline mode's Poisson steps' p50 (in order of offered load), the req/s
     continuous batching serves with that same p50 (interpolated along its own steps), and
-    the ratio of the two."""
+    the ratio of the two. Each entry names the failed requests of the steps it comes from:
+    a p50 is over the requests that succeeded, so a step with failures is flagged."""
     out = []
     for point in sorted(baseline, key=_offered):
         p50 = point["latency_s"]["p50"]
         if p50 is None or not point["throughput_rps"]:
             continue
-        rate, qualifier = rps_at_p50(continuous, p50)
+        rate, qualifier, used = _at_p50(continuous, p50)
         if rate is None:
             continue
         out.append(
@@ -578,9 +599,21 @@ def equal_p50(
                 "continuous_rps": rate,
                 "qualifier": qualifier,
                 "ratio": rate / point["throughput_rps"],
+                "baseline_errors": _errors([point]),
+                "continuous_errors": _errors(used),
             }
         )
     return out
+
+
+def _failed(entry: dict[str, Any]) -> str:
+    """The failures an equal-p50 entry's steps had, or "none"."""
+    parts = [
+        f"{who} {', '.join(f'{code} {n}' for code, n in entry[key].items())}"
+        for who, key in (("baseline", "baseline_errors"), ("continuous", "continuous_errors"))
+        if entry.get(key)
+    ]
+    return "; ".join(parts) or "none"
 
 
 def bound(value: float, qualifier: str = "") -> str:
@@ -699,6 +732,8 @@ def ratios(
                 f"{bound(top['continuous_rps'], top['qualifier'])}; {ratio_range(curve)}× "
                 f"over {base}'s steps (below)"
             )
+            if _failed(top) != "none":
+                note += f"; failed requests at these steps (p50 over the rest): {_failed(top)}"
             add(name, top["continuous_rps"], top["baseline_rps"], 1.5, note, top["qualifier"])
     return rows
 
@@ -848,16 +883,20 @@ def markdown(data: dict[str, Any]) -> str:
                 f"Equal-p50 comparison with {base}, {workload}: at each {base} step's p50, "
                 "the req/s continuous batching serves with the same p50, interpolated between "
                 "its steps (`>=`: its p50 stayed below, so the highest rate measured is a lower "
-                "bound; `<`: even its lightest step was slower):",
+                "bound; `<`: even its lightest step was slower). A p50 is over the requests "
+                "that succeeded: the last column names the failures of the steps a row "
+                "comes from:",
                 "",
-                f"| p50 ms | {base} req/s | continuous req/s | continuous / {base} |",
-                "|---:|---:|---:|---:|",
+                f"| p50 ms | {base} req/s | continuous req/s | continuous / {base} "
+                "| failed requests |",
+                "|---:|---:|---:|---:|---|",
             ]
             for p in curve:
                 q = p["qualifier"]
                 lines.append(
                     f"| {p['p50_s'] * 1000:.0f} | {p['baseline_rps']:.2f} "
-                    f"| {bound(p['continuous_rps'], q)} | {bound(p['ratio'], q)}× |"
+                    f"| {bound(p['continuous_rps'], q)} | {bound(p['ratio'], q)}× "
+                    f"| {_failed(p)} |"
                 )
     vers = ", ".join(f"{k} {v}" for k, v in data["versions"].items())
     lines += [

@@ -804,3 +804,37 @@ def bench_data_for(modes: dict[str, ServedMode]) -> dict[str, Any]:
     data["served"] = {k: asdict(v) for k, v in modes.items()}
     data["ratios"] = ratios({}, modes)
     return data
+
+
+def test_equal_p50_flags_failed_requests() -> None:
+    """A p50 is over the requests that succeeded: a row whose steps had failures names
+    them, in its table row and, at the busiest step, in the headline's note."""
+    failing = {"DEADLINE_EXCEEDED": 4}
+    modes = {
+        "static": served("static", 500.0, [point(10, 0.2), {**point(20, 1.0), "errors": failing}]),
+        "continuous": served(
+            "continuous",
+            500.0,
+            [
+                point(10, 0.1),
+                {**point(30, 0.5), "errors": {"RESOURCE_EXHAUSTED": 2}},
+                point(40, 2.0),
+            ],
+        ),
+    }
+    curve = equal_p50(modes["static"].poisson, modes["continuous"].poisson)
+    assert curve[0]["baseline_errors"] == {}
+    assert curve[0]["continuous_errors"] == {"RESOURCE_EXHAUSTED": 2}  # between 10 and 30
+    assert curve[1]["baseline_errors"] == failing
+    text = markdown(bench_data_for(modes))
+    assert "| 200 | 10.00 | 15.00 | 1.50× | continuous RESOURCE_EXHAUSTED 2 |" in text
+    assert (
+        "| 1000 | 20.00 | 33.33 | 1.67× "
+        "| baseline DEADLINE_EXCEEDED 4; continuous RESOURCE_EXHAUSTED 2 |" in text
+    )
+    headline = next(line for line in text.splitlines() if "static at equal p50, transl" in line)
+    assert "failed requests at these steps (p50 over the rest): baseline DEADLINE_EXCEEDED 4" in (
+        headline
+    )
+    clean = markdown(bench_data_for({k: served(k, 500.0, [point(10, 0.2)]) for k in modes}))
+    assert "failed requests at these steps" not in clean
