@@ -478,10 +478,10 @@ class Transport:
                 extra[key] = getattr(state, key)
         if code == grpc.StatusCode.INTERNAL:
             log.error("call failed: %s", error, extra=extra)
-        elif code == grpc.StatusCode.OK or (
-            code == grpc.StatusCode.CANCELLED and reason != RequestCut.reason
-        ):  # a request cut short is logged with its two possible causes
+        elif code == grpc.StatusCode.OK:
             log.info("call finished", extra=extra)
+        elif code == grpc.StatusCode.CANCELLED:  # the client's doing (or grpc's, cut short)
+            log.info("call cancelled: %s", error, extra={**extra, "error": error})
         else:  # the server's own refusals (overload, drain, deadline) warn; bad calls inform
             level = logging.INFO if reason in CLIENT_SIDE_REASONS else logging.WARNING
             log.log(level, "call refused: %s", error, extra={**extra, "error": error})

@@ -822,7 +822,10 @@ def test_a_cancellation_near_the_deadline_counts_as_deadline_exceeded(
     assert reason == code.name.lower()  # deadline_exceeded or cancelled
 
 
-def test_client_cancellation_cancels_the_backend_task(fake: InProcessServer) -> None:
+def test_client_cancellation_cancels_the_backend_task(
+    fake: InProcessServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="service.server")
     with Client(fake.address, timeout=10) as c:
         future = c.translator.Translate.future(pb.TranslateRequest(texts=["block a", "block b"]))
         _wait(lambda: sum(r.text.startswith("block") for r in fake.backend.requests) >= 2)
@@ -834,6 +837,11 @@ def test_client_cancellation_cancels_the_backend_task(fake: InProcessServer) -> 
         _wait(lambda: "block stream" in fake.backend.cancelled)
     _wait(lambda: fake.server.transport.in_flight == 0)
     assert fake.counter("Translate", "en-es", "CANCELLED") >= 1
+    # Each is logged as cancelled, with who cancelled it, not as a call that finished.
+    lines = {r.__dict__["method"]: r for r in caplog.records if "code" in r.__dict__}
+    for method in ("Translate", "Generate"):
+        assert lines[method].getMessage() == "call cancelled: cancelled by the client"
+        assert (lines[method].levelname, lines[method].__dict__["reason"]) == ("INFO", "cancelled")
 
 
 @pytest.mark.parametrize("method", ["Generate", "TranslateStream"])
