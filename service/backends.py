@@ -268,7 +268,7 @@ class NumpyBackend(_Timed):
     def close(self) -> None:
         """Nothing to do: host memory may be freed at any time."""
 
-    def new_buffers(self) -> StepBuffers | None:
+    def new_buffers(self, owner: object) -> StepBuffers | None:
         return None  # numpy caches are written in place; any address will do
 
     def pin(self, x: Any, role: str, buffers: StepBuffers | None) -> Any:
@@ -375,6 +375,7 @@ class BoundBackend(_Timed):
         # session's captured graphs per thread: another thread would capture anew.
         self._graph_ids: dict[tuple[int, int, int, int, int], int] = {}
         self._buffers: weakref.WeakSet[StepBuffers] = weakref.WeakSet()  # for close()
+        self._idle: list[StepBuffers] = []  # of batches gone, for new_buffers
         self._options: dict[int, ort.RunOptions] = {}
         self._replays: dict[int, int] = {}  # gpu_graph_id -> replays since its capture
         self.verified_graphs = 0  # checks of a graph's replay against a plain run
@@ -413,6 +414,7 @@ class BoundBackend(_Timed):
         with self._alone():
             for buffers in list(self._buffers):
                 buffers.clear()
+            self._idle.clear()
             self.helpers = {}
             self._options.clear()
             self._plain_decoder = None  # it refers to the engine: a cycle otherwise
@@ -437,11 +439,16 @@ class BoundBackend(_Timed):
 
     # --- fixed buffers (CUDA graphs) -----------------------------------------------------
 
-    def new_buffers(self) -> StepBuffers | None:
+    def new_buffers(self, owner: object) -> StepBuffers | None:
+        """Fixed buffers for `owner` (a batch), back here for the next batch when it goes.
+        A batch gone (the scheduler makes a fresh one after a failed step) leaves its
+        graphs in the capture session, which frees none before it goes: fresh buffers would
+        have each step shape captured anew, a graph more each time, while these replay."""
         if not self.static:
             return None
-        buffers = StepBuffers()
+        buffers = self._idle.pop() if self._idle else StepBuffers()
         self._buffers.add(buffers)
+        weakref.finalize(owner, self._idle.append, buffers)
         return buffers
 
     def pin(self, x: Any, role: str, buffers: StepBuffers | None) -> Any:

@@ -746,7 +746,7 @@ class Batch:
         self.active = np.zeros(0, dtype=bool)
         self.src_len = np.zeros(0, dtype=np.int64)
         self.seqs: dict[Hashable, _Seq] = {}
-        self.buffers = self.backend.new_buffers()  # fixed step buffers (CUDA graphs)
+        self.buffers = self.backend.new_buffers(self)  # fixed step buffers (CUDA graphs)
 
     # --- facts ---------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from service.backends import (
     providers_for,
 )
 from service.domain import SequenceResult
-from service.engine import BatchItem, Engine
+from service.engine import Batch, BatchItem, Engine
 from tests.service._decoding import (
     JOIN_AT,
     PATHS,
@@ -272,7 +272,7 @@ def test_a_step_on_unpinned_caches_is_refused(monkeypatch: pytest.MonkeyPatch) -
     engine = engine_for(LM, "fixed")
     bound = engine.backend
     assert isinstance(bound, BoundBackend)
-    buffers = bound.new_buffers()
+    buffers = bound.new_buffers(engine)
     assert buffers is not None
     shape = (engine.layers, 1, engine.heads, 16, engine.head_dim)
     feeds = {
@@ -302,9 +302,10 @@ def test_a_host_input_is_copied_to_its_fixed_buffer_only_when_it_changed(
 ) -> None:
     """Each copy to a GPU is a synchronous transfer: the source mask, the same most steps,
     is copied only when its values change (and then they arrive)."""
-    bound = engine_for(TRANSLATOR, "fixed").backend
+    engine = engine_for(TRANSLATOR, "fixed")
+    bound = engine.backend
     assert isinstance(bound, BoundBackend)
-    buffers = bound.new_buffers()
+    buffers = bound.new_buffers(engine)
     assert buffers is not None
     mask = np.array([[True, True, False], [True, False, False]])
     fixed = bound._small(buffers, "src_mask", mask)
@@ -427,6 +428,49 @@ def test_a_graph_id_belongs_to_the_thread_that_captured_it() -> None:
     threads = {graph[0] for graph in bound._graph_ids}
     assert threads == {threading.get_ident(), worker.ident}
     assert bound.verified_graphs == len(bound._graph_ids)
+
+
+def test_a_fresh_batch_after_a_failed_step_replays_the_graphs_of_the_batch_gone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """onnxruntime frees no captured graph before its session goes: the batch the scheduler
+    makes after a failed step takes the fixed buffers of the one gone (the failure's
+    traceback holds that one until the next failure), so its step shapes replay their
+    graphs instead of each being captured again, a graph more per failure. Batches alive
+    at once never share buffers."""
+    engine, bound, _, _ = _flaky_engine("none")
+
+    def one_round(batch: Batch, first_key: int) -> None:
+        batch.add(_items(engine, PROMPTS[:2], first_key))
+        for _ in range(3):
+            batch.step()
+
+    batch = engine.new_batch()
+    one_round(batch, 0)
+    graphs = dict(bound._graph_ids)
+    assert graphs and bound.capture
+
+    def out_of_memory(*_: object) -> None:
+        raise RuntimeError("CUDA out of memory")
+
+    last_error: BaseException | None = None
+    for attempt in range(3):
+        with monkeypatch.context() as patch:
+            patch.setattr(bound, "write_kv", out_of_memory)
+            try:
+                batch.step()
+            except RuntimeError as error:  # kept, as the scheduler keeps its last error
+                last_error = error
+        batch = engine.new_batch()  # what the scheduler does after a failed step
+        one_round(batch, 10 * (attempt + 1))
+    assert last_error is not None
+    # Two sets of buffers (the last failed batch's is alive), each captured once.
+    assert len({buffers for _, buffers, _, _, _ in bound._graph_ids}) == 2
+    assert len(bound._graph_ids) == 2 * len(graphs)
+    rechecked = sum(runs >= RECHECK_REPLAY for runs in bound._replays.values())
+    assert bound.verified_graphs == len(bound._graph_ids) + rechecked and bound.capture
+    other = engine.new_batch()
+    assert other.buffers is not None and other.buffers is not batch.buffers
 
 
 def test_a_fallback_drops_the_capture_session_with_every_binding_to_it() -> None:
