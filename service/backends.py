@@ -10,6 +10,7 @@ as a CUDA graph. The engine (service/engine.py) drives either through the same m
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import threading
 import time
@@ -72,6 +73,18 @@ MIN_GRAPH_ORT = (1, 31, 1)
 # Each CUDA graph is checked against a plain run of its step at its capture, and again at
 # this run of it (a replay that reads memory its capture left behind can be right once).
 RECHECK_REPLAY = 8
+
+_THREAD = threading.local()
+_THREAD_NUMBERS = itertools.count(1)
+
+
+def _thread_number() -> int:
+    """The calling thread's number, never another thread's: a thread that ended leaves its
+    threading.get_ident() to the next one started, which has none of its CUDA graphs."""
+    number: int | None = getattr(_THREAD, "number", None)
+    if number is None:
+        number = _THREAD.number = next(_THREAD_NUMBERS)
+    return number
 
 
 def graphs_supported(version: str) -> bool:
@@ -540,7 +553,7 @@ class BoundBackend(_Timed):
             with self._shared():
                 self._run_bound(self.decoder_session, io, self._plain_options())
         else:
-            graph = (threading.get_ident(), buffers.id, *key)
+            graph = (_thread_number(), buffers.id, *key)
             known = graph in self._graph_ids
             if not known:
                 self._graph_ids[graph] = len(self._graph_ids) + 1
