@@ -453,31 +453,38 @@ def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
 
 
 def test_the_saturation_panel_shows_a_full_batch_beside_an_idle_model(tmp_path: Path) -> None:
-    """Each model has a batch of its own: a pod whose translator has 10 waiting and no free
-    row while its idle language model has 2 (scraped from a server with max_batch_size 2
-    under translations alone) is saturated for the translator, and the panel says so; a
-    sum over the models would read 10 waiting beside 2 free rows."""
+    """Each model version has a batch of its own: a pod whose translator's version 2 has 10
+    waiting and no free row while its idle version 1 and its idle language model have 2
+    each (scraped from a server with max_batch_size 2 and keep_versions 0 under
+    translations alone) is saturated for en-es v2, and the panel says so; a sum over the
+    models, or over a model's versions, would read 10 waiting beside 2 free rows."""
     promtool = tool("promtool", "apt-get install prometheus")
     exprs = dashboard_exprs()
     waiting = grafana_to_promql(exprs["Waiting sequences and free batch rows [A]"])
     free = grafana_to_promql(exprs["Waiting sequences and free batch rows [B]"])
+    versions = (("en-es", "2"), ("en-es", "1"), ("en-lm", "1"))
     series = {
-        ("inference_queue_depth", "en-es"): 10,
-        ("inference_queue_depth", "en-lm"): 0,
-        ("inference_free_cache_slots", "en-es"): 0,
-        ("inference_free_cache_slots", "en-lm"): 2,
+        ("inference_queue_depth", "en-es", "2"): 10,
+        ("inference_queue_depth", "en-es", "1"): 0,
+        ("inference_queue_depth", "en-lm", "1"): 0,
+        ("inference_free_cache_slots", "en-es", "2"): 0,
+        ("inference_free_cache_slots", "en-es", "1"): 2,
+        ("inference_free_cache_slots", "en-lm", "1"): 2,
     }
     inputs = [
-        {"series": f'{name}{{pod="p1",model="{model}",version="1"}}', "values": f"{value}x5"}
-        for (name, model), value in series.items()
+        {"series": f'{name}{{pod="p1",model="{model}",version="{v}"}}', "values": f"{value}x5"}
+        for (name, model, v), value in series.items()
     ]
     checks = [
         {
             "expr": expr,
             "eval_time": "2m",
             "exp_samples": [
-                {"labels": f'{{pod="p1",model="{model}"}}', "value": series[name, model]}
-                for model in ("en-es", "en-lm")
+                {
+                    "labels": f'{{pod="p1",model="{model}",version="{v}"}}',
+                    "value": series[name, model, v],
+                }
+                for model, v in versions
             ],
         }
         for name, expr in (("inference_queue_depth", waiting), ("inference_free_cache_slots", free))
