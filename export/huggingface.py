@@ -1,11 +1,13 @@
 """Hugging Face interop: import Marian / GPT-2 checkpoints, export ours as Marian.
 
 Why: the benchmarks compare our engine with peers (transformers `generate`, CTranslate2) on
-*exactly the same weights*, and serving published Marian or GPT-2 weights should need no
-retraining. Everything here reads and writes plain files (config.json, safetensors or a
-`.bin` loaded with `weights_only=True`); `transformers` is never imported, so importing and
-exporting work in the training image without it. Tests use it, when installed, to check
-that our logits equal transformers' on tiny random models.
+*exactly the same weights*, and published Marian or GPT-2 weights load into our model with
+no retraining (to evaluate or train on; the server cannot serve them yet: it reads only a
+SentencePiece `tokenizer.model`, which they lack, below). Everything here reads and writes
+plain files (config.json, safetensors or a `.bin` loaded with `weights_only=True`);
+`transformers` is never imported, so importing and exporting work in the training image
+without it. Tests use it, when installed, to check that our logits equal transformers' on
+tiny random models.
 
 Mappings (ours <- Hugging Face):
 
@@ -22,15 +24,16 @@ Mappings (ours <- Hugging Face):
 Options we cannot express are refused with `UnsupportedCheckpoint`, naming the option.
 
 Tokenizers. Our serving runs ONE SentencePiece model per checkpoint (`tokenizer.model`)
-whose ids are the model's ids. GPT-2 (byte-level BPE) and Marian do not fit that:
-Marian segments with `source.spm` / `target.spm` but numbers pieces with `vocab.json`
-(its own joint vocabulary, not the SentencePiece ids). So an imported checkpoint gets no
+whose ids are the model's ids. GPT-2 (byte-level BPE) and Marian do not fit that: Marian
+segments with `source.spm` / `target.spm` but numbers pieces with `vocab.json` (its own
+joint vocabulary, not the SentencePiece ids). So an imported checkpoint gets no
 `tokenizer.model` (a copied .spm would silently give wrong ids); instead the Hugging Face
-tokenizer files are copied beside the weights. The serving contract for such a Marian
-checkpoint is what `MarianVocab` implements: encode = source.spm pieces -> vocab.json ids
-(missing -> unk) + eos (a leading `>>xx<<` language code is one piece); decode = ids ->
-pieces through the inverted vocab.json (target_vocab.json when present) -> target.spm
-`decode_pieces`, dropping eos and pad.
+tokenizer files are copied beside the weights, and `python -m export` refuses such a
+checkpoint for want of a `tokenizer.model`. The contract a server would need for a Marian
+checkpoint is what `MarianVocab` implements (here, not in the service): encode = source.spm
+pieces -> vocab.json ids (missing -> unk) + eos (a leading `>>xx<<` language code is one
+piece); decode = ids -> pieces through the inverted vocab.json (target_vocab.json when
+present) -> target.spm `decode_pieces`, dropping eos and pad.
 
 Export (ours -> Marian) writes a directory that `MarianMTModel.from_pretrained` and
 `MarianTokenizer.from_pretrained` load with ids identical to ours (vocab.json = our pieces
