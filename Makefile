@@ -4,8 +4,10 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# CPU build from the local disk by default; e.g. TORCH_SPEC="torch==2.13.0" for another index.
+# torch for the build side. This project's machines resolve it to a CPU build; plain PyPI's
+# Linux wheel carries CUDA (GBs): there set TORCH_INDEX=https://download.pytorch.org/whl/cpu.
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
 
 .PHONY: help setup test test-fast lint data train evaluate proto export parity gpu-check serve deploy-tools image-tools image image-test bench loadtest gpu-bench gpu-stage
@@ -34,7 +36,7 @@ help:
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)") "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e '.[train,dev,peers,plot]'
 	touch $@
 
