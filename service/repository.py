@@ -5,7 +5,9 @@ not a number (`checkpoint/`) are ignored. The newest `keep_versions` valid versi
 name are loaded (every one when it is None), newest first, so a broken newest version
 leaves the one before it; the highest number of a name is its default. `reload()` rescans
 and loads new versions beside the running ones, so a deploy never has a moment without a
-model. A version that disappears
+model, and tries again the folders that failed for a cause that may lie outside them (an
+engine that did not start, a file that could not be read); a folder whose own files were
+refused is checked again once one of them changes. A version that disappears
 from disk (or falls out of `keep_versions`) is *retired* (by `prune()`, which the
 scheduler calls only once the new versions take traffic): new requests no longer find it,
 requests already holding it (`acquire`/`release`) finish, and when the last one leaves its
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,12 +38,26 @@ DrainHook = Callable[["ModelVersion"], None]
 FolderSignature = tuple[tuple[str, int, int, int], ...]
 
 
+@dataclass(frozen=True)
+class FolderFailure:
+    """Why a version folder did not load, and its files' signature then. `by_files`: the
+    check of its files refused it (ManifestError: a hash, the manifest), a verdict only a
+    change to one of them can alter, so it is not checked again until one changes. Any
+    other failure (its engine did not start, a file could not be read: memory, a device,
+    file descriptors, a flaky mount) may have a cause outside the folder, which the
+    operator fixes there and then reloads: every reload tries such a folder again."""
+
+    signature: FolderSignature
+    why: str
+    by_files: bool
+
+
 def folder_signature(path: Path) -> FolderSignature:
     """Every file under a version folder with its size, modification and change times: a
-    failed folder is tried again once any of them changes (a copy finished, an ONNX file
-    replaced), not only its manifest. The change time moves with a chmod or chown too,
-    which fixes a file the server could not read (Permission denied) without touching
-    its contents or modification time."""
+    folder whose files failed the check is checked again once any of them changes (a copy
+    finished, an ONNX file replaced), not only its manifest. The change time moves with a
+    chmod or chown too, which fixes a file the server could not read (Permission denied)
+    without touching its contents or modification time."""
     files = []
     try:
         found = sorted(path.rglob("*"))
@@ -176,9 +192,9 @@ class ModelRepository:
         self.verify_hashes = verify_hashes
         self._lock = threading.RLock()
         self._models: dict[str, dict[int, ModelVersion]] = {}
-        # Folders that failed to load: their files' signature and why. A rescan does not
-        # retry them until a file in them changes (no log spam), but reports them each time.
-        self._failed: dict[Path, tuple[FolderSignature, str]] = {}
+        # Folders that failed to load. A rescan reports them each time, and checks again
+        # those refused for their files only once a file in them changes (FolderFailure).
+        self._failed: dict[Path, FolderFailure] = {}
         # Model folders a scan could not list, and why (logged once each).
         self._unreadable: dict[Path, str] = {}
 
@@ -239,10 +255,13 @@ class ModelRepository:
         result.retired = self.prune()
         return result
 
-    def load_new(self) -> ReloadResult:
+    def load_new(self, tried: Collection[str] = ()) -> ReloadResult:
         """Load the versions new on disk (within keep_versions); retire nothing yet. A
         caller that must start a new version before the one it replaces stops taking
-        traffic (the scheduler) calls `prune()` once it has."""
+        traffic (the scheduler) calls `prune()` once it has. A folder that failed for a
+        cause that may lie outside it (FolderFailure) is tried again, unless it is in
+        `tried`: the folders (as `failed` names them) that the same reload has tried
+        already, so that its scan after an engine failed does not load that one again."""
         result = ReloadResult()
         found = self._scan()
         if found is None:
@@ -262,7 +281,7 @@ class ModelRepository:
                         # Checked without the lock: hashing a version's files takes long,
                         # and lookups (every call, on the event loop) must not wait for it.
                         path = self.root / name / str(version)
-                        entry = self._load(name, version, path, result)
+                        entry = self._load(name, version, path, result, tried)
                         if entry is None:
                             continue
                         with self._lock:
@@ -313,16 +332,20 @@ class ModelRepository:
         return retired
 
     def _load(
-        self, name: str, version: int, path: Path, result: ReloadResult
+        self, name: str, version: int, path: Path, result: ReloadResult, tried: Collection[str]
     ) -> ModelVersion | None:
         """Check one version folder (its manifest and file hashes), without the lock but
         for the failed-folder record, which discard() writes from the event loop."""
         signature = folder_signature(path)
         with self._lock:
             known = self._failed.get(path)
-        if known is not None and known[0] == signature:
-            result.failed[str(path)] = f"{known[1]} (no file in it changed since it failed)"
-            return None
+        if known is not None and known.signature == signature:
+            if known.by_files:
+                result.failed[str(path)] = f"{known.why} (no file in it changed since it failed)"
+                return None
+            if str(path) in tried:
+                result.failed[str(path)] = known.why
+                return None
         try:
             manifest = load_manifest(
                 path, variants=self._variants_of(path), verify_hashes=self.verify_hashes
@@ -334,7 +357,9 @@ class ModelRepository:
         except Exception as error:  # whatever is wrong with one folder fails that folder
             why = str(error) if isinstance(error, (ManifestError, OSError)) else repr(error)
             with self._lock:
-                self._failed[path] = (signature, why)
+                self._failed[path] = FolderFailure(
+                    signature, why, by_files=isinstance(error, ManifestError)
+                )
             result.failed[str(path)] = why
             log.error("cannot load %s: %s", path, why)
             return None
@@ -456,14 +481,17 @@ class ModelRepository:
             raise Unavailable(f"model {newest.key} {UNUSABLE[reasons[0]]}", reason=reasons[0])
 
     def discard(self, entry: ModelVersion, reason: str) -> None:
-        """Drop a version that could not be served (its engine failed to load)."""
+        """Drop a version that could not be served (its engine failed to load); the next
+        reload tries its folder again."""
         with self._lock:
             versions = self._models.get(entry.name, {})
             if versions.get(entry.version) is entry:
                 del versions[entry.version]
                 if not versions:
                     del self._models[entry.name]
-            self._failed[entry.path] = (folder_signature(entry.path), reason)
+            self._failed[entry.path] = FolderFailure(
+                folder_signature(entry.path), reason, by_files=False
+            )
         log.error("discarded model %s: %s", entry.key, reason)
         entry.retire()
 

@@ -125,6 +125,10 @@ FAILED_ROUNDS_FOR_GOOD = 5
 FAILING_FOR_GOOD_S = 10.0
 
 
+# Why a reload names a version it found but did not start: a drain began meanwhile.
+STOPPED_BEFORE_SERVING = "not started: the server began to stop during this reload"
+
+
 class EngineFailed(RuntimeError):
     """A version's engine fails every step: its worker ends (see _ModelLoop._drive)."""
 
@@ -870,13 +874,18 @@ class Scheduler:
             loaded: list[str] = []
             failed: dict[str, str] = {}
             discarded = True
+            tried: set[str] = set()  # version folders, as the repository names them
             # A version whose engine does not start took a keep_versions place from the one
-            # before it: scan again without it (the repository skips a failed folder).
+            # before it: scan again without it (the repository skips the failed folders
+            # this reload has tried, and tries the others).
             while discarded and not self._stop_loading.is_set():
                 discarded = False
-                result = await asyncio.to_thread(self.repository.load_new)
+                result = await asyncio.to_thread(self.repository.load_new, frozenset(tried))
+                tried.update(result.failed)
+                tried.update(str(entry.path) for entry in result.loaded)
                 for path, why in result.failed.items():
                     failed.setdefault(self._folder(path), why)  # the first, real, reason
+                handled = 0  # started or discarded
                 for entry in result.loaded:
                     if self._stop_loading.is_set():  # a stop or drain came meanwhile
                         break
@@ -892,6 +901,11 @@ class Scheduler:
                         self.repository.discard(entry, why)
                         failed[self._folder(entry.path)] = why
                         discarded = True
+                    handled += 1
+                # Named, so that a drain's cut does not read as a reload with nothing new
+                # (a deploy script would take the new version for loaded, or for absent).
+                for entry in result.loaded[handled:]:
+                    failed[self._folder(entry.path)] = STOPPED_BEFORE_SERVING
             # Only now, with the new versions taking traffic, do the ones they replace stop
             # taking it: a deploy that swaps a version's folder has no gap.
             retired = [] if self._stop_loading.is_set() else self.repository.prune()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import shutil
@@ -218,7 +219,39 @@ def test_discard_drops_a_version_that_cannot_serve(root: Path) -> None:
     entry = repo.get(LM)
     repo.discard(entry, "engine failed")
     assert entry.retired and repo.names() == [TRANSLATOR]
-    assert repo.reload().loaded == []  # not retried until its folder changes
+    # Not by a second scan of the reload that tried it, but by the next reload: what
+    # failed its engine (memory, a device) may have been fixed outside its folder.
+    tried = {str(entry.path)}
+    assert repo.load_new(tried).failed == {str(entry.path): "engine failed"}
+    assert [e.key for e in repo.reload().loaded] == [f"{LM}:1"]
+    assert repo.names() == [TRANSLATOR, LM]
+
+
+def test_a_folder_that_could_not_be_read_is_tried_again_by_every_reload(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An OSError while checking a version (EMFILE while the server held many
+    connections, EIO from a flaky mount) says nothing of its files: every reload checks it
+    again, though none of them changed. Before, it failed with "no file in it changed
+    since it failed" until a restart."""
+    import service.repository as repository_module
+
+    repo = ModelRepository(root)
+    repo.reload()
+    folder = copy_version(root, TRANSLATOR, 1, 2)
+    failing = [True]
+    real = repository_module.load_manifest
+
+    def load_manifest(path: Path, **kw: Any) -> Any:
+        if failing[0]:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real(path, **kw)
+
+    monkeypatch.setattr(repository_module, "load_manifest", load_manifest)
+    assert repo.reload().failed == {str(folder): "[Errno 24] Too many open files"}
+    failing[0] = False
+    result = repo.reload()
+    assert [e.key for e in result.loaded] == [f"{TRANSLATOR}:2"] and result.failed == {}
 
 
 def test_removing_the_newest_version_serves_the_one_before(root: Path) -> None:

@@ -1330,6 +1330,85 @@ def test_a_newest_version_whose_engine_fails_at_start_leaves_the_one_before(
     asyncio.run(main())
 
 
+def test_a_version_whose_engine_failed_is_tried_again_by_the_next_reload(
+    tmp_path: Path,
+) -> None:
+    """An engine that did not start for a cause outside its folder (memory, the device) is
+    tried again by the next reload, once per reload, while the version before it serves;
+    also when a newer version fails in that reload. Before, the folder was skipped ("no
+    file in it changed since it failed") until a file in it changed: an operator who freed
+    the memory and sent SIGHUP got the same failure until a restart, or a write into a
+    published (often read-only) model folder."""
+    root = tmp_path / "models"
+    shutil.copytree(model_repository(), root)
+    copy_version(root, LM, 1, 2)
+    memory = {"free": False}
+    tried: list[str] = []
+
+    def factory(entry: ModelVersion, options: EngineOptions) -> Engine:
+        tried.append(entry.key)
+        if entry.key == f"{LM}:3":
+            raise RuntimeError("cannot load the decoder")
+        if entry.key == f"{LM}:2" and not memory["free"]:
+            raise MemoryError("Unable to allocate 12.0 MiB")
+        return Engine(entry.path, entry.manifest, options)
+
+    repository = ModelRepository(root, DEFAULT_MODELS, keep_versions=1)
+    s = Scheduler(repository, SchedulerConfig(), OPTIONS, Metrics(), factory)
+    labels = {"model": LM, "version": "2"}
+
+    async def main() -> None:
+        await s.start()
+        try:
+            assert tried.count(f"{LM}:2") == 1
+            summary = await s.reload()
+            assert summary.loaded == [] and summary.retired == []
+            assert summary.failed == {f"{LM}/2": "MemoryError: Unable to allocate 12.0 MiB"}
+            assert tried.count(f"{LM}:2") == 2  # once in this reload, not once per scan
+            assert s.metrics.registry.get_sample_value("inference_model_ready", labels) == 0
+            # The memory is free, and a version 3 that does not start is published: the
+            # reload's scan after version 3 failed tries version 2, which it had not yet.
+            memory["free"] = True
+            copy_version(root, LM, 1, 3)
+            summary = await s.reload()
+            assert (summary.loaded, summary.retired, summary.failed) == (
+                [f"{LM}:2"],
+                [f"{LM}:1"],
+                {f"{LM}/3": "RuntimeError: cannot load the decoder"},
+            )
+            assert (await s.submit(generate(PROMPTS[0], max_new_tokens=3))).version == 2
+            assert s.metrics.registry.get_sample_value("inference_model_ready", labels) == 1
+            assert [tried.count(f"{LM}:{v}") for v in (1, 2, 3)] == [1, 3, 1]
+        finally:
+            await s.stop(0.0)
+
+    asyncio.run(main())
+
+
+def test_a_model_whose_engine_failed_at_start_serves_after_a_reload(tmp_path: Path) -> None:
+    """A model's only version does not start (memory taken by another process, say): the
+    server is not ready (readiness keeps traffic away, and liveness does not restart it).
+    Once the memory is free, a reload (SIGHUP) starts it and readiness follows; before, the
+    pod stayed unready until a restart."""
+    root = tmp_path / "models"
+    shutil.copytree(model_repository(), root)
+    memory = {"free": False}
+
+    def factory(entry: ModelVersion, options: EngineOptions) -> Engine:
+        if entry.name == LM and not memory["free"]:
+            raise MemoryError("Unable to allocate 12.0 MiB")
+        return Engine(entry.path, entry.manifest, options)
+
+    async def main(s: Scheduler) -> None:
+        assert s.missing() == [LM] and Task.GENERATION not in s.tasks()
+        memory["free"] = True
+        assert (await s.reload()).loaded == [f"{LM}:1"]
+        assert s.missing() == [] and Task.GENERATION in s.tasks()
+        assert (await s.submit(generate(PROMPTS[0], max_new_tokens=3))).version == 1
+
+    run(main, make_scheduler(root, factory=factory))
+
+
 def test_model_ready_reads_0_for_a_failed_version_and_leaves_with_a_removed_one(
     tmp_path: Path,
 ) -> None:

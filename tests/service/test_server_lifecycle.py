@@ -494,8 +494,10 @@ def test_sigterm_during_a_reload_call_ends_its_warm_up_not_the_grace(
 ) -> None:
     """A Reload call is in flight when SIGTERM comes: the drain stops the new version's
     warm-up at its next shape (it is closed unserved, the one serving is not retired), the
-    call answers with nothing loaded, and serve() returns 0 after the drain's linger. The
-    drain used to wait for the call, so for the whole warm-up or the grace (10 s here)."""
+    call answers with nothing loaded and the new version under `failed` (it answered as if
+    there had been nothing new: a deploy script took that for success), and serve() returns
+    0 after the drain's linger. The drain used to wait for the call, so for the whole
+    warm-up or the grace (10 s here)."""
     import asyncio
     import logging
     import os
@@ -503,7 +505,12 @@ def test_sigterm_during_a_reload_call_ends_its_warm_up_not_the_grace(
     from service.engine import EngineOptions
     from service.gen.inference.v1 import inference_pb2_grpc as pb_grpc
     from service.repository import ModelRepository
-    from service.scheduler import DEFAULT_MODELS, Scheduler, SchedulerConfig
+    from service.scheduler import (
+        DEFAULT_MODELS,
+        STOPPED_BEFORE_SERVING,
+        Scheduler,
+        SchedulerConfig,
+    )
     from service.server import DRAIN_LINGER_S, serve
     from service.settings import load_settings
     from tests.service._engine_models import copy_version, slow_decoder
@@ -545,6 +552,7 @@ def test_sigterm_during_a_reload_call_ends_its_warm_up_not_the_grace(
     assert code == 0
     assert took < DRAIN_LINGER_S + 3 * shape_s, took
     assert list(answer.loaded) == [] and list(answer.retired) == []
+    assert dict(answer.failed) == {"en-es/2": STOPPED_BEFORE_SERVING}
     assert any("warm-up stopped after" in m for m in caplog.messages), caplog.messages
 
 
