@@ -85,7 +85,7 @@ from service.domain import (
     Task,
     TokenEvent,
 )
-from service.tokenizer import TextSoFar, Tokenizer, find_stop, stable_prefix
+from service.tokenizer import REPLACEMENT, TextSoFar, Tokenizer, find_stop, stable_prefix
 
 log = logging.getLogger(__name__)
 
@@ -709,7 +709,10 @@ class _Seq:
         self.stop_len = max((len(s) for s in self.stop), default=0)
         # Nothing to decode, search or stream per step: only EOS or the length ends it.
         self.plain = not (self.params.return_alignment or self.stop or self.stream)
-        self.checked = 0  # text length already searched for stop strings
+        # Text length already searched for stop strings: the text's settled part, without a
+        # trailing incomplete character, whose marks (one per byte piece so far) shrink to
+        # the one character it becomes.
+        self.checked = 0
         # The text of the best row so far, for a row streamed or searched for stops.
         self.text = TextSoFar(self.tokenizer)
         self.emitted_ids = 0
@@ -1150,7 +1153,7 @@ class Batch:
                     text = seq.text(tokens)
                 if seq.stop and text is not None:
                     at = find_stop(text, seq.stop, max(0, seq.checked - seq.stop_len))
-                    seq.checked = len(text)
+                    seq.checked = len(text.rstrip(REPLACEMENT))
                     if at >= 0:
                         keep = self._kept(seq.tokenizer, tokens, at)
                         found = _Hyp(

@@ -89,7 +89,12 @@ class Tokenizer:
         for i in ids:
             if self.sp.is_control(i):  # BOS, EOS, pad: no text at all
                 continue
-            piece = UNKNOWN if self.sp.is_unknown(i) else str(self.sp.id_to_piece(i))
+            if self.sp.is_unknown(i):
+                piece = UNKNOWN
+            elif self.sp.is_byte(i):  # spells its byte: <0x20> is a space
+                piece = str(self.sp.decode([i]))
+            else:
+                piece = str(self.sp.id_to_piece(i))
             rest = piece.lstrip(SPACE + " ")
             n += len(piece) - len(rest)
             if rest:
@@ -194,4 +199,4 @@ def find_stop(text: str, stop: tuple[str, ...], start: int = 0) -> int:
     return best
 
 
-__all__ = ["TextSoFar", "Tokenizer", "find_stop", "stable_prefix"]
+__all__ = ["REPLACEMENT", "TextSoFar", "Tokenizer", "find_stop", "stable_prefix"]

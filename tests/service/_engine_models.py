@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import csv
 import functools
+import io
 import shutil
 import tempfile
 import time
@@ -19,11 +20,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import sentencepiece as spm
+
 from export.onnx_export import export_checkpoint
-from export.testing import make_tiny_checkpoint
+from export.testing import make_tiny_checkpoint, tiny_config
 from tests.fixtures import VERSES as FIXTURE
-from transformer.checkpoint import load_checkpoint
-from transformer.model import Model
+from transformer.checkpoint import load_checkpoint, save_checkpoint
+from transformer.model import Model, build_model
 
 if TYPE_CHECKING:
     import pytest
@@ -99,6 +102,36 @@ def model_repository() -> Path:
     for name in (TRANSLATOR, LM):
         export_version(root, name, 1)
     return root
+
+
+@functools.cache
+def byte_fallback_lm() -> Path:
+    """The version folder of a random language model whose tokenizer has byte pieces
+    (built once per process): a character of several bytes comes out a piece at a time."""
+    root = Path(tempfile.mkdtemp(prefix="byte-models-"))
+    atexit.register(shutil.rmtree, root, True)
+    tokenizer = root / "bytes.model"
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_lines()),
+        model_writer=buffer,
+        vocab_size=400,
+        byte_fallback=True,
+        pad_id=0,
+        unk_id=1,
+        bos_id=2,
+        eos_id=3,
+        num_threads=1,
+        minloglevel=2,
+    )
+    tokenizer.write_bytes(buffer.getvalue())
+    vocab = spm.SentencePieceProcessor(model_file=str(tokenizer)).get_piece_size()
+    config = tiny_config("decoder-only", vocab_size=vocab, positional="learned")
+    checkpoint = root / LM / "checkpoint"
+    save_checkpoint(build_model(config).eval(), checkpoint, tokenizer=tokenizer)
+    out = root / LM / "1"
+    export_checkpoint(checkpoint, out, variants=["fp32"], exporter="torchscript")
+    return out
 
 
 @functools.cache

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from export.manifest import load_manifest
 from service.backends import (
+    NumpyBackend,
     log_softmax,
 )
 from service.domain import (
@@ -55,6 +56,7 @@ from tests.service._engine_models import (
     PROMPTS,
     SOURCES,
     TRANSLATOR,
+    byte_fallback_lm,
     model_repository,
 )
 from transformer import decoding
@@ -296,6 +298,46 @@ def test_beam_n_best_counts_a_stop_cut_equal_to_an_eos_answer_once() -> None:
     result = decode_all(engine, [request(LM, "He", **params)])[0]  # type: ignore[arg-type]
     ids = [tuple(h.token_ids) for h in result.hypotheses]
     assert len(ids) == len(set(ids)) == 4, ids
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("then", ["eos", "more"])
+@pytest.mark.parametrize("sampled", [False, True])
+def test_a_stop_ending_in_a_character_of_byte_pieces_stops_where_it_completes(
+    monkeypatch: pytest.MonkeyPatch, stream: bool, then: str, sampled: bool
+) -> None:
+    """A tokenizer with byte pieces spells "€" in three, each read as U+FFFD until the
+    character is whole: the text shrinks by two as it completes. The stop search went on
+    from where the text had ended, past the "€", so it found the stop a token late (a
+    stream had sent it by then) or, the row ending there, never (eos, the stop kept)."""
+    path = byte_fallback_lm()
+    engine = Engine(path, load_manifest(path), EngineOptions(warmup=False, intra_op_threads=1))
+    sp = engine.tokenizer.sp
+    euro = [sp.piece_to_id(f"<0x{b:02X}>") for b in "€".encode()]
+    assert all(sp.is_byte(i) for i in euro)
+    word = sp.encode("Amen")
+    tail = sp.encode("Amen") if then == "more" else []
+    script = iter([*word, *euro, *tail, engine.eos_id])
+    decode = NumpyBackend.decode
+
+    def scripted(self: NumpyBackend, feeds: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        """Each step's logits choose the script's next token (a prefill's are left)."""
+        logits, *rest = decode(self, feeds, *args, **kwargs)
+        if feeds["input_ids"].shape[1] == 1:
+            logits = np.full_like(logits, -30.0)
+            logits[:, -1, next(script)] = 30.0
+        return (logits, *rest)
+
+    monkeypatch.setattr(NumpyBackend, "decode", scripted)
+    sampling = dict(temperature=1.0, seed=0) if sampled else {}
+    params = DecodingParams(max_new_tokens=20, stop=("€",), **sampling)  # type: ignore[arg-type]
+    results, events = run_staggered(
+        engine, [SequenceRequest(Task.GENERATION, "The", params)], [0], stream
+    )
+    h = results[0].hypotheses[0]
+    assert (h.finish_reason, h.text, h.token_ids) == (FinishReason.STOP, " Amen", word)
+    assert "".join(text for _, text in events[0]) == (h.text if stream else "")
+    assert [t for ids, _ in events[0] for t in ids] == (word if stream else [])
 
 
 @pytest.mark.parametrize("with_stop", [False, True])

@@ -130,16 +130,14 @@ def test_characters_outside_the_vocabulary_are_never_decoded(name: str) -> None:
         assert tok.never_decoded(f"Amen{char}") == char, repr(char)
 
 
-def test_with_byte_pieces_only_what_the_normalizer_drops_is_never_decoded(
-    tmp_path: Path,
-) -> None:
-    """Byte pieces spell any UTF-8, so a tokenizer trained with byte fallback can output a
-    letter its pieces lack: only line breaks, tabs and zero-width characters are flagged."""
+def byte_fallback_model(directory: Path) -> Path:
+    """A tokenizer trained with byte fallback: characters its pieces lack are spelled in
+    UTF-8 byte pieces (<0x20> is a space)."""
     with (ROOT / "tests/fixtures/verses.tsv").open(encoding="utf-8") as f:
         texts = [row["en"] for row in csv.DictReader(f, delimiter="\t")]
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts),
-        model_prefix=str(tmp_path / "bytes"),
+        model_prefix=str(directory / "bytes"),
         vocab_size=400,
         byte_fallback=True,
         pad_id=0,
@@ -148,6 +146,34 @@ def test_with_byte_pieces_only_what_the_normalizer_drops_is_never_decoded(
         eos_id=EOS,
         minloglevel=2,
     )
-    tok = Tokenizer(tmp_path / "bytes.model", BOS, EOS)
+    return directory / "bytes.model"
+
+
+def test_with_byte_pieces_only_what_the_normalizer_drops_is_never_decoded(
+    tmp_path: Path,
+) -> None:
+    """Byte pieces spell any UTF-8, so a tokenizer trained with byte fallback can output a
+    letter its pieces lack: only line breaks, tabs and zero-width characters are flagged."""
+    tok = Tokenizer(byte_fallback_model(tmp_path), BOS, EOS)
     assert tok.never_decoded("Amen\u00f6\U0001f600") is None
     assert [tok.never_decoded(f"ok{c}") for c in "\n\t\u200b"] == list("\n\t\u200b")
+
+
+def test_a_byte_piece_of_a_space_counts_among_the_leading_spaces(tmp_path: Path) -> None:
+    """<0x20> spells a space: counted as none, a continuation that starts with a word mark
+    and it read one space short, and so did a row's text whose head had settled just before
+    them (TextSoFar), so a stream or a stop search read otherwise than the whole text."""
+    path = byte_fallback_model(tmp_path)
+    sp = Tokenizer(path, BOS, EOS).sp
+    space, byte = sp.piece_to_id(SPACE), sp.piece_to_id("<0x20>")
+    assert sp.id_to_piece(space) == SPACE and sp.is_byte(byte)
+    ids = [space, byte, *sp.encode("Amen")]
+    assert Tokenizer(path, BOS, EOS, continuation=True).decode(ids) == "   Amen"
+    row = [*sp.encode("In the beginning"), *ids, *ids]
+    for continuation in (False, True):
+        tok = Tokenizer(path, BOS, EOS, continuation=continuation)
+        for fold in (1, 2, 3):
+            text = TextSoFar(tok)
+            text.FOLD = fold
+            for n in range(1, len(row) + 1):
+                assert text(row[:n]) == tok.decode(row[:n]), (continuation, fold, n)
