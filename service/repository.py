@@ -2,16 +2,16 @@
 
 Layout (export/README.md): `<root>/<name>/<version>/manifest.json`; folders whose name is
 not a number (`checkpoint/`) are ignored. The newest `keep_versions` valid versions of each
-name are loaded (every one when it is None), newest first, so a broken newest version
-leaves the one before it; the highest number of a name is its default. `reload()` rescans
-and loads new versions beside the running ones, so a deploy never has a moment without a
-model, and tries again the folders that failed for a cause that may lie outside them (an
-engine that did not start, a file that could not be read); a folder whose own files were
-refused is checked again once one of them changes. A version that disappears
-from disk (or falls out of `keep_versions`) is *retired* (by `prune()`, which the
-scheduler calls only once the new versions take traffic): new requests no longer find it,
-requests already holding it (`acquire`/`release`) finish, and when the last one leaves its
-drain hooks run, so the scheduler can stop its loop and free its sessions.
+name are loaded (every one when it is None), newest first, so a broken newest version leaves
+the one before it; the highest number of a name is its default. `reload()` rescans and loads
+new versions beside the running ones, so a deploy never has a moment without a model, and
+tries again the folders that failed for a cause that may lie outside them (an engine that
+did not start, a file that could not be read); a folder whose own files were refused is
+checked again once one of them changes. A version that disappears from disk (or falls out of
+`keep_versions`) is *retired* (by `prune()`, which the scheduler calls only once the new
+versions take traffic): new requests no longer find it, requests already holding it
+(`acquire`/`release`) finish, and when the last one leaves its drain hooks run, so the
+scheduler can stop its loop and free its sessions.
 """
 
 from __future__ import annotations
