@@ -222,11 +222,22 @@ class Unauthenticated(ServiceError):
     reason = "unauthenticated"
 
 
+# The longest bearer token: grpc refuses a call whose headers pass 8 KiB at random (always
+# past 16 KiB), and the call's other headers need room beside it.
+MAX_TOKEN_CHARS = 4096
+
+
 def bearer_token(value: str) -> str | None:
     """A bearer token as a header carries it, for the server and the client alike:
     surrounding whitespace (a secret file's newline) dropped, None when nothing is left;
-    ValueError for a character a header cannot carry (the message never shows the token)."""
+    ValueError for a character a header cannot carry, or a token too long for grpc's
+    header limit (the message never shows the token)."""
     token = value.strip()
     if not all("!" <= c <= "~" for c in token):
         raise ValueError("has characters a gRPC header cannot carry: use visible ASCII, no spaces")
+    if len(token) > MAX_TOKEN_CHARS:
+        raise ValueError(
+            f"is {len(token):,} characters, over {MAX_TOKEN_CHARS:,}: grpc refuses calls whose "
+            "headers pass 8 KiB (some at random, all past 16 KiB); use a shorter token"
+        )
     return token or None

@@ -25,6 +25,7 @@ import json
 import logging
 import resource
 import signal
+import socket
 import time
 import uuid
 from collections.abc import (
@@ -1232,6 +1233,23 @@ def server_options(settings: Settings) -> list[tuple[str, Any]]:
     ]
 
 
+def can_listen(host: str, port: int) -> bool:
+    """Whether a listener could take host:port now (with SO_REUSEADDR, as grpc's), to tell
+    a bind that failed on the port or the address from one grpc refused for its TLS files."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return False
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError:
+                return False
+    return True
+
+
 class InferenceServer:
     """The gRPC server with its health, reflection, metrics endpoint and backend."""
 
@@ -1323,16 +1341,26 @@ class InferenceServer:
 
     def _bind(self) -> int:
         address = self.settings.address(self.settings.port)
+        cert, key = self.settings.tls_cert, self.settings.tls_key
         try:
-            if self.settings.tls_cert is not None and self.settings.tls_key is not None:
-                credentials = grpc.ssl_server_credentials(
-                    [(self.settings.tls_key.read_bytes(), self.settings.tls_cert.read_bytes())]
-                )
+            if cert is not None and key is not None:
+                credentials = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
                 port = self.server.add_secure_port(address, credentials)
             else:
                 port = self.server.add_insecure_port(address)
         except RuntimeError:  # grpcio raises where older releases returned 0
             port = 0
+        if port == 0 and cert is not None and can_listen(self.settings.host, self.settings.port):
+            # The settings' check reads the files with Python's OpenSSL, which takes keys
+            # that grpc's BoringSSL does not (brainpool or secp256k1 curves, explicit curve
+            # parameters, Ed448, RSA-PSS, DSA): grpc then fails the bind as it does a port
+            # in use.
+            raise StartupError(
+                f"grpc cannot serve tls_cert {cert} with tls_key {key}: its TLS library, "
+                "BoringSSL, takes RSA keys (not RSA-PSS), ECDSA keys on the named curves "
+                "P-256, P-384 or P-521, and Ed25519 keys; issue a certificate for one of "
+                f"those (--tls-cert / {ENV_PREFIX}TLS_CERT, --tls-key / {ENV_PREFIX}TLS_KEY)"
+            )
         if port == 0:
             raise StartupError(
                 f"cannot listen for gRPC on {address}: the port is in use or the address is "

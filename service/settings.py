@@ -206,8 +206,9 @@ class Settings(BaseSettings):
     auth_token: SecretStr | None = Field(
         None,
         description="If set, calls need `authorization: Bearer <token>` (health stays open). "
-        "Visible ASCII; surrounding whitespace (a secret file's newline) is dropped. Prefer "
-        "SERVE_AUTH_TOKEN or the YAML file to the flag, which `ps` shows.",
+        "Visible ASCII, at most 4096 characters; surrounding whitespace (a secret file's "
+        "newline) is dropped. Prefer SERVE_AUTH_TOKEN or the YAML file to the flag, which "
+        "`ps` shows.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Threshold of the JSON logs on stderr."
@@ -352,6 +353,10 @@ class Settings(BaseSettings):
         return self.tls_cert is not None
 
 
+# OpenSSL's refusals of a well-formed chain whose keys or signatures are too weak.
+_TOO_WEAK = frozenset({"EE_KEY_TOO_SMALL", "CA_KEY_TOO_SMALL", "CA_MD_TOO_WEAK"})
+
+
 def _check_key_pair(cert: Path, key: Path) -> None:
     """Read the TLS files as the server will, so a bad one fails here with its name, not
     at bind time as a port that cannot be listened on."""
@@ -363,6 +368,12 @@ def _check_key_pair(cert: Path, key: Path) -> None:
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password="")
     except ssl.SSLError as exc:
+        if exc.reason in _TOO_WEAK:  # OpenSSL's security level 2 (Python's default)
+            raise ValueError(
+                f"tls_cert {cert}: a key or signature in the chain is too weak "
+                f"({exc.reason}): issue it with an RSA key of at least 2048 bits or an ECDSA "
+                "key, signed with SHA-256 or stronger"
+            ) from None
         raise ValueError(
             f"tls_cert {cert} and tls_key {key} are not a PEM certificate chain and its "
             f"unencrypted private key ({exc.reason or exc})"

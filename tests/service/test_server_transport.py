@@ -13,11 +13,15 @@ import itertools
 import logging
 import math
 import os
+import shutil
 import signal
+import socket
+import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -44,6 +48,7 @@ from service.gen.inference.v1 import inference_pb2 as pb
 from service.metrics import Metrics
 from service.server import InferenceServer, StartupError, Transport, serve
 from service.settings import MIN_MESSAGE_BYTES, load_settings
+from tests._tls import self_signed
 from tests.conftest import free_port
 
 TOKEN = "s3cret-token"
@@ -524,6 +529,45 @@ def test_the_health_port_is_not_shared_with_another_server() -> None:
         first.call(other.close_ports())
     finally:
         first.stop()
+
+
+def test_tls_files_grpc_cannot_serve_are_named_not_the_port(tmp_path: Path) -> None:
+    """A key on a curve Python's OpenSSL takes (the settings' check) and grpc's BoringSSL
+    does not (brainpool) fails the bind: the message names the TLS files, not a busy port;
+    a busy port with servable files is still named as such."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl CLI is not installed")
+    cert, key = tmp_path / "brainpool.pem", tmp_path / "brainpool.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+         "ec_paramgen_curve:brainpoolP256r1", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-subj", "/CN=localhost", "-days", "1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    good_cert, good_key = self_signed(tmp_path)
+
+    async def server(**tls: Any) -> InferenceServer:
+        settings = load_settings(port=tls.pop("port", 0), metrics_port=0, **tls)
+        return InferenceServer(settings, FakeBackend(), Metrics())  # type: ignore[arg-type]
+
+    runner = asyncio.new_event_loop()
+    try:
+        refused = runner.run_until_complete(server(tls_cert=cert, tls_key=key))
+        with pytest.raises(StartupError, match=r"grpc cannot serve tls_cert .*brainpool\.pem"):
+            refused._bind()
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            port = busy.getsockname()[1]
+            taken = runner.run_until_complete(
+                server(tls_cert=good_cert, tls_key=good_key, port=port)
+            )
+            with pytest.raises(StartupError, match=f"cannot listen for gRPC on 127.0.0.1:{port}"):
+                taken._bind()
+        for each in (refused, taken):
+            runner.run_until_complete(each.close_ports())
+    finally:
+        runner.close()
 
 
 def test_bad_generate_and_stream_requests(client: Client) -> None:

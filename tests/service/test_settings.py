@@ -4,6 +4,7 @@ what to change."""
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -302,6 +303,15 @@ def test_tls_files_are_read_and_matched_at_start(
         with pytest.raises(SettingsError, match="are not a PEM certificate chain and its"):
             load_settings(tls_cert=pair[0], tls_key=pair[1])
     assert load_settings(tls_cert=other_cert, tls_key=other_key).tls
+    if shutil.which("openssl") is not None:  # a well-formed pair, refused as too weak
+        weak_cert, weak_key = tmp_path / "weak.pem", tmp_path / "weak.key"
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:1024", "-nodes", "-keyout",
+             str(weak_key), "-out", str(weak_cert), "-subj", "/CN=localhost", "-days", "1"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        with pytest.raises(SettingsError, match=r"too weak \(EE_KEY_TOO_SMALL\): issue it with"):
+            load_settings(tls_cert=weak_cert, tls_key=weak_key)
     monkeypatch.setenv("SERVE_TLS_CERT", "")  # a template's empty value: no TLS
     monkeypatch.setenv("SERVE_TLS_KEY", " ")
     assert not load_settings().tls
@@ -326,6 +336,10 @@ def test_auth_token_is_secret_and_kept_as_a_header_carries_it() -> None:
     # a secret file's trailing newline: clients send the token without it
     s = load_settings(auth_token=" s3cret\n")
     assert s.auth_token is not None and s.auth_token.get_secret_value() == "s3cret"
+    # one clients could not send reliably: grpc refuses headers past 8 KiB at random
+    assert load_settings(auth_token="t" * 4096).auth_token is not None
+    with pytest.raises(SettingsError, match=r"--auth-token <hidden>: is 8,000 characters, over"):
+        load_settings(auth_token="t" * 8000)
 
 
 def test_cli_help_and_errors() -> None:
