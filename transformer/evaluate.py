@@ -3,14 +3,23 @@
 `python -m transformer.evaluate translator` → test BLEU/chrF (sacrebleu, with signatures)
 and sample translations; `python -m transformer.evaluate lm` → test perplexity and sample
 continuations. Both write `models/<name>/README.md` and `models/<name>/eval.json`.
+
+The split holds verses out by reference, but the Bible repeats itself (parallel passages,
+refrains), so some test verses have a near-duplicate in the training text. Both commands
+score the whole test split and, apart, the verses with none (:func:`seen_in_training`).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import platform
+import re
 import time
+import unicodedata
+from collections import Counter, defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -29,15 +38,85 @@ from transformer.model import DecoderOnly, EncoderDecoder, count_parameters
 app = typer.Typer(add_completion=False, help=__doc__)
 M = TypeVar("M", EncoderDecoder, DecoderOnly)
 
+# A test text counts as seen in training when a training text has this word-sequence
+# similarity to it or more: 0.8 catches parallel passages that differ by a word or two.
+NEAR_DUPLICATE = 0.8
+NEAR_HELP = "Word-sequence similarity (0.5 to 1) from which a test verse is seen in training."
+NEAR_DUPLICATE_RULE = (
+    "difflib ratio ≥ {threshold} between word sequences, after NFKC, case folding and "
+    "dropping punctuation"
+)
 
-def _load(checkpoint: Path, kind: type[M], data_file: Path) -> tuple[M, spm.SentencePieceProcessor]:
-    """The checkpoint's model and tokenizer, once the test split is there; a usage error
-    naming the option otherwise (a missing checkpoint or split was a traceback, a model
-    of the other kind a bare AssertionError)."""
-    if not data_file.is_file():
-        raise typer.BadParameter(
-            f"{data_file} not found: run `make data` first", param_hint="--data"
+
+def words(text: str) -> tuple[str, ...]:
+    """The text's words, case-folded: case, punctuation and spacing do not tell texts apart."""
+    return tuple(re.findall(r"\w+", unicodedata.normalize("NFKC", text).casefold()))
+
+
+def similarity(a: tuple[str, ...], b: tuple[str, ...]) -> float:
+    """2 × matching words / total words (difflib's ratio): 1.0 for the same words."""
+    return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
+
+
+def _occurrences(text: tuple[str, ...]) -> list[tuple[str, int]]:
+    """Each word with its occurrence number, so a multiset intersection is a set's."""
+    count: Counter[str] = Counter()
+    out = []
+    for word in text:
+        out.append((word, count[word]))
+        count[word] += 1
+    return out
+
+
+def seen_in_training(
+    texts: list[str], training: Iterable[str], threshold: float = NEAR_DUPLICATE
+) -> list[bool]:
+    """For each text, whether some training text has `similarity` >= threshold to it.
+
+    Exact, not sampled: a ratio r needs at least r·n/(2 − r) of the text's n words in
+    common (matches ≤ the shorter length), so a match shares one of the text's
+    n − that + 1 rarest words; only training texts holding one of those are compared.
+    """
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    train = list(dict.fromkeys(words(t) for t in training))
+    bags = [frozenset(_occurrences(text)) for text in train]
+    postings: defaultdict[tuple[str, int], list[int]] = defaultdict(list)
+    for i, bag in enumerate(bags):
+        for token in bag:
+            postings[token].append(i)
+    seen = []
+    for raw in texts:
+        text = words(raw)
+        n = len(text)
+        bag = frozenset(_occurrences(text))
+        # matches <= min(n, m) and ratio = 2 matches / (n + m): bounds on m and on matches
+        need = math.ceil(threshold * n / (2 - threshold) - 1e-9)
+        longest = n * (2 - threshold) / threshold + 1e-9
+        rarest = sorted(bag, key=lambda t: (len(postings.get(t, ())), t))[: n - need + 1]
+        candidates = {i for t in rarest for i in postings.get(t, ())}
+        seen.append(
+            any(
+                need <= len(train[i]) <= longest
+                and 2 * len(bag & bags[i]) >= threshold * (n + len(train[i])) - 1e-9
+                and similarity(text, train[i]) >= threshold
+                for i in candidates
+            )
         )
+    return seen
+
+
+def _load(
+    checkpoint: Path, kind: type[M], *data_files: Path
+) -> tuple[M, spm.SentencePieceProcessor]:
+    """The checkpoint's model and tokenizer, once the test and train splits are there; a
+    usage error naming the option otherwise (a missing checkpoint or split was a
+    traceback, a model of the other kind a bare AssertionError)."""
+    for data_file in data_files:
+        if not data_file.is_file():
+            raise typer.BadParameter(
+                f"{data_file} not found: run `make data` first", param_hint="--data"
+            )
     try:
         model = load_checkpoint(checkpoint)
         tokenizer = spm.SentencePieceProcessor(model_file=str(tokenizer_path(checkpoint)))
@@ -161,8 +240,24 @@ DATA_SPLIT = (
     "Data: public-domain Bibles from Debian's `sword-text-kjv`, `sword-text-web` and "
     "`sword-text-sparv` packages, read with `pysword` (`transformer/data.py`). The split is "
     "by a hash of the verse reference, so every version of a test verse is held out "
-    "(see `data/stats.json` after `make data`)."
+    "(see `data/stats.json` after `make data`), and a training text identical to a test "
+    "text is dropped; texts that differ only in case, punctuation or a few words (parallel "
+    "passages, refrains) remain, hence the scores without them below."
 )
+
+
+def _unseen_line(seen: list[bool], identical: list[bool], threshold: float, what: str) -> str:
+    """The card's note on the test verses that have a near-duplicate in training."""
+    rule = NEAR_DUPLICATE_RULE.format(threshold=threshold)
+    return (
+        f"{sum(seen)} of the {len(seen)} test verses have a near-duplicate among the "
+        f"training {what} ({rule}), {sum(identical)} of them the same words."
+    )
+
+
+def _shown(score: float | None) -> str:
+    """A score for the card; — where no verse was left to score (0.0 is a score)."""
+    return "—" if score is None else str(score)
 
 
 @app.command("translator")
@@ -172,12 +267,23 @@ def evaluate_translator(
     beam_size: Annotated[int, typer.Option(min=1, help="1 = greedy.")] = 1,
     limit: Annotated[int, typer.Option(min=0, help="Score only the first N verses (0 = all).")] = 0,
     samples: Annotated[int, typer.Option(min=0)] = 5,
+    near: Annotated[float, typer.Option(min=0.5, max=1.0, help=NEAR_HELP)] = NEAR_DUPLICATE,
 ) -> None:
-    """Test BLEU and chrF of the translator; writes the model card."""
-    model, sp = _load(checkpoint, EncoderDecoder, data / "pairs.test.tsv")
+    """Test BLEU and chrF of the translator, on all test verses and on those unseen in
+    training; writes the model card."""
+    model, sp = _load(checkpoint, EncoderDecoder, data / "pairs.test.tsv", data / "pairs.train.tsv")
     pairs = load_pairs(data / "pairs.test.tsv")
     if limit:
         pairs = pairs[:limit]
+    train = load_pairs(data / "pairs.train.tsv")
+
+    def in_training(threshold: float) -> list[bool]:
+        """Seen on the source side or the reference side."""
+        sources = seen_in_training([p.en for p in pairs], [p.en for p in train], threshold)
+        targets = seen_in_training([p.es for p in pairs], [p.es for p in train], threshold)
+        return [a or b for a, b in zip(sources, targets, strict=True)]
+
+    seen, identical = in_training(near), in_training(1.0)
     options = DecodingOptions(max_new_tokens=256, beam_size=beam_size)
     start = time.monotonic()
     hyps = translate_texts(model, sp, [p.en for p in pairs], options)
@@ -187,11 +293,26 @@ def evaluate_translator(
     chrf = sacrebleu.metrics.CHRF()
     bleu_score = bleu.corpus_score(hyps, [refs])
     chrf_score = chrf.corpus_score(hyps, [refs])
+    unseen = [i for i, s in enumerate(seen) if not s]
+    unseen_bleu = unseen_chrf = None  # no verse unseen: nothing to score (sacrebleu raises)
+    if unseen:
+        unseen_hyps, unseen_refs = [hyps[i] for i in unseen], [refs[i] for i in unseen]
+        unseen_bleu = round(bleu.corpus_score(unseen_hyps, [unseen_refs]).score, 2)
+        unseen_chrf = round(chrf.corpus_score(unseen_hyps, [unseen_refs]).score, 2)
     result = {
         "verses": len(pairs),
         "decoding": "greedy" if beam_size == 1 else f"beam {beam_size}",
         "bleu": round(bleu_score.score, 2),
         "chrf": round(chrf_score.score, 2),
+        "unseen": {
+            "verses": len(unseen),
+            "bleu": unseen_bleu,
+            "chrf": unseen_chrf,
+            "seen_in_training": sum(seen),
+            "identical_in_training": sum(identical),
+            "rule": NEAR_DUPLICATE_RULE.format(threshold=near)
+            + "; on the source or the reference, against every training pair",
+        },
         "bleu_signature": str(bleu.get_signature()),
         "chrf_signature": str(chrf.get_signature()),
         "decode_seconds": round(seconds, 1),
@@ -209,13 +330,21 @@ def evaluate_translator(
         f"On {len(pairs)} held-out test verses (KJV source, RV1909 reference), "
         f"{result['decoding']} decoding, PyTorch fp32 on the CPU:",
         "",
-        "| metric | score | sacrebleu signature |",
+        "| test verses | BLEU | chrF |",
         "|---|---|---|",
-        f"| BLEU | {result['bleu']} | `{result['bleu_signature']}` |",
-        f"| chrF | {result['chrf']} | `{result['chrf_signature']}` |",
+        f"| all {len(pairs)} | {result['bleu']} | {result['chrf']} |",
+        f"| unseen: the {len(unseen)} with no near-duplicate in training "
+        f"| {_shown(unseen_bleu)} | {_shown(unseen_chrf)} |",
+        "",
+        _unseen_line(seen, identical, near, "sources or references")
+        + f" The unseen row scores the other {len(unseen)}.",
+        f"sacrebleu signatures: BLEU `{result['bleu_signature']}`, "
+        f"chrF `{result['chrf_signature']}`.",
         "",
         "Reproduce: `python -m transformer.evaluate translator"
         + (f" --beam-size {beam_size}" if beam_size != 1 else "")
+        + (f" --limit {limit}" if limit else "")
+        + (f" --near {near}" if near != NEAR_DUPLICATE else "")
         + "`.",
         "",
         "## Samples (test verses)",
@@ -287,14 +416,22 @@ def evaluate_lm(
     data: Path = Path("data"),
     samples: Annotated[int, typer.Option(min=0)] = 4,
     seed: Annotated[int, typer.Option(min=0)] = 0,
+    near: Annotated[float, typer.Option(min=0.5, max=1.0, help=NEAR_HELP)] = NEAR_DUPLICATE,
 ) -> None:
-    """Test perplexity of the language model (per token, per verse); writes the model card."""
-    model, sp = _load(checkpoint, DecoderOnly, data / "lm.test.txt")
+    """Test perplexity of the language model (per token, per verse; on all test verses and
+    on those unseen in training); writes the model card."""
+    model, sp = _load(checkpoint, DecoderOnly, data / "lm.test.txt", data / "lm.train.txt")
     cfg = model.config
     lines_text = load_lines(data / "lm.test.txt")
+    train = load_lines(data / "lm.train.txt")
+    seen = seen_in_training(lines_text, train, near)
+    identical = seen_in_training(lines_text, train, 1.0)
     total_nll, total_tokens = 0.0, 0
+    unseen_nll, unseen_tokens = 0.0, 0
     with torch.inference_mode():
-        for text in tqdm(lines_text, desc="perplexity", unit="verse"):
+        for text, text_seen in tqdm(
+            zip(lines_text, seen, strict=True), total=len(seen), desc="perplexity", unit="verse"
+        ):
             ids = torch.tensor([[cfg.bos_id, *sp.encode(text), cfg.eos_id]])
             ids = ids[:, : cfg.max_positions]
             logits = model(ids[:, :-1])
@@ -305,7 +442,11 @@ def evaluate_lm(
             )
             total_nll += float(nll)
             total_tokens += ids.size(1) - 1
+            if not text_seen:
+                unseen_nll += float(nll)
+                unseen_tokens += ids.size(1) - 1
     ppl = math.exp(total_nll / total_tokens)
+    unseen_ppl = round(math.exp(unseen_nll / unseen_tokens), 2) if unseen_tokens else None
     stream = [i for text in lines_text for i in (cfg.bos_id, *sp.encode(text), cfg.eos_id)]
     by_position = perplexity_by_position(model, stream)
     prompts = [" ".join(t.split()[:4]) for t in lines_text[:samples]]
@@ -318,6 +459,14 @@ def evaluate_lm(
         "verses": len(lines_text),
         "tokens": total_tokens,
         "perplexity": round(ppl, 2),
+        "unseen": {
+            "verses": len(seen) - sum(seen),
+            "tokens": unseen_tokens,
+            "perplexity": unseen_ppl,
+            "seen_in_training": sum(seen),
+            "identical_in_training": sum(identical),
+            "rule": NEAR_DUPLICATE_RULE.format(threshold=near) + "; against every training line",
+        },
         "perplexity_by_position": {f"{a}-{b - 1}": round(p, 2) for a, b, p in by_position},
         "sampling": f"temperature 0.8, top_p 0.9, seed {seed}, 40 new tokens",
     }
@@ -331,8 +480,13 @@ def evaluate_lm(
         "## Test perplexity",
         "",
         f"{result['perplexity']} per SentencePiece token over {len(lines_text)} held-out test "
-        f"verses ({total_tokens} tokens incl. end-of-verse), PyTorch fp32. Reproduce: "
-        "`python -m transformer.evaluate lm`.",
+        f"verses ({total_tokens} tokens incl. end-of-verse), PyTorch fp32; "
+        f"{_shown(unseen_ppl)} over the {len(seen) - sum(seen)} of them with no "
+        f"near-duplicate in training. Reproduce: `python -m transformer.evaluate lm"
+        + (f" --near {near}" if near != NEAR_DUPLICATE else "")
+        + "`.",
+        "",
+        _unseen_line(seen, identical, near, "verses"),
         "",
         f"Over the same verses run together, cut into windows of {cfg.max_positions} tokens "
         "(every position the model takes), by position: "

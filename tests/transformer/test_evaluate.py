@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,12 +13,17 @@ import torch
 from typer.testing import CliRunner
 
 from export.testing import make_tiny_checkpoint
+from tests.fixtures import VERSES
+from transformer.data import Pair, load_pairs, write_lines, write_pairs
 from transformer.evaluate import (
     _card_header,
     _context_limit,
     _trained,
     app,
     perplexity_by_position,
+    seen_in_training,
+    similarity,
+    words,
 )
 
 
@@ -123,8 +129,9 @@ def test_a_bad_option_is_a_usage_error_naming_it(
     make_tiny_checkpoint(lm, "decoder-only")
     data = tmp_path / "data"
     data.mkdir()
-    (data / "pairs.test.tsv").write_text("ref\tsource_module\ten\tes\n")
-    (data / "lm.test.txt").write_text("in the beginning\n")
+    for split in ("test", "train"):
+        (data / f"pairs.{split}.tsv").write_text("ref\tsource_module\ten\tes\n")
+        (data / f"lm.{split}.txt").write_text("in the beginning\n")
     paths = {"LM": str(lm), "NONE": str(tmp_path / "none")}
     argv = [*args, "--data", str(data)] if "--data" not in args else args
     argv = [paths.get(a, a) for a in argv]
@@ -136,3 +143,97 @@ def test_a_bad_option_is_a_usage_error_naming_it(
     for word in words:
         assert "".join(word.split()) in said, result.output
     assert not (tmp_path / "README.md").exists()
+
+
+def test_a_test_verse_in_training_but_for_case_or_a_word_is_seen() -> None:
+    """The build drops a training text only when it is the same string as a test text:
+    "Y HABLÓ Jehová á Moisés, diciendo:" stayed in train beside the test verse "Y habló
+    Jehová á Moisés, diciendo:" (Lev.23.9), and parallel passages a word apart stayed too."""
+    train = [
+        "Y HABLÓ Jehová á Moisés, diciendo:",
+        "El segundo orden, una esmeralda, un zafiro, y un diamante;",
+        "And the LORD spake unto Moses, saying,",
+    ]
+    tests = [
+        "Y habló Jehová á Moisés, diciendo:",  # case and punctuation only
+        "El segundo orden, una esmeralda, un zafiro y un diamante.",
+        "And the LORD spake unto Aaron, saying,",  # 6 of 7 words: 0.857
+        "And the LORD said unto Aaron,",  # 4 of 6 and 7 words: 0.615
+        "Jesus wept.",
+        "",
+    ]
+    assert seen_in_training(tests, train) == [True, True, True, False, False, False]
+    assert seen_in_training(tests, train, threshold=1.0) == [True, True] + [False] * 4
+    assert similarity(words(tests[2]), words(train[2])) == pytest.approx(12 / 14)
+    with pytest.raises(ValueError, match="threshold"):
+        seen_in_training(tests, train, threshold=0.0)
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.8, 0.9, 1.0])
+def test_seen_in_training_finds_every_near_duplicate(threshold: float) -> None:
+    """The candidate filter never loses a match: the same answers as comparing every pair,
+    on texts of a few words drawn from a small vocabulary (many near matches, repeats)."""
+    rng = random.Random(int(threshold * 10))
+    vocab = "a b c d e f g h i j k l m n o p".split()  # noqa: SIM905
+
+    def text() -> str:
+        return " ".join(rng.choice(vocab) for _ in range(rng.randint(1, 9)))
+
+    train = [text() for _ in range(200)]
+    tests = [text() for _ in range(300)]
+    brute = [any(similarity(words(t), words(u)) >= threshold for u in train) for t in tests]
+    assert seen_in_training(tests, train, threshold) == brute
+    assert 0 < sum(brute) < len(brute)
+
+
+def test_the_translator_card_scores_the_unseen_verses_apart(tmp_path: Path) -> None:
+    """The card and eval.json give BLEU and chrF on every test verse and on those with no
+    near-duplicate in training, and the reproduce line names --limit when one was given
+    (it named none, so the command it gave scored another set of verses)."""
+    checkpoint = tmp_path / "m" / "checkpoint"
+    make_tiny_checkpoint(checkpoint, "encoder-decoder")
+    data = tmp_path / "data"
+    data.mkdir()
+    pairs = load_pairs(VERSES)
+    test, train = pairs[:4], pairs[10:30]
+    train.append(Pair("Gen.1.1", "engKJV2006eb", test[0].en.upper(), "otra cosa"))  # seen
+    write_pairs(test, data / "pairs.test.tsv")
+    write_pairs(train, data / "pairs.train.tsv")
+    argv = ["translator", "--checkpoint", str(checkpoint), "--data", str(data)]
+    result = CliRunner().invoke(app, [*argv, "--limit", "3", "--samples", "0"])
+    assert result.exit_code == 0, result.output
+    scores = json.loads((tmp_path / "m" / "eval.json").read_text())
+    assert scores["verses"] == 3
+    assert scores["unseen"]["verses"] == 2
+    assert scores["unseen"]["seen_in_training"] == scores["unseen"]["identical_in_training"] == 1
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "| unseen: the 2 with no near-duplicate in training |" in card
+    assert "1 of the 3 test verses have a near-duplicate" in card
+    assert "Reproduce: `python -m transformer.evaluate translator --limit 3`." in card
+    (data / "pairs.train.tsv").unlink()
+    missing = CliRunner().invoke(app, argv)
+    assert missing.exit_code == 2
+    assert "pairs.train.tsv" in "".join(missing.output.replace("│", "").split())
+
+
+def test_the_lm_card_gives_the_perplexity_of_the_unseen_verses(tmp_path: Path) -> None:
+    """Per-verse perplexity over every test verse and over those with no near-duplicate
+    among the training lines (one test verse is a training line but for its case)."""
+    checkpoint = tmp_path / "m" / "checkpoint"
+    make_tiny_checkpoint(checkpoint, "decoder-only")
+    data = tmp_path / "data"
+    data.mkdir()
+    english = [p.en for p in load_pairs(VERSES)]
+    test, train = english[:6], [*english[10:30], english[0].lower()]
+    write_lines(test, data / "lm.test.txt")
+    write_lines(train, data / "lm.train.txt")
+    argv = ["lm", "--checkpoint", str(checkpoint), "--data", str(data), "--samples", "0"]
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    scores = json.loads((tmp_path / "m" / "eval.json").read_text())["unseen"]
+    assert scores["verses"] == 5
+    assert scores["seen_in_training"] == scores["identical_in_training"] == 1
+    assert scores["tokens"] > 0 and scores["perplexity"] > 1
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert f"{scores['perplexity']} over the 5 of them with no near-duplicate" in card
+    assert "1 of the 6 test verses have a near-duplicate among the training verses" in card
