@@ -255,6 +255,15 @@ def _check_consistency(manifest: Manifest, where: Path) -> None:
         )
     if not manifest.variants:
         raise ManifestError(f"{where}: lists no variants")
+    # The engine admits requests by the limits: one past the positional table (the
+    # config's) would fail inside the graph, at an out-of-bounds Gather mid-decode.
+    limits, table = manifest.limits, manifest.config.get("max_positions")
+    longest = max(limits.max_input_tokens, limits.max_new_tokens)
+    if longest > limits.max_positions or (isinstance(table, int) and limits.max_positions > table):
+        raise ManifestError(
+            f"{where}: limits {limits} reach past the model's positions (config "
+            f"max_positions {table}): re-export it (`make export`)"
+        )
     needed = required_graphs(manifest.task)
     for variant, files in manifest.variants.items():
         missing = [g for g in needed if g not in files.files]

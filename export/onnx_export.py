@@ -5,9 +5,10 @@ Pipeline per graph (export/README.md is the contract):
 * fp32: torch.onnx.export of the export.graphs wrapper, then onnxruntime's offline
   optimizations (ORT_ENABLE_EXTENDED on the CPU provider: LayerNorm/Gelu/MatMul fusions;
   every fused op it emits also has a CUDA kernel).
-* int8: onnxruntime.quantization.quantize_dynamic of the fp32 export (int8 weights,
-  activations quantized per call), then the same offline optimizations (which fuse
-  DynamicQuantizeMatMul for the CPU).
+* int8: onnxruntime.quantization.quantize_dynamic of the fp32 export, its transposed
+  weights folded first so every MatMul is quantized (int8 weights, activations quantized
+  per call), then the same offline optimizations (which fuse DynamicQuantizeMatMul for
+  the CPU).
 * fp16: exported from a half-precision copy of the model, so the graph's float inputs and
   outputs (cache included) are float16 and no Cast sits at the cache; no offline
   optimization: a CPU session inserts float32 Casts around every op it has no fp16
@@ -45,7 +46,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import onnx
+import onnx.numpy_helper
 import onnxruntime as ort
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -83,9 +86,10 @@ log = logging.getLogger(__name__)
 
 # Bumped when the graphs change (2: cache write as ScatterND; 3: the decoder returns the
 # new keys and values only, the caller writes its cache; 4: per-layer cache inputs, fp16
-# saved without CPU casts; 5: sinusoidal positions looked up with Gather, not GatherND),
+# saved without CPU casts; 5: sinusoidal positions looked up with Gather, not GatherND;
+# 6: int8 quantizes the tied output layer's MatMul too),
 # so `make export` rebuilds versions made by older code.
-EXPORT_VERSION = "5"
+EXPORT_VERSION = "6"
 OPSET = 18
 EXPORT_SETTINGS = "export.json"
 # In a hidden build folder: the host and process building it (see _remove_stale).
@@ -218,20 +222,50 @@ def _ort_optimize(src: Path, dst: Path, level: ort.GraphOptimizationLevel) -> No
     ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
 
 
+def _fold_weight_transposes(src: Path, dst: Path) -> None:
+    """Save `src` with every Transpose of an initializer replaced by the transposed
+    initializer. The dynamo exporter folds no constant over 512 x 512 elements, so a tied
+    output layer stays MatMul(x, Transpose(embedding)); quantize_dynamic quantizes only a
+    MatMul whose B is an initializer, and left that one, the largest, in float behind a
+    DequantizeLinear of its whole int8 weight at every call."""
+    model = onnx.load(str(src))
+    weights = {t.name: t for t in model.graph.initializer}
+    kept = []
+    for node in model.graph.node:
+        if node.op_type == "Transpose" and node.input[0] in weights:
+            array = onnx.numpy_helper.to_array(weights[node.input[0]])
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            folded = np.ascontiguousarray(array.transpose(perm))
+            model.graph.initializer.append(onnx.numpy_helper.from_array(folded, node.output[0]))
+        else:
+            kept.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    used = {name for node in kept for name in node.input} | {o.name for o in model.graph.output}
+    unused = [t for t in model.graph.initializer if t.name not in used]
+    for tensor in unused:
+        model.graph.initializer.remove(tensor)
+    onnx.save(model, str(dst))
+
+
 def _quantize_int8(src: Path, dst: Path) -> None:
-    """Dynamic quantization: int8 weights of MatMul and of the tables a Gather looks up
-    (token embeddings; sinusoidal positions since export version 5), float I/O."""
+    """Dynamic quantization: int8 weights of MatMul (every one: see
+    _fold_weight_transposes) and of the tables a Gather looks up (token embeddings;
+    sinusoidal positions since export version 5), float I/O."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    folded = dst.with_name(f"{dst.stem}.folded.onnx")
+    _fold_weight_transposes(src, folded)
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # silence its advice to run shape pre-processing
     try:
         quantize_dynamic(
-            src, dst, weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True}
+            folded, dst, weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True}
         )
     finally:
         root.setLevel(level)
+        folded.unlink(missing_ok=True)
 
 
 def _finish(

@@ -227,6 +227,19 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarr
     return ids, np.arange(width)[None, :] < lengths[:, None]
 
 
+def _check_positions(model: OrtModel, inputs: Sequence[Sequence[int]], last: int) -> None:
+    """Refuse a decode that would reach past the model's positional table: position `last`
+    or a source longer than it. The graph would meet it as an out-of-bounds Gather deep
+    inside, after the work before it (an onnxruntime error naming a node)."""
+    limit = model.manifest.limits.max_positions
+    longest = max((len(s) for s in inputs), default=0)
+    if last >= limit or longest > limit:
+        raise ValueError(
+            f"{model.manifest.name}: positions up to {max(last, longest - 1)} exceed the "
+            f"model's max_positions {limit} (positions 0 .. {limit - 1})"
+        )
+
+
 def _greedy_loop(
     model: OrtModel,
     logits: np.ndarray,
@@ -272,6 +285,7 @@ def greedy_translate(
     model: OrtModel, sources: Sequence[Sequence[int]], max_new_tokens: int
 ) -> list[list[int]]:
     """Token ids (without EOS) for each source (ids ending with EOS), one batch."""
+    _check_positions(model, sources, max_new_tokens - 1)
     src_ids, src_mask = pad_batch(sources, model.ids.pad_id)
     cross_k, cross_v = model.encode(src_ids, src_mask)
     n = len(sources)
@@ -289,6 +303,7 @@ def greedy_generate(
     model: OrtModel, prompts: Sequence[Sequence[int]], max_new_tokens: int
 ) -> list[list[int]]:
     """Continue each prompt: one right-padded prefill call (T > 1), then single steps."""
+    _check_positions(model, prompts, max(len(p) for p in prompts) + max_new_tokens - 2)
     ids, _ = pad_batch(prompts, model.ids.pad_id)
     lengths = np.array([len(p) for p in prompts], dtype=np.int64)
     past_k, past_v = model.new_cache(len(prompts), bucket(ids.shape[1] + 1))
@@ -306,6 +321,7 @@ def teacher_forced_logits(
 
     Translator: targets start with decoder_start_id. LM: targets are whole sequences.
     """
+    _check_positions(model, sources or (), max(len(t) for t in targets) - 1)
     ids, _ = pad_batch(targets, model.ids.pad_id)
     n, width = ids.shape
     cross: tuple[np.ndarray, ...] = ()

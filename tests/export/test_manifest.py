@@ -106,6 +106,9 @@ def test_unlisted_onnx_file_is_named(version_copy: Path) -> None:
         (lambda d: d["variants"]["fp32"]["files"]["decoder"].update(path="../x.onnx"), "relative"),
         (lambda d: d.update(surprise=1), "invalid manifest"),
         (lambda d: d.update(version=2), "the folder is 1"),
+        # Limits past the positional table: the engine would admit requests the graph fails.
+        (lambda d: d["limits"].update(max_positions=1024, max_new_tokens=1024), "positions"),
+        (lambda d: d["limits"].update(max_new_tokens=1024), "positions"),
         # Past the API's uint64: served, it could not be named in an answer.
         (lambda d: d.update(version=2**64), "less than or equal to 18446744073709551615"),
     ],

@@ -102,6 +102,27 @@ def test_lm_logits_and_greedy_match_pytorch(exported, kind: str) -> None:
             assert greedy_generate(ort_model, prompts, 16) == expected
 
 
+def test_decoding_to_the_last_position_and_not_past_it(exported) -> None:
+    """Up to max_positions the runtime decodes; a request that would go past it is
+    refused up front, naming the limit, not met by an out-of-bounds Gather mid-decode."""
+    lm, translator = exported("lm-pre"), exported("translator-post")
+    limit = lm.model.config.max_positions
+    prompt = [lm.model.config.bos_id, *[5] * (limit - 6)]
+    model = OrtModel(lm.version_dir, threads=1)
+    assert len(greedy_generate(model, [prompt], 6)[0]) <= 6  # last position: limit - 1
+    with pytest.raises(ValueError, match=f"max_positions {limit}"):
+        greedy_generate(model, [prompt], 7)
+    with pytest.raises(ValueError, match=f"max_positions {limit}"):
+        teacher_forced_logits(model, None, [[*prompt, *[5] * 6]])
+    model = OrtModel(translator.version_dir, threads=1)
+    limit = translator.model.config.max_positions
+    assert greedy_translate(model, [[5] * (limit - 1) + [3]], limit)
+    with pytest.raises(ValueError, match=f"max_positions {limit}"):
+        greedy_translate(model, [[5, 3]], limit + 1)
+    with pytest.raises(ValueError, match=f"max_positions {limit}"):
+        greedy_translate(model, [[5] * limit + [3]], 4)
+
+
 def test_lm_prefill_logits(exported) -> None:
     """T > 1: one call over right-padded prompts gives every prompt position's logits."""
     e = exported("lm-pre")
@@ -254,3 +275,38 @@ def test_int8_weights_are_quantized(exported) -> None:
         if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
     ]
     assert int8_weights and int8 < fp32
+
+
+def test_int8_quantizes_a_tied_output_layer(tmp_path) -> None:
+    """The dynamo exporter leaves a large tied output layer as MatMul(x, Transpose(W));
+    int8 must quantize that MatMul too, not dequantize its whole weight at every call."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.onnx_export import _quantize_int8
+
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((40, 16)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["W", "ids"], ["h"]),
+            helper.make_node("Transpose", ["W"], ["W_t"], perm=[1, 0]),
+            helper.make_node("MatMul", ["h", "W_t"], ["logits"]),
+        ],
+        "tied",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["B", "T"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", "T", 40])],
+        [numpy_helper.from_array(table, "W")],
+    )
+    src, dst = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), src)
+    _quantize_int8(src, dst)
+    model = onnx.load(str(dst))
+    assert [n.op_type for n in model.graph.node if n.op_type == "MatMul"] == []
+    assert any(n.op_type == "MatMulInteger" for n in model.graph.node)
+    ids = np.array([[1, 5, 39]])
+    got = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(
+        None, {"ids": ids}
+    )[0]
+    np.testing.assert_allclose(got, table[ids] @ table.T, atol=0.3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fp32.onnx", "int8.onnx"]
