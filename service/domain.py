@@ -176,7 +176,8 @@ class QueueFull(ServiceError):
 
 
 class TooManyCalls(ServiceError):
-    """Over the calls the server holds at once (SERVE_MAX_CALLS)."""
+    """Over the calls the server holds at once (SERVE_MAX_CALLS), or over the bytes of
+    their answers grpc has not delivered (SERVE_MAX_ANSWER_BYTES)."""
 
     reason = "too_many_calls"
 

@@ -9,8 +9,9 @@ the transport aborts with the result. Choices worth knowing:
   once; DEADLINE_EXCEEDED would claim the caller's deadline passed, which it has not.
 * DeadlineExceeded (the deadline passed, or what is left of it is shorter than one decode
   step, so not even an idle server could answer) → DEADLINE_EXCEEDED.
-* TooManyCalls (the server holds SERVE_MAX_CALLS calls) → RESOURCE_EXHAUSTED, load
-  shedding like QueueFull, answered before the request is read.
+* TooManyCalls (the server holds SERVE_MAX_CALLS calls, or SERVE_MAX_ANSWER_BYTES of their
+  answers undelivered) → RESOURCE_EXHAUSTED, load shedding like QueueFull, answered before
+  the request is read.
 * RequestTimeout (the request had not arrived SERVE_REQUEST_READ_TIMEOUT_S after the server
   began reading it) → DEADLINE_EXCEEDED: the server's deadline for the upload passed; the message
   says it is the server's, not the caller's.

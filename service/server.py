@@ -114,6 +114,18 @@ T = TypeVar("T")
 # When the handler of the call whose task this is began (time.monotonic()), before its
 # request was read: set by `Transport.began`, read by `Transport._call` (None: unset).
 _call_began: ContextVar[float | None] = ContextVar("call_began", default=None)
+# The answers of the call whose task this is, that grpc holds until it is done with the
+# call: set by `Transport.hold`, added to by `Transport.fits` (None: a call not held).
+_call_answers: ContextVar[_Answers | None] = ContextVar("call_answers", default=None)
+
+
+class _Answers:
+    """Bytes of one call's answer messages, held by grpc until it is done with the call."""
+
+    __slots__ = ("size",)
+
+    def __init__(self) -> None:
+        self.size = 0
 
 
 # --- what the transport needs from the scheduler side -----------------------------------
@@ -242,6 +254,7 @@ class Transport:
         self.draining = False
         self.in_flight = 0  # calls past their request's read (what a drain waits for)
         self.calls = 0  # every call a handler holds, reading ones included
+        self.answer_bytes = 0  # the held calls' answers, sent or not (SERVE_MAX_ANSWER_BYTES)
         self._read_turns = asyncio.Semaphore(settings.max_reading_calls)
         self._reading: set[asyncio.Task[Any]] = set()
         self._cut: set[asyncio.Task[Any]] = set()
@@ -295,8 +308,14 @@ class Transport:
     def fits(self, message: T, method: str) -> T:
         """`message`, if it is within the max message size: refused here, with the reason
         and what the caller of `method` can change, rather than by grpc after the call
-        was counted as answered."""
-        self.within(message.ByteSize(), method)  # type: ignore[attr-defined]
+        was counted as answered. Its size counts in `answer_bytes` until grpc is done with
+        the call (`hold`)."""
+        size = message.ByteSize()  # type: ignore[attr-defined]
+        self.within(size, method)
+        answers = _call_answers.get()
+        if answers is not None:
+            answers.size += size
+            self.answer_bytes += size
         return message
 
     def within(self, size: int, method: str, part: str = "") -> None:
@@ -319,15 +338,19 @@ class Transport:
     # -- reading the request ------------------------------------------------------------
 
     def hold(self, context: grpc.aio.ServicerContext) -> None:
-        """Count one call from its start until grpc is done with it (SERVE_MAX_CALLS,
-        inference_open_calls): past its handler's end too, while its answer and status wait
-        for a caller that does not read them, which grpc holds until the connection closes."""
+        """Count one call, and the bytes of its answers, from its start until grpc is done
+        with it (SERVE_MAX_CALLS, inference_open_calls; SERVE_MAX_ANSWER_BYTES): past its
+        handler's end too, while its answer and status wait for a caller that does not read
+        them, which grpc holds until the connection closes."""
         self.calls += 1
         self.metrics.open_calls.inc()
-        context.add_done_callback(self._released)
+        answers = _Answers()
+        _call_answers.set(answers)
+        context.add_done_callback(lambda _: self._released(answers))
 
-    def _released(self, _: grpc.aio.ServicerContext) -> None:
+    def _released(self, answers: _Answers) -> None:
         self.calls -= 1
+        self.answer_bytes -= answers.size
         self.metrics.open_calls.dec()
 
     @staticmethod
@@ -340,15 +363,21 @@ class Transport:
         """The call's request, or an UnreadableRequest saying which bound it broke.
 
         grpc would read a whole request (up to 2 × max message size) before any check, and
-        hold it as long as its sender takes: so credentials and the call count are checked
-        before a byte is read, at most max_reading_calls calls read at once, and a request
-        must arrive within request_read_timeout_s."""
+        hold it as long as its sender takes: so credentials, the call count and the answers
+        held are checked before a byte is read, at most max_reading_calls calls read at once,
+        and a request must arrive within request_read_timeout_s."""
         try:
             self.authenticate(self._metadata(context))
             if self.calls > self.settings.max_calls:
                 raise TooManyCalls(
                     f"the server holds {self.settings.max_calls:,} calls, its limit "
                     "(SERVE_MAX_CALLS); retry later or on another replica"
+                )
+            if self.answer_bytes > self.settings.max_answer_bytes:
+                raise TooManyCalls(
+                    f"the server holds {self.answer_bytes:,} bytes of answers not yet "
+                    f"delivered, over its limit of {self.settings.max_answer_bytes:,} "
+                    "(SERVE_MAX_ANSWER_BYTES); retry later or on another replica"
                 )
             if self._reads_cut:
                 raise _shutting_down()

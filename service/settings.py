@@ -159,6 +159,16 @@ class Settings(BaseSettings):
         "RESOURCE_EXHAUSTED unread. At least max_queue + max_batch_size; keep it above "
         "what the models' queues hold together.",
     )
+    max_answer_bytes: int = Field(
+        256 << 20,
+        ge=MIN_MESSAGE_BYTES,
+        le=1 << 40,
+        description="Bytes of answers the held calls may have that grpc has not delivered "
+        "(it holds an answer until its caller reads it or the connection closes); past it, "
+        "new calls are refused RESOURCE_EXHAUSTED unread. max_calls alone lets callers "
+        "that read nothing hold max_calls × max_message_bytes; each byte held costs about "
+        "3 of memory (the answer, its encoding and grpc's copy).",
+    )
     max_reading_calls: int = Field(
         16,
         ge=1,
