@@ -50,7 +50,7 @@ test-fast: setup
 
 lint: setup
 	$(PY) -m ruff check .
-	$(PY) -m mypy transformer export service loadtest
+	$(PY) -m mypy transformer export service loadtest tests
 
 SWORD_PACKAGES := sword-text-kjv sword-text-web sword-text-sparv
 data: setup

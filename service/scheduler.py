@@ -77,7 +77,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -1183,7 +1183,7 @@ class Scheduler:
             loop.wake.set()
             raise
 
-    async def stream(self, request: SequenceRequest) -> AsyncIterator[StreamItem]:
+    async def stream(self, request: SequenceRequest) -> AsyncGenerator[StreamItem, None]:
         """TokenEvents as text becomes final, then the SequenceResult. Refusals raise at
         the first iteration; closing the iterator early cancels the request."""
         job, loop = self._prepare(request, stream=True)

@@ -114,7 +114,7 @@ def build_tiny_checkpoints(out: Path) -> dict[str, Path]:
         n_heads=2,
         max_positions=128,
     )
-    archs = {
+    archs: dict[str, tuple[str, dict[str, Any]]] = {
         TRANSLATOR: ("encoder-decoder", {"n_encoder_layers": 1}),
         LANGUAGE_MODEL: ("decoder-only", {"positional": "learned"}),
     }

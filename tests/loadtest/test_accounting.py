@@ -305,6 +305,7 @@ def test_stop_ends_the_arrivals_and_lets_in_flight_requests_finish() -> None:
     result = stopped_run(0.5, rate=20.0, arrivals="constant", duration_s=10.0)
     assert time.perf_counter() - start < 2.0
     stopped = result.interrupted_at_s
+    assert stopped is not None
     assert stopped == pytest.approx(0.5, abs=0.1)
     records = result.records
     assert all(r.ok for r in records)
@@ -328,6 +329,7 @@ def test_stop_ends_the_closed_loop_claims_and_lets_in_flight_requests_finish() -
     result = stopped_run(0.3, rate=None, concurrency=3, duration_s=10.0)
     assert time.perf_counter() - start < 2.0
     stopped = result.interrupted_at_s
+    assert stopped is not None
     assert stopped == pytest.approx(0.3, abs=0.1)
     records = result.records
     assert 3 <= len(records) <= 6 and all(r.ok for r in records)

@@ -157,9 +157,9 @@ LONG_PROMPT = "The"
 
 
 def hooked_engine_factory(
-    before_step: Callable[[Batch], None] | None = None,
+    before_step: Callable[[Batch], object] | None = None,
     timed: bool = False,
-    after_step: Callable[[StepOutput], None] | None = None,
+    after_step: Callable[[StepOutput], object] | None = None,
 ) -> Callable[[ModelVersion, EngineOptions], Engine]:
     """An engine factory whose batches call `before_step(batch)` before every step (to
     slow the engine down, or to make a step fail) and `after_step(output)` after it,

@@ -45,8 +45,9 @@ def test_decoding_options_leave_optionals_unset() -> None:
     assert options.HasField("top_p") and options.HasField("seed")
     assert options.HasField("length_penalty") and options.length_penalty == 0.0
     for name, value in (("max_new_tokens", -1), ("top_k", -3), ("seed", 2**64)):
+        out_of_range: dict[str, typing.Any] = {name: value}
         with pytest.raises(ValueError, match=rf"{name}: must be in \[0, \d+\], got {value}"):
-            decoding_options(**{name: value})
+            decoding_options(**out_of_range)
 
 
 def test_decoding_options_take_one_stop_string_and_refuse_what_float32_loses() -> None:
@@ -54,8 +55,9 @@ def test_decoding_options_take_one_stop_string_and_refuse_what_float32_loses() -
     assert list(decoding_options(stop=["a", "bc"]).stop) == ["a", "bc"]
     assert list(decoding_options(stop=None).stop) == []  # unset, as every other option
     for name, value in (("temperature", 1e39), ("top_p", 1e-50), ("length_penalty", -1e40)):
+        too_wide: dict[str, typing.Any] = {name: value}
         with pytest.raises(ValueError, match=rf"{name}: .* 32-bit float"):
-            decoding_options(**{name: value})
+            decoding_options(**too_wide)
     # what the server itself refuses, with its limit, still goes out as given
     assert decoding_options(temperature=float("nan")).temperature != 0.0
     assert decoding_options(top_p=1e-30).top_p > 0.0 and decoding_options(top_p=0.0).top_p == 0

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from export.manifest import Manifest
 from service.domain import ModelNotFound, Task, Unavailable, UnavailableReason
 from service.repository import ModelRepository, ModelVersion
 from tests.service._engine_models import LM, TRANSLATOR, copy_version, model_repository
@@ -157,11 +158,12 @@ def test_broken_versions_are_reported_until_fixed_and_retried_when_changed(
 
     checked: list[Path] = []
     real = repository_module.load_manifest
-    monkeypatch.setattr(
-        repository_module,
-        "load_manifest",
-        lambda path, **kw: checked.append(path) or real(path, **kw),
-    )
+
+    def load_manifest(path: Path, **kw: Any) -> Manifest:
+        checked.append(path)
+        return real(path, **kw)
+
+    monkeypatch.setattr(repository_module, "load_manifest", load_manifest)
     again = repo.reload().failed[str(bad)]
     assert "sha256" in again and again.endswith("(no file in it changed since it failed)")
     assert bad not in checked

@@ -243,7 +243,7 @@ def test_cancelled_request_frees_its_rows_at_the_next_step() -> None:
         stream = s.stream(long_request())
         first = await anext(stream)
         assert isinstance(first, TokenEvent)
-        await stream.aclose()  # type: ignore[attr-defined]
+        await stream.aclose()
         await wait_until(lambda: loop_stats(s, key)["running"] == 0)
 
     run(main, make_scheduler(factory=slow_engine_factory(STEP_DELAY)))
@@ -1013,7 +1013,7 @@ def test_a_stream_closed_early_leaves_within_a_step_or_two() -> None:
         first = await anext(stream)
         assert isinstance(first, TokenEvent)
         closed_at = loop_stats(s, key)["steps"]
-        await stream.aclose()  # type: ignore[attr-defined]
+        await stream.aclose()
         await wait_until(lambda: loop_stats(s, key)["running"] == 0)
         assert loop_stats(s, key)["rows"] == 0
         extra = int(loop_stats(s, key)["steps"] - closed_at)

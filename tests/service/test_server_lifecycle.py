@@ -536,7 +536,9 @@ def test_sigterm_during_a_reload_call_ends_its_warm_up_not_the_grace(
             await asyncio.sleep(0.01)
         copy_version(root, "en-es", 1, 2)
         runs = slow_decoder(monkeypatch, shape_s)  # the new version's warm-up: ~20 s
-        address = next(r.address for r in caplog.records if r.getMessage() == "listening")
+        address: str = next(
+            r.__dict__["address"] for r in caplog.records if r.getMessage() == "listening"
+        )
         async with grpc.aio.insecure_channel(address) as channel:
             reload = asyncio.ensure_future(pb_grpc.ModelsStub(channel).Reload(pb.ReloadRequest()))
             while len(runs) < 2:
