@@ -143,7 +143,8 @@ def _meta(
 # (a full queue, a deadline it could not meet) or the client could not send on schedule.
 # Any other one fails the run (exit 1): the server failed, went away or refused the
 # requests themselves (UNAVAILABLE, INTERNAL, UNAUTHENTICATED, INVALID_ARGUMENT, ...),
-# did not answer before the run's drain ended (CLIENT_CANCELLED), or the client broke.
+# ended a stream OK before its answer (STREAM_CANCELLED, STREAM_UNFINISHED), did not
+# answer before the run's drain ended (CLIENT_CANCELLED), or the client broke.
 SHEDDING_CODES = frozenset({"RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "CLIENT_BACKLOG"})
 # RESOURCE_EXHAUSTED also refuses a request or answer over the max message size (the
 # server's wording, then grpc's own): not shedding, the run's requests are at fault.

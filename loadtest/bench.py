@@ -282,9 +282,10 @@ def stop_server(process: subprocess.Popen[bytes]) -> None:
 
 
 async def _check_outputs(
-    address: str, texts: list[str], reference: dict[str, str], max_new_tokens: int
+    address: str, texts: list[str], reference: dict[str, str], max_new_tokens: int, model: str
 ) -> dict[str, int]:
-    """Translate the first inputs once and compare the text with the reference decoder's."""
+    """Translate the first inputs once with `model` and compare the text with the reference
+    decoder's."""
     import grpc
 
     from service.gen.inference.v1 import inference_pb2 as pb
@@ -296,7 +297,8 @@ async def _check_outputs(
         options = pb.DecodingOptions(max_new_tokens=max_new_tokens or None)
         for key, expected in list(reference.items())[:16]:
             reply = await stub.Translate(
-                pb.TranslateRequest(texts=[texts[int(key)]], options=options), timeout=120
+                pb.TranslateRequest(model=model, texts=[texts[int(key)]], options=options),
+                timeout=120,
             )
             compared += 1
             same += reply.translations[0].hypotheses[0].text == expected
@@ -320,8 +322,15 @@ async def measure_served(
     run on every server in turn, then the streamed generations likewise: a change in the
     machine's load between steps (a shared machine) hits the modes alike. After each
     workload, continuous batching alone past its capacity where needed (BRACKET)."""
+    # The servers load the whole repository; a request naming no model gets the default
+    # translator (en-es when present), not necessarily the --model the offline rows ran.
     callers = {
-        m: GrpcCaller(address, timeout_s=120.0, max_new_tokens=args.max_new_tokens)
+        m: GrpcCaller(
+            address,
+            timeout_s=120.0,
+            max_new_tokens=args.max_new_tokens,
+            translate_model=args.model,
+        )
         for m, address in addresses.items()
     }
     workload = Workload(texts, {"translate": 1.0}, seed=args.seed)
@@ -499,7 +508,7 @@ def run_served(
             modes[name].startup_s = time.perf_counter() - start
             if reference_text:
                 modes[name].agreement = asyncio.run(
-                    _check_outputs(address, texts, reference_text, args.max_new_tokens)
+                    _check_outputs(address, texts, reference_text, args.max_new_tokens, args.model)
                 )
         addresses = {name: address for name, (_, address, _) in servers.items()}
         asyncio.run(measure_served(addresses, texts, args, modes))
@@ -582,7 +591,9 @@ def equal_p50(
     """At each of a baseline mode's Poisson steps' p50 (in order of offered load), the req/s
     continuous batching serves with that same p50 (interpolated along its own steps), and
     the ratio of the two. Each entry names the failed requests of the steps it comes from:
-    a p50 is over the requests that succeeded, so a step with failures is flagged."""
+    a p50 is over the requests that succeeded, so a step with failures is flagged; and the
+    sides whose steps were client-limited (report.summarize): there the load generator fell
+    behind its schedule, so their p50 holds its lag too, not the server's latency alone."""
     out = []
     for point in sorted(baseline, key=_offered):
         p50 = point["latency_s"]["p50"]
@@ -601,6 +612,11 @@ def equal_p50(
                 "ratio": rate / point["throughput_rps"],
                 "baseline_errors": _errors([point]),
                 "continuous_errors": _errors(used),
+                "client_limited": [
+                    who
+                    for who, steps in (("baseline", [point]), ("continuous", used))
+                    if any(step.get("client_limited") for step in steps)
+                ],
             }
         )
     return out
@@ -614,6 +630,19 @@ def _failed(entry: dict[str, Any]) -> str:
         if entry.get(key)
     ]
     return "; ".join(parts) or "none"
+
+
+def _client_limited(entry: dict[str, Any]) -> str:
+    """The mark of an equal-p50 entry whose steps were client-limited ("" if none were)."""
+    sides = entry.get("client_limited") or []
+    return f" (client-limited: {', '.join(sides)})" if sides else ""
+
+
+def _offered_cell(step: dict[str, Any]) -> str:
+    """A Poisson step's offered rate, marked when this client fell behind its schedule."""
+    return f"{step['offered_rate']:.2f}" + (
+        " (client-limited)" if step.get("client_limited") else ""
+    )
 
 
 def bound(value: float, qualifier: str = "") -> str:
@@ -734,7 +763,14 @@ def ratios(
             )
             if _failed(top) != "none":
                 note += f"; failed requests at these steps (p50 over the rest): {_failed(top)}"
+            if top.get("client_limited"):
+                note += (
+                    f"; client-limited at these steps ({', '.join(top['client_limited'])}): "
+                    "the load generator fell behind its schedule, and their p50 counts its lag"
+                )
             add(name, top["continuous_rps"], top["baseline_rps"], 1.5, note, top["qualifier"])
+            if top.get("client_limited"):
+                rows[-1]["met"] = None  # not the servers' figures: the target is not judged
     return rows
 
 
@@ -833,7 +869,8 @@ def markdown(data: dict[str, Any]) -> str:
         "",
         "Served runs under Poisson arrivals (latency from the intended send time; "
         "continuous batching also past its capacity where a baseline step's p50 was "
-        "above all of its own):",
+        "above all of its own; a step marked client-limited is one where this load "
+        "generator fell behind its schedule, so its latency counts the client's lag too):",
         "",
         "| batching | offered req/s | served req/s | tokens/s | p50 ms | p99 ms | errors |",
         "|---|---:|---:|---:|---:|---:|---|",
@@ -842,7 +879,7 @@ def markdown(data: dict[str, Any]) -> str:
         for p in sm.get("poisson", []):
             lat = p["latency_s"]
             lines.append(
-                f"| {name} | {p['offered_rate']:.2f} | {p['throughput_rps']:.2f} "
+                f"| {name} | {_offered_cell(p)} | {p['throughput_rps']:.2f} "
                 f"| {p['tokens_per_s']:.1f} | {_f(lat['p50'], '.0f', 1000)} "
                 f"| {_f(lat['p99'], '.0f', 1000)} | {p['errors'] or 'none'} |"
             )
@@ -865,7 +902,7 @@ def markdown(data: dict[str, Any]) -> str:
             for g in sm.get("generate") or []:
                 lat, ttft = g["latency_s"], g.get("ttft_s") or {}
                 lines.append(
-                    f"| {name} | {g['offered_rate']:.2f} | {g['throughput_rps']:.2f} "
+                    f"| {name} | {_offered_cell(g)} | {g['throughput_rps']:.2f} "
                     f"| {g['tokens_per_s']:.1f} | {_f(ttft.get('p50'), '.0f', 1000)} "
                     f"| {_f(ttft.get('p99'), '.0f', 1000)} | {_f(lat['p50'], '.0f', 1000)} "
                     f"| {_f(lat['p99'], '.0f', 1000)} | {_f(g.get('tokens_per_message'), '.2f')} "
@@ -895,8 +932,8 @@ def markdown(data: dict[str, Any]) -> str:
                 q = p["qualifier"]
                 lines.append(
                     f"| {p['p50_s'] * 1000:.0f} | {p['baseline_rps']:.2f} "
-                    f"| {bound(p['continuous_rps'], q)} | {bound(p['ratio'], q)}× "
-                    f"| {_failed(p)} |"
+                    f"| {bound(p['continuous_rps'], q)} | {bound(p['ratio'], q)}×"
+                    f"{_client_limited(p)} | {_failed(p)} |"
                 )
     vers = ", ".join(f"{k} {v}" for k, v in data["versions"].items())
     lines += [

@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 KINDS: tuple[str, ...] = ("translate", "stream", "generate")
 Kind = Literal["translate", "stream", "generate"]
@@ -58,6 +58,11 @@ class CallOutcome:
     chunk_tokens: list[int] = field(default_factory=list)
     detail: str = ""
 
+
+# Outcomes of a stream that ended with status OK but not with its whole answer: the server
+# cut it (finish reason CANCELLED, as at the end of a drain) or it had no finished message.
+STREAM_CANCELLED = "STREAM_CANCELLED"
+STREAM_UNFINISHED = "STREAM_UNFINISHED"
 
 # The generator calls this for each item; tests pass a fake slow "server" of this shape.
 Caller = Callable[[WorkItem], Awaitable[CallOutcome]]
@@ -255,6 +260,22 @@ class GrpcCaller:
     async def close(self) -> None:
         await self.channel.close()
 
+    def _cut_short(self, last: Any, tokens: int) -> tuple[str, str] | None:
+        """The error of a stream that ended OK without its whole answer, None if whole.
+
+        A server that stops (its drain grace spent) ends the streams in flight with what
+        they have, status OK and finish reason CANCELLED: counted OK, each would add a
+        short latency and a partial answer to a run that lost it.
+        """
+        if last is None:
+            return STREAM_UNFINISHED, f"the stream ended after {tokens} tokens with no last message"
+        if last.finish_reason == self.pb.FINISH_REASON_CANCELLED:
+            return STREAM_CANCELLED, (
+                f"the server ended the stream after {tokens} tokens, before its answer did "
+                "(finish reason CANCELLED)"
+            )
+        return None
+
     async def __call__(self, item: WorkItem) -> CallOutcome:
         grpc = self._grpc
         out = CallOutcome()
@@ -287,6 +308,7 @@ class GrpcCaller:
                         metadata=self.metadata,
                     )
                 counted = 0
+                last = None
                 async for chunk in call:
                     now = time.perf_counter()
                     n = len(chunk.token_ids)
@@ -295,10 +317,14 @@ class GrpcCaller:
                         out.chunk_tokens.append(n)
                         counted += n
                     if chunk.finished:
+                        last = chunk
                         out.input_tokens = chunk.usage.input_tokens
                         out.output_tokens = chunk.usage.output_tokens or counted
                 if not out.output_tokens:
                     out.output_tokens = counted
+                cut = self._cut_short(last, counted)
+                if cut is not None:
+                    out.code, out.detail = cut
         except grpc.aio.AioRpcError as error:
             out.code = error.code().name
             out.detail = (error.details() or "")[:200]

@@ -838,3 +838,83 @@ def test_equal_p50_flags_failed_requests() -> None:
     )
     clean = markdown(bench_data_for({k: served(k, 500.0, [point(10, 0.2)]) for k in modes}))
     assert "failed requests at these steps" not in clean
+
+
+def test_client_limited_steps_are_marked_and_decide_no_target() -> None:
+    """A step where the load generator fell behind its schedule (report.summarize's
+    client_limited) has a p50 that counts the client's lag: the sweep refuses to judge such
+    a step, and the benchmark must not publish it, or a target met on it, as the servers'."""
+    limited = {**point(20, 1.0), "client_limited": True}
+    modes = {
+        "static": served("static", 500.0, [point(10, 0.2), limited]),
+        "continuous": served("continuous", 500.0, [point(10, 0.1), point(40, 0.5)]),
+    }
+    curve = equal_p50(modes["static"].poisson, modes["continuous"].poisson)
+    assert [p["client_limited"] for p in curve] == [[], ["baseline"]]
+    data = bench_data_for(modes)
+    text = markdown(data)
+    assert "| static | 20.00 (client-limited) |" in text
+    assert "| static | 10.00 |" in text
+    assert "| 1000 | 20.00 | >=40.00 | >=2.00× (client-limited: baseline) | none |" in text
+    row = next(r for r in data["ratios"] if r["ratio"].startswith("continuous / static at equal"))
+    assert row["met"] is None and "client-limited at these steps (baseline)" in row["note"]
+    unmarked = {k: served(k, 500.0, [point(10, 0.2), point(20, 1.0)]) for k in modes}
+    assert "(client-limited" not in markdown(bench_data_for(unmarked))
+
+
+def test_the_served_rows_run_the_benchmarked_model_not_the_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The servers load the whole repository, and a request naming no model gets its default
+    translator (en-es when present): `--model` other than that ran the offline rows on one
+    model and the served rows and their output check on another."""
+    import asyncio
+
+    import grpc
+
+    from loadtest import bench
+    from service.gen.inference.v1 import inference_pb2 as pb
+    from service.gen.inference.v1 import inference_pb2_grpc as pb_grpc
+
+    models: list[str] = []
+
+    class Fake:
+        def __init__(self, address: str, translate_model: str = "", **_: Any) -> None:
+            models.append(translate_model)
+
+        async def wait_ready(self, timeout_s: float = 10.0) -> None:
+            return None
+
+        async def close(self) -> None:
+            return None
+
+        async def __call__(self, item: WorkItem) -> CallOutcome:
+            await asyncio.sleep(0.01)
+            return CallOutcome(output_tokens=2)
+
+    monkeypatch.setattr(bench, "GrpcCaller", Fake)
+    monkeypatch.setattr(bench, "BRACKET", ())
+    args = _bench_args(tmp_path, model="de-en", generate_fractions=[])
+    modes = {name: ServedMode(name) for name in ("static", "continuous")}
+    asyncio.run(bench.measure_served({m: m for m in modes}, ["a verse"] * 4, args, modes))
+    assert models == ["de-en", "de-en"]
+
+    class Translator(pb_grpc.TranslatorServicer):  # type: ignore[misc]
+        async def Translate(self, request: Any, context: Any) -> Any:
+            text = "hola" if request.model == "de-en" else "wrong model"
+            return pb.TranslateResponse(
+                translations=[pb.Translation(hypotheses=[pb.Hypothesis(text=text)])]
+            )
+
+    async def check() -> dict[str, int]:
+        server = grpc.aio.server()
+        pb_grpc.add_TranslatorServicer_to_server(Translator(), server)
+        address = f"unix:{tmp_path / 'translator.sock'}"
+        server.add_insecure_port(address)
+        await server.start()
+        try:
+            return await bench._check_outputs(address, ["hello"], {"0": "hola"}, 4, "de-en")
+        finally:
+            await server.stop(None)
+
+    assert asyncio.run(check()) == {"same": 1, "compared": 1}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import csv
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -165,3 +166,54 @@ def test_wait_ready_waits_for_serving_health_not_just_a_listener() -> None:
             await server.stop(None)
 
     assert asyncio.run(main()) >= 0.4
+
+
+@pytest.mark.parametrize(
+    ("last", "code"),
+    [("eos", "OK"), ("cancelled", "STREAM_CANCELLED"), (None, "STREAM_UNFINISHED")],
+)
+def test_a_stream_the_server_cut_short_is_not_a_success(
+    tmp_path: Path, last: str | None, code: str
+) -> None:
+    """A draining server past its grace ends the streams in flight with status OK, their
+    tokens so far and finish reason CANCELLED: counted OK, each put a short latency and a
+    partial answer into the run's figures and exit code."""
+    import asyncio
+
+    import grpc
+
+    from loadtest.workload import GrpcCaller, WorkItem
+    from service.gen.inference.v1 import inference_pb2 as pb
+    from service.gen.inference.v1 import inference_pb2_grpc as pb_grpc
+
+    reasons = {"eos": pb.FINISH_REASON_EOS, "cancelled": pb.FINISH_REASON_CANCELLED}
+
+    class Generator(pb_grpc.GeneratorServicer):  # type: ignore[misc]
+        async def Generate(self, request: Any, context: Any) -> Any:
+            yield pb.TokenChunk(text=" And", token_ids=[7])
+            yield pb.TokenChunk(text=" the", token_ids=[8])
+            if last is not None:
+                yield pb.TokenChunk(
+                    finished=True,
+                    finish_reason=reasons[last],
+                    usage=pb.Usage(input_tokens=3, output_tokens=2),
+                )
+
+    async def main() -> Any:
+        server = grpc.aio.server()
+        pb_grpc.add_GeneratorServicer_to_server(Generator(), server)
+        target = f"unix:{tmp_path / 'generator.sock'}"
+        server.add_insecure_port(target)
+        await server.start()
+        caller = GrpcCaller(target)
+        try:
+            return await caller(WorkItem("generate", "The Lord said"))
+        finally:
+            await caller.close()
+            await server.stop(None)
+
+    outcome = asyncio.run(main())
+    assert (outcome.code, outcome.output_tokens, len(outcome.chunk_times)) == (code, 2, 2)
+    assert (outcome.detail == "") == (code == "OK")
+    if code == "STREAM_CANCELLED":
+        assert "CANCELLED" in outcome.detail and "2 tokens" in outcome.detail
