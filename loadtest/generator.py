@@ -142,9 +142,12 @@ def make_record(
     itl: list[float] = []
     if outcome.chunk_times:
         ttft = outcome.chunk_times[0] - intended
-        # As the server's inference_inter_token_latency_seconds counts them: a message's
-        # first token waited the whole gap since the message before, its others none (they
-        # came with it). Split evenly, a stall of the stream would hide in small gaps.
+        # As the client saw them: a message's first token waited the whole gap since the
+        # message before, its others none (they came with it). Split evenly, a stall of the
+        # stream would hide in small gaps. (The server's inference_inter_token_latency_seconds
+        # times each token at the end of its own step, so the two differ where a stream fell
+        # behind and the server joined tokens into one message; for a streamed beam search,
+        # whose tokens settle together, they agree.)
         for i, at in enumerate(outcome.chunk_times):
             n = max(1, outcome.chunk_tokens[i] if i < len(outcome.chunk_tokens) else 1)
             if i:

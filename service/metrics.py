@@ -63,7 +63,7 @@ class Metrics:
             "inference_queue_duration_seconds",
             "From a sequence's arrival in the queue to the engine taking it in (its encoding "
             "or prefill starts), or to its leaving the queue unserved (cancelled, deadline, "
-            "shutdown).",
+            "shutdown, a failed engine).",
             ["model"],
             buckets=DURATION_BUCKETS,
             registry=r,

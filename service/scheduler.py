@@ -243,6 +243,7 @@ class _Job:
             asyncio.Queue() if stream else None
         )
         self.enqueued = time.monotonic()
+        self.waited = False  # its queue time is observed (once: `_ModelLoop._left_queue`)
         self.first_token: float | None = None
         self.last_token: float | None = None
         self.generated = 0
@@ -455,7 +456,7 @@ class _ModelLoop:
                     if job.abort is None and job.expired(now):
                         job.abort = "deadline"
                     if job.abort is not None:  # it waited, unserved: that wait counts too
-                        self.metrics.queue_duration.labels(self.label).observe(now - job.enqueued)
+                        self._left_queue(job, now)
                         self.waiting.remove(job)
                         self._finish(job, None)
                 removals: list[Hashable] = []
@@ -512,6 +513,9 @@ class _ModelLoop:
             f"model {self.entry.key} stopped: its engine failed ({error})", reason="engine_failed"
         )
         jobs = [*self.waiting, *self.running.values()]
+        now = time.monotonic()
+        for job in jobs:  # those the engine never took leave the queue unserved
+            self._left_queue(job, now)
         self.waiting.clear()
         self._held.clear()
         for job in jobs:
@@ -537,8 +541,9 @@ class _ModelLoop:
             removals = [key for keys, _ in posted for key in keys]
             items = [item for _, batch_items in posted for item in batch_items]
             in_batch = batch.keys()  # as the round began: a failed step may have freed some
+            taken = time.monotonic()  # the newcomers' encode (or prefill) starts now
+            joined = [item.key for item in items]
             try:
-                taken = time.monotonic()  # the newcomers' encode (or prefill) starts now
                 removed = batch.remove(removals)
                 added = batch.add(items)
                 # A request cancelled after its admission was posted may reach this thread
@@ -564,11 +569,10 @@ class _ModelLoop:
                 batch = self.engine.new_batch(compact=self.config.compact)
                 reply: tuple[Callable[..., None], tuple[object, ...]] = (
                     self._failed,
-                    (lost, error),
+                    (lost, error, joined, taken),
                 )
             else:
                 failed_rounds = 0
-                joined = [item.key for item in items]
                 reply = (self._dispatch, (_Round(removed, added, out, joined, taken, ended),))
             try:
                 event_loop.call_soon_threadsafe(reply[0], *reply[1])
@@ -581,7 +585,13 @@ class _ModelLoop:
                     f"with: {last_error}"
                 ) from last_error
 
-    def _failed(self, keys: list[Hashable], error: BaseException) -> None:
+    def _failed(
+        self, keys: list[Hashable], error: BaseException, joined: list[Hashable], taken: float
+    ) -> None:
+        """A failed round: its requests end with the error. Those it took in waited until
+        it began, as those of a round that works do (`_dispatch`)."""
+        for key in joined:
+            self._left_queue(key, taken)  # type: ignore[arg-type]
         for key in keys:
             self._finish(key, None, error)  # type: ignore[arg-type]
         self._release_held()
@@ -595,7 +605,7 @@ class _ModelLoop:
         removed, added, out = done.removed, done.added, done.out
         for key in done.joined:
             job: _Job = key  # type: ignore[assignment]
-            m.queue_duration.labels(label).observe(done.taken - job.enqueued)
+            self._left_queue(job, done.taken)
         for key, partial in removed:
             self._finish(key, partial)  # type: ignore[arg-type]
         if out.rows:
@@ -631,6 +641,15 @@ class _ModelLoop:
         self._release_held()
         self._gauges()
         self.wake.set()
+
+    def _left_queue(self, job: _Job, at: float) -> None:
+        """Observe a job's queue time once, ended `at`: when the engine took it in, or when
+        it left the queue unserved (cancelled, deadline, shutdown, a failed engine). Every
+        sequence queued has one, however it ends (a refused call's, withdrawn before it
+        waited, has none)."""
+        if not job.waited:
+            job.waited = True
+            self.metrics.queue_duration.labels(self.label).observe(at - job.enqueued)
 
     def _token_times(self, job: _Job, now: float, tokens: int) -> None:
         """Time to first token and inter-token latency of `tokens` final at `now`."""

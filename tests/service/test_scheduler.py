@@ -894,6 +894,62 @@ def test_a_step_that_fails_after_freeing_a_finished_request_still_answers_it() -
     assert [str(o) for o in outcomes] == ["piece id is out of range"] * 2
 
 
+def test_every_request_a_failing_engine_ends_has_one_queue_time() -> None:
+    """A failed round took its newcomers in (their wait ends there, as in a round that
+    works), and a worker that dies leaves the requests it never took unserved: each
+    request queued has its one queue-time observation (none had one)."""
+    failures = [RuntimeError("device lost")]
+
+    def fail_the_first_step(batch: Batch) -> None:
+        if failures:
+            raise failures.pop()
+
+    class DyingEngine(Engine):
+        """Its first batch fails at its third step; no batch can be made after that."""
+
+        batches = 0
+
+        def new_batch(self, compact: bool = True) -> Batch:
+            DyingEngine.batches += 1
+            if DyingEngine.batches > 1:
+                raise MemoryError("no memory for a batch")
+            engine = self
+
+            class FailingBatch(Batch):
+                def step(self) -> Any:
+                    time.sleep(STEP_DELAY)
+                    if self.generated(next(iter(self.seqs))) == 2:
+                        raise RuntimeError("device lost")
+                    return super().step()
+
+            return FailingBatch(engine, compact)
+
+    def dying(entry: ModelVersion, options: EngineOptions) -> Engine:
+        cls = DyingEngine if entry.name == LM else Engine
+        return cls(entry.path, entry.manifest, options)
+
+    def queue_times(s: Scheduler) -> float:
+        return sample_value(s.metrics, "inference_queue_duration_seconds_count", {"model": LM})
+
+    async def failed_round(s: Scheduler) -> None:
+        both = [s.submit(generate(p, max_new_tokens=5)) for p in PROMPTS[:2]]
+        outcomes = await asyncio.gather(*both, return_exceptions=True)
+        assert [str(o) for o in outcomes] == ["device lost"] * 2
+        assert queue_times(s) == 2
+
+    async def died(s: Scheduler) -> None:
+        running = asyncio.create_task(s.submit(generate(PROMPTS[0], max_new_tokens=50)))
+        await wait_until(lambda: loop_stats(s, f"{LM}:1")["running"] == 1)
+        waiting = asyncio.create_task(s.submit(generate(PROMPTS[1], max_new_tokens=50)))
+        for task in (running, waiting):
+            with pytest.raises(Unavailable, match="stopped: its engine failed"):
+                await asyncio.wait_for(task, 5.0)
+        assert queue_times(s) == 2
+
+    run(failed_round, make_scheduler(factory=hooked_engine_factory(fail_the_first_step)))
+    run(died, make_scheduler(factory=dying, max_batch_size=1))
+
+
 def test_a_request_that_overflows_the_token_budget_waits_for_the_running_one() -> None:
     """Rows are free (1 of 8 used) but two requests of ~100 tokens each do not fit
     max_batch_tokens 150 together: the second waits until the first leaves."""
