@@ -30,6 +30,10 @@ from prometheus_client.registry import Collector
 log = logging.getLogger(__name__)
 disable_created_metrics()
 
+# The `model` label of a call naming a model not served, or refused before its request was
+# read: what callers send never becomes a label value.
+UNKNOWN_MODEL_LABEL = "unknown"
+
 _R10 = (1.0, 1.25, 1.6, 2.0, 2.5, 3.15, 4.0, 5.0, 6.3, 8.0)
 # 0.5 ms to 125 s, ten a decade: a quantile read from them is within about 13 % of the truth.
 DURATION_BUCKETS: tuple[float, ...] = tuple(

@@ -108,7 +108,7 @@ from service.engine import (
     variant_preference,
 )
 from service.gpu import CUDA_PROVIDER, GpuMemoryUnavailable, memory_reader
-from service.metrics import Metrics
+from service.metrics import UNKNOWN_MODEL_LABEL, Metrics
 from service.repository import ModelRepository, ModelVersion
 
 if TYPE_CHECKING:
@@ -140,7 +140,6 @@ HOLDING: frozenset[Mode] = frozenset({"static-hold", "static-padded"})
 StreamItem = TokenEvent | SequenceResult
 # The model served when a request names none (the API's defaults).
 DEFAULT_MODELS: dict[Task, str] = {Task.TRANSLATION: "en-es", Task.GENERATION: "en-lm"}
-UNKNOWN_MODEL_LABEL = "unknown"
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,7 @@ from service.gen.inference.v1 import inference_pb2 as pb
 from service.gen.inference.v1 import inference_pb2_grpc as pb_grpc
 from service.health import Health
 from service.logging import request_id_var
-from service.metrics import Metrics
+from service.metrics import UNKNOWN_MODEL_LABEL, Metrics
 from service.settings import ENV_PREFIX, Settings
 from service.tls import check_key_permissions, check_served_certificate
 
@@ -98,7 +98,6 @@ FINISH_REASON_PB = {
     FinishReason.STOP: pb.FINISH_REASON_STOP,
     FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
 }
-UNKNOWN_MODEL_LABEL = "unknown"
 # After the last in-flight call of a drain, how long new calls still get UNAVAILABLE.
 DRAIN_LINGER_S = 1.0
 # Seconds the metrics endpoint waits on a connection's next bytes: its server holds a
