@@ -9,9 +9,10 @@ Policy (read this before tuning the budgets):
     admitted request can never run out of cache. It bounds the requests, not memory: the
     engine's cache holds every row at the longest row's length, its row count rounded up
     to a power of two (memory is bounded by max_batch_size, so rounded up, × max_positions).
-  - `max_queue`: sequences waiting for admission; one more is refused with QueueFull at
-    once (the queue is never unbounded). A multi-text call's sequences are queued
-    together or not at all (`submit_all`).
+  - `max_queue`: sequences waiting for room (not those the free rows and tokens take at
+    the loop's next pass); one more is refused with QueueFull at once (the queue is never
+    unbounded). A multi-text call's sequences are queued together or not at all
+    (`submit_all`).
 * Admission happens at step boundaries, first come first served: before every step the
   loop admits waiting requests from the head of the queue while they fit both budgets
   (no overtaking, so a large request is never starved by small ones). Newcomers are
@@ -36,7 +37,7 @@ Policy (read this before tuning the budgets):
   share of max_new_tokens for a generation, which a reload's new version takes over from
   the one it replaces; a request running past that length counts to its max_new_tokens)
   and refuses with DeadlineUnmeetable when it exceeds the time left (DeadlineExceeded
-  when the time left is under one step: the last step time, or a fresh batch's when
+  when the time left is under one step: the step time's EWMA, or a fresh batch's when
   nothing runs). A request whose deadline passes, or whose caller goes away
   (CancelledError in the awaiting task, or a stream closed early), is removed at the next
   step boundary and its rows freed; the caller sees DeadlineExceeded (or its own
@@ -322,9 +323,10 @@ class _ModelLoop:
         """Queue a job or refuse it now (QueueFull, DeadlineExceeded, DeadlineUnmeetable)."""
         if not self.accepting:
             raise Unavailable(f"model {self.entry.key} is stopping; retry", reason="draining")
-        if len(self.waiting) >= self.config.max_queue:
+        queued = self.queued()
+        if queued >= self.config.max_queue:
             raise QueueFull(
-                f"model {self.entry.key}: {len(self.waiting)} sequences already waiting "
+                f"model {self.entry.key}: {queued} sequences already waiting "
                 f"(max_queue {self.config.max_queue}); retry later or on another replica"
             )
         deadline = job.request.deadline
@@ -351,6 +353,20 @@ class _ModelLoop:
         self.row_cost = per_row if not self.row_cost else 0.9 * self.row_cost + 0.1 * per_row
         self._queue_gauge()
         self.wake.set()
+
+    def queued(self) -> int:
+        """Sequences waiting for room, which max_queue bounds: not those at the head of the
+        queue that the free rows and tokens take at the loop's next pass. A burst reaching
+        a batch with room waits in `waiting` only until the loop runs, and counting it
+        refused calls as QueueFull with every row free."""
+        if self.config.mode != "continuous" and self.running:
+            return len(self.waiting)
+        rows, tokens = self.rows_used, self.tokens_used
+        for fitting, job in enumerate(self.waiting):  # at most max_batch_size turns
+            rows, tokens = rows + job.rows, tokens + job.cost
+            if rows > self.config.max_batch_size or tokens > self.config.max_batch_tokens:
+                return len(self.waiting) - fitting
+        return 0
 
     def typical_wait(self) -> float:
         """The queue wait of a typical request arriving now: one row at the recent requests'
@@ -1243,7 +1259,7 @@ class Scheduler:
             return
         first = requests[0]
         entry = self.repository.get(first.model, first.version, first.task, self._unusable)
-        free = self.config.max_queue - len(self._loops[entry.key].waiting)
+        free = self.config.max_queue - self._loops[entry.key].queued()
         if len(requests) > free:
             raise QueueFull(
                 f"model {entry.key}: this call's {len(requests)} texts need as many queue "

@@ -328,6 +328,24 @@ def test_full_queue_is_refused_at_once() -> None:
     )
 
 
+def test_a_burst_the_free_rows_take_is_not_refused_as_a_full_queue() -> None:
+    """max_queue bounds the sequences waiting for room: a burst reaching a batch with free
+    rows sits in the queue only until the loop's next pass. It counted there: of four
+    calls at once, the third was refused ("2 sequences already waiting (max_queue 2)")
+    with all 8 rows free, and so were two-text calls racing one another."""
+
+    async def main(s: Scheduler) -> None:
+        singles = await asyncio.gather(
+            *(s.submit(generate(p, max_new_tokens=3)) for p in PROMPTS[:4])
+        )
+        assert all(result.hypotheses for result in singles)
+        calls = [s.submit_all([generate(p, max_new_tokens=3)] * 2) for p in PROMPTS[:4]]
+        for answers in await asyncio.gather(*calls):
+            assert len(answers) == 2
+
+    run(main, make_scheduler(max_batch_size=8, max_queue=2))
+
+
 def test_a_multi_text_call_is_queued_whole_or_refused_and_only_admitted_input_counts() -> None:
     """submit_all: a call's texts all go in the queue at once, or none does (the message
     names the call's need), even when two calls race for the last places; a refused text
