@@ -918,3 +918,30 @@ def test_the_served_rows_run_the_benchmarked_model_not_the_default(
             await server.stop(None)
 
     assert asyncio.run(check()) == {"same": 1, "compared": 1}
+
+
+def test_bench_servers_never_cut_calls_at_a_connection_age(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection at its max age gives its calls the drain grace (5 s in the bench), then
+    cuts them UNAVAILABLE: a baseline whose queued calls waited longer lost 184 at one
+    step. The bench's servers run with connections that never age."""
+    import subprocess
+
+    from loadtest.bench import start_server
+    from service.server import connection_options
+    from service.settings import load_settings
+
+    started: list[list[str]] = []
+
+    def popen(argv: list[str], **_: Any) -> None:
+        started.append(argv)
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    start_server("static", tmp_path, _bench_args(tmp_path), tmp_path / "server.log")
+    flags = started[0][3:]  # after python -m service
+    pairs = zip(flags[::2], flags[1::2], strict=True)  # every flag takes a value
+    given: dict[str, Any] = {flag[2:].replace("-", "_"): value for flag, value in pairs}
+    settings = load_settings(None, **given)
+    assert settings.max_connection_age_s == 0 and settings.drain_grace_s == 5
+    assert "grpc.max_connection_age_ms" not in dict(connection_options(settings))
