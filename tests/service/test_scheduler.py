@@ -804,17 +804,16 @@ def test_an_engine_whose_every_step_fails_stops_its_version(
     run(main, make_scheduler(factory=hooked_engine_factory(lost_device)))
 
 
-def test_an_engine_that_cannot_start_a_batch_stops_its_version_and_fails_its_requests() -> None:
-    """The worker thread ends (a fresh batch cannot be made after a failed step): nothing
-    is left waiting for it. Its requests fail with Unavailable, new ones are refused, the
-    version reads not ready, and stop() returns."""
+def _lm_engine_that_dies() -> EngineFactory:
+    """Engines whose LM's first batch fails at its third step and which can make no batch
+    after that, so its worker thread ends (the translator's are plain)."""
 
-    class BrokenEngine(Engine):
+    class DyingEngine(Engine):
         batches = 0
 
         def new_batch(self, compact: bool = True) -> Batch:
-            BrokenEngine.batches += 1
-            if BrokenEngine.batches > 1:
+            DyingEngine.batches += 1
+            if DyingEngine.batches > 1:
                 raise MemoryError("no memory for a batch")
             engine = self
 
@@ -828,8 +827,18 @@ def test_an_engine_that_cannot_start_a_batch_stops_its_version_and_fails_its_req
             return FailingBatch(engine, compact)
 
     def factory(entry: ModelVersion, options: EngineOptions) -> Engine:
-        cls = BrokenEngine if entry.name == LM else Engine
+        cls = DyingEngine if entry.name == LM else Engine
         return cls(entry.path, entry.manifest, options)
+
+    return factory
+
+
+def test_an_engine_that_cannot_start_a_batch_stops_its_version_and_fails_its_requests() -> None:
+    """The worker thread ends (a fresh batch cannot be made after a failed step): nothing
+    is left waiting for it. Its requests fail with Unavailable, new ones are refused, the
+    version reads not ready, and stop() returns."""
+
+    factory = _lm_engine_that_dies()
 
     async def main(s: Scheduler) -> None:
         first = asyncio.create_task(s.submit(generate(PROMPTS[0], max_new_tokens=50)))
@@ -922,30 +931,6 @@ def test_every_request_a_failing_engine_ends_has_one_queue_time() -> None:
         if failures:
             raise failures.pop()
 
-    class DyingEngine(Engine):
-        """Its first batch fails at its third step; no batch can be made after that."""
-
-        batches = 0
-
-        def new_batch(self, compact: bool = True) -> Batch:
-            DyingEngine.batches += 1
-            if DyingEngine.batches > 1:
-                raise MemoryError("no memory for a batch")
-            engine = self
-
-            class FailingBatch(Batch):
-                def step(self) -> Any:
-                    time.sleep(STEP_DELAY)
-                    if self.generated(next(iter(self.seqs))) == 2:
-                        raise RuntimeError("device lost")
-                    return super().step()
-
-            return FailingBatch(engine, compact)
-
-    def dying(entry: ModelVersion, options: EngineOptions) -> Engine:
-        cls = DyingEngine if entry.name == LM else Engine
-        return cls(entry.path, entry.manifest, options)
-
     def queue_times(s: Scheduler) -> float:
         return sample_value(s.metrics, "inference_queue_duration_seconds_count", {"model": LM})
 
@@ -965,7 +950,7 @@ def test_every_request_a_failing_engine_ends_has_one_queue_time() -> None:
         assert queue_times(s) == 2
 
     run(failed_round, make_scheduler(factory=hooked_engine_factory(fail_the_first_step)))
-    run(died, make_scheduler(factory=dying, max_batch_size=1))
+    run(died, make_scheduler(factory=_lm_engine_that_dies(), max_batch_size=1))
 
 
 def test_a_request_that_overflows_the_token_budget_waits_for_the_running_one() -> None:

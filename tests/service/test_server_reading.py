@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -50,6 +50,26 @@ class Stalled:
 
 def _open_calls(server: InProcessServer) -> float:
     return server.metrics.registry.get_sample_value("inference_open_calls") or 0.0
+
+
+def _unread_behind(port: int, calls: int, rate: float, **options: Any) -> Callable[[], Any]:
+    """Run loadtest.stalled.unread on `port` in a thread; the function returned joins it
+    and gives its UnreadResult."""
+    from loadtest import stalled
+
+    result: list[stalled.UnreadResult] = []
+    worker = threading.Thread(
+        target=lambda: result.append(
+            stalled.unread("127.0.0.1", port, calls, rate=rate, hold_s=3, **options)
+        )
+    )
+    worker.start()
+
+    def joined() -> stalled.UnreadResult:
+        worker.join(15)
+        return result[0]
+
+    return joined
 
 
 def test_a_request_that_never_arrives_is_refused_at_the_read_timeout() -> None:
@@ -443,21 +463,14 @@ def test_a_call_whose_answer_is_never_read_stays_counted_until_its_connection_cl
     """grpc holds an answer its caller does not read until the connection closes: the
     call stays counted in SERVE_MAX_CALLS until then, so such calls cannot pile up."""
     pytest.importorskip("h2", reason="the raw HTTP/2 client needs the h2 package (dev extra)")
-    from loadtest import stalled
 
     server = InProcessServer(max_calls=8, max_queue=4, max_batch_size=4)
     try:
-        result: list[stalled.UnreadResult] = []
-        worker = threading.Thread(
-            target=lambda: result.append(
-                stalled.unread("127.0.0.1", server.server.port, 3, rate=100, hold_s=3)
-            )
-        )
-        worker.start()
+        unread = _unread_behind(server.server.port, 3, rate=100)
         _wait(lambda: server.counter("Translate", "en-es", "OK") == 3)
         assert _open_calls(server) == 3  # answered, and still held: none was read
-        worker.join(15)
-        assert result[0].open == 3 and not result[0].statuses
+        result = unread()
+        assert result.open == 3 and not result.statuses
         _wait(lambda: _open_calls(server) == 0)  # the connection closed: grpc let them go
     finally:
         server.stop()
@@ -481,23 +494,17 @@ def test_answers_never_read_are_bounded_in_bytes_not_only_in_number(
     monkeypatch.setattr(stalled, "_request", lambda _: struct.pack(">BI", 0, len(body)) + body)
     server = InProcessServer(max_answer_bytes=1 << 20)
     try:
-        result: list[stalled.UnreadResult] = []
-        worker = threading.Thread(
-            target=lambda: result.append(
-                stalled.unread("127.0.0.1", server.server.port, 8, rate=5, hold_s=3)
-            )
-        )
-        worker.start()
+        unread = _unread_behind(server.server.port, 8, rate=5)
         _wait(lambda: server.failures("Translate", "unknown", "too_many_calls") >= 1)
         assert server.server.transport.answer_bytes > 1 << 20  # refused only past it
-        worker.join(15)
+        result = unread()
         # At least 5 answers (4 of them reach 1 MiB, not past it) were held, unread; the
         # rest were refused. A call admitted before the answer of the one before it came
         # is held too (the check is at admission), so on a busy machine a 6th may be.
-        held = result[0].open
+        held = result.open
         assert 5 <= held < 8
         assert server.failures("Translate", "unknown", "too_many_calls") == 8 - held
-        (message,) = result[0].statuses
+        (message,) = result.statuses
         assert message.startswith("8 the server holds ")
         assert message.endswith(
             "bytes of answers not yet delivered, over its limit of 1,048,576 "
@@ -528,15 +535,7 @@ def test_unary_health_calls_whose_answers_are_never_read_are_bounded_per_port(
     if port == "health":
         flooded, other = other, flooded
     try:
-        result: list[stalled.UnreadResult] = []
-        worker = threading.Thread(
-            target=lambda: result.append(
-                stalled.unread(
-                    "127.0.0.1", flooded, 10, rate=100, hold_s=3, method=stalled.HEALTH_CHECK
-                )
-            )
-        )
-        worker.start()
+        unread = _unread_behind(flooded, 10, rate=100, method=stalled.HEALTH_CHECK)
         reads = server.server.public_reads if port == "main" else server.server.health_reads
         _wait(lambda: reads.calls == 4)  # the flooded port holds all it may
         with grpc.insecure_channel(f"127.0.0.1:{other}") as channel:
@@ -544,9 +543,9 @@ def test_unary_health_calls_whose_answers_are_never_read_are_bounded_per_port(
                 health_pb2.HealthCheckRequest(), timeout=5
             )
             assert answer.status == health_pb2.HealthCheckResponse.SERVING
-        worker.join(15)
-        assert result[0].statuses == {"8 4 health or reflection calls are open; retry later": 6}
-        assert result[0].open == 4
+        result = unread()
+        assert result.statuses == {"8 4 health or reflection calls are open; retry later": 6}
+        assert result.open == 4
         _wait(lambda: reads.calls == 0)
     finally:
         server.stop()
