@@ -359,14 +359,19 @@ class _ModelLoop:
         queue that the free rows and tokens take at the loop's next pass. A burst reaching
         a batch with room waits in `waiting` only until the loop runs, and counting it
         refused calls as QueueFull with every row free."""
+        return len(self.waiting) - self._admissible()
+
+    def _admissible(self) -> int:
+        """How many jobs at the head of the queue the next pass admits (FIFO, within the
+        budgets; none in a static mode while its batch runs)."""
         if self.config.mode != "continuous" and self.running:
-            return len(self.waiting)
+            return 0
         rows, tokens = self.rows_used, self.tokens_used
         for fitting, job in enumerate(self.waiting):  # at most max_batch_size turns
             rows, tokens = rows + job.rows, tokens + job.cost
             if rows > self.config.max_batch_size or tokens > self.config.max_batch_tokens:
-                return len(self.waiting) - fitting
-        return 0
+                return fitting
+        return len(self.waiting)
 
     def typical_wait(self) -> float:
         """The queue wait of a typical request arriving now: one row at the recent requests'
@@ -434,16 +439,8 @@ class _ModelLoop:
     def _admit(self) -> list[_Job]:
         """Pop the waiting jobs that join the next step (FIFO, within the budgets)."""
         admitted: list[_Job] = []
-        if self.config.mode != "continuous" and self.running:
-            return admitted
-        while self.waiting:
-            job = self.waiting[0]
-            if (
-                self.rows_used + job.rows > self.config.max_batch_size
-                or self.tokens_used + job.cost > self.config.max_batch_tokens
-            ):
-                break
-            self.waiting.popleft()
+        for _ in range(self._admissible()):
+            job = self.waiting.popleft()
             job.state = "running"
             self.running[job] = job
             self.rows_used += job.rows
