@@ -40,16 +40,15 @@ FolderSignature = tuple[tuple[str, int, int, int], ...]
 
 @dataclass(frozen=True)
 class FolderFailure:
-    """Why a version folder did not load, and its files' signature then. `by_files`: the
-    check of its files refused it (ManifestError: a hash, the manifest), a verdict only a
-    change to one of them can alter, so it is not checked again until one changes. Any
-    other failure (its engine did not start, a file could not be read: memory, a device,
-    file descriptors, a flaky mount) may have a cause outside the folder, which the
-    operator fixes there and then reloads: every reload tries such a folder again."""
+    """Why a version folder did not load. `signature`: its files' when their check refused
+    it (ManifestError: a hash, the manifest), a verdict only a change to one of them can
+    alter, so it is not checked again until one changes. None for any other failure (its
+    engine did not start, a file could not be read: memory, a device, file descriptors, a
+    flaky mount), whose cause may lie outside the folder, which the operator fixes there
+    and then reloads: every reload tries such a folder again."""
 
-    signature: FolderSignature
     why: str
-    by_files: bool
+    signature: FolderSignature | None = None
 
 
 def folder_signature(path: Path) -> FolderSignature:
@@ -340,12 +339,11 @@ class ModelRepository:
         with self._lock:
             known = self._failed.get(path)
         if known is not None and known.signature == signature:
-            if known.by_files:
-                result.failed[str(path)] = f"{known.why} (no file in it changed since it failed)"
-                return None
-            if str(path) in tried:
-                result.failed[str(path)] = known.why
-                return None
+            result.failed[str(path)] = f"{known.why} (no file in it changed since it failed)"
+            return None
+        if known is not None and known.signature is None and str(path) in tried:
+            result.failed[str(path)] = known.why
+            return None
         try:
             manifest = load_manifest(
                 path, variants=self._variants_of(path), verify_hashes=self.verify_hashes
@@ -358,7 +356,7 @@ class ModelRepository:
             why = str(error) if isinstance(error, (ManifestError, OSError)) else repr(error)
             with self._lock:
                 self._failed[path] = FolderFailure(
-                    signature, why, by_files=isinstance(error, ManifestError)
+                    why, signature if isinstance(error, ManifestError) else None
                 )
             result.failed[str(path)] = why
             log.error("cannot load %s: %s", path, why)
@@ -489,9 +487,7 @@ class ModelRepository:
                 del versions[entry.version]
                 if not versions:
                     del self._models[entry.name]
-            self._failed[entry.path] = FolderFailure(
-                folder_signature(entry.path), reason, by_files=False
-            )
+            self._failed[entry.path] = FolderFailure(reason)
         log.error("discarded model %s: %s", entry.key, reason)
         entry.retire()
 
