@@ -548,22 +548,17 @@ def _offered(point: dict[str, Any]) -> float:
     return float(point.get("offered_rate") or point["throughput_rps"])
 
 
-def rps_at_p50(points: list[dict[str, Any]], p50_ref: float) -> tuple[float | None, str]:
+def rps_at_p50(
+    points: list[dict[str, Any]], p50_ref: float
+) -> tuple[float | None, str, list[dict[str, Any]]]:
     """Served req/s at which p50 latency reaches p50_ref, interpolated along the steps in
     order of offered load (past saturation a heavier step may serve fewer req/s).
 
-    Returns (rate, qualifier): "" when interpolated, ">=" when the curve never reached
-    p50_ref again (the most a step at or below it served is a lower bound), "<" when every
-    step was slower (a light step's p50 out of order with a heavier one's is no bound).
+    Returns (rate, qualifier, steps): qualifier "" when interpolated, ">=" when the curve
+    never reached p50_ref again (the most a step at or below it served is a lower bound),
+    "<" when every step was slower (a light step's p50 out of order with a heavier one's is
+    no bound); steps, those the rate comes from.
     """
-    rate, qualifier, _ = _at_p50(points, p50_ref)
-    return rate, qualifier
-
-
-def _at_p50(
-    points: list[dict[str, Any]], p50_ref: float
-) -> tuple[float | None, str, list[dict[str, Any]]]:
-    """rps_at_p50, and the steps its value comes from."""
     pts = sorted(
         (
             (_offered(p), p["throughput_rps"], p["latency_s"]["p50"], i)
@@ -605,7 +600,7 @@ def equal_p50(
         p50 = point["latency_s"]["p50"]
         if p50 is None or not point["throughput_rps"]:
             continue
-        rate, qualifier, used = _at_p50(continuous, p50)
+        rate, qualifier, used = rps_at_p50(continuous, p50)
         if rate is None:
             continue
         out.append(
@@ -714,9 +709,12 @@ def ratios(
         target: float | None,
         note: str = "",
         qualifier: str = "",
+        judged: bool = True,
     ) -> None:
+        """A ratio row; `judged` False: its figures are not the servers' own (a client that
+        fell behind), so its target is not judged."""
         value = num / den if num and den else None
-        met = target_met(value, target, qualifier)
+        met = target_met(value, target, qualifier) if judged else None
         rows.append({"ratio": name, "value": value, "target": target, "met": met, "note": note})
         if qualifier:
             rows[-1]["qualifier"] = qualifier
@@ -774,9 +772,15 @@ def ratios(
                     f"; client-limited at these steps ({', '.join(top['client_limited'])}): "
                     "the load generator fell behind its schedule, and their p50 counts its lag"
                 )
-            add(name, top["continuous_rps"], top["baseline_rps"], 1.5, note, top["qualifier"])
-            if top.get("client_limited"):
-                rows[-1]["met"] = None  # not the servers' figures: the target is not judged
+            add(
+                name,
+                top["continuous_rps"],
+                top["baseline_rps"],
+                1.5,
+                note,
+                top["qualifier"],
+                judged=not top.get("client_limited"),
+            )
     return rows
 
 
