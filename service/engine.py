@@ -243,8 +243,11 @@ def top_in_order(scores: np.ndarray, m: int) -> np.ndarray:
 class WarmupReport:
     shapes: int
     seconds: float
-    step_seconds: float  # one decoder step at a typical shape (8 rows, cache 64): the
-    # scheduler's first estimate (0 when stopped: none was timed)
+    # The scheduler's first estimates (empty, 0 when stopped: none was timed): one decoder
+    # step per row bucket at a typical cache (64), and the encoder's (translator) or
+    # prefill's (generator) seconds per input token taking in 8 inputs of 64 tokens.
+    step_seconds: dict[int, float]
+    admit_token_seconds: float = 0.0
     stopped: bool = False  # cut short by its stop event: the engine is not to serve
 
 
@@ -545,7 +548,8 @@ class Engine:
         """Run the shape buckets the batch will use once, so no request pays for a first
         run (allocator growth; on CUDA, kernel choice per shape): on CUDA every combination,
         on CPU every (rows, capacity) pair plus the source and prefill lengths at the edges.
-        Stops after `warmup_budget_s`. Also times one step for the scheduler's estimates.
+        Stops after `warmup_budget_s`. Also times one step per row bucket for the
+        scheduler's estimates.
 
         `stop`, set from another thread (the scheduler's stop()), ends it at the next shape:
         a server told to stop while it starts exits in seconds, not after the whole warm-up
@@ -603,24 +607,42 @@ class Engine:
                 "%s/%s warm-up stopped after %d of %d shapes: asked to stop",
                 self.name, self.version, count, len(runs),
             )  # fmt: skip
-            return WarmupReport(count, time.perf_counter() - start, 0.0, stopped=True)
-        # A typical shape, timed after its own warm-up run: the scheduler's first estimate.
-        r, c = bucket(min(8, rows[-1]), 1, rows[-1]), min(caches[-1], 64)
+            return WarmupReport(count, time.perf_counter() - start, {}, 0.0, stopped=True)
+        # One step per row bucket at a typical cache, the fastest of three after a warm-up
+        # run: the scheduler's first estimates (a step's time grows with its rows: on this
+        # project's CPU 1.6 ms at 1 row, 12-17 ms at 64 for en-es; up to 3 times that
+        # while the server starts beside it, which the first steps served correct).
+        c = min(caches[-1], 64)
         s = min(src_list[-1], 64) if translator else 0
-        self._run_decoder_zeros(r, c, s, 1)
-        t0 = time.perf_counter()
-        self._run_decoder_zeros(r, c, s, 1)
-        step = time.perf_counter() - t0
-        self.warmup_report = WarmupReport(count, time.perf_counter() - start, step)
+        step: dict[int, float] = {}
+        for r in rows:
+            timed = partial(self._run_decoder_zeros, r, c, s, 1)
+            timed()
+            step[r] = min(self._timed(timed) for _ in "123")
+        n = min(8, rows[-1])
+        if translator:
+            width = s
+            admit = partial(self._run_encoder_zeros, n, width)
+        else:
+            width = c
+            n = min(n, self.prefill_rows(width))
+            admit = partial(self._run_decoder_zeros, n, width, 0, width)
+        admit()
+        per_token = min(self._timed(admit) for _ in "123") / (n * width)
+        self.warmup_report = WarmupReport(count, time.perf_counter() - start, step, per_token)
         log.info(
-            "%s/%s warm-up: %d shapes in %.2fs, step %.1f ms",
-            self.name,
-            self.version,
-            count,
-            self.warmup_report.seconds,
-            step * 1e3,
-        )
+            "%s/%s warm-up: %d shapes in %.2fs, step %.1f ms at 1 row, %.1f ms at %d, "
+            "%.3f ms per input token",
+            self.name, self.version, count, self.warmup_report.seconds, step[rows[0]] * 1e3,
+            step[rows[-1]] * 1e3, rows[-1], per_token * 1e3,
+        )  # fmt: skip
         return self.warmup_report
+
+    @staticmethod
+    def _timed(run: Callable[[], None]) -> float:
+        start = time.perf_counter()
+        run()
+        return time.perf_counter() - start
 
     def _widest_prefill(self) -> tuple[int, int]:
         """(rows, width) of the largest prefill run: the most rows at the widest prompt."""

@@ -616,8 +616,10 @@ def test_warmup_runs_every_bucket_shape() -> None:
     engine = make_engine(LM, max_batch_size=8)
     report = engine.warmup()
     assert report.shapes >= len(engine.row_buckets) + len(engine.cache_buckets)
-    assert report.step_seconds > 0
-    assert engine.row_buckets == [1, 2, 4, 8]
+    # one timed step per row bucket: the scheduler's first estimates
+    assert sorted(report.step_seconds) == engine.row_buckets == [1, 2, 4, 8]
+    assert all(seconds > 0 for seconds in report.step_seconds.values())
+    assert report.admit_token_seconds > 0
     assert engine.cache_buckets == [16, 32, 64, 128]
 
 
@@ -690,7 +692,7 @@ def test_a_warm_up_told_to_stop_ends_at_its_next_shape() -> None:
     assert engine.warmup_report is None  # no estimate for the scheduler: it is not to serve
     assert engine.warmup(stop).shapes == 0 and len(runs) == 3
     full = engine.warmup(threading.Event())
-    assert not full.stopped and full.shapes > 10 and full.step_seconds > 0
+    assert not full.stopped and full.shapes > 10 and len(full.step_seconds) == 4
 
 
 def test_the_servers_input_limit_bounds_the_source_buckets() -> None:

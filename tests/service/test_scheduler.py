@@ -34,7 +34,13 @@ from service.domain import (
 from service.engine import Batch, Engine, EngineOptions, StepOutput, decode_all
 from service.metrics import Metrics
 from service.repository import ModelRepository, ModelVersion
-from service.scheduler import DEFAULT_MODELS, EngineFactory, Scheduler, SchedulerConfig
+from service.scheduler import (
+    DEFAULT_MODELS,
+    EngineFactory,
+    Scheduler,
+    SchedulerConfig,
+    StepTimes,
+)
 from tests.service._engine_models import (
     LM,
     LONG_PROMPT,
@@ -286,6 +292,8 @@ def test_a_request_cancelled_before_the_engine_took_it_leaves_at_the_next_step()
 
 
 def test_request_past_its_deadline_is_removed() -> None:
+    """Admitted (expected to end in 5 steps), it runs long and is removed at its deadline."""
+
     async def main(s: Scheduler) -> None:
         key = f"{LM}:1"
         deadline = time.monotonic() + 0.3
@@ -304,7 +312,8 @@ def test_request_past_its_deadline_is_removed() -> None:
                 pass
         await wait_until(lambda: loop_stats(s, key)["running"] == 0)
 
-    run(main, make_scheduler(factory=slow_engine_factory(STEP_DELAY)))
+    factory = slow_engine_factory(STEP_DELAY)
+    run(main, make_scheduler(factory=factory, initial_length_ratio=0.05))
 
 
 def test_full_queue_is_refused_at_once() -> None:
@@ -455,7 +464,7 @@ def test_unmeetable_deadline_is_refused_with_the_estimate() -> None:
         tight = generate(PROMPTS[0], within=0.05, max_new_tokens=5)
         with pytest.raises(
             DeadlineUnmeetable,
-            match=r"refused at admission: .* estimated queue wait .*s exceeds the .*s left",
+            match=r"refused at admission: .* estimated queue wait .*s .*exceed the .*s left",
         ):
             await s.submit(tight)
         generous = generate(PROMPTS[0], within=60, max_new_tokens=5)
@@ -467,7 +476,7 @@ def test_unmeetable_deadline_is_refused_with_the_estimate() -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await running
 
-    run(main, make_scheduler(factory=slow_engine_factory(STEP_DELAY), max_batch_size=1))
+    run(main, make_scheduler(factory=slow_engine_factory(STEP_DELAY, timed=True), max_batch_size=1))
 
 
 def test_a_deadline_shorter_than_a_step_is_exceeded_not_shed() -> None:
@@ -477,10 +486,123 @@ def test_a_deadline_shorter_than_a_step_is_exceeded_not_shed() -> None:
     async def main(s: Scheduler) -> None:
         assert loop_stats(s, f"{LM}:1")["running"] == 0
         tight = generate(PROMPTS[0], within=0.001, max_new_tokens=5)
-        with pytest.raises(DeadlineExceeded, match="less than one decode step"):
+        with pytest.raises(DeadlineExceeded, match="less than one decode step take on an idle"):
+            async for _ in s.stream(tight):
+                pass
+        tight = replace(tight, deadline=time.monotonic() + 0.001)
+        with pytest.raises(DeadlineExceeded, match="less than its expected 3 decode steps"):
             await s.submit(tight)
 
     run(main, make_scheduler(factory=slow_engine_factory(STEP_DELAY)))
+
+
+def test_step_times_are_learnt_by_rows() -> None:
+    """Steps of one row do not move the estimate of a full batch's; between the knots the
+    estimate is linear in rows and learns the rows observed; more rows never read faster;
+    a fresh batch reads no slower than its warm-up timing; admissions cost per token."""
+    times = StepTimes({1: 0.002, 2: 0.003, 4: 0.005, 8: 0.010}, 0.0, alpha=0.2)
+    for _ in range(20):
+        times.observe(1, 0.001)
+    assert times(1) == pytest.approx(0.001, rel=1e-3)
+    assert times(8) == 0.010 and times(6) == pytest.approx(0.0075)  # halfway from 4 to 8
+    for _ in range(100):
+        times.observe(6, 0.02)
+    assert times(6) == pytest.approx(0.02, rel=1e-3)
+    assert times(2) == 0.003 and times(4) < times(6) < times(8)
+    times.observe(2, 0.2)  # a slow 2-row step (another model's step beside it)
+    assert times(2) == times(4) == 0.2  # the first replaces the prior; 4 rows read no less
+    times.observe(2, 0.1)
+    times.observe(2, 0.3)
+    assert times(2) == pytest.approx(0.2)  # a mean while a knot's steps are few ...
+    for _ in range(60):
+        times.observe(2, 0.004)
+    assert times(2) == pytest.approx(0.004, rel=1e-3)  # ... then an EWMA
+    times.observe(2, 0.2)
+    assert times(2) == pytest.approx(0.8 * 0.004 + 0.2 * 0.2, rel=1e-3)
+    assert times(2, fresh=True) == 0.003
+    assert times(0) == times(1) and times(100) == times(8)
+    assert times.admission(100) == 0.0
+    times.observe_admission(100, 0.1)  # 1 ms a token
+    assert times.admission(50) == pytest.approx(0.05)
+
+
+def _rows_timed_engine(seconds_per_row: float) -> EngineFactory:
+    """Steps take `seconds_per_row` × their rows (timed), as on a CPU, where a full
+    batch's step takes several times a lone row's."""
+    return hooked_engine_factory(lambda batch: time.sleep(seconds_per_row * batch.rows), True)
+
+
+def test_a_burst_after_light_load_is_estimated_at_full_batch_step_times() -> None:
+    """After a spell of 1-row steps, a request queued behind a full batch is estimated at
+    the full batch's step time, which the spell did not average away: one step-time
+    average read 1-row steps there, admitted a deadline about 8 times too short, and the
+    request expired in the queue."""
+
+    async def fill(s: Scheduler, count: int) -> list[asyncio.Task[SequenceResult]]:
+        tasks = [asyncio.create_task(s.submit(long_request())) for _ in range(count)]
+        await wait_until(lambda: loop_stats(s, f"{LM}:1")["running"] == count)
+        return tasks
+
+    async def cancel(s: Scheduler, tasks: list[asyncio.Task[SequenceResult]]) -> None:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await wait_until(lambda: loop_stats(s, f"{LM}:1")["running"] == 0)
+
+    async def main(s: Scheduler) -> None:
+        key = f"{LM}:1"
+        loop = s._loops[key]
+        full = await fill(s, 8)  # learn the 8-row step: about 40 ms
+        await wait_until(lambda: loop_stats(s, key)["steps"] >= 10)
+        await cancel(s, full)
+        lone = await fill(s, 1)  # then 1-row steps: about 5 ms
+        steps = loop_stats(s, key)["steps"]
+        await wait_until(lambda: loop_stats(s, key)["steps"] >= steps + 25)
+        await cancel(s, lone)
+        assert loop.step_times(1) < 0.02 and loop.step_times(8) > 0.03
+        burst = await fill(s, 8)
+        # 8 rows running, each expected to take about 50 steps more: a newcomer waits
+        # about 50 × 40 ms, which 1-row steps would have read as about 0.25 s.
+        assert loop_stats(s, key)["estimated_wait_s"] > 1.0
+        with pytest.raises(DeadlineUnmeetable, match="estimated queue wait"):
+            await s.submit(generate(PROMPTS[0], within=0.8, max_new_tokens=4))
+        await cancel(s, burst)
+
+    run(main, make_scheduler(factory=_rows_timed_engine(0.005), max_batch_size=8))
+
+
+def test_a_unary_call_that_cannot_decode_in_time_is_refused_and_a_stream_is_not() -> None:
+    """A unary call expected to decode for longer than its deadline is refused at once (it
+    would expire with nothing to show): DeadlineExceeded on an idle server (no replica
+    could do better), DeadlineUnmeetable behind a running request (its wait is short, but
+    the steps it would share are slower). A stream with the same deadline is served the
+    tokens it has time for."""
+
+    async def main(s: Scheduler) -> None:
+        key = f"{LM}:1"
+        request = generate(LONG_PROMPT, within=0.3, max_new_tokens=100)  # 50 steps expected
+        with pytest.raises(DeadlineExceeded, match=r"less than its expected 50 decode steps"):
+            await s.submit(request)
+        tokens = 0
+        with pytest.raises(DeadlineExceeded):
+            async for event in s.stream(replace(request, deadline=time.monotonic() + 0.3)):
+                if isinstance(event, TokenEvent):
+                    tokens += len(event.token_ids)
+        assert tokens > 0
+        await wait_until(lambda: loop_stats(s, key)["running"] == 0)
+        steps = loop_stats(s, key)["steps"]
+        running = asyncio.create_task(s.submit(long_request()))
+        await wait_until(lambda: loop_stats(s, key)["steps"] >= steps + 5)
+        # idle, 50 steps at the warm-up's 10 ms fit 0.8 s; shared, 50 at 20 ms do not
+        with pytest.raises(DeadlineUnmeetable, match=r"and \S+ for its expected 50 decode"):
+            await s.submit(replace(request, deadline=time.monotonic() + 0.8))
+        stream = s.stream(replace(request, deadline=time.monotonic() + 0.8))
+        assert isinstance(await anext(stream), TokenEvent)
+        await stream.aclose()
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+
+    run(main, make_scheduler(factory=slow_engine_factory(STEP_DELAY, timed=True)))
 
 
 def test_a_request_running_past_the_typical_length_counts_to_its_limit() -> None:
@@ -564,13 +686,16 @@ def test_a_deadline_the_token_budget_cannot_meet_is_refused_at_admission() -> No
         key = f"{LM}:1"
         running = asyncio.create_task(s.submit(long_request()))
         await wait_until(lambda: loop_stats(s, key)["steps"] >= 3)
+        # A stream: its own decode time does not count, only its wait for the tokens.
         big = generate(PROMPTS[0], within=0.2, max_new_tokens=120)
-        with pytest.raises(DeadlineUnmeetable, match="estimated queue wait"):
-            await s.submit(big)
+        with pytest.raises(DeadlineUnmeetable, match=r"estimated queue wait \S+ exceed"):
+            async for _ in s.stream(big):
+                pass
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
 
-    run(main, make_scheduler(factory=slow_engine_factory(STEP_DELAY), max_batch_tokens=200))
+    factory = slow_engine_factory(STEP_DELAY, timed=True)
+    run(main, make_scheduler(factory=factory, max_batch_tokens=200))
 
 
 def test_static_mode_runs_a_batch_to_completion_before_admitting_more() -> None:
@@ -1097,7 +1222,9 @@ def test_a_job_expired_by_the_loop_fails_with_deadline_exceeded() -> None:
             await asyncio.wait_for(job.future, 10.0)
         await wait_until(lambda: loop_stats(s, key)["running"] == 0)
 
-    run(main, make_scheduler(factory=slow_engine_factory(STEP_DELAY)))
+    # Expected to end in 5 steps: admitted, it then runs past its deadline.
+    factory = slow_engine_factory(STEP_DELAY)
+    run(main, make_scheduler(factory=factory, initial_length_ratio=0.05))
 
 
 def test_free_cache_slots_and_running_rows_count_rows_not_requests() -> None:
