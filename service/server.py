@@ -74,6 +74,7 @@ from service.gen.inference.v1 import inference_pb2_grpc as pb_grpc
 from service.health import Health
 from service.logging import request_id_var
 from service.metrics import UNKNOWN_MODEL_LABEL, Metrics
+from service.metrics_http import MetricsServer
 from service.settings import ENV_PREFIX, Settings
 from service.tls import check_key_permissions, check_served_certificate
 
@@ -100,9 +101,12 @@ FINISH_REASON_PB = {
 }
 # After the last in-flight call of a drain, how long new calls still get UNAVAILABLE.
 DRAIN_LINGER_S = 1.0
-# Seconds the metrics endpoint waits on a connection's next bytes: its server holds a
-# thread per connection, so connections that send nothing would pile up threads.
+# Bounds of the metrics endpoint, whose server holds a thread per connection
+# (service/metrics_http.py): how long it waits on a connection's next bytes, how long it
+# keeps one at most, and how many it serves at once (a scrape takes milliseconds).
 METRICS_READ_TIMEOUT_S = 30.0
+METRICS_CONNECTION_S = 60.0
+METRICS_MAX_CONNECTIONS = 16
 # How long a failed write (or abort) waits for grpc.aio to report that the client has gone.
 WRITE_FAILURE_GRACE_S = 1.0
 # A cancellation in the last 5 % of a call's deadline is counted as DEADLINE_EXCEEDED.
@@ -1303,7 +1307,7 @@ class InferenceServer:
         self.port = 0
         self.metrics_port = 0
         self.health_port = 0
-        self._metrics_server: Any = None
+        self._metrics_server: MetricsServer | None = None
         self._reload_lock = asyncio.Lock()
         self._stopped = asyncio.Event()
         self._drain_failed = False
@@ -1414,11 +1418,14 @@ class InferenceServer:
     def _start_metrics(self) -> None:
         if self.settings.metrics_port == 0:
             return
-        from prometheus_client import start_http_server
-
         try:
-            self._metrics_server, _ = start_http_server(
-                self.settings.metrics_port, addr=self.settings.host, registry=self.metrics.registry
+            self._metrics_server = MetricsServer(
+                self.settings.host,
+                self.settings.metrics_port,
+                self.metrics.registry,
+                max_connections=METRICS_MAX_CONNECTIONS,
+                read_timeout_s=METRICS_READ_TIMEOUT_S,
+                connection_s=METRICS_CONNECTION_S,
             )
         except OSError as error:
             raise StartupError(
@@ -1426,10 +1433,6 @@ class InferenceServer:
                 f"{error.strerror}; choose another with --metrics-port / "
                 f"{ENV_PREFIX}METRICS_PORT (0 turns the endpoint off)"
             ) from error
-        handler = self._metrics_server.RequestHandlerClass
-        self._metrics_server.RequestHandlerClass = type(  # this server's own, not the library's
-            "TimedMetricsHandler", (handler,), {"timeout": METRICS_READ_TIMEOUT_S}
-        )
         self.metrics_port = int(self._metrics_server.server_port)
 
     async def start(self) -> None:

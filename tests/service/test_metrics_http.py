@@ -1,0 +1,105 @@
+"""The /metrics endpoint's bounds: connections served at once, and how long one is kept."""
+
+from __future__ import annotations
+
+import select
+import socket
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter
+
+from service.metrics_http import MetricsServer
+from tests.conftest import free_port
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    registry = CollectorRegistry()
+    Counter("scrapes_seen", "A sample to find in the page.", registry=registry).inc()
+    return registry
+
+
+def serve(registry: CollectorRegistry, **bounds: float) -> MetricsServer:
+    limits = {"max_connections": 2, "read_timeout_s": 30.0, "connection_s": 30.0, **bounds}
+    return MetricsServer(
+        "127.0.0.1",
+        free_port(),
+        registry,
+        max_connections=int(limits["max_connections"]),
+        read_timeout_s=limits["read_timeout_s"],
+        connection_s=limits["connection_s"],
+    )
+
+
+@pytest.fixture
+def stopped() -> Iterator[list[MetricsServer]]:
+    servers: list[MetricsServer] = []
+    yield servers
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def scrape(port: int) -> bytes:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
+        body: bytes = page.read()
+        return body
+
+
+def closed_by_server(conn: socket.socket, within: float) -> bool:
+    """Whether the server closes `conn` within `within` seconds (its end reads as EOF)."""
+    ready, _, _ = select.select([conn], [], [], within)
+    return bool(ready) and conn.recv(1) == b""
+
+
+def test_connections_past_the_cap_are_closed_at_once_and_hold_no_thread(
+    registry: CollectorRegistry, stopped: list[MetricsServer]
+) -> None:
+    """Two idle connections hold both slots: eight more are closed at once, unread, and
+    add no thread; once the two go, a scrape is served."""
+    server = serve(registry)
+    stopped.append(server)
+    port = server.server_port
+    before = threading.active_count()
+    holders = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+    time.sleep(0.3)  # both accepted: a handler thread and its timer each
+    extra = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(8)]
+    assert all(closed_by_server(conn, within=5) for conn in extra)
+    assert threading.active_count() - before <= 4
+    assert not closed_by_server(holders[0], within=0.2)  # still served
+    for conn in [*holders, *extra]:
+        conn.close()
+    deadline = time.monotonic() + 10
+    while True:  # the slots free as the handlers see their clients' ends
+        try:
+            assert b"scrapes_seen_total 1.0" in scrape(port)
+            break
+        except (ConnectionError, urllib.error.URLError):
+            assert time.monotonic() < deadline, "the slots were never released"
+            time.sleep(0.1)
+
+
+def test_a_client_sending_a_byte_now_and_then_is_cut_at_the_connection_limit(
+    registry: CollectorRegistry, stopped: list[MetricsServer]
+) -> None:
+    """A byte every 0.2 s resets a 0.5 s read timeout, so only the connection limit (1 s)
+    ends it; a scrape meanwhile is served."""
+    server = serve(registry, read_timeout_s=0.5, connection_s=1.0)
+    stopped.append(server)
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", server.server_port), timeout=10) as drip:
+        for byte in b"GET /metrics HTTP/1.1\r\nHost: x\r\n":
+            try:
+                drip.send(bytes([byte]))
+            except OSError:  # reset: closed by the server
+                break
+            if closed_by_server(drip, within=0.2):
+                break
+        else:
+            pytest.fail("the dripping connection was kept past its limit")
+    assert 0.8 < time.monotonic() - started < 5
+    assert b"scrapes_seen_total" in scrape(server.server_port)
