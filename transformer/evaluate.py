@@ -19,7 +19,7 @@ import re
 import time
 import unicodedata
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -104,6 +104,13 @@ def seen_in_training(
             )
         )
     return seen
+
+
+def identical_in_training(texts: list[str], training: Iterable[str]) -> list[bool]:
+    """For each text, whether some training text has the same words (`similarity` 1.0):
+    a set lookup, where seen_in_training compares candidates."""
+    train = {words(t) for t in training}
+    return [words(t) in train for t in texts]
 
 
 def _load(
@@ -277,13 +284,14 @@ def evaluate_translator(
         pairs = pairs[:limit]
     train = load_pairs(data / "pairs.train.tsv")
 
-    def in_training(threshold: float) -> list[bool]:
-        """Seen on the source side or the reference side."""
-        sources = seen_in_training([p.en for p in pairs], [p.en for p in train], threshold)
-        targets = seen_in_training([p.es for p in pairs], [p.es for p in train], threshold)
+    def in_training(found: Callable[[list[str], list[str]], list[bool]]) -> list[bool]:
+        """Found on the source side or the reference side."""
+        sources = found([p.en for p in pairs], [p.en for p in train])
+        targets = found([p.es for p in pairs], [p.es for p in train])
         return [a or b for a, b in zip(sources, targets, strict=True)]
 
-    seen, identical = in_training(near), in_training(1.0)
+    seen = in_training(lambda texts, training: seen_in_training(texts, training, near))
+    identical = in_training(identical_in_training)
     options = DecodingOptions(max_new_tokens=256, beam_size=beam_size)
     start = time.monotonic()
     hyps = translate_texts(model, sp, [p.en for p in pairs], options)
@@ -425,7 +433,7 @@ def evaluate_lm(
     lines_text = load_lines(data / "lm.test.txt")
     train = load_lines(data / "lm.train.txt")
     seen = seen_in_training(lines_text, train, near)
-    identical = seen_in_training(lines_text, train, 1.0)
+    identical = identical_in_training(lines_text, train)
     total_nll, total_tokens = 0.0, 0
     unseen_nll, unseen_tokens = 0.0, 0
     with torch.inference_mode():

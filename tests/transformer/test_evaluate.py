@@ -20,6 +20,7 @@ from transformer.evaluate import (
     _context_limit,
     _trained,
     app,
+    identical_in_training,
     perplexity_by_position,
     seen_in_training,
     similarity,
@@ -184,6 +185,8 @@ def test_seen_in_training_finds_every_near_duplicate(threshold: float) -> None:
     brute = [any(similarity(words(t), words(u)) >= threshold for u in train) for t in tests]
     assert seen_in_training(tests, train, threshold) == brute
     assert 0 < sum(brute) < len(brute)
+    if threshold == 1.0:  # the card's count of identical verses, found by lookup
+        assert identical_in_training(tests, train) == brute
 
 
 def test_the_translator_card_scores_the_unseen_verses_apart(tmp_path: Path) -> None:
