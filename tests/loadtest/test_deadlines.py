@@ -1,0 +1,110 @@
+"""loadtest.deadlines: its outcome classes, and a burst against the live server fixture."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from typer.testing import CliRunner
+
+from loadtest import deadlines
+from tests.conftest import free_port
+from tests.loadtest.test_e2e import short_verses
+
+
+@pytest.mark.parametrize(
+    ("code", "details", "expected"),
+    [
+        (grpc.StatusCode.OK, "", "served"),
+        (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "refused at admission: model en-es:1: estimated queue wait 2.000s exceed ...",
+            "refused",
+        ),
+        (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "model en-es:1: 256 sequences already waiting",
+            "queue_full",
+        ),
+        (
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            "the 0.001s left before the deadline are less than one decode step take on an idle "
+            "server of model en-es:1 (0.002s)",
+            "too_short",
+        ),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", "expired"),
+        (grpc.StatusCode.UNAVAILABLE, "draining", "unavailable"),
+    ],
+)
+def test_a_status_names_what_happened_to_the_call(
+    code: grpc.StatusCode, details: str, expected: str
+) -> None:
+    assert deadlines.outcome(code, details) == expected
+
+
+@pytest.mark.e2e
+def test_bursts_are_served_with_a_long_deadline_and_not_with_a_tiny_one(
+    server: Any, tmp_path: Path
+) -> None:
+    inputs = short_verses(tmp_path / "short.txt")
+    common = ["--target", server.address, "--calls", "4", "--texts", "2", "--inputs", str(inputs)]
+    out = tmp_path / "long.json"
+    result = CliRunner().invoke(
+        deadlines.app, [*common, "--deadline", "30", "--rounds", "2", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["total"] == {"served": 8}
+    assert [r["outcomes"] for r in report["rounds"]] == [{"served": 4}, {"served": 4}]
+    assert report["command"].startswith("python -m loadtest.deadlines")
+    assert report["deadline_s"] == 30 and report["machine"]["cpu_count"]
+    assert "| all | 8 | 0 | 0 | 0 | 0 |" in result.output
+    out = tmp_path / "tiny.json"
+    result = CliRunner().invoke(
+        deadlines.app, [*common, "--deadline", "0.001", "--rounds", "1", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    total = json.loads(out.read_text())["total"]
+    assert sum(total.values()) == 4 and "served" not in total
+    assert set(total) <= {"too_short", "expired"}
+
+
+def test_a_target_that_does_not_answer_is_named() -> None:
+    target = f"127.0.0.1:{free_port()}"
+    result = CliRunner().invoke(deadlines.app, ["--target", target, "--warm", "1"])
+    assert result.exit_code == 1
+    assert f"{target} did not answer a warm-up call: UNAVAILABLE" in result.output
+
+
+def test_a_remote_target_is_refused() -> None:
+    result = CliRunner().invoke(deadlines.app, ["--target", "203.0.113.7:50051"])
+    assert result.exit_code == 2 and "not a loopback address" in result.output
+
+
+@pytest.mark.e2e
+def test_start_serves_the_repository_and_record_writes_the_section(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    """--start runs a server of its own for the bursts; --record writes the docs section
+    between its markers, keeping the rest of the file."""
+    inputs = short_verses(tmp_path / "short.txt")
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(f"# Benchmarks\n\nkept\n\n{deadlines.BEGIN}\nold\n{deadlines.END}\n\ntail\n")
+    args = ["--start", str(model_repository), "--calls", "3", "--texts", "2", "--rounds", "1"]
+    args += ["--deadline", "30", "--warm", "1", "--inputs", str(inputs), "--record", str(doc)]
+    result = CliRunner().invoke(deadlines.app, args)
+    assert result.exit_code == 0, result.output
+    text = doc.read_text()
+    assert text.startswith("# Benchmarks\n\nkept\n") and text.endswith("\ntail\n")
+    assert "old" not in text and text.count(deadlines.BEGIN) == 1
+    assert f"a fresh `python -m service --model-repository {model_repository}`" in text
+    assert "| all | 3 | 0 | 0 | 0 | 0 |" in text
+    assert "Reproduce: `python -m loadtest.deadlines" in text
+
+
+def test_start_names_a_missing_repository() -> None:
+    result = CliRunner().invoke(deadlines.app, ["--start", "no-such-repo"])
+    assert result.exit_code == 2 and "no-such-repo: no such model repository" in result.output
