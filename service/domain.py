@@ -183,8 +183,8 @@ class TooManyCalls(ServiceError):
 
 
 class DeadlineUnmeetable(ServiceError):
-    """Refused at admission: the estimated queue wait (and, for a unary call, its own
-    expected decode time) exceeds the time left."""
+    """Refused at admission: the estimated queue wait (and, for a unary call that would
+    share the loop with others, its own expected decode time) exceeds the time left."""
 
     reason = "deadline_unmeetable"
 

@@ -7,9 +7,9 @@ the transport aborts with the result. Choices worth knowing:
   at admission because this replica is too busy to answer in the time left. It is load
   shedding, like QueueFull, and a client (or proxy) may retry it on another replica at
   once; DEADLINE_EXCEEDED would claim the caller's deadline passed, which it has not.
-* DeadlineExceeded (the deadline passed, or what is left of it is shorter than an idle
-  server would take: one decode step for a stream, the expected decode for a unary call,
-  so no replica could answer) → DEADLINE_EXCEEDED.
+* DeadlineExceeded (the deadline passed, or what is left of it is shorter than the least
+  an idle server takes: one decode step, and a unary call's admission, so no replica could
+  answer) → DEADLINE_EXCEEDED.
 * TooManyCalls (the server holds SERVE_MAX_CALLS calls, or SERVE_MAX_ANSWER_BYTES of their
   answers undelivered) → RESOURCE_EXHAUSTED, load shedding like QueueFull, answered before
   the request is read.

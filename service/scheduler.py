@@ -36,15 +36,16 @@ Policy (read this before tuning the budgets):
   observed output lengths, per source token for a translation and as a share of
   max_new_tokens for a generation, which a reload's new version takes over from the one
   it replaces; a request running past that length counts to its max_new_tokens; each
-  step timed at the rows it runs: `StepTimes`), for a unary call plus its own expected
-  decode steps, and refuses with DeadlineUnmeetable when that exceeds the time left: a
-  call that would expire with nothing to show is told at once instead of taking rows
-  from those that can finish; a stream keeps the tokens it got (DeadlineExceeded when
-  the time left is shorter than what an idle server would take: its expected decode for
-  a unary call, one step for a stream). A request whose deadline passes, or whose
-  caller goes away (CancelledError in the awaiting task, or a stream closed early), is
-  removed at the next step boundary and its rows freed; the caller sees
-  DeadlineExceeded (or its own cancellation) at once.
+  step timed at the rows it runs: `StepTimes`), for a unary call that shares the loop
+  with others plus its own expected decode steps (to its batch's end in a HOLDING mode),
+  and refuses with DeadlineUnmeetable when that exceeds the time left: a call that would
+  expire with nothing to show is told at once instead of taking rows from those that can
+  finish; a stream keeps the tokens it got; a call to an idle loop takes rows from no
+  one, and is admitted (DeadlineExceeded when the time left is shorter than the least an
+  idle server takes: one step, and a unary call's admission). A request whose deadline
+  passes, or whose caller goes away (CancelledError in the awaiting task, or a stream
+  closed early), is removed at the next step boundary and its rows freed; the caller
+  sees DeadlineExceeded (or its own cancellation) at once.
 * stop(grace_s): new requests are refused (Unavailable); queued and running ones may
   finish within grace_s; the rest are then cancelled (streams get their partial result
   with finish reason CANCELLED, unary callers Unavailable), but an answer the engine
@@ -227,50 +228,41 @@ def _coalesce(
 
 class StepTimes:
     """Wall seconds of the engine's rounds, learnt online: a decoder step by the rows it
-    runs, and taking a request in (encoder or prefill) per input token.
+    computes, and taking a request in (encoder or prefill) per input token.
 
     A step's time grows with its rows (en-es on this project's 2-core CPU: 1.6 ms at 1 row,
     12 ms at 64), and a newcomer's encode takes about 1.1 ms per 32 source tokens, so one
     average over every round, after light load a 1-row step's, estimated a burst's wait
     several times short, and admitted requests that then expired in the queue.
 
-    A step's time is piecewise linear in rows between knots at the engine's row buckets,
-    started from the warm-up's timings and moved by each observed step (normalized LMS:
-    the knots around its rows move so the estimate at its rows moves toward it by the
-    gain). A knot's gain is 1/n over its first steps, which makes the first replace the
-    warm-up's timing (the server's own start can triple that), then `alpha`. Read through
-    the running maximum of the knots, so more rows never read faster."""
+    A batch computes a power-of-two count of rows (its capacity: the live rows' bucket, or
+    every row of a padded batch), so a step is timed per row bucket (`knots`), started
+    from the warm-up's timings. A knot's estimate is the mean of its first steps (the
+    first replaces the warm-up's timing, which the server's own start can triple), then an
+    EWMA with weight `alpha`. Read through the running maximum of the knots, so more rows
+    never read faster."""
 
     def __init__(self, prior: dict[int, float], admit_token_s: float, alpha: float) -> None:
         self.alpha = alpha
         self.knots = sorted(prior)
         self.prior = dict(prior)
         self.seconds = dict(prior)
-        self.seen = dict.fromkeys(prior, 0.0)
+        self.seen = dict.fromkeys(prior, 0)
         self.admit_token_s = admit_token_s
         self.admits_seen = 0
 
-    def _basis(self, rows: int) -> list[tuple[int, float]]:
-        """The knots around `rows` with their weights (linear interpolation)."""
-        knots = self.knots
-        r = min(max(rows, knots[0]), knots[-1])
-        hi = next(i for i, k in enumerate(knots) if k >= r)
-        if knots[hi] == r:
-            return [(r, 1.0)]
-        lo, up = knots[hi - 1], knots[hi]
-        f = (r - lo) / (up - lo)
-        return [(lo, 1 - f), (up, f)]
+    def _knot(self, rows: int) -> int:
+        """The bucket `rows` rows run in: the smallest knot holding them."""
+        return next((k for k in self.knots if k >= rows), self.knots[-1])
 
-    def _gain(self, seen: float) -> float:
+    def _gain(self, seen: int) -> float:
         return max(self.alpha, 1 / seen)
 
     def observe(self, rows: int, seconds: float) -> None:
-        basis = self._basis(rows)
-        error = seconds - sum(self.seconds[k] * w for k, w in basis)
-        norm = sum(w * w for _, w in basis)
-        for k, w in basis:
-            self.seen[k] += w
-            self.seconds[k] += self._gain(self.seen[k]) * w * error / norm
+        """A step that computed `rows` rows took `seconds`."""
+        k = self._knot(rows)
+        self.seen[k] += 1
+        self.seconds[k] += self._gain(self.seen[k]) * (seconds - self.seconds[k])
 
     def observe_admission(self, tokens: int, seconds: float) -> None:
         if tokens > 0:
@@ -283,16 +275,14 @@ class StepTimes:
         return self.admit_token_s * tokens
 
     def __call__(self, rows: int, fresh: bool = False) -> float:
-        """A step of `rows` rows (one at least); `fresh`: of a new batch on an idle engine,
-        no slower than at warm-up. The estimates move only as steps run, so an idle engine
-        keeps a past batch's times (a slow device, a step that waited on another model's),
-        and would refuse every deadline shorter than that, none admitted to lower them."""
-        envelope, top = {}, 0.0
-        for k in self.knots:
-            top = envelope[k] = max(top, self.seconds[k])
-        basis = self._basis(rows)
-        seconds = sum(envelope[k] * w for k, w in basis)
-        return min(seconds, sum(self.prior[k] * w for k, w in basis)) if fresh else seconds
+        """A step of `rows` live rows (one at least); `fresh`: of a new batch on an idle
+        engine, no slower than at warm-up. The estimates move only as steps run, so an idle
+        engine keeps a past batch's times (a slow device, a step that waited on another
+        model's), and would refuse every deadline shorter than that, none admitted to lower
+        them."""
+        top = self._knot(max(1, rows))
+        seconds = max(self.seconds[k] for k in self.knots if k <= top)
+        return min(seconds, self.prior[top]) if fresh else seconds
 
 
 class _Job:
@@ -415,20 +405,26 @@ class _ModelLoop:
                 raise DeadlineExceeded(f"the deadline passed {-left:.3f}s before admission")
             # A unary call that would expire has nothing to show; a stream keeps its tokens.
             unary = job.events is None
-            steps = self._expected_steps(job) if unary else 1
             admission = self.step_times.admission(len(job.input_ids)) if unary else 0.0
-            alone = steps * self.step_times(job.rows, fresh=True) + admission
-            if left < alone:  # not even an idle server could answer in time
-                what = f"its expected {steps} decode steps" if unary else "one decode step"
+            # Not even an idle server could answer: one step (and a unary call's admission)
+            # is the least it takes. Its expected decode is no such bound, only a guess from
+            # other requests' lengths (before any finished, half of a generation's
+            # max_new_tokens: a cold server refused as DEADLINE_EXCEEDED generations it
+            # answered in a tenth of their deadline, none admitted to learn from).
+            alone = self.step_times(job.rows, fresh=True) + admission
+            if left < alone:
+                what = "one decode step and its admission" if unary else "one decode step"
                 raise DeadlineExceeded(
                     f"the {left:.3f}s left before the deadline are less than {what} take on "
                     f"an idle server of model {self.entry.key} ({alone:.3f}s)"
                 )
-            wait, rows = self._wait(job.rows, job.cost)
+            wait, rows, batch_steps = self._wait(job.rows, job.cost)
             need = f"estimated queue wait {wait:.3f}s"
-            if unary:
-                decode = steps * self.step_times(rows, fresh=not (self.running or self.waiting))
-                decode += admission
+            # Its own expected decode counts where it would take rows or steps from other
+            # requests; an idle loop's call takes none, and is the only way to learn.
+            if unary and (self.running or self.waiting):
+                steps = max(self._expected_steps(job), batch_steps)
+                decode = steps * self.step_times(rows, fresh=not self.running) + admission
                 need += f" and {decode:.3f}s for its expected {steps} decode steps"
                 wait += decode
             if wait > left:
@@ -494,32 +490,35 @@ class _ModelLoop:
         end = expected if job.generated < expected else job.request.params.max_new_tokens
         return max(1, end - job.generated)
 
-    def _wait(self, rows: int, cost: int) -> tuple[float, int]:
+    def _wait(self, rows: int, cost: int) -> tuple[float, int, int]:
         """Seconds a request of `rows` rows and `cost` cache tokens (see max_batch_tokens)
-        arriving now would wait to join the batch, and the rows the batch then runs (its
-        own included). The steps are simulated with the rows each runs, so a wait behind a
-        full batch counts full-batch steps; and the requests ahead are taken in (encoded or
-        prefilled) before it."""
+        arriving now would wait to join the batch, the rows the batch then runs (its own
+        included), and the steps its answer waits for in a HOLDING mode (the longest
+        expected of the batch it joins; 0 otherwise). The steps are simulated with the rows
+        each runs, so a wait behind a full batch counts full-batch steps; and the requests
+        ahead are taken in (encoded or prefilled) before it. With nothing running, the
+        steps are a fresh batch's (`StepTimes`)."""
         max_rows, max_tokens = self.config.max_batch_size, self.config.max_batch_tokens
         running = [(self._steps_left(j), j.rows, j.cost) for j in self.running.values()]
+        step = functools.partial(self.step_times, fresh=not self.running)
         busy = self.rows_used
         clock = self.step_times.admission(sum(len(job.input_ids) for job in self.waiting))
         if self.running:
-            clock += self.step_times(busy)  # the step in flight ends first
+            clock += step(busy)  # the step in flight ends first
         if self.config.mode != "continuous":
-            clock += max((steps for steps, _, _ in running), default=0) * self.step_times(busy)
+            clock += max((steps for steps, _, _ in running), default=0) * step(busy)
             busy, tokens_now, longest = 0, 0, 0
             for job in self.waiting:
                 if busy + job.rows > max_rows or tokens_now + job.cost > max_tokens:
-                    clock += longest * self.step_times(busy)
+                    clock += longest * step(busy)
                     busy, tokens_now, longest = 0, 0, 0
                 busy += job.rows
                 tokens_now += job.cost
                 longest = max(longest, self._expected_steps(job))
             if busy + rows > max_rows or tokens_now + cost > max_tokens:
-                clock += longest * self.step_times(busy)
-                busy = 0
-            return clock, busy + rows
+                clock += longest * step(busy)
+                busy, longest = 0, 0
+            return clock, busy + rows, longest if self.config.mode in HOLDING else 0
         t = 0  # steps simulated after the one in flight
         free, free_tokens = max_rows - busy, max_tokens - self.tokens_used
         heapq.heapify(running)
@@ -529,7 +528,7 @@ class _ModelLoop:
             while (free < need or free_tokens < need_tokens) and running:
                 done_at, freed, freed_tokens = heapq.heappop(running)
                 if done_at > t:
-                    clock += (done_at - t) * self.step_times(busy)
+                    clock += (done_at - t) * step(busy)
                     t = done_at
                 free, free_tokens, busy = free + freed, free_tokens + freed_tokens, busy - freed
             if queued is None:
@@ -538,7 +537,7 @@ class _ModelLoop:
             free_tokens -= queued.cost
             busy += queued.rows
             heapq.heappush(running, (t + self._expected_steps(queued), queued.rows, queued.cost))
-        return clock, busy + rows
+        return clock, busy + rows, 0
 
     def _admit(self) -> list[_Job]:
         """Pop the waiting jobs that join the next step (FIFO, within the budgets)."""
@@ -733,7 +732,10 @@ class _ModelLoop:
             self._finish(key, partial)  # type: ignore[arg-type]
         if out.rows:
             self.steps += 1
-            self.step_times.observe(out.rows, max(0.0, done.period - added.seconds))
+            # Timed at the rows it computed: a padded batch's finished rows too (its tail
+            # of 1-row steps at full-batch times taught a 1-row step several times too
+            # slow).
+            self.step_times.observe(out.capacity, max(0.0, done.period - added.seconds))
             m.decode_step_duration.labels(label).observe(out.seconds + added.seconds)
             m.batch_size.labels(label).observe(out.rows)
             m.batch_padding_ratio.labels(label).observe(out.padding_ratio)
