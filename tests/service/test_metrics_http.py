@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import select
 import socket
+import struct
 import threading
 import time
 import urllib.request
@@ -11,6 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from service.metrics_http import MetricsServer
 from tests.conftest import free_port
@@ -23,10 +27,10 @@ def registry() -> CollectorRegistry:
     return registry
 
 
-def serve(registry: CollectorRegistry, **bounds: float) -> MetricsServer:
+def serve(registry: CollectorRegistry, host: str = "127.0.0.1", **bounds: float) -> MetricsServer:
     limits = {"max_connections": 2, "read_timeout_s": 30.0, "connection_s": 30.0, **bounds}
     return MetricsServer(
-        "127.0.0.1",
+        host,
         free_port(),
         registry,
         max_connections=int(limits["max_connections"]),
@@ -103,3 +107,91 @@ def test_a_client_sending_a_byte_now_and_then_is_cut_at_the_connection_limit(
             pytest.fail("the dripping connection was kept past its limit")
     assert 0.8 < time.monotonic() - started < 5
     assert b"scrapes_seen_total" in scrape(server.server_port)
+
+
+def scrape_when_free(port: int) -> bytes:
+    """A scrape, tried until a slot is free: the handlers before it have all ended."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            return scrape(port)
+        except (ConnectionError, urllib.error.URLError):
+            assert time.monotonic() < deadline, "the slots were never released"
+            time.sleep(0.1)
+
+
+def test_clients_that_go_quiet_or_reset_write_nothing_on_stderr(
+    registry: CollectorRegistry, stopped: list[MetricsServer], capfd: pytest.CaptureFixture[str]
+) -> None:
+    """stderr carries the service's JSON log lines: socketserver printed a traceback there
+    for each connection closed at the read timeout or reset by its client."""
+    server = serve(registry, max_connections=1, read_timeout_s=0.3)
+    stopped.append(server)
+    port = server.server_port
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as quiet:
+        assert closed_by_server(quiet, within=5)
+    scrape_when_free(port)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as reset:
+        reset.sendall(b"GET /met")
+        reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    assert b"scrapes_seen_total" in scrape_when_free(port)
+    assert capfd.readouterr().err == ""
+
+
+class _LargePage(Collector):
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily("large_page", "x" * (16 << 20), value=1.0)
+
+
+def test_a_reader_stalled_mid_page_is_one_log_record_not_a_traceback_on_stderr(
+    stopped: list[MetricsServer],
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A page larger than the sockets' buffers, to a client that reads none of it: the
+    write times out and wsgiref wrote its traceback to stderr."""
+    registry = CollectorRegistry()
+    registry.register(_LargePage())
+    server = serve(registry, max_connections=1, read_timeout_s=0.5)
+    stopped.append(server)
+
+    def failed() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.message.startswith("metrics response failed")]
+
+    with socket.create_connection(("127.0.0.1", server.server_port), timeout=10) as stalled:
+        stalled.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        deadline = time.monotonic() + 10
+        while not failed():  # the write's timeout, while the client holds the page unread
+            assert time.monotonic() < deadline, capfd.readouterr().err
+            time.sleep(0.1)
+    scrape_when_free(server.server_port)
+    assert capfd.readouterr().err == ""
+    assert len(failed()) == 1 and failed()[0].levelno == logging.WARNING
+    assert failed()[0].message.endswith("TimeoutError: timed out")
+
+
+def _ipv6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6(), reason="this machine has no IPv6 loopback")
+def test_the_ipv6_wildcard_serves_ipv4_too_where_sockets_default_to_ipv6_only(
+    registry: CollectorRegistry, stopped: list[MetricsServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--host ::` means every IPv6 and IPv4 address, as gRPC's port serves it; a host with
+    net.ipv6.bindv6only = 1 (here: its socket option, set before the bind) served IPv6 only."""
+    bind = MetricsServer.server_bind
+
+    def bind_v6only(server: MetricsServer) -> None:
+        server.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        bind(server)
+
+    monkeypatch.setattr(MetricsServer, "server_bind", bind_v6only)
+    server = serve(registry, host="::")
+    stopped.append(server)
+    assert b"scrapes_seen_total" in scrape(server.server_port)  # 127.0.0.1
