@@ -1,9 +1,9 @@
 """`python -m loadtest.deadlines`: how a server sheds bursts of calls that carry deadlines.
 
 It warms the server with `--warm` one-verse Translate calls, one after the other, then
-sends `--rounds` bursts, one after the other: `--calls` Translate calls of `--texts`
-verses each, all at once, every one with a `--deadline` second gRPC deadline. Each call
-ends as one of:
+sends bursts one after the other: `--calls` Translate calls of `--texts` verses each, all
+at once, every one with the same gRPC deadline, `--rounds` times for each of the
+`--deadlines` (seconds, a comma list), taken in turn. Each call ends as one of:
 
 * served: answered OK;
 * refused: RESOURCE_EXHAUSTED "refused at admission": the server estimated it could not
@@ -112,11 +112,12 @@ def burst(
 
 
 def run(
-    target: str, texts: list[str], calls: int, per_call: int, deadline_s: float, rounds: int,
-    warm: int,
+    target: str, texts: list[str], calls: int, per_call: int, deadlines: list[float],
+    rounds: int, warm: int,
 ) -> dict[str, Any]:  # fmt: skip
-    """Warm the server, then send the bursts; per round its outcomes and latencies.
-    NotServing if a warm-up call fails."""
+    """Warm the server, then send the bursts (each round every deadline in turn); per burst
+    its outcomes and latencies, and the outcomes per deadline. NotServing if a warm-up call
+    fails."""
     from service.client import Client
 
     with Client(target, timeout=60) as client:
@@ -128,28 +129,29 @@ def run(
                     f"{target} did not answer a warm-up call: {error.code().name} {error.details()}"
                 ) from error
     rows: list[dict[str, Any]] = []
+    totals: dict[str, Counter[str]] = {f"{d:g}": Counter() for d in deadlines}
     for r in range(rounds):
-        first = r * calls * per_call
-        batches = [
-            [texts[(first + c * per_call + t) % len(texts)] for t in range(per_call)]
-            for c in range(calls)
-        ]
-        started = time.monotonic()
-        outcomes, served = burst(target, batches, deadline_s)
-        served.sort()
-        rows.append(
-            {
-                "round": r + 1,
-                "outcomes": dict(outcomes),
-                "wall_s": round(time.monotonic() - started, 3),
-                "served_p50_s": round(served[len(served) // 2], 3) if served else None,
-                "served_max_s": round(served[-1], 3) if served else None,
-            }
-        )
-    total: Counter[str] = Counter()
-    for row in rows:
-        total.update(row["outcomes"])
-    return {"rounds": rows, "total": dict(total)}
+        for deadline_s in deadlines:
+            first = len(rows) * calls * per_call
+            batches = [
+                [texts[(first + c * per_call + t) % len(texts)] for t in range(per_call)]
+                for c in range(calls)
+            ]
+            started = time.monotonic()
+            outcomes, served = burst(target, batches, deadline_s)
+            served.sort()
+            totals[f"{deadline_s:g}"].update(outcomes)
+            rows.append(
+                {
+                    "deadline_s": deadline_s,
+                    "round": r + 1,
+                    "outcomes": dict(outcomes),
+                    "wall_s": round(time.monotonic() - started, 3),
+                    "served_p50_s": round(served[len(served) // 2], 3) if served else None,
+                    "served_max_s": round(served[-1], 3) if served else None,
+                }
+            )
+    return {"bursts": rows, "totals": {d: dict(c) for d, c in totals.items()}}
 
 
 @contextmanager
@@ -184,22 +186,26 @@ def started(repository: Path) -> Iterator[str]:
 
 
 def table(result: dict[str, Any]) -> str:
-    """The rounds and their total as a markdown table."""
-    names = [*OUTCOMES, *sorted(set(result["total"]) - set(OUTCOMES))]
-    head = ["round", *names, "served p50 s", "served max s", "wall s"]
+    """The bursts, by deadline, and each deadline's total, as a markdown table."""
+    seen = {name for total in result["totals"].values() for name in total}
+    names = [*OUTCOMES, *sorted(seen - set(OUTCOMES))]
+    head = ["deadline s", "round", *names, "served p50 s", "served max s", "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
-    for row in result["rounds"]:
-        cells = [row["round"], *(row["outcomes"].get(n, 0) for n in names)]
-        cells += [row["served_p50_s"] or "–", row["served_max_s"] or "–", row["wall_s"]]
+    for deadline, total in result["totals"].items():
+        for row in result["bursts"]:
+            if f"{row['deadline_s']:g}" == deadline:
+                cells = [deadline, row["round"], *(row["outcomes"].get(n, 0) for n in names)]
+                cells += [row["served_p50_s"] or "–", row["served_max_s"] or "–", row["wall_s"]]
+                lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        cells = [deadline, "all", *(total.get(n, 0) for n in names), "", "", ""]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    total = ["all", *(result["total"].get(n, 0) for n in names), "", "", ""]
-    lines.append("| " + " | ".join(str(c) for c in total) + " |")
     return "\n".join(lines)
 
 
 def markdown(result: dict[str, Any]) -> str:
     """The docs section: what was sent, to what, on which machine, and the table."""
     m = result["machine"]
+    deadlines = ", ".join(result["totals"])
     vers = ", ".join(f"{k} {v}" for k, v in result["versions"].items())
     server = (
         f"a fresh `python -m service --model-repository {result['started']}` (default settings)"
@@ -211,13 +217,14 @@ def markdown(result: dict[str, Any]) -> str:
             BEGIN,
             "## Deadlines under bursts",
             "",
-            f"{result['warm']} one-verse Translate calls, then {len(result['rounds'])} bursts "
-            f"of {result['calls']} Translate calls × {result['texts']} test verses, all "
-            f"sent at once, each with a {result['deadline_s']:g} s deadline, against "
-            f"{server}. served: answered; refused: refused at admission (RESOURCE_EXHAUSTED, "
-            "the estimate said it could not be answered in time); too_short: less time than "
-            "an idle server needs (DEADLINE_EXCEEDED at admission); queue_full: max_queue; "
-            "expired: admitted, then past its deadline. Machine: "
+            f"{result['warm']} one-verse Translate calls, then bursts of {result['calls']} "
+            f"Translate calls × {result['texts']} test verses, all sent at once with the same "
+            f"deadline, {result['rounds']} rounds of the deadlines {deadlines} s in turn, "
+            f"against {server}. served: answered; refused: refused at admission "
+            "(RESOURCE_EXHAUSTED, the estimate said it could not be answered in time); "
+            "too_short: less time than an idle server needs (DEADLINE_EXCEEDED at "
+            "admission); queue_full: max_queue; expired: admitted, then past its deadline. "
+            "Machine: "
             f"{m.get('Model name', 'unknown CPU')}, {m.get('usable_cores')} usable cores "
             f"(load average at start {' '.join(m.get('loadavg_at_start', []))}).",
             "",
@@ -236,9 +243,9 @@ def main(
     target: Annotated[str, typer.Option(help="host:port of the server.")] = "127.0.0.1:50051",
     calls: Annotated[int, typer.Option(min=1, max=256, help="Calls per burst.")] = 36,
     texts: Annotated[int, typer.Option(min=1, max=64, help="Verses per call.")] = 8,
-    deadline: Annotated[
-        float, typer.Option(min=0.001, max=600, help="Each call's deadline, seconds.")
-    ] = 1.0,
+    deadlines: Annotated[
+        str, typer.Option(help="The calls' deadlines, seconds, a comma list: bursts of each.")
+    ] = "1,2,3",
     rounds: Annotated[int, typer.Option(min=1, max=100, help="Bursts, one after another.")] = 3,
     warm: Annotated[int, typer.Option(min=0, max=1000, help="One-verse calls first.")] = 5,
     inputs: Annotated[
@@ -260,6 +267,14 @@ def main(
         verses = load_texts(resolve_inputs(inputs))
     except (ValueError, FileNotFoundError) as error:
         raise typer.BadParameter(str(error)) from error
+    try:
+        chosen = [float(d) for d in deadlines.split(",") if d.strip()]
+    except ValueError:
+        chosen = []
+    if not chosen or not all(0.001 <= d <= 600 for d in chosen):
+        raise typer.BadParameter(
+            f"--deadlines must be seconds in [0.001, 600], comma-separated; got {deadlines!r}"
+        )
     if start is not None and not start.is_dir():
         raise typer.BadParameter(f"--start {start}: no such model repository (run `make export`)")
     result: dict[str, Any] = {
@@ -268,7 +283,7 @@ def main(
         "started": str(start) if start is not None else None,
         "calls": calls,
         "texts": texts,
-        "deadline_s": deadline,
+        "rounds": rounds,
         "warm": warm,
         "machine": provenance.machine(),
         "versions": provenance.versions(),
@@ -276,10 +291,10 @@ def main(
     }
     try:
         if start is None:
-            result.update(run(target, verses, calls, texts, deadline, rounds, warm))
+            result.update(run(target, verses, calls, texts, chosen, rounds, warm))
         else:
             with started(start) as address:
-                result.update(run(address, verses, calls, texts, deadline, rounds, warm))
+                result.update(run(address, verses, calls, texts, chosen, rounds, warm))
     except NotServing as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from error

@@ -51,25 +51,22 @@ def test_bursts_are_served_with_a_long_deadline_and_not_with_a_tiny_one(
 ) -> None:
     inputs = short_verses(tmp_path / "short.txt")
     common = ["--target", server.address, "--calls", "4", "--texts", "2", "--inputs", str(inputs)]
-    out = tmp_path / "long.json"
+    out = tmp_path / "report.json"
     result = CliRunner().invoke(
-        deadlines.app, [*common, "--deadline", "30", "--rounds", "2", "--out", str(out)]
+        deadlines.app, [*common, "--deadlines", "30,0.001", "--rounds", "2", "--out", str(out)]
     )
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
-    assert report["total"] == {"served": 8}
-    assert [r["outcomes"] for r in report["rounds"]] == [{"served": 4}, {"served": 4}]
+    assert [(b["deadline_s"], b["round"]) for b in report["bursts"]] == [
+        (30, 1), (0.001, 1), (30, 2), (0.001, 2),
+    ]  # fmt: skip
+    assert report["totals"]["30"] == {"served": 8}
+    tiny = report["totals"]["0.001"]
+    assert sum(tiny.values()) == 8 and "served" not in tiny
+    assert set(tiny) <= {"too_short", "expired"}
     assert report["command"].startswith("python -m loadtest.deadlines")
-    assert report["deadline_s"] == 30 and report["machine"]["cpu_count"]
-    assert "| all | 8 | 0 | 0 | 0 | 0 |" in result.output
-    out = tmp_path / "tiny.json"
-    result = CliRunner().invoke(
-        deadlines.app, [*common, "--deadline", "0.001", "--rounds", "1", "--out", str(out)]
-    )
-    assert result.exit_code == 0, result.output
-    total = json.loads(out.read_text())["total"]
-    assert sum(total.values()) == 4 and "served" not in total
-    assert set(total) <= {"too_short", "expired"}
+    assert report["rounds"] == 2 and report["machine"]["cpu_count"]
+    assert "| 30 | all | 8 | 0 | 0 | 0 | 0 |" in result.output
 
 
 def test_a_target_that_does_not_answer_is_named() -> None:
@@ -94,17 +91,23 @@ def test_start_serves_the_repository_and_record_writes_the_section(
     doc = tmp_path / "benchmarks.md"
     doc.write_text(f"# Benchmarks\n\nkept\n\n{deadlines.BEGIN}\nold\n{deadlines.END}\n\ntail\n")
     args = ["--start", str(model_repository), "--calls", "3", "--texts", "2", "--rounds", "1"]
-    args += ["--deadline", "30", "--warm", "1", "--inputs", str(inputs), "--record", str(doc)]
+    args += ["--deadlines", "30", "--warm", "1", "--inputs", str(inputs), "--record", str(doc)]
     result = CliRunner().invoke(deadlines.app, args)
     assert result.exit_code == 0, result.output
     text = doc.read_text()
     assert text.startswith("# Benchmarks\n\nkept\n") and text.endswith("\ntail\n")
     assert "old" not in text and text.count(deadlines.BEGIN) == 1
     assert f"a fresh `python -m service --model-repository {model_repository}`" in text
-    assert "| all | 3 | 0 | 0 | 0 | 0 |" in text
+    assert "| 30 | all | 3 | 0 | 0 | 0 | 0 |" in text
     assert "Reproduce: `python -m loadtest.deadlines" in text
 
 
 def test_start_names_a_missing_repository() -> None:
     result = CliRunner().invoke(deadlines.app, ["--start", "no-such-repo"])
     assert result.exit_code == 2 and "no-such-repo: no such model repository" in result.output
+
+
+@pytest.mark.parametrize("bad", ["", "1,x", "0", "700"])
+def test_deadlines_out_of_range_are_refused(bad: str) -> None:
+    result = CliRunner().invoke(deadlines.app, ["--deadlines", bad])
+    assert result.exit_code == 2 and "--deadlines must be seconds" in result.output
