@@ -610,13 +610,15 @@ class Engine:
             return WarmupReport(count, time.perf_counter() - start, {}, 0.0, stopped=True)
         # One step per row bucket at a typical cache, the fastest of three after a warm-up
         # run: the scheduler's first estimates (a step's time grows with its rows: on this
-        # project's CPU 1.6 ms at 1 row, 12-17 ms at 64 for en-es; up to 3 times that
-        # while the server starts beside it, which the first steps served correct).
+        # project's CPU 1.6 ms at 1 row, 12-17 ms at 64 for en-es). Its inputs are made
+        # before the clock starts: allocating en-es's 64-row caches (about 100 MB of
+        # zeros) in the loading thread tripled the time read (45 ms against 12 in the
+        # main thread), and the scheduler then refused bursts it could serve.
         c = min(caches[-1], 64)
         s = min(src_list[-1], 64) if translator else 0
         step: dict[int, float] = {}
         for r in rows:
-            timed = partial(self._run_decoder_zeros, r, c, s, 1)
+            timed = partial(self._run_decoder, self._zero_feeds(r, c, s, 1), r, 1)
             timed()
             step[r] = min(self._timed(timed) for _ in "123")
         n = min(8, rows[-1])
@@ -626,7 +628,7 @@ class Engine:
         else:
             width = c
             n = min(n, self.prefill_rows(width))
-            admit = partial(self._run_decoder_zeros, n, width, 0, width)
+            admit = partial(self._run_decoder, self._zero_feeds(n, width, 0, width), n, width)
         admit()
         per_token = min(self._timed(admit) for _ in "123") / (n * width)
         self.warmup_report = WarmupReport(count, time.perf_counter() - start, step, per_token)
@@ -650,12 +652,17 @@ class Engine:
         return self.prefill_rows(width), width
 
     def _run_decoder_zeros(self, r: int, c: int, s: int, t: int) -> None:
-        b = self.backend
+        self._run_decoder(self._zero_feeds(r, c, s, t), r, t)
+
+    def _zero_feeds(self, r: int, c: int, s: int, t: int) -> dict[str, Any]:
         source = s if self.task is Task.TRANSLATION else None
-        feeds = zero_step(b, (self.layers, self.heads, self.head_dim), r, c, source, t, self.pad_id)
-        logits, _, _, _ = b.decode(feeds, want_alignment=False)
+        shape = (self.layers, self.heads, self.head_dim)
+        return zero_step(self.backend, shape, r, c, source, t, self.pad_id)
+
+    def _run_decoder(self, feeds: dict[str, Any], r: int, t: int) -> None:
+        logits, _, _, _ = self.backend.decode(feeds, want_alignment=False)
         if t == 1:
-            b.greedy(logits, np.arange(r))
+            self.backend.greedy(logits, np.arange(r))
 
     def _run_encoder_zeros(self, n: int, s: int) -> None:
         ids = np.full((n, s), self.pad_id, dtype=np.int64)
