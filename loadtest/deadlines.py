@@ -29,6 +29,7 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -164,25 +165,29 @@ def started(repository: Path) -> Iterator[str]:
     address = f"127.0.0.1:{free_port()}"
     flags = ["--port", address.rsplit(":", 1)[1], "--metrics-port", "0"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SERVE_")}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service", *flags, "--model-repository", str(repository)],
-        cwd=provenance.ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not _serving(address):
-            if process.poll() is not None:
-                err = process.stderr.read().decode(errors="replace") if process.stderr else ""
-                raise NotServing(f"the server exited ({process.returncode}): {err[-2000:]}")
-            if time.monotonic() > deadline:
-                raise NotServing(f"the server was not SERVING after {START_TIMEOUT_S:g} s")
-            time.sleep(0.5)
-        yield address
-    finally:
-        stop_server(process)
+    # Its log goes to a file: a pipe nobody reads fills up, and the server then blocks
+    # on its next log line, its event loop with it.
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service", *flags, "--model-repository", str(repository)],
+            cwd=provenance.ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+        try:
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while not _serving(address):
+                if process.poll() is not None:
+                    log.seek(0)
+                    err = log.read().decode(errors="replace")[-2000:]
+                    raise NotServing(f"the server exited ({process.returncode}): {err}")
+                if time.monotonic() > deadline:
+                    raise NotServing(f"the server was not SERVING after {START_TIMEOUT_S:g} s")
+                time.sleep(0.5)
+            yield address
+        finally:
+            stop_server(process)
 
 
 def table(result: dict[str, Any]) -> str:
