@@ -36,12 +36,13 @@ Policy (read this before tuning the budgets):
   observed output lengths, per source token for a translation and as a share of
   max_new_tokens for a generation, which a reload's new version takes over from the one
   it replaces; a request running past that length counts to its max_new_tokens; each
-  step timed at the rows it runs: `StepTimes`), for a unary call that shares the loop
-  with others plus its own expected decode steps (to its batch's end in a HOLDING mode),
-  and refuses with DeadlineUnmeetable when that exceeds the time left: a call that would
-  expire with nothing to show is told at once instead of taking rows from those that can
-  finish; a stream keeps the tokens it got; a call to an idle loop takes rows from no
-  one, and is admitted (DeadlineExceeded when the time left is shorter than the least an
+  step timed at the rows it runs: `StepTimes`), for a unary call plus its own expected
+  decode steps (to its batch's end in a HOLDING mode), and refuses with
+  DeadlineUnmeetable when that exceeds the time left: a call that would expire with
+  nothing to show is told at once instead of taking rows from those that can finish; a
+  stream keeps the tokens it got. A call finding the loop idle (nothing running, nothing
+  queued but its own texts) takes rows from no one, and is admitted: it corrects stale or
+  guessed estimates (DeadlineExceeded when the time left is shorter than the least an
   idle server takes: one step, and a unary call's admission). A request whose deadline
   passes, or whose caller goes away (CancelledError in the awaiting task, or a stream
   closed early), is removed at the next step boundary and its rows freed; the caller
@@ -295,6 +296,7 @@ class _Job:
         entry: ModelVersion,
         stream: bool,
         loop: asyncio.AbstractEventLoop,
+        call: object | None = None,
     ) -> None:
         self.request = request
         self.input_ids = input_ids
@@ -305,6 +307,8 @@ class _Job:
         self.events: asyncio.Queue[StreamItem | BaseException] | None = (
             asyncio.Queue() if stream else None
         )
+        # The call it belongs to (a multi-text Translate's texts share one), for admission.
+        self.call: object = self if call is None else call
         self.enqueued = time.monotonic()
         self.waited = False  # its queue time is observed (once: `_ModelLoop._left_queue`)
         self.first_token: float | None = None
@@ -418,16 +422,19 @@ class _ModelLoop:
                     f"the {left:.3f}s left before the deadline are less than {what} take on "
                     f"an idle server of model {self.entry.key} ({alone:.3f}s)"
                 )
+            # A call finding the loop idle (nothing running, nothing queued but its own
+            # texts) takes rows from no one, and is admitted: it is what corrects estimates
+            # gone stale or guessed (a cold server's lengths, a step timed slow beside
+            # another model's), which refusing every such call kept for good.
             wait, rows, batch_steps = self._wait(job.rows, job.cost)
             need = f"estimated queue wait {wait:.3f}s"
-            # Its own expected decode counts where it would take rows or steps from other
-            # requests; an idle loop's call takes none, and is the only way to learn.
-            if unary and (self.running or self.waiting):
+            if unary:  # its own expected decode: to its batch's end in a HOLDING mode
                 steps = max(self._expected_steps(job), batch_steps)
-                decode = steps * self.step_times(rows, fresh=not self.running) + admission
+                decode = steps * self.step_times(rows) + admission
                 need += f" and {decode:.3f}s for its expected {steps} decode steps"
                 wait += decode
-            if wait > left:
+            idle = not self.running and (not self.waiting or self.waiting[0].call is job.call)
+            if wait > left and not idle:
                 raise DeadlineUnmeetable(
                     f"refused at admission: model {self.entry.key}: {need} exceed the "
                     f"{left:.3f}s left before the deadline; retry with a longer deadline or "
@@ -496,27 +503,25 @@ class _ModelLoop:
         included), and the steps its answer waits for in a HOLDING mode (the longest
         expected of the batch it joins; 0 otherwise). The steps are simulated with the rows
         each runs, so a wait behind a full batch counts full-batch steps; and the requests
-        ahead are taken in (encoded or prefilled) before it. With nothing running, the
-        steps are a fresh batch's (`StepTimes`)."""
+        ahead are taken in (encoded or prefilled) before it."""
         max_rows, max_tokens = self.config.max_batch_size, self.config.max_batch_tokens
         running = [(self._steps_left(j), j.rows, j.cost) for j in self.running.values()]
-        step = functools.partial(self.step_times, fresh=not self.running)
         busy = self.rows_used
         clock = self.step_times.admission(sum(len(job.input_ids) for job in self.waiting))
         if self.running:
-            clock += step(busy)  # the step in flight ends first
+            clock += self.step_times(busy)  # the step in flight ends first
         if self.config.mode != "continuous":
-            clock += max((steps for steps, _, _ in running), default=0) * step(busy)
+            clock += max((steps for steps, _, _ in running), default=0) * self.step_times(busy)
             busy, tokens_now, longest = 0, 0, 0
             for job in self.waiting:
                 if busy + job.rows > max_rows or tokens_now + job.cost > max_tokens:
-                    clock += longest * step(busy)
+                    clock += longest * self.step_times(busy)
                     busy, tokens_now, longest = 0, 0, 0
                 busy += job.rows
                 tokens_now += job.cost
                 longest = max(longest, self._expected_steps(job))
             if busy + rows > max_rows or tokens_now + cost > max_tokens:
-                clock += longest * step(busy)
+                clock += longest * self.step_times(busy)
                 busy, longest = 0, 0
             return clock, busy + rows, longest if self.config.mode in HOLDING else 0
         t = 0  # steps simulated after the one in flight
@@ -528,7 +533,7 @@ class _ModelLoop:
             while (free < need or free_tokens < need_tokens) and running:
                 done_at, freed, freed_tokens = heapq.heappop(running)
                 if done_at > t:
-                    clock += (done_at - t) * step(busy)
+                    clock += (done_at - t) * self.step_times(busy)
                     t = done_at
                 free, free_tokens, busy = free + freed, free_tokens + freed_tokens, busy - freed
             if queued is None:
@@ -1207,9 +1212,12 @@ class Scheduler:
     def _usable(self, entry: ModelVersion) -> bool:
         return self._unusable(entry) is None
 
-    def _prepare(self, request: SequenceRequest, stream: bool) -> tuple[_Job, _ModelLoop]:
+    def _prepare(
+        self, request: SequenceRequest, stream: bool, call: object | None = None
+    ) -> tuple[_Job, _ModelLoop]:
         """Resolve the model, tokenize, check limits and budgets, queue: the refusals
-        all happen here, before anything is decoded."""
+        all happen here, before anything is decoded. `call`: shared by the sequences of
+        one call (submit_all)."""
         if self._stopping:
             raise Unavailable(
                 "the server is shutting down; retry on another replica", reason="draining"
@@ -1236,7 +1244,7 @@ class Scheduler:
             # The server's default, lowered to what the token budget can hold (as `fit`
             # lowers it to the model's limits); a value the caller set is refused below.
             request = replace(request, params=replace(p, max_new_tokens=budget))
-        job = _Job(request, input_ids, entry, stream, asyncio.get_running_loop())
+        job = _Job(request, input_ids, entry, stream, asyncio.get_running_loop(), call)
         if job.cost > self.config.max_batch_tokens:
             raise InvalidArgument(
                 "options.max_new_tokens" if not p.max_new_tokens_default else "text",
@@ -1271,11 +1279,12 @@ class Scheduler:
         result as it comes: what it raises fails the call the same way (the transport
         refuses an answer over the max message size before the rest is decoded)."""
         prepared: list[tuple[_Job, _ModelLoop]] = []
+        call = object()
         try:
             self._check_room(requests)
             for i, request in enumerate(requests):
                 try:
-                    prepared.append(self._prepare(request, stream=False))
+                    prepared.append(self._prepare(request, stream=False, call=call))
                 except InvalidArgument as error:
                     error.index = i
                     raise

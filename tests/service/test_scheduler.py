@@ -619,12 +619,12 @@ def test_a_cold_idle_server_serves_a_generation_its_expected_length_does_not_fit
     assert result.hypotheses[0].token_ids == solo.hypotheses[0].token_ids
 
 
-def test_an_idle_loop_estimates_a_multi_text_call_at_fresh_step_times() -> None:
+def test_an_idle_loop_admits_a_multi_text_call_whatever_its_stale_step_times() -> None:
     """A slow 2-row step (another model's step beside it) is all the loop knows of 2 rows
-    once idle: a lone call is estimated at a fresh batch's times, and so is each text of a
-    multi-text call after the first, which waits beside it, not behind a running batch. It
-    was estimated at the slow step, refused, and every such call after it (no 2-row step
-    ran to learn from)."""
+    once idle: a multi-text call finding the loop idle is admitted, every text (the ones
+    after the first wait beside it, not behind another call). Its texts after the first
+    were estimated at the slow step and refused, and so was every such call after it (no
+    2-row step ran to learn from)."""
     slow = [True]
 
     def step(_: Batch) -> None:
