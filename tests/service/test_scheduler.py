@@ -523,6 +523,14 @@ def test_step_times_are_learnt_by_row_bucket() -> None:
     assert times.admission(100) == 0.0
     times.observe_admission(100, 0.1)  # 1 ms a token
     assert times.admission(50) == pytest.approx(0.05)
+    assert times.admission_share == 0.0  # no round took anyone in
+    busy = StepTimes({1: 0.01}, 0.0, alpha=0.2)
+    for _ in range(50):
+        busy.observe(1, 0.01, admitted=0.003)
+    assert busy.admission_share == pytest.approx(0.3)
+    for _ in range(5):  # a burst's tail, nobody left to take in, hardly moves it
+        busy.observe(1, 0.01)
+    assert 0.25 < busy.admission_share < 0.3
 
 
 def _rows_timed_engine(seconds_per_row: float) -> EngineFactory:
