@@ -234,19 +234,20 @@ SHARE_DECAY = 0.99
 
 class StepTimes:
     """Wall seconds of the engine's rounds, learnt online: a decoder step by the rows it
-    computes, and taking a request in (encoder or prefill) per input token.
+    computes; taking a request in (encoder or prefill) per input token; and the share of
+    the rounds' time spent taking newcomers in (`admission_share`).
 
     A step's time grows with its rows (en-es on this project's 2-core CPU: 1.6 ms at 1 row,
-    12 ms at 64), and a newcomer's encode takes about 1.1 ms per 32 source tokens, so one
-    average over every round, after light load a 1-row step's, estimated a burst's wait
-    several times short, and admitted requests that then expired in the queue.
+    12 ms at 64), so one average over every round, after light load a 1-row step's,
+    estimated a burst's wait several times short, and admitted requests that then expired
+    in the queue.
 
     A batch computes a power-of-two count of rows (its capacity: the live rows' bucket, or
     every row of a padded batch), so a step is timed per row bucket (`knots`), started
     from the warm-up's timings. A knot's estimate is the mean of its first steps (the
-    first replaces the warm-up's timing, which the server's own start can triple), then an
-    EWMA with weight `alpha`. Read through the running maximum of the knots, so more rows
-    never read faster."""
+    first replaces the warm-up's timing, a lone step with none of the serving loop's
+    overhead), then an EWMA with weight `alpha`. Read through the running maximum of the
+    knots, so more rows never read faster."""
 
     def __init__(self, prior: dict[int, float], admit_token_s: float, alpha: float) -> None:
         self.alpha = alpha
@@ -439,10 +440,6 @@ class _ModelLoop:
                     f"the {left:.3f}s left before the deadline are less than {what} take on "
                     f"an idle server of model {self.entry.key} ({alone:.3f}s)"
                 )
-            # A call finding the loop idle (nothing running, nothing queued but its own
-            # texts) takes rows from no one, and is admitted: it is what corrects estimates
-            # gone stale or guessed (a cold server's lengths, a step timed slow beside
-            # another model's), which refusing every such call kept for good.
             wait, rows, batch_steps = self._wait(job.rows, job.cost)
             need = f"estimated queue wait {wait:.3f}s"
             if unary:  # its own expected decode: to its batch's end in a HOLDING mode
@@ -451,6 +448,10 @@ class _ModelLoop:
                 decode = steps * self.step_times(rows) * share + admission
                 need += f" and {decode:.3f}s for its expected {steps} decode steps"
                 wait += decode
+            # A call finding the loop idle (nothing running, nothing queued but its own
+            # texts) takes rows from no one, and is admitted: it is what corrects estimates
+            # gone stale or guessed (a cold server's lengths, a step timed slow beside
+            # another model's), which refusing every such call kept for good.
             idle = not self.running and (not self.waiting or self.waiting[0].call is job.call)
             if wait > left and not idle:
                 raise DeadlineUnmeetable(
