@@ -175,6 +175,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def ipv6_loopback() -> bool:
+    """Whether this machine can bind ::1 (CI containers may have no IPv6)."""
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
 @dataclass
 class ServerHandle:
     """A `python -m service` subprocess on loopback."""

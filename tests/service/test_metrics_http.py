@@ -17,7 +17,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from service.metrics_http import MetricsServer
-from tests.conftest import free_port
+from tests.conftest import free_port, ipv6_loopback
 
 
 @pytest.fixture
@@ -171,16 +171,7 @@ def test_a_reader_stalled_mid_page_is_one_log_record_not_a_traceback_on_stderr(
     assert failed()[0].message.endswith("TimeoutError: timed out")
 
 
-def _ipv6() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _ipv6(), reason="this machine has no IPv6 loopback")
+@pytest.mark.skipif(not ipv6_loopback(), reason="this machine has no IPv6 loopback")
 def test_the_ipv6_wildcard_serves_ipv4_too_where_sockets_default_to_ipv6_only(
     registry: CollectorRegistry, stopped: list[MetricsServer], monkeypatch: pytest.MonkeyPatch
 ) -> None:

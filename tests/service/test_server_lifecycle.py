@@ -22,7 +22,7 @@ import pytest
 from service.client import Client
 from service.gen.inference.v1 import inference_pb2 as pb
 from service.metrics import Metrics
-from tests.conftest import ServerHandle, wait_serving
+from tests.conftest import ServerHandle, ipv6_loopback, wait_serving
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -283,16 +283,7 @@ def test_a_busy_port_exits_1_saying_which_setting_to_change(
     assert "Traceback" not in log, log
 
 
-def _ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback")
+@pytest.mark.skipif(not ipv6_loopback(), reason="this machine has no IPv6 loopback")
 def test_an_ipv6_host_serves_grpc_and_metrics(
     start_server: Callable[..., ServerHandle], tmp_path: Path
 ) -> None:
