@@ -227,6 +227,13 @@ def _coalesce(
     return TokenEvent(ids, text), None
 
 
+# The fewest input tokens a round takes in for its time to teach the seconds per token: a
+# smaller one's time is mostly the encoder's or prefill's fixed cost (en-es on this
+# project's CPU: a 1-token source 0.6 ms a token, 0.09 at 200), which, learnt per token,
+# refused a 200-token input on an idle server as DEADLINE_EXCEEDED at 0.1 s, served alone
+# in 0.024 s.
+ADMIT_TOKENS_TIMED = 64
+
 # Weight of the rounds before the latest in `StepTimes.admission_share`: about the last
 # hundred, so a burst's tail (rounds with nobody left to take in) does not erase it.
 SHARE_DECAY = 0.99
@@ -255,7 +262,7 @@ class StepTimes:
         self.prior = dict(prior)
         self.seconds = dict(prior)
         self.seen = dict.fromkeys(prior, 0)
-        self.admit_token_s = admit_token_s
+        self.admit_token_s = self.admit_prior = admit_token_s
         self.admits_seen = 0
         self.step_total = self.admitted_total = 0.0  # decayed sums (`admission_share`)
 
@@ -284,14 +291,18 @@ class StepTimes:
         return self.admitted_total / self.step_total if self.step_total else 0.0
 
     def observe_admission(self, tokens: int, seconds: float) -> None:
-        if tokens > 0:
+        """A round took in inputs of `tokens` tokens in all in `seconds` (learnt from
+        rounds of ADMIT_TOKENS_TIMED tokens or more)."""
+        if tokens >= ADMIT_TOKENS_TIMED:
             self.admits_seen += 1
             gain = self._gain(self.admits_seen)
             self.admit_token_s += gain * (seconds / tokens - self.admit_token_s)
 
-    def admission(self, tokens: int) -> float:
-        """Seconds to take in inputs of `tokens` tokens in all."""
-        return self.admit_token_s * tokens
+    def admission(self, tokens: int, fresh: bool = False) -> float:
+        """Seconds to take in inputs of `tokens` tokens in all; `fresh`: on an idle engine,
+        no slower than at warm-up (a lower bound, as for a step)."""
+        rate = min(self.admit_token_s, self.admit_prior) if fresh else self.admit_token_s
+        return rate * tokens
 
     def __call__(self, rows: int, fresh: bool = False) -> float:
         """A step of `rows` live rows (one at least); `fresh`: of a new batch on an idle
@@ -433,7 +444,8 @@ class _ModelLoop:
             # other requests' lengths (before any finished, half of a generation's
             # max_new_tokens: a cold server refused as DEADLINE_EXCEEDED generations it
             # answered in a tenth of their deadline, none admitted to learn from).
-            alone = self.step_times(job.rows, fresh=True) + admission
+            least = self.step_times.admission(len(job.input_ids), fresh=True) if unary else 0.0
+            alone = self.step_times(job.rows, fresh=True) + least
             if left < alone:
                 what = "one decode step and its admission" if unary else "one decode step"
                 raise DeadlineExceeded(

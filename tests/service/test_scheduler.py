@@ -533,6 +533,21 @@ def test_step_times_are_learnt_by_row_bucket() -> None:
     assert 0.25 < busy.admission_share < 0.3
 
 
+def test_short_inputs_do_not_teach_the_admission_time_of_long_ones() -> None:
+    """A round taking in a 1-token input takes the encoder's (or prefill's) fixed cost:
+    learnt per token, it read a 200-token input's admission several times too slow, and an
+    idle server refused as DEADLINE_EXCEEDED calls it answered in a fraction of their
+    deadline (none admitted to learn otherwise). Only rounds of many tokens teach it."""
+    times = StepTimes({1: 0.002}, 0.0001, alpha=0.2)
+    times.observe_admission(200, 0.02)
+    for _ in range(10):
+        times.observe_admission(1, 0.0017)  # en-es/en-lm on this project's CPU
+    assert times.admission(200) == pytest.approx(0.02)
+    times.observe_admission(100, 1.0)  # a slow round (another model's step beside it)
+    assert times.admission(100) > 0.1
+    assert times.admission(100, fresh=True) == pytest.approx(0.01)  # the least: warm-up's
+
+
 def _rows_timed_engine(seconds_per_row: float) -> EngineFactory:
     """Steps take `seconds_per_row` × their rows (timed), as on a CPU, where a full
     batch's step takes several times a lone row's."""
