@@ -8,7 +8,8 @@ at once, every one with the same gRPC deadline, `--rounds` times for each of the
 * served: answered OK;
 * refused: RESOURCE_EXHAUSTED "refused at admission": the server estimated it could not
   answer in time and said so at once, so the caller can retry elsewhere;
-* too_short: DEADLINE_EXCEEDED at admission, less time left than an idle server needs;
+* too_short: DEADLINE_EXCEEDED at admission, less time left than an idle server needs
+  (none at all included: the deadline passed before the request arrived or was admitted);
 * queue_full: RESOURCE_EXHAUSTED for another reason (max_queue, too many calls);
 * expired: DEADLINE_EXCEEDED after it was admitted: rows spent on an answer nobody gets;
 * any other status, by its name.
@@ -55,6 +56,14 @@ END = "<!-- END deadlines -->"
 START_TIMEOUT_S = 120.0
 
 OUTCOMES = ("served", "refused", "too_short", "queue_full", "expired")
+# What the server says of a DEADLINE_EXCEEDED it answered before admitting the call: no
+# rows were spent on it, so it did not expire in the queue or while decoding.
+NOT_ADMITTED = (
+    "on an idle server",
+    "before admission",
+    "before the request arrived",
+    "waited for a read turn",
+)
 
 
 class NotServing(RuntimeError):
@@ -68,7 +77,7 @@ def outcome(code: grpc.StatusCode, details: str) -> str:
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
         return "refused" if "refused at admission" in details else "queue_full"
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-        return "too_short" if "on an idle server" in details else "expired"
+        return "too_short" if any(s in details for s in NOT_ADMITTED) else "expired"
     return code.name.lower()
 
 
@@ -280,6 +289,9 @@ def main(
         raise typer.BadParameter(
             f"--deadlines must be seconds in [0.001, 600], comma-separated; got {deadlines!r}"
         )
+    # Checked before the bursts, not after them: a run's result lost to a traceback.
+    if out is not None and (out.is_dir() or not os.access(out.parent, os.W_OK)):
+        raise typer.BadParameter(f"--out {out}: cannot be written (no such folder?)")
     if start is not None and not start.is_dir():
         raise typer.BadParameter(f"--start {start}: no such model repository (run `make export`)")
     result: dict[str, Any] = {

@@ -661,7 +661,10 @@ def _check_plot_path(path: Path) -> None:
 
 def _print_stream(chunks: Iterable[Any], head: str, as_json: bool, scores: bool) -> Any:
     """A stream as it comes: each chunk as JSON, or `head` then the text, and the score
-    (which the last chunk carries) after it. Returns the last chunk (None if none came)."""
+    (which the last chunk carries) after it. Returns the last chunk, the finished one; a
+    stream that ended without it (the server or a proxy cut it short, though its status
+    read OK) ends the command with exit code 1: its text may be cut short, and it has no
+    finish reason, usage or alignment."""
     chunk = None
     try:
         for chunk in chunks:
@@ -676,6 +679,13 @@ def _print_stream(chunks: Iterable[Any], head: str, as_json: bool, scores: bool)
     finally:  # an error ends the stream: its message goes on a line of its own
         if not as_json and chunk is not None:
             typer.echo()
+    if chunk is None or not chunk.finished:
+        typer.echo(
+            "error: the stream ended before its last chunk (no finish reason): the answer "
+            "may be cut short",
+            err=True,
+        )
+        raise typer.Exit(1)
     return chunk
 
 
@@ -771,13 +781,9 @@ def translate(
     if stream:
         if not as_json:
             for i, last in enumerate(lasts):
-                if last is not None:
-                    _note_if_cut(last.finish_reason, last.usage.output_tokens, f"text {i + 1}")
+                _note_if_cut(last.finish_reason, last.usage.output_tokens, f"text {i + 1}")
         if plot_alignment_to is not None:  # the last chunk carries the alignment and labels
             last = lasts[0]
-            if last is None:
-                typer.echo("error: the stream ended without a chunk: nothing to plot", err=True)
-                raise typer.Exit(1)
             title = f"{last.model} v{last.version}: {texts[0][:60]}"
             _plot(last.source_tokens, last.tokens, last.alignment, plot_alignment_to, title)
         return
@@ -844,7 +850,7 @@ def generate(
         if stream:
             chunks = client.generate(prompt, model, version, stream=True, **options)
             last = _print_stream(chunks, "" if as_json else prompt, as_json, scores)
-            if last is not None and not as_json:
+            if not as_json:
                 _note_if_cut(last.finish_reason, last.usage.output_tokens, "the generation")
             return
         response = client.generate(prompt, model, version, **options)

@@ -35,6 +35,17 @@ from tests.loadtest.test_e2e import short_verses
             "server of model en-es:1 (0.002s)",
             "too_short",
         ),
+        # Never admitted: no rows spent on them, not expired.
+        (
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            "the deadline passed 0.000s before admission",
+            "too_short",
+        ),
+        (
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            "the deadline passed before the request arrived",
+            "too_short",
+        ),
         (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", "expired"),
         (grpc.StatusCode.UNAVAILABLE, "draining", "unavailable"),
     ],
@@ -112,3 +123,13 @@ def test_start_names_a_missing_repository() -> None:
 def test_deadlines_out_of_range_are_refused(bad: str) -> None:
     result = CliRunner().invoke(deadlines.app, ["--deadlines", bad])
     assert result.exit_code == 2 and "--deadlines must be seconds" in result.output
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_the_bursts(tmp_path: Path) -> None:
+    """--out in a missing folder failed with a traceback after every burst had run."""
+    target = f"127.0.0.1:{free_port()}"  # nothing there: a burst would fail the warm-up
+    result = CliRunner().invoke(
+        deadlines.app, ["--target", target, "--out", str(tmp_path / "no" / "such.json")]
+    )
+    assert result.exit_code == 2, result.output
+    assert "cannot be written" in result.output

@@ -15,7 +15,15 @@ import grpc
 import pytest
 import typer
 
-from service.client import MAX_TIMEOUT_S, Client, _fail, decoding_options, plot_alignment
+from service.client import (
+    MAX_TIMEOUT_S,
+    Client,
+    _fail,
+    _print_stream,
+    decoding_options,
+    plot_alignment,
+)
+from service.gen.inference.v1 import inference_pb2 as pb
 from tests.conftest import ROOT, ServerHandle
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -187,6 +195,22 @@ def test_cli_hint_on_a_refused_token_says_whether_one_was_sent(
     with pytest.raises(typer.Exit):
         _fail(_Failed(grpc.StatusCode.UNAUTHENTICATED, details, "abc123"), False, token)
     assert capsys.readouterr().err.splitlines()[-1] == hint
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_cli_fails_a_stream_that_ended_before_its_last_chunk(
+    as_json: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A stream ended with status OK but no finished chunk (cut by the server or a proxy)
+    printed its partial text and exited 0, as if answered in full."""
+    cut = [pb.TokenChunk(text=" to", token_ids=[5]), pb.TokenChunk(text=" Moses", token_ids=[6])]
+    for chunks in (cut, []):
+        with pytest.raises(typer.Exit) as ended:
+            _print_stream(iter(chunks), "The Lord said", as_json, scores=False)
+        assert ended.value.exit_code == 1
+        assert "the stream ended before its last chunk" in capsys.readouterr().err
+    last = pb.TokenChunk(finished=True, finish_reason=pb.FINISH_REASON_EOS)
+    assert _print_stream(iter([*cut, last]), "", as_json, scores=False) is last
 
 
 def test_client_refuses_a_deadline_grpc_cannot_keep() -> None:
