@@ -101,7 +101,7 @@ FINISH_REASON_PB = {
 }
 # After the last in-flight call of a drain, how long new calls still get UNAVAILABLE.
 DRAIN_LINGER_S = 1.0
-# Bounds of the metrics endpoint, whose server holds a thread per connection
+# Bounds of the metrics endpoint, whose server holds threads per connection
 # (service/metrics_http.py): how long it waits on a connection's next bytes, how long it
 # keeps one at most, and how many it serves at once (a scrape takes milliseconds).
 METRICS_READ_TIMEOUT_S = 30.0
