@@ -253,8 +253,12 @@ class StepTimes:
     every row of a padded batch), so a step is timed per row bucket (`knots`), started
     from the warm-up's timings. A knot's estimate is the mean of its first steps (the
     first replaces the warm-up's timing, a lone step with none of the serving loop's
-    overhead), then an EWMA with weight `alpha`. Read through the running maximum of the
-    knots, so more rows never read faster."""
+    overhead), then an EWMA with weight `alpha`. Read as the least of its knot and every
+    larger one seen, so fewer rows never read slower: a small knot, seen only at bursts'
+    tails, keeps a slow step (one that waited for the GIL or another model's step) for
+    long, and read as a floor for every larger knot it refused calls a burst then served
+    in a third of their deadline. A knot not seen yet reads at least what the smaller
+    ones seen took (its warm-up timing has none of the serving loop's overhead)."""
 
     def __init__(self, prior: dict[int, float], admit_token_s: float, alpha: float) -> None:
         self.alpha = alpha
@@ -310,9 +314,12 @@ class StepTimes:
         engine keeps a past batch's times (a slow device, a step that waited on another
         model's), and would refuse every deadline shorter than that, none admitted to lower
         them."""
-        top = self._knot(max(1, rows))
-        seconds = max(self.seconds[k] for k in self.knots if k <= top)
-        return min(seconds, self.prior[top]) if fresh else seconds
+        knot = self._knot(max(1, rows))
+        own = self.seconds[knot]
+        if not self.seen[knot]:  # a guess: at least what fewer rows were seen to take
+            own = max([own, *(self.seconds[k] for k in self.knots if k < knot and self.seen[k])])
+        seconds = min([own, *(self.seconds[k] for k in self.knots if k > knot and self.seen[k])])
+        return min(seconds, self.prior[knot]) if fresh else seconds
 
 
 class _Job:
