@@ -187,7 +187,7 @@ def agreement(outputs: dict[str, list[int]], reference: dict[str, list[int]]) ->
 # --- served path ---------------------------------------------------------------------------
 
 
-def _serving(address: str) -> bool:
+def serving(address: str) -> bool:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -275,6 +275,24 @@ def load_failures(server_log: str) -> str | None:
             ):
                 messages.append(str(record.get("message", "")))
     return "; ".join(messages) or NO_MODEL
+
+
+def wait_serving(
+    process: subprocess.Popen[Any], address: str, log_path: Path, since: float, timeout_s: float
+) -> str | None:
+    """None once the server at `address` reads SERVING; else why it will not: it exited,
+    it could load no model (it then stays up, NOT_SERVING: its log says so), or
+    `timeout_s` passed since `since` (time.perf_counter())."""
+    while not serving(address):
+        if process.poll() is not None:
+            return f"exited with {process.returncode}"
+        failures = load_failures(log_path.read_text(errors="replace"))
+        if failures is not None:
+            return f"could load no model: {failures}"
+        if time.perf_counter() - since > timeout_s:
+            return f"not SERVING after {timeout_s:g} s"
+        time.sleep(0.5)
+    return None
 
 
 def stop_server(process: subprocess.Popen[bytes]) -> None:
@@ -502,15 +520,9 @@ def run_served(
             process, address = start_server(name, repository, args, log_path)
             servers[name] = (process, address, log_path)
         for name, (process, address, log_path) in servers.items():
-            while not _serving(address):
-                if process.poll() is not None:
-                    raise ServerFailed(name, f"exited with {process.returncode}")
-                failures = load_failures(log_path.read_text(errors="replace"))
-                if failures is not None:
-                    raise ServerFailed(name, f"could load no model: {failures}")
-                if time.perf_counter() - start > args.server_start_s:
-                    raise ServerFailed(name, f"not SERVING after {args.server_start_s:g} s")
-                time.sleep(0.5)
+            why = wait_serving(process, address, log_path, start, args.server_start_s)
+            if why is not None:
+                raise ServerFailed(name, why)
             modes[name].startup_s = time.perf_counter() - start
             if reference_text:
                 modes[name].agreement = asyncio.run(

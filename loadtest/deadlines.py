@@ -168,32 +168,30 @@ def run(
 def started(repository: Path) -> Iterator[str]:
     """`python -m service` on `repository` with default settings (SERVE_ variables of this
     environment left out) on a free loopback port, SERVING; its address. NotServing if it
-    exits or is not SERVING within START_TIMEOUT_S; stopped (SIGTERM) after."""
-    from loadtest.bench import _serving, free_port, stop_server
+    exits, loads no model or is not SERVING within START_TIMEOUT_S; stopped (SIGTERM)
+    after."""
+    from loadtest.bench import free_port, stop_server, wait_serving
 
     address = f"127.0.0.1:{free_port()}"
     flags = ["--port", address.rsplit(":", 1)[1], "--metrics-port", "0"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SERVE_")}
     # Its log goes to a file: a pipe nobody reads fills up, and the server then blocks
     # on its next log line, its event loop with it.
-    with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service", *flags, "--model-repository", str(repository)],
-            cwd=provenance.ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-        )
+    with tempfile.TemporaryDirectory() as folder:
+        log_path = Path(folder) / "server.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "service", *flags, "--model-repository", str(repository)],
+                cwd=provenance.ROOT,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
         try:
-            deadline = time.monotonic() + START_TIMEOUT_S
-            while not _serving(address):
-                if process.poll() is not None:
-                    log.seek(0)
-                    err = log.read().decode(errors="replace")[-2000:]
-                    raise NotServing(f"the server exited ({process.returncode}): {err}")
-                if time.monotonic() > deadline:
-                    raise NotServing(f"the server was not SERVING after {START_TIMEOUT_S:g} s")
-                time.sleep(0.5)
+            why = wait_serving(process, address, log_path, time.perf_counter(), START_TIMEOUT_S)
+            if why is not None:
+                tail = log_path.read_text(errors="replace")[-2000:]
+                raise NotServing(f"the server {why}. Its log ends: {tail}")
             yield address
         finally:
             stop_server(process)

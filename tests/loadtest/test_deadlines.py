@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -133,3 +134,16 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_bursts(tmp_path:
     )
     assert result.exit_code == 2, result.output
     assert "cannot be written" in result.output
+
+
+@pytest.mark.e2e
+def test_start_names_a_repository_with_no_model_at_once(tmp_path: Path) -> None:
+    """A server that loads no model stays up, NOT_SERVING: --start reads its log and says
+    so, instead of waiting out START_TIMEOUT_S."""
+    empty = tmp_path / "models"
+    empty.mkdir()
+    started = time.monotonic()
+    result = CliRunner().invoke(deadlines.app, ["--start", str(empty), "--warm", "0"])
+    assert result.exit_code == 1
+    assert "the server could load no model" in result.output
+    assert time.monotonic() - started < deadlines.START_TIMEOUT_S / 2
