@@ -1030,6 +1030,16 @@ def test_an_engine_whose_every_step_fails_stops_its_version(
     run(main, make_scheduler(factory=hooked_engine_factory(lost_device)))
 
 
+async def _running_and_queued_fail(s: Scheduler, match: str) -> None:
+    """One generation running, one queued behind it: both end Unavailable (`match`)."""
+    running = asyncio.create_task(s.submit(generate(PROMPTS[0], max_new_tokens=50)))
+    await wait_until(lambda: loop_stats(s, f"{LM}:1")["running"] == 1)
+    queued = asyncio.create_task(s.submit(generate(PROMPTS[1], max_new_tokens=50)))
+    for task in (running, queued):
+        with pytest.raises(Unavailable, match=match):
+            await asyncio.wait_for(task, 5.0)
+
+
 def _lm_engine_that_dies() -> EngineFactory:
     """Engines whose LM's first batch fails at its third step and which can make no batch
     after that, so its worker thread ends (the translator's are plain)."""
@@ -1067,12 +1077,7 @@ def test_an_engine_that_cannot_start_a_batch_stops_its_version_and_fails_its_req
     factory = _lm_engine_that_dies()
 
     async def main(s: Scheduler) -> None:
-        first = asyncio.create_task(s.submit(generate(PROMPTS[0], max_new_tokens=50)))
-        await wait_until(lambda: loop_stats(s, f"{LM}:1")["running"] == 1)
-        queued = asyncio.create_task(s.submit(generate(PROMPTS[1], max_new_tokens=50)))
-        for task in (first, queued):
-            with pytest.raises(Unavailable, match="en-lm:1 stopped: its engine failed"):
-                await asyncio.wait_for(task, 5.0)
+        await _running_and_queued_fail(s, "en-lm:1 stopped: its engine failed")
         # A call after the death is told so too (not that the model is loading).
         with pytest.raises(Unavailable, match="en-lm:1 stopped: its engine failed") as later:
             await s.submit(generate(PROMPTS[2], max_new_tokens=5))
@@ -1167,12 +1172,7 @@ def test_every_request_a_failing_engine_ends_has_one_queue_time() -> None:
         assert queue_times(s) == 2
 
     async def died(s: Scheduler) -> None:
-        running = asyncio.create_task(s.submit(generate(PROMPTS[0], max_new_tokens=50)))
-        await wait_until(lambda: loop_stats(s, f"{LM}:1")["running"] == 1)
-        waiting = asyncio.create_task(s.submit(generate(PROMPTS[1], max_new_tokens=50)))
-        for task in (running, waiting):
-            with pytest.raises(Unavailable, match="stopped: its engine failed"):
-                await asyncio.wait_for(task, 5.0)
+        await _running_and_queued_fail(s, "stopped: its engine failed")
         assert queue_times(s) == 2
 
     run(failed_round, make_scheduler(factory=hooked_engine_factory(fail_the_first_step)))
