@@ -6,13 +6,18 @@ at once, every one with the same gRPC deadline, `--rounds` times for each of the
 `--deadlines` (seconds, a comma list), taken in turn. Each call ends as one of:
 
 * served: answered OK;
-* refused: RESOURCE_EXHAUSTED "refused at admission": the server estimated it could not
-  answer in time and said so at once, so the caller can retry elsewhere;
-* too_short: DEADLINE_EXCEEDED at admission, less time left than an idle server needs
-  (none at all included: the deadline passed before the request arrived or was admitted);
+* refused: RESOURCE_EXHAUSTED, reason DEADLINE_UNMEETABLE ("refused at admission"): the
+  server estimated it could not answer in time and said so at once, so the caller can
+  retry elsewhere;
+* too_short: DEADLINE_EXCEEDED at admission (`admitted` false): less time left than an
+  idle server needs, or none at all;
 * queue_full: RESOURCE_EXHAUSTED for another reason (max_queue, too many calls);
-* expired: DEADLINE_EXCEEDED after it was admitted: rows spent on an answer nobody gets;
+* expired: DEADLINE_EXCEEDED after it was admitted (or the client's own, the server's
+  answer not in yet): rows spent on an answer nobody gets;
 * any other status, by its name.
+
+The reason and `admitted` are read from the status's details (`service.client.failure`),
+not from its message.
 
 A good admission estimate refuses what would expire, and little else: few expired, and
 about as many served as a server refusing nothing would have served in time.
@@ -45,6 +50,7 @@ import typer
 from loadtest import provenance
 from loadtest.sections import replace_section
 from loadtest.workload import check_target, load_texts, resolve_inputs
+from service.client import Client, Failure, failure
 
 app = typer.Typer(add_completion=False)
 
@@ -56,28 +62,23 @@ END = "<!-- END deadlines -->"
 START_TIMEOUT_S = 120.0
 
 OUTCOMES = ("served", "refused", "too_short", "queue_full", "expired")
-# What the server says of a DEADLINE_EXCEEDED it answered before admitting the call: no
-# rows were spent on it, so it did not expire in the queue or while decoding.
-NOT_ADMITTED = (
-    "on an idle server",
-    "before admission",
-    "before the request arrived",
-    "waited for a read turn",
-)
 
 
 class NotServing(RuntimeError):
     """The target failed a warm-up call: there is nothing to measure."""
 
 
-def outcome(code: grpc.StatusCode, details: str) -> str:
-    """What a call's status says happened to it (the module docstring lists them)."""
+def outcome(code: grpc.StatusCode, found: Failure | None) -> str:
+    """What a call's status and its details (`found`) say happened to it (the module
+    docstring lists them)."""
     if code is grpc.StatusCode.OK:
         return "served"
+    reason = found.reason if found is not None else ""
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return "refused" if "refused at admission" in details else "queue_full"
+        return "refused" if reason == "DEADLINE_UNMEETABLE" else "queue_full"
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-        return "too_short" if any(s in details for s in NOT_ADMITTED) else "expired"
+        admitted = found.facts.get("admitted") if found is not None else None
+        return "too_short" if admitted == "false" else "expired"
     return code.name.lower()
 
 
@@ -86,8 +87,6 @@ def burst(
 ) -> tuple[Counter[str], list[float]]:
     """Send every batch as one Translate call at once; their outcomes and the served
     calls' latencies (seconds)."""
-    from service.client import Client
-
     outcomes: Counter[str] = Counter()
     served: list[float] = []
     lock = threading.Lock()
@@ -99,11 +98,11 @@ def burst(
         start = time.monotonic()
         try:
             client.translate(texts)
-            code, details = grpc.StatusCode.OK, ""
+            code, found = grpc.StatusCode.OK, None
         except grpc.RpcError as error:
-            code, details = error.code(), error.details() or ""
+            code, found = error.code(), failure(error)
         with lock:
-            outcomes[outcome(code, details)] += 1
+            outcomes[outcome(code, found)] += 1
             if code is grpc.StatusCode.OK:
                 served.append(time.monotonic() - start)
 
@@ -128,8 +127,6 @@ def run(
     """Warm the server, then send the bursts (each round every deadline in turn); per burst
     its outcomes and latencies, and the outcomes per deadline. NotServing if a warm-up call
     fails."""
-    from service.client import Client
-
     with Client(target, timeout=60) as client:
         for i in range(warm):
             try:

@@ -12,7 +12,9 @@ every command; SERVE_TARGET / SERVE_AUTH_TOKEN are read too. The CLI quiets grpc
 lines below ERROR unless GRPC_VERBOSITY is set (INFO shows them, e.g. a handshake's).
 
 Every call raises grpc.RpcError with the server's status (INVALID_ARGUMENT names the field
-and its limit), and ValueError for a value the wire cannot carry.
+and its limit), and ValueError for a value the wire cannot carry. `failure(error)` reads
+what the server attached to a failed call for code to act on (its reason and facts, the
+bad field), rather than parsing the message.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ if __name__ == "__main__":
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import math
@@ -40,6 +43,9 @@ from typing import Annotated, Any, Literal, NoReturn, Protocol, overload, runtim
 import grpc
 import typer
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from service.domain import REQUEST_ID, bearer_token
 from service.gen.inference.v1 import inference_pb2 as pb
@@ -94,6 +100,45 @@ def service_config(health_checked: bool = False, retries: int = 0) -> str:
             }
         ]
     return json.dumps(config)
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    """Why the server failed a call, beside its status code and message.
+
+    `reason`: QUEUE_FULL, DEADLINE_UNMEETABLE (refused at admission: retry elsewhere or with
+    a longer deadline), DEADLINE_EXCEEDED, INVALID_ARGUMENT, ... (service/errors.py lists
+    them); `facts`: the model, limits and estimates it concerns, e.g. `admitted` ("false":
+    no work was spent on the call); `fields`: for INVALID_ARGUMENT, each bad field and what
+    is wrong with it."""
+
+    reason: str
+    facts: dict[str, str]
+    fields: dict[str, str]
+
+
+def failure(error: grpc.RpcError) -> Failure | None:
+    """The reason and facts the server sent with a failed call (in its google.rpc.Status
+    trailer), or None when there are none: the failure was the channel's (the server down,
+    a failed handshake, the client's own deadline) or not this server's."""
+    if not hasattr(error, "trailing_metadata"):  # not a call's error (grpc raises Calls)
+        return None
+    try:
+        status = rpc_status.from_call(error)
+    except (ValueError, DecodeError):  # one that disagrees with the call's, or unreadable
+        return None
+    if status is None:
+        return None
+    reason = ""
+    facts: dict[str, str] = {}
+    fields: dict[str, str] = {}
+    for detail in status.details:
+        info, bad = error_details_pb2.ErrorInfo(), error_details_pb2.BadRequest()
+        if detail.Unpack(info):
+            reason, facts = info.reason, dict(info.metadata)
+        elif detail.Unpack(bad):
+            fields.update((v.field, v.description) for v in bad.field_violations)
+    return Failure(reason, facts, fields) if reason else None
 
 
 @runtime_checkable

@@ -134,9 +134,21 @@ class ServiceError(Exception):
     `reason` is why the call failed, in a word: the `reason` label of
     inference_request_failures_total and of the call's log line. A status code alone
     cannot tell a full queue from an over-size answer (both RESOURCE_EXHAUSTED), nor a
-    drain from a failed engine (both UNAVAILABLE)."""
+    drain from a failed engine (both UNAVAILABLE).
+
+    `facts`: what a client's code may act on without parsing the message (the model, the
+    limit, the estimate), sent as the metadata of the status's google.rpc.ErrorInfo."""
 
     reason: str = "unknown"
+
+    def __init__(self, message: str = "", **facts: str | int | float) -> None:
+        super().__init__(message)
+        self.facts = {key: _fact(value) for key, value in facts.items()}
+
+
+def _fact(value: str | int | float) -> str:
+    """ErrorInfo metadata holds strings: seconds to the millisecond, counts as digits."""
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 class InvalidArgument(ServiceError):
@@ -145,6 +157,7 @@ class InvalidArgument(ServiceError):
     def __init__(self, field_name: str, message: str) -> None:
         super().__init__(f"{field_name}: {message}")
         self.field = field_name
+        self.description = message  # the message without its field, for BadRequest
         # Which sequence of a call it concerns (Scheduler.submit_all), when there are several.
         self.index: int | None = None
 

@@ -31,11 +31,25 @@ Beside its code, every failed call has a reason (`ServiceError.reason`; "interna
 bug, "cancelled" or "deadline_exceeded" when grpc cancels the handler): the label that
 tells apart failures sharing a code. SERVER_SIDE_REASONS are the ones an operator answers
 for (overload, drain, failures); CLIENT_SIDE_REASONS the caller's to fix.
+
+Every failed call also carries a google.rpc.Status in its `grpc-status-details-bin`
+trailer (the rich error model of Google's APIs, which grpcio-status, grpcurl and the other
+languages' gRPC libraries read), so that a client's code can act on a failure without
+parsing its message:
+
+* an ErrorInfo, domain ERROR_DOMAIN: `reason` is the reason label upper-cased (QUEUE_FULL,
+  DEADLINE_UNMEETABLE, ...) and `metadata` the error's facts (`ServiceError.facts`: the
+  model, the limit, the estimate; `admitted` on DEADLINE_EXCEEDED says whether the call
+  had taken a place in the queue, that is whether any work was spent on it);
+* for INVALID_ARGUMENT, a BadRequest naming the field (`options.top_p`, `texts[2]`) and
+  what is wrong with it.
 """
 
 from __future__ import annotations
 
 import grpc
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from service.domain import (
     Cancelled,
@@ -117,6 +131,28 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
                 return code, str(exc) or cls.__name__, exc.reason
         return grpc.StatusCode.UNKNOWN, str(exc) or type(exc).__name__, exc.reason
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE, INTERNAL_REASON
+
+
+ERROR_DOMAIN = "inference.v1"
+# The trailer that carries the google.rpc.Status (grpcio-status's name for it).
+DETAILS_KEY: str = rpc_status.GRPC_DETAILS_METADATA_KEY
+
+
+def rich_status(
+    code: grpc.StatusCode, message: str, reason: str, error: BaseException | None = None
+) -> status_pb2.Status:
+    """The google.rpc.Status of a failed call: its code and message as the call ends with
+    them (readers check that they agree), an ErrorInfo, and a BadRequest for a bad field."""
+    status = status_pb2.Status(code=code.value[0], message=message)
+    facts = error.facts if isinstance(error, ServiceError) else {}
+    info = error_details_pb2.ErrorInfo(reason=reason.upper(), domain=ERROR_DOMAIN, metadata=facts)
+    status.details.add().Pack(info)
+    if isinstance(error, InvalidArgument):
+        violation = error_details_pb2.BadRequest.FieldViolation(
+            field=error.field, description=error.description
+        )
+        status.details.add().Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+    return status
 
 
 def code_name(code: grpc.StatusCode) -> str:

@@ -450,18 +450,22 @@ class ModelRepository:
             if not versions:
                 what = f"{task.value} models" if task is not None else "models"
                 raise ModelNotFound(
-                    f"model {name!r} is not loaded; loaded {what}: {self._listing(task)}"
+                    f"model {name!r} is not loaded; loaded {what}: {self._listing(task)}",
+                    model=name,
                 )
             if version and version not in versions:
                 raise ModelNotFound(
                     f"model {name!r} has no version {version}; loaded versions: "
-                    f"{', '.join(str(v) for v in sorted(versions))}"
+                    f"{', '.join(str(v) for v in sorted(versions))}",
+                    model=name,
+                    version=version,
                 )
             newest = versions[version or max(versions)]
             if task is not None and newest.task is not task:
                 raise ModelNotFound(
                     f"model {name!r} is a {newest.task.value} model, not {task.value}; "
-                    f"loaded {task.value} models: {self._listing(task)}"
+                    f"loaded {task.value} models: {self._listing(task)}",
+                    model=name,
                 )
             if unusable is None:
                 return newest

@@ -359,6 +359,16 @@ class _Job:
         return self.request.deadline is not None and now >= self.request.deadline
 
 
+def _expired(job: _Job) -> DeadlineExceeded:
+    """A job's deadline passed after its admission (in the queue or decoding)."""
+    seconds = time.monotonic() - job.enqueued
+    return DeadlineExceeded(
+        f"the deadline passed after {seconds:.3f}s ({job.generated} tokens generated)",
+        admitted="true",
+        generated_tokens=job.generated,
+    )
+
+
 @dataclass
 class _Round:
     """What one round of the engine thread did (`_ModelLoop._drive`), with its times."""
@@ -436,13 +446,22 @@ class _ModelLoop:
         if queued >= self.config.max_queue:
             raise QueueFull(
                 f"model {self.entry.key}: {queued} sequences already waiting "
-                f"(max_queue {self.config.max_queue}); retry later or on another replica"
+                f"(max_queue {self.config.max_queue}); retry later or on another replica",
+                model=self.entry.name,
+                version=self.entry.version,
+                max_queue=self.config.max_queue,
+                queued=queued,
             )
         deadline = job.request.deadline
         if deadline is not None:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise DeadlineExceeded(f"the deadline passed {-left:.3f}s before admission")
+                raise DeadlineExceeded(
+                    f"the deadline passed {-left:.3f}s before admission",
+                    admitted="false",
+                    model=self.entry.name,
+                    version=self.entry.version,
+                )
             # A unary call that would expire has nothing to show; a stream keeps its tokens.
             unary = job.events is None
             admission = self.step_times.admission(len(job.input_ids)) if unary else 0.0
@@ -457,7 +476,12 @@ class _ModelLoop:
                 what = "one decode step and its admission" if unary else "one decode step"
                 raise DeadlineExceeded(
                     f"the {left:.3f}s left before the deadline are less than {what} take on "
-                    f"an idle server of model {self.entry.key} ({alone:.3f}s)"
+                    f"an idle server of model {self.entry.key} ({alone:.3f}s)",
+                    admitted="false",
+                    model=self.entry.name,
+                    version=self.entry.version,
+                    time_left_seconds=left,
+                    least_seconds=alone,
                 )
             wait, rows, batch_steps = self._wait(job.rows, job.cost)
             need = f"estimated queue wait {wait:.3f}s"
@@ -476,7 +500,11 @@ class _ModelLoop:
                 raise DeadlineUnmeetable(
                     f"refused at admission: model {self.entry.key}: {need} exceed the "
                     f"{left:.3f}s left before the deadline; retry with a longer deadline or "
-                    "on another replica"
+                    "on another replica",
+                    model=self.entry.name,
+                    version=self.entry.version,
+                    time_left_seconds=left,
+                    estimated_seconds=wait,
                 )
         self.waiting.append(job)
         self.idle.clear()
@@ -919,10 +947,7 @@ class _ModelLoop:
 
     def _abort_error(self, job: _Job) -> ServiceError:
         if job.abort == "deadline":
-            return DeadlineExceeded(
-                f"the deadline passed after {time.monotonic() - job.enqueued:.3f}s "
-                f"({job.generated} tokens generated)"
-            )
+            return _expired(job)
         if job.abort == "shutdown":
             return Unavailable(
                 "the server stopped before the request finished; retry", reason="draining"
@@ -1365,10 +1390,7 @@ class Scheduler:
         except TimeoutError:
             job.abort = job.abort or "deadline"
             loop.wake.set()
-            raise DeadlineExceeded(
-                f"the deadline passed after {time.monotonic() - job.enqueued:.3f}s "
-                f"({job.generated} tokens generated)"
-            ) from None
+            raise _expired(job) from None
         except asyncio.CancelledError:
             job.abort = job.abort or "cancelled"
             loop.wake.set()
@@ -1393,10 +1415,7 @@ class Scheduler:
                     except TimeoutError:
                         job.abort = job.abort or "deadline"
                         loop.wake.set()
-                        raise DeadlineExceeded(
-                            f"the deadline passed after {time.monotonic() - job.enqueued:.3f}s "
-                            f"({job.generated} tokens generated)"
-                        ) from None
+                        raise _expired(job) from None
                 if isinstance(item, BaseException):
                     raise item
                 if isinstance(item, TokenEvent):
@@ -1421,7 +1440,11 @@ class Scheduler:
             raise QueueFull(
                 f"model {entry.key}: this call's {len(requests)} texts need as many queue "
                 f"places and {free} of max_queue {self.config.max_queue} are free; retry "
-                "later, on another replica, or in smaller calls"
+                "later, on another replica, or in smaller calls",
+                model=entry.name,
+                version=entry.version,
+                max_queue=self.config.max_queue,
+                queued=self.config.max_queue - free,
             )
 
     # --- model information -----------------------------------------------------------

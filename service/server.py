@@ -68,7 +68,13 @@ from service.domain import (
     Unauthenticated,
     Unavailable,
 )
-from service.errors import CLIENT_SIDE_REASONS, code_name, status_of
+from service.errors import (
+    CLIENT_SIDE_REASONS,
+    DETAILS_KEY,
+    code_name,
+    rich_status,
+    status_of,
+)
 from service.gen.inference.v1 import inference_pb2 as pb
 from service.gen.inference.v1 import inference_pb2_grpc as pb_grpc
 from service.health import Health
@@ -329,7 +335,9 @@ class Transport:
             raise ResponseTooLarge(
                 f"the answer is {'at least ' if part else ''}{size:,} bytes{part}, over the "
                 f"server's max message size of {self.max_message_bytes:,} "
-                f"(SERVE_MAX_MESSAGE_BYTES): {hint}"
+                f"(SERVE_MAX_MESSAGE_BYTES): {hint}",
+                size_bytes=size,
+                limit_bytes=self.max_message_bytes,
             )
 
     @staticmethod
@@ -374,13 +382,17 @@ class Transport:
             if self.calls > self.settings.max_calls:
                 raise TooManyCalls(
                     f"the server holds {self.settings.max_calls:,} calls, its limit "
-                    "(SERVE_MAX_CALLS); retry later or on another replica"
+                    "(SERVE_MAX_CALLS); retry later or on another replica",
+                    limit="max_calls",
+                    max_calls=self.settings.max_calls,
                 )
             if self.answer_bytes > self.settings.max_answer_bytes:
                 raise TooManyCalls(
                     f"the server holds {self.answer_bytes:,} bytes of answers not yet "
                     f"delivered, over its limit of {self.settings.max_answer_bytes:,} "
-                    "(SERVE_MAX_ANSWER_BYTES); retry later or on another replica"
+                    "(SERVE_MAX_ANSWER_BYTES); retry later or on another replica",
+                    limit="max_answer_bytes",
+                    max_answer_bytes=self.settings.max_answer_bytes,
                 )
             if self._reads_cut:
                 raise _shutting_down()
@@ -560,6 +572,7 @@ class Transport:
         budget = context.time_remaining()
         self._enter()
         code, message, reason = grpc.StatusCode.OK, "", None
+        error: Exception | None = None
         try:
             if not public:
                 self.admit()
@@ -569,6 +582,7 @@ class Transport:
             code, message, reason = self._cancel_status(context, budget)
             raise
         except Exception as exc:
+            error = exc
             code, message, reason = status_of(exc)
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("unexpected error in %s", method)
@@ -576,8 +590,9 @@ class Transport:
             self._finish(method, state, code, started, message, reason)
             self._leave()
             request_id_var.reset(token)
+        details = rich_status(code, message, reason, error).SerializeToString()
         try:
-            await context.abort(code, message, trailing_metadata=trailer)
+            await context.abort(code, message, trailing_metadata=(*trailer, (DETAILS_KEY, details)))
         except grpc.aio.AbortError:
             raise  # how an abort ends the handler
         except Exception:
@@ -675,8 +690,7 @@ def _rename_text_field(exc: InvalidArgument, field_name: str) -> InvalidArgument
     """An engine's complaint about "text" becomes one about the caller's field (texts[2])."""
     if exc.field not in ("text", "texts", "prompt", "input", ""):
         return exc
-    message = str(exc).removeprefix(f"{exc.field}: ")
-    return InvalidArgument(field_name, message)
+    return InvalidArgument(field_name, exc.description)
 
 
 async def _write_all(context: grpc.aio.ServicerContext, items: AsyncGenerator[Any]) -> None:
@@ -998,7 +1012,9 @@ def _lenient(message: Any, max_bytes: int) -> Callable[[bytes], Any]:
             return UnreadableRequest(
                 RequestTooLarge(
                     f"the request is {len(data):,} bytes, over the server's max message size "
-                    f"of {max_bytes:,} (SERVE_MAX_MESSAGE_BYTES): send fewer or shorter texts"
+                    f"of {max_bytes:,} (SERVE_MAX_MESSAGE_BYTES): send fewer or shorter texts",
+                    size_bytes=len(data),
+                    limit_bytes=max_bytes,
                 )
             )
         try:

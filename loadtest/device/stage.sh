@@ -2,7 +2,7 @@
 # Stage, on this machine, what the lent GPU machine lacks for `loadtest/device/run.sh`:
 # onnxruntime-gpu (repacked by ../shared/gpu/stage-ort-gpu) and wheels of the service's
 # dependencies that its image does not hold (pydantic, pydantic-settings, the grpcio we
-# generated code for and its health and reflection services, protobuf).
+# generated code for and its health, reflection and status packages, protobuf).
 #
 # A device call carries the working tree plus what it names, 64 MiB in all, and this
 # repository's tracked files (the checkpoints) take ~27 MiB of that: the shared script's
@@ -45,7 +45,8 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d "$stage/wheels" \
-  grpcio==1.85.3 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 protobuf==7.36.2 \
+  grpcio==1.85.3 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 \
+  grpcio-status==1.85.1 googleapis-common-protos==1.76.0 protobuf==7.36.2 \
   pydantic==2.14.4 pydantic-core==2.50.5 pydantic-settings==2.16.3 annotated-types==0.8.0 \
   typing-inspection==0.4.5 typing-extensions==4.16.0 python-dotenv==1.2.4 packaging==26.4
 

@@ -12,49 +12,42 @@ import pytest
 from typer.testing import CliRunner
 
 from loadtest import deadlines
+from service.client import Failure
 from tests.conftest import free_port
 from tests.loadtest.test_e2e import short_verses
 
 
+def _found(reason: str, **facts: str) -> Failure:
+    return Failure(reason, facts, {})
+
+
 @pytest.mark.parametrize(
-    ("code", "details", "expected"),
+    ("code", "found", "expected"),
     [
-        (grpc.StatusCode.OK, "", "served"),
-        (
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            "refused at admission: model en-es:1: estimated queue wait 2.000s exceed ...",
-            "refused",
-        ),
-        (
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            "model en-es:1: 256 sequences already waiting",
-            "queue_full",
-        ),
-        (
-            grpc.StatusCode.DEADLINE_EXCEEDED,
-            "the 0.001s left before the deadline are less than one decode step take on an idle "
-            "server of model en-es:1 (0.002s)",
-            "too_short",
-        ),
+        (grpc.StatusCode.OK, None, "served"),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, _found("DEADLINE_UNMEETABLE"), "refused"),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, _found("QUEUE_FULL"), "queue_full"),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, _found("TOO_MANY_CALLS"), "queue_full"),
         # Never admitted: no rows spent on them, not expired.
         (
             grpc.StatusCode.DEADLINE_EXCEEDED,
-            "the deadline passed 0.000s before admission",
+            _found("DEADLINE_EXCEEDED", admitted="false"),
             "too_short",
         ),
         (
             grpc.StatusCode.DEADLINE_EXCEEDED,
-            "the deadline passed before the request arrived",
-            "too_short",
+            _found("DEADLINE_EXCEEDED", admitted="true"),
+            "expired",
         ),
-        (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", "expired"),
-        (grpc.StatusCode.UNAVAILABLE, "draining", "unavailable"),
+        # The client's own deadline: the server's answer had not come.
+        (grpc.StatusCode.DEADLINE_EXCEEDED, None, "expired"),
+        (grpc.StatusCode.UNAVAILABLE, _found("DRAINING"), "unavailable"),
     ],
 )
 def test_a_status_names_what_happened_to_the_call(
-    code: grpc.StatusCode, details: str, expected: str
+    code: grpc.StatusCode, found: Failure | None, expected: str
 ) -> None:
-    assert deadlines.outcome(code, details) == expected
+    assert deadlines.outcome(code, found) == expected
 
 
 @pytest.mark.e2e

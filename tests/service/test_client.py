@@ -18,11 +18,15 @@ import typer
 from service.client import (
     MAX_TIMEOUT_S,
     Client,
+    Failure,
     _fail,
     _print_stream,
     decoding_options,
+    failure,
     plot_alignment,
 )
+from service.domain import InvalidArgument
+from service.errors import rich_status, status_of
 from service.gen.inference.v1 import inference_pb2 as pb
 from tests.conftest import ROOT, ServerHandle
 
@@ -75,8 +79,14 @@ class _Failed(grpc.RpcError):
     """A failed call as grpc raises it: a status, its details and the server's request id
     in the trailer (none when no server answered)."""
 
-    def __init__(self, status: grpc.StatusCode, details: str, request_id: str = "") -> None:
-        self._status, self._details, self._id = status, details, request_id
+    def __init__(
+        self,
+        status: grpc.StatusCode,
+        details: str,
+        request_id: str = "",
+        rich: bytes | None = None,
+    ) -> None:
+        self._status, self._details, self._id, self._rich = status, details, request_id, rich
 
     def code(self) -> grpc.StatusCode:
         return self._status
@@ -84,8 +94,26 @@ class _Failed(grpc.RpcError):
     def details(self) -> str:
         return self._details
 
-    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
-        return (("x-request-id", self._id),) if self._id else ()
+    def trailing_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        id_ = (("x-request-id", self._id),) if self._id else ()
+        return id_ + ((("grpc-status-details-bin", self._rich),) if self._rich is not None else ())
+
+
+def test_failure_reads_the_servers_details_and_trusts_no_other() -> None:
+    """The reason, facts and bad fields come back; a status that disagrees with the call's
+    code or message, an unreadable one, none at all or an error that is no call's: None."""
+    error = InvalidArgument("options.top_p", "must be in (0, 1], got 2")
+    error.facts = {"model": "en-es"}
+    code, message, reason = status_of(error)
+    rich = rich_status(code, message, reason, error).SerializeToString()
+    assert failure(_Failed(code, message, rich=rich)) == Failure(
+        "INVALID_ARGUMENT", {"model": "en-es"}, {"options.top_p": "must be in (0, 1], got 2"}
+    )
+    assert failure(_Failed(grpc.StatusCode.INTERNAL, message, rich=rich)) is None
+    assert failure(_Failed(code, "another message", rich=rich)) is None
+    assert failure(_Failed(code, message, rich=b"\xff\xff")) is None
+    assert failure(_Failed(code, message, request_id="0123abcd")) is None
+    assert failure(grpc.RpcError()) is None
 
 
 def test_the_token_is_sent_as_a_header_carries_it() -> None:

@@ -6,13 +6,16 @@ import typing
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
 
 from service import domain
 from service.errors import (
     CLIENT_SIDE_REASONS,
+    ERROR_DOMAIN,
     INTERNAL_MESSAGE,
     SERVER_SIDE_REASONS,
     STATUS_OF,
+    rich_status,
     status_of,
 )
 from service.metrics import Metrics
@@ -68,3 +71,39 @@ def test_the_failures_metric_names_every_reason() -> None:
     help_text = Metrics().request_failures._documentation
     for reason in (SERVER_SIDE_REASONS | CLIENT_SIDE_REASONS) - {domain.ServiceError.reason}:
         assert reason in help_text, reason
+
+
+@pytest.mark.parametrize("cls", [c for c in ERRORS if c is not domain.ServiceError])
+def test_each_failure_carries_its_reason_and_facts_as_a_rich_status(
+    cls: type[domain.ServiceError],
+) -> None:
+    """The google.rpc.Status agrees with the call's code and message (readers check), its
+    ErrorInfo names the reason and facts, and only a bad field adds a BadRequest."""
+    error = _instance(cls)
+    error.facts = {"model": "en-es:1", "max_queue": "2"}
+    code, message, reason = status_of(error)
+    status = rich_status(code, message, reason, error)
+    assert (status.code, status.message) == (code.value[0], message)
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info)
+    assert (info.reason, info.domain) == (reason.upper(), ERROR_DOMAIN)
+    assert dict(info.metadata) == error.facts
+    bad = error_details_pb2.BadRequest()
+    if cls is domain.InvalidArgument:
+        assert len(status.details) == 2 and status.details[1].Unpack(bad)
+        assert [(v.field, v.description) for v in bad.field_violations] == [("texts", "is empty")]
+    else:
+        assert len(status.details) == 1
+
+
+def test_a_bugs_rich_status_tells_nothing_of_it() -> None:
+    code, message, reason = status_of(ValueError("secret"))
+    status = rich_status(code, message, reason, ValueError("secret"))
+    assert b"secret" not in status.SerializeToString()
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info) and info.reason == "INTERNAL" and not info.metadata
+
+
+def test_facts_are_strings_seconds_to_the_millisecond() -> None:
+    error = domain.DeadlineUnmeetable("x", estimated_seconds=1.23456, queued=3, model="m:1")
+    assert error.facts == {"estimated_seconds": "1.235", "queued": "3", "model": "m:1"}

@@ -324,9 +324,11 @@ def test_full_queue_is_refused_at_once() -> None:
         queued = [asyncio.create_task(s.submit(long_request())) for _ in range(2)]
         await wait_until(lambda: loop_stats(s, key)["waiting"] == 2)
         started = time.monotonic()
-        with pytest.raises(QueueFull, match="max_queue 2"):
+        with pytest.raises(QueueFull, match="max_queue 2") as refused:
             await s.submit(long_request())
         assert time.monotonic() - started < 0.5  # refused without waiting for room
+        facts = {"model": LM, "version": "1", "max_queue": "2", "queued": "2"}
+        assert refused.value.facts == facts
         for task in [running, *queued]:
             task.cancel()
         await asyncio.gather(running, *queued, return_exceptions=True)
@@ -465,8 +467,11 @@ def test_unmeetable_deadline_is_refused_with_the_estimate() -> None:
         with pytest.raises(
             DeadlineUnmeetable,
             match=r"refused at admission: .* estimated queue wait .*s .*exceed the .*s left",
-        ):
+        ) as refused:
             await s.submit(tight)
+        facts = refused.value.facts
+        assert (facts["model"], facts["version"]) == (LM, "1")
+        assert float(facts["estimated_seconds"]) > float(facts["time_left_seconds"]) > 0
         generous = generate(PROMPTS[0], within=60, max_new_tokens=5)
         accepted = asyncio.create_task(s.submit(generous))
         await wait_until(lambda: loop_stats(s, key)["waiting"] == 1)
@@ -490,8 +495,13 @@ def test_a_deadline_shorter_than_a_step_is_exceeded_not_shed() -> None:
             async for _ in s.stream(tight):
                 pass
         tight = replace(tight, deadline=time.monotonic() + 0.001)
-        with pytest.raises(DeadlineExceeded, match="less than one decode step and its admission"):
+        with pytest.raises(
+            DeadlineExceeded, match="less than one decode step and its admission"
+        ) as refused:
             await s.submit(tight)
+        facts = refused.value.facts
+        assert facts["admitted"] == "false"  # no work was spent on it
+        assert float(facts["least_seconds"]) > float(facts["time_left_seconds"])
 
     run(main, make_scheduler(factory=slow_engine_factory(STEP_DELAY)))
 
@@ -1265,8 +1275,9 @@ def test_a_request_refused_at_admission_releases_its_model_version() -> None:
         entry = s.repository.get(LM)
         assert entry.in_flight == 0
         past = generate(PROMPTS[0], within=-1.0, max_new_tokens=5)
-        with pytest.raises(DeadlineExceeded, match="before admission"):
+        with pytest.raises(DeadlineExceeded, match="before admission") as refused:
             await s.submit(past)
+        assert refused.value.facts == {"admitted": "false", "model": LM, "version": "1"}
         assert entry.in_flight == 0
         running = asyncio.create_task(s.submit(long_request()))
         await wait_until(lambda: loop_stats(s, key)["running"] == 1)
@@ -1319,8 +1330,10 @@ def test_a_job_expired_by_the_loop_fails_with_deadline_exceeded() -> None:
         request = generate(LONG_PROMPT, within=0.3, max_new_tokens=100)
         job, _ = s._prepare(request, stream=False)
         expired = r"deadline passed after .*\(\d+ tokens generated\)"
-        with pytest.raises(DeadlineExceeded, match=expired):
+        with pytest.raises(DeadlineExceeded, match=expired) as refused:
             await asyncio.wait_for(job.future, 10.0)
+        assert refused.value.facts["admitted"] == "true"
+        assert int(refused.value.facts["generated_tokens"]) == job.generated > 0
         await wait_until(lambda: loop_stats(s, key)["running"] == 0)
 
     # Expected to end in 5 steps: admitted, it then runs past its deadline.

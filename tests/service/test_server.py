@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.client import Client, decoding_options
+from service.client import Client, Failure, decoding_options, failure
 from service.gen.inference.v1 import inference_pb2 as pb
 from service.settings import Settings
 from tests.conftest import ServerHandle
@@ -249,6 +249,16 @@ def test_invalid_translate_requests_name_the_field(
     error = _error(lambda: client.translator.Translate(request, timeout=10))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
     assert error.details().startswith(field + ":"), error.details()  # type: ignore[attr-defined]
+    _assert_bad_field(error, field)
+
+
+def _assert_bad_field(error: grpc.RpcError, field: str) -> None:
+    """The status's details name the field for code (google.rpc.BadRequest), as the
+    message does for people."""
+    found = failure(error)
+    assert found is not None and found.reason == "INVALID_ARGUMENT"
+    description = error.details().removeprefix(field + ": ")  # type: ignore[attr-defined]
+    assert found.fields == {field: description}
 
 
 def test_invalid_generate_requests(client: Client) -> None:
@@ -267,18 +277,21 @@ def test_invalid_generate_requests(client: Client) -> None:
         error = _error(call)
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
         assert error.details().startswith(field + ":"), error.details()  # type: ignore[attr-defined]
+        _assert_bad_field(error, field)
 
 
 def test_unknown_model_or_version_is_not_found(client: Client) -> None:
-    for call in (
-        lambda: client.translate("x", model="fr-de"),
-        lambda: client.translate("x", version=7),
-        lambda: client.generate("x", model="en-es"),  # a translator is not a generator
-        lambda: client.translate_stream("x", model="fr-de"),
-        lambda: client.describe_model("fr-de"),
+    for call, facts in (
+        (lambda: client.translate("x", model="fr-de"), {"model": "fr-de"}),
+        (lambda: client.translate("x", version=7), {"model": "en-es", "version": "7"}),
+        # a translator is not a generator
+        (lambda: client.generate("x", model="en-es"), {"model": "en-es"}),
+        (lambda: client.translate_stream("x", model="fr-de"), {"model": "fr-de"}),
+        (lambda: client.describe_model("fr-de"), {"model": "fr-de"}),
     ):
         error = _error(call)
         assert error.code() == grpc.StatusCode.NOT_FOUND, error.details()  # type: ignore[attr-defined]
+        assert failure(error) == Failure("MODEL_NOT_FOUND", facts, {})
 
 
 def test_deadline_exceeded(server: ServerHandle) -> None:
@@ -291,6 +304,9 @@ def test_oversized_message_is_refused(server: ServerHandle) -> None:
     with Client(server.address, timeout=10) as c:
         error = _error(lambda: c.translate("x" * (5 << 20)))
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+    found = failure(error)
+    assert found is not None and found.reason == "REQUEST_TOO_LARGE"
+    assert int(found.facts["size_bytes"]) > int(found.facts["limit_bytes"])
 
 
 def test_client_cancellation_frees_the_rows(server: ServerHandle, client: Client) -> None:

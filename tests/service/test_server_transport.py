@@ -28,7 +28,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.client import Client, decoding_options
+from service.client import Client, Failure, decoding_options, failure
 from service.domain import (
     DeadlineUnmeetable,
     FinishReason,
@@ -82,7 +82,7 @@ class FakeBackend:
         if name not in ("en-es", "en-lm"):
             raise ModelNotFound(f"model {name!r} is not loaded")
         if request.text == "queue full":
-            raise QueueFull("queue full (2 waiting); retry later")
+            raise QueueFull("queue full (2 waiting); retry later", max_queue=2, queued=2)
         if request.text == "too late":
             raise DeadlineUnmeetable("estimated wait 9s exceeds the 1s left")
         if request.text == "bug":
@@ -593,19 +593,36 @@ def test_bad_generate_and_stream_requests(client: Client) -> None:
 def test_domain_errors_map_to_status_codes(
     client: Client, fake: InProcessServer, caplog: pytest.LogCaptureFixture
 ) -> None:
+    full = Failure("QUEUE_FULL", {"max_queue": "2", "queued": "2"}, {})
+    unknown = Failure("MODEL_NOT_FOUND", {}, {})
     cases = [
-        (lambda: client.translate("x", model="xx-yy"), grpc.StatusCode.NOT_FOUND),
-        (lambda: client.describe_model("xx-yy"), grpc.StatusCode.NOT_FOUND),
-        (lambda: list(client.translate_stream("x", model="nope")), grpc.StatusCode.NOT_FOUND),
-        (lambda: client.translate("queue full"), grpc.StatusCode.RESOURCE_EXHAUSTED),
-        (lambda: client.translate("too late"), grpc.StatusCode.RESOURCE_EXHAUSTED),
-        (lambda: client.translate(["ok", "bug"]), grpc.StatusCode.INTERNAL),
+        (lambda: client.translate("x", model="xx-yy"), grpc.StatusCode.NOT_FOUND, unknown),
+        (lambda: client.describe_model("xx-yy"), grpc.StatusCode.NOT_FOUND, unknown),
+        (
+            lambda: list(client.translate_stream("x", model="nope")),
+            grpc.StatusCode.NOT_FOUND,
+            unknown,
+        ),
+        (lambda: client.translate("queue full"), grpc.StatusCode.RESOURCE_EXHAUSTED, full),
+        (
+            lambda: client.translate("too late"),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            Failure("DEADLINE_UNMEETABLE", {}, {}),
+        ),
+        # A bug's details are as generic as its message.
+        (
+            lambda: client.translate(["ok", "bug"]),
+            grpc.StatusCode.INTERNAL,
+            Failure("INTERNAL", {}, {}),
+        ),
     ]
     with caplog.at_level(logging.INFO, logger="service.server"):
-        for call, code in cases:
+        for call, code, expected in cases:
             with pytest.raises(grpc.RpcError) as error:
                 call()
             assert _code(error) == code
+            # The status's details tell the two RESOURCE_EXHAUSTED apart for code, too.
+            assert failure(error.value) == expected
     assert "secret" not in error.value.details()  # type: ignore[attr-defined]
     # The server's own refusals warn (they stay in logs at level WARNING); bad calls inform.
     # Each line names the reason, which the code alone does not tell.
