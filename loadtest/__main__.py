@@ -5,7 +5,8 @@ intended send time, so server queueing shows up in the numbers (no coordinated o
 closed loop (--concurrency) keeps N requests in flight. Every run is bounded (run:
 --duration and --max-requests; sweep: --step-duration per step; soak: --minutes) and
 targets loopback unless --allow-remote is given.
---ca (TLS), --server-name and --token (or SERVE_AUTH_TOKEN) reach a secured server.
+--ca (TLS), --server-name, --cert and --key (mutual TLS) and --token (or SERVE_AUTH_TOKEN)
+reach a secured server.
 Results go to --out: result.json, records.jsonl (one line per request), summary.md,
 latency_cdf.png, latency_vs_load.png (soak: server_rss.png); result.json and summary.md
 name the machine, package versions and commit. The first Ctrl-C stops sending, lets the
@@ -59,7 +60,15 @@ from loadtest.workload import (
     resolve_inputs,
     split_target,
 )
-from service.client import Ca, ServerName, Token  # the same options as the client's
+from service.client import (  # the same options as the client's
+    Ca,
+    Cert,
+    ClientCertificateError,
+    Key,
+    ServerName,
+    Token,
+    client_certificate,
+)
 
 app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True)
 
@@ -182,6 +191,17 @@ def _positive(name: str, value: float | None, upper: float = math.inf) -> None:
 def _at_least(name: str, value: int | None, low: int, note: str = "") -> None:
     if value is not None and value < low:
         raise typer.BadParameter(f"{name} must be >= {low}{note}, got {value}")
+
+
+def _security(
+    token: str | None, ca: Path | None, server_name: str | None, cert: Path | None, key: Path | None
+) -> ChannelSecurity:
+    """The channel's TLS and auth options, a client certificate checked before the run."""
+    try:
+        client_certificate(cert, key)
+    except ClientCertificateError as error:
+        raise typer.BadParameter(str(error), param_hint="--cert / --key") from None
+    return ChannelSecurity(token, ca, server_name, cert, key)
 
 
 def _check_common(
@@ -344,6 +364,8 @@ def run(
     token: Token = None,
     ca: Ca = None,
     server_name: ServerName = None,
+    cert: Cert = None,
+    key: Key = None,
 ) -> None:
     """One bounded run, open loop (--rate; default 5 req/s) or closed loop (--concurrency)."""
     _positive("--rate", rate, MAX_RATE)
@@ -365,7 +387,11 @@ def run(
     update, close = _progress(_expected(rate, duration, max_requests), progress, "loadtest")
     stop = asyncio.Event()
     server = _Server(
-        target, timeout, max_new_tokens, wait_ready, ChannelSecurity(token, ca, server_name)
+        target,
+        timeout,
+        max_new_tokens,
+        wait_ready,
+        _security(token, ca, server_name, cert, key),
     )
 
     async def body(caller: Caller) -> RunResult:
@@ -459,6 +485,8 @@ def sweep(
     token: Token = None,
     ca: Ca = None,
     server_name: ServerName = None,
+    cert: Cert = None,
+    key: Key = None,
 ) -> None:
     """Open-loop steps at rising rates until the latency curve bends (the knee)."""
     _check_common(max_new_tokens, timeout, max_in_flight, wait_ready)
@@ -486,7 +514,11 @@ def sweep(
     )
     stop = asyncio.Event()
     server = _Server(
-        target, timeout, max_new_tokens, wait_ready, ChannelSecurity(token, ca, server_name)
+        target,
+        timeout,
+        max_new_tokens,
+        wait_ready,
+        _security(token, ca, server_name, cert, key),
     )
 
     async def body(caller: Caller) -> list[RunResult]:
@@ -569,6 +601,8 @@ def soak(
     token: Token = None,
     ca: Ca = None,
     server_name: ServerName = None,
+    cert: Cert = None,
+    key: Key = None,
 ) -> None:
     """A fixed rate for N minutes, sampling the server's RSS (leaks, fragmentation)."""
     _positive("--rate", rate, MAX_RATE)
@@ -603,7 +637,11 @@ def soak(
     update, close = _progress(_expected(rate, duration, cap), progress, "soak")
     stop = asyncio.Event()
     server = _Server(
-        target, timeout, max_new_tokens, wait_ready, ChannelSecurity(token, ca, server_name)
+        target,
+        timeout,
+        max_new_tokens,
+        wait_ready,
+        _security(token, ca, server_name, cert, key),
     )
 
     async def body(caller: Caller) -> RunResult:

@@ -33,6 +33,8 @@ class ChannelSecurity:
     token: str | None = None
     ca: Path | None = None  # PEM to trust; given, the channel uses TLS
     server_name: str | None = None  # the name the certificate carries, if not the target's
+    cert: Path | None = None  # client certificate chain and its key (mutual TLS): imply TLS
+    key: Path | None = None
 
 
 class TargetRefused(ValueError):
@@ -210,6 +212,7 @@ class GrpcCaller:
     ) -> None:
         import grpc
 
+        from service.client import client_certificate
         from service.gen.inference.v1 import inference_pb2 as pb
         from service.gen.inference.v1 import inference_pb2_grpc as pb_grpc
 
@@ -220,8 +223,12 @@ class GrpcCaller:
         options: list[tuple[str, int | str]] = [("grpc.max_concurrent_streams", 1 << 20)]
         if security.server_name:
             options.append(("grpc.ssl_target_name_override", security.server_name))
-        if security.ca is not None:
-            credentials = grpc.ssl_channel_credentials(security.ca.read_bytes())
+        pair = client_certificate(security.cert, security.key)
+        if security.ca is not None or pair is not None:
+            chain, key = pair or (None, None)
+            credentials = grpc.ssl_channel_credentials(
+                security.ca.read_bytes() if security.ca is not None else None, key, chain
+            )
             self.channel = grpc.aio.secure_channel(target, credentials, options=options)
         else:
             self.channel = grpc.aio.insecure_channel(target, options=options)

@@ -7,8 +7,9 @@
 CLI: `python -m service.client translate "In the beginning..." --beam-size 4 --n-best 2`,
 `generate "The Lord said" --stream`, `models`, `describe en-es`, `reload`,
 `--plot-alignment align.png` (translate: the cross-attention as a heatmap). `--target`,
-`--token` (bearer auth), `--ca` or `--tls` (TLS), `--server-name` and `--timeout` work on
-every command; SERVE_TARGET / SERVE_AUTH_TOKEN are read too. The CLI quiets grpc's own log
+`--token` (bearer auth), `--ca` or `--tls` (TLS), `--cert` and `--key` (a client
+certificate, for a server that requires one), `--server-name` and `--timeout` work on every
+command; SERVE_TARGET / SERVE_AUTH_TOKEN are read too. The CLI quiets grpc's own log
 lines below ERROR unless GRPC_VERBOSITY is set (INFO shows them, e.g. a handshake's).
 
 Every call raises grpc.RpcError with the server's status (INVALID_ARGUMENT names the field
@@ -32,6 +33,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import ssl
 import struct
 import sys
 import threading
@@ -159,7 +161,10 @@ class Client:
     token: sent as `authorization: Bearer <token>`. ca: PEM file of the CA (or self-signed
     certificate) to trust; given (or tls=True: the system's trusted CAs), the channel uses
     TLS. server_name: the host name the server's certificate must carry when it is not the
-    target's (TLS only: ValueError without). timeout: seconds per call (the gRPC deadline
+    target's (TLS only: ValueError without). cert and key: PEM files of a client certificate
+    chain and its unencrypted private key, for a server that requires client certificates
+    (mutual TLS); both or neither, and they imply TLS (ClientCertificateError, a ValueError,
+    when they are not a matching pair). timeout: seconds per call (the gRPC deadline
     the server decodes within), at most MAX_TIMEOUT_S, None for no deadline. request_id
     (each call): sent as x-request-id, which the server logs; a fresh one when unset, kept
     in last_request_id (per thread: the calling thread's latest call, whatever other threads
@@ -189,6 +194,8 @@ class Client:
         max_message_bytes: int = 64 << 20,
         health_checked: bool = False,
         retries: int = 0,
+        cert: str | Path | None = None,
+        key: str | Path | None = None,
     ) -> None:
         if timeout is not None and not 0 < timeout <= MAX_TIMEOUT_S:
             raise ValueError(
@@ -207,18 +214,23 @@ class Client:
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.service_config", service_config(health_checked, retries)),
         ]
-        if server_name and ca is None and not tls:
+        pair = client_certificate(cert, key)
+        secure = ca is not None or tls or pair is not None
+        if server_name and not secure:
             raise ValueError(
-                "server_name: names the certificate's host, so it needs TLS (ca or tls=True); "
-                "without it the call would go out in plaintext"
+                "server_name: names the certificate's host, so it needs TLS (ca, cert and key, "
+                "or tls=True); without it the call would go out in plaintext"
             )
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
-        if ca is not None or tls:
+        if secure:
             root = Path(ca).read_bytes() if ca is not None else None
             if root is not None and b"-----BEGIN CERTIFICATE-----" not in root:
                 raise ValueError(f"{ca}: not a PEM certificate (-----BEGIN CERTIFICATE-----)")
-            creds = grpc.ssl_channel_credentials(root_certificates=root)
+            chain, private_key = pair or (None, None)
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=root, private_key=private_key, certificate_chain=chain
+            )
             self.channel = grpc.secure_channel(target, creds, options=options)
         else:
             self.channel = grpc.insecure_channel(target, options=options)
@@ -383,6 +395,39 @@ class Client:
         return response
 
 
+class ClientCertificateError(ValueError):
+    """cert and key that do not make a client certificate (the message says why)."""
+
+
+def client_certificate(
+    cert: str | Path | None, key: str | Path | None
+) -> tuple[bytes, bytes] | None:
+    """The PEM certificate chain and private key a client presents to a server that
+    requires client certificates (mutual TLS), read and matched now: a bad pair would fail
+    each call as a connection the server closed, saying nothing of why. None when neither
+    is given. Raises ClientCertificateError, and OSError for a file it cannot read."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise ClientCertificateError(
+            "cert and key go together: give the client certificate chain and its private key, "
+            "or neither"
+        )
+    pair = Path(cert).read_bytes(), Path(key).read_bytes()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    # Any key size: the server's CA judges the certificate, not Python's security level.
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    try:
+        # password="": an encrypted key is refused, not asked for on the terminal.
+        context.load_cert_chain(cert, key, password="")
+    except ssl.SSLError as error:
+        raise ClientCertificateError(
+            f"{cert} and {key}: not a PEM certificate chain and its unencrypted private key "
+            f"({error.reason or error})"
+        ) from None
+    return pair
+
+
 def decoding_options(
     max_new_tokens: int | None = None,
     beam_size: int | None = None,
@@ -498,7 +543,22 @@ Ca = Annotated[
 ]
 Tls = Annotated[
     bool,
-    typer.Option("--tls", help="TLS, trusting the system's CAs (--ca implies TLS).", metavar=""),
+    typer.Option(
+        "--tls", help="TLS, trusting the system's CAs (--ca or --cert implies TLS).", metavar=""
+    ),
+]
+Cert = Annotated[
+    Path | None,
+    typer.Option(
+        help="Client certificate chain PEM, for a server that requires one (mutual TLS); "
+        "needs --key; enables TLS.",
+        exists=True,
+        dir_okay=False,
+    ),
+]
+Key = Annotated[
+    Path | None,
+    typer.Option(help="Unencrypted private key PEM of --cert.", exists=True, dir_okay=False),
 ]
 ServerName = Annotated[
     str | None,
@@ -560,9 +620,17 @@ def _connected(
     server_name: str | None,
     tls: bool = False,
     retries: int = 0,
+    cert: Path | None = None,
+    key: Path | None = None,
 ) -> Iterator[Client]:
     """A client for one command; a call that fails ends the command with its status."""
-    secure = tls or ca is not None
+    if (cert is None) != (key is None):
+        given, missing = ("--cert", "--key") if key is None else ("--key", "--cert")
+        raise typer.BadParameter(
+            f"needs {missing} too: a client certificate chain and its private key go together",
+            param_hint=given,
+        )
+    secure = tls or ca is not None or cert is not None
     if server_name and not secure:
         raise typer.BadParameter(
             "names the certificate's host, so it needs --ca or --tls (without them the call "
@@ -588,14 +656,18 @@ def _connected(
             timeout=timeout,
             server_name=server_name,
             retries=retries,
+            cert=cert,
+            key=key,
         )
+    except ClientCertificateError as error:
+        raise typer.BadParameter(str(error), param_hint="--cert / --key") from None
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--ca") from None
     with client:
         try:
             yield client
         except grpc.RpcError as error:
-            _fail(error, secure, token is not None, retries)
+            _fail(error, secure, token is not None, retries, cert is not None)
         except ValueError as error:  # a value the wire cannot carry (decoding_options)
             raise typer.BadParameter(str(error)) from None
 
@@ -606,10 +678,16 @@ _HINTS = {
 }
 
 
-def _fail(error: grpc.RpcError, tls: bool, token: bool = False, retries: int = 0) -> NoReturn:
+def _fail(
+    error: grpc.RpcError,
+    tls: bool,
+    token: bool = False,
+    retries: int = 0,
+    client_cert: bool = False,
+) -> NoReturn:
     """Print the status, the server's request id and what to do; `token`: one was sent
     (a refusal then is of that token, not for the want of one); `retries`: --retries,
-    which a refusal then outlasted."""
+    which a refusal then outlasted; `client_cert`: --cert was presented."""
     code = error.code() if hasattr(error, "code") else None
     details = (error.details() if hasattr(error, "details") else str(error)) or ""
     typer.echo(f"error: {code.name if code else 'UNKNOWN'}: {details}", err=True)
@@ -627,7 +705,7 @@ def _fail(error: grpc.RpcError, tls: bool, token: bool = False, retries: int = 0
         typer.echo("(the server refused the call for now: retry, or pass --retries)", err=True)
     elif code == grpc.StatusCode.UNAVAILABLE and not tls:
         typer.echo("(is the server up at --target? if it serves TLS, pass --ca)", err=True)
-    elif code == grpc.StatusCode.UNAVAILABLE and (hint := _tls_hint(details)):
+    elif code == grpc.StatusCode.UNAVAILABLE and (hint := _tls_hint(details, client_cert)):
         typer.echo(hint, err=True)
     elif code == grpc.StatusCode.UNAUTHENTICATED and token:
         typer.echo(
@@ -640,13 +718,29 @@ def _fail(error: grpc.RpcError, tls: bool, token: bool = False, retries: int = 0
     raise typer.Exit(2)
 
 
-def _tls_hint(details: str) -> str | None:
+def _tls_hint(details: str, client_cert: bool = False) -> str | None:
     """What to do when the TLS handshake failed, mostly on the server's certificate: the
     status is UNAVAILABLE, as for a server that is down; grpc's details (BoringSSL's) say
-    why."""
+    why. `client_cert`: --cert was presented."""
     unverified = "(the server's certificate could not be verified: "
     if "WRONG_VERSION_NUMBER" in details:  # what a plaintext server answers
-        return "(does the server at --target serve TLS? if not, drop --ca and --tls)"
+        return "(does the server at --target serve TLS? if not, drop --ca, --tls, --cert and --key)"
+    # Under TLS 1.3 a server that requires client certificates checks the client's after
+    # the client's side of the handshake is done, and refuses by closing the connection:
+    # all the client sees ("Handshake read failed (Socket closed)" is a connection closed
+    # before the handshake, as past the server's connection limit).
+    if "Socket closed" in details and "Handshake read failed" not in details:
+        if client_cert:
+            return (
+                "(the server closed the connection after the TLS handshake: if it requires "
+                "client certificates (mutual TLS), it refused --cert, which must be issued by "
+                "the CA it trusts (its SERVE_TLS_CLIENT_CA) and be within its validity period)"
+            )
+        return (
+            "(the server closed the connection after the TLS handshake: if it requires "
+            "client certificates (mutual TLS), pass --cert and --key, issued by the CA it "
+            "trusts (its SERVE_TLS_CLIENT_CA))"
+        )
     if "Hostname Verification Check failed" in details:
         return unverified + (
             "it does not carry the host name of --target; pass a name it carries with "
@@ -769,6 +863,8 @@ def translate(
     token: Token = None,
     ca: Ca = None,
     tls: Tls = False,
+    cert: Cert = None,
+    key: Key = None,
     server_name: ServerName = None,
     timeout: Timeout = 60.0,
     retries: Retries = 0,
@@ -813,7 +909,7 @@ def translate(
         return_scores=scores,
         return_alignment=plot_alignment_to is not None,
     )
-    with _connected(target, token, ca, timeout, server_name, tls, retries) as client:
+    with _connected(target, token, ca, timeout, server_name, tls, retries, cert, key) as client:
         if stream:
             lasts = [
                 _print_stream(
@@ -856,6 +952,8 @@ def generate(
     token: Token = None,
     ca: Ca = None,
     tls: Tls = False,
+    cert: Cert = None,
+    key: Key = None,
     server_name: ServerName = None,
     timeout: Timeout = 60.0,
     retries: Retries = 0,
@@ -891,7 +989,7 @@ def generate(
         stop=stop,
         return_scores=scores,
     )
-    with _connected(target, token, ca, timeout, server_name, tls, retries) as client:
+    with _connected(target, token, ca, timeout, server_name, tls, retries, cert, key) as client:
         if stream:
             chunks = client.generate(prompt, model, version, stream=True, **options)
             last = _print_stream(chunks, "" if as_json else prompt, as_json, scores)
@@ -916,13 +1014,15 @@ def models(
     token: Token = None,
     ca: Ca = None,
     tls: Tls = False,
+    cert: Cert = None,
+    key: Key = None,
     server_name: ServerName = None,
     timeout: Timeout = 10.0,
     retries: Retries = 0,
     as_json: Json = False,
 ) -> None:
     """List the loaded models."""
-    with _connected(target, token, ca, timeout, server_name, tls, retries) as client:
+    with _connected(target, token, ca, timeout, server_name, tls, retries, cert, key) as client:
         infos = client.list_models()
     if as_json:
         _print_json(pb.ListModelsResponse(models=infos))
@@ -940,6 +1040,8 @@ def describe(
     token: Token = None,
     ca: Ca = None,
     tls: Tls = False,
+    cert: Cert = None,
+    key: Key = None,
     server_name: ServerName = None,
     timeout: Timeout = 10.0,
     retries: Retries = 0,
@@ -947,7 +1049,7 @@ def describe(
 ) -> None:
     """One model version (by default the newest serving): languages, limits, dtype, provider."""
     _check_texts([name], "name")
-    with _connected(target, token, ca, timeout, server_name, tls, retries) as client:
+    with _connected(target, token, ca, timeout, server_name, tls, retries, cert, key) as client:
         info = client.describe_model(name, version)
     if as_json:
         _print_json(info)
@@ -978,13 +1080,15 @@ def reload(
     token: Token = None,
     ca: Ca = None,
     tls: Tls = False,
+    cert: Cert = None,
+    key: Key = None,
     server_name: ServerName = None,
     timeout: Timeout = 120.0,
     retries: Retries = 0,
     as_json: Json = False,
 ) -> None:
     """Ask the server to load new model versions from its repository."""
-    with _connected(target, token, ca, timeout, server_name, tls, retries) as client:
+    with _connected(target, token, ca, timeout, server_name, tls, retries, cert, key) as client:
         response = client.reload()
     if as_json:
         _print_json(response)

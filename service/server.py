@@ -1390,9 +1390,15 @@ class InferenceServer:
     def _bind(self) -> int:
         address = self.settings.address(self.settings.port)
         cert, key = self.settings.tls_cert, self.settings.tls_key
+        client_ca = self.settings.tls_client_ca
         try:
             if cert is not None and key is not None:
-                credentials = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
+                # With a client CA, mutual TLS: a client must present a certificate it issued.
+                credentials = grpc.ssl_server_credentials(
+                    [(key.read_bytes(), cert.read_bytes())],
+                    root_certificates=client_ca.read_bytes() if client_ca else None,
+                    require_client_auth=client_ca is not None,
+                )
                 port = self.server.add_secure_port(address, credentials)
             else:
                 port = self.server.add_insecure_port(address)
@@ -1471,6 +1477,7 @@ class InferenceServer:
             extra={
                 "address": self.settings.address(self.port),
                 "tls": self.settings.tls,
+                "mtls": self.settings.mtls,
                 "auth": self.settings.auth_token is not None,
                 "metrics_port": self.metrics_port,
                 "health_port": self.health_port,

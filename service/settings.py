@@ -213,6 +213,13 @@ class Settings(BaseSettings):
     # --- security ------------------------------------------------------------------------
     tls_cert: Path | None = Field(None, description="PEM certificate chain; enables TLS.")
     tls_key: Path | None = Field(None, description="PEM private key of tls_cert.")
+    tls_client_ca: Path | None = Field(
+        None,
+        description="PEM certificate(s) of the CA(s) whose client certificates the gRPC port "
+        "requires (mutual TLS; needs tls_cert and tls_key): a client without one is refused "
+        "at the handshake, health and reflection on that port included (probes use "
+        "health_port).",
+    )
     auth_token: SecretStr | None = Field(
         None,
         description="If set, calls need `authorization: Bearer <token>` (health stays open). "
@@ -283,7 +290,7 @@ class Settings(BaseSettings):
             raise ValueError("is empty: name the folder holding <name>/<version>/ (default models)")
         return value
 
-    @field_validator("tls_cert", "tls_key", mode="before")
+    @field_validator("tls_cert", "tls_key", "tls_client_ca", mode="before")
     @classmethod
     def _empty_path_is_unset(cls, value: Any) -> Any:
         """SERVE_TLS_CERT= (a template's empty value) means no file, not the folder "."."""
@@ -344,6 +351,13 @@ class Settings(BaseSettings):
             raise ValueError("tls_cert and tls_key go together: set both or neither")
         if self.tls_cert is not None and self.tls_key is not None:
             _check_key_pair(self.tls_cert, self.tls_key)
+        if self.tls_client_ca is not None:
+            if self.tls_cert is None:
+                raise ValueError(
+                    "tls_client_ca needs TLS on the gRPC port: set tls_cert and tls_key too "
+                    "(the server's certificate and key), or unset tls_client_ca"
+                )
+            _check_client_ca(self.tls_client_ca)
         return self
 
     @classmethod
@@ -361,6 +375,11 @@ class Settings(BaseSettings):
     @property
     def tls(self) -> bool:
         return self.tls_cert is not None
+
+    @property
+    def mtls(self) -> bool:
+        """Whether the gRPC port requires client certificates (mutual TLS)."""
+        return self.tls_client_ca is not None
 
 
 # OpenSSL's refusals of a well-formed chain whose keys or signatures are too weak.
@@ -388,6 +407,26 @@ def _check_key_pair(cert: Path, key: Path) -> None:
             f"tls_cert {cert} and tls_key {key} are not a PEM certificate chain and its "
             f"unencrypted private key ({exc.reason or exc})"
         ) from None
+
+
+def _check_client_ca(path: Path) -> None:
+    """Read the client CA as the server will: a file grpc cannot use fails every client's
+    handshake, which clients see as a closed connection, saying nothing of why."""
+    try:
+        pem = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"tls_client_ca {path}: cannot read ({exc.strerror or exc})") from None
+    reason = "no -----BEGIN CERTIFICATE----- block"
+    if b"-----BEGIN CERTIFICATE-----" in pem:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cafile=path)
+            return
+        except ssl.SSLError as exc:
+            reason = exc.reason or str(exc)
+    raise ValueError(
+        f"tls_client_ca {path}: not the PEM certificate(s) of the CA(s) that issue client "
+        f"certificates ({reason})"
+    )
 
 
 class _OnceLoader(yaml.SafeLoader):

@@ -9,14 +9,17 @@ so. No cluster, no network.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from service.settings import ENV_PREFIX, Settings, load_settings
 from tests.deploy.helpers import (
     CRD_KINDS,
     DEPLOY,
@@ -197,20 +200,9 @@ def test_the_tls_component_mounts_the_secret_and_probes_the_health_port(
 ) -> None:
     """components/tls on an overlay: the server reads its certificate from the Secret, and
     the probes (which speak no TLS) keep the plaintext health port."""
-    import os
-    import shutil
-
-    from service.settings import ENV_PREFIX, load_settings
     from tests._tls import self_signed
 
-    shutil.copytree(DEPLOY, tmp_path / "deploy")
-    folder = tmp_path / "deploy" / "k8s" / "overlays" / f"{overlay}-tls"
-    folder.mkdir()
-    (folder / "kustomization.yaml").write_text(
-        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
-        f"resources:\n  - ../{overlay}\ncomponents:\n  - ../../components/tls\n"
-    )
-    docs = render(overlay, folder)
+    docs = render(overlay, _with_tls_component(overlay, tmp_path))
     container = server_container(docs)
     data = settings_data(docs)
     health = int(data["SERVE_HEALTH_PORT"])
@@ -230,17 +222,68 @@ def test_the_tls_component_mounts_the_secret_and_probes_the_health_port(
     assert (cert.name, key.name) == ("tls.crt", "tls.key")  # a kubernetes.io/tls Secret's
     # The settings start a server, with a certificate where the Secret would be.
     made_cert, made_key = self_signed(tmp_path)
+    files = {"SERVE_TLS_CERT": made_cert, "SERVE_TLS_KEY": made_key}
+    settings = _settings_of(data, files, monkeypatch)
+    assert settings.tls and settings.health_port == health != settings.port
+
+
+def _with_tls_component(overlay: str, tmp_path: Path, more: str = "") -> Path:
+    """A copy of deploy/ with an overlay beside `overlay` adding components/tls (and
+    `more` of kustomization.yaml): its folder."""
+    shutil.copytree(DEPLOY, tmp_path / "deploy")
+    folder = tmp_path / "deploy" / "k8s" / "overlays" / f"{overlay}-tls"
+    folder.mkdir()
+    (folder / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources:\n  - ../{overlay}\ncomponents:\n  - ../../components/tls\n" + more
+    )
+    return folder
+
+
+def _settings_of(
+    data: dict[str, str], files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> Settings:
+    """The settings a pod gets from its ConfigMap `data`, with `files` made here where the
+    Secret would put them (nothing from this process's own SERVE_ environment)."""
     for name in list(os.environ):
         if name.startswith(ENV_PREFIX):
             monkeypatch.delenv(name)
-    for name, value in {
-        **data,
-        "SERVE_TLS_CERT": str(made_cert),
-        "SERVE_TLS_KEY": str(made_key),
-    }.items():
-        monkeypatch.setenv(name, value)
-    settings = load_settings()
-    assert settings.tls and settings.health_port == health != settings.port
+    for name, value in {**data, **files}.items():
+        monkeypatch.setenv(name, str(value))
+    return load_settings()
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_mutual_tls_as_the_docs_add_it_to_the_tls_component(
+    overlay: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """deploy/README.md's mutual TLS: its settings snippet, in an overlay with
+    components/tls, names the CA where the Secret's `ca.crt` (as its kubectl command
+    creates it) is mounted, and the settings serve mutual TLS from there; the probes keep
+    the plaintext health port, which asks for no client certificate."""
+    from tests._tls import certificate_authority, self_signed
+
+    readme = (DEPLOY / "README.md").read_text()
+    [snippet] = [b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "TLS_CLIENT_CA" in b]
+    [secret] = [c for c in re.findall(r"```sh\n(.*?)```", readme, re.S) if "ca.crt" in c]
+    docs = render(overlay, _with_tls_component(overlay, tmp_path, textwrap.dedent(snippet)))
+    container = server_container(docs)
+    data = settings_data(docs)
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v.get("secret"))
+    mount = next(m for m in container["volumeMounts"] if m["name"] == volume["name"])
+    ca_path = Path(data["SERVE_TLS_CLIENT_CA"])
+    assert ca_path.parent == Path(mount["mountPath"])
+    assert f"secret generic {volume['secret']['secretName']} " in secret
+    assert f"--from-file={ca_path.name}=" in secret
+    health = int(data["SERVE_HEALTH_PORT"])
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == health, probe
+    cert, key = self_signed(tmp_path)
+    ca, _ = certificate_authority(tmp_path)
+    files = {"SERVE_TLS_CERT": cert, "SERVE_TLS_KEY": key, "SERVE_TLS_CLIENT_CA": ca}
+    settings = _settings_of(data, files, monkeypatch)
+    assert settings.mtls and settings.health_port == health != settings.port
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

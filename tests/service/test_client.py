@@ -18,6 +18,7 @@ import typer
 from service.client import (
     MAX_TIMEOUT_S,
     Client,
+    ClientCertificateError,
     Failure,
     _fail,
     _print_stream,
@@ -160,7 +161,13 @@ _UNVERIFIED = "(the server's certificate could not be verified: "
         ("Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:100000f7:SSL "
          "routines:OPENSSL_internal:WRONG_VERSION_NUMBER: Invalid certificate verification "
          "context: OK",  # a plaintext server
-         "(does the server at --target serve TLS? if not, drop --ca and --tls)"),
+         "(does the server at --target serve TLS? if not, drop --ca, --tls, --cert and --key)"),
+        ("ipv4:127.0.0.1:50051: Socket closed",  # a server requiring client certificates
+         "(the server closed the connection after the TLS handshake: if it requires client "
+         "certificates (mutual TLS), pass --cert and --key, issued by the CA it trusts (its "
+         "SERVE_TLS_CLIENT_CA))"),
+        # closed before the handshake, as past the server's connection limit
+        ("ipv4:127.0.0.1:50051: Handshake read failed (Socket closed)", None),
         ("Failed to connect to remote host: Connection refused", None),
     ],
 )  # fmt: skip
@@ -308,11 +315,75 @@ def test_streams_are_typed_with_the_cancel_their_docstrings_offer() -> None:
     assert any(typing.get_type_hints(o)["stream"] is bool for o in overloads)
 
 
+def test_cli_says_a_refused_client_certificate_was_refused(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """With --cert given, a connection closed after the handshake is that certificate
+    refused (mutual TLS), not one missing."""
+    details = "failed to connect to all addresses; last error: UNAVAILABLE: ipv4:x:1: Socket closed"
+    with pytest.raises(typer.Exit):
+        _fail(_Failed(grpc.StatusCode.UNAVAILABLE, details), tls=True, client_cert=True)
+    assert capsys.readouterr().err.splitlines()[1:] == [
+        "(the server closed the connection after the TLS handshake: if it requires client "
+        "certificates (mutual TLS), it refused --cert, which must be issued by the CA it "
+        "trusts (its SERVE_TLS_CLIENT_CA) and be within its validity period)"
+    ]
+
+
 def test_a_server_name_without_tls_is_refused() -> None:
     """It names the certificate's host: without TLS there is none, and it was ignored."""
     with pytest.raises(ValueError, match=r"server_name: .* needs TLS"):
         Client("127.0.0.1:1", server_name="localhost")
     Client("127.0.0.1:1", server_name="localhost", tls=True).close()
+
+
+def test_a_client_certificate_needs_its_key_and_implies_tls(tmp_path: Path) -> None:
+    """cert and key go together and must match, checked before the channel exists: a bad
+    pair would fail every call as a connection the server closed. Given, they mean TLS."""
+    from tests._tls import certificate_authority, client_certificate
+
+    ca = certificate_authority(tmp_path)
+    cert, key = client_certificate(tmp_path, ca)
+    other_cert, other_key = client_certificate(tmp_path, ca, "other")
+    for alone in ({"cert": cert, "key": None}, {"cert": None, "key": key}):
+        with pytest.raises(ClientCertificateError, match="cert and key go together"):
+            Client("127.0.0.1:1", cert=alone["cert"], key=alone["key"])
+    for bad_cert, bad_key in ((cert, other_key), (key, cert), (ca[0], ca[0])):
+        with pytest.raises(ClientCertificateError) as info:
+            Client("127.0.0.1:1", cert=bad_cert, key=bad_key)
+        assert str(info.value).startswith(
+            f"{bad_cert} and {bad_key}: not a PEM certificate chain and its unencrypted "
+            "private key ("
+        )
+    with pytest.raises(FileNotFoundError):
+        Client("127.0.0.1:1", cert=tmp_path / "missing.pem", key=key)
+    # A server name needs TLS, which the certificate alone turns on.
+    Client("127.0.0.1:1", cert=other_cert, key=other_key, server_name="localhost").close()
+
+
+def test_cli_client_certificate_flags_go_together(tmp_path: Path) -> None:
+    """--cert and --key: both or neither, a matching pair, refused before any call, naming
+    the flags."""
+    from tests._tls import certificate_authority, client_certificate
+
+    ca = certificate_authority(tmp_path)
+    cert, key = client_certificate(tmp_path, ca)
+    _, other_key = client_certificate(tmp_path, ca, "other")
+    for args, message in (
+        (("--cert", str(cert)), "Invalid value for --cert: needs --key too: a client "
+         "certificate chain and its private key go together"),
+        (("--key", str(key)), "Invalid value for --key: needs --cert too"),
+        (("--cert", str(cert), "--key", str(other_key)), "Invalid value for --cert / --key: "
+         f"{cert} and {other_key}: not a PEM certificate chain and its unencrypted private key"),
+        (("--cert", str(tmp_path / "missing.pem"), "--key", str(key)), "does not exist"),
+    ):  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "-m", "service.client", "models", "--target", "127.0.0.1:1", *args],
+            capture_output=True, text=True, cwd=ROOT, timeout=60,
+            env={**os.environ, "COLUMNS": "300"},
+        )  # fmt: skip
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
 def test_cli_names_the_option_whose_value_is_not_utf8() -> None:

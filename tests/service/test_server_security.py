@@ -1,6 +1,7 @@
 """TLS and bearer-token auth on a real server: calls need the token, health and reflection
 stay open, plaintext clients cannot talk to a TLS server, the certificate's expiry is
-exported and warned about."""
+exported and warned about; with mutual TLS, only clients whose certificate the client CA
+issued get through the handshake, and the plaintext health port still answers probes."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.client import Client
-from tests._tls import self_signed
+from tests._tls import certificate_authority, client_certificate, self_signed
 from tests.conftest import ServerHandle, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -262,3 +264,149 @@ def test_the_cli_trusts_the_system_roots_with_tls_and_names_the_token(
     no_token = models("--tls", *named, roots=cert)
     assert no_token.returncode == 2 and "UNAUTHENTICATED" in no_token.stderr
     assert "--token or SERVE_AUTH_TOKEN" in no_token.stderr, no_token.stderr
+
+
+# --- mutual TLS ------------------------------------------------------------------------
+
+MUTUAL_HEALTH_PORT = free_port()
+
+
+@dataclass(frozen=True)
+class Mutual:
+    """A server requiring client certificates, and the files its clients need."""
+
+    server: ServerHandle
+    server_cert: Path  # what clients trust (--ca)
+    client: tuple[Path, Path]  # issued by the server's client CA
+    stranger: tuple[Path, Path]  # issued by another CA
+
+
+@pytest.fixture(scope="module")
+def mutual_server(
+    start_server: Callable[..., ServerHandle], tmp_path_factory: pytest.TempPathFactory
+) -> Mutual:
+    folder = tmp_path_factory.mktemp("mtls")
+    (folder / "server").mkdir()
+    (folder / "other").mkdir()
+    cert, key = self_signed(folder / "server")
+    ca = certificate_authority(folder)
+    client = client_certificate(folder, ca)
+    stranger = client_certificate(folder / "other", certificate_authority(folder / "other"))
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=cert.read_bytes(),
+        private_key=client[1].read_bytes(),
+        certificate_chain=client[0].read_bytes(),
+    )
+    server = start_server(
+        "--tls-cert", str(cert), "--tls-key", str(key), "--tls-client-ca", str(ca[0]),
+        "--health-port", str(MUTUAL_HEALTH_PORT),
+        credentials=credentials,
+        env={"SERVE_AUTH_TOKEN": TOKEN},
+    )  # fmt: skip
+    return Mutual(server, cert, client, stranger)
+
+
+def test_mutual_tls_serves_a_client_whose_certificate_the_ca_issued(
+    mutual_server: Mutual,
+) -> None:
+    """The certificate gets a client through the handshake; the bearer token is still
+    checked on its own (both on: a call needs both); the start log says mutual TLS is on."""
+    server, cert = mutual_server.server, mutual_server.server_cert
+    client_cert, client_key = mutual_server.client
+    with Client(
+        server.address, token=TOKEN, ca=cert, cert=client_cert, key=client_key, timeout=30
+    ) as client:
+        assert client.translate("Amen.").translations[0].hypotheses
+        assert {m.name for m in client.list_models()} == {"en-es", "en-lm"}
+        assert list(client.generate("The Lord said", stream=True, max_new_tokens=4))[-1].finished
+    with Client(server.address, ca=cert, cert=client_cert, key=client_key, timeout=10) as client:
+        with pytest.raises(grpc.RpcError) as info:
+            client.list_models()
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+    logged = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    [listening] = [e for e in logged if e["message"] == "listening"]
+    assert (listening["tls"], listening["mtls"], listening["auth"]) == (True, True, True)
+
+
+def test_mutual_tls_refuses_clients_without_a_certificate_the_ca_issued(
+    mutual_server: Mutual,
+) -> None:
+    """No certificate, or one from another CA: the handshake fails (UNAVAILABLE), for
+    health on the gRPC port too (the handshake is the port's); the plaintext health port,
+    the probes', asks for none."""
+    server, cert, stranger = mutual_server.server, mutual_server.server_cert, mutual_server.stranger
+    for client_cert, client_key in ((None, None), stranger):
+        with Client(
+            server.address, token=TOKEN, ca=cert, cert=client_cert, key=client_key, timeout=10
+        ) as client:
+            with pytest.raises(grpc.RpcError) as info:
+                client.translate("Amen.")
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE, client_cert  # type: ignore[attr-defined]
+    anonymous = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+    with grpc.secure_channel(server.address, anonymous) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+    with grpc.insecure_channel(f"127.0.0.1:{MUTUAL_HEALTH_PORT}") as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=10
+        )
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_the_cli_presents_a_client_certificate_and_says_when_one_is_wanted(
+    mutual_server: Mutual,
+) -> None:
+    """--cert/--key beside --ca reach the server; without them, or with a certificate
+    another CA issued, the error's hint names --cert."""
+    from tests.conftest import ROOT
+
+    server, cert = mutual_server.server, mutual_server.server_cert
+
+    def models(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "service.client", "models", "--target", server.address,
+             "--ca", str(cert), "--token", TOKEN, "--timeout", "10", *extra],
+            capture_output=True, text=True, cwd=ROOT, timeout=120,
+        )  # fmt: skip
+
+    client_cert, client_key = (str(p) for p in mutual_server.client)
+    served = models("--cert", client_cert, "--key", client_key)
+    assert served.returncode == 0 and "en-es" in served.stdout, served.stderr
+    missing = models()
+    assert missing.returncode == 2 and "UNAVAILABLE" in missing.stderr, missing.stderr
+    assert "pass --cert and --key, issued by the CA it trusts" in missing.stderr, missing.stderr
+    stranger = models(
+        "--cert", str(mutual_server.stranger[0]), "--key", str(mutual_server.stranger[1])
+    )
+    assert stranger.returncode == 2 and "UNAVAILABLE" in stranger.stderr, stranger.stderr
+    assert "it refused --cert" in stranger.stderr, stranger.stderr
+
+
+def test_the_load_generator_presents_a_client_certificate(
+    mutual_server: Mutual, tmp_path: Path
+) -> None:
+    """`python -m loadtest run` reaches a mutual-TLS server with --cert/--key beside --ca;
+    a certificate without its key is refused before the run."""
+    from typer.testing import CliRunner
+
+    from loadtest.__main__ import app
+
+    server, cert = mutual_server.server, mutual_server.server_cert
+    client_cert, client_key = (str(p) for p in mutual_server.client)
+    inputs = tmp_path / "verses.txt"
+    inputs.write_text("Amen.\nJesus wept.\n")
+    args = [
+        "run", "--target", server.address, "--ca", str(cert), "--token", TOKEN,
+        "--inputs", str(inputs), "--mix", "translate=1", "--rate", "10", "--arrivals",
+        "constant", "--duration", "0.5", "--max-new-tokens", "4", "--no-progress",
+    ]  # fmt: skip
+    out = tmp_path / "run"
+    result = CliRunner().invoke(
+        app, [*args, "--cert", client_cert, "--key", client_key, "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "result.json").read_text())["summary"]
+    assert summary["ok"] == summary["requests"] >= 4, summary
+    result = CliRunner().invoke(app, [*args, "--cert", client_cert, "--out", str(out)])
+    assert result.exit_code == 2 and "cert and key go together" in result.output

@@ -161,6 +161,13 @@ def test_the_config_variable_is_read_in_any_case_and_one_spelling_at_a_time(
         ({}, {"health_port": 8000}, "health_port (8000) must differ from metrics_port"),
         ({"SERVE_HEALTH_PORT": "50051"}, {}, "health_port (50051) must differ from port"),
         ({}, {"tls_cert": Path("/nonexistent.pem")}, "tls_cert and tls_key go together"),
+        (
+            {"SERVE_TLS_CLIENT_CA": "/ca.pem"},
+            {},
+            "tls_client_ca needs TLS on the gRPC port: set tls_cert and tls_key too (the "
+            "server's certificate and key), or unset tls_client_ca (given: "
+            "SERVE_TLS_CLIENT_CA=/ca.pem)",
+        ),
         ({"SERVE_HOST": "[]"}, {}, "SERVE_HOST=[]: must name an address"),
         ({"SERVE_AUTH_TOKEN": " "}, {}, "SERVE_AUTH_TOKEN=<hidden>: is empty"),
         ({"SERVE_AUTH_TOKEN": "a b"}, {}, "SERVE_AUTH_TOKEN=<hidden>: has characters a gRPC"),
@@ -318,6 +325,37 @@ def test_tls_files_are_read_and_matched_at_start(
     assert not load_settings(tls_cert="", tls_key="").tls  # flags: the same
 
 
+def test_the_client_ca_is_read_at_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mutual TLS: a client CA grpc could not use fails every handshake, which clients see
+    as a closed connection; the settings name the file and why instead."""
+    from tests._tls import certificate_authority, self_signed
+
+    cert, key = self_signed(tmp_path)
+    ca, ca_key = certificate_authority(tmp_path)
+    assert load_settings(tls_cert=cert, tls_key=key, tls_client_ca=ca).mtls
+    assert not load_settings(tls_cert=cert, tls_key=key).mtls
+    missing = tmp_path / "missing.pem"
+    with pytest.raises(SettingsError, match=rf"tls_client_ca {missing}: cannot read \(No such"):
+        load_settings(tls_cert=cert, tls_key=key, tls_client_ca=missing)
+    with pytest.raises(SettingsError, match=rf"tls_client_ca {tmp_path}: cannot read"):
+        load_settings(tls_cert=cert, tls_key=key, tls_client_ca=tmp_path)  # a folder
+    garbled = tmp_path / "garbled.pem"
+    garbled.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    for path, why in (
+        (ca_key, "no -----BEGIN CERTIFICATE----- block"),  # the CA's key, not its certificate
+        (garbled, ""),
+    ):
+        with pytest.raises(SettingsError) as info:
+            load_settings(tls_cert=cert, tls_key=key, tls_client_ca=path)
+        assert (
+            f"tls_client_ca {path}: not the PEM certificate(s) of the CA(s) that issue client "
+            f"certificates ({why}" in str(info.value)
+        )
+    monkeypatch.setenv("SERVE_TLS_CLIENT_CA", " ")  # a template's empty value: no mutual TLS
+    assert not load_settings(tls_cert=cert, tls_key=key).mtls
+    assert not load_settings().mtls
+
+
 def test_an_empty_model_repository_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     """SERVE_MODEL_REPOSITORY= (a template's empty value) named the working folder: the
     server started with no model, a warning its only sign."""
@@ -348,6 +386,7 @@ def test_cli_help_and_errors() -> None:
     assert help_text.returncode == 0
     for flag in ("--port", "--max-queue", "--auth-token", "--config", "SERVE_MAX_QUEUE"):
         assert flag in help_text.stdout
+    assert "--tls-client-ca" in help_text.stdout and "SERVE_TLS_CLIENT_CA" in help_text.stdout
     # A boolean setting is a string flag: its help says what it reads, not "<str>".
     assert re.search(r"--cuda-graphs +true\|false", help_text.stdout), help_text.stdout
     bad = subprocess.run([*run, "--port", "70000"], capture_output=True, text=True, cwd=ROOT)
