@@ -133,7 +133,27 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE, INTERNAL_REASON
 
 
+# The longest status message a caller is sent. A failed call's trailers carry its message
+# twice (grpc-message, percent-encoded where not ASCII, and the google.rpc.Status beside
+# it), and grpc fails a call whose trailers pass 8 KiB at random (all past 16 KiB): a
+# listing of many loaded models would have failed the call it explains.
+MAX_MESSAGE_CHARS = 1024
+
 ERROR_DOMAIN = "inference.v1"
+
+
+def sent_message(message: str) -> str:
+    """`message` as a caller is sent it: at most MAX_MESSAGE_CHARS, a longer one cut with
+    a note (the call's log line keeps it whole)."""
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    note = (
+        f" ... ({len(message):,} characters in all; the server log has the whole message "
+        "under this call's request id)"
+    )
+    return message[: MAX_MESSAGE_CHARS - len(note)] + note
+
+
 # The trailer that carries the google.rpc.Status (grpcio-status's name for it).
 DETAILS_KEY: str = rpc_status.GRPC_DETAILS_METADATA_KEY
 

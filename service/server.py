@@ -73,6 +73,7 @@ from service.errors import (
     DETAILS_KEY,
     code_name,
     rich_status,
+    sent_message,
     status_of,
 )
 from service.gen.inference.v1 import inference_pb2 as pb
@@ -590,9 +591,10 @@ class Transport:
             self._finish(method, state, code, started, message, reason)
             self._leave()
             request_id_var.reset(token)
-        details = rich_status(code, message, reason, error).SerializeToString()
+        sent = sent_message(message)
+        details = rich_status(code, sent, reason, error).SerializeToString()
         try:
-            await context.abort(code, message, trailing_metadata=(*trailer, (DETAILS_KEY, details)))
+            await context.abort(code, sent, trailing_metadata=(*trailer, (DETAILS_KEY, details)))
         except grpc.aio.AbortError:
             raise  # how an abort ends the handler
         except Exception:

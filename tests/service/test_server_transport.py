@@ -44,6 +44,7 @@ from service.domain import (
     TokenEvent,
     Unavailable,
 )
+from service.errors import MAX_MESSAGE_CHARS
 from service.gen.inference.v1 import inference_pb2 as pb
 from service.metrics import Metrics
 from service.server import InferenceServer, StartupError, Transport, serve
@@ -79,6 +80,9 @@ class FakeBackend:
     def _check(self, request: SequenceRequest) -> str:
         self.requests.append(request)
         name = request.model or ("en-es" if request.task is Task.TRANSLATION else "en-lm")
+        if name == "zoo":  # a repository of many models, which a refusal lists
+            listing = "; ".join(f"model-{i:03d} (translation: versions 1)" for i in range(400))
+            raise ModelNotFound(f"model 'zoo' is not loaded; loaded models: {listing}", model=name)
         if name not in ("en-es", "en-lm"):
             raise ModelNotFound(f"model {name!r} is not loaded")
         if request.text == "queue full":
@@ -645,6 +649,27 @@ def test_domain_errors_map_to_status_codes(
     assert fake.failures("Translate", "en-es", "queue_full") >= 1
     assert fake.failures("Translate", "en-es", "deadline_unmeetable") >= 1
     assert fake.failures("Translate", "en-es", "internal") >= 1
+
+
+def test_a_long_refusal_is_sent_cut_and_logged_whole(
+    client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A message of 14,000 characters, sent twice in the trailers (grpc-message and the
+    google.rpc.Status), made grpc fail the call RESOURCE_EXHAUSTED ("received metadata
+    size exceeds soft limit") instead of NOT_FOUND: it is cut, saying so, with its details
+    intact, and the call's log line keeps it whole."""
+    with (
+        caplog.at_level(logging.INFO, logger="service.server"),
+        pytest.raises(grpc.RpcError) as error,
+    ):
+        client.translate("x", model="zoo")
+    assert _code(error) == grpc.StatusCode.NOT_FOUND
+    message = error.value.details()  # type: ignore[attr-defined]
+    assert len(message) == MAX_MESSAGE_CHARS and message.startswith("model 'zoo' is not loaded")
+    assert "characters in all; the server log has the whole message" in message
+    assert failure(error.value) == Failure("MODEL_NOT_FOUND", {"model": "zoo"}, {})
+    [logged] = [r for r in caplog.records if r.__dict__.get("reason") == "model_not_found"]
+    assert "model-399 (translation: versions 1)" in logged.__dict__["error"]
 
 
 def test_a_multi_text_call_without_queue_room_queues_none_of_its_texts(
