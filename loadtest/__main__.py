@@ -156,8 +156,10 @@ def _meta(
 # answer before the run's drain ended (CLIENT_CANCELLED), or the client broke.
 SHEDDING_CODES = frozenset({"RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "CLIENT_BACKLOG"})
 # RESOURCE_EXHAUSTED also refuses a request or answer over the max message size (the
-# server's wording, then grpc's own): not shedding, the run's requests are at fault.
-SIZE_REFUSALS = ("max message size", "larger than max")
+# server's reasons, then grpc's own wording, which comes with none): not shedding, the
+# run's requests are at fault.
+SIZE_REASONS = frozenset({"REQUEST_TOO_LARGE", "RESPONSE_TOO_LARGE"})
+GRPC_SIZE_REFUSAL = "larger than max"
 
 
 def _failed(record: RequestRecord) -> bool:
@@ -165,7 +167,7 @@ def _failed(record: RequestRecord) -> bool:
     if record.ok:
         return False
     if record.code == "RESOURCE_EXHAUSTED":
-        return any(words in record.detail for words in SIZE_REFUSALS)
+        return record.reason in SIZE_REASONS or GRPC_SIZE_REFUSAL in record.detail
     return record.code not in SHEDDING_CODES
 
 

@@ -100,6 +100,7 @@ class RequestRecord:
     itl: list[float] = field(default_factory=list)  # one per streamed token after the first
     messages: int = 0  # streamed messages that carried tokens (streams only)
     detail: str = ""  # the error message, for errors only
+    reason: str = ""  # why the server failed it (QUEUE_FULL, ...), when it said
 
     @property
     def latency(self) -> float:
@@ -165,6 +166,7 @@ def make_record(
         itl=itl,
         messages=len(outcome.chunk_times),
         detail=outcome.detail if outcome.code != "OK" else "",
+        reason=outcome.reason if outcome.code != "OK" else "",
     )
 
 

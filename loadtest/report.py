@@ -96,6 +96,11 @@ def _summarize_records(records: Sequence[RequestRecord], elapsed: float) -> dict
         "requests": len(records),
         "ok": len(ok),
         "errors": dict(sorted(Counter(r.code for r in records if not r.ok).items())),
+        # Why, where the server said (its google.rpc.ErrorInfo): a code alone does not tell
+        # a full queue (QUEUE_FULL) from an unmeetable deadline (DEADLINE_UNMEETABLE).
+        "error_reasons": dict(
+            sorted(Counter(r.reason for r in records if not r.ok and r.reason).items())
+        ),
         # One message per code, so a failing run says why without a debugger.
         "error_examples": {r.code: r.detail for r in reversed(records) if not r.ok},
         "error_rate": errors / len(records) if records else 0.0,
@@ -284,6 +289,11 @@ def markdown_run(summary: dict[str, Any], title: str = "Load test") -> str:
         f"- throughput: **{summary['throughput_rps']:.2f} req/s**, "
         f"**{summary['tokens_per_s']:.1f} output tokens/s**",
         f"- errors: {summary['errors'] or 'none'} (rate {summary['error_rate']:.2%})",
+        *(
+            [f"  - why, as the server said: {summary['error_reasons']}"]
+            if summary.get("error_reasons")
+            else []
+        ),
         *[f"  - {code}: {msg}" for code, msg in summary.get("error_examples", {}).items()],
         f"- send lag p50 {_ms(summary['send_lag_s']['p50'])} ms, p99 "
         f"{_ms(summary['send_lag_s']['p99'])} ms (client-side lateness; latency already "
@@ -481,6 +491,7 @@ def record_row(record: RequestRecord, **extra: Any) -> dict[str, Any]:
         "messages": record.messages,
         "itl_s": record.itl,
         "detail": record.detail,
+        "reason": record.reason,
     }
 
 

@@ -59,6 +59,7 @@ class CallOutcome:
     chunk_times: list[float] = field(default_factory=list)
     chunk_tokens: list[int] = field(default_factory=list)
     detail: str = ""
+    reason: str = ""  # why the server failed it (QUEUE_FULL, ...), when it said
 
 
 # Outcomes of a stream that ended with status OK but not with its whole answer: the server
@@ -212,11 +213,12 @@ class GrpcCaller:
     ) -> None:
         import grpc
 
-        from service.client import client_certificate
+        from service.client import client_certificate, failure
         from service.gen.inference.v1 import inference_pb2 as pb
         from service.gen.inference.v1 import inference_pb2_grpc as pb_grpc
 
         self._grpc = grpc
+        self._failure = failure  # the reason a server sent with a failed call
         self.pb = pb
         security = security or ChannelSecurity()
         # Many concurrent streams share one HTTP/2 connection; raise the stream limit.
@@ -335,6 +337,8 @@ class GrpcCaller:
         except grpc.aio.AioRpcError as error:
             out.code = error.code().name
             out.detail = (error.details() or "")[:200]
+            found = self._failure(error)
+            out.reason = found.reason if found is not None else ""
         except Exception as error:  # a client-side failure must not stop the run
             out.code = "CLIENT_ERROR"
             out.detail = f"{type(error).__name__}: {error}"[:200]

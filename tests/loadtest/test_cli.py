@@ -219,8 +219,10 @@ class SheddingServer(FakeCaller):
 
     async def __call__(self, item: WorkItem) -> CallOutcome:
         outcome = await super().__call__(item)
-        shed = ("RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED")[len(FakeCaller.calls) % 4 // 2]
-        return outcome if len(FakeCaller.calls) % 2 else CallOutcome(code=shed)
+        code, reason = (("RESOURCE_EXHAUSTED", "QUEUE_FULL"), ("DEADLINE_EXCEEDED", ""))[
+            len(FakeCaller.calls) % 4 // 2
+        ]
+        return outcome if len(FakeCaller.calls) % 2 else CallOutcome(code=code, reason=reason)
 
 
 class RefusingServer(FakeCaller):
@@ -249,22 +251,39 @@ def test_load_shedding_does_not_fail_a_run(tmp_path: Path) -> None:
     args = ["run", "--rate", "40", "--duration", "0.5", *common(tmp_path, out)]
     result, _ = invoke(args, caller=SheddingServer)
     assert result.exit_code == 0, result.output
-    errors = json.loads((out / "result.json").read_text())["summary"]["errors"]
+    summary = json.loads((out / "result.json").read_text())["summary"]
+    errors = summary["errors"]
     assert errors["RESOURCE_EXHAUSTED"] and errors["DEADLINE_EXCEEDED"]
+    # Why, where the server said: the refusals' reason, counted apart.
+    assert summary["error_reasons"] == {"QUEUE_FULL": errors["RESOURCE_EXHAUSTED"]}
+    assert "why, as the server said: {'QUEUE_FULL': " in (out / "summary.md").read_text()
 
 
 class OverSizeServer(FakeCaller):
     """Refuses every other answer as over the max message size: RESOURCE_EXHAUSTED, but
-    the requests' fault, not shedding."""
+    the requests' fault, not shedding; as the server says it (`refusal`: its reason), or
+    as grpc does (its wording, no reason)."""
+
+    refusal: ClassVar[CallOutcome] = CallOutcome()
 
     async def __call__(self, item: WorkItem) -> CallOutcome:
         outcome = await super().__call__(item)
-        detail = "the answer is 5,000,000 bytes, over the server's max message size of 4,194,304"
-        refused = CallOutcome(code="RESOURCE_EXHAUSTED", detail=detail)
-        return outcome if len(FakeCaller.calls) % 2 else refused
+        return outcome if len(FakeCaller.calls) % 2 else self.refusal
 
 
-def test_answers_over_the_max_message_size_fail_a_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        CallOutcome("RESOURCE_EXHAUSTED", detail="the answer is 5,000,000 bytes, over the "
+                    "server's limit", reason="RESPONSE_TOO_LARGE"),
+        CallOutcome("RESOURCE_EXHAUSTED", detail="Received message larger than max (5 vs. 4)"),
+    ],
+    ids=["server", "grpc"],
+)  # fmt: skip
+def test_answers_over_the_max_message_size_fail_a_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refusal: CallOutcome
+) -> None:
+    monkeypatch.setattr(OverSizeServer, "refusal", refusal)
     out = tmp_path / "run"
     args = ["run", "--rate", "40", "--duration", "0.5", *common(tmp_path, out)]
     result, calls = invoke(args, caller=OverSizeServer)

@@ -45,3 +45,22 @@ def test_three_second_loadtest_against_live_server(server: Any, tmp_path: Path) 
     assert summary["by_kind"]["generate"]["tokens_per_message"] >= 1.0
     for name in ("summary.md", "latency_cdf.png", "latency_vs_load.png"):
         assert (out / name).stat().st_size > 0
+
+
+@pytest.mark.e2e
+def test_a_run_records_why_the_server_refused(server: Any, tmp_path: Path) -> None:
+    """Each refused request's record keeps the reason the server sent with it (the server
+    fixture allows 32 new tokens), and the summary counts them."""
+    out = tmp_path / "run"
+    inputs = short_verses(tmp_path / "short.txt")
+    args = (
+        f"run --target {server.address} --rate 20 --arrivals constant --duration 0.3 "
+        f"--inputs {inputs} --mix translate=0.5,stream=0.5 --max-new-tokens 33 "
+        f"--out {out} --no-progress"
+    )
+    result = CliRunner().invoke(app, args.split())
+    assert result.exit_code == 2, result.output  # none succeeded
+    summary = json.loads((out / "result.json").read_text())["summary"]
+    assert summary["error_reasons"] == {"INVALID_ARGUMENT": summary["requests"]} != {}
+    records = (out / "records.jsonl").read_text().splitlines()
+    assert all(json.loads(line)["reason"] == "INVALID_ARGUMENT" for line in records)
