@@ -373,6 +373,7 @@ def run(
     _positive("--rate", rate, MAX_RATE)
     _at_least("--concurrency", concurrency, 1)
     _check_common(max_new_tokens, timeout, max_in_flight, wait_ready)
+    security = _security(token, ca, server_name, cert, key)
     if rate is not None and concurrency is not None:
         raise typer.BadParameter("give --rate (open loop) or --concurrency (closed loop), not both")
     if rate is None and concurrency is None:
@@ -388,13 +389,7 @@ def run(
     meta = _meta(target, path, weights, seed, max_new_tokens=max_new_tokens)
     update, close = _progress(_expected(rate, duration, max_requests), progress, "loadtest")
     stop = asyncio.Event()
-    server = _Server(
-        target,
-        timeout,
-        max_new_tokens,
-        wait_ready,
-        _security(token, ca, server_name, cert, key),
-    )
+    server = _Server(target, timeout, max_new_tokens, wait_ready, security)
 
     async def body(caller: Caller) -> RunResult:
         return await run_load(
@@ -492,6 +487,7 @@ def sweep(
 ) -> None:
     """Open-loop steps at rising rates until the latency curve bends (the knee)."""
     _check_common(max_new_tokens, timeout, max_in_flight, wait_ready)
+    security = _security(token, ca, server_name, cert, key)
     _positive("--slo-p99-ms", slo_p99_ms)
     _at_least("--stop-after-unhealthy", stop_after_unhealthy, 1)
     rate_list = _parse_rates(rates, start_rate, factor, max_rate)
@@ -515,13 +511,7 @@ def sweep(
         arrivals=arrivals,
     )
     stop = asyncio.Event()
-    server = _Server(
-        target,
-        timeout,
-        max_new_tokens,
-        wait_ready,
-        _security(token, ca, server_name, cert, key),
-    )
+    server = _Server(target, timeout, max_new_tokens, wait_ready, security)
 
     async def body(caller: Caller) -> list[RunResult]:
         results: list[RunResult] = []
@@ -611,6 +601,7 @@ def soak(
     _positive("--minutes", minutes)
     _positive("--sample-interval", sample_interval)
     _check_common(max_new_tokens, timeout, max_in_flight, wait_ready)
+    security = _security(token, ca, server_name, cert, key)
     duration = minutes * 60.0
     # Without --max-requests, rate x duration; past the cap, check_bounds refuses it.
     cap = (
@@ -638,13 +629,7 @@ def soak(
     sampler = RssSampler(pid, sample_interval)
     update, close = _progress(_expected(rate, duration, cap), progress, "soak")
     stop = asyncio.Event()
-    server = _Server(
-        target,
-        timeout,
-        max_new_tokens,
-        wait_ready,
-        _security(token, ca, server_name, cert, key),
-    )
+    server = _Server(target, timeout, max_new_tokens, wait_ready, security)
 
     async def body(caller: Caller) -> RunResult:
         finished = asyncio.Event()

@@ -728,8 +728,11 @@ def _tls_hint(details: str, client_cert: bool = False) -> str | None:
     # Under TLS 1.3 a server that requires client certificates checks the client's after
     # the client's side of the handshake is done, and refuses by closing the connection:
     # all the client sees ("Handshake read failed (Socket closed)" is a connection closed
-    # before the handshake, as past the server's connection limit).
-    if "Socket closed" in details and "Handshake read failed" not in details:
+    # before the handshake, as past the server's connection limit; "Stream removed (Socket
+    # closed)" one closed mid-call, past the handshake: a server that stopped or crashed).
+    if "Socket closed" in details and not any(
+        what in details for what in ("Handshake read failed", "Stream removed")
+    ):
         if client_cert:
             return (
                 "(the server closed the connection after the TLS handshake: if it requires "

@@ -133,25 +133,29 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE, INTERNAL_REASON
 
 
-# The longest status message a caller is sent. A failed call's trailers carry its message
-# twice (grpc-message, percent-encoded where not ASCII, and the google.rpc.Status beside
-# it), and grpc fails a call whose trailers pass 8 KiB at random (all past 16 KiB): a
-# listing of many loaded models would have failed the call it explains.
-MAX_MESSAGE_CHARS = 1024
+# The longest status message a caller is sent, in bytes of UTF-8. A failed call's trailers
+# carry its message twice (grpc-message, which percent-encodes each byte past ASCII as
+# three, and the google.rpc.Status beside it), and grpc fails a call whose trailers pass
+# 8 KiB at random (all past 16 KiB): a listing of many loaded models would have failed the
+# call it explains. Counted in characters, one whose names are not ASCII still did (1,024
+# characters of CJK are 9 KiB as grpc-message).
+MAX_MESSAGE_BYTES = 1024
 
 ERROR_DOMAIN = "inference.v1"
 
 
 def sent_message(message: str) -> str:
-    """`message` as a caller is sent it: at most MAX_MESSAGE_CHARS, a longer one cut with
-    a note (the call's log line keeps it whole)."""
-    if len(message) <= MAX_MESSAGE_CHARS:
+    """`message` as a caller is sent it: at most MAX_MESSAGE_BYTES of UTF-8, a longer one
+    cut at a character's end with a note (the call's log line keeps it whole)."""
+    data = message.encode()
+    if len(data) <= MAX_MESSAGE_BYTES:
         return message
     note = (
         f" ... ({len(message):,} characters in all; the server log has the whole message "
         "under this call's request id)"
     )
-    return message[: MAX_MESSAGE_CHARS - len(note)] + note
+    kept = data[: MAX_MESSAGE_BYTES - len(note)].decode(errors="ignore")
+    return kept + note
 
 
 # The trailer that carries the google.rpc.Status (grpcio-status's name for it).

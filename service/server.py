@@ -417,7 +417,8 @@ class Transport:
                 async with asyncio.timeout(timeout):
                     request = await context.read()
         except TimeoutError:
-            raise RequestTimeout(_not_arrived(timeout)) from None
+            # A DEADLINE_EXCEEDED on which no work was spent (inference.proto, "Errors").
+            raise RequestTimeout(_not_arrived(timeout), admitted="false") from None
         except asyncio.CancelledError:
             if task not in self._cut:  # grpc's: the deadline passed or the client went away
                 self._unread(method, context, started, budget, turn)

@@ -315,6 +315,21 @@ def test_streams_are_typed_with_the_cancel_their_docstrings_offer() -> None:
     assert any(typing.get_type_hints(o)["stream"] is bool for o in overloads)
 
 
+@pytest.mark.parametrize("client_cert", [False, True])
+def test_cli_does_not_blame_client_certificates_for_a_connection_lost_mid_call(
+    client_cert: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A TLS server killed while it answered closes the connection past the handshake
+    (grpcio 1.85's words, with no request id): that is no refused or missing --cert."""
+    with pytest.raises(typer.Exit):
+        _fail(
+            _Failed(grpc.StatusCode.UNAVAILABLE, "Stream removed (Socket closed)"),
+            tls=True,
+            client_cert=client_cert,
+        )
+    assert capsys.readouterr().err.splitlines()[1:] == []
+
+
 def test_cli_says_a_refused_client_certificate_was_refused(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

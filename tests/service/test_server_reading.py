@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 import pytest
 
-from service.client import Client
+from service.client import Client, Failure, failure
 from service.gen.inference.v1 import inference_pb2 as pb
 from tests.service.test_server_transport import TOKEN, InProcessServer, _code, _wait
 
@@ -85,6 +85,8 @@ def test_a_request_that_never_arrives_is_refused_at_the_read_timeout() -> None:
         details = error.value.details()  # type: ignore[attr-defined]
         assert "had not arrived 0.5 s after the server began reading it" in details
         assert "SERVE_REQUEST_READ_TIMEOUT_S, not the call's deadline" in details
+        # No work was spent on it, as its details say (a client's code reads `admitted`).
+        assert failure(error.value) == Failure("REQUEST_TIMEOUT", {"admitted": "false"}, {})
         assert server.failures("Translate", "unknown", "request_timeout") == 1
         _wait(lambda: _open_calls(server) == 0)
         # A call that sends its request is unaffected.

@@ -44,7 +44,7 @@ from service.domain import (
     TokenEvent,
     Unavailable,
 )
-from service.errors import MAX_MESSAGE_CHARS
+from service.errors import MAX_MESSAGE_BYTES
 from service.gen.inference.v1 import inference_pb2 as pb
 from service.metrics import Metrics
 from service.server import InferenceServer, StartupError, Transport, serve
@@ -83,6 +83,10 @@ class FakeBackend:
         if name == "zoo":  # a repository of many models, which a refusal lists
             listing = "; ".join(f"model-{i:03d} (translation: versions 1)" for i in range(400))
             raise ModelNotFound(f"model 'zoo' is not loaded; loaded models: {listing}", model=name)
+        if name == "zoo-𠮷":  # ... whose names are not ASCII (4 bytes of UTF-8 a character)
+            listing = "; ".join("𠮷" * 60 for _ in range(400))
+            message = f"model {name!r} is not loaded; loaded models: {listing}"
+            raise ModelNotFound(message, model=name)
         if name not in ("en-es", "en-lm"):
             raise ModelNotFound(f"model {name!r} is not loaded")
         if request.text == "queue full":
@@ -665,11 +669,28 @@ def test_a_long_refusal_is_sent_cut_and_logged_whole(
         client.translate("x", model="zoo")
     assert _code(error) == grpc.StatusCode.NOT_FOUND
     message = error.value.details()  # type: ignore[attr-defined]
-    assert len(message) == MAX_MESSAGE_CHARS and message.startswith("model 'zoo' is not loaded")
+    assert len(message) == MAX_MESSAGE_BYTES and message.startswith("model 'zoo' is not loaded")
     assert "characters in all; the server log has the whole message" in message
     assert failure(error.value) == Failure("MODEL_NOT_FOUND", {"model": "zoo"}, {})
     [logged] = [r for r in caplog.records if r.__dict__.get("reason") == "model_not_found"]
     assert "model-399 (translation: versions 1)" in logged.__dict__["error"]
+
+
+def test_a_long_refusal_past_ascii_is_cut_to_what_the_trailers_hold(client: Client) -> None:
+    """grpc-message percent-encodes each byte past ASCII as three: cut at 1,024 characters,
+    a refusal listing models whose names are not ASCII made 14 KiB of trailers (10 KiB of
+    grpc-message), and grpc failed most such calls RESOURCE_EXHAUSTED ("received metadata
+    size exceeds soft limit") instead of NOT_FOUND. It is cut at 1,024 bytes of UTF-8, at a
+    character's end."""
+    for _ in range(5):  # between 8 and 16 KiB, grpc fails a call at random
+        with pytest.raises(grpc.RpcError) as error:
+            client.translate("x", model="zoo-𠮷")
+        assert _code(error) == grpc.StatusCode.NOT_FOUND
+    message = error.value.details()  # type: ignore[attr-defined]
+    assert MAX_MESSAGE_BYTES - 4 < len(message.encode()) <= MAX_MESSAGE_BYTES
+    assert message.startswith("model 'zoo-𠮷' is not loaded; loaded models: 𠮷𠮷")
+    assert message.endswith("the server log has the whole message under this call's request id)")
+    assert failure(error.value) == Failure("MODEL_NOT_FOUND", {"model": "zoo-𠮷"}, {})
 
 
 def test_a_multi_text_call_without_queue_room_queues_none_of_its_texts(
