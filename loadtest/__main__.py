@@ -68,6 +68,7 @@ from service.client import (  # the same options as the client's
     ServerName,
     Token,
     client_certificate,
+    tls_hint,
 )
 
 app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True)
@@ -291,9 +292,13 @@ def _drive(server: _Server, body: Callable[[Caller], Any], stop: asyncio.Event) 
             try:
                 await caller.wait_ready(server.wait_ready_s)
             except TimeoutError as error:
+                security = server.security
+                secure = security.ca is not None or security.cert is not None
+                hint = tls_hint(str(error), security.cert is not None) if secure else None
                 raise _Fail(
                     f"no server SERVING (grpc.health.v1) at {server.target} within "
-                    f"{server.wait_ready_s:g} s"
+                    f"{server.wait_ready_s:g} s (the last check: {error})"
+                    + (f" {hint}" if hint else "")
                 ) from error
             loop = asyncio.get_running_loop()
             loop.add_signal_handler(signal.SIGINT, _interrupt, loop, stop)

@@ -245,26 +245,33 @@ class GrpcCaller:
 
     async def wait_ready(self, timeout_s: float = 10.0) -> None:
         """Until the server's overall health is SERVING (its models loaded and warm), so no
-        request of the run meets a loading server; TimeoutError after timeout_s."""
+        request of the run meets a loading server; TimeoutError after timeout_s, saying
+        what the last check met (a refused connection, a failed TLS handshake, a status)."""
         import asyncio
 
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         health = health_pb2_grpc.HealthStub(self.channel)
         serving = health_pb2.HealthCheckResponse.SERVING
+        last = ["no answer"]
 
         async def serving_reached() -> None:
-            await self.channel.channel_ready()
             while True:
                 try:
                     reply = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
                     if reply.status == serving:
                         return
-                except self._grpc.RpcError:
-                    pass  # not listening yet, or health not registered yet
+                    last[0] = (
+                        f"health {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
+                    )
+                except self._grpc.aio.AioRpcError as error:  # not listening yet, loading, ...
+                    last[0] = f"{error.code().name}: {error.details()}"
                 await asyncio.sleep(0.2)
 
-        await asyncio.wait_for(serving_reached(), timeout_s)
+        try:
+            await asyncio.wait_for(serving_reached(), timeout_s)
+        except TimeoutError:
+            raise TimeoutError(last[0]) from None
 
     async def close(self) -> None:
         await self.channel.close()

@@ -705,7 +705,7 @@ def _fail(
         typer.echo("(the server refused the call for now: retry, or pass --retries)", err=True)
     elif code == grpc.StatusCode.UNAVAILABLE and not tls:
         typer.echo("(is the server up at --target? if it serves TLS, pass --ca)", err=True)
-    elif code == grpc.StatusCode.UNAVAILABLE and (hint := _tls_hint(details, client_cert)):
+    elif code == grpc.StatusCode.UNAVAILABLE and (hint := tls_hint(details, client_cert)):
         typer.echo(hint, err=True)
     elif code == grpc.StatusCode.UNAUTHENTICATED and token:
         typer.echo(
@@ -718,7 +718,7 @@ def _fail(
     raise typer.Exit(2)
 
 
-def _tls_hint(details: str, client_cert: bool = False) -> str | None:
+def tls_hint(details: str, client_cert: bool = False) -> str | None:
     """What to do when the TLS handshake failed, mostly on the server's certificate: the
     status is UNAVAILABLE, as for a server that is down; grpc's details (BoringSSL's) say
     why. `client_cert`: --cert was presented."""

@@ -149,7 +149,7 @@ def test_wait_ready_waits_for_serving_health_not_just_a_listener() -> None:
         caller = GrpcCaller(f"127.0.0.1:{port}")
         try:
             await health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-            with pytest.raises(TimeoutError):
+            with pytest.raises(TimeoutError, match=r"^health NOT_SERVING$"):  # what it met
                 await caller.wait_ready(0.6)
 
             async def warm_up() -> None:

@@ -410,3 +410,9 @@ def test_the_load_generator_presents_a_client_certificate(
     assert summary["ok"] == summary["requests"] >= 4, summary
     result = CliRunner().invoke(app, [*args, "--cert", client_cert, "--out", str(out)])
     assert result.exit_code == 2 and "cert and key go together" in result.output
+    # Without a client certificate the handshake fails: the error says what the health
+    # checks met, and what to pass.
+    result = CliRunner().invoke(app, [*args, "--wait-ready", "1", "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "(the last check: UNAVAILABLE: " in result.output
+    assert "pass --cert and --key" in result.output
