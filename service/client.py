@@ -737,7 +737,9 @@ def tls_hint(details: str, client_cert: bool = False) -> str | None:
             return (
                 "(the server closed the connection after the TLS handshake: if it requires "
                 "client certificates (mutual TLS), it refused --cert, which must be issued by "
-                "the CA it trusts (its SERVE_TLS_CLIENT_CA) and be within its validity period)"
+                "the CA it trusts (its SERVE_TLS_CLIENT_CA), or chain to it through the "
+                "intermediate certificates that follow it in the --cert file, and be within its "
+                "validity period)"
             )
         return (
             "(the server closed the connection after the TLS handshake: if it requires "

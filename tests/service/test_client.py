@@ -341,7 +341,8 @@ def test_cli_says_a_refused_client_certificate_was_refused(
     assert capsys.readouterr().err.splitlines()[1:] == [
         "(the server closed the connection after the TLS handshake: if it requires client "
         "certificates (mutual TLS), it refused --cert, which must be issued by the CA it "
-        "trusts (its SERVE_TLS_CLIENT_CA) and be within its validity period)"
+        "trusts (its SERVE_TLS_CLIENT_CA), or chain to it through the intermediate "
+        "certificates that follow it in the --cert file, and be within its validity period)"
     ]
 
 
