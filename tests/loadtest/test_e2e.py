@@ -23,16 +23,23 @@ def short_verses(path: Path) -> Path:
     return path
 
 
-@pytest.mark.e2e
-def test_three_second_loadtest_against_live_server(server: Any, tmp_path: Path) -> None:
+def _run(server: Any, tmp_path: Path, options: str) -> tuple[Any, Path]:
+    """`python -m loadtest run` on short test verses against the live server: the CLI's
+    result and the run's output folder."""
     out = tmp_path / "run"
     inputs = short_verses(tmp_path / "short.txt")
-    args = (
-        f"run --target {server.address} --rate 6 --arrivals poisson --duration 3 "
-        f"--max-requests 60 --inputs {inputs} --mix translate=0.6,stream=0.2,generate=0.2 "
-        f"--max-new-tokens 8 --timeout 20 --out {out} --no-progress"
+    args = f"run --target {server.address} --inputs {inputs} --out {out} --no-progress {options}"
+    return CliRunner().invoke(app, args.split()), out
+
+
+@pytest.mark.e2e
+def test_three_second_loadtest_against_live_server(server: Any, tmp_path: Path) -> None:
+    result, out = _run(
+        server,
+        tmp_path,
+        "--rate 6 --arrivals poisson --duration 3 --max-requests 60 "
+        "--mix translate=0.6,stream=0.2,generate=0.2 --max-new-tokens 8 --timeout 20",
     )
-    result = CliRunner().invoke(app, args.split())
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "result.json").read_text())["summary"]
     assert summary["requests"] > 0
@@ -51,14 +58,12 @@ def test_three_second_loadtest_against_live_server(server: Any, tmp_path: Path) 
 def test_a_run_records_why_the_server_refused(server: Any, tmp_path: Path) -> None:
     """Each refused request's record keeps the reason the server sent with it (the server
     fixture allows 32 new tokens), and the summary counts them."""
-    out = tmp_path / "run"
-    inputs = short_verses(tmp_path / "short.txt")
-    args = (
-        f"run --target {server.address} --rate 20 --arrivals constant --duration 0.3 "
-        f"--inputs {inputs} --mix translate=0.5,stream=0.5 --max-new-tokens 33 "
-        f"--out {out} --no-progress"
+    result, out = _run(
+        server,
+        tmp_path,
+        "--rate 20 --arrivals constant --duration 0.3 --mix translate=0.5,stream=0.5 "
+        "--max-new-tokens 33",
     )
-    result = CliRunner().invoke(app, args.split())
     assert result.exit_code == 2, result.output  # none succeeded
     summary = json.loads((out / "result.json").read_text())["summary"]
     assert summary["error_reasons"] == {"INVALID_ARGUMENT": summary["requests"]} != {}
