@@ -94,6 +94,11 @@ class ModelVersion:
         return f"{self.name}:{self.version}"
 
     @property
+    def facts(self) -> dict[str, str | int]:
+        """The version as an error's facts name it (ServiceError.facts)."""
+        return {"model": self.name, "version": self.version}
+
+    @property
     def in_flight(self) -> int:
         return self._in_flight
 

@@ -447,8 +447,7 @@ class _ModelLoop:
             raise QueueFull(
                 f"model {self.entry.key}: {queued} sequences already waiting "
                 f"(max_queue {self.config.max_queue}); retry later or on another replica",
-                model=self.entry.name,
-                version=self.entry.version,
+                **self.entry.facts,
                 max_queue=self.config.max_queue,
                 queued=queued,
             )
@@ -459,8 +458,7 @@ class _ModelLoop:
                 raise DeadlineExceeded(
                     f"the deadline passed {-left:.3f}s before admission",
                     admitted="false",
-                    model=self.entry.name,
-                    version=self.entry.version,
+                    **self.entry.facts,
                 )
             # A unary call that would expire has nothing to show; a stream keeps its tokens.
             unary = job.events is None
@@ -478,8 +476,7 @@ class _ModelLoop:
                     f"the {left:.3f}s left before the deadline are less than {what} take on "
                     f"an idle server of model {self.entry.key} ({alone:.3f}s)",
                     admitted="false",
-                    model=self.entry.name,
-                    version=self.entry.version,
+                    **self.entry.facts,
                     time_left_seconds=left,
                     least_seconds=alone,
                 )
@@ -501,8 +498,7 @@ class _ModelLoop:
                     f"refused at admission: model {self.entry.key}: {need} exceed the "
                     f"{left:.3f}s left before the deadline; retry with a longer deadline or "
                     "on another replica",
-                    model=self.entry.name,
-                    version=self.entry.version,
+                    **self.entry.facts,
                     time_left_seconds=left,
                     estimated_seconds=wait,
                 )
@@ -1441,8 +1437,7 @@ class Scheduler:
                 f"model {entry.key}: this call's {len(requests)} texts need as many queue "
                 f"places and {free} of max_queue {self.config.max_queue} are free; retry "
                 "later, on another replica, or in smaller calls",
-                model=entry.name,
-                version=entry.version,
+                **entry.facts,
                 max_queue=self.config.max_queue,
                 queued=self.config.max_queue - free,
             )
