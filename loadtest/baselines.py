@@ -27,6 +27,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -345,8 +346,9 @@ def phase_ort(cfg: PhaseConfig, result: PhaseResult) -> None:
 def phase_engine(cfg: PhaseConfig, result: PhaseResult) -> None:
     """The serving engine (service.engine) driven directly: no gRPC, no asyncio, no queue.
 
-    Rows are refilled between steps as soon as they free up (what continuous batching does
-    in the server), so this is the engine's own offline ceiling for the served path.
+    Rows are refilled between steps as soon as they free up, newcomers encoded during the
+    step where the engine allows it (what continuous batching does in the server), so this
+    is the engine's own offline ceiling for the served path.
     """
     from export.manifest import load_manifest
     from service.domain import DecodingParams, SequenceRequest, Task
@@ -370,30 +372,36 @@ def phase_engine(cfg: PhaseConfig, result: PhaseResult) -> None:
     pending = list(reversed(items))
     started: dict[int, float] = {}
     latencies: list[float] = []
-    start = time.perf_counter()
-    stopping = False
-    while pending or len(batch):
-        if not stopping and time.perf_counter() - start > cfg.budget_s:
-            stopping = True  # finish what runs, admit nothing new
-            result.notes.append(f"stopped admitting at the {cfg.budget_s:g} s budget")
-        joining: list[BatchItem] = []
-        while pending and not stopping and batch.free_rows - len(joining) > 0:
-            joining.append(pending.pop())
-        if joining:
+    with ThreadPoolExecutor(1) as helper:
+        start = time.perf_counter()
+        stopping = False
+        while pending or len(batch):
+            if not stopping and time.perf_counter() - start > cfg.budget_s:
+                stopping = True  # finish what runs, admit nothing new
+                result.notes.append(f"stopped admitting at the {cfg.budget_s:g} s budget")
+            joining: list[BatchItem] = []
+            while pending and not stopping and batch.free_rows - len(joining) > 0:
+                joining.append(pending.pop())
             now = time.perf_counter()
             for item in joining:
                 started[int(item.key)] = now  # type: ignore[call-overload]
-            batch.add(joining)
-        out = batch.step()
-        now = time.perf_counter()
-        for key, seq_result in out.finished:
-            i = int(key)  # type: ignore[call-overload]
-            tokens = list(seq_result.hypotheses[0].token_ids)
-            result.outputs[i] = tokens
-            result.output_tokens += len(tokens)
-            result.requests += 1
-            latencies.append(now - started[i])
-    result.seconds = time.perf_counter() - start
+            prepared = None
+            if joining and engine.overlaps_admission and len(batch):
+                prepared = helper.submit(engine.prepare, joining)
+            elif joining:
+                batch.add(joining)
+            out = batch.step()
+            if prepared is not None:
+                batch.add(joining, prepared.result())
+            now = time.perf_counter()
+            for key, seq_result in out.finished:
+                i = int(key)  # type: ignore[call-overload]
+                tokens = list(seq_result.hypotheses[0].token_ids)
+                result.outputs[i] = tokens
+                result.output_tokens += len(tokens)
+                result.requests += 1
+                latencies.append(now - started[i])
+        result.seconds = time.perf_counter() - start
     result.latency_p50_s = percentile(latencies, 50)
     result.latency_p99_s = percentile(latencies, 99)
 

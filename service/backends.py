@@ -245,23 +245,34 @@ def decoder_with_greedy(path: Path) -> bytes:
 class _Timed:
     """Every session run of a backend goes through `_run`/`_run_bound`, which add its time
     to `run_seconds`: a step's time minus its runs' is the host's own work (bookkeeping,
-    copies, Python), the share CUDA graphs cannot remove."""
+    copies, Python), the share CUDA graphs cannot remove. Counted per thread: on the CPU a
+    batch's newcomers are encoded in another thread while it steps
+    (`Engine.overlaps_admission`), and those runs are not the step's."""
 
-    run_seconds = 0.0
+    def __init__(self) -> None:
+        self._runs = threading.local()
+
+    @property
+    def run_seconds(self) -> float:
+        """Seconds the calling thread has spent in this backend's session runs."""
+        return float(getattr(self._runs, "seconds", 0.0))
+
+    def _ran(self, start: float) -> None:
+        self._runs.seconds = self.run_seconds + time.perf_counter() - start
 
     def _run(self, session: Any, names: list[str], feeds: dict[str, Any]) -> list[Any]:
         start = time.perf_counter()
         try:
             return list(session.run(names, feeds))
         finally:
-            self.run_seconds += time.perf_counter() - start
+            self._ran(start)
 
     def _run_bound(self, session: Any, io: Any, options: ort.RunOptions | None = None) -> None:
         start = time.perf_counter()
         try:
             session.run_with_iobinding(io, options)
         finally:
-            self.run_seconds += time.perf_counter() - start
+            self._ran(start)
 
 
 class NumpyBackend(_Timed):
@@ -270,6 +281,7 @@ class NumpyBackend(_Timed):
     def __init__(
         self, decoder: ort.InferenceSession, encoder: ort.InferenceSession | None, dtype: type
     ) -> None:
+        super().__init__()
         self.decoder_session = decoder
         self.encoder_session = encoder
         self.dtype = dtype
@@ -371,6 +383,7 @@ class BoundBackend(_Timed):
         capture: bool = False,
         plain_decoder: Callable[[], ort.InferenceSession] | None = None,
     ) -> None:
+        super().__init__()
         self.decoder_session = decoder
         self.encoder_session = encoder
         self.dtype = dtype

@@ -446,6 +446,68 @@ class Engine:
             raise ValueError(f"{n} exceeds the largest bucket {maximum}")
         return min(maximum, max(smallest, -(-n // MIN_CACHE) * MIN_CACHE))
 
+    # --- admission -----------------------------------------------------------------------
+
+    @property
+    def overlaps_admission(self) -> bool:
+        """Whether a batch's newcomers may be encoded (or prefilled) in another thread
+        while it steps (`prepare`, then `Batch.add`). On the CPU the step leaves cores idle
+        that the encoder then uses. A device backend steps on buffers bound per shape and
+        graphs captured from one thread, so there newcomers join between steps."""
+        return isinstance(self.backend, NumpyBackend)
+
+    def prepare(self, items: Sequence[BatchItem]) -> Prepared:
+        """The newcomers' encoder run (translator) or prefill runs (generator), which need
+        no batch: `Batch.add` lays what they computed into its rows. Where
+        `overlaps_admission`, another thread may run it while a batch steps."""
+        keys = tuple(it.key for it in items)
+        lengths = [len(it.input_ids) for it in items]
+        if self.task is Task.TRANSLATION:
+            if isinstance(self.backend, NumpyBackend):
+                # On the CPU a new shape costs nothing to set up, and every padded slot
+                # costs compute in a call all running rows wait for: encode at the exact
+                # size.
+                n, width = len(items), max(lengths)
+            else:
+                n = bucket(len(items), 1, bucket(self.max_batch_size, 1, 1 << 30))
+                width = bucket(
+                    max(lengths), min(MIN_CACHE, self.max_input_tokens), self.max_input_tokens
+                )
+            ids = np.full((n, width), self.pad_id, dtype=np.int64)
+            mask = np.zeros((n, width), dtype=bool)
+            for i, it in enumerate(items):
+                ids[i, : lengths[i]] = it.input_ids
+                mask[i, : lengths[i]] = True
+            ck, cv = self.backend.encode(ids, mask)
+            padding = 1.0 - sum(lengths) / float(n * width)
+            return Prepared(keys, width, padding, [(list(range(len(items))), ck, cv)], mask)
+        # A prompt's every token but the last goes into the cache; the next step feeds it.
+        todo = [i for i, n in enumerate(lengths) if n > 1]
+        if not todo:
+            return Prepared(keys, 0, 0.0, [])
+        width = self.cache_for(max(lengths[i] - 1 for i in todo))
+        group = self.prefill_rows(width)
+        parts: list[tuple[list[int], Any, Any]] = []
+        padded = 0
+        for first in range(0, len(todo), group):
+            part = todo[first : first + group]
+            n = bucket(len(part), 1, group)
+            padded += n * width
+            ids = np.full((n, width), self.pad_id, dtype=np.int64)
+            for row, i in enumerate(part):
+                prompt = items[i].input_ids[:-1]
+                ids[row, : len(prompt)] = prompt
+            feeds = {
+                "input_ids": ids,
+                "positions": np.zeros(n, dtype=np.int64),
+                "past_k": self.backend.zeros((self.layers, n, self.heads, width, self.head_dim)),
+                "past_v": self.backend.zeros((self.layers, n, self.heads, width, self.head_dim)),
+            }
+            _, pk, pv, _ = self.backend.decode(feeds, want_alignment=False)
+            parts.append((part, pk, pv))
+        real = sum(lengths[i] - 1 for i in todo)
+        return Prepared(keys, width, 1.0 - real / float(padded), parts)
+
     # --- requests ------------------------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:
@@ -690,6 +752,19 @@ class AddOutput:
 
 
 @dataclass
+class Prepared:
+    """What `Engine.prepare` computed for the newcomers `keys`, in their order: per run,
+    the newcomers it took (indices into `keys`) and their keys and values, encoder outputs
+    [L, n, H, width, D] (translator) or prompt caches of `width` slots (generator)."""
+
+    keys: tuple[Hashable, ...]
+    width: int
+    padding_ratio: float  # padded / total tokens of the runs
+    parts: list[tuple[list[int], Any, Any]]
+    src_mask: np.ndarray | None = None  # translator: [n, width]
+
+
+@dataclass
 class StepOutput:
     """What one step produced. `events` only for streaming requests; `progressed` lists
     every request that generated a token (for time-to-first-token and inter-token metrics;
@@ -883,13 +958,16 @@ class Batch:
 
     # --- admission -----------------------------------------------------------------------
 
-    def add(self, items: Sequence[BatchItem]) -> AddOutput:
+    def add(self, items: Sequence[BatchItem], prepared: Prepared | None = None) -> AddOutput:
         """Admit requests between steps: translator sources are encoded together, prompts
-        prefilled together; each joins the next `step()`."""
+        prefilled together (here, or beforehand by `Engine.prepare`, which may run while
+        the batch steps); each joins the next `step()`."""
         start = time.perf_counter()
         e = self.engine
         if not items:
             return AddOutput(0, 0.0, 0.0)
+        if prepared is not None and prepared.keys != tuple(it.key for it in items):
+            raise ValueError("prepared for other requests than those added")
         need = sum(it.request.params.beam_size for it in items)
         if self.rows + need > e.max_batch_size:
             raise ValueError(
@@ -918,31 +996,25 @@ class Batch:
             seqs.append(_Seq(it, slots, e.tokenizer))
         dst = np.array([s for seq in seqs for s in seq.slots], dtype=np.int64)
         src = np.array([i for i, seq in enumerate(seqs) for _ in seq.slots], dtype=np.int64)
+        if prepared is None:
+            prepared = e.prepare(items)
         if e.task is Task.TRANSLATION:
-            padding = self._encode(seqs, dst, src)
+            self._encode(prepared, seqs, dst, src)
         else:
-            padding = self._prefill(seqs, dst, src)
+            self._prefill(prepared, seqs, dst, src)
         for seq in seqs:
             self.seqs[seq.key] = seq
         self.active[dst] = True
-        return AddOutput(len(dst), padding, time.perf_counter() - start)
+        return AddOutput(len(dst), prepared.padding_ratio, time.perf_counter() - start)
 
-    def _encode(self, seqs: list[_Seq], dst: np.ndarray, src: np.ndarray) -> float:
-        e = self.engine
-        lengths = [len(s.input_ids) for s in seqs]
-        if isinstance(self.backend, NumpyBackend):
-            # On the CPU a new shape costs nothing to set up, and every padded slot costs
-            # compute in a call all running rows wait for: encode at the exact size.
-            n, width = len(seqs), max(lengths)
-        else:
-            n = bucket(len(seqs), 1, bucket(e.max_batch_size, 1, 1 << 30))
-            width = bucket(max(lengths), min(MIN_CACHE, e.max_input_tokens), e.max_input_tokens)
-        ids = np.full((n, width), e.pad_id, dtype=np.int64)
-        mask = np.zeros((n, width), dtype=bool)
-        for i, seq in enumerate(seqs):
-            ids[i, : lengths[i]] = seq.input_ids
-            mask[i, : lengths[i]] = True
-        ck, cv = self.backend.encode(ids, mask)
+    def _encode(
+        self, prepared: Prepared, seqs: list[_Seq], dst: np.ndarray, src: np.ndarray
+    ) -> None:
+        """Encoder outputs into the newcomers' rows, the batch's source width grown (or
+        theirs padded) to match."""
+        _, ck, cv = prepared.parts[0]  # one encoder run takes every newcomer
+        mask, width = prepared.src_mask, prepared.width
+        assert mask is not None
         if width > self.source_len:
             self._resize_source(width)
         elif width < self.source_len:
@@ -952,41 +1024,23 @@ class Batch:
         self.cross_k = self.backend.assign(self.cross_k, dst, ck, src)
         self.cross_v = self.backend.assign(self.cross_v, dst, cv, src)
         self.src_mask[dst] = mask[src]
-        self.src_len[dst] = np.array(lengths)[src]
+        self.src_len[dst] = np.array([len(seq.input_ids) for seq in seqs])[src]
         self.positions[dst] = 0
-        self.next_ids[dst] = e.start_id
-        return 1.0 - sum(lengths) / float(n * width)
+        self.next_ids[dst] = self.engine.start_id
 
-    def _prefill(self, seqs: list[_Seq], dst: np.ndarray, src: np.ndarray) -> float:
-        """Cache every prompt token but the last, which the next step feeds."""
-        e = self.engine
+    def _prefill(
+        self, prepared: Prepared, seqs: list[_Seq], dst: np.ndarray, src: np.ndarray
+    ) -> None:
+        """Prompt caches into the newcomers' rows; each row's last prompt token is fed by
+        the next step."""
         lengths = np.array([len(s.input_ids) for s in seqs], dtype=np.int64)
         self.positions[dst] = lengths[src] - 1
         self.next_ids[dst] = [seqs[i].input_ids[-1] for i in src]
-        todo = [i for i, s in enumerate(seqs) if len(s.input_ids) > 1]
-        if not todo:
-            return 0.0
-        width = e.cache_for(max(len(seqs[i].input_ids) - 1 for i in todo))
-        self._grow_cache(width)
-        group = e.prefill_rows(width)
-        L, H, D = self._cache_shape
-        padded = 0
-        for first in range(0, len(todo), group):
-            part = todo[first : first + group]
-            n = bucket(len(part), 1, group)
-            padded += n * width
-            ids = np.full((n, width), e.pad_id, dtype=np.int64)
-            for row, i in enumerate(part):
-                prompt = seqs[i].input_ids[:-1]
-                ids[row, : len(prompt)] = prompt
-            feeds = {
-                "input_ids": ids,
-                "positions": np.zeros(n, dtype=np.int64),
-                "past_k": self.backend.zeros((L, n, H, width, D)),
-                "past_v": self.backend.zeros((L, n, H, width, D)),
-            }
-            _, pk, pv, _ = self.backend.decode(feeds, want_alignment=False)
-            if width < self.cache_len:
+        if not prepared.parts:
+            return
+        self._grow_cache(prepared.width)
+        for part, pk, pv in prepared.parts:
+            if prepared.width < self.cache_len:
                 pk = self.backend.resize(pk, self.cache_len)
                 pv = self.backend.resize(pv, self.cache_len)
             row_of = {i: row for row, i in enumerate(part)}
@@ -997,8 +1051,6 @@ class Batch:
             ps = np.array([s for _, s in pairs], dtype=np.int64)
             self.past_k = self.backend.assign(self.past_k, pd, pk, ps)
             self.past_v = self.backend.assign(self.past_v, pd, pv, ps)
-        real = sum(len(seqs[i].input_ids) - 1 for i in todo)
-        return 1.0 - real / float(padded)
 
     # --- removal -------------------------------------------------------------------------
 

@@ -16,10 +16,13 @@ Policy (read this before tuning the budgets):
 * Admission happens at step boundaries, first come first served: before every step the
   loop admits waiting requests from the head of the queue while they fit both budgets
   (no overtaking, so a large request is never starved by small ones). Newcomers are
-  encoded (translator) or prefilled (generator) together and join the running batch in
-  that same step. A sequence that finishes leaves at once; its answer is sent from that
-  step and its rows are free for the admissions that follow (which join one step later:
-  see the engine-thread bullet below).
+  encoded (translator) or prefilled (generator) together. On the CPU, while rows are
+  running, that happens in a helper thread during the batch's step, and they join at the
+  step after: the step leaves cores idle that the encoder uses (the engine thread's own
+  work is what limits throughput there). Otherwise (an idle batch, a device backend)
+  they are taken in first and join that same step. A sequence that finishes leaves at
+  once; its answer is sent from that step and its rows are free for the admissions that
+  follow (which join one step later: see the engine-thread bullet below).
 * mode="static" is the benchmark baseline: a batch is formed only when none is running
   and runs to completion before anything else is admitted. mode="static-hold" also holds
   every answer until its whole batch has ended, as a batched generate call (or
@@ -63,9 +66,10 @@ Policy (read this before tuning the budgets):
   waits for the event loop (which is busy with gRPC), and the translator's and the
   generator's loops step at the same time. A row freed by a step is therefore filled one
   step later, not at the very next step. A step that raises fails the requests of its
-  round and the worker goes on with a fresh batch; FAILED_ROUNDS_FOR_GOOD failed rounds in
-  a row over FAILING_FOR_GOOD_S (or a batch it cannot make) end the worker: the version
-  stops serving (engine_failed) and liveness restarts the process.
+  round and the worker goes on with a fresh batch (newcomers whose encoding failed in the
+  helper thread fail alone: the batch never saw them); FAILED_ROUNDS_FOR_GOOD failed
+  rounds in a row over FAILING_FOR_GOOD_S (or a batch it cannot make) end the worker: the
+  version stops serving (engine_failed) and liveness restarts the process.
 * Reload loads new versions beside the running ones; a version takes traffic only once
   its engine is warm, the versions it replaces (gone from disk or beyond keep_versions)
   are retired only after that, and a retired one finishes its in-flight requests before
@@ -84,6 +88,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Hashable, Iterable, Sequence
+from concurrent import futures
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -107,6 +112,7 @@ from service.domain import (
 )
 from service.engine import (
     AddOutput,
+    Batch,
     BatchItem,
     Engine,
     EngineOptions,
@@ -710,6 +716,47 @@ class _ModelLoop:
             self.on_failure()
 
     def _step_batches(self, event_loop: asyncio.AbstractEventLoop) -> None:
+        # On the CPU a helper thread encodes the newcomers while the batch steps (`_round`).
+        helper = (
+            futures.ThreadPoolExecutor(1, thread_name_prefix=f"admit-{self.entry.key}")
+            if self.engine.overlaps_admission
+            else None
+        )
+        try:
+            self._rounds(event_loop, helper)
+        finally:
+            if helper is not None:
+                helper.shutdown(wait=True)
+
+    def _round(
+        self, batch: Batch, items: list[BatchItem], helper: futures.ThreadPoolExecutor | None
+    ) -> tuple[AddOutput, StepOutput, float, Exception | None]:
+        """Take the newcomers in and step. Where the engine allows it and rows are running,
+        the newcomers are encoded (or prefilled) by `helper` while those rows step, and join
+        at the next step; else they are taken in first and join this one. Returns what was
+        added (its seconds: those the round spent on it besides the step), the step's
+        output, when its tokens existed, and why the newcomers were not taken in if their
+        encoding failed apart from the step (the batch is then as it was: only they fail)."""
+        if helper is None or not items or not len(batch):
+            added = batch.add(items)
+            out = batch.step() if len(batch) else StepOutput()
+            return added, out, time.monotonic(), None
+        pending = helper.submit(self.engine.prepare, items)
+        try:
+            out = batch.step()
+        finally:
+            stepped = time.monotonic()
+            futures.wait([pending])  # never leave it running on the engine's sessions
+        try:
+            prepared = pending.result()
+        except Exception as error:
+            return AddOutput(0, 0.0, time.monotonic() - stepped), out, stepped, error
+        added = batch.add(items, prepared)
+        return replace(added, seconds=time.monotonic() - stepped), out, stepped, None
+
+    def _rounds(
+        self, event_loop: asyncio.AbstractEventLoop, helper: futures.ThreadPoolExecutor | None
+    ) -> None:
         batch = self.engine.new_batch(compact=self.config.compact)
         failed_rounds, last_error = 0, None  # rounds failed in a row, the last one's error
         failing_since = 0.0  # when the first of them failed
@@ -727,16 +774,16 @@ class _ModelLoop:
             in_batch = batch.keys()  # as the round began: a failed step may have freed some
             taken = time.monotonic()  # the newcomers' encode (or prefill) starts now
             joined = [item.key for item in items]
+            replies: list[tuple[Callable[..., None], tuple[object, ...]]] = []
             try:
                 removed = batch.remove(removals)
-                added = batch.add(items)
+                added, out, ended, refused = self._round(batch, items, helper)
                 # A request cancelled after its admission was posted may reach this thread
                 # in the same round as its admission: its removal above found nothing.
                 late = [key for key in removals if key in batch.seqs]
                 if late:
                     removed += batch.remove(late)
-                out = batch.step() if len(batch) else StepOutput()
-                ended = time.monotonic()  # when this step's tokens exist
+                finished = time.monotonic()
             except Exception as error:
                 # Every request this round touched ends with the error, those removed, or
                 # finished and freed, before the failure too: their answers were in the
@@ -751,18 +798,28 @@ class _ModelLoop:
                 if failed_rounds == 1:
                     failing_since = time.monotonic()
                 batch = self.engine.new_batch(compact=self.config.compact)
-                reply: tuple[Callable[..., None], tuple[object, ...]] = (
-                    self._failed,
-                    (lost, error, joined, taken),
-                )
+                replies.append((self._failed, (lost, error, joined, taken)))
             else:
-                failed_rounds = 0
-                period = ended - (taken if last_ended is None else last_ended)
+                period = finished - (taken if last_ended is None else last_ended)
+                last_ended = finished
+                if refused is None:
+                    failed_rounds = 0
+                else:  # the step went on; the newcomers its encoding failed end with it
+                    ids = sorted(job.request.request_id for job in joined if isinstance(job, _Job))
+                    log.error(
+                        "model %s: taking requests in failed", self.entry.key,
+                        exc_info=refused, extra={"request_ids": ids},
+                    )  # fmt: skip
+                    failed_rounds, last_error = failed_rounds + 1, refused
+                    if failed_rounds == 1:
+                        failing_since = time.monotonic()
+                    replies.append((self._failed, (joined, refused, joined, taken)))
+                    joined = []
                 done = _Round(removed, added, out, joined, taken, ended, period)
-                reply = (self._dispatch, (done,))
-                last_ended = ended
+                replies.insert(0, (self._dispatch, (done,)))
             try:
-                event_loop.call_soon_threadsafe(reply[0], *reply[1])
+                for reply in replies:
+                    event_loop.call_soon_threadsafe(reply[0], *reply[1])
             except RuntimeError:  # the event loop is closed: nobody is left to answer
                 return
             failing_s = time.monotonic() - failing_since

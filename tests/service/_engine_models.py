@@ -16,7 +16,7 @@ import io
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +31,7 @@ from transformer.model import Model, build_model
 if TYPE_CHECKING:
     import pytest
 
-    from service.engine import Batch, Engine, EngineOptions, StepOutput
+    from service.engine import Batch, BatchItem, Engine, EngineOptions, StepOutput
     from service.repository import ModelVersion
 
 TRANSLATOR = "en-es"
@@ -160,12 +160,14 @@ def hooked_engine_factory(
     before_step: Callable[[Batch], object] | None = None,
     timed: bool = False,
     after_step: Callable[[StepOutput], object] | None = None,
+    before_prepare: Callable[[Sequence[BatchItem]], object] | None = None,
 ) -> Callable[[ModelVersion, EngineOptions], Engine]:
     """An engine factory whose batches call `before_step(batch)` before every step (to
     slow the engine down, or to make a step fail) and `after_step(output)` after it,
-    before the worker posts it (to hold a step's output back). `timed`: the hooks' time
-    counts in the step's reported seconds (as a slow device's step would)."""
-    from service.engine import Batch, Engine
+    before the worker posts it (to hold a step's output back), and whose engine calls
+    `before_prepare(items)` before encoding or prefilling newcomers. `timed`: the hooks'
+    time counts in the step's reported seconds (as a slow device's step would)."""
+    from service.engine import Batch, Engine, Prepared
 
     class HookedBatch(Batch):
         def step(self) -> StepOutput:
@@ -182,6 +184,11 @@ def hooked_engine_factory(
     class HookedEngine(Engine):
         def new_batch(self, compact: bool = True) -> Batch:
             return HookedBatch(self, compact)
+
+        def prepare(self, items: Sequence[BatchItem]) -> Prepared:
+            if before_prepare is not None:
+                before_prepare(items)
+            return super().prepare(items)
 
     def factory(entry: ModelVersion, options: EngineOptions) -> Engine:
         return HookedEngine(entry.path, entry.manifest, options)

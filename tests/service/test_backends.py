@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Callable, Hashable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -143,17 +144,24 @@ def test_device_row_moves_equal_numpy() -> None:
 @pytest.mark.parametrize("path", list(PATHS))
 def test_a_step_reports_its_time_inside_onnxruntime(path: str) -> None:
     """run_seconds: the part of a step spent in session runs (the rest is host work);
-    admissions' encoder runs belong to add(), not to the step."""
+    admissions' encoder runs belong to add(), not to the step, and another thread's runs
+    (newcomers encoded while a batch steps) to that thread."""
     engine = engine_for(TRANSLATOR, path)
     batch = engine.new_batch()
-    batch.add(
-        [BatchItem(0, request(TRANSLATOR, SOURCES[0], max_new_tokens=5), engine.encode(SOURCES[0]))]
+    item = BatchItem(
+        0, request(TRANSLATOR, SOURCES[0], max_new_tokens=5), engine.encode(SOURCES[0])
     )
+    batch.add([item])
     before = engine.backend.run_seconds
     out = batch.step()
     assert 0 < out.run_seconds < out.seconds
     assert engine.backend.run_seconds - before == pytest.approx(out.run_seconds)
     assert batch.step().run_seconds > 0 and engine.new_batch().step().run_seconds == 0.0
+    mine = engine.backend.run_seconds
+    with ThreadPoolExecutor(1) as other:
+        theirs = other.submit(lambda: (engine.prepare([item]), engine.backend.run_seconds))
+        assert theirs.result()[1] > 0
+    assert engine.backend.run_seconds == mine
 
 
 def test_fixed_buffers_keep_their_addresses_for_each_step_shape(

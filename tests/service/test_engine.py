@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Hashable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -158,23 +159,36 @@ def test_random_schedules_answer_as_each_request_alone(
     pending, left = list(range(len(requests))), set[Hashable]()
     batch = engine.new_batch(compact=compact)
     results: dict[Hashable, SequenceResult] = {}
-    while pending or len(batch):
-        if pending and (compact or not len(batch)) and rng.random() < 0.6:
-            joining, rows = [], batch.rows
-            for i in list(pending)[: rng.integers(1, 4)]:
-                rows += requests[i].params.beam_size
-                if rows > max_batch_size:
-                    break
-                joining.append(BatchItem(i, requests[i], engine.encode(requests[i].text)))
-                pending.remove(i)
-            batch.add(joining)
-        if len(batch) and len(left) < 3 and rng.random() < 0.03:
-            key = batch.keys()[rng.integers(len(batch))]
-            batch.remove([key])
-            left.add(key)
-        if len(batch):
-            results.update(batch.step().finished)
+    overlapped = 0
+    with ThreadPoolExecutor(1) as helper:
+        while pending or len(batch):
+            joining: list[BatchItem] = []
+            if pending and (compact or not len(batch)) and rng.random() < 0.6:
+                rows = batch.rows
+                for i in list(pending)[: rng.integers(1, 4)]:
+                    rows += requests[i].params.beam_size
+                    if rows > max_batch_size:
+                        break
+                    joining.append(BatchItem(i, requests[i], engine.encode(requests[i].text)))
+                    pending.remove(i)
+            # Half the time, as the scheduler does on the CPU: the newcomers are prepared in
+            # another thread while the batch steps, and join at the step after.
+            overlap = bool(joining) and compact and len(batch) > 0 and rng.random() < 0.5
+            if joining and not overlap:
+                batch.add(joining)
+            if len(batch) and len(left) < 3 and rng.random() < 0.03:
+                key = batch.keys()[rng.integers(len(batch))]
+                batch.remove([key])
+                left.add(key)
+            if overlap:
+                prepared = helper.submit(engine.prepare, joining)
+                results.update(batch.step().finished)
+                batch.add(joining, prepared.result())
+                overlapped += 1
+            elif len(batch):
+                results.update(batch.step().finished)
     assert len(results) + len(left) == len(requests) and len(results) >= 15
+    assert overlapped > 0 or not compact
     by_key: dict[Hashable, SequenceRequest] = dict(enumerate(requests))
     for key, got in results.items():
         alone = decode_all(engine, [by_key[key]])[0]
@@ -186,6 +200,18 @@ def test_random_schedules_answer_as_each_request_alone(
             assert g.score == pytest.approx(a.score, abs=1e-4)
             if a.alignment is not None:
                 np.testing.assert_allclose(g.alignment, a.alignment, atol=1e-4)  # type: ignore[arg-type]
+
+
+def test_a_batch_refuses_what_was_prepared_for_other_requests() -> None:
+    engine = engine_for(TRANSLATOR)
+    items = [
+        BatchItem(i, request(TRANSLATOR, t, max_new_tokens=5), engine.encode(t))
+        for i, t in enumerate(SOURCES[:2])
+    ]
+    batch = engine.new_batch()
+    with pytest.raises(ValueError, match="prepared for other requests"):
+        batch.add(items[:1], engine.prepare(items[1:]))
+    assert len(batch) == 0 and batch.rows == 0
 
 
 @pytest.mark.parametrize("beam", [1, 3])

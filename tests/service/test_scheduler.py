@@ -9,7 +9,7 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,7 +31,7 @@ from service.domain import (
     TokenEvent,
     Unavailable,
 )
-from service.engine import Batch, Engine, EngineOptions, StepOutput, decode_all
+from service.engine import Batch, BatchItem, Engine, EngineOptions, StepOutput, decode_all
 from service.metrics import Metrics
 from service.repository import ModelRepository, ModelVersion
 from service.scheduler import (
@@ -181,6 +181,69 @@ def test_concurrent_requests_are_batched_and_equal_their_unbatched_answers() -> 
         assert sample_value(m, "inference_inter_token_latency_seconds_count", {"model": name}) > 0
         assert sample_value(m, "inference_input_tokens_total", {"model": name}) > 0
         assert sample_value(m, "inference_output_tokens_total", {"model": name}) > 0
+
+
+def test_newcomers_are_encoded_while_the_batch_steps_and_answer_as_alone() -> None:
+    """On the CPU the requests that arrive while others decode are encoded (or prefilled)
+    in the loop's helper thread during a step, and join the batch at the step after: their
+    answers equal their unbatched answers, and so do those of the requests running."""
+    threads: list[str] = []
+    factory = hooked_engine_factory(
+        lambda _: time.sleep(STEP_DELAY),
+        before_prepare=lambda _: threads.append(threading.current_thread().name),
+    )
+    first = [translate(SOURCES[0], max_new_tokens=30), generate(PROMPTS[0], max_new_tokens=30)]
+    later = [translate(t, max_new_tokens=12) for t in SOURCES[1:4]]
+    later += [generate(p, max_new_tokens=12) for p in PROMPTS[1:4]]
+
+    async def main(s: Scheduler) -> list[SequenceResult]:
+        running = [asyncio.ensure_future(s.submit(r)) for r in first]
+        await wait_until(lambda: all(loop_stats(s, f"{n}:1")["running"] for n in (TRANSLATOR, LM)))
+        late = [asyncio.ensure_future(s.submit(r)) for r in later]
+        return list(await asyncio.gather(*running, *late))
+
+    results = run(main, make_scheduler(factory=factory))
+    for request, result in zip([*first, *later], results, strict=True):
+        assert [h.token_ids for h in result.hypotheses] == [
+            h.token_ids for h in alone(request).hypotheses
+        ]
+    for name in (TRANSLATOR, LM):  # the first came to an idle loop; some later ones not
+        assert f"engine-{name}:1" in threads and f"admit-{name}:1" in "".join(threads)
+
+
+def test_a_failed_encoding_of_newcomers_fails_them_alone(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Newcomers whose encoding fails in the helper thread while the batch steps end with
+    the error, named in the log; the request running goes on to its answer, and a later
+    one is served."""
+
+    def fail_the_doomed(items: Sequence[BatchItem]) -> None:
+        ids = [item.request.request_id for item in items]
+        if threading.current_thread().name.startswith("admit-") and "doomed-0" in ids:
+            raise RuntimeError("encoder lost")
+
+    factory = hooked_engine_factory(
+        lambda _: time.sleep(STEP_DELAY), before_prepare=fail_the_doomed
+    )
+    first = translate(SOURCES[0], max_new_tokens=30)
+    doomed = replace(translate(SOURCES[1], max_new_tokens=10), request_id="doomed-0")
+    after = translate(SOURCES[3], max_new_tokens=10)
+
+    async def main(s: Scheduler) -> list[BaseException | SequenceResult]:
+        running = asyncio.ensure_future(s.submit(first))
+        await wait_until(lambda: loop_stats(s, f"{TRANSLATOR}:1")["running"] == 1)
+        [outcome] = await asyncio.gather(s.submit(doomed), return_exceptions=True)
+        return [outcome, await running, await s.submit(after)]
+
+    with caplog.at_level(logging.ERROR, logger="service.scheduler"):
+        failed, answer, later = run(main, make_scheduler(factory=factory))
+    assert isinstance(failed, RuntimeError) and str(failed) == "encoder lost"
+    [line] = [r for r in caplog.records if "taking requests in failed" in r.getMessage()]
+    assert line.__dict__["request_ids"] == ["doomed-0"]
+    for request, result in ((first, answer), (after, later)):
+        assert isinstance(result, SequenceResult)
+        assert result.hypotheses[0].token_ids == alone(request).hypotheses[0].token_ids
 
 
 def test_stream_pieces_add_up_to_the_unary_answer() -> None:
