@@ -297,7 +297,9 @@ class StepTimes:
         """Seconds spent taking newcomers in per second of steps, over the last hundred
         rounds or so: what a request's decode pays besides its steps, as others join the
         batch between them (at capacity about two a round, 1.5 ms each for en-es on this
-        project's CPU: a burst's decodes took 1.3 to 1.5 times their steps)."""
+        project's CPU: a burst's decodes took 1.3 to 1.5 times their steps; since the CPU
+        encodes newcomers during the step, a round pays only the copy into the batch and
+        what the encoding outlasts the step)."""
         return self.admitted_total / self.step_total if self.step_total else 0.0
 
     def observe_admission(self, tokens: int, seconds: float) -> None:

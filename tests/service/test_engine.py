@@ -140,11 +140,13 @@ _SCHEDULE_OPTIONS: list[dict[str, Any]] = [
 def test_random_schedules_answer_as_each_request_alone(
     name: str, max_batch_size: int, compact: bool
 ) -> None:
-    """Requests join a few at a time while others run, some leave early (a cancel): every
-    one that finishes answers as it does alone (tokens, finish reasons, scores, alignment),
-    through the re-layouts a small batch makes (filler rows, compaction, cache and source
-    growth), compacted or padded to the batch's end (static-padded): a small, seeded form
-    of a random hunt that compared 7,000 answers on the shipped models, none different."""
+    """Requests join a few at a time while others run (when compacted, half the time
+    prepared in another thread during a step, as the CPU scheduler takes them in), some
+    leave early (a cancel): every one that finishes answers as it does alone (tokens,
+    finish reasons, scores, alignment), through the re-layouts a small batch makes (filler
+    rows, compaction, cache and source growth), compacted or padded to the batch's end
+    (static-padded): a small, seeded form of a random hunt that compared 7,000 answers on
+    the shipped models, none different."""
     engine = make_engine(name, max_batch_size=max_batch_size)
     rng = np.random.default_rng(max_batch_size * 2 + compact)
     texts = SOURCES if name == TRANSLATOR else PROMPTS
