@@ -18,11 +18,12 @@ Policy (read this before tuning the budgets):
   (no overtaking, so a large request is never starved by small ones). Newcomers are
   encoded (translator) or prefilled (generator) together. On the CPU, while rows are
   running, that happens in a helper thread during the batch's step, and they join at the
-  step after: the step leaves cores idle that the encoder uses (the engine thread's own
-  work is what limits throughput there). Otherwise (an idle batch, a device backend)
-  they are taken in first and join that same step. A sequence that finishes leaves at
-  once; its answer is sent from that step and its rows are free for the admissions that
-  follow (which join one step later: see the engine-thread bullet below).
+  step after: a step alone leaves part of a core idle (the engine thread's serial work is
+  the limit), which the encoder uses (docs/benchmarks.md measures it). Otherwise (an idle
+  batch, a device backend) they are taken in first and join that same step. A sequence
+  that finishes leaves at once; its answer is sent from that step and its rows are free
+  for the admissions that follow (which join one step later: see the engine-thread
+  bullet below).
 * mode="static" is the benchmark baseline: a batch is formed only when none is running
   and runs to completion before anything else is admitted. mode="static-hold" also holds
   every answer until its whole batch has ended, as a batched generate call (or
