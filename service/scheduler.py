@@ -378,6 +378,12 @@ def _expired(job: _Job) -> DeadlineExceeded:
     )
 
 
+def _request_ids(keys: Iterable[Hashable]) -> list[str]:
+    """The request ids of the jobs among `keys`, sorted, once each: the engine thread has no
+    call's request id, so its log lines name every request they concern."""
+    return sorted({job.request.request_id for job in keys if isinstance(job, _Job)})
+
+
 @dataclass
 class _Round:
     """What one round of the engine thread did (`_ModelLoop._drive`), with its times."""
@@ -792,11 +798,10 @@ class _ModelLoop:
                 # finished and freed, before the failure too: their answers were in the
                 # lost round's output, and nothing else would answer them.
                 lost = [*removals, *in_batch, *(item.key for item in items)]
-                # This thread has no call's request id: the line names every lost one.
-                ids = sorted({job.request.request_id for job in lost if isinstance(job, _Job)})
                 log.exception(
-                    "model %s: engine step failed", self.entry.key, extra={"request_ids": ids}
-                )
+                    "model %s: engine step failed", self.entry.key,
+                    extra={"request_ids": _request_ids(lost)},
+                )  # fmt: skip
                 failed_rounds, last_error, last_ended = failed_rounds + 1, error, None
                 if failed_rounds == 1:
                     failing_since = time.monotonic()
@@ -808,10 +813,9 @@ class _ModelLoop:
                 if refused is None:
                     failed_rounds = 0
                 else:  # the step went on; the newcomers its encoding failed end with it
-                    ids = sorted(job.request.request_id for job in joined if isinstance(job, _Job))
                     log.error(
                         "model %s: taking requests in failed", self.entry.key,
-                        exc_info=refused, extra={"request_ids": ids},
+                        exc_info=refused, extra={"request_ids": _request_ids(joined)},
                     )  # fmt: skip
                     failed_rounds, last_error = failed_rounds + 1, refused
                     if failed_rounds == 1:
