@@ -82,6 +82,22 @@ def test_unread_answers_are_reported_held_up_to_max_calls_and_the_rest_refused()
     assert server.counter("Translate", "en-es", "OK") == 16
 
 
+def _frame(kind: int, payload: bytes = b"") -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, 0]) + bytes(4) + payload
+
+
+def test_the_flood_finds_a_goaway_followed_by_frames_h2_refuses() -> None:
+    """The GOAWAY read from the server's bytes, frame by frame, whatever follows it (a
+    PING's ACK, which h2 refuses after a GOAWAY) and however the reads split the frames."""
+    goaway = _frame(0x7, bytes(4) + (11).to_bytes(4, "big") + b"too_many_pings")
+    stream = _frame(0x4) + _frame(0x6, bytes(8)) + goaway + _frame(0x6, bytes(8))
+    assert stalled._goaway_in(stream) == ("GOAWAY ENHANCE_YOUR_CALM too_many_pings", 9 + 17 + 31)
+    half = 9 + 17 + 20  # the GOAWAY cut mid-frame: not found yet, parsed up to it
+    assert stalled._goaway_in(stream[:half]) == (None, 9 + 17)
+    assert stalled._goaway_in(stream, 9 + 17)[0] == "GOAWAY ENHANCE_YOUR_CALM too_many_pings"
+    assert stalled._goaway_in(_frame(0x4) + _frame(0x6, bytes(8))) == (None, 9 + 17)
+
+
 def test_a_ping_flood_is_cut_off_by_the_server() -> None:
     server = InProcessServer()
     try:
