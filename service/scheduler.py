@@ -36,7 +36,8 @@ Policy (read this before tuning the budgets):
   whose reader fell behind gets all its waiting tokens in one event (`_coalesce`), so a
   busy event loop writes fewer, larger messages instead of falling further behind.
 * Deadlines: admission estimates the queue wait (the steps until enough rows and cache
-  tokens free up, simulated over the running and queued requests with an EWMA of
+  tokens free up, simulated over the running requests and two batches' worth of the
+  queued ones, those behind them as a flow through a full batch, with an EWMA of
   observed output lengths, per source token for a translation and as a share of
   max_new_tokens for a generation, which a reload's new version takes over from the one
   it replaces; a request running past that length counts to its max_new_tokens; each
@@ -83,12 +84,14 @@ import asyncio
 import contextlib
 import functools
 import heapq
+import itertools
 import logging
 import math
+import statistics
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, Callable, Hashable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Callable, Hashable, Iterable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -348,6 +351,13 @@ class _Job:
         self.entry = entry
         self.rows = request.params.beam_size
         self.cost = self.rows * (len(input_ids) + request.params.max_new_tokens)
+        # What its output length goes with: a translation's source (one verse's length
+        # predicts its translation's, a share of max_new_tokens cannot: a cold server's
+        # 0.5 × 128 refused bursts of verses as unmeetable that it then served in time), a
+        # generation's max_new_tokens (a prompt says nothing of its continuation).
+        self.length_base = (
+            len(input_ids) if request.task is Task.TRANSLATION else request.params.max_new_tokens
+        )
         self.future: asyncio.Future[SequenceResult] = loop.create_future()
         self.events: asyncio.Queue[StreamItem | BaseException] | None = (
             asyncio.Queue() if stream else None
@@ -366,6 +376,90 @@ class _Job:
 
     def expired(self, now: float) -> bool:
         return self.request.deadline is not None and now >= self.request.deadline
+
+
+@dataclass
+class _Load:
+    """Sums over queued jobs: what the queue-wait estimate reads of those it does not
+    simulate one by one (`_ModelLoop._wait`)."""
+
+    jobs: int = 0
+    rows: int = 0
+    cost: int = 0  # cache tokens (`_Job.cost`)
+    input_tokens: int = 0
+    row_base: int = 0  # rows × length base (`_Job.length_base`)
+    row_max_new: int = 0  # rows × max_new_tokens
+
+    def add(self, job: _Job, sign: int = 1) -> None:
+        self.jobs += sign
+        self.rows += sign * job.rows
+        self.cost += sign * job.cost
+        self.input_tokens += sign * len(job.input_ids)
+        self.row_base += sign * job.rows * job.length_base
+        self.row_max_new += sign * job.rows * job.request.params.max_new_tokens
+
+    def __sub__(self, other: _Load) -> _Load:
+        return _Load(
+            self.jobs - other.jobs,
+            self.rows - other.rows,
+            self.cost - other.cost,
+            self.input_tokens - other.input_tokens,
+            self.row_base - other.row_base,
+            self.row_max_new - other.row_max_new,
+        )
+
+
+class _Waiting:
+    """A model loop's queue (first in, first out) with the sums of its jobs kept as they
+    come and go: summing a deep queue at every admission and every round made the event
+    loop's work grow as the queue's square (3,000 queued: 5 ms an estimate, 80 % of a core
+    to hold them)."""
+
+    def __init__(self) -> None:
+        self._jobs: deque[_Job] = deque()
+        self.load = _Load()
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def __iter__(self) -> Iterator[_Job]:
+        return iter(self._jobs)
+
+    def __getitem__(self, index: int) -> _Job:
+        return self._jobs[index]
+
+    def append(self, job: _Job) -> None:
+        self._jobs.append(job)
+        self.load.add(job)
+
+    def popleft(self) -> _Job:
+        job = self._jobs.popleft()
+        self.load.add(job, -1)
+        return job
+
+    def remove(self, job: _Job) -> None:
+        """Take out one job (the newest at once: a refused call withdraws its own)."""
+        if self._jobs and self._jobs[-1] is job:
+            self._jobs.pop()
+        else:
+            self._jobs.remove(job)
+        self.load.add(job, -1)
+
+    def remove_if(self, leaves: Callable[[_Job], bool]) -> list[_Job]:
+        """Take out every job for which `leaves` is true, in one pass; returns them."""
+        kept: deque[_Job] = deque()
+        gone: list[_Job] = []
+        for job in self._jobs:
+            (gone if leaves(job) else kept).append(job)
+        if gone:
+            self._jobs = kept
+            for job in gone:
+                self.load.add(job, -1)
+        return gone
+
+    def clear(self) -> None:
+        self._jobs.clear()
+        self.load = _Load()
 
 
 def _expired(job: _Job) -> DeadlineExceeded:
@@ -416,7 +510,8 @@ class _ModelLoop:
         # False once a newer loop of the same name:version (re-added while this one still
         # drains) took over those gauges.
         self.owns_gauges = True
-        self.waiting: deque[_Job] = deque()
+        self.waiting = _Waiting()
+        self._sweep = False  # a queued job was aborted: the next pass takes it out
         self.running: dict[_Job, _Job] = {}
         self._held: dict[_Job, SequenceResult] = {}  # HOLDING: answers kept to batch end
         self.rows_used = 0
@@ -440,7 +535,7 @@ class _ModelLoop:
         else:  # no warm-up (tests, warmup off): 10 ms a step at any rows until steps run
             prior = dict.fromkeys(engine.row_buckets, 0.01)
             self.step_times = StepTimes(prior, 0.0, config.ewma_alpha)
-        # EWMA of finished requests' output lengths over what they follow (`_length_base`).
+        # EWMA of finished requests' output lengths over what they follow (`_Job.length_base`).
         self.translation = engine.task is Task.TRANSLATION
         self.length_ratio = (
             config.initial_translation_ratio if self.translation else config.initial_length_ratio
@@ -448,6 +543,9 @@ class _ModelLoop:
         # EWMA of what one row of a queued request costs the token budget (its cache
         # tokens at worst): the request the wait gauge estimates for.
         self.row_cost = 0.0
+        # Queued requests the wait estimate simulates one by one, the rest as a flow
+        # (`_wait`): two batches' worth, so the flow begins where the batch is at capacity.
+        self.exact_ahead = 2 * config.max_batch_size
         self.steps = 0
         self.task: asyncio.Task[None] | None = None
 
@@ -553,15 +651,8 @@ class _ModelLoop:
         """The estimated time of the next step, at the running batch's rows."""
         return self.step_times(self.rows_used)
 
-    def _length_base(self, job: _Job) -> int:
-        """What a request's output length goes with: a translation's source (one verse's
-        length predicts its translation's, a share of max_new_tokens cannot: a cold
-        server's 0.5 × 128 refused bursts of verses as unmeetable that it then served in
-        time), a generation's max_new_tokens (a prompt says nothing of its continuation)."""
-        return len(job.input_ids) if self.translation else job.request.params.max_new_tokens
-
     def _expected_steps(self, job: _Job) -> int:
-        expected = math.ceil(self.length_ratio * self._length_base(job))
+        expected = math.ceil(self.length_ratio * job.length_base)
         return max(1, min(expected, job.request.params.max_new_tokens))
 
     def _steps_left(self, job: _Job) -> int:
@@ -580,23 +671,39 @@ class _ModelLoop:
         included), and the steps its answer waits for in a HOLDING mode (the longest
         expected of the batch it joins; 0 otherwise). The steps are simulated with the rows
         each runs, so a wait behind a full batch counts full-batch steps; and the requests
-        ahead are taken in (encoded or prefilled) before it."""
+        ahead are taken in (encoded or prefilled) before it. The first `exact_ahead`
+        queued requests are simulated one by one, those behind them as a flow through a
+        batch at capacity, so an estimate costs the same behind a queue of any depth."""
         max_rows, max_tokens = self.config.max_batch_size, self.config.max_batch_tokens
         running = [(self._steps_left(j), j.rows, j.cost) for j in self.running.values()]
         busy = self.rows_used
-        clock = self.step_times.admission(sum(len(job.input_ids) for job in self.waiting))
+        clock = self.step_times.admission(self.waiting.load.input_tokens)
         if self.running:
             clock += self.step_times(busy)  # the step in flight ends first
+        head, simulated = list(itertools.islice(self.waiting, self.exact_ahead)), _Load()
         if self.config.mode != "continuous":
             clock += max((steps for steps, _, _ in running), default=0) * self.step_times(busy)
             busy, tokens_now, longest = 0, 0, 0
-            for job in self.waiting:
+            closed: list[int] = []  # the expected steps of each batch simulated whole
+            for job in head:
+                simulated.add(job)
                 if busy + job.rows > max_rows or tokens_now + job.cost > max_tokens:
                     clock += longest * self.step_times(busy)
+                    closed.append(longest)
                     busy, tokens_now, longest = 0, 0, 0
                 busy += job.rows
                 tokens_now += job.cost
                 longest = max(longest, self._expected_steps(job))
+            rest = self.waiting.load - simulated
+            if rest.jobs:
+                # Behind them: as many batches as the rest's rows and tokens fill (its own
+                # the last), each as long as the simulated ones were on average.
+                rows_all, tokens_all = busy + rest.rows + rows, tokens_now + rest.cost + cost
+                count = max(math.ceil(rows_all / max_rows), math.ceil(tokens_all / max_tokens))
+                longest = round(statistics.fmean(closed)) if closed else longest
+                per_batch = max(rows, round(rows_all / count))
+                clock += (count - 1) * longest * self.step_times(per_batch)
+                return clock, per_batch, longest if self.config.mode in HOLDING else 0
             if busy + rows > max_rows or tokens_now + cost > max_tokens:
                 clock += longest * self.step_times(busy)
                 busy, longest = 0, 0
@@ -604,8 +711,11 @@ class _ModelLoop:
         t = 0  # steps simulated after the one in flight
         free, free_tokens = max_rows - busy, max_tokens - self.tokens_used
         heapq.heapify(running)
-        ahead: list[_Job | None] = [*self.waiting, None]  # None: the new request
+        ahead: list[_Job | None] = [*head, None]  # None: the new request
         for queued in ahead:
+            if queued is None and (rest := self.waiting.load - simulated).jobs:
+                flow, steps = self._flow(rest)
+                return clock + steps * self.step_times(flow), max(rows, flow), 0
             need, need_tokens = (rows, cost) if queued is None else (queued.rows, queued.cost)
             while (free < need or free_tokens < need_tokens) and running:
                 done_at, freed, freed_tokens = heapq.heappop(running)
@@ -615,17 +725,40 @@ class _ModelLoop:
                 free, free_tokens, busy = free + freed, free_tokens + freed_tokens, busy - freed
             if queued is None:
                 break
+            simulated.add(queued)
             free -= queued.rows
             free_tokens -= queued.cost
             busy += queued.rows
             heapq.heappush(running, (t + self._expected_steps(queued), queued.rows, queued.cost))
         return clock, busy + rows, 0
 
-    def _admit(self) -> list[_Job]:
-        """Pop the waiting jobs that join the next step (FIFO, within the budgets)."""
+    def _flow(self, rest: _Load) -> tuple[int, float]:
+        """The rows a batch at capacity runs with requests like `rest` (as many as the rows
+        and the token budget hold), and the steps it takes to make room for them all: each
+        one taken in waits for as much work (rows × steps) to end as it brings."""
+        per_row = rest.cost / rest.rows  # cache tokens a row holds
+        rows = max(1, min(self.config.max_batch_size, int(self.config.max_batch_tokens / per_row)))
+        expected = min(math.ceil(self.length_ratio * rest.row_base), rest.row_max_new)
+        return rows, max(rest.rows, expected) / rows
+
+    def _admit(self, now: float) -> list[_Job]:
+        """Pop the waiting jobs that join the next step (FIFO, within the budgets; none in
+        a static mode while its batch runs). One at the head whose deadline has passed
+        (its own timer not run yet) or that was aborted leaves unserved instead."""
         admitted: list[_Job] = []
-        for _ in range(self._admissible()):
-            job = self.waiting.popleft()
+        if self.config.mode != "continuous" and self.running:
+            return admitted
+        max_rows, max_tokens = self.config.max_batch_size, self.config.max_batch_tokens
+        while self.waiting:
+            job = self.waiting[0]
+            if job.abort is None and job.expired(now):
+                job.abort = "deadline"
+            if job.abort is not None:
+                self._unserved(self.waiting.popleft(), now)
+                continue
+            if self.rows_used + job.rows > max_rows or self.tokens_used + job.cost > max_tokens:
+                break
+            self.waiting.popleft()
             job.state = "running"
             self.running[job] = job
             self.rows_used += job.rows
@@ -634,6 +767,19 @@ class _ModelLoop:
             self.metrics.request_input_tokens.labels(self.label).observe(len(job.input_ids))
             self.metrics.input_tokens.labels(self.label).inc(len(job.input_ids))
         return admitted
+
+    def _unserved(self, job: _Job, now: float) -> None:
+        """A job that left the queue before its turn: it waited, and that wait counts."""
+        self._left_queue(job, now)
+        self._finish(job, None)
+
+    def abort(self, job: _Job, reason: Literal["cancelled", "deadline", "shutdown"]) -> None:
+        """Have a job leave (unless it is leaving already): from the queue at the loop's
+        next pass, from the batch at the next step."""
+        job.abort = job.abort or reason
+        if job.state == "waiting":
+            self._sweep = True
+        self.wake.set()
 
     # --- the loop --------------------------------------------------------------------
 
@@ -649,13 +795,10 @@ class _ModelLoop:
             while True:
                 self.wake.clear()
                 now = time.monotonic()
-                for job in list(self.waiting):
-                    if job.abort is None and job.expired(now):
-                        job.abort = "deadline"
-                    if job.abort is not None:  # it waited, unserved: that wait counts too
-                        self._left_queue(job, now)
-                        self.waiting.remove(job)
-                        self._finish(job, None)
+                if self._sweep:  # `abort`: one pass over the queue, not one per arrival
+                    self._sweep = False
+                    for job in self.waiting.remove_if(lambda job: job.abort is not None):
+                        self._unserved(job, now)
                 removals: list[Hashable] = []
                 for job in self.running.values():
                     if job.abort is None and job.expired(now):
@@ -664,7 +807,7 @@ class _ModelLoop:
                         job.removal_posted = True
                         removals.append(job)
                 self._release_held()
-                admitted = self._admit()
+                admitted = self._admit(now)
                 if removals or admitted:
                     items = [
                         BatchItem(job, job.request, job.input_ids, job.events is not None)
@@ -974,7 +1117,7 @@ class _ModelLoop:
                 self._deliver(job, result)
                 self._count_output(result.output_tokens)
                 a = self.config.ewma_alpha
-                ratio = job.generated / max(1, self._length_base(job))
+                ratio = job.generated / max(1, job.length_base)
                 self.length_ratio = (1 - a) * self.length_ratio + a * ratio
             elif job.abort == "shutdown" and job.events is not None and result is not None:
                 self._deliver(job, result)  # a stream ends with what it has, CANCELLED
@@ -1018,9 +1161,7 @@ class _ModelLoop:
 
     def abort_all(self, reason: Literal["shutdown"]) -> None:
         for job in [*self.waiting, *self.running.values()]:
-            if job.abort is None:
-                job.abort = reason
-        self.wake.set()
+            self.abort(job, reason)
 
     async def close(self, retired: bool = False) -> None:
         """Stop the task once nothing is running (call abort_all first to hurry it), and
@@ -1448,12 +1589,10 @@ class Scheduler:
             timeout = request.deadline - time.monotonic()
             return await asyncio.wait_for(job.future, max(0.0, timeout))
         except TimeoutError:
-            job.abort = job.abort or "deadline"
-            loop.wake.set()
+            loop.abort(job, "deadline")
             raise _expired(job) from None
         except asyncio.CancelledError:
-            job.abort = job.abort or "cancelled"
-            loop.wake.set()
+            loop.abort(job, "cancelled")
             raise
 
     async def stream(self, request: SequenceRequest) -> AsyncGenerator[StreamItem, None]:
@@ -1473,8 +1612,7 @@ class Scheduler:
                     try:
                         item = await asyncio.wait_for(job.events.get(), max(0.0, timeout))
                     except TimeoutError:
-                        job.abort = job.abort or "deadline"
-                        loop.wake.set()
+                        loop.abort(job, "deadline")
                         raise _expired(job) from None
                 if isinstance(item, BaseException):
                     raise item
@@ -1485,8 +1623,7 @@ class Scheduler:
                     return
         finally:
             if job.state != "done":
-                job.abort = job.abort or "cancelled"
-                loop.wake.set()
+                loop.abort(job, "cancelled")
 
     def _check_room(self, requests: Sequence[SequenceRequest]) -> None:
         """Refuse (QueueFull) a call whose sequences cannot all wait in their model's

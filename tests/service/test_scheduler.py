@@ -1455,6 +1455,67 @@ def test_the_estimated_wait_counts_the_step_in_flight() -> None:
     run(main, make_scheduler(factory=slow_engine_factory(STEP_DELAY)))
 
 
+@pytest.mark.parametrize("mode", ["continuous", "static-hold"])
+def test_the_wait_behind_a_deep_queue_is_estimated_from_two_batches_of_it(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Behind 2 × max_batch_size queued requests the rest count as a flow: an estimate
+    looks at as many requests behind a queue of 150 as behind one of 16 (it grew with
+    the queue, and the event loop's work with its square), and stays within a quarter of
+    simulating every queued request one by one."""
+
+    async def main(s: Scheduler) -> None:
+        key = f"{LM}:1"
+        lengths = [5, 20, 60, 100]
+        tasks = [
+            asyncio.create_task(s.submit(generate(PROMPTS[i % 3], max_new_tokens=lengths[i % 4])))
+            for i in range(150)
+        ]
+        await wait_until(lambda: loop_stats(s, key)["steps"] >= 2)
+        loop = s._loops[key]
+        assert len(loop.waiting) > 5 * loop.exact_ahead
+        looked: list[object] = []
+        expected_steps = loop._expected_steps
+
+        def counted(job: Any) -> int:
+            looked.append(job)
+            return expected_steps(job)
+
+        monkeypatch.setattr(loop, "_expected_steps", counted)
+        flow, _, _ = loop._wait(1, 100)
+        assert 0 < len(looked) <= loop.exact_ahead + len(loop.running)
+        loop.exact_ahead = len(loop.waiting)  # every queued request simulated
+        exact, _, _ = loop._wait(1, 100)
+        assert len(looked) > len(loop.waiting)
+        assert 0.75 * exact < flow < 1.33 * exact
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    run(main, make_scheduler(factory=slow_engine_factory(STEP_DELAY), mode=mode, max_queue=256))
+
+
+def test_a_queued_request_past_its_deadline_is_not_taken_in() -> None:
+    """A request whose deadline passed in the queue before its caller's timer ran (here it
+    has none) leaves unserved when its turn comes: the engine never takes it in."""
+
+    async def main(s: Scheduler) -> None:
+        key = f"{LM}:1"
+        first = asyncio.create_task(s.submit(long_request()))
+        await wait_until(lambda: loop_stats(s, key)["running"] == 1)
+        job, _ = s._prepare(generate(PROMPTS[1], within=0.1, max_new_tokens=5), stream=False)
+        with pytest.raises(DeadlineExceeded, match=r"\(0 tokens generated\)"):
+            await asyncio.wait_for(job.future, 10.0)
+        assert job.generated == 0 and job not in s._loops[key].running
+        assert not first.done()  # it left while the request ahead of it ran
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+
+    # Admitted (expected to wait a step or two), it then waits past its deadline.
+    factory = slow_engine_factory(STEP_DELAY)
+    run(main, make_scheduler(factory=factory, max_batch_size=1, initial_length_ratio=0.05))
+
+
 def test_the_step_time_estimate_follows_the_observed_steps() -> None:
     """stats()["step_s"] (the EWMA behind every wait estimate) moves to the step time the
     engine reports: from its start (10 ms, or one warm-up step) to near 100 ms after ten
@@ -2320,8 +2381,7 @@ def test_a_wait_that_ends_unserved_counts_as_queue_time() -> None:
         expiring = asyncio.create_task(s.submit(long_request()))
         await wait_until(lambda: loop_stats(s, key)["waiting"] == 1)
         loop = s._loops[key]
-        loop.waiting[0].abort = "deadline"  # as the loop marks a job past its deadline
-        loop.wake.set()
+        loop.abort(loop.waiting[0], "deadline")  # as its timer marks a job past its deadline
         with pytest.raises(DeadlineExceeded):
             await expiring
         after = sample_value(s.metrics, "inference_queue_duration_seconds_count", labels)
