@@ -321,9 +321,24 @@ class NumpyBackend(_Timed):
         return write_cache(past_k, new_k, positions), write_cache(past_v, new_v, positions)
 
     def greedy(
-        self, logits: Any, rows: np.ndarray, buffers: StepBuffers | None = None
+        self,
+        logits: Any,
+        rows: np.ndarray,
+        buffers: StepBuffers | None = None,
+        scored: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        return greedy_pick(logits[rows, -1, :].astype(np.float32, copy=False))
+        """Each row's greedy token and its log-probability; `scored` (a mask over `rows`,
+        None: all) says which log-probabilities are wanted, the others read 0: the
+        log-softmax behind them is most of this reduction's cost (32 rows of a vocabulary
+        of 8,000 on this project's CPU: 0.35 ms, the argmax alone 0.05)."""
+        host = logits[rows, -1, :].astype(np.float32, copy=False)
+        if scored is None or scored.all():
+            return greedy_pick(host)
+        chosen = host.argmax(axis=-1)
+        picked = np.zeros(len(rows), dtype=np.float32)
+        if scored.any():
+            picked[scored] = greedy_pick(host[scored])[1]
+        return chosen, picked
 
     def host_logits(self, logits: Any) -> np.ndarray:
         """The last position's logits of every row, float32 [B, V], on the host."""
@@ -732,10 +747,15 @@ class BoundBackend(_Timed):
         return past_k, past_v
 
     def greedy(
-        self, logits: Any, rows: np.ndarray, buffers: StepBuffers | None = None
+        self,
+        logits: Any,
+        rows: np.ndarray,
+        buffers: StepBuffers | None = None,
+        scored: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         # Reduced over every row of the batch (a bucket): one shape per bucket, warmed up
-        # with the decoder; the rows asked for are picked on the host.
+        # with the decoder; the rows asked for are picked on the host. Every row's
+        # log-probability comes with it (`scored` saves nothing on the device).
         if buffers is not None and buffers.greedy is not None and buffers.greedy[0] is logits:
             _, ids_value, picked_value = buffers.greedy  # reduced by this step's decoder run
             buffers.greedy = None

@@ -73,6 +73,8 @@ class HypothesisResult:
     text: str
     token_ids: list[int]
     tokens: list[str]  # pieces, aligned with alignment rows
+    # Summed log-probability: a beam's always, a greedy or sampled request's only if it
+    # asked for it (return_scores; 0 otherwise, never sent).
     score: float
     normalized_score: float
     finish_reason: FinishReason

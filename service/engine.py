@@ -1179,9 +1179,12 @@ class Batch:
         picked = np.zeros(len(seqs), dtype=np.float32)
         sampled = [i for i, s in enumerate(seqs) if s.rng is not None]
         greedy = [i for i, s in enumerate(seqs) if s.rng is None]
+        # A score is summed only for a request that asked for it (return_scores): the
+        # others' read 0 (on every backend) and are never sent.
+        scored = np.fromiter((s.params.return_scores for s in seqs), bool, len(seqs))
         if greedy:
             g = np.array(greedy, dtype=np.int64)
-            chosen[g], picked[g] = self.backend.greedy(logits, slots[g], self.buffers)
+            chosen[g], picked[g] = self.backend.greedy(logits, slots[g], self.buffers, scored[g])
         if sampled:
             assert host is not None
             idx = np.array(sampled, dtype=np.int64)
@@ -1194,7 +1197,11 @@ class Batch:
                 np.array([p.top_p for p in ps], dtype=np.float64),
                 np.array([seqs[i].rng.random() for i in sampled]),  # type: ignore[union-attr]
             )
-            picked[idx] = log_softmax(rows)[np.arange(len(sampled)), chosen[idx]]
+            mine = idx[scored[idx]]
+            if len(mine):
+                logp = log_softmax(host[slots[mine]])
+                picked[mine] = logp[np.arange(len(mine)), chosen[mine]]
+        picked[~scored] = 0.0  # a device reduces every row's
         eos = self.engine.eos_id
         # Scores add up in float32, step by step (as the reference's do), all rows at once.
         scores = np.fromiter((s.scores[0] for s in seqs), np.float32, len(seqs)) + picked

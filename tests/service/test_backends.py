@@ -76,6 +76,22 @@ def test_greedy_head_equals_log_softmax_argmax(dtype: type) -> None:
     assert picked.dtype == np.float32
 
 
+def test_greedy_sums_log_probabilities_only_for_the_rows_that_want_them() -> None:
+    """Rows whose request asked for no scores get the same tokens and read 0; the others'
+    log-probabilities are what the full reduction gives."""
+    backend = engine_for(TRANSLATOR).backend
+    logits = np.random.default_rng(4).normal(size=(5, 1, 96)).astype(np.float32)
+    rows = np.array([4, 0, 2, 1])
+    all_ids, all_picked = backend.greedy(logits, rows)
+    for scored in ([True, False, True, False], [False] * 4, [True] * 4):
+        mask = np.array(scored)
+        ids, picked = backend.greedy(logits, rows, scored=mask)
+        np.testing.assert_array_equal(ids, all_ids)
+        np.testing.assert_allclose(picked[mask], all_picked[mask], atol=1e-6)
+        assert not picked[~mask].any()
+    assert (all_picked < 0).all()
+
+
 def test_device_greedy_and_host_logits_equal_numpy() -> None:
     """The device path's greedy reduction and host copy of logits left as an OrtValue
     give what the numpy path gives from the array."""
