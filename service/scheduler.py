@@ -249,6 +249,15 @@ ADMIT_TOKENS_TIMED = 64
 SHARE_DECAY = 0.99
 
 
+# A step slower than this many times its knot's estimate counts as this many times it,
+# once the knot follows an EWMA. A lone stall (one en-es step of 100-136 ms among steps
+# of 8-20 ms, twice in a 20 s overload on this project's CPU) tripled the 32-row
+# estimate, and over the next rounds admission refused as unmeetable requests that were
+# served in half their deadline; a lasting slowdown still shows within a few steps (each
+# may raise the estimate by alpha × (STEP_OUTLIER - 1): a fifth).
+STEP_OUTLIER = 2.0
+
+
 class StepTimes:
     """Wall seconds of the engine's rounds, learnt online: a decoder step by the rows it
     computes; taking a request in (encoder or prefill) per input token; and the share of
@@ -263,11 +272,12 @@ class StepTimes:
     every row of a padded batch), so a step is timed per row bucket (`knots`), started
     from the warm-up's timings. A knot's estimate is the mean of its first steps (the
     first replaces the warm-up's timing, a lone step with none of the serving loop's
-    overhead), then an EWMA with weight `alpha`. Read as the least of its knot and every
-    larger one seen, so fewer rows never read slower: a small knot, seen only at bursts'
-    tails, keeps a slow step (one that waited for the GIL or another model's step) for
-    long, and read as a floor for every larger knot it refused calls a burst then served
-    in a third of their deadline. A knot not seen yet reads at least what the smaller
+    overhead), then an EWMA with weight `alpha`; after the first, a step counts at most
+    STEP_OUTLIER times the estimate. Read as the least of its knot and every larger one
+    seen, so fewer rows never read slower: a small knot, seen only at bursts' tails, keeps
+    a slow step (one that waited for the GIL or another model's step) for long, and read
+    as a floor for every larger knot it refused calls a burst then served in a third of
+    their deadline. A knot not seen yet reads at least what the smaller
     ones seen took (its warm-up timing has none of the serving loop's overhead)."""
 
     def __init__(self, prior: dict[int, float], admit_token_s: float, alpha: float) -> None:
@@ -292,7 +302,10 @@ class StepTimes:
         for `admitted` seconds."""
         k = self._knot(rows)
         self.seen[k] += 1
-        self.seconds[k] += self._gain(self.seen[k]) * (seconds - self.seconds[k])
+        gain = self._gain(self.seen[k])
+        if gain < 1:  # not the first step, nor alpha 1 (follow the last step)
+            seconds = min(seconds, STEP_OUTLIER * self.seconds[k])
+        self.seconds[k] += gain * (seconds - self.seconds[k])
         self.step_total = SHARE_DECAY * self.step_total + seconds
         self.admitted_total = SHARE_DECAY * self.admitted_total + admitted
 

@@ -609,6 +609,20 @@ def test_step_times_are_learnt_by_row_bucket() -> None:
     assert 0.25 < busy.admission_share < 0.3
 
 
+def test_a_lone_stalled_step_hardly_moves_the_estimate_a_lasting_slowdown_does() -> None:
+    """One step ten times slower than the others (the OS took the core) counts as twice
+    the estimate: unclipped it tripled the estimate and admission refused requests it
+    would have served in half their deadline. Steps that stay slower still move it."""
+    times = StepTimes({32: 0.012}, 0.0, alpha=0.2)
+    for _ in range(30):
+        times.observe(32, 0.012)
+    times.observe(32, 0.136)
+    assert times(32) == pytest.approx(0.012 * 1.2)
+    for _ in range(20):
+        times.observe(32, 0.040)
+    assert times(32) == pytest.approx(0.040, rel=0.05)
+
+
 def test_short_inputs_do_not_teach_the_admission_time_of_long_ones() -> None:
     """A round taking in a 1-token input takes the encoder's (or prefill's) fixed cost:
     learnt per token, it read a 200-token input's admission several times too slow, and an
