@@ -277,8 +277,8 @@ class StepTimes:
     seen, so fewer rows never read slower: a small knot, seen only at bursts' tails, keeps
     a slow step (one that waited for the GIL or another model's step) for long, and read
     as a floor for every larger knot it refused calls a burst then served in a third of
-    their deadline. A knot not seen yet reads at least what the smaller
-    ones seen took (its warm-up timing has none of the serving loop's overhead)."""
+    their deadline. A knot not seen yet reads at least what the smaller ones seen took
+    (its warm-up timing has none of the serving loop's overhead)."""
 
     def __init__(self, prior: dict[int, float], admit_token_s: float, alpha: float) -> None:
         self.alpha = alpha
@@ -425,8 +425,8 @@ class _Load:
 class _Waiting:
     """A model loop's queue (first in, first out) with the sums of its jobs kept as they
     come and go: summing a deep queue at every admission and every round made the event
-    loop's work grow as the queue's square (3,000 queued: 5 ms an estimate, 80 % of a core
-    to hold them)."""
+    loop's work grow as the queue's square (3,000 queued: 5 ms an estimate, and half a
+    core to hold them besides the engine's own work)."""
 
     def __init__(self) -> None:
         self._jobs: deque[_Job] = deque()
