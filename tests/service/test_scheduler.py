@@ -1469,14 +1469,18 @@ def test_the_estimated_wait_counts_the_step_in_flight() -> None:
     run(main, make_scheduler(factory=slow_engine_factory(STEP_DELAY)))
 
 
-@pytest.mark.parametrize("mode", ["continuous", "static-hold"])
+@pytest.mark.parametrize(
+    ("mode", "max_batch_tokens"),
+    [("continuous", 4096), ("static-hold", 4096), ("continuous", 400), ("static", 400)],
+)
 def test_the_wait_behind_a_deep_queue_is_estimated_from_two_batches_of_it(
-    mode: str, monkeypatch: pytest.MonkeyPatch
+    mode: str, max_batch_tokens: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Behind 2 × max_batch_size queued requests the rest count as a flow: an estimate
     looks at as many requests behind a queue of 150 as behind one of 16 (it grew with
     the queue, and the event loop's work with its square), and stays within a quarter of
-    simulating every queued request one by one."""
+    simulating every queued request one by one, whether the rows or (400) the token
+    budget bound the batch."""
 
     async def main(s: Scheduler) -> None:
         key = f"{LM}:1"
@@ -1502,11 +1506,19 @@ def test_the_wait_behind_a_deep_queue_is_estimated_from_two_batches_of_it(
         exact, _, _ = loop._wait(1, 100)
         assert len(looked) > len(loop.waiting)
         assert 0.75 * exact < flow < 1.33 * exact
+        flow_rows, _ = loop._flow(loop.waiting.load)
+        assert (flow_rows < 8) == (max_batch_tokens == 400)  # which budget binds the flow
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    run(main, make_scheduler(factory=slow_engine_factory(STEP_DELAY), mode=mode, max_queue=256))
+    factory = slow_engine_factory(STEP_DELAY)
+    run(
+        main,
+        make_scheduler(
+            factory=factory, mode=mode, max_queue=256, max_batch_tokens=max_batch_tokens
+        ),
+    )
 
 
 def test_a_queued_request_past_its_deadline_is_not_taken_in() -> None:
