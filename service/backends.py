@@ -109,14 +109,19 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def greedy_pick(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Greedy choice per row of float32 logits [N, V] and its log-probability, computed as
-    `log_softmax(rows)[argmax]` is, without materialising the whole log-softmax."""
-    chosen = rows.argmax(axis=-1)  # ties to the lowest id, like torch.argmax
+def log_prob_of(rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Each row's log-probability of its token in `ids`, from float32 logits [N, V],
+    computed as `log_softmax(rows)[ids]` is, without materialising the whole log-softmax."""
     top = rows.max(axis=-1, keepdims=True)
     lse = np.log(np.exp(rows - top).sum(axis=-1))
-    picked = (rows[np.arange(len(rows)), chosen] - top[:, 0]) - lse
-    return chosen, picked.astype(np.float32, copy=False)
+    picked = (rows[np.arange(len(rows)), ids] - top[:, 0]) - lse
+    return picked.astype(np.float32, copy=False)
+
+
+def greedy_pick(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy choice per row of float32 logits [N, V] and its log-probability."""
+    chosen = rows.argmax(axis=-1)  # ties to the lowest id, like torch.argmax
+    return chosen, log_prob_of(rows, chosen)
 
 
 # --- device backends --------------------------------------------------------------------------
@@ -337,7 +342,7 @@ class NumpyBackend(_Timed):
         chosen = host.argmax(axis=-1)
         picked = np.zeros(len(rows), dtype=np.float32)
         if scored.any():
-            picked[scored] = greedy_pick(host[scored])[1]
+            picked[scored] = log_prob_of(host[scored], chosen[scored])
         return chosen, picked
 
     def host_logits(self, logits: Any) -> np.ndarray:

@@ -69,6 +69,7 @@ from service.backends import (
     NumpyBackend,
     decoder_with_greedy,
     graphs_supported,
+    log_prob_of,
     log_softmax,
     providers_for,
     session_options,
@@ -1197,10 +1198,9 @@ class Batch:
                 np.array([p.top_p for p in ps], dtype=np.float64),
                 np.array([seqs[i].rng.random() for i in sampled]),  # type: ignore[union-attr]
             )
-            mine = idx[scored[idx]]
-            if len(mine):
-                logp = log_softmax(host[slots[mine]])
-                picked[mine] = logp[np.arange(len(mine)), chosen[mine]]
+            want = scored[idx]
+            if want.any():
+                picked[idx[want]] = log_prob_of(rows[want], chosen[idx[want]])
         picked[~scored] = 0.0  # a device reduces every row's
         eos = self.engine.eos_id
         # Scores add up in float32, step by step (as the reference's do), all rows at once.
