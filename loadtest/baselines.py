@@ -375,7 +375,7 @@ def phase_engine(cfg: PhaseConfig, result: PhaseResult) -> None:
     with ThreadPoolExecutor(1) as helper:
         start = time.perf_counter()
         stopping = False
-        while pending or len(batch):
+        while (pending and not stopping) or len(batch):
             if not stopping and time.perf_counter() - start > cfg.budget_s:
                 stopping = True  # finish what runs, admit nothing new
                 result.notes.append(f"stopped admitting at the {cfg.budget_s:g} s budget")
@@ -385,14 +385,11 @@ def phase_engine(cfg: PhaseConfig, result: PhaseResult) -> None:
             now = time.perf_counter()
             for item in joining:
                 started[int(item.key)] = now  # type: ignore[call-overload]
-            prepared = None
-            if joining and engine.overlaps_admission and len(batch):
-                prepared = helper.submit(engine.prepare, joining)
-            elif joining:
-                batch.add(joining)
-            out = batch.step()
-            if prepared is not None:
-                batch.add(joining, prepared.result())
+            _, out, _, refused = batch.step_taking_in(
+                joining, helper if engine.overlaps_admission else None
+            )
+            if refused is not None:
+                raise refused
             now = time.perf_counter()
             for key, seq_result in out.finished:
                 i = int(key)  # type: ignore[call-overload]

@@ -50,6 +50,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Hashable, Sequence
+from concurrent import futures
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -1082,6 +1083,35 @@ class Batch:
         self.seqs.pop(seq.key, None)
 
     # --- one step ------------------------------------------------------------------------
+
+    def step_taking_in(
+        self, items: Sequence[BatchItem], helper: futures.Executor | None
+    ) -> tuple[AddOutput, StepOutput, float, Exception | None]:
+        """Take the newcomers in and step: a continuous-batching round, the server's and
+        the offline benchmark's alike. Where the engine allows it
+        (`Engine.overlaps_admission`: pass a one-thread `helper`, else None) and rows are
+        running, the newcomers are encoded (or prefilled) by `helper` while those rows
+        step, and join at the next step; else they are taken in first and join this one.
+        Returns what was added (its seconds: those the round spent on it besides the
+        step), the step's output, when its tokens existed (time.monotonic()), and why the
+        newcomers were not taken in if their encoding failed apart from the step (the
+        batch is then as it was: only they fail)."""
+        if helper is None or not items or not len(self):
+            added = self.add(items)
+            out = self.step() if len(self) else StepOutput()
+            return added, out, time.monotonic(), None
+        pending = helper.submit(self.engine.prepare, items)
+        try:
+            out = self.step()
+        finally:
+            stepped = time.monotonic()
+            futures.wait([pending])  # never leave it running on the engine's sessions
+        try:
+            prepared = pending.result()
+        except Exception as error:
+            return AddOutput(0, 0.0, time.monotonic() - stepped), out, stepped, error
+        added = self.add(items, prepared)
+        return replace(added, seconds=time.monotonic() - stepped), out, stepped, None
 
     def step(self) -> StepOutput:
         """One decoder call for every row, then each request's decoding rule."""

@@ -116,7 +116,6 @@ from service.domain import (
 )
 from service.engine import (
     AddOutput,
-    Batch,
     BatchItem,
     Engine,
     EngineOptions,
@@ -881,7 +880,8 @@ class _ModelLoop:
             self.on_failure()
 
     def _step_batches(self, event_loop: asyncio.AbstractEventLoop) -> None:
-        # On the CPU a helper thread encodes the newcomers while the batch steps (`_round`).
+        # On the CPU a helper thread encodes the newcomers while the batch steps
+        # (`Batch.step_taking_in`).
         helper = (
             futures.ThreadPoolExecutor(1, thread_name_prefix=f"admit-{self.entry.key}")
             if self.engine.overlaps_admission
@@ -892,32 +892,6 @@ class _ModelLoop:
         finally:
             if helper is not None:
                 helper.shutdown(wait=True)
-
-    def _round(
-        self, batch: Batch, items: list[BatchItem], helper: futures.ThreadPoolExecutor | None
-    ) -> tuple[AddOutput, StepOutput, float, Exception | None]:
-        """Take the newcomers in and step. Where the engine allows it and rows are running,
-        the newcomers are encoded (or prefilled) by `helper` while those rows step, and join
-        at the next step; else they are taken in first and join this one. Returns what was
-        added (its seconds: those the round spent on it besides the step), the step's
-        output, when its tokens existed, and why the newcomers were not taken in if their
-        encoding failed apart from the step (the batch is then as it was: only they fail)."""
-        if helper is None or not items or not len(batch):
-            added = batch.add(items)
-            out = batch.step() if len(batch) else StepOutput()
-            return added, out, time.monotonic(), None
-        pending = helper.submit(self.engine.prepare, items)
-        try:
-            out = batch.step()
-        finally:
-            stepped = time.monotonic()
-            futures.wait([pending])  # never leave it running on the engine's sessions
-        try:
-            prepared = pending.result()
-        except Exception as error:
-            return AddOutput(0, 0.0, time.monotonic() - stepped), out, stepped, error
-        added = batch.add(items, prepared)
-        return replace(added, seconds=time.monotonic() - stepped), out, stepped, None
 
     def _rounds(
         self, event_loop: asyncio.AbstractEventLoop, helper: futures.ThreadPoolExecutor | None
@@ -942,7 +916,7 @@ class _ModelLoop:
             replies: list[tuple[Callable[..., None], tuple[object, ...]]] = []
             try:
                 removed = batch.remove(removals)
-                added, out, ended, refused = self._round(batch, items, helper)
+                added, out, ended, refused = batch.step_taking_in(items, helper)
                 # A request cancelled after its admission was posted may reach this thread
                 # in the same round as its admission: its removal above found nothing.
                 late = [key for key in removals if key in batch.seqs]

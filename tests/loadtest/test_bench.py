@@ -5,15 +5,24 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+import threading
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from loadtest import gpu_bench
-from loadtest.baselines import PhaseResult, _strip, length_batches, run_batches
+from loadtest.baselines import (
+    PhaseConfig,
+    PhaseResult,
+    _strip,
+    length_batches,
+    run_batches,
+    run_phase,
+)
 from loadtest.bench import (
     BEGIN,
     END,
@@ -400,6 +409,39 @@ def test_length_batches_and_budget() -> None:
     run_batches(stopped, srcs, [[0], [1], [2]], lambda b: [[7] for _ in b], -1.0)
     assert stopped.requests == 1 and "budget" in stopped.notes[0]
     assert _strip([5, 6, 3, 0, 0], eos=3) == [5, 6]
+
+
+def test_the_engine_phase_answers_every_verse_and_ends_at_its_budget() -> None:
+    """The serving engine offline row (rows refilled every step, newcomers encoded while
+    the batch steps) answers every verse once; past its budget it admits no more and ends
+    (it stepped an empty batch for good while verses were left)."""
+    from tests.service._engine_models import SOURCES, TRANSLATOR, model_repository
+
+    texts = [*SOURCES, *SOURCES]
+    cfg = PhaseConfig(
+        checkpoint="",
+        version_dir=str(model_repository() / TRANSLATOR / "1"),
+        variant="fp32",
+        texts=texts,
+        max_new_tokens=12,
+        batch_size=2,
+        threads=1,
+        budget_s=60.0,
+        work_dir="",
+    )
+    full = run_phase("engine", cfg)
+    assert full.status == "ok" and full.requests == len(texts)
+    assert sorted(full.outputs) == list(range(len(texts)))
+    ended: list[PhaseResult] = []
+    runner = threading.Thread(
+        target=lambda: ended.append(run_phase("engine", replace(cfg, budget_s=0.0))), daemon=True
+    )
+    runner.start()
+    runner.join(60)
+    assert ended, "the engine phase did not end past its budget"
+    stopped = ended[0]
+    assert stopped.status == "ok" and "budget" in stopped.notes[0]
+    assert stopped.requests < len(texts)
 
 
 def test_gpu_bench_refuses_without_cuda(capsys: pytest.CaptureFixture[str]) -> None:
