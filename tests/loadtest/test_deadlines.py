@@ -68,7 +68,9 @@ def test_bursts_are_served_with_a_long_deadline_and_not_with_a_tiny_one(
     assert report["totals"]["30"] == {"served": 8}
     tiny = report["totals"]["0.001"]
     assert sum(tiny.values()) == 8 and "served" not in tiny
-    assert set(tiny) <= {"too_short", "expired"}
+    # A tiny call finding the loop idle is too_short; one behind another's texts may be
+    # refused as unmeetable while it still has time left (a CI run once saw that).
+    assert set(tiny) <= {"too_short", "refused", "expired"}
     assert report["command"].startswith("python -m loadtest.deadlines")
     assert report["rounds"] == 2 and report["machine"]["cpu_count"]
     assert "| 30 | all | 8 | 0 | 0 | 0 | 0 |" in result.output
