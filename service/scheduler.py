@@ -725,9 +725,6 @@ class _ModelLoop:
         heapq.heapify(running)
         ahead: list[_Job | None] = [*head, None]  # None: the new request
         for queued in ahead:
-            if queued is None and (rest := self.waiting.load - simulated).jobs:
-                flow, steps = self._flow(rest)
-                return clock + steps * self.step_times(flow), max(rows, flow), 0
             need, need_tokens = (rows, cost) if queued is None else (queued.rows, queued.cost)
             while (free < need or free_tokens < need_tokens) and running:
                 done_at, freed, freed_tokens = heapq.heappop(running)
@@ -742,6 +739,11 @@ class _ModelLoop:
             free_tokens -= queued.cost
             busy += queued.rows
             heapq.heappush(running, (t + self._expected_steps(queued), queued.rows, queued.cost))
+        if (rest := self.waiting.load - simulated).jobs:
+            # Behind them: the wait for room past the simulated ones (above: a batch taken
+            # in together frees its first row only as it ends), then the rest as a flow.
+            flow, steps = self._flow(rest)
+            return clock + steps * self.step_times(flow), max(rows, flow), 0
         return clock, busy + rows, 0
 
     def _flow(self, rest: _Load) -> tuple[int, float]:

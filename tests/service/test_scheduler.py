@@ -1521,6 +1521,37 @@ def test_the_wait_behind_a_deep_queue_is_estimated_from_two_batches_of_it(
     )
 
 
+def test_one_more_queued_request_never_shortens_the_estimated_wait() -> None:
+    """A request queued beyond the `exact_ahead` simulated one by one adds to the wait.
+    The flow behind them once started with room at once, leaving out the wait for the
+    batch they were taken in with (ending all at one step): behind a burst of like
+    requests, 2 × max_batch_size + 1 queued read about half the wait of 2 ×
+    max_batch_size."""
+
+    async def main(s: Scheduler) -> None:
+        key = f"{LM}:1"
+        loop = s._loops[key]
+        tasks = [asyncio.create_task(s.submit(long_request())) for _ in range(8)]
+        await wait_until(lambda: loop_stats(s, key)["running"] == 8)
+        tasks += [
+            asyncio.create_task(s.submit(long_request())) for _ in range(loop.exact_ahead + 1)
+        ]
+        await wait_until(lambda: len(loop.waiting) == loop.exact_ahead + 1)
+        cost = loop.waiting[0].cost
+        deeper, _, _ = loop._wait(1, cost)
+        last = loop.waiting[-1]
+        loop.waiting.remove(last)
+        shallower, _, _ = loop._wait(1, cost)
+        loop.waiting.append(last)
+        assert deeper >= shallower, (deeper, shallower)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    factory = slow_engine_factory(STEP_DELAY)
+    run(main, make_scheduler(factory=factory, max_queue=32))
+
+
 def test_a_queued_request_past_its_deadline_is_not_taken_in() -> None:
     """A request whose deadline passed in the queue before its caller's timer ran (here it
     has none) leaves unserved when its turn comes: the engine never takes it in."""
