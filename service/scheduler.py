@@ -685,7 +685,8 @@ class _ModelLoop:
         each runs, so a wait behind a full batch counts full-batch steps; and the requests
         ahead are taken in (encoded or prefilled) before it. The first `exact_ahead`
         queued requests are simulated one by one, those behind them as a flow through a
-        batch at capacity, so an estimate costs the same behind a queue of any depth."""
+        batch at capacity from when the new request would find room behind the simulated
+        ones, so an estimate costs the same behind a queue of any depth."""
         max_rows, max_tokens = self.config.max_batch_size, self.config.max_batch_tokens
         running = [(self._steps_left(j), j.rows, j.cost) for j in self.running.values()]
         busy = self.rows_used
