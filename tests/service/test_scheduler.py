@@ -188,18 +188,36 @@ def test_newcomers_are_encoded_while_the_batch_steps_and_answer_as_alone() -> No
     in the loop's helper thread during a step, and join the batch at the step after: their
     answers equal their unbatched answers, and so do those of the requests running."""
     threads: list[str] = []
+    stepping = {TRANSLATOR: threading.Event(), LM: threading.Event()}
+    release = threading.Event()
+
+    def step(batch: Batch) -> None:
+        stepping[batch.engine.name].set()
+        release.wait(RUN_TIMEOUT_S)
+        time.sleep(STEP_DELAY)
+
     factory = hooked_engine_factory(
-        lambda _: time.sleep(STEP_DELAY),
-        before_prepare=lambda _: threads.append(threading.current_thread().name),
+        step, before_prepare=lambda _: threads.append(threading.current_thread().name)
     )
     first = [translate(SOURCES[0], max_new_tokens=30), generate(PROMPTS[0], max_new_tokens=30)]
     later = [translate(t, max_new_tokens=12) for t in SOURCES[1:4]]
     later += [generate(p, max_new_tokens=12) for p in PROMPTS[1:4]]
 
     async def main(s: Scheduler) -> list[SequenceResult]:
-        running = [asyncio.ensure_future(s.submit(r)) for r in first]
-        await wait_until(lambda: all(loop_stats(s, f"{n}:1")["running"] for n in (TRANSLATOR, LM)))
-        late = [asyncio.ensure_future(s.submit(r)) for r in later]
+        try:
+            running = [asyncio.ensure_future(s.submit(r)) for r in first]
+            # Each engine thread is inside a step of its first request. "running" alone
+            # counts a request once it is posted to the engine thread, which may not have
+            # woken yet: on a loaded machine the later ones came in the same round, into
+            # an empty batch, and were encoded in the engine thread.
+            await wait_until(lambda: all(e.is_set() for e in stepping.values()))
+            late = [asyncio.ensure_future(s.submit(r)) for r in later]
+            # all posted to the engine threads, which take them in at their next round
+            await wait_until(
+                lambda: all(loop_stats(s, f"{n}:1")["running"] == 4 for n in (TRANSLATOR, LM))
+            )
+        finally:
+            release.set()
         return list(await asyncio.gather(*running, *late))
 
     results = run(main, make_scheduler(factory=factory))
@@ -223,17 +241,30 @@ def test_a_failed_encoding_of_newcomers_fails_them_alone(
         if threading.current_thread().name.startswith("admit-") and "doomed-0" in ids:
             raise RuntimeError("encoder lost")
 
-    factory = hooked_engine_factory(
-        lambda _: time.sleep(STEP_DELAY), before_prepare=fail_the_doomed
-    )
+    stepping, release = threading.Event(), threading.Event()
+
+    def step(_: Batch) -> None:
+        stepping.set()
+        release.wait(RUN_TIMEOUT_S)
+        time.sleep(STEP_DELAY)
+
+    factory = hooked_engine_factory(step, before_prepare=fail_the_doomed)
     first = translate(SOURCES[0], max_new_tokens=30)
     doomed = replace(translate(SOURCES[1], max_new_tokens=10), request_id="doomed-0")
     after = translate(SOURCES[3], max_new_tokens=10)
 
     async def main(s: Scheduler) -> list[BaseException | SequenceResult]:
-        running = asyncio.ensure_future(s.submit(first))
-        await wait_until(lambda: loop_stats(s, f"{TRANSLATOR}:1")["running"] == 1)
-        [outcome] = await asyncio.gather(s.submit(doomed), return_exceptions=True)
+        try:
+            running = asyncio.ensure_future(s.submit(first))
+            # The engine thread is inside a step of `first` (see the test above: "running"
+            # counts a request the engine thread may not have taken in yet), and the doomed
+            # newcomer is posted to it, for its next round.
+            await wait_until(stepping.is_set)
+            failing = asyncio.ensure_future(s.submit(doomed))
+            await wait_until(lambda: loop_stats(s, f"{TRANSLATOR}:1")["running"] == 2)
+        finally:
+            release.set()
+        [outcome] = await asyncio.gather(failing, return_exceptions=True)
         return [outcome, await running, await s.submit(after)]
 
     with caplog.at_level(logging.ERROR, logger="service.scheduler"):
