@@ -1587,11 +1587,24 @@ def test_a_queued_request_past_its_deadline_is_not_taken_in() -> None:
     """A request whose deadline passed in the queue before its caller's timer ran (here it
     has none) leaves unserved when its turn comes: the engine never takes it in."""
 
+    stepping, release = threading.Event(), threading.Event()
+
+    def step(_: Batch) -> None:
+        stepping.set()
+        release.wait(RUN_TIMEOUT_S)
+        time.sleep(STEP_DELAY)
+
     async def main(s: Scheduler) -> None:
         key = f"{LM}:1"
         first = asyncio.create_task(s.submit(long_request()))
-        await wait_until(lambda: loop_stats(s, key)["running"] == 1)
-        job, _ = s._prepare(generate(PROMPTS[1], within=0.1, max_new_tokens=5), stream=False)
+        try:
+            # Admitted while the request ahead is held in its first step, the wait reads a
+            # step or two (unheld, a stalled event loop let it pass its expected length
+            # first, and the request was refused as unmeetable instead).
+            await wait_until(stepping.is_set)
+            job, _ = s._prepare(generate(PROMPTS[1], within=0.1, max_new_tokens=5), stream=False)
+        finally:
+            release.set()
         with pytest.raises(DeadlineExceeded, match=r"\(0 tokens generated\)"):
             await asyncio.wait_for(job.future, 10.0)
         assert job.generated == 0 and job not in s._loops[key].running
@@ -1600,7 +1613,7 @@ def test_a_queued_request_past_its_deadline_is_not_taken_in() -> None:
         await asyncio.gather(first, return_exceptions=True)
 
     # Admitted (expected to wait a step or two), it then waits past its deadline.
-    factory = slow_engine_factory(STEP_DELAY)
+    factory = hooked_engine_factory(step)
     run(main, make_scheduler(factory=factory, max_batch_size=1, initial_length_ratio=0.05))
 
 
