@@ -76,6 +76,22 @@ def make_scheduler(
 RUN_TIMEOUT_S = 60.0
 
 
+class HeldSteps:
+    """A `before_step` hook that holds every engine thread's steps until `release` is set
+    (then each takes STEP_DELAY): a test can act while a loop is inside a step, instead of
+    hoping the engine thread has taken its requests in by then. `stepping`: the engines
+    (model names) that have begun a step."""
+
+    def __init__(self) -> None:
+        self.stepping: set[str] = set()
+        self.release = threading.Event()
+
+    def __call__(self, batch: Batch) -> None:
+        self.stepping.add(batch.engine.name)
+        self.release.wait(RUN_TIMEOUT_S)
+        time.sleep(STEP_DELAY)
+
+
 async def bounded(what: str, coroutine: Coroutine[Any, Any, T]) -> T:
     """`coroutine`'s result; AssertionError if it runs past RUN_TIMEOUT_S (a stall)."""
     try:
@@ -188,16 +204,9 @@ def test_newcomers_are_encoded_while_the_batch_steps_and_answer_as_alone() -> No
     in the loop's helper thread during a step, and join the batch at the step after: their
     answers equal their unbatched answers, and so do those of the requests running."""
     threads: list[str] = []
-    stepping = {TRANSLATOR: threading.Event(), LM: threading.Event()}
-    release = threading.Event()
-
-    def step(batch: Batch) -> None:
-        stepping[batch.engine.name].set()
-        release.wait(RUN_TIMEOUT_S)
-        time.sleep(STEP_DELAY)
-
+    held = HeldSteps()
     factory = hooked_engine_factory(
-        step, before_prepare=lambda _: threads.append(threading.current_thread().name)
+        held, before_prepare=lambda _: threads.append(threading.current_thread().name)
     )
     first = [translate(SOURCES[0], max_new_tokens=30), generate(PROMPTS[0], max_new_tokens=30)]
     later = [translate(t, max_new_tokens=12) for t in SOURCES[1:4]]
@@ -210,14 +219,14 @@ def test_newcomers_are_encoded_while_the_batch_steps_and_answer_as_alone() -> No
             # counts a request once it is posted to the engine thread, which may not have
             # woken yet: on a loaded machine the later ones came in the same round, into
             # an empty batch, and were encoded in the engine thread.
-            await wait_until(lambda: all(e.is_set() for e in stepping.values()))
+            await wait_until(lambda: held.stepping == {TRANSLATOR, LM})
             late = [asyncio.ensure_future(s.submit(r)) for r in later]
             # all posted to the engine threads, which take them in at their next round
             await wait_until(
                 lambda: all(loop_stats(s, f"{n}:1")["running"] == 4 for n in (TRANSLATOR, LM))
             )
         finally:
-            release.set()
+            held.release.set()
         return list(await asyncio.gather(*running, *late))
 
     results = run(main, make_scheduler(factory=factory))
@@ -241,14 +250,8 @@ def test_a_failed_encoding_of_newcomers_fails_them_alone(
         if threading.current_thread().name.startswith("admit-") and "doomed-0" in ids:
             raise RuntimeError("encoder lost")
 
-    stepping, release = threading.Event(), threading.Event()
-
-    def step(_: Batch) -> None:
-        stepping.set()
-        release.wait(RUN_TIMEOUT_S)
-        time.sleep(STEP_DELAY)
-
-    factory = hooked_engine_factory(step, before_prepare=fail_the_doomed)
+    held = HeldSteps()
+    factory = hooked_engine_factory(held, before_prepare=fail_the_doomed)
     first = translate(SOURCES[0], max_new_tokens=30)
     doomed = replace(translate(SOURCES[1], max_new_tokens=10), request_id="doomed-0")
     after = translate(SOURCES[3], max_new_tokens=10)
@@ -259,11 +262,11 @@ def test_a_failed_encoding_of_newcomers_fails_them_alone(
             # The engine thread is inside a step of `first` (see the test above: "running"
             # counts a request the engine thread may not have taken in yet), and the doomed
             # newcomer is posted to it, for its next round.
-            await wait_until(stepping.is_set)
+            await wait_until(lambda: TRANSLATOR in held.stepping)
             failing = asyncio.ensure_future(s.submit(doomed))
             await wait_until(lambda: loop_stats(s, f"{TRANSLATOR}:1")["running"] == 2)
         finally:
-            release.set()
+            held.release.set()
         [outcome] = await asyncio.gather(failing, return_exceptions=True)
         return [outcome, await running, await s.submit(after)]
 
@@ -1586,13 +1589,7 @@ def test_one_more_queued_request_never_shortens_the_estimated_wait() -> None:
 def test_a_queued_request_past_its_deadline_is_not_taken_in() -> None:
     """A request whose deadline passed in the queue before its caller's timer ran (here it
     has none) leaves unserved when its turn comes: the engine never takes it in."""
-
-    stepping, release = threading.Event(), threading.Event()
-
-    def step(_: Batch) -> None:
-        stepping.set()
-        release.wait(RUN_TIMEOUT_S)
-        time.sleep(STEP_DELAY)
+    held = HeldSteps()
 
     async def main(s: Scheduler) -> None:
         key = f"{LM}:1"
@@ -1601,10 +1598,10 @@ def test_a_queued_request_past_its_deadline_is_not_taken_in() -> None:
             # Admitted while the request ahead is held in its first step, the wait reads a
             # step or two (unheld, a stalled event loop let it pass its expected length
             # first, and the request was refused as unmeetable instead).
-            await wait_until(stepping.is_set)
+            await wait_until(lambda: LM in held.stepping)
             job, _ = s._prepare(generate(PROMPTS[1], within=0.1, max_new_tokens=5), stream=False)
         finally:
-            release.set()
+            held.release.set()
         with pytest.raises(DeadlineExceeded, match=r"\(0 tokens generated\)"):
             await asyncio.wait_for(job.future, 10.0)
         assert job.generated == 0 and job not in s._loops[key].running
@@ -1613,7 +1610,7 @@ def test_a_queued_request_past_its_deadline_is_not_taken_in() -> None:
         await asyncio.gather(first, return_exceptions=True)
 
     # Admitted (expected to wait a step or two), it then waits past its deadline.
-    factory = hooked_engine_factory(step)
+    factory = hooked_engine_factory(held)
     run(main, make_scheduler(factory=factory, max_batch_size=1, initial_length_ratio=0.05))
 
 
