@@ -509,7 +509,6 @@ class Transport:
     ) -> None:
         seconds = time.monotonic() - started
         label = state.model or UNKNOWN_MODEL_LABEL
-        self.metrics.observe_request(method, label, code_name(code), seconds, reason)
         extra: dict[str, object] = {
             "request_id": state.request_id,  # also for calls refused before _call set it
             "method": method,
@@ -532,6 +531,8 @@ class Transport:
         else:  # the server's own refusals (overload, drain, deadline) warn; bad calls inform
             level = logging.INFO if reason in CLIENT_SIDE_REASONS else logging.WARNING
             log.log(level, "call refused: %s", error, extra={**extra, "error": error})
+        # Counted after its log line: whoever sees the count can find the line.
+        self.metrics.observe_request(method, label, code_name(code), seconds, reason)
 
     @staticmethod
     def _cancel_status(
