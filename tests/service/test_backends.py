@@ -26,6 +26,7 @@ from service.backends import (
     greedy_graph,
     greedy_pick,
     providers_for,
+    replay_matches,
 )
 from service.domain import SequenceResult
 from service.engine import Batch, BatchItem, Engine
@@ -429,6 +430,23 @@ def test_cuda_graph_replays_are_checked_and_a_bad_one_falls_back(fail: str) -> N
         else:
             checked = {"differ": 1, "differ-later": 2, "raise": 0}  # the last one failed
             assert bound.verified_graphs == checked[fail]
+
+
+def test_a_replay_passes_its_check_within_rounding_of_its_dtype() -> None:
+    """fp16 logits of 8 to 16 lie 0.0078 apart: a replay three of those off a plain run
+    (another kernel algorithm under capture) is a good one, in fp16 only; one logit 1.0
+    off is not."""
+    rng = np.random.default_rng(3)
+    half = rng.uniform(-16, 16, size=(4, 1, 8000)).astype(np.float16)
+    jitter = 3 * np.spacing(np.abs(half)) * rng.choice([-1, 1], size=half.shape)
+    rounded = (half + jitter).astype(np.float16)
+    assert replay_matches(rounded, half)
+    assert not replay_matches(rounded.astype(np.float32), half.astype(np.float32))
+    single = half.astype(np.float32)
+    assert replay_matches(single * np.float32(1 + 1e-5), single)
+    off = half.copy()
+    off[2, 0, 17] += np.float16(1.0)
+    assert not replay_matches(off, half)
 
 
 def _items(engine: Engine, texts: list[str], first_key: int) -> list[BatchItem]:
