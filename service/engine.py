@@ -1089,14 +1089,15 @@ class Batch:
     ) -> tuple[AddOutput, StepOutput, float, Exception | None]:
         """Take the newcomers in and step: a continuous-batching round, the server's and
         the offline benchmark's alike. Where the engine allows it
-        (`Engine.overlaps_admission`: pass a one-thread `helper`, else None) and rows are
-        running, the newcomers are encoded (or prefilled) by `helper` while those rows
-        step, and join at the next step; else they are taken in first and join this one.
+        (`Engine.overlaps_admission`: pass a one-thread `helper`; elsewhere it is not used)
+        and rows are running, the newcomers are encoded (or prefilled) by `helper` while
+        those rows step, and join at the next step; else they are taken in first and join
+        this one.
         Returns what was added (its seconds: those the round spent on it besides the
         step), the step's output, when its tokens existed (time.monotonic()), and why the
         newcomers were not taken in if their encoding failed apart from the step (the
         batch is then as it was: only they fail)."""
-        if helper is None or not items or not len(self):
+        if helper is None or not self.engine.overlaps_admission or not items or not len(self):
             added = self.add(items)
             out = self.step() if len(self) else StepOutput()
             return added, out, time.monotonic(), None

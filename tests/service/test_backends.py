@@ -456,6 +456,26 @@ def _items(engine: Engine, texts: list[str], first_key: int) -> list[BatchItem]:
     ]
 
 
+def test_newcomers_on_fixed_buffers_are_never_encoded_on_a_helper_thread() -> None:
+    """A device backend's graphs and bound shapes belong to the engine thread: given a
+    helper thread anyway, a round takes its newcomers in on its own thread, first, and
+    they join this step."""
+
+    class Refusing(ThreadPoolExecutor):
+        def submit(self, *args: Any, **kwargs: Any) -> Any:
+            raise AssertionError("a fixed-buffer engine used the helper thread")
+
+    engine, _, _, _ = _flaky_engine("none")
+    assert not engine.overlaps_admission
+    batch = engine.new_batch()
+    batch.add(_items(engine, PROMPTS[:2], 0))
+    batch.step()
+    with Refusing(1) as helper:
+        added, out, _, refused = batch.step_taking_in(_items(engine, PROMPTS[2:4], 2), helper)
+    assert refused is None and added.rows == 2 and len(batch) == 4
+    assert {2, 3} <= set(out.progressed)  # they joined this step
+
+
 def test_a_graph_id_belongs_to_the_thread_that_captured_it() -> None:
     """onnxruntime keeps a session's graphs per thread: a step shape first run on another
     thread gets a graph id of its own, captured alone and checked, as a new one is. So does
