@@ -735,7 +735,7 @@ def _run(s: Settings, dev: Device) -> dict[str, Any]:
                 "partial": True,
                 "command": f"{s.command} (cut short: the figures measured before it ended)",
             }
-            s.partial_out.write_text(json.dumps(partial, indent=2, default=str) + "\n")
+            _write_json(s.partial_out, partial)
 
     for name in s.configs:
         try:
@@ -812,6 +812,14 @@ def ratios(figures: list[Figure]) -> list[str]:
                 f"same tokens: {'yes' if same else 'NO'}"
             )
     return lines
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Whole or not at all: the stage's timeout may kill the process mid-write, and the
+    file it leaves is read back with --from-json."""
+    scratch = path.with_name(path.name + ".writing")
+    scratch.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(scratch, path)
 
 
 def _fig_json(f: Figure) -> dict[str, Any]:
@@ -931,7 +939,7 @@ def main(argv: list[str] | None = None) -> int:
     result["seconds"] = time.perf_counter() - start
     result["command"] = command
     if out is not None:
-        out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        _write_json(out, result)
     if args.record is not None:
         record(args.record, result, command)
     print(f"# done in {result['seconds']:.0f} s", flush=True)

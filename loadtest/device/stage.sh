@@ -58,7 +58,9 @@ parts=("$stage"/ort-part-*)
     if [ "$first" = 1 ]; then op=">"; first=0; else op=">>"; fi
     echo "carry [\"$part\"]  command: cat $part $op /root/ort.tar.xz"
   done
-  echo "carry [\"$stage/wheels\", \"$stage/ort.sha256\"]  command: bash loadtest/device/run.sh  (timeout_s 590)"
+  echo "# Before the last: read status's budget_left_s (B). The run plans to end by RUN_BUDGET_S;"
+  echo "# past the device time left the tool cuts it, and the served benchmark writes at its end."
+  echo "carry [\"$stage/wheels\", \"$stage/ort.sha256\"]  command: RUN_BUDGET_S=<min(570, B - 40)> bash loadtest/device/run.sh  (timeout_s 590)"
 } > "$stage/CALLS"
 du -sh "$stage"/* | sed "s|$root/||"
 echo "tree $((tree_bytes / 1048576)) MiB + part $((part_bytes / 1048576)) MiB per call; calls in $stage/CALLS:"

@@ -386,6 +386,20 @@ def test_served_run_names_a_server_that_exits_at_start(
     assert "no CUDAExecutionProvider" in modes["static"].reason
 
 
+@pytest.mark.e2e
+def test_a_slow_server_start_ends_by_the_deadline(model_repository: Path, tmp_path: Path) -> None:
+    """Servers still loading when the steps would have to end (--max-minutes, less the
+    drain margin) are given up on then, not after their own start timeout: on the device
+    a warm-up of every shape can take minutes, and the stage must still write its results."""
+    from loadtest.bench import STEP_MARGIN_S
+
+    deadline = time.perf_counter() + STEP_MARGIN_S + 0.5
+    modes = _served_start(model_repository, tmp_path, ["continuous"], deadline=deadline)
+    assert time.perf_counter() < deadline - STEP_MARGIN_S + 15
+    assert modes["continuous"].status == "failed"
+    assert "the continuous server not SERVING after" in modes["continuous"].reason
+
+
 def test_fraction_lists_are_checked() -> None:
     import typer
 

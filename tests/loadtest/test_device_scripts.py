@@ -89,6 +89,43 @@ def test_a_rehearsal_exports_into_a_scratch_repository(tmp_path: Path) -> None:
     assert f"--version-dir {repo}/en-es/1" in check
     served = next(line for line in lines if line.startswith("-m loadtest.bench"))
     assert f"--repository {repo}" in served
+    assert "--inputs tests/fixtures/verses.tsv" in served  # data/ is not carried
+
+
+def test_what_comes_back_fits_the_tools_eight_files(tmp_path: Path) -> None:
+    """The device tool brings back 8 files at most from $OUT: every stage writing all it
+    can, and the served benchmark leaving several logs, the run leaves no more, and the
+    logs' ends come back in one file."""
+    if shutil.which("bash") is None:
+        pytest.skip("bash is not installed")
+    fake = tmp_path / "bin" / "python3"
+    fake.parent.mkdir()
+    fake.write_text(
+        "#!/bin/sh\n"
+        'while [ $# -gt 0 ]; do case "$1" in\n'
+        '  --out|--json-out|--out-json|--out-md) echo x > "$2"; shift;;\n'
+        '  --work-dir) mkdir -p "$2"\n'
+        '    for n in a b c d e; do echo log-$n > "$2/$n.log"; done; shift;;\n'
+        "esac; shift; done\n"
+    )
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {
+        **os.environ,
+        "OUT": str(out),
+        "REHEARSAL": "1",
+        "PATH": f"{fake.parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    result = subprocess.run(
+        ["bash", str(SCRIPTS[1])], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    back = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert len(back) <= 8, back
+    assert {"gpu_bench.json", "bench_gpu.json", "gpu_check.json", "bench-logs.txt"} <= set(back)
+    logs = (out / "bench-logs.txt").read_text()
+    assert all(f"=== {n}.log" in logs and f"log-{n}" in logs for n in "abcde")
 
 
 def _captured(pattern: str, text: str) -> str:
