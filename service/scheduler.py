@@ -148,6 +148,30 @@ class EngineFailed(RuntimeError):
     """A version's engine fails every step: its worker ends (see _ModelLoop._drive)."""
 
 
+class _FailingRounds:
+    """The worker's rounds failed in a row (a step, or the encoding of its newcomers)."""
+
+    def __init__(self) -> None:
+        self.rounds = 0
+        self.since = 0.0  # when the first of them failed
+        self.last: BaseException | None = None
+
+    def failed(self, error: BaseException) -> None:
+        if not self.rounds:
+            self.since = time.monotonic()
+        self.rounds += 1
+        self.last = error
+
+    def check(self) -> None:
+        """EngineFailed once FAILED_ROUNDS_FOR_GOOD have failed over FAILING_FOR_GOOD_S."""
+        failing_s = time.monotonic() - self.since
+        if self.rounds >= FAILED_ROUNDS_FOR_GOOD and failing_s >= FAILING_FOR_GOOD_S:
+            raise EngineFailed(
+                f"{self.rounds} rounds in a row failed over {failing_s:.0f} s, the last "
+                f"with: {self.last}"
+            ) from self.last
+
+
 Mode = Literal["continuous", "static", "static-hold", "static-padded"]
 MODES: tuple[Mode, ...] = ("continuous", "static", "static-hold", "static-padded")
 # Modes that hold every answer until the batch ends.
@@ -900,8 +924,7 @@ class _ModelLoop:
         self, event_loop: asyncio.AbstractEventLoop, helper: futures.ThreadPoolExecutor | None
     ) -> None:
         batch = self.engine.new_batch(compact=self.config.compact)
-        failed_rounds, last_error = 0, None  # rounds failed in a row, the last one's error
-        failing_since = 0.0  # when the first of them failed
+        failing = _FailingRounds()
         last_ended: float | None = None  # the round before, unless the worker waited since
         while True:
             with self._inbox_ready:
@@ -935,24 +958,21 @@ class _ModelLoop:
                     "model %s: engine step failed", self.entry.key,
                     extra={"request_ids": _request_ids(lost)},
                 )  # fmt: skip
-                failed_rounds, last_error, last_ended = failed_rounds + 1, error, None
-                if failed_rounds == 1:
-                    failing_since = time.monotonic()
+                failing.failed(error)
+                last_ended = None
                 batch = self.engine.new_batch(compact=self.config.compact)
                 replies.append((self._failed, (lost, error, joined, taken)))
             else:
                 period = finished - (taken if last_ended is None else last_ended)
                 last_ended = finished
                 if refused is None:
-                    failed_rounds = 0
+                    failing.rounds = 0
                 else:  # the step went on; the newcomers its encoding failed end with it
                     log.error(
                         "model %s: taking requests in failed", self.entry.key,
                         exc_info=refused, extra={"request_ids": _request_ids(joined)},
                     )  # fmt: skip
-                    failed_rounds, last_error = failed_rounds + 1, refused
-                    if failed_rounds == 1:
-                        failing_since = time.monotonic()
+                    failing.failed(refused)
                     replies.append((self._failed, (joined, refused, joined, taken)))
                     joined = []
                 done = _Round(removed, added, out, joined, taken, ended, period)
@@ -962,12 +982,7 @@ class _ModelLoop:
                     event_loop.call_soon_threadsafe(reply[0], *reply[1])
             except RuntimeError:  # the event loop is closed: nobody is left to answer
                 return
-            failing_s = time.monotonic() - failing_since
-            if failed_rounds >= FAILED_ROUNDS_FOR_GOOD and failing_s >= FAILING_FOR_GOOD_S:
-                raise EngineFailed(
-                    f"{failed_rounds} rounds in a row failed over {failing_s:.0f} s, the last "
-                    f"with: {last_error}"
-                ) from last_error
+            failing.check()
 
     def _failed(
         self, keys: list[Hashable], error: BaseException, joined: list[Hashable], taken: float
