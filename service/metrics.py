@@ -202,7 +202,8 @@ class Metrics:
         )
         self.free_cache_slots = Gauge(
             "inference_free_cache_slots",
-            "Rows the running batch can still take (max_batch_size - running rows).",
+            "Rows the running batch can still take (max_batch_size - running rows; 0 while "
+            "a batch runs in the static batching modes, which take none in until it ends).",
             ["model", "version"],
             registry=r,
         )

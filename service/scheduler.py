@@ -1097,9 +1097,16 @@ class _ModelLoop:
             return
         m, labels = self.metrics, self.version_labels
         m.queue_depth.labels(*labels).set(len(self.waiting))
-        m.running_sequences.labels(*labels).set(len(self.running))
-        m.running_rows.labels(*labels).set(self.rows_used)
-        m.free_cache_slots.labels(*labels).set(self.config.max_batch_size - self.rows_used)
+        # The rows the steps compute: static-hold's held answers left the batch (they stay
+        # counted for admission until it ends); static-padded still computes theirs.
+        held = self._held if self.config.mode == "static-hold" else {}
+        m.running_sequences.labels(*labels).set(len(self.running) - len(held))
+        m.running_rows.labels(*labels).set(self.rows_used - sum(job.rows for job in held))
+        # A static batch takes no one in until it ends.
+        free = self.config.max_batch_size - self.rows_used
+        if self.config.mode != "continuous" and self.running:
+            free = 0
+        m.free_cache_slots.labels(*labels).set(free)
         m.estimated_queue_wait.labels(*labels).set(self.typical_wait())
         graphs = self.engine.cuda_graphs
         if graphs is not None:

@@ -1484,6 +1484,45 @@ def test_free_cache_slots_and_running_rows_count_rows_not_requests() -> None:
     run(main, make_scheduler(factory=slow_engine_factory(STEP_DELAY)))
 
 
+@pytest.mark.parametrize(
+    ("mode", "rows", "free"),
+    [("continuous", 1, 7), ("static", 1, 0), ("static-hold", 1, 0), ("static-padded", 2, 0)],
+)
+def test_the_running_gauges_count_the_rows_the_steps_compute(
+    mode: str, rows: int, free: int
+) -> None:
+    """One of two requests has its answer: static-hold holds it, but its row left the
+    batch; static-padded still computes it as padding. A static batch takes no one in
+    until it ends, whatever rows it has left."""
+    labels = {"model": LM, "version": "1"}
+    key = f"{LM}:1"
+
+    def gauge(s: Scheduler, name: str) -> float | None:
+        return s.metrics.registry.get_sample_value(name, labels)
+
+    async def main(s: Scheduler) -> dict[str, float | None]:
+        short = asyncio.create_task(s.submit(generate(PROMPTS[0], max_new_tokens=1)))
+        long = asyncio.create_task(s.submit(generate(PROMPTS[1], max_new_tokens=60)))
+        answered = short.done if mode in ("continuous", "static") else None
+        await wait_until(
+            lambda: answered() if answered else loop_stats(s, key)["held"] == 1, timeout=5.0
+        )
+        steps = loop_stats(s, key)["steps"]
+        await wait_until(lambda: loop_stats(s, key)["steps"] >= steps + 1)
+        assert not long.done()
+        seen = {
+            name: gauge(s, f"inference_{name}")
+            for name in ("running_rows", "running_sequences", "free_cache_slots")
+        }
+        await asyncio.gather(short, long)
+        await wait_until(lambda: gauge(s, "inference_free_cache_slots") == 8, timeout=2.0)
+        assert gauge(s, "inference_running_rows") == gauge(s, "inference_running_sequences") == 0
+        return seen
+
+    seen = run(main, make_scheduler(factory=slow_engine_factory(STEP_DELAY), mode=mode))
+    assert seen == {"running_rows": rows, "running_sequences": rows, "free_cache_slots": free}
+
+
 def test_the_estimated_wait_counts_the_step_in_flight() -> None:
     """Rows and tokens are free, but a step is running: a newcomer joins after it, so the
     estimate is one step time, not 0 (0 when idle)."""
