@@ -220,6 +220,8 @@ class ModelRepository:
             return None
         with self._lock:
             self._unreadable.pop(self.root, None)
+            for gone in set(self._unreadable) - set(model_dirs):  # removed from disk
+                del self._unreadable[gone]
         for model_dir in model_dirs:
             try:
                 versions = version_dirs(model_dir)
@@ -267,12 +269,18 @@ class ModelRepository:
         `tried`: the folders (as `failed` names them) that the same reload has tried
         already, so that its scan after an engine failed does not load that one again."""
         result = ReloadResult()
-        found = self._scan()
+        unreadable: set[str] = set()
+        found = self._scan(unreadable)
         if found is None:
             with self._lock:
                 why = self._unreadable.get(self.root, "")
             result.failed[str(self.root)] = self._unlisted(why)
             return result
+        with self._lock:  # failures of folders gone from disk: a server lives through many
+            for path in list(self._failed):
+                name = path.parent.name
+                if name not in unreadable and path.name not in map(str, found.get(name, [])):
+                    del self._failed[path]
         try:
             for name, versions in found.items():
                 kept = 0  # newest first, until keep_versions load: a broken newest version

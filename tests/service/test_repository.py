@@ -175,6 +175,42 @@ def test_broken_versions_are_reported_until_fixed_and_retried_when_changed(
     assert bad in checked
 
 
+def test_failures_of_folders_removed_from_disk_are_forgotten(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed folder, or a model folder that could not be listed, is remembered while it
+    is on disk (to report it, and not to check it again unchanged), and no longer once it
+    is gone: a server that lives through many failed deploys did keep each one."""
+    import service.repository as repository_module
+
+    repo = ModelRepository(root)
+    repo.reload()
+    for version in (2, 3):
+        bad = copy_version(root, TRANSLATOR, 1, version)
+        (bad / "fp32" / "decoder.onnx").write_bytes(b"not a model")
+    assert len(repo.reload().failed) == 2
+    shutil.rmtree(root / TRANSLATOR / "2")
+    assert list(repo.reload().failed) == [str(root / TRANSLATOR / "3")]
+    assert list(repo._failed) == [root / TRANSLATOR / "3"]
+    shutil.rmtree(root / TRANSLATOR / "3")
+    assert repo.reload().failed == {} and repo._failed == {}
+
+    (root / "upload").mkdir()
+    real = repository_module.version_dirs
+
+    def version_dirs(model_dir: Path) -> list[int]:
+        if model_dir.name == "upload":
+            raise PermissionError(13, "Permission denied", str(model_dir))
+        return real(model_dir)
+
+    monkeypatch.setattr(repository_module, "version_dirs", version_dirs)
+    repo.reload()
+    assert list(repo._unreadable) == [root / "upload"]
+    (root / "upload").rmdir()
+    repo.reload()
+    assert repo._unreadable == {}
+
+
 def test_a_folder_the_server_could_not_read_is_retried_once_its_permissions_change(
     root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
