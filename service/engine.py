@@ -42,6 +42,7 @@ Why it is built this way:
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import logging
@@ -99,6 +100,18 @@ MIN_CACHE = 16  # smallest cache capacity / source / prefill bucket
 # 0.13 GB, and the 64 prompts take as long in groups.
 PREFILL_TOKENS = 2048
 _NEG_INF = np.float32(-np.inf)
+
+
+def return_freed_memory() -> None:
+    """Hand the heap's free memory back to the system (glibc's malloc_trim; nothing where
+    the C library has none): glibc keeps what a retired engine freed, so a server's
+    resident memory grew with reloads (555 to 839 MiB after 20 reloads of en-lm in a
+    helper's soak, back to 557 once trimmed)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return
+    trim(0)
 
 
 # --- options and provider choice -----------------------------------------------------------

@@ -120,6 +120,7 @@ from service.engine import (
     Engine,
     EngineOptions,
     StepOutput,
+    return_freed_memory,
     variant_preference,
 )
 from service.gpu import CUDA_PROVIDER, GpuMemoryUnavailable, memory_reader
@@ -1424,6 +1425,8 @@ class Scheduler:
         if loop is not None:
             await loop.close(retired=True)
             log.info("model %s stopped", entry.key)
+            del loop  # its engine's memory is free once nothing holds it
+            await asyncio.to_thread(return_freed_memory)
 
     def stop_loading(self) -> None:
         """A drain began: a version loading now ends its warm-up at the next shape and is

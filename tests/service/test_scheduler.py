@@ -9,6 +9,7 @@ import logging
 import shutil
 import threading
 import time
+import weakref
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -1815,12 +1816,17 @@ def test_reload_serves_new_versions_and_drains_retired_ones(tmp_path: Path) -> N
     run(main, make_scheduler(root, factory=slow_engine_factory(STEP_DELAY)))
 
 
-def test_a_version_that_stops_frees_its_engine_at_once(tmp_path: Path) -> None:
+def test_a_version_that_stops_frees_its_engine_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A retired version's engine is closed when its loop ends (its sessions freed then,
-    not whenever the garbage collector runs), and every engine at shutdown."""
+    not whenever the garbage collector runs), and every engine at shutdown. Once nothing
+    holds the retired engine, the heap's free memory goes back to the system."""
     root = tmp_path / "models"
     shutil.copytree(model_repository(), root)
     closed: list[str] = []
+    engines: dict[str, weakref.ref[Engine]] = {}
+    trimmed: list[list[str]] = []  # at each trim, the engines still alive
 
     class ClosingEngine(Engine):
         def close(self) -> None:
@@ -1828,7 +1834,16 @@ def test_a_version_that_stops_frees_its_engine_at_once(tmp_path: Path) -> None:
             super().close()
 
     def factory(entry: ModelVersion, options: EngineOptions) -> Engine:
-        return ClosingEngine(entry.path, entry.manifest, options)
+        engine = ClosingEngine(entry.path, entry.manifest, options)
+        engines[entry.key] = weakref.ref(engine)
+        return engine
+
+    def trim() -> None:
+        trimmed.append(sorted(key for key, ref in engines.items() if ref() is not None))
+
+    from service import scheduler
+
+    monkeypatch.setattr(scheduler, "return_freed_memory", trim)
 
     async def main(s: Scheduler) -> None:
         copy_version(root, LM, 1, 2)
@@ -1856,6 +1871,8 @@ def test_a_version_that_stops_frees_its_engine_at_once(tmp_path: Path) -> None:
             "inference_model_ready",
         ):
             assert registry.get_sample_value(name, v1) is None
+        await wait_until(lambda: len(trimmed) == 1)
+        assert trimmed == [sorted([f"{LM}:2", f"{TRANSLATOR}:1"])]
 
     run(main, make_scheduler(root, factory=factory))
     assert sorted(closed) == sorted([f"{LM}:1", f"{LM}:2", f"{TRANSLATOR}:1"])
