@@ -116,8 +116,10 @@ METRICS_CONNECTION_S = 60.0
 METRICS_MAX_CONNECTIONS = 16
 # How long a failed write (or abort) waits for grpc.aio to report that the client has gone.
 WRITE_FAILURE_GRACE_S = 1.0
-# A cancellation in the last 5 % of a call's deadline is counted as DEADLINE_EXCEEDED.
+# A cancellation in the last 5 % of a call's deadline (at least 0.1 s, at most 1 s) is
+# counted as DEADLINE_EXCEEDED.
 DEADLINE_SLACK = 0.05
+DEADLINE_SLACK_S = (0.1, 1.0)
 # How long a call whose request read as EOF waits for grpc's cancellation (Transport._read).
 EOF_GRACE_S = 0.5
 T = TypeVar("T")
@@ -541,9 +543,12 @@ class Transport:
         """Why grpc cancelled the handler: the deadline passed, or the client went away.
         The server's copy of a deadline ends later than the client's by the time the call
         took to arrive (long in a burst), so a cancellation that close to it is the client's
-        deadline (within DEADLINE_SLACK of the `budget` the call arrived with, ≥ 0.1 s)."""
+        deadline (within DEADLINE_SLACK of the `budget` the call arrived with, bounded by
+        DEADLINE_SLACK_S: with a minute's deadline, a client's own cancel 2 s before it
+        is a cancel)."""
         remaining = context.time_remaining()
-        near = max(0.1, DEADLINE_SLACK * budget) if budget is not None else None
+        low, high = DEADLINE_SLACK_S
+        near = None if budget is None else min(high, max(low, DEADLINE_SLACK * budget))
         if remaining is not None and near is not None and remaining <= near:
             return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded", DeadlineExceeded.reason
         return grpc.StatusCode.CANCELLED, "cancelled by the client", Cancelled.reason
@@ -614,10 +619,22 @@ class Transport:
         public: bool = False,
         model: str = "",
     ) -> T:
-        """Run a unary handler with the shared plumbing; abort with the mapped status."""
+        """Run a unary handler with the shared plumbing; abort with the mapped status. An
+        answer ready once the call's deadline has passed is not sent (`_in_time`)."""
         async with self._call(method, context, public, model) as state:
-            return self.fits(await handler(state), method)
+            answer = self.fits(await handler(state), method)
+            self._in_time(context, "the answer was being made: not sent")
+            return answer
         raise AssertionError("unreachable: a failed call aborts")
+
+    @staticmethod
+    def _in_time(context: grpc.aio.ServicerContext, what: str) -> None:
+        """DeadlineExceeded if the call's deadline has passed: its client has had
+        DEADLINE_EXCEEDED (or would, at random, as grpc races the status against the
+        deadline), so the call is counted so, not as OK."""
+        left = context.time_remaining()
+        if left is not None and left <= 0:  # grpc's time left stops at 0
+            raise DeadlineExceeded(f"the deadline passed while {what}", admitted="true")
 
     async def stream(
         self,
@@ -633,6 +650,7 @@ class Transport:
         ):
             async for item in items:
                 yield self.fits(item, method)
+            self._in_time(context, "the stream was being sent")
 
 
 # --- protobuf ↔ domain --------------------------------------------------------------------

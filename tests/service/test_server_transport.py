@@ -911,6 +911,8 @@ def test_the_max_message_size_is_a_tight_bound() -> None:
         (1.0, 0.08, grpc.StatusCode.DEADLINE_EXCEEDED),  # the 0.1 s floor
         (30.0, 5.0, grpc.StatusCode.CANCELLED),  # the client went away
         (1.0, 0.2, grpc.StatusCode.CANCELLED),
+        (60.0, 0.9, grpc.StatusCode.DEADLINE_EXCEEDED),
+        (60.0, 2.0, grpc.StatusCode.CANCELLED),  # 5 % of a minute, past the 1 s cap
         (None, None, grpc.StatusCode.CANCELLED),  # no deadline at all
     ],
 )
@@ -918,7 +920,8 @@ def test_a_cancellation_near_the_deadline_counts_as_deadline_exceeded(
     budget: float | None, remaining: float | None, code: grpc.StatusCode
 ) -> None:
     """The server's copy of the deadline runs later than the client's by the call's time in
-    transit: a cancellation in the deadline's last 5 % is the client's deadline."""
+    transit: a cancellation in the deadline's last 5 % (0.1 s to 1 s) is the client's
+    deadline."""
 
     class Context:
         def time_remaining(self) -> float | None:
@@ -1052,6 +1055,92 @@ def test_a_failed_abort_waits_for_grpc_to_cancel_the_call() -> None:
         "inference_requests_total",
         {"method": "Translate", "model": "unknown", "code": "RESOURCE_EXHAUSTED"},
     )
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+@pytest.mark.parametrize("late", [False, True])
+def test_an_answer_ready_after_the_deadline_is_not_sent(late: bool, stream: bool) -> None:
+    """A unary answer made while the deadline passed would reach its client after
+    DEADLINE_EXCEEDED (or race it): it is not sent, and the call counts as
+    DEADLINE_EXCEEDED, not OK (a metrics audit found such calls counted OK). A stream
+    whose deadline passed as it ended counts so too: its client sees that status."""
+    settings = load_settings(port=0, metrics_port=0)
+    metrics = Metrics()
+    aborted: list[tuple[grpc.StatusCode, str]] = []
+
+    class Context:
+        remaining = 0.5
+
+        def invocation_metadata(self) -> tuple[()]:
+            return ()
+
+        def peer(self) -> str:
+            return "ipv4:127.0.0.1:1"
+
+        def set_trailing_metadata(self, metadata: object) -> None:
+            pass
+
+        def time_remaining(self) -> float:
+            return self.remaining
+
+        async def abort(self, code: grpc.StatusCode, message: str, **_: object) -> None:
+            aborted.append((code, message))
+            raise grpc.aio.AbortError()
+
+    context = Context()
+
+    method = "TranslateStream" if stream else "Translate"
+
+    async def answer(state: object) -> pb.TranslateResponse:
+        if late:
+            context.remaining = 0.0  # grpc's time left stops at 0
+        return pb.TranslateResponse()
+
+    async def chunks(state: object) -> AsyncIterator[pb.TokenChunk]:
+        yield pb.TokenChunk(text="a")
+        if late:
+            context.remaining = 0.0
+        yield pb.TokenChunk(text="b")
+
+    async def main() -> None:
+        from service.server import Transport
+
+        transport = Transport(settings, metrics)
+        transport.ready = True
+        sent: list[object] = []
+        if stream:
+            call = transport.stream(method, context, chunks, model="en-es")  # type: ignore[arg-type]
+
+            async def read() -> None:
+                async for item in call:
+                    sent.append(item)
+
+        else:
+
+            async def read() -> None:
+                sent.append(await transport.unary(method, context, answer, model="en-es"))  # type: ignore[arg-type]
+
+        if late:
+            with pytest.raises(grpc.aio.AbortError):
+                await read()
+        else:
+            await read()
+        assert len(sent) == (2 if stream else 0 if late else 1)
+
+    asyncio.run(main())
+
+    def count(code: str) -> float | None:
+        labels = {"method": method, "model": "en-es", "code": code}
+        return metrics.registry.get_sample_value("inference_requests_total", labels)
+
+    if late:
+        [(code, message)] = aborted
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED and message.startswith(
+            "the deadline passed while the " + ("stream was being sent" if stream else "answer")
+        )
+        assert count("DEADLINE_EXCEEDED") == 1 and count("OK") is None
+    else:
+        assert not aborted and count("OK") == 1
 
 
 async def _until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
