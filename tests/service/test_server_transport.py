@@ -19,7 +19,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -1096,7 +1096,7 @@ def test_an_answer_ready_after_the_deadline_is_not_sent(late: bool, stream: bool
             context.remaining = 0.0  # grpc's time left stops at 0
         return pb.TranslateResponse()
 
-    async def chunks(state: object) -> AsyncIterator[pb.TokenChunk]:
+    async def chunks(state: object) -> AsyncGenerator[pb.TokenChunk]:
         yield pb.TokenChunk(text="a")
         if late:
             context.remaining = 0.0
@@ -1108,16 +1108,18 @@ def test_an_answer_ready_after_the_deadline_is_not_sent(late: bool, stream: bool
         transport = Transport(settings, metrics)
         transport.ready = True
         sent: list[object] = []
-        if stream:
-            call = transport.stream(method, context, chunks, model="en-es")  # type: ignore[arg-type]
 
-            async def read() -> None:
-                async for item in call:
+        async def read() -> None:
+            if stream:
+                chunked: AsyncIterator[pb.TokenChunk] = transport.stream(
+                    method,
+                    context,  # type: ignore[arg-type]
+                    chunks,
+                    model="en-es",
+                )
+                async for item in chunked:
                     sent.append(item)
-
-        else:
-
-            async def read() -> None:
+            else:
                 sent.append(await transport.unary(method, context, answer, model="en-es"))  # type: ignore[arg-type]
 
         if late:
