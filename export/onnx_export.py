@@ -35,10 +35,10 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import socket
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Iterable, Sequence
@@ -462,9 +462,10 @@ def _export_checkpoint(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(out)
-    work: Path | None = None
+    # Named before it exists, so that a SIGTERM while it is made still finds it to remove.
+    work = out.parent / f".{out.name}.tmp-{secrets.token_hex(6)}"
     try:
-        work = _build_folder(out)
+        _build_folder(work)
         raw = work / ".raw"
         raw.mkdir()
         for variant in chosen:
@@ -545,8 +546,7 @@ def _export_checkpoint(
         load_manifest(work)  # what the server will do: fail here rather than there
         _replace_dir(work, out)
     except BaseException:
-        if work is not None:
-            shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
         raise
     return manifest
 
@@ -603,13 +603,12 @@ def _resolved_languages(
     return _languages(task, name, read_settings(ckpt), source, target)
 
 
-def _build_folder(out: Path) -> Path:
-    """A new hidden folder beside `out` to build it in, marked with this host and process
-    so that a later export can tell one left by an export that died."""
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    work.chmod(0o755)  # mkdtemp makes it private; the server may run as another user
+def _build_folder(work: Path) -> None:
+    """Make `work`, a new hidden folder beside the version to build it in, marked with this
+    host and process so that a later export can tell one left by an export that died."""
+    work.mkdir()  # not there before: a name taken already fails
+    work.chmod(0o755)  # whatever the umask: the server may run as another user
     (work / BUILD_OWNER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
-    return work
 
 
 def _remove_stale(out: Path) -> None:

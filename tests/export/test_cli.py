@@ -163,6 +163,29 @@ def test_a_killed_export_leaves_nothing_behind(exported, tmp_path: Path) -> None
     assert not (published / BUILD_OWNER).exists()
 
 
+def test_a_signal_while_the_build_folder_is_made_leaves_nothing_behind(
+    exported, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM (SystemExit) as the build folder is marked, right after it was made: the
+    export unwinds and removes it. It was left behind when the signal came before the
+    folder's name reached the code that cleans up (a make test run sent it there)."""
+    from export import onnx_export
+
+    out = tmp_path / "en-lm" / "1"
+    out.parent.mkdir(parents=True)
+    real = onnx_export.socket.gethostname
+
+    def gethostname() -> str:
+        if any(out.parent.glob(".1.tmp-*")):  # the folder exists, its owner file not yet
+            raise SystemExit(128 + signal.SIGTERM)
+        return real()
+
+    monkeypatch.setattr(onnx_export.socket, "gethostname", gethostname)
+    with pytest.raises(SystemExit):
+        export_checkpoint(exported("lm-post").checkpoint, out, ["fp32"], exporter="torchscript")
+    assert list(out.parent.iterdir()) == []
+
+
 def test_a_replace_that_fails_halfway_puts_the_published_version_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
