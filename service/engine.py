@@ -104,9 +104,9 @@ _NEG_INF = np.float32(-np.inf)
 
 def return_freed_memory() -> None:
     """Hand the heap's free memory back to the system (glibc's malloc_trim; nothing where
-    the C library has none): glibc keeps what a retired engine freed, so a server's
-    resident memory grew with reloads (555 to 839 MiB after 20 reloads of en-lm in a
-    helper's soak, back to 557 once trimmed)."""
+    the C library has none): glibc keeps what a closed engine freed, so a server's resident
+    memory grew with reloads (deploy/README.md: from 879 to 1,054-1,087 MiB over 12 reloads
+    of en-lm; 835-864 MiB with it)."""
     try:
         trim = ctypes.CDLL(None).malloc_trim
     except (AttributeError, OSError):

@@ -1300,6 +1300,7 @@ class Scheduler:
             loaded: list[str] = []
             failed: dict[str, str] = {}
             discarded = True
+            start_failed = False  # an engine that failed to start freed its memory
             tried: set[str] = set()  # version folders, as the repository names them
             # A version whose engine does not start took a keep_versions place from the one
             # before it: scan again without it (the repository skips the failed folders
@@ -1326,12 +1327,14 @@ class Scheduler:
                         why = f"{type(error).__name__}: {error}"
                         self.repository.discard(entry, why)
                         failed[self._folder(entry.path)] = why
-                        discarded = True
+                        discarded = start_failed = True
                     handled += 1
                 # Named, so that a drain's cut does not read as a reload with nothing new
                 # (a deploy script would take the new version for loaded, or for absent).
                 for entry in result.loaded[handled:]:
                     failed[self._folder(entry.path)] = STOPPED_BEFORE_SERVING
+            if start_failed:  # no traceback holds it now; its folder is tried every reload
+                await asyncio.to_thread(return_freed_memory)
             # Only now, with the new versions taking traffic, do the ones they replace stop
             # taking it: a deploy that swaps a version's folder has no gap.
             retired = [] if self._stop_loading.is_set() else self.repository.prune()

@@ -1816,6 +1816,21 @@ def test_reload_serves_new_versions_and_drains_retired_ones(tmp_path: Path) -> N
     run(main, make_scheduler(root, factory=slow_engine_factory(STEP_DELAY)))
 
 
+def _on_trim(monkeypatch: pytest.MonkeyPatch, seen: Callable[[], T]) -> list[T]:
+    """What `seen` reads at each malloc_trim of service.engine.return_freed_memory."""
+    import service.engine
+
+    trims: list[T] = []
+
+    class Libc:
+        def malloc_trim(self, pad: int) -> int:
+            trims.append(seen())
+            return 1
+
+    monkeypatch.setattr(service.engine.ctypes, "CDLL", lambda name: Libc())
+    return trims
+
+
 def test_a_version_that_stops_frees_its_engine_at_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1826,7 +1841,6 @@ def test_a_version_that_stops_frees_its_engine_at_once(
     shutil.copytree(model_repository(), root)
     closed: list[str] = []
     engines: dict[str, weakref.ref[Engine]] = {}
-    trimmed: list[list[str]] = []  # at each trim, the engines still alive
 
     class ClosingEngine(Engine):
         def close(self) -> None:
@@ -1838,12 +1852,10 @@ def test_a_version_that_stops_frees_its_engine_at_once(
         engines[entry.key] = weakref.ref(engine)
         return engine
 
-    def trim() -> None:
-        trimmed.append(sorted(key for key, ref in engines.items() if ref() is not None))
-
-    from service import scheduler
-
-    monkeypatch.setattr(scheduler, "return_freed_memory", trim)
+    # At each trim, the engines still alive.
+    trimmed = _on_trim(
+        monkeypatch, lambda: sorted(k for k, ref in engines.items() if ref() is not None)
+    )
 
     async def main(s: Scheduler) -> None:
         copy_version(root, LM, 1, 2)
@@ -1876,6 +1888,38 @@ def test_a_version_that_stops_frees_its_engine_at_once(
 
     run(main, make_scheduler(root, factory=factory))
     assert sorted(closed) == sorted([f"{LM}:1", f"{LM}:2", f"{TRANSLATOR}:1"])
+
+
+def test_an_engine_that_fails_to_start_gives_its_memory_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A version whose engine fails at start (its warm-up out of memory, closed then) is
+    tried again by every reload: each time, once nothing holds that engine, the heap's
+    free memory goes back to the system."""
+    root = tmp_path / "models"
+    shutil.copytree(model_repository(), root)
+    failed: list[weakref.ref[Engine]] = []
+
+    def factory(entry: ModelVersion, options: EngineOptions) -> Engine:
+        engine = Engine(entry.path, entry.manifest, options)
+        if entry.version == 2:  # as _default_engine does when the warm-up fails
+            failed.append(weakref.ref(engine))
+            engine.close()
+            raise MemoryError("the warm-up ran out of memory")
+        return engine
+
+    trimmed = _on_trim(monkeypatch, lambda: sum(ref() is not None for ref in failed))
+    # pytest keeps the records it captures, and "cannot start model" holds the engine in
+    # its traceback: let it be formatted and dropped, as the server's log handler does.
+    monkeypatch.setattr(logging.getLogger("service.scheduler"), "propagate", False)
+
+    async def main(s: Scheduler) -> None:
+        copy_version(root, LM, 1, 2)
+        for _ in range(4):
+            assert list((await s.reload()).failed) == [f"{LM}/2"]
+
+    run(main, make_scheduler(root, factory=factory))
+    assert len(failed) == 4 and trimmed == [0, 0, 0, 0]
 
 
 def test_a_newest_version_whose_engine_fails_at_start_leaves_the_one_before(
