@@ -1099,7 +1099,8 @@ class _ModelLoop:
         m, labels = self.metrics, self.version_labels
         m.queue_depth.labels(*labels).set(len(self.waiting))
         # The rows the steps compute: static-hold's held answers left the batch (they stay
-        # counted for admission until it ends); static-padded still computes theirs.
+        # counted for admission until it ends); static-padded still computes theirs. A
+        # cancelled row leaves them at once in every mode (static-padded computes it on).
         held = self._held if self.config.mode == "static-hold" else {}
         m.running_sequences.labels(*labels).set(len(self.running) - len(held))
         m.running_rows.labels(*labels).set(self.rows_used - sum(job.rows for job in held))

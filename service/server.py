@@ -622,9 +622,9 @@ class Transport:
         """Run a unary handler with the shared plumbing; abort with the mapped status. An
         answer ready once the call's deadline has passed is not sent (`_in_time`)."""
         async with self._call(method, context, public, model) as state:
-            answer = self.fits(await handler(state), method)
+            answer = await handler(state)
             self._in_time(context, "the answer was being made: not sent")
-            return answer
+            return self.fits(answer, method)
         raise AssertionError("unreachable: a failed call aborts")
 
     @staticmethod

@@ -105,6 +105,7 @@ gpu_bench_s=$(($(left) - served_floor_s))
 [ "$gpu_bench_s" -gt 150 ] && gpu_bench_s=150
 run_stage gpu_bench "$gpu_bench_s" python3 -m loadtest.gpu_bench --configs base,en-es --batches 1,64 \
   --hf-batches 64 --repeats 2 --out "$OUT/gpu_bench.json" --record "$OUT/benchmarks.md"
+rm -f "$OUT/gpu_bench.json.writing"  # a write its timeout cut: the JSON before it stands
 
 # The served benchmark skips the phases that would not fit its own budget: the time left,
 # less a margin to stop its servers and write its results before the stage's limit. It
