@@ -54,31 +54,39 @@ def test_run_refuses_without_out() -> None:
     assert result.returncode != 0 and "OUT" in result.stderr
 
 
-def test_a_rehearsal_exports_into_a_scratch_repository(tmp_path: Path) -> None:
-    """A rehearsal on a dev machine must not re-export the checkout's models/ (the device's
-    fp32+fp16 export would drop the int8 graphs `make serve` uses on the CPU). A python3 on
-    PATH that records its arguments stands in for every stage."""
+def _rehearse(tmp_path: Path, python3: str, **env: str) -> Path:
+    """Run run.sh as a rehearsal with `python3` (a shell script) on PATH standing in for
+    every stage; returns its $OUT."""
     if shutil.which("bash") is None:
         pytest.skip("bash is not installed")
-    if not any((ROOT / "models").glob("*/checkpoint")):
-        pytest.skip("no checkpoints under models/")
     fake = tmp_path / "bin" / "python3"
     fake.parent.mkdir()
-    calls = tmp_path / "calls.txt"
-    fake.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
+    fake.write_text("#!/bin/sh\n" + python3)
     fake.chmod(0o755)
     out = tmp_path / "out"
     out.mkdir()
-    env = {
+    full_env = {
         **os.environ,
         "OUT": str(out),
         "REHEARSAL": "1",
         "PATH": f"{fake.parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        **env,
     }
     result = subprocess.run(
-        ["bash", str(SCRIPTS[1])], env=env, capture_output=True, text=True, timeout=120
+        ["bash", str(SCRIPTS[1])], env=full_env, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    return out
+
+
+def test_a_rehearsal_exports_into_a_scratch_repository(tmp_path: Path) -> None:
+    """A rehearsal on a dev machine must not re-export the checkout's models/ (the device's
+    fp32+fp16 export would drop the int8 graphs `make serve` uses on the CPU). A python3 on
+    PATH that records its arguments stands in for every stage."""
+    if not any((ROOT / "models").glob("*/checkpoint")):
+        pytest.skip("no checkpoints under models/")
+    calls = tmp_path / "calls.txt"
+    _rehearse(tmp_path, f'echo "$*" >> {calls}\n')
     lines = calls.read_text().splitlines()
     export = next(line for line in lines if line.startswith("-m export --repository"))
     repo = Path(export.split()[3])
@@ -96,31 +104,14 @@ def test_what_comes_back_fits_the_tools_eight_files(tmp_path: Path) -> None:
     """The device tool brings back 8 files at most from $OUT: every stage writing all it
     can, and the served benchmark leaving several logs, the run leaves no more, and the
     logs' ends come back in one file."""
-    if shutil.which("bash") is None:
-        pytest.skip("bash is not installed")
-    fake = tmp_path / "bin" / "python3"
-    fake.parent.mkdir()
-    fake.write_text(
-        "#!/bin/sh\n"
+    out = _rehearse(
+        tmp_path,
         'while [ $# -gt 0 ]; do case "$1" in\n'
         '  --out|--json-out|--out-json|--out-md) echo x > "$2"; shift;;\n'
         '  --work-dir) mkdir -p "$2"\n'
         '    for n in a b c d e; do echo log-$n > "$2/$n.log"; done; shift;;\n'
-        "esac; shift; done\n"
+        "esac; shift; done\n",
     )
-    fake.chmod(0o755)
-    out = tmp_path / "out"
-    out.mkdir()
-    env = {
-        **os.environ,
-        "OUT": str(out),
-        "REHEARSAL": "1",
-        "PATH": f"{fake.parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    result = subprocess.run(
-        ["bash", str(SCRIPTS[1])], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
     back = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert len(back) <= 8, back
     assert {"gpu_bench.json", "bench_gpu.json", "gpu_check.json", "bench-logs.txt"} <= set(back)
@@ -178,26 +169,8 @@ def test_the_fixed_stages_leave_the_served_benchmark_its_share() -> None:
 def test_gpu_bench_leaves_the_served_floor(tmp_path: Path) -> None:
     """gpu_bench's limit is what is left less the served benchmark's floor, so a slow
     setup or slow earlier stages come out of gpu_bench, not out of the served benchmark."""
-    if shutil.which("bash") is None:
-        pytest.skip("bash is not installed")
-    fake = tmp_path / "bin" / "python3"
-    fake.parent.mkdir()
-    fake.write_text("#!/bin/sh\nexit 0\n")
-    fake.chmod(0o755)
-    out = tmp_path / "out"
-    out.mkdir()
     budget = 300
-    env = {
-        **os.environ,
-        "OUT": str(out),
-        "REHEARSAL": "1",
-        "RUN_BUDGET_S": str(budget),
-        "PATH": f"{fake.parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    result = subprocess.run(
-        ["bash", str(SCRIPTS[1])], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    out = _rehearse(tmp_path, "exit 0\n", RUN_BUDGET_S=str(budget))
     log = (out / "run.log").read_text()
     floor = _int_after(r"served_floor_s=(\d+)", SCRIPTS[1].read_text())
     limit = _int_after(r"gpu_bench: start \(at most (\d+)s\)", log)

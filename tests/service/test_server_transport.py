@@ -1013,25 +1013,32 @@ def test_a_failed_write_frees_the_request_at_once(monkeypatch: pytest.MonkeyPatc
     assert closed and closed[0] - start < 0.1
 
 
+class _Context:
+    """The part of a grpc.aio servicer context Transport reads, for calls run without grpc:
+    `remaining` seconds before the deadline."""
+
+    remaining = 1.0
+
+    def invocation_metadata(self) -> tuple[()]:
+        return ()
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
+
+    def set_trailing_metadata(self, metadata: object) -> None:
+        pass
+
+    def time_remaining(self) -> float:
+        return self.remaining
+
+
 def test_a_failed_abort_waits_for_grpc_to_cancel_the_call() -> None:
     """When the status cannot go out because the client went away, the handler waits to
     be cancelled (no ERROR from grpc) instead of raising grpc's error."""
     settings = load_settings(port=0, metrics_port=0)
     metrics = Metrics()
 
-    class GoneContext:
-        def invocation_metadata(self) -> tuple[()]:
-            return ()
-
-        def peer(self) -> str:
-            return "ipv4:127.0.0.1:1"
-
-        def set_trailing_metadata(self, metadata: object) -> None:
-            pass
-
-        def time_remaining(self) -> float:
-            return 1.0
-
+    class GoneContext(_Context):
         async def abort(self, *args: object, **kwargs: object) -> None:
             raise RuntimeError("ExecuteBatchError: the client went away")
 
@@ -1068,21 +1075,7 @@ def test_an_answer_ready_after_the_deadline_is_not_sent(late: bool, stream: bool
     metrics = Metrics()
     aborted: list[tuple[grpc.StatusCode, str]] = []
 
-    class Context:
-        remaining = 0.5
-
-        def invocation_metadata(self) -> tuple[()]:
-            return ()
-
-        def peer(self) -> str:
-            return "ipv4:127.0.0.1:1"
-
-        def set_trailing_metadata(self, metadata: object) -> None:
-            pass
-
-        def time_remaining(self) -> float:
-            return self.remaining
-
+    class Context(_Context):
         async def abort(self, code: grpc.StatusCode, message: str, **_: object) -> None:
             aborted.append((code, message))
             raise grpc.aio.AbortError()
