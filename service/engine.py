@@ -106,7 +106,9 @@ def return_freed_memory() -> None:
     """Hand the heap's free memory back to the system (glibc's malloc_trim; nothing where
     the C library has none): glibc keeps what a closed engine freed, so a server's resident
     memory grew with reloads (deploy/README.md: from 879 to 1,054-1,087 MiB over 12 reloads
-    of en-lm; 835-864 MiB with it)."""
+    of en-lm; 835-864 MiB with it). The collector runs first: an engine that failed to
+    start is held by its exception's traceback in a reference cycle until it does."""
+    gc.collect()
     try:
         trim = ctypes.CDLL(None).malloc_trim
     except (AttributeError, OSError):
