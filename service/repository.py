@@ -392,9 +392,20 @@ class ModelRepository:
 
     # --- lookup ----------------------------------------------------------------------
 
-    def names_on_disk(self) -> set[str]:
-        """Model folders that hold at least one numbered version folder, loaded or not."""
-        return set(self._scan() or ())
+    def names_on_disk(self) -> set[str] | None:
+        """Model folders that hold at least one numbered version folder, loaded or not;
+        None when the repository itself cannot be listed (`unlisted` names the model
+        folders this scan could not list)."""
+        found = self._scan()
+        return None if found is None else set(found)
+
+    def unlisted(self) -> set[str] | None:
+        """The model folders the last scan could not list; None if it could not list the
+        repository itself."""
+        with self._lock:
+            if self.root in self._unreadable:
+                return None
+            return {path.name for path in self._unreadable}
 
     def names(self) -> list[str]:
         with self._lock:

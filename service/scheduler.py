@@ -558,6 +558,7 @@ class _ModelLoop:
         self.idle.set()
         self.accepting = True
         self.closing = False
+        self.retired = False  # a reload retired it: it has no model_ready series
         self.on_failure: Callable[[], None] | None = None  # after the worker died
         # What the event loop posts to the worker thread, which owns the batch (`_drive`).
         self._inbox: list[tuple[list[Hashable], list[BatchItem]]] = []
@@ -900,7 +901,7 @@ class _ModelLoop:
         self._held.clear()
         for job in jobs:
             self._finish(job, None, failure)
-        if self.owns_gauges:
+        if self.owns_gauges and not self.retired:
             self.metrics.model_ready.labels(*self.version_labels).set(0)
         self._gauges()
         self.wake.set()
@@ -1282,7 +1283,8 @@ class Scheduler:
     async def start(self) -> ReloadSummary:
         """Load, warm and start every version in the repository (none once stop() or
         stop_loading() came)."""
-        self._required = await asyncio.to_thread(self.repository.names_on_disk)
+        on_disk = await asyncio.to_thread(self.repository.names_on_disk)
+        self._required = on_disk or set()
         if self._stop_loading.is_set():  # a SIGTERM before the load began: reload() refuses
             return ReloadSummary([], [], {})
         summary = await self.reload()
@@ -1353,6 +1355,13 @@ class Scheduler:
             parts = Path(folder).parts
             if len(parts) == 2 and parts[1].isdigit():
                 labels.add((parts[0], str(int(parts[1]))))
+        # A folder the scan could not list was not tried: its versions' failures stand.
+        unlisted = self.repository.unlisted()
+        labels |= {
+            (name, version)
+            for name, version in self._failed_labels
+            if unlisted is None or name in unlisted
+        }
         for name, version in self._failed_labels - labels:
             if f"{name}:{version}" not in self._loops:
                 with contextlib.suppress(KeyError):
@@ -1409,6 +1418,7 @@ class Scheduler:
         del self._loops[entry.key]
         self._retiring[entry] = loop
         loop.accepting = False
+        loop.retired = True
         # It takes no new requests: no model_ready series (0 would read as a failed load).
         with contextlib.suppress(KeyError):
             self.metrics.model_ready.remove(*loop.version_labels)
@@ -1730,12 +1740,19 @@ class Scheduler:
         return sorted(self._died)
 
     def missing(self) -> list[str]:
-        """Models readiness waits for that have no version taking traffic: still on disk,
-        and there at start or served since."""
+        """Models readiness waits for that have no version taking traffic: still on disk
+        (or where that cannot be told: a folder that cannot be listed is not a removed
+        one), and there at start or served since."""
         if self._stopping:
             return sorted(self._required)
         serving = {e.name for e in self.repository.all() if self._usable(e)}
-        return sorted((self._required & self.repository.names_on_disk()) - serving)
+        on_disk = self.repository.names_on_disk()
+        unlisted = self.repository.unlisted()
+        if on_disk is not None and unlisted is not None:
+            required = self._required & (on_disk | unlisted)
+        else:
+            required = self._required
+        return sorted(required - serving)
 
     def stats(self) -> dict[str, dict[str, float]]:
         """Per version: queue, running (held answers included), held, rows, step time

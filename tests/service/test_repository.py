@@ -373,7 +373,7 @@ def test_a_manifest_naming_another_model_is_not_loaded(root: Path) -> None:
     assert f"names model '{TRANSLATOR}', the folder is 'other'" in result.failed[folder]
     assert sorted(e.key for e in result.loaded) == [f"{TRANSLATOR}:1", f"{LM}:1"]
     assert repo.names() == [TRANSLATOR, LM]
-    assert "other" in repo.names_on_disk()
+    assert "other" in (repo.names_on_disk() or set())
 
 
 @pytest.mark.parametrize("held", [False, True])
@@ -452,7 +452,7 @@ def test_a_model_folder_that_cannot_be_listed_is_skipped_and_keeps_its_versions(
     monkeypatch.setattr(repository_module, "version_dirs", version_dirs)
     caplog.set_level(logging.WARNING, logger="service.repository")  # whatever ran before
     repo = ModelRepository(root)
-    assert repo.names_on_disk() == {TRANSLATOR, LM}
+    assert repo.names_on_disk() == {TRANSLATOR, LM} and repo.unlisted() == {"lost+found"}
     result = repo.reload()
     assert sorted(e.key for e in result.loaded) == [f"{TRANSLATOR}:1", f"{LM}:1"]
     assert result.failed == {}
@@ -481,8 +481,10 @@ def test_a_repository_that_cannot_be_listed_retires_nothing(
     assert "cannot list the model repository" in result.failed[str(root)]
     assert repo.get(TRANSLATOR).version == 1 and repo.get(LM).version == 1
     assert "nothing loaded or retired until it can be" in caplog.text
+    assert repo.names_on_disk() is None and repo.unlisted() is None  # not "none on disk"
     away.rename(root)
     assert repo.reload().loaded == [] and repo.reload().failed == {}
+    assert repo.names_on_disk() == {TRANSLATOR, LM} and repo.unlisted() == set()
     assert repo.names() == [TRANSLATOR, LM]
 
 

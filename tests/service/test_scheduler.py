@@ -2080,6 +2080,45 @@ def test_a_reload_while_the_repository_is_gone_retires_nothing_and_says_why(
     run(main, make_scheduler(root))
 
 
+def test_a_model_not_serving_stays_missing_while_its_folder_cannot_be_listed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """en-es is broken at start: readiness waits for it, and its model_ready reads 0. A
+    reload that cannot list the repository, or en-es's folder, knows nothing new of it:
+    it stays missing and its model_ready 0 (readiness turned SERVING, with the series
+    gone, and stayed so once the folder was back: a health-check hunt's finding)."""
+    import service.repository as repository_module
+
+    root = tmp_path / "models"
+    shutil.copytree(model_repository(), root)
+    (root / TRANSLATOR / "1" / "tokenizer.model").unlink()
+    labels = {"model": TRANSLATOR, "version": "1"}
+
+    async def main(s: Scheduler) -> None:
+        def model_ready() -> float | None:
+            return s.metrics.registry.get_sample_value("inference_model_ready", labels)
+
+        assert s.missing() == [TRANSLATOR] and model_ready() == 0
+        root.rename(tmp_path / "away")
+        assert str(root) in (await s.reload()).failed
+        assert s.missing() == [TRANSLATOR] and model_ready() == 0
+        (tmp_path / "away").rename(root)
+        assert s.missing() == [TRANSLATOR] and model_ready() == 0
+
+        real = repository_module.version_dirs
+
+        def version_dirs(model_dir: Path) -> list[int]:
+            if model_dir.name == TRANSLATOR:
+                raise PermissionError(13, "Permission denied", str(model_dir))
+            return real(model_dir)
+
+        monkeypatch.setattr(repository_module, "version_dirs", version_dirs)
+        await s.reload()
+        assert s.missing() == [TRANSLATOR] and model_ready() == 0
+
+    run(main, make_scheduler(root))
+
+
 def test_readiness_waits_for_every_model_on_disk_at_start_not_for_one_added_later(
     tmp_path: Path,
 ) -> None:
@@ -2170,6 +2209,51 @@ def test_a_retired_version_has_no_model_ready_and_a_broken_copy_of_it_reads_0(
         assert s.metrics.registry.get_sample_value("inference_model_ready", labels) == 0.0
 
     run(main, make_scheduler(root, factory=slow_engine_factory(STEP_DELAY)))
+
+
+def test_a_retired_version_whose_engine_dies_leaves_no_model_ready(tmp_path: Path) -> None:
+    """en-lm/1 is removed and retired with a request still decoding, then its engine dies:
+    the request fails Unavailable, and the version, gone from disk, gets no model_ready
+    series (it read 0 for good, as a model that does not load; a health-check hunt)."""
+    root = tmp_path / "models"
+    shutil.copytree(model_repository(), root)
+    go = threading.Event()
+
+    class DyingEngine(Engine):
+        batches = 0
+
+        def new_batch(self, compact: bool = True) -> Batch:
+            DyingEngine.batches += 1
+            if DyingEngine.batches > 1:
+                raise MemoryError("no memory for a batch")
+            engine = self
+
+            class FailingBatch(Batch):
+                def step(self) -> Any:
+                    if self.generated(next(iter(self.seqs))) == 1:
+                        go.wait(10.0)
+                        raise RuntimeError("device lost")
+                    return super().step()
+
+            return FailingBatch(engine, compact)
+
+    def factory(entry: ModelVersion, options: EngineOptions) -> Engine:
+        cls = DyingEngine if entry.name == LM else Engine
+        return cls(entry.path, entry.manifest, options)
+
+    async def main(s: Scheduler) -> None:
+        running = asyncio.create_task(s.submit(generate(PROMPTS[0], max_new_tokens=50)))
+        await wait_until(lambda: loop_stats(s, f"{LM}:1")["running"] == 1)
+        shutil.rmtree(root / LM / "1")
+        assert (await s.reload()).retired == [f"{LM}:1"]
+        go.set()
+        with pytest.raises(Unavailable, match="en-lm:1 stopped: its engine failed"):
+            await asyncio.wait_for(running, 5.0)
+        await wait_until(lambda: f"{LM}:1" not in s.stats())
+        labels = {"model": LM, "version": "1"}
+        assert s.metrics.registry.get_sample_value("inference_model_ready", labels) is None
+
+    run(main, make_scheduler(root, factory=factory))
 
 
 def test_a_version_swapped_in_one_reload_has_no_gap(tmp_path: Path) -> None:
