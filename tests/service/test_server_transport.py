@@ -936,6 +936,7 @@ def test_client_cancellation_cancels_the_backend_task(
     fake: InProcessServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="service.server")
+    fake.backend.cancelled.clear()  # the server is the module's: another test's cancels
     with Client(fake.address, timeout=10) as c:
         future = c.translator.Translate.future(pb.TranslateRequest(texts=["block a", "block b"]))
         _wait(lambda: sum(r.text.startswith("block") for r in fake.backend.requests) >= 2)
