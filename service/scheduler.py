@@ -1262,6 +1262,7 @@ class Scheduler:
         # model folder that first appears in a reload and fails does not unready a server
         # that serves the rest; model_ready 0 says it failed).
         self._required: set[str] = set()
+        self._required_unknown = False
         self._watchers: list[Callable[[], None]] = []
         self._died: set[str] = set()  # versions whose engine worker died (broken())
         self._gpus: set[int] = set()  # CUDA devices in use, for the GPU memory metric
@@ -1285,6 +1286,7 @@ class Scheduler:
         stop_loading() came)."""
         on_disk = await asyncio.to_thread(self.repository.names_on_disk)
         self._required = on_disk or set()
+        self._required_unknown = on_disk is None  # `missing` takes the first listing
         if self._stop_loading.is_set():  # a SIGTERM before the load began: reload() refuses
             return ReloadSummary([], [], {})
         summary = await self.reload()
@@ -1336,7 +1338,7 @@ class Scheduler:
                 # (a deploy script would take the new version for loaded, or for absent).
                 for entry in result.loaded[handled:]:
                     failed[self._folder(entry.path)] = STOPPED_BEFORE_SERVING
-            if start_failed:  # no traceback holds it now; its folder is tried every reload
+            if start_failed:  # its folder is tried every reload: give its memory back each time
                 await asyncio.to_thread(return_freed_memory)
             # Only now, with the new versions taking traffic, do the ones they replace stop
             # taking it: a deploy that swaps a version's folder has no gap.
@@ -1360,7 +1362,7 @@ class Scheduler:
         labels |= {
             (name, version)
             for name, version in self._failed_labels
-            if unlisted is None or name in unlisted
+            if (unlisted is None or name in unlisted) and f"{name}:{version}" not in self._loops
         }
         for name, version in self._failed_labels - labels:
             if f"{name}:{version}" not in self._loops:
@@ -1748,6 +1750,9 @@ class Scheduler:
         serving = {e.name for e in self.repository.all() if self._usable(e)}
         on_disk = self.repository.names_on_disk()
         unlisted = self.repository.unlisted()
+        if on_disk is not None and self._required_unknown:  # unlisted at start: as there
+            self._required |= on_disk
+            self._required_unknown = False
         if on_disk is not None and unlisted is not None:
             required = self._required & (on_disk | unlisted)
         else:

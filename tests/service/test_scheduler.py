@@ -2119,6 +2119,66 @@ def test_a_model_not_serving_stays_missing_while_its_folder_cannot_be_listed(
     run(main, make_scheduler(root))
 
 
+def test_a_version_fixed_while_its_folder_cannot_be_listed_reads_ready(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """en-es/1 fails at start, is fixed and reloaded, and its folder cannot be listed for
+    a moment while it warms up: once it serves, its model_ready reads 1 (its old failure
+    was kept at 0 for good; a review's finding)."""
+    import service.repository as repository_module
+
+    root = tmp_path / "models"
+    shutil.copytree(model_repository(), root)
+    tokenizer = root / TRANSLATOR / "1" / "tokenizer.model"
+    tokenizer.rename(tmp_path / "tokenizer.model")
+    locked = threading.Event()
+    real = repository_module.version_dirs
+
+    def version_dirs(model_dir: Path) -> list[int]:
+        if locked.is_set() and model_dir.name == TRANSLATOR:
+            raise PermissionError(13, "Permission denied", str(model_dir))
+        return real(model_dir)
+
+    def factory(entry: ModelVersion, options: EngineOptions) -> Engine:
+        if entry.name == TRANSLATOR:
+            locked.set()  # from its warm-up on, until the test unlocks it
+        return Engine(entry.path, entry.manifest, options)
+
+    monkeypatch.setattr(repository_module, "version_dirs", version_dirs)
+    labels = {"model": TRANSLATOR, "version": "1"}
+
+    async def main(s: Scheduler) -> None:
+        ready = lambda: s.metrics.registry.get_sample_value("inference_model_ready", labels)  # noqa: E731
+        assert ready() == 0 and s.missing() == [TRANSLATOR]
+        (tmp_path / "tokenizer.model").rename(tokenizer)
+        assert (await s.reload()).loaded == [f"{TRANSLATOR}:1"]
+        assert ready() == 1
+        locked.clear()
+        await s.reload()
+        assert ready() == 1 and s.missing() == []
+
+    run(main, make_scheduler(root, factory=factory))
+
+
+def test_a_repository_that_cannot_be_listed_at_start_is_waited_for_once_it_can(
+    tmp_path: Path,
+) -> None:
+    """Nothing could be listed at start: the models of the first listing are those
+    readiness waits for, as if they had been there at start (a review's finding)."""
+    root = tmp_path / "models"
+    shutil.copytree(model_repository(), root)
+    (root / LM / "1" / "tokenizer.model").unlink()
+    root.rename(tmp_path / "away")
+
+    async def main(s: Scheduler) -> None:
+        assert s.tasks() == set()  # "" reads NOT_SERVING: nothing serves
+        (tmp_path / "away").rename(root)
+        await s.reload()
+        assert s.missing() == [LM] and Task.TRANSLATION in s.tasks()
+
+    run(main, make_scheduler(root))
+
+
 def test_readiness_waits_for_every_model_on_disk_at_start_not_for_one_added_later(
     tmp_path: Path,
 ) -> None:
