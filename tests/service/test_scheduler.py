@@ -1162,9 +1162,10 @@ async def _running_and_queued_fail(s: Scheduler, match: str) -> None:
             await asyncio.wait_for(task, 5.0)
 
 
-def _lm_engine_that_dies() -> EngineFactory:
-    """Engines whose LM's first batch fails at its third step and which can make no batch
-    after that, so its worker thread ends (the translator's are plain)."""
+def _lm_engine_that_dies(dies_at: int = 2, held: threading.Event | None = None) -> EngineFactory:
+    """Engines whose LM's first batch fails at the step after its `dies_at`-th token (once
+    `held` is set, if given) and which can make no batch after that, so its worker thread
+    ends (the translator's are plain)."""
 
     class DyingEngine(Engine):
         batches = 0
@@ -1178,7 +1179,9 @@ def _lm_engine_that_dies() -> EngineFactory:
             class FailingBatch(Batch):
                 def step(self) -> Any:
                     time.sleep(STEP_DELAY)
-                    if self.generated(next(iter(self.seqs))) == 2:
+                    if self.generated(next(iter(self.seqs))) == dies_at:
+                        if held is not None:
+                            held.wait(10.0)
                         raise RuntimeError("device lost")
                     return super().step()
 
@@ -2278,28 +2281,7 @@ def test_a_retired_version_whose_engine_dies_leaves_no_model_ready(tmp_path: Pat
     root = tmp_path / "models"
     shutil.copytree(model_repository(), root)
     go = threading.Event()
-
-    class DyingEngine(Engine):
-        batches = 0
-
-        def new_batch(self, compact: bool = True) -> Batch:
-            DyingEngine.batches += 1
-            if DyingEngine.batches > 1:
-                raise MemoryError("no memory for a batch")
-            engine = self
-
-            class FailingBatch(Batch):
-                def step(self) -> Any:
-                    if self.generated(next(iter(self.seqs))) == 1:
-                        go.wait(10.0)
-                        raise RuntimeError("device lost")
-                    return super().step()
-
-            return FailingBatch(engine, compact)
-
-    def factory(entry: ModelVersion, options: EngineOptions) -> Engine:
-        cls = DyingEngine if entry.name == LM else Engine
-        return cls(entry.path, entry.manifest, options)
+    factory = _lm_engine_that_dies(dies_at=1, held=go)
 
     async def main(s: Scheduler) -> None:
         running = asyncio.create_task(s.submit(generate(PROMPTS[0], max_new_tokens=50)))
