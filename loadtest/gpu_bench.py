@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loadtest.report import write_json
 from loadtest.sections import replace_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -735,7 +736,7 @@ def _run(s: Settings, dev: Device) -> dict[str, Any]:
                 "partial": True,
                 "command": f"{s.command} (cut short: the figures measured before it ended)",
             }
-            _write_json(s.partial_out, partial)
+            write_json(s.partial_out, partial)
 
     for name in s.configs:
         try:
@@ -812,14 +813,6 @@ def ratios(figures: list[Figure]) -> list[str]:
                 f"same tokens: {'yes' if same else 'NO'}"
             )
     return lines
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Whole or not at all: the stage's timeout may kill the process mid-write, and the
-    file it leaves is read back with --from-json."""
-    scratch = path.with_name(path.name + ".writing")
-    scratch.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(scratch, path)
 
 
 def _fig_json(f: Figure) -> dict[str, Any]:
@@ -939,7 +932,7 @@ def main(argv: list[str] | None = None) -> int:
     result["seconds"] = time.perf_counter() - start
     result["command"] = command
     if out is not None:
-        _write_json(out, result)
+        write_json(out, result)
     if args.record is not None:
         record(args.record, result, command)
     print(f"# done in {result['seconds']:.0f} s", flush=True)

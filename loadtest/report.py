@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -375,8 +376,12 @@ def markdown_sweep(steps: Sequence[dict[str, Any]], knee: dict[str, Any]) -> str
 
 
 def write_json(path: Path, data: Any) -> Path:
+    """Whole or not at all: a run cut by its time limit (the device run's stages) may be
+    killed mid-write, and the file it leaves is read back (`--from-json`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    scratch = path.with_name(path.name + ".writing")
+    scratch.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(scratch, path)
     return path
 
 

@@ -105,7 +105,6 @@ gpu_bench_s=$(($(left) - served_floor_s))
 [ "$gpu_bench_s" -gt 150 ] && gpu_bench_s=150
 run_stage gpu_bench "$gpu_bench_s" python3 -m loadtest.gpu_bench --configs base,en-es --batches 1,64 \
   --hf-batches 64 --repeats 2 --out "$OUT/gpu_bench.json" --record "$OUT/benchmarks.md"
-rm -f "$OUT/gpu_bench.json.writing"  # a write its timeout cut: the JSON before it stands
 
 # The served benchmark skips the phases that would not fit its own budget: the time left,
 # less a margin to stop its servers and write its results before the stage's limit. It
@@ -122,5 +121,6 @@ run_stage served "$served_s" python3 -m loadtest.bench --provider cuda --reposit
 for f in /tmp/bench-work/*.log; do
   [ -f "$f" ] && { echo "=== $(basename "$f") (its last 100,000 bytes)"; tail -c 100000 "$f"; }
 done >"$OUT/bench-logs.txt"
+rm -f "$OUT"/*.writing  # writes a stage's timeout cut: the JSON written before stands
 
 log "done"
