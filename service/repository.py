@@ -77,16 +77,24 @@ def folder_signature(path: Path) -> FolderSignature:
 class ModelVersion:
     """One loaded version: its manifest, folder and in-flight request count."""
 
-    def __init__(self, name: str, version: int, path: Path, manifest: Manifest) -> None:
+    def __init__(
+        self, name: str, version: int, path: Path, manifest: Manifest, signature: FolderSignature
+    ) -> None:
         self.name = name
         self.version = version
         self.path = path
         self.manifest = manifest
+        self.signature = signature  # its files' as taken before their check
         self.task = Task(manifest.task)
         self._lock = threading.Lock()
         self._in_flight = 0
         self._retired = False
         self._hooks: list[DrainHook] = []
+
+    def changed_since_checked(self) -> bool:
+        """Whether the folder's files are no longer those checked: the engine reads them
+        after the check, and `export --replace` may swap the folder in between."""
+        return folder_signature(self.path) != self.signature
 
     @property
     def key(self) -> str:
@@ -376,7 +384,7 @@ class ModelRepository:
             return None
         with self._lock:
             self._failed.pop(path, None)
-        return ModelVersion(name, version, path, manifest)
+        return ModelVersion(name, version, path, manifest, signature)
 
     def _variants_of(self, path: Path) -> list[str] | None:
         """The variant the engine will serve: the first of `variants` (a preference order)

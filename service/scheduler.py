@@ -1383,6 +1383,14 @@ class Scheduler:
 
     async def _start_loop(self, entry: ModelVersion) -> None:
         engine = await asyncio.to_thread(self.engine_factory, entry, self.engine_options)
+        if await asyncio.to_thread(entry.changed_since_checked):
+            # Replaced between its check and the engine's reads: the engine may hold files no
+            # check saw, under the manifest that was checked. The next reload checks them.
+            await asyncio.to_thread(engine.close)
+            raise RuntimeError(
+                f"{entry.path}: its files changed while it loaded (replaced after their "
+                "check); reload again to check the new ones"
+            )
         if self._stop_loading.is_set():  # stop() or a drain came while it loaded
             await asyncio.to_thread(engine.close)
             raise Unavailable(f"the scheduler stopped while {entry.key} loaded", reason="draining")

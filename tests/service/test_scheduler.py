@@ -2328,6 +2328,38 @@ def test_a_version_swapped_in_one_reload_has_no_gap(tmp_path: Path) -> None:
     run(main, make_scheduler(root, factory=slow_load))
 
 
+def test_a_version_replaced_while_its_engine_loads_is_not_served_unchecked(
+    tmp_path: Path,
+) -> None:
+    """en-lm/2 is replaced in one rename (as `export --replace` does) after the reload
+    checked its hashes but before its engine read the files: the engine would serve files
+    no check saw, under the manifest that was checked. The reload refuses it and version 1
+    serves; the next reload checks the files there now and serves them."""
+    root = tmp_path / "models"
+    shutil.copytree(model_repository(), root)
+    swapped: list[str] = []
+
+    def factory(entry: ModelVersion, options: EngineOptions) -> Engine:
+        if entry.key == f"{LM}:2" and not swapped:
+            replacement = shutil.copytree(entry.path, tmp_path / "replacement")
+            shutil.rmtree(entry.path)
+            Path(replacement).rename(entry.path)
+            swapped.append(entry.key)
+        return Engine(entry.path, entry.manifest, options)
+
+    async def main(s: Scheduler) -> None:
+        copy_version(root, LM, 1, 2)
+        summary = await s.reload()
+        assert swapped and summary.loaded == [] and summary.retired == []
+        assert "its files changed while it loaded" in summary.failed[f"{LM}/2"]
+        assert (await s.submit(generate(PROMPTS[0], max_new_tokens=3))).version == 1
+        summary = await s.reload()
+        assert (summary.loaded, summary.failed) == ([f"{LM}:2"], {})
+        assert (await s.submit(generate(PROMPTS[0], max_new_tokens=3))).version == 2
+
+    run(main, make_scheduler(root, factory=factory))
+
+
 def test_a_new_version_estimates_with_the_output_lengths_its_predecessor_learnt(
     tmp_path: Path,
 ) -> None:
