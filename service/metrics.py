@@ -151,7 +151,8 @@ class Metrics:
             "retired, engine_failed, internal. The caller's: invalid_argument, "
             "model_not_found, unauthenticated, request_too_large, request_timeout, "
             "request_cut (grpc ended a call whose request had not arrived whole: its client "
-            "went away, or it was over 2 x the max message size), cancelled.",
+            "went away, or it was over 2 x the max message size), cancelled (its client "
+            "cancelled or went away, or grpc cut it at its connection's max age and grace).",
             ["method", "model", "reason"],
             registry=r,
         )

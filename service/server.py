@@ -1276,8 +1276,7 @@ def connection_options(settings: Settings) -> list[tuple[str, Any]]:
     if settings.max_connection_age_s > 0:
         options += [
             ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
-            # Calls on an aged connection get as long to finish as a drain.
-            ("grpc.max_connection_age_grace_ms", int(max(settings.drain_grace_s, 1.0) * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_s * 1000)),
         ]
     return options
 

@@ -210,6 +210,16 @@ class Settings(BaseSettings):
         le=86400.0,
         description="Close connections after this age so clients rebalance (0 = never, else ≥ 1).",
     )
+    max_connection_age_grace_s: float = Field(
+        120.0,
+        ge=1.0,
+        le=86400.0,
+        description="Seconds the calls still running on a connection at its max age may go "
+        "on: grpc then cuts the rest (their clients see UNAVAILABLE \"max connection age\"; "
+        "the server cannot tell that from its client going away, and counts them cancelled). "
+        "Size it to the longest call your clients make. It also bounds how long grpc holds an "
+        "answer its caller never reads.",
+    )
     # --- security ------------------------------------------------------------------------
     tls_cert: Path | None = Field(None, description="PEM certificate chain; enables TLS.")
     tls_key: Path | None = Field(None, description="PEM private key of tls_cert.")

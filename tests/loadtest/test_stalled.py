@@ -133,7 +133,9 @@ def test_unread_answers_end_with_the_connection_at_its_max_age_on_either_port() 
     calls (and fail the probes) for good; the tool reports the close, not a traceback."""
     from tests.service.test_server_reading import _free_port
 
-    server = InProcessServer(health_port=_free_port(), max_connection_age_s=1, drain_grace_s=1)
+    server = InProcessServer(
+        health_port=_free_port(), max_connection_age_s=1, max_connection_age_grace_s=1
+    )
     try:
         for port in (server.server.port, server.server.health_port):
             result = stalled.unread(

@@ -1683,6 +1683,26 @@ def test_an_open_health_watch_ends_with_the_drain_instead_of_holding_it() -> Non
         server.stop()
 
 
+def test_a_call_longer_than_the_drain_grace_outlives_its_connections_max_age() -> None:
+    """A connection at its max age takes no new calls (GOAWAY), and the calls running on it
+    have max_connection_age_grace_s to end, not the drain's grace: before, a call running
+    over max(drain_grace_s, 1 s) then was cut UNAVAILABLE and counted as the client's
+    cancel."""
+    server = InProcessServer(max_connection_age_s=1, max_connection_age_grace_s=30, drain_grace_s=0)
+    try:
+        with Client(server.address, timeout=20) as c:
+            in_flight = c.translator.Translate.future(pb.TranslateRequest(texts=["block me"]))
+            _wait(lambda: any(r.text == "block me" for r in server.backend.requests))
+            time.sleep(3.5)  # past the age (± 10 % in grpc) and the old 1 s grace
+            assert not in_flight.done()
+            server.unblock()
+            assert in_flight.result(10).translations[0].hypotheses[0].text == "BLOCK ME"
+            assert c.translate("after").translations[0].hypotheses[0].text == "AFTER"
+        assert server.counter("Translate", "en-es", "OK") == 2
+    finally:
+        server.stop()
+
+
 def test_drain_refuses_new_calls_and_finishes_in_flight_ones() -> None:
     """While draining: NOT_SERVING, new inference calls UNAVAILABLE, the call in flight
     finishes. ListModels and DescribeModel skip the drain's refusal (public calls); Reload
@@ -1838,6 +1858,7 @@ def test_server_options_bound_messages_and_connection_age() -> None:
     assert options["grpc.max_receive_message_length"] == 2 << 20
     assert options["grpc.max_send_message_length"] == 1 << 20
     assert options["grpc.max_connection_age_ms"] == 60_000
+    assert options["grpc.max_connection_age_grace_ms"] == 120_000
     assert options["grpc.so_reuseport"] == 0
     assert "grpc.max_connection_age_ms" not in dict(
         server_options(load_settings(max_connection_age_s=0))
