@@ -574,7 +574,9 @@ Retries = Annotated[
     ),
 ]
 Model = Annotated[str, typer.Option(help="Model name (default: the server's for the task).")]
-Version = Annotated[int, typer.Option(help="Model version (0 = latest).", min=0, max=2**64 - 1)]
+Version = Annotated[
+    int, typer.Option(help="Model version (0 = the newest taking calls).", min=0, max=2**64 - 1)
+]
 MaxNew = Annotated[
     int | None,
     typer.Option(help="Tokens to generate at most (default: the server's).", min=1, max=2**32 - 1),
@@ -597,7 +599,9 @@ Stop = Annotated[list[str] | None, typer.Option(help="Stop string (repeatable)."
 Scores = Annotated[
     bool,
     typer.Option(
-        "--scores", help="Print each hypothesis's score and normalized score.", metavar=""
+        "--scores",
+        help="Print each hypothesis's score and normalized score (--stream: its score).",
+        metavar="",
     ),
 ]
 Json = Annotated[

@@ -62,7 +62,7 @@ class SequenceRequest:
     text: str
     params: DecodingParams
     model: str = ""  # empty: the default model for the task
-    version: int | None = None  # None: latest loaded
+    version: int | None = None  # None: the newest taking calls
     request_id: str = ""
     # time.monotonic() by which the answer must be ready; None: no deadline.
     deadline: float | None = None

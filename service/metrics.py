@@ -211,7 +211,8 @@ class Metrics:
         self.model_ready = Gauge(
             "inference_model_ready",
             "1 when the model version serves; 0 while its folder fails to load, after its "
-            "engine stopped, and at shutdown; no series once it is retired.",
+            "engine stopped, and once a drain has ended (during one it finishes its calls "
+            "and reads 1; health reads NOT_SERVING); no series once it is retired.",
             ["model", "version"],
             registry=r,
         )  # fmt: skip

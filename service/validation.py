@@ -274,5 +274,5 @@ def texts(values: Sequence[str], limits: RequestLimits) -> list[str]:
 
 
 def version(value: int) -> int | None:
-    """proto version 0 means the latest loaded."""
+    """proto version 0 means the newest version taking calls."""
     return value or None
