@@ -69,8 +69,8 @@ class Settings(BaseSettings):
         0,
         ge=0,
         le=65535,
-        description="A plaintext port serving grpc.health.v1 alone, for Kubernetes probes: "
-        "clients of the gRPC port cannot take its bounds, and the kubelet's gRPC probes "
+        description="A plaintext port serving grpc.health.v1 (and reflection) alone, for "
+        "Kubernetes probes: clients of the gRPC port cannot take its bounds, and the kubelet's gRPC probes "
         "speak no TLS when the gRPC port does; 0 = none.",
     )
     # --- models --------------------------------------------------------------------------
@@ -215,7 +215,7 @@ class Settings(BaseSettings):
         ge=1.0,
         le=86400.0,
         description="Seconds the calls still running on a connection at its max age may go "
-        "on: grpc then cuts the rest (their clients see UNAVAILABLE \"max connection age\"; "
+        'on: grpc then cuts the rest (their clients see UNAVAILABLE "max connection age"; '
         "the server cannot tell that from its client going away, and counts them cancelled). "
         "Size it to the longest call your clients make. It also bounds how long grpc holds an "
         "answer its caller never reads.",
@@ -232,7 +232,8 @@ class Settings(BaseSettings):
     )
     auth_token: SecretStr | None = Field(
         None,
-        description="If set, calls need `authorization: Bearer <token>` (health stays open). "
+        description="If set, calls need `authorization: Bearer <token>` (health and "
+        "reflection stay open). "
         "Visible ASCII, at most 4096 characters; surrounding whitespace (a secret file's "
         "newline) is dropped. Prefer SERVE_AUTH_TOKEN or the YAML file to the flag, which "
         "`ps` shows.",
