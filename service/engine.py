@@ -46,6 +46,7 @@ import ctypes
 import gc
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -124,7 +125,8 @@ class EngineOptions:
     """How to run a model version (from the server settings).
 
     provider: "auto" picks CUDA (fp16) when onnxruntime has it, else CPU (`cpu_variant`).
-    intra_op_threads: CPU threads per session (0 = the cores this process may use).
+    intra_op_threads: CPU threads per session (0 = the cores this process may use, within
+      its cgroup's CPU quota).
     max_batch_size: most rows (sequences + beams) in one batch; bounds the row buckets.
     max_input_tokens: the server's limit on an input (0 = the model's own); bounds the
       source buckets, and with them the encoder's largest warm-up (its memory).
@@ -197,13 +199,58 @@ def buckets(minimum: int, maximum: int) -> list[int]:
     return sorted(set(out))
 
 
+def cgroup_cpus(
+    root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")
+) -> float | None:
+    """The CPUs this process's cgroup may use (CFS quota / period; the least of its cgroup
+    and those above it), None when no quota is set or none can be read. A container limited
+    to 2 CPUs on a 64-core node still has 64 cores in its affinity, and 64 intra-op threads
+    there would be throttled in every period."""
+    limits: list[float] = []
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:  # cgroup v2: "0::/path"; the quota may sit on any level above
+        if line.startswith("0::"):
+            folder = root / line[3:].strip().lstrip("/")
+            for level in (folder, *folder.parents):
+                limits += _quota(level / "cpu.max")
+                if level == root:
+                    break
+    for v1 in ("cpu", "cpu,cpuacct"):  # cgroup v1, as a container sees its own
+        limits += _quota(root / v1 / "cpu.cfs_quota_us", root / v1 / "cpu.cfs_period_us")
+    return min(limits, default=None)
+
+
+def _quota(path: Path, period_path: Path | None = None) -> list[float]:
+    """[quota / period] from cpu.max ("200000 100000"; "max ..." is none) or from v1's two
+    files (quota -1 is none); [] when absent or unreadable."""
+    try:
+        if period_path is None:
+            quota, period = path.read_text().split()[:2]
+        else:
+            quota, period = path.read_text().strip(), period_path.read_text().strip()
+        if quota in ("max", "-1") or int(period) <= 0 or int(quota) <= 0:
+            return []
+        return [int(quota) / int(period)]
+    except (OSError, ValueError):
+        return []
+
+
 def _threads(requested: int) -> int:
+    """intra-op threads: as set, else the cores this process may run on, within its
+    cgroup's CPU quota (rounded up)."""
     if requested > 0:
         return requested
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpus()
+    if quota is not None:
+        cores = min(cores, math.ceil(quota))
+    return max(1, cores)
 
 
 # --- numpy decoding helpers ------------------------------------------------------------------

@@ -70,8 +70,8 @@ class Settings(BaseSettings):
         ge=0,
         le=65535,
         description="A plaintext port serving grpc.health.v1 (and reflection) alone, for "
-        "Kubernetes probes: clients of the gRPC port cannot take its bounds, and the kubelet's gRPC probes "
-        "speak no TLS when the gRPC port does; 0 = none.",
+        "Kubernetes probes: clients of the gRPC port cannot take its bounds, and the "
+        "kubelet's gRPC probes speak no TLS when the gRPC port does; 0 = none.",
     )
     # --- models --------------------------------------------------------------------------
     model_repository: Path = Field(
@@ -96,7 +96,11 @@ class Settings(BaseSettings):
         "over the whole batch, so an answer can change with what shares its batch.",
     )
     intra_op_threads: int = Field(
-        0, ge=0, le=1024, description="onnxruntime intra-op threads (0 = number of cores)."
+        0,
+        ge=0,
+        le=1024,
+        description="onnxruntime intra-op threads per session (0 = the cores this process "
+        "may run on, within its cgroup's CPU quota: a container's CPU limit).",
     )
     cuda_graphs: bool = Field(
         True,

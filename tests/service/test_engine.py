@@ -7,6 +7,7 @@ import logging
 import threading
 from collections.abc import Hashable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,7 @@ from service.engine import (
     Engine,
     EngineOptions,
     bucket,
+    cgroup_cpus,
     decode_all,
     sample,
     top_in_order,
@@ -884,3 +886,57 @@ def test_cache_lengths_follow_the_rows_on_cpu_and_stay_powers_of_two_on_device()
         batch.step()
     cached = int(batch.positions.max())  # tokens in the cache after the last step
     assert batch.cache_len % 16 == 0 and batch.cache_len - 16 < cached <= batch.cache_len
+
+
+def _cgroup(tmp_path: Path, membership: str, files: dict[str, str]) -> float | None:
+    root = tmp_path / "cgroup"
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    (tmp_path / "self").write_text(membership)
+    return cgroup_cpus(root, tmp_path / "self")
+
+
+def test_cgroup_cpus_reads_the_least_quota_of_the_process_cgroup_and_those_above(
+    tmp_path: Path,
+) -> None:
+    """A container on a big node sees every core in its affinity: its CPU limit is the
+    cgroup's quota, in cgroup v2's cpu.max at any level above the process or in v1's files."""
+    v2 = {"kubepods/cpu.max": "350000 100000\n", "kubepods/pod/c1/cpu.max": "max 100000\n"}
+    assert _cgroup(tmp_path / "a", "0::/kubepods/pod/c1\n", v2) == 3.5
+    assert _cgroup(tmp_path / "b", "0::/\n", {"cpu.max": "150000 100000\n"}) == 1.5
+    v1 = {"cpu/cpu.cfs_quota_us": "200000\n", "cpu/cpu.cfs_period_us": "100000\n"}
+    assert _cgroup(tmp_path / "c", "1:cpu:/\n", v1) == 2.0
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        {},  # no cgroup file system
+        {"cpu.max": "max 100000\n"},
+        {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"},
+        {"cpu.max": "garbage\n"},
+        {"cpu.max": "100000 0\n"},
+    ],
+)
+def test_cgroup_cpus_is_none_without_a_readable_quota(
+    tmp_path: Path, files: dict[str, str]
+) -> None:
+    assert _cgroup(tmp_path, "0::/\n", files) is None
+
+
+def test_intra_op_threads_default_to_the_cores_within_the_cpu_quota(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import os
+
+    import service.engine as engine
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(64)))
+    monkeypatch.setattr(engine, "cgroup_cpus", lambda: 2.5)
+    assert engine._threads(0) == 3  # a part of a core is a thread
+    assert engine._threads(8) == 8  # as set
+    monkeypatch.setattr(engine, "cgroup_cpus", lambda: 0.2)
+    assert engine._threads(0) == 1
+    monkeypatch.setattr(engine, "cgroup_cpus", lambda: None)
+    assert engine._threads(0) == 64
