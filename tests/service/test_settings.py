@@ -150,6 +150,7 @@ def test_the_config_variable_is_read_in_any_case_and_one_spelling_at_a_time(
         ({"SERVE_MAX_CALLS": "100"}, {}, "max_calls (100) must be ≥ max_queue + max_batch_size"),
         ({}, {"request_read_timeout_s": 0}, "--request-read-timeout-s 0: must be ≥ 0.1"),
         ({}, {"max_connection_age_s": 0.0004}, "--max-connection-age-s 0.0004: must be 0 (never)"),
+        ({"SERVE_MAX_CONNECTION_AGE_GRACE_S": "0"}, {}, "SERVE_MAX_CONNECTION_AGE_GRACE_S=0"),
         (
             {"SERVE_MAX_MESSAGE_BYTES": "16383"},
             {},
